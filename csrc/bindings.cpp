@@ -1,0 +1,96 @@
+// The only pybind11 file: turns DLPack capsules into TensorViews, calls the ops' host code, and
+// maps C++ errors to Python ones (ArgError -> ValueError, DTypeError -> TypeError).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "common/cuda_runtime.h"
+#include "common/tensor.h"
+#include "layer_norm/layer_norm.h"
+
+namespace py = pybind11;
+using fusedlm::TensorView;
+
+namespace {
+
+// Borrows the tensor behind a DLPack capsule; the caller's capsule keeps it alive for the call
+// (we do not take ownership, so the capsule's own destructor frees it as usual).
+TensorView tensor(const py::handle& h, const char* name) {
+  if (!PyCapsule_IsValid(h.ptr(), fusedlm::dlpack::kCapsuleName))
+    throw fusedlm::DTypeError(std::string(name) +
+                              " must be an unconsumed DLPack capsule (torch.utils.dlpack.to_dlpack)");
+  auto* m = static_cast<fusedlm::dlpack::ManagedTensor*>(
+      PyCapsule_GetPointer(h.ptr(), fusedlm::dlpack::kCapsuleName));
+  return fusedlm::view_of(m->dl_tensor, name);
+}
+
+std::optional<TensorView> optional_tensor(const py::handle& h, const char* name) {
+  if (h.is_none()) return std::nullopt;
+  return tensor(h, name);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cuda"] = fusedlm::built_with_cuda();
+  d["cuda_mode"] = FUSEDLM_CUDA_MODE;
+  d["cuda_archs"] = FUSEDLM_CUDA_ARCHS;
+  d["cuda_compiler"] = FUSEDLM_CUDA_COMPILER_VERSION;
+  d["gpus"] = fusedlm::cuda_device_count();
+  d["gpu_status"] = fusedlm::cuda_status();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedlm's compiled core: CUDA C++ kernels behind DLPack, no libtorch";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fusedlm::DTypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  m.def("build_info", &build_info, "How this core was built, and which GPUs it sees.");
+  m.def("norm_max_columns", [] { return fusedlm::layer_norm::kMaxColumns; });
+
+  m.def(
+      "norm_fwd",
+      [](py::handle x, py::handle residual, py::handle weight, py::handle bias, py::handle y,
+         py::handle z, py::handle mean, py::handle rstd, float eps, bool rms,
+         std::uintptr_t stream) {
+        fusedlm::layer_norm::ForwardArgs a{
+            tensor(x, "x"), optional_tensor(residual, "residual"),
+            optional_tensor(weight, "weight"), optional_tensor(bias, "bias"), tensor(y, "y"),
+            optional_tensor(z, "z"), optional_tensor(mean, "mean"), tensor(rstd, "rstd"), eps,
+            rms};
+        py::gil_scoped_release release;
+        fusedlm::layer_norm::forward(a, stream);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("y"),
+      py::arg("z"), py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("rms"),
+      py::arg("stream"),
+      "Layer norm / RMSNorm forward over rows of x (+ residual); outputs are preallocated.");
+
+  m.def(
+      "norm_bwd",
+      [](py::handle dy, py::handle z, py::handle weight, py::handle mean, py::handle rstd,
+         py::handle dz_extra, py::handle dz, py::handle dw_part, py::handle db_part,
+         py::handle dweight, py::handle dbias, bool rms, std::uintptr_t stream) {
+        fusedlm::layer_norm::BackwardArgs a{
+            tensor(dy, "dy"), tensor(z, "z"), optional_tensor(weight, "weight"),
+            optional_tensor(mean, "mean"), tensor(rstd, "rstd"),
+            optional_tensor(dz_extra, "dz_extra"), tensor(dz, "dz"),
+            optional_tensor(dw_part, "dw_part"), optional_tensor(db_part, "db_part"),
+            optional_tensor(dweight, "dweight"), optional_tensor(dbias, "dbias"), rms};
+        py::gil_scoped_release release;
+        fusedlm::layer_norm::backward(a, stream);
+      },
+      py::arg("dy"), py::arg("z"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
+      py::arg("dz_extra"), py::arg("dz"), py::arg("dw_part"), py::arg("db_part"),
+      py::arg("dweight"), py::arg("dbias"), py::arg("rms"), py::arg("stream"),
+      "Layer norm / RMSNorm backward: dz, and dweight/dbias through per-block partials.");
+}

@@ -1,0 +1,32 @@
+#include "cuda_runtime.h"
+
+namespace fusedlm {
+
+#ifdef FUSEDLM_WITH_CUDA
+bool built_with_cuda() { return true; }
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::string cuda_status() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("no GPU available: ") + cudaGetErrorString(err);
+  }
+  return n == 0 ? std::string("no GPU available") : std::to_string(n) + " GPU(s) visible";
+}
+#else
+bool built_with_cuda() { return false; }
+int cuda_device_count() { return 0; }
+std::string cuda_status() { return "fusedlm._C was built without CUDA"; }
+#endif
+
+}  // namespace fusedlm

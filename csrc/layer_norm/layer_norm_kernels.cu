@@ -1,0 +1,365 @@
+// CUDA kernels for layer norm / RMSNorm (+ residual), forward and backward.
+//
+// One thread block owns a row (forward) or a contiguous block of rows (backward). A thread
+// holds kIters vectors of kVec elements of the row in registers, so each row is read once and
+// written once; statistics are fp32 with a two-pass (mean, then centered sum of squares)
+// variance. The backward keeps per-column partial sums of dweight/dbias in registers across
+// its rows, writes one partial row per block, and a column-sum kernel reduces them in a fixed
+// order, so parameter gradients are deterministic for a given grid.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../common/cuda_runtime.h"
+#include "layer_norm.h"
+
+namespace fusedlm::layer_norm {
+namespace {
+
+constexpr int kMaxThreads = 512;
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load(const T* p, float (&out)[kVec]) {
+  const Pack<T, kVec> pk = *reinterpret_cast<const Pack<T, kVec>*>(p);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = to_float(pk.v[j]);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store(T* p, const float (&in)[kVec]) {
+  Pack<T, kVec> pk;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) pk.v[j] = from_float<T>(in[j]);
+  *reinterpret_cast<Pack<T, kVec>*>(p) = pk;
+}
+
+// Parameters are in the input's dtype or float32.
+template <typename T>
+__device__ __forceinline__ float load_param(const void* p, int64_t i, bool fp32) {
+  return fp32 ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
+}
+
+// Sums K values over the block; every thread gets the totals. Fixed order: deterministic.
+template <int K>
+__device__ __forceinline__ void block_sum(float (&v)[K]) {
+  __shared__ float partial[32][K];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < K; ++k) partial[warp][k] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = lane < warps ? partial[lane][k] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+  }
+  __syncthreads();  // `partial` is reused by the next call
+}
+
+struct FwdParams {
+  const void *x, *res, *w, *b;
+  void *y, *z;
+  float *mean, *rstd;
+  int64_t n, sx, sres, sy, sz;
+  float eps;
+  bool rms, params_fp32;
+};
+
+template <typename T, int kVec, int kIters>
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(FwdParams p) {
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(p.x) + row * p.sx;
+  const T* res = p.res ? static_cast<const T*>(p.res) + row * p.sres : nullptr;
+  float v[kIters][kVec];
+  float sum[1] = {0.0f};
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if (c < p.n) {  // kVec > 1 only when n % kVec == 0: the whole vector is in range
+      load<T, kVec>(x + c, v[it]);
+      if (res) {
+        float r[kVec];
+        load<T, kVec>(res + c, r);
+        // Round the sum to T, as the unfused `x + residual` would, before normalizing it.
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) v[it][j] = to_float(from_float<T>(v[it][j] + r[j]));
+        if (p.z) store<T, kVec>(static_cast<T*>(p.z) + row * p.sz + c, v[it]);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) sum[0] += v[it][j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v[it][j] = 0.0f;
+    }
+  }
+  float mean = 0.0f;
+  if (!p.rms) {
+    block_sum<1>(sum);
+    mean = sum[0] / p.n;
+  }
+  float sq[1] = {0.0f};
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if (c < p.n)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        v[it][j] -= mean;
+        sq[0] += v[it][j] * v[it][j];
+      }
+  }
+  block_sum<1>(sq);
+  const float rstd = rsqrtf(sq[0] / p.n + p.eps);
+  if (threadIdx.x == 0) {
+    p.rstd[row] = rstd;
+    if (!p.rms) p.mean[row] = mean;
+  }
+  T* y = static_cast<T*>(p.y) + row * p.sy;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if (c >= p.n) continue;
+    float out[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      out[j] = v[it][j] * rstd;
+      if (p.w) out[j] *= load_param<T>(p.w, c + j, p.params_fp32);
+      if (p.b) out[j] += load_param<T>(p.b, c + j, p.params_fp32);
+    }
+    store<T, kVec>(y + c, out);
+  }
+}
+
+struct BwdParams {
+  const void *dy, *z, *w, *dz_extra;
+  const float *mean, *rstd;
+  void* dz;
+  float *dw_part, *db_part;
+  int64_t rows, n, sdy, sz, sextra, sdz, rows_per_block;
+  bool rms, params_fp32;
+};
+
+template <typename T, int kVec, int kIters>
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(BwdParams p) {
+  float w[kIters][kVec], dw[kIters][kVec], db[kIters][kVec];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      w[it][j] = (p.w && c < p.n) ? load_param<T>(p.w, c + j, p.params_fp32) : 1.0f;
+      dw[it][j] = db[it][j] = 0.0f;
+    }
+  }
+  const int64_t first = blockIdx.x * p.rows_per_block;
+  const int64_t last = min(first + p.rows_per_block, p.rows);
+  for (int64_t row = first; row < last; ++row) {
+    const T* dy = static_cast<const T*>(p.dy) + row * p.sdy;
+    const T* z = static_cast<const T*>(p.z) + row * p.sz;
+    const float rstd = p.rstd[row], mean = p.rms ? 0.0f : p.mean[row];
+    float xhat[kIters][kVec], wdy[kIters][kVec];
+    float sums[2] = {0.0f, 0.0f};  // sum(xhat * wdy), sum(wdy)
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+      float g[kVec], zv[kVec];
+      if (c < p.n) {
+        load<T, kVec>(dy + c, g);
+        load<T, kVec>(z + c, zv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) g[j] = zv[j] = 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        xhat[it][j] = c < p.n ? (zv[j] - mean) * rstd : 0.0f;
+        wdy[it][j] = w[it][j] * g[j];
+        dw[it][j] += g[j] * xhat[it][j];
+        db[it][j] += g[j];
+        sums[0] += xhat[it][j] * wdy[it][j];
+        sums[1] += wdy[it][j];
+      }
+    }
+    block_sum<2>(sums);
+    const float c1 = sums[0] / p.n, c2 = p.rms ? 0.0f : sums[1] / p.n;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+      if (c >= p.n) continue;
+      float out[kVec], extra[kVec];
+      if (p.dz_extra) load<T, kVec>(static_cast<const T*>(p.dz_extra) + row * p.sextra + c, extra);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        out[j] = (wdy[it][j] - (xhat[it][j] * c1 + c2)) * rstd;
+        if (p.dz_extra) out[j] += extra[j];
+      }
+      store<T, kVec>(static_cast<T*>(p.dz) + row * p.sdz + c, out);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if (c >= p.n) continue;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (p.dw_part) p.dw_part[blockIdx.x * p.n + c + j] = dw[it][j];
+      if (p.db_part) p.db_part[blockIdx.x * p.n + c + j] = db[it][j];
+    }
+  }
+}
+
+// out[c] = sum over parts of part[., c], in order: coalesced across threads, deterministic.
+template <typename T>
+__global__ void column_sum_kernel(const float* part, int64_t parts, int64_t n, T* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  float acc = 0.0f;
+  for (int64_t g = 0; g < parts; ++g) acc += part[g * n + c];
+  out[c] = from_float<T>(acc);
+}
+
+struct Shape {
+  int iters, threads;
+};
+
+// Smallest kIters in {1, 2, 4, ...} with ceil(vectors / kIters) <= kMaxThreads; kVec * kIters
+// is capped at 32 values of the row per thread, enough for kMaxColumns at kVec = 1.
+Shape pick_shape(int64_t n, int vec) {
+  const int64_t vectors = (n + vec - 1) / vec;
+  int iters = 1;
+  while ((vectors + iters - 1) / iters > kMaxThreads) iters *= 2;
+  const int64_t threads = (vectors + iters - 1) / iters;
+  return {iters, static_cast<int>(std::max<int64_t>(32, (threads + 31) / 32 * 32))};
+}
+
+// Calls f.template run<T, kVec, kIters>() for the compile-time shape matching (vec, iters).
+template <typename T, int kVec, typename F>
+void by_iters(int iters, const F& f) {
+  if constexpr (kVec * 1 <= 32) if (iters == 1) return f.template run<T, kVec, 1>();
+  if constexpr (kVec * 2 <= 32) if (iters == 2) return f.template run<T, kVec, 2>();
+  if constexpr (kVec * 4 <= 32) if (iters == 4) return f.template run<T, kVec, 4>();
+  if constexpr (kVec * 8 <= 32) if (iters == 8) return f.template run<T, kVec, 8>();
+  if constexpr (kVec * 16 <= 32) if (iters == 16) return f.template run<T, kVec, 16>();
+  if constexpr (kVec * 32 <= 32) if (iters == 32) return f.template run<T, kVec, 32>();
+  throw ArgError("hidden size too large for the CUDA layer-norm kernel");
+}
+
+template <typename T, typename F>
+void by_vec(int vec, int iters, const F& f) {
+  constexpr int kWide = 16 / sizeof(T);
+  if (vec == kWide) return by_iters<T, kWide>(iters, f);
+  return by_iters<T, 1>(iters, f);
+}
+
+template <typename F>
+void by_dtype(DType d, int vec, int iters, const F& f) {
+  switch (d) {
+    case DType::kFloat32: return by_vec<float>(vec, iters, f);
+    case DType::kFloat16: return by_vec<__half>(vec, iters, f);
+    case DType::kBFloat16: return by_vec<__nv_bfloat16>(vec, iters, f);
+    default: throw DTypeError("unsupported dtype for the CUDA layer-norm kernel");
+  }
+}
+
+struct FwdLaunch {
+  FwdParams p;
+  unsigned blocks;
+  int threads;
+  cudaStream_t stream;
+  template <typename T, int kVec, int kIters>
+  void run() const { norm_fwd_kernel<T, kVec, kIters><<<blocks, threads, 0, stream>>>(p); }
+};
+
+struct BwdLaunch {
+  BwdParams p;
+  unsigned blocks;
+  int threads;
+  cudaStream_t stream;
+  template <typename T, int kVec, int kIters>
+  void run() const { norm_bwd_kernel<T, kVec, kIters><<<blocks, threads, 0, stream>>>(p); }
+};
+
+void column_sum(const float* part, int64_t parts, int64_t n, const TensorView& out,
+                cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
+  switch (out.dtype) {
+    case DType::kFloat32:
+      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<float*>(out.data));
+      break;
+    case DType::kFloat16:
+      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<__half*>(out.data));
+      break;
+    case DType::kBFloat16:
+      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n,
+                                                    static_cast<__nv_bfloat16*>(out.data));
+      break;
+    default: throw DTypeError(std::string(out.name) + " has an unsupported dtype");
+  }
+  cuda_check(cudaGetLastError(), "layer_norm column-sum launch");
+}
+
+cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+}  // namespace
+
+void launch_forward(const ForwardArgs& a, int vec, std::uintptr_t stream) {
+  DeviceGuard guard(a.x.device_id);
+  FwdParams p{a.x.data, a.residual ? a.residual->data : nullptr,
+              a.weight ? a.weight->data : nullptr, a.bias ? a.bias->data : nullptr,
+              a.y.data, a.z ? a.z->data : nullptr,
+              a.mean ? static_cast<float*>(a.mean->data) : nullptr,
+              static_cast<float*>(a.rstd.data),
+              a.x.shape[1], a.x.stride[0], a.residual ? a.residual->stride[0] : 0,
+              a.y.stride[0], a.z ? a.z->stride[0] : 0, a.eps, a.rms,
+              (a.weight && a.weight->dtype == DType::kFloat32) ||
+                  (a.bias && a.bias->dtype == DType::kFloat32)};
+  const Shape s = pick_shape(p.n, vec);
+  by_dtype(a.x.dtype, vec, s.iters,
+           FwdLaunch{p, static_cast<unsigned>(a.x.shape[0]), s.threads, as_stream(stream)});
+  cuda_check(cudaGetLastError(), "layer_norm forward launch");
+}
+
+void launch_backward(const BackwardArgs& a, int vec, std::uintptr_t stream) {
+  DeviceGuard guard(a.dy.device_id);
+  const int64_t rows = a.dy.shape[0], n = a.dy.shape[1];
+  const int64_t programs = a.dw_part ? a.dw_part->shape[0] : a.db_part ? a.db_part->shape[0]
+                                                                        : std::min<int64_t>(rows, 1024);
+  BwdParams p{a.dy.data, a.z.data, a.weight ? a.weight->data : nullptr,
+              a.dz_extra ? a.dz_extra->data : nullptr,
+              a.mean ? static_cast<const float*>(a.mean->data) : nullptr,
+              static_cast<const float*>(a.rstd.data), a.dz.data,
+              a.dweight ? static_cast<float*>(a.dw_part->data) : nullptr,
+              a.dbias ? static_cast<float*>(a.db_part->data) : nullptr,
+              rows, n, a.dy.stride[0], a.z.stride[0], a.dz_extra ? a.dz_extra->stride[0] : 0,
+              a.dz.stride[0], (rows + programs - 1) / programs, a.rms,
+              a.weight && a.weight->dtype == DType::kFloat32};
+  const Shape s = pick_shape(n, vec);
+  cudaStream_t st = as_stream(stream);
+  by_dtype(a.dy.dtype, vec, s.iters,
+           BwdLaunch{p, static_cast<unsigned>(programs), s.threads, st});
+  cuda_check(cudaGetLastError(), "layer_norm backward launch");
+  if (p.dw_part) column_sum(p.dw_part, programs, n, *a.dweight, st);
+  if (p.db_part) column_sum(p.db_part, programs, n, *a.dbias, st);
+}
+
+}  // namespace fusedlm::layer_norm

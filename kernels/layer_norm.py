@@ -1,0 +1,171 @@
+"""Layer norm and RMSNorm over the last dimension, with an optional fused residual add.
+
+Forward:  z = x + residual (rounded to x's dtype, as the unfused `x + residual` would be)
+          y = (z - mean) * rstd * w + b          (RMSNorm: y = z * rstd * w, no mean)
+Statistics are fp32 and the row is held in registers, so a row is read once and written once.
+
+Backward: one program owns a contiguous block of rows; it writes dz for each row and keeps the
+row-sums of dy * xhat (dweight) and dy (dbias) in fp32 registers, which it stores as one row of
+a (programs, N) partial buffer. A second kernel sums that buffer column by column in a fixed
+order, so dweight and dbias are deterministic for a given grid.
+"""
+import triton
+import triton.language as tl
+
+# A row lives in registers: past this many columns the kernels would spill heavily.
+MAX_COLUMNS = 65536
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, RES, W, B, Y, Z, MEAN, RSTD,
+    stride_x, stride_res, stride_y, stride_z,
+    N, eps,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    STORE_Z: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        z = z + tl.load(RES + row * stride_res + cols, mask=mask, other=0.0)
+    if STORE_Z:
+        tl.store(Z + row * stride_z + cols, z, mask=mask)
+    z = z.to(tl.float32)
+    if IS_RMS:
+        zc = z
+    else:
+        mean = tl.sum(z, axis=0) / N
+        tl.store(MEAN + row, mean)
+        zc = tl.where(mask, z - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / N + eps)
+    tl.store(RSTD + row, rstd)
+    y = zc * rstd
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DW_PART, DB_PART,
+    stride_dy, stride_z, stride_extra, stride_dz,
+    n_rows, N, rows_per_program,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_DZ_EXTRA: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # Row pointers advance by their strides: 64-bit offsets without 64-bit row indices.
+    first = pid.to(tl.int64) * rows_per_program
+    dy_ptr, z_ptr = DY + first * stride_dy, Z + first * stride_z
+    dz_ptr, extra_ptr = DZ + first * stride_dz, DZ_EXTRA + first * stride_extra
+    for row in range(row_start, row_end):
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        if IS_RMS:
+            xhat = z * rstd
+        else:
+            xhat = tl.where(mask, (z - tl.load(MEAN + row)) * rstd, 0.0)
+        if HAS_W:
+            wdy = w * dy
+            if NEED_DW:
+                dw += dy * xhat
+        else:
+            wdy = dy
+        if HAS_B:
+            db += dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        if IS_RMS:
+            dz = (wdy - xhat * c1) * rstd
+        else:
+            c2 = tl.sum(wdy, axis=0) / N
+            dz = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_DZ_EXTRA:
+            dz += tl.load(extra_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            extra_ptr += stride_extra
+        tl.store(dz_ptr + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+        dy_ptr += stride_dy
+        z_ptr += stride_z
+        dz_ptr += stride_dz
+    if HAS_W and NEED_DW:
+        tl.store(DW_PART + pid * N + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DB_PART + pid * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(PART, OUT, n_parts, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        m = (parts < n_parts)[:, None] & cmask[None, :]
+        acc += tl.load(PART + parts[:, None] * N + cols[None, :], mask=m, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+
+
+def _block_n(n):
+    return max(triton.next_power_of_2(n), 16)
+
+
+def _num_warps(block_n):
+    return min(max(block_n // 256, 1), 32)
+
+
+def forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms):
+    """x, residual, y, z: (rows, N) with unit column stride; mean, rstd: (rows,) fp32.
+    residual, weight, bias, z, mean may be None (z: the sum is not stored; mean: RMSNorm)."""
+    rows, n = x.shape
+    if rows == 0:
+        return
+    block_n = _block_n(n)
+    _norm_fwd_kernel[(rows,)](
+        x, residual if residual is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        y, z if z is not None else y, mean if mean is not None else rstd, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        y.stride(0), z.stride(0) if z is not None else 0,
+        n, eps,
+        IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, STORE_Z=z is not None, BLOCK_N=block_n,
+        num_warps=_num_warps(block_n),
+    )
+
+
+def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight, dbias, is_rms):
+    """dy, z, dz_extra, dz: (rows, N); dw_part/db_part: (programs, N) fp32 scratch, one row per
+    program (None when that gradient is not wanted); dweight/dbias: (N,) outputs or None."""
+    rows, n = dy.shape
+    parts = dw_part if dw_part is not None else db_part
+    n_programs = parts.shape[0] if parts is not None else min(rows, 1024)
+    if rows > 0:
+        rows_per_program = triton.cdiv(rows, n_programs)
+        block_n = _block_n(n)
+        _norm_bwd_kernel[(n_programs,)](
+            dy, z, weight if weight is not None else dy, mean if mean is not None else rstd, rstd,
+            dz_extra if dz_extra is not None else dy, dz,
+            dw_part if dw_part is not None else dz, db_part if db_part is not None else dz,
+            dy.stride(0), z.stride(0), dz_extra.stride(0) if dz_extra is not None else 0,
+            dz.stride(0), rows, n, rows_per_program,
+            IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=db_part is not None,
+            HAS_DZ_EXTRA=dz_extra is not None, NEED_DW=dw_part is not None, BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )
+    for part, out in ((dw_part, dweight), (db_part, dbias)):
+        if part is not None:
+            block_c = 64
+            _column_sum_kernel[(triton.cdiv(n, block_c),)](
+                part, out, part.shape[0], n, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)

@@ -1,0 +1,42 @@
+"""Loads the compiled core `fusedlm._C` and turns tensors into what it takes (DLPack + stream).
+
+The core never links libtorch: tensors cross as DLPack capsules and the CUDA stream as an
+integer handle. Importing it never touches a GPU, so it works on machines without one.
+"""
+import torch
+from torch.utils.dlpack import to_dlpack
+
+try:
+    from . import _C
+    IMPORT_ERROR = None
+except ImportError as e:  # a source tree that was never built, or a broken build
+    _C = None
+    IMPORT_ERROR = str(e)
+
+
+def cuda_unavailable_reason():
+    """None if the CUDA C++ kernels can run here, else why not."""
+    if _C is None:
+        return f"the compiled core fusedlm._C did not import ({IMPORT_ERROR})"
+    if not _C.build_info()["cuda"]:
+        return "fusedlm._C was built without CUDA (no nvcc at build time, or FUSEDLM_CUDA=OFF)"
+    return None
+
+
+def dl(t):
+    """A DLPack capsule borrowing `t` (None stays None)."""
+    return None if t is None else to_dlpack(t.detach())
+
+
+def stream_of(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

@@ -1,0 +1,127 @@
+"""Backend selection shared by every op.
+
+Three ways to choose, strongest first:
+  * `backend=` on the call: strict. If that backend cannot serve the case, the call raises
+    a ValueError naming `backend` and the reason; it never falls back behind the caller's back.
+  * `FUSEDLM_BACKEND` in the environment: a preference for the whole process. Where it cannot
+    serve a case, the call falls back to the automatic choice and the decision records why.
+  * automatic: the first backend in the op's order of preference that serves the case and is
+    verified for that device (a CUDA C++ kernel is not chosen automatically until the GPU suite
+    has passed for it).
+
+Every decision is cached per case (device type, dtype, shape facts, flags) so that the eager hot
+path pays a dict look-up, and the last decision per op is kept for `fusedlm.explain`.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "FUSEDLM_BACKEND"
+
+
+@dataclass(frozen=True)
+class Decision:
+    op: str
+    backend: str
+    source: str  # "argument", "FUSEDLM_BACKEND" or "auto"
+    skipped: Tuple[Tuple[str, str], ...] = ()  # (backend, why it was not used)
+    case: tuple = field(default=(), compare=False)
+
+    def __str__(self):
+        lines = [f"{self.op}: ran on '{self.backend}' (chosen by {self.source})"]
+        lines += [f"  '{b}' not used: {why}" for b, why in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class OpBackends:
+    """What one op offers: per backend a function case -> None (serves it) or a reason string."""
+    name: str
+    supports: Dict[str, Callable[[tuple], Optional[str]]]
+    # Automatic order on a CUDA device, best first, ending with "torch"; off a CUDA device the
+    # automatic choice is always "torch" (the others are listed with the reason).
+    cuda_order: Tuple[str, ...] = ("cuda", "triton", "torch")
+    # Backends verified on a GPU for this op. Others are never chosen automatically.
+    gpu_verified: Tuple[str, ...] = ("torch",)
+    _cache: Dict[tuple, Decision] = field(default_factory=dict)
+
+    def why_not(self, backend, case):
+        if backend not in self.supports:
+            return f"'{backend}' has no implementation of {self.name}"
+        return self.supports[backend](case)
+
+
+_OPS: Dict[str, OpBackends] = {}
+_LAST: Dict[str, Decision] = {}
+
+
+def register(op: OpBackends) -> OpBackends:
+    _OPS[op.name] = op
+    return op
+
+
+def _check_name(name, what):
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)} or None, got {name!r}")
+
+
+def _auto(op: OpBackends, case, device_type, skipped):
+    for b in op.cuda_order:  # ends with "torch", which serves every case
+        why = op.why_not(b, case)
+        if why is None and b != "torch":
+            if device_type != "cuda":
+                why = "off a CUDA device, automatic dispatch runs the reference"
+            elif b not in op.gpu_verified:
+                why = f"not yet verified on a GPU, so never chosen automatically; pass backend='{b}'"
+        if why is None:
+            return b
+        skipped.append((b, why))
+    raise RuntimeError(f"{op.name}: no backend serves this case: {skipped}")
+
+
+def select(op_name: str, case: tuple, device_type: str, backend: Optional[str] = None) -> str:
+    """Return the backend name for this call; raise ValueError if `backend` cannot serve it."""
+    env = os.environ.get(ENV_VAR) or None
+    key = (case, device_type, backend, env)
+    op = _OPS[op_name]
+    decision = op._cache.get(key)
+    if decision is None:
+        decision = _decide(op, case, device_type, backend, env)
+        op._cache[key] = decision
+    _LAST[op_name] = decision
+    return decision.backend
+
+
+def _decide(op, case, device_type, backend, env):
+    skipped = []
+    if backend is not None:
+        _check_name(backend, "backend")
+        why = op.why_not(backend, case)
+        if why is not None:
+            raise ValueError(f"backend='{backend}' cannot run {op.name} here: {why}")
+        return Decision(op.name, backend, "argument", (), case)
+    if env is not None:
+        _check_name(env, ENV_VAR)
+        why = op.why_not(env, case)
+        if why is None:
+            return Decision(op.name, env, ENV_VAR, (), case)
+        skipped.append((env, why))
+    chosen = _auto(op, case, device_type, skipped)
+    return Decision(op.name, chosen, ENV_VAR if env and chosen == env else "auto",
+                    tuple(s for s in skipped if s[0] != chosen), case)
+
+
+def explain(op_name: Optional[str] = None):
+    """The last dispatch decision of `op_name` (or of every op, as a dict)."""
+    if op_name is None:
+        return dict(_LAST)
+    if op_name not in _OPS:
+        raise ValueError(f"op_name must be one of {sorted(_OPS)}, got {op_name!r}")
+    return _LAST.get(op_name)
+
+
+def clear_cache():
+    for op in _OPS.values():
+        op._cache.clear()
+    _LAST.clear()

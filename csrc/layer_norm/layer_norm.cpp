@@ -18,7 +18,6 @@ void check_params(const std::optional<TensorView>& w, const std::optional<Tensor
     if ((*p)->dtype != x.dtype && (*p)->dtype != DType::kFloat32)
       throw DTypeError(std::string((*p)->name) + " must be " + dtype_name(x.dtype) +
                        " or float32 (x's dtype or float32), got " + dtype_name((*p)->dtype));
-    check_same_device(**p, x);
   }
   if (w && b && w->dtype != b->dtype)
     throw DTypeError(std::string("bias must have weight's dtype ") + dtype_name(w->dtype) +
@@ -32,7 +31,6 @@ void check_stats(const std::optional<TensorView>& mean, const TensorView& rstd, 
     if (!s) continue;
     check_vector(*s, x.shape[0]);
     check_dtype(*s, DType::kFloat32);
-    check_same_device(*s, x);
   }
 }
 
@@ -40,7 +38,12 @@ void check_like(const std::optional<TensorView>& t, const TensorView& x) {
   if (!t) return;
   check_matrix(*t, x.shape[0], x.shape[1]);
   check_dtype(*t, x.dtype);
-  check_same_device(*t, x);
+}
+
+// Device checks come last, so shape and dtype errors are reported the same on any machine.
+void check_devices(const TensorView& ref, std::initializer_list<const TensorView*> all) {
+  for (const TensorView* t : all)
+    if (t) check_same_device(*t, ref);
 }
 
 void check_input(const TensorView& x) {
@@ -79,7 +82,8 @@ void forward(const ForwardArgs& a, std::uintptr_t stream) {
   if (a.z && !a.residual) throw ArgError("z (the stored sum) is only written when residual is given");
   check_stats(a.mean, a.rstd, a.rms, a.x);
   if (!(a.eps >= 0.0f)) throw ArgError("eps must be a non-negative float");
-  check_same_device(a.y, a.x);
+  check_devices(a.x, {&a.x, ptr(a.residual), ptr(a.weight), ptr(a.bias), &a.y, ptr(a.z),
+                      ptr(a.mean), &a.rstd});
   require_cuda();
   if (a.x.shape[0] == 0) return;
   launch_forward(a, pick_vec(a.x, {&a.x, ptr(a.residual), &a.y, ptr(a.z)}), stream);
@@ -100,7 +104,6 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
     if (!*pair) continue;
     check_matrix(**pair, programs, a.dy.shape[1]);
     check_dtype(**pair, DType::kFloat32);
-    check_same_device(**pair, a.dy);
     if ((*pair)->stride[0] != a.dy.shape[1]) throw ArgError(std::string((*pair)->name) + " must be contiguous");
     programs = (*pair)->shape[0];
     if (programs < 1 || programs > a.dy.shape[0])
@@ -111,8 +114,9 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
     if (!*out) continue;
     check_vector(**out, a.dy.shape[1]);
     check_float_dtype(**out);
-    check_same_device(**out, a.dy);
   }
+  check_devices(a.dy, {&a.dy, &a.z, ptr(a.weight), ptr(a.mean), &a.rstd, ptr(a.dz_extra), &a.dz,
+                       ptr(a.dw_part), ptr(a.db_part), ptr(a.dweight), ptr(a.dbias)});
   require_cuda();
   if (a.dy.shape[0] == 0) return;
   launch_backward(a, pick_vec(a.dy, {&a.dy, &a.z, ptr(a.dz_extra), &a.dz}), stream);

@@ -81,7 +81,8 @@ def replace_norms(model: torch.nn.Module, backend: Optional[str] = None,
         targets[torch.nn.RMSNorm] = (RMSNorm, "RMSNorm")
     replaced, swapped = {}, []
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter hides a second name of the same module.
+        for child_name, child in list(parent._modules.items()):
             if type(child) not in targets and id(child) not in replaced:
                 continue
             if id(child) not in replaced:

@@ -1,5 +1,5 @@
 """The functional API: one entry point per op, backend dispatch, custom ops and autograd."""
 from .dispatch import explain
-from .layer_norm import layer_norm, rms_norm
+from .normalization import layer_norm, rms_norm
 
 __all__ = ["explain", "layer_norm", "rms_norm"]

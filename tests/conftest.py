@@ -1,0 +1,54 @@
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors. The variable must
+# be set before triton decorates fusedlm's kernels, i.e. before fusedlm is imported.
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedlm  # noqa: E402
+from fusedlm.ops import dispatch  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def kernel_backends():
+    """Fused backends that can run in this process (the reference is always there)."""
+    out = []
+    if dispatch._OPS["layer_norm"].why_not("triton", (DEVICE, torch.float32, 64, None)) is None:
+        out.append("triton")
+    if dispatch._OPS["layer_norm"].why_not("cuda", (DEVICE, torch.float32, 64, None)) is None:
+        out.append("cuda")
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch(monkeypatch):
+    monkeypatch.delenv("FUSEDLM_BACKEND", raising=False)
+    dispatch.clear_cache()
+    yield
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in out never passes."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    assert not torch.isnan(out64).any(), "NaN in output"
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+# DESIGN.md: relative norm error against a float64 reference.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -1,0 +1,204 @@
+"""Layer norm / RMSNorm (+ residual) against the float64 reference, forward and backward."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from conftest import DEVICE, HAS_GPU, TOL, kernel_backends, rel_err
+
+BACKENDS = ["torch"] + kernel_backends()
+# The interpreter computes fp32/fp16 correctly but has no bf16 (numpy has none): GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+WIDTHS = [1, 7, 767, 1000, 4099]
+
+
+def make(rows, n, dtype, *, affine=True, residual=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    x = (rnd(rows, n) * 2 + 0.5).to(DEVICE, dtype).requires_grad_()
+    w = (1 + 0.5 * rnd(n)).to(DEVICE, dtype).requires_grad_() if affine else None
+    b = (0.5 * rnd(n)).to(DEVICE, dtype).requires_grad_() if affine else None
+    r = rnd(rows, n).to(DEVICE, dtype).requires_grad_() if residual else None
+    dy = rnd(rows, n).to(DEVICE, dtype)
+    dz = rnd(rows, n).to(DEVICE, dtype)
+    return x, w, b, r, dy, dz
+
+
+def grads(outputs, cotangents, inputs):
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(outputs, live, cotangents)
+    it = iter(got)
+    return [None if t is None else next(it) for t in inputs]
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def check_against_reference(backend, dtype, rows, n, *, rms=False, affine=True, residual=False,
+                            return_residual=False):
+    x, w, b, r, dy, dz = make(rows, n, dtype, affine=affine, residual=residual)
+    if rms:
+        b = None
+    eps = 1e-5
+    kw = dict(residual=r, return_residual=return_residual, backend=backend)
+    out = (fusedlm.rms_norm(x, w, eps, **kw) if rms else fusedlm.layer_norm(x, w, b, eps, **kw))
+    y, z = out if return_residual else (out, None)
+
+    # The reference sees the same rounded inputs in float64. With a residual, the sum is
+    # rounded to dtype first (as the unfused `x + r` is), then normalized.
+    xs, ws, bs, rs = map(f64, (x, w, b, r))
+    zin = xs
+    if rs is not None:  # the sum rounded to dtype, with gradient 1 to both summands
+        zin = (xs + rs) + ((xs + rs).to(dtype).double() - (xs + rs)).detach()
+    ref = reference.rms_norm(zin, ws, eps)[0] if rms else reference.layer_norm(zin, ws, bs, eps)[0]
+
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+    if return_residual:
+        ref_z = x.detach() if r is None else (x.detach() + r.detach())
+        assert torch.equal(z.detach(), ref_z)
+
+    inputs = [x, w, b, r]
+    outs, cots = [y], [dy]
+    if return_residual and r is not None:
+        outs.append(z)
+        cots.append(dz)
+    got = grads(outs, cots, inputs)
+    ref_outs, ref_cots = [ref], [dy.double()]
+    if return_residual and r is not None:
+        ref_outs.append(xs + rs)
+        ref_cots.append(dz.double())
+    want = grads(ref_outs, ref_cots, [xs, ws, bs, rs])
+    for name, g_, w_ in zip("x w b r".split(), got, want):
+        if g_ is None:
+            continue
+        assert g_.dtype == dtype and g_.shape == w_.shape, name
+        # Parameter gradients sum over rows: allow the accumulated rounding of their inputs.
+        tol = TOL[dtype] * (1 if name in "xr" else 2)
+        assert rel_err(g_, w_) < tol, (name, rel_err(g_, w_))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 33])
+def test_layer_norm(backend, dtype, n, rows):
+    check_against_reference(backend, dtype, rows, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [7, 1000])
+def test_rms_norm(backend, dtype, n):
+    check_against_reference(backend, dtype, 17, n, rms=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("return_residual", [False, True], ids=["post_ln", "pre_ln"])
+def test_residual(backend, rms, return_residual):
+    check_against_reference(backend, torch.float16, 19, 767, rms=rms, residual=True,
+                            return_residual=return_residual)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_without_affine(backend, rms):
+    check_against_reference(backend, torch.float32, 9, 1000, rms=rms, affine=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_params_with_half_input(backend):
+    x, w, b, _, dy, _ = make(13, 300, torch.float16)
+    w32, b32 = (w.detach().float().requires_grad_(), b.detach().float().requires_grad_())
+    y = fusedlm.layer_norm(x, w32, b32, backend=backend)
+    ref = reference.layer_norm(f64(x), f64(w32), f64(b32))[0]
+    assert y.dtype == torch.float16 and rel_err(y, ref) < TOL[torch.float16]
+    gx, gw, gb = torch.autograd.grad(y, [x, w32, b32], dy)
+    assert gw.dtype == torch.float32 and gb.dtype == torch.float32
+    xs, ws, bs = f64(x), f64(w32), f64(b32)
+    want = torch.autograd.grad(reference.layer_norm(xs, ws, bs)[0], [xs, ws, bs], dy.double())
+    for got_, want_ in zip((gx, gw, gb), want):
+        assert rel_err(got_, want_) < 2 * TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_error_within_twice_torchs(backend):
+    """In fp16 a fused kernel must be no less accurate than torch's own layer norm."""
+    x, w, b, _, dy, _ = make(64, 1000, torch.float16, seed=3)
+    ours = fusedlm.layer_norm(x, w, b, backend=backend)
+    theirs = torch.nn.functional.layer_norm(x, (1000,), w, b)
+    xs, ws, bs = f64(x), f64(w), f64(b)
+    ref = reference.layer_norm(xs, ws, bs)[0]
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + 1e-6
+    g_ours = torch.autograd.grad(ours, [x, w, b], dy)
+    g_theirs = torch.autograd.grad(theirs, [x, w, b], dy)
+    g_ref = torch.autograd.grad(ref, [xs, ws, bs], dy.double())
+    for o, t, r in zip(g_ours, g_theirs, g_ref):
+        assert rel_err(o, r) <= 2 * rel_err(t, r) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    x = torch.randn(0, 3, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(64, device=DEVICE, requires_grad=True)
+    b = torch.randn(64, device=DEVICE, requires_grad=True)
+    y = fusedlm.layer_norm(x, w, b, backend=backend)
+    assert y.shape == (0, 3, 64)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(64, device=DEVICE))
+    assert torch.equal(b.grad, torch.zeros(64, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "row_stride"])
+def test_non_contiguous_input(backend, layout):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 40, 130, generator=g).to(DEVICE)
+    if layout == "column_slice":
+        x = base[:, :, ::2]                    # last-dim stride 2: copied to unit stride
+    elif layout == "transposed":
+        x = base.transpose(0, 1)               # leading dims permuted, rows not uniform
+    else:
+        x = base[:, :, :100]                   # unit stride, rows 130 apart: used in place
+    x = x.requires_grad_()
+    n = x.shape[-1]
+    w = torch.randn(n, generator=g).to(DEVICE).requires_grad_()
+    y = fusedlm.layer_norm(x, w, None, backend=backend)
+    xs, ws = f64(x), f64(w)
+    ref = reference.layer_norm(xs, ws)[0]
+    assert rel_err(y, ref) < TOL[torch.float32]
+    dy = torch.randn(y.shape, generator=g).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
+    gx, gw = torch.autograd.grad(y, [x, w], dy)
+    rx, rw = torch.autograd.grad(ref, [xs, ws], dy.double())
+    assert rel_err(gx, rx) < TOL[torch.float32] and rel_err(gw, rw) < 2 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_rows_deterministic_param_grads(backend):
+    x, w, b, _, dy, _ = make(257, 96, torch.float32, seed=5)
+    first = torch.autograd.grad(fusedlm.layer_norm(x, w, b, backend=backend), [w, b], dy)
+    again = torch.autograd.grad(fusedlm.layer_norm(x, w, b, backend=backend), [w, b], dy)
+    for a, c in zip(first, again):
+        assert torch.equal(a, c)
+
+
+def test_rms_norm_default_eps_matches_torch():
+    x = torch.randn(4, 16, device=DEVICE)
+    w = torch.randn(16, device=DEVICE)
+    ours = fusedlm.rms_norm(x, w)
+    theirs = torch.nn.functional.rms_norm(x, (16,), w)
+    assert rel_err(ours, theirs) < 1e-6
+
+
+def test_large_hidden_falls_back_to_reference_in_auto():
+    """Past the fused kernels' width, dispatch runs the reference and says why."""
+    x = torch.randn(2, 70000, device=DEVICE)
+    y = fusedlm.layer_norm(x)
+    d = fusedlm.explain("layer_norm")
+    assert d.backend == "torch"
+    assert rel_err(y, reference.layer_norm(x.double())[0]) < TOL[torch.float32]
+    if HAS_GPU:
+        assert any("exceeds" in why for _, why in d.skipped)

@@ -48,9 +48,7 @@ def check_against_reference(backend, dtype, rows, n, *, rms=False, affine=True, 
     # The reference sees the same rounded inputs in float64. With a residual, the sum is
     # rounded to dtype first (as the unfused `x + r` is), then normalized.
     xs, ws, bs, rs = map(f64, (x, w, b, r))
-    zin = xs
-    if rs is not None:  # the sum rounded to dtype, with gradient 1 to both summands
-        zin = (xs + rs) + ((xs + rs).to(dtype).double() - (xs + rs)).detach()
+    zin = xs if rs is None else reference.rounded_sum(xs, rs, dtype)
     ref = reference.rms_norm(zin, ws, eps)[0] if rms else reference.layer_norm(zin, ws, bs, eps)[0]
 
     assert y.dtype == dtype and y.shape == x.shape

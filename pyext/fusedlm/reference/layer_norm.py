@@ -11,6 +11,13 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def rounded_sum(x, residual, dtype):
+    """x + residual rounded to `dtype` (as the unfused sum in that dtype is), carried in x's
+    wider dtype, with gradient 1 to both summands: the oracle's view of a fused residual add."""
+    s = x + residual
+    return s + (s.to(dtype).to(s.dtype) - s).detach()
+
+
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     """LayerNorm(x + residual) over the last dim; returns (y, x + residual)."""
     z = x if residual is None else x + residual

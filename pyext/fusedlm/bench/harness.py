@@ -1,0 +1,80 @@
+"""Timing and provenance for benchmarks (DESIGN.md: Performance).
+
+GPU times are medians from triton.testing.do_bench (CUDA events, warm-up, L2 flushed between
+runs); CPU times are medians of perf_counter over repeats. Every result file records the
+device, the library versions, the git commit and the command that produced it.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cwd in (os.getcwd(), here):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                                 text=True, timeout=5)
+            if out.returncode == 0:
+                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                       cwd=cwd, capture_output=True, text=True, timeout=5).stdout
+                return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "unknown"
+
+
+def environment():
+    import fusedlm
+    info = {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "git_commit": _git_commit(),
+        "fusedlm": fusedlm.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "build": fusedlm.build_info(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info["device"] = p.name
+        info["sm_count"] = p.multi_processor_count
+        info["capability"] = f"{p.major}.{p.minor}"
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return info
+
+
+def time_ms(fn, device_type, warmup=25, rep=100):
+    """Median milliseconds per call of fn()."""
+    if device_type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    for _ in range(3):
+        fn()
+    samples = []
+    deadline = time.perf_counter() + rep / 1000 * 5
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")

@@ -1,0 +1,107 @@
+"""Layer-norm benchmark: fusedlm's backends against their peers in the same process.
+
+Throughput is GB/s of compulsory traffic (DESIGN.md): forward reads x and writes y
+(2·rows·N elements); backward reads dy and x and writes dx (3·rows·N elements); the
+parameters and statistics are counted too, though they are small. Each row of the result is
+one (direction, dtype, rows, N, implementation) with its median time, GB/s, and speed-up over
+torch eager.
+"""
+import torch
+
+from .. import layer_norm
+from ..ops import dispatch
+from ..reference import layer_norm as reference_layer_norm
+from .harness import time_ms
+
+WIDTHS = (768, 1024, 2048, 4096, 8192)
+
+
+def _peers(device_type):
+    """name -> fn(x, w, b) returning y, for every implementation that can run here."""
+    peers = {"torch": lambda x, w, b: torch.nn.functional.layer_norm(x, x.shape[-1:], w, b)}
+    compiled = torch.compile(lambda x, w, b: reference_layer_norm(x, w, b)[0], dynamic=False)
+    peers["torch.compile(ref)"] = compiled
+    case = lambda be: (device_type, torch.bfloat16 if device_type == "cuda" else torch.float32, 1024, None)
+    for be in ("triton", "cuda"):
+        if dispatch._OPS["layer_norm"].why_not(be, case(be)) is None:
+            peers[f"fusedlm[{be}]"] = lambda x, w, b, be=be: layer_norm(x, w, b, backend=be)
+    if device_type == "cuda":
+        try:
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+            peers["liger"] = lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+        except ImportError:
+            pass
+        try:
+            from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+            peers["apex"] = lambda x, w, b: fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
+        except ImportError:
+            pass
+    return peers
+
+
+def run(dtypes=(torch.bfloat16, torch.float32), rows=(16384,), widths=WIDTHS,
+        directions=("fwd", "bwd"), device=None, peers=None, log=print):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    impls = _peers(device)
+    if peers:
+        impls = {k: v for k, v in impls.items() if k in peers or k == "torch"}
+    results = []
+    for dtype in dtypes:
+        esize = torch.tensor([], dtype=dtype).element_size()
+        for m in rows:
+            for n in widths:
+                x = torch.randn(m, n, device=device, dtype=dtype)
+                w = torch.randn(n, device=device, dtype=dtype)
+                b = torch.randn(n, device=device, dtype=dtype)
+                dy = torch.randn_like(x)
+                params = 2 * n * esize
+                for direction in directions:
+                    base = None
+                    for name, fn in impls.items():
+                        try:
+                            ms = _time_one(fn, x, w, b, dy, direction, device)
+                        except Exception as e:  # a peer that fails a case is reported, not fatal
+                            log(f"  {name} {direction} {dtype} {m}x{n}: failed ({type(e).__name__}: {e})")
+                            continue
+                        nbytes = (2 if direction == "fwd" else 3) * m * n * esize + params * (1 if direction == "fwd" else 2)
+                        rec = dict(op="layer_norm", direction=direction, dtype=str(dtype).split(".")[-1],
+                                   rows=m, n=n, impl=name, ms=round(ms, 5),
+                                   gbps=round(nbytes / ms / 1e6, 1))
+                        if name == "torch":
+                            base = ms
+                        rec["speedup_vs_torch"] = round(base / ms, 3) if base else None
+                        results.append(rec)
+                        log(f"  {direction} {rec['dtype']:>8} {m:>6}x{n:<5} {name:<20} "
+                            f"{ms:8.4f} ms {rec['gbps']:8.1f} GB/s  x{rec['speedup_vs_torch']}")
+                del x, w, b, dy
+    return results
+
+
+def _time_one(fn, x, w, b, dy, direction, device):
+    if direction == "fwd":
+        return time_ms(lambda: fn(x, w, b), device)
+    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+    y = fn(xg, wg, bg)
+    return time_ms(lambda: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True), device)
+
+
+def dispatch_overhead(device=None, log=print):
+    """Per-call host cost on a launch-bound input: the eager direct path against the
+    torch.library custom op (what torch.compile sees) and torch's own layer norm."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(8, 768, device=device)
+    w, b = torch.randn(768, device=device), torch.randn(768, device=device)
+    backend = dispatch.select("layer_norm", (device, x.dtype, 768, x.dtype), device)
+    op = torch.ops.fusedlm.norm_fwd
+    calls = {
+        "torch F.layer_norm": lambda: torch.nn.functional.layer_norm(x, (768,), w, b),
+        f"fusedlm eager path [{backend}]": lambda: layer_norm(x, w, b),
+        f"fusedlm custom op [{backend}]": lambda: op(x, None, w, b, 1e-5, False, False, backend),
+    }
+    out = []
+    for name, fn in calls.items():
+        us = time_ms(fn, "cpu", rep=200) * 1e3  # wall time per call, launch included
+        out.append(dict(op="layer_norm", what="host time per call (8x768 fp32)", impl=name,
+                        us=round(us, 2)))
+        log(f"  {name:<36} {us:8.2f} us/call")
+    return out

@@ -1,0 +1,135 @@
+"""The `fusedlm` command.
+
+  fusedlm check              environment, correctness of every backend that can run here
+                             against the float64 reference, and a short benchmark (speed-up
+                             over torch on a GPU); exits 1 if any check fails
+  fusedlm bench layer_norm   the full layer-norm benchmark, JSON with provenance
+  fusedlm info               build and dispatch facts, one screen
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+# Off a GPU the Triton kernels can only run under the interpreter, which must be chosen before
+# triton decorates them (at `import fusedlm`); `check` then verifies them on the CPU too.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedlm  # noqa: E402
+from fusedlm import reference  # noqa: E402
+from fusedlm.bench import environment, write_json  # noqa: E402
+from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
+from fusedlm.ops import dispatch  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _print_env(env):
+    b = env["build"]
+    print(f"fusedlm {env['fusedlm']}  torch {env['torch']}  triton {env['triton']}  "
+          f"python {env['python']}")
+    print(f"device: {env['device']}")
+    if b.get("compiled_core"):
+        cuda = f"CUDA {b['cuda_compiler']} for sm {b['cuda_archs']}" if b["cuda"] else "no CUDA"
+        print(f"compiled core: {cuda}; {b['gpu_status']}")
+    else:
+        print(f"compiled core: not importable ({b.get('error')})")
+
+
+def _check_backend(backend, device, dtype, n, rows=37):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n, generator=g).to(device, dtype).requires_grad_()
+    r = torch.randn(rows, n, generator=g).to(device, dtype)
+    w = (1 + torch.randn(n, generator=g)).to(device, dtype).requires_grad_()
+    b = torch.randn(n, generator=g).to(device, dtype).requires_grad_()
+    dy = torch.randn(rows, n, generator=g).to(device, dtype)
+    y = fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    xs, ws, bs = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = reference.layer_norm(reference.rounded_sum(xs, r.double(), dtype), ws, bs)[0]
+    want = torch.autograd.grad(ref, (xs, ws, bs), dy.double())
+    errs = [((a.double() - c).norm() / c.norm()).item() for a, c in
+            zip((y,) + got, (ref,) + want)]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    return all(e < 2 * tol for e in errs), max(errs)
+
+
+def cmd_check(args):
+    env = environment()
+    _print_env(env)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    print("\ncorrectness: layer_norm(x + residual) forward and backward vs the float64 reference")
+    ok = True
+    for backend in dispatch.BACKENDS:
+        for dtype in dtypes:
+            why = dispatch._OPS["layer_norm"].why_not(backend, (device, dtype, 1000, dtype))
+            label = f"  {backend:<7} {str(dtype).split('.')[-1]:<9}"
+            if why is not None:
+                print(f"{label} skipped: {why}")
+                continue
+            passed, err = _check_backend(backend, device, dtype, 1000)
+            ok &= passed
+            print(f"{label} {'PASS' if passed else 'FAIL'}  max rel. error {err:.2e}")
+    x = torch.randn(4, 1000, device=device)
+    fusedlm.layer_norm(x)
+    print("\ndispatch for a default call:\n  " + str(fusedlm.explain("layer_norm")).replace("\n", "\n  "))
+
+    if device == "cuda":
+        print("\nbenchmark (bf16, 16384 rows; speed-up over torch eager):")
+        ln_bench.run(dtypes=(torch.bfloat16,), rows=(16384,), widths=(1024, 4096),
+                     peers=("fusedlm[triton]", "fusedlm[cuda]"))
+    else:
+        print("\nbenchmark: no GPU here, so the fused kernels cannot show their speed (the "
+              "interpreter is for correctness only). On CPU:")
+        ln_bench.run(dtypes=(torch.float32,), rows=(4096,), widths=(1024,), peers=())
+    print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+def cmd_bench(args):
+    if args.op != "layer_norm":
+        print(f"fusedlm bench: unknown op {args.op!r} (available: layer_norm)", file=sys.stderr)
+        return 2
+    env = environment()
+    _print_env(env)
+    results = ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
+                           widths=args.widths, directions=args.direction)
+    print("\nhost cost per call:")
+    overhead = ln_bench.dispatch_overhead()
+    if args.out:
+        write_json(args.out, {"environment": env, "results": results, "overhead": overhead})
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def cmd_info(args):
+    _print_env(environment())
+    for backend in dispatch.BACKENDS:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        why = dispatch._OPS["layer_norm"].why_not(backend, (device, torch.bfloat16 if device == "cuda" else torch.float32, 1024, None))
+        print(f"  layer_norm/{backend:<7} {'available' if why is None else why}")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fusedlm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check", help="verify every backend here and show a short benchmark")
+    b = sub.add_parser("bench", help="benchmark an op against its peers")
+    b.add_argument("op", help="layer_norm")
+    b.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(_DTYPES))
+    b.add_argument("--rows", nargs="+", type=int, default=[16384])
+    b.add_argument("--widths", nargs="+", type=int, default=list(ln_bench.WIDTHS))
+    b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    b.add_argument("--out", help="write results as JSON here")
+    sub.add_parser("info", help="build and backend facts")
+    args = p.parse_args(argv)
+    return {"check": cmd_check, "bench": cmd_bench, "info": cmd_info}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

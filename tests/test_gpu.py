@@ -1,0 +1,113 @@
+"""GPU suite: every fused backend in every dtype (bf16 included) at model-sized widths.
+
+Also the evidence a backend needs before automatic dispatch may choose it (see README)."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from conftest import HAS_GPU, TOL, kernel_backends, rel_err
+
+pytestmark = pytest.mark.gpu
+BACKENDS = [b for b in kernel_backends() if b != "torch"] if HAS_GPU else []
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(rows, n, dtype, seed=0, offset=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # `offset` shifts the data off 16-byte alignment to exercise the CUDA kernel's scalar path.
+    buf = torch.randn(rows * n + offset, device="cuda", generator=g, dtype=torch.float32)
+    x = (buf[offset:].view(rows, n) * 2 + 0.5).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(n, device="cuda", generator=g)).to(dtype).requires_grad_()
+    b = (0.5 * torch.randn(n, device="cuda", generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    return x, w, b, dy
+
+
+def _f64(*ts):
+    return [t.detach().double().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 768, 1000, 1024, 4096, 4099, 8192, 16384])
+def test_layer_norm_gpu(backend, dtype, n):
+    rows = 2048 if n <= 4099 else 512
+    x, w, b, dy = _inputs(rows, n, dtype)
+    y = fusedlm.layer_norm(x, w, b, backend=backend)
+    torch_y = torch.nn.functional.layer_norm(x, (n,), w, b)
+    xs, ws, bs = _f64(x, w, b)
+    ref = reference.layer_norm(xs, ws, bs)[0]
+    err, torch_err = rel_err(y, ref), rel_err(torch_y, ref)
+    assert err < TOL[dtype], err
+    if dtype != torch.float32:
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    got = torch.autograd.grad(y, [x, w, b], dy)
+    theirs = torch.autograd.grad(torch_y, [x, w, b], dy)
+    want = torch.autograd.grad(ref, [xs, ws, bs], dy.double())
+    for name, g_, t_, w_ in zip("xwb", got, theirs, want):
+        e = rel_err(g_, w_)
+        assert e < TOL[dtype] * (1 if name == "x" else 2), (name, e)
+        if dtype != torch.float32:
+            assert e <= 2 * rel_err(t_, w_) + 1e-6, (name, e, rel_err(t_, w_))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_residual_and_rms_gpu(backend, dtype, rms):
+    x, w, b, dy = _inputs(4096, 1024, dtype, seed=1)
+    r = torch.randn_like(x).requires_grad_()
+    if rms:
+        y, z = fusedlm.rms_norm(x, w, 1e-6, residual=r, return_residual=True, backend=backend)
+        ref_y, _ = reference.rms_norm((x + r).detach().double(), w.detach().double(), 1e-6)
+    else:
+        y, z = fusedlm.layer_norm(x, w, b, residual=r, return_residual=True, backend=backend)
+        ref_y, _ = reference.layer_norm((x + r).detach().double(), w.detach().double(),
+                                        b.detach().double())
+    assert torch.equal(z, x + r)
+    assert rel_err(y, ref_y) < TOL[dtype]
+    dz = torch.randn_like(z)
+    gx, gr = torch.autograd.grad((y, z), [x, r], (dy, dz))
+    assert torch.equal(gx, gr)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unaligned_input_gpu(backend):
+    x, w, b, dy = _inputs(300, 1024, torch.bfloat16, offset=1)
+    y = fusedlm.layer_norm(x, w, b, backend=backend)
+    ref = reference.layer_norm(*_f64(x, w, b))[0]
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_grads_bitwise_deterministic_gpu(backend):
+    x, w, b, dy = _inputs(16384, 1024, torch.bfloat16, seed=2)
+    runs = [torch.autograd.grad(fusedlm.layer_norm(x, w, b, backend=backend), [w, b], dy)
+            for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+def test_cuda_and_triton_agree_gpu():
+    if not {"cuda", "triton"} <= set(BACKENDS):
+        pytest.skip("needs both fused backends")
+    x, w, b, _ = _inputs(1024, 4096, torch.bfloat16, seed=4)
+    a = fusedlm.layer_norm(x, w, b, backend="cuda")
+    c = fusedlm.layer_norm(x, w, b, backend="triton")
+    assert rel_err(a, c) < TOL[torch.bfloat16]
+
+
+def test_auto_dispatch_on_gpu_picks_a_fused_backend():
+    x, w, b, _ = _inputs(64, 768, torch.bfloat16)
+    fusedlm.layer_norm(x, w, b)
+    assert fusedlm.explain("layer_norm").backend != "torch"
+
+
+def test_inductor_fullgraph_gpu():
+    ln = fusedlm.nn.LayerNorm(1024).cuda()
+    x = torch.randn(64, 1024, device="cuda", requires_grad=True)
+    eager = ln(x)
+    out = torch.compile(ln, fullgraph=True)(x)
+    assert rel_err(out, eager) < 1e-6
+    out.sum().backward()

@@ -46,6 +46,10 @@ def test_layer_norm_gpu(backend, dtype, n):
     theirs = torch.autograd.grad(torch_y, [x, w, b], dy)
     want = torch.autograd.grad(ref, [xs, ws, bs], dy.double())
     for name, g_, t_, w_ in zip("xwb", got, theirs, want):
+        if n == 1 and name in "xw":  # exactly 0 in truth: bound the noise (see test_layer_norm)
+            floor = 4 * torch.finfo(dtype).eps * 1e-5 ** -0.5 * dy.abs().sum().item()
+            assert (g_.double() - w_).abs().max().item() <= floor, name
+            continue
         e = rel_err(g_, w_)
         assert e < TOL[dtype] * (1 if name == "x" else 2), (name, e)
         if dtype != torch.float32:

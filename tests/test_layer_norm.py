@@ -72,6 +72,12 @@ def check_against_reference(backend, dtype, rows, n, *, rms=False, affine=True, 
         if g_ is None:
             continue
         assert g_.dtype == dtype and g_.shape == w_.shape, name
+        if n == 1 and name in "xrw":
+            # One column: xhat is 0, so the true dx and dweight are exactly 0 and any result is
+            # rounding noise amplified by rstd = 1/sqrt(eps): bound it by that noise floor.
+            floor = 4 * torch.finfo(dtype).eps * eps ** -0.5 * dy.abs().sum().item()
+            assert (g_.double() - w_).abs().max().item() <= floor, name
+            continue
         # Parameter gradients sum over rows: allow the accumulated rounding of their inputs.
         tol = TOL[dtype] * (1 if name in "xr" else 2)
         assert rel_err(g_, w_) < tol, (name, rel_err(g_, w_))

@@ -49,6 +49,9 @@ void check_devices(const TensorView& ref, std::initializer_list<const TensorView
 void check_input(const TensorView& x) {
   check_float_dtype(x);
   check_matrix(x, -1, -1);
+  if (x.shape[0] > 0x7fffffff)  // one block per row in the forward: the grid's x limit
+    throw ArgError(std::string(x.name) + " must have fewer than 2^31 rows, got " +
+                   std::to_string(x.shape[0]));
   if (x.shape[1] < 1 || x.shape[1] > kMaxColumns)
     throw ArgError(std::string(x.name) + " must have between 1 and " +
                    std::to_string(kMaxColumns) + " columns, got " + std::to_string(x.shape[1]));

@@ -21,21 +21,21 @@ def _peers(device_type):
     peers = {"torch": lambda x, w, b: torch.nn.functional.layer_norm(x, x.shape[-1:], w, b)}
     compiled = torch.compile(lambda x, w, b: reference_layer_norm(x, w, b)[0], dynamic=False)
     peers["torch.compile(ref)"] = compiled
-    case = lambda be: (device_type, torch.bfloat16 if device_type == "cuda" else torch.float32, 1024, None)
+    if device_type != "cuda":  # off a GPU the Triton kernels run interpreted: no speed to show
+        return peers
     for be in ("triton", "cuda"):
-        if dispatch._OPS["layer_norm"].why_not(be, case(be)) is None:
+        if dispatch._OPS["layer_norm"].why_not(be, ("cuda", torch.bfloat16, 1024, None)) is None:
             peers[f"fusedlm[{be}]"] = lambda x, w, b, be=be: layer_norm(x, w, b, backend=be)
-    if device_type == "cuda":
-        try:
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-            peers["liger"] = lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
-        except ImportError:
-            pass
-        try:
-            from apex.normalization.fused_layer_norm import fused_layer_norm_affine
-            peers["apex"] = lambda x, w, b: fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
-        except ImportError:
-            pass
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        peers["liger"] = lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+    except ImportError:
+        pass
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+        peers["apex"] = lambda x, w, b: fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
+    except ImportError:
+        pass
     return peers
 
 

@@ -96,9 +96,22 @@ def _num_partials(rows, device):
     return -(-rows // -(-rows // g))  # no program without rows
 
 
+def _aten_serves(x_dtype, device_type, param_dtype, is_rms):
+    """The `torch` backend runs aten's own layer norm (one kernel, not the reference's chain of
+    ops) where its statistics are fp32/fp64 (always on CUDA; on CPU it keeps half inputs'
+    statistics in half) and the parameters share x's dtype. Otherwise: the reference math."""
+    return (not is_rms and param_dtype in (None, x_dtype)
+            and (device_type == "cuda" or x_dtype in (torch.float32, torch.float64)))
+
+
 def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z):
     if backend == "torch":
-        return reference.norm_forward(x, residual, weight, bias, eps, is_rms, store_z)
+        pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
+        if not _aten_serves(x.dtype, x.device.type, pdtype, is_rms):
+            return reference.norm_forward(x, residual, weight, bias, eps, is_rms, store_z)
+        z = x if residual is None else x + residual
+        y, mean, rstd = torch.native_layer_norm(z, [x.shape[1]], weight, bias, eps)
+        return y, (z if store_z else None), mean.view(-1), rstd.view(-1)
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     z = torch.empty((rows, n), dtype=x.dtype, device=x.device) if store_z else None
@@ -115,6 +128,14 @@ def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z):
 
 def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, need_db, param_dtype):
     if backend == "torch":
+        if _aten_serves(dy.dtype, dy.device.type, param_dtype if need_dw or need_db else None, is_rms):
+            dz, dw, _ = torch.ops.aten.native_layer_norm_backward(
+                dy, z, [dy.shape[1]], mean.view(-1, 1), rstd.view(-1, 1), weight, None,
+                [True, need_dw, False])
+            if dz_extra is not None:
+                dz = dz + dz_extra
+            db = dy.sum(0, dtype=torch.float32).to(param_dtype) if need_db else None
+            return dz, dw, db
         dz, dw, db = reference.norm_backward(dy, z, weight, mean, rstd, dz_extra, is_rms,
                                              need_dw, need_db)
         return dz, None if dw is None else dw.to(param_dtype), None if db is None else db.to(param_dtype)

@@ -128,7 +128,8 @@ def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z):
 
 def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, need_db, param_dtype):
     if backend == "torch":
-        if _aten_serves(dy.dtype, dy.device.type, param_dtype if need_dw or need_db else None, is_rms):
+        # The same test as the forward's, so both halves take the same path.
+        if _aten_serves(dy.dtype, dy.device.type, param_dtype, is_rms):
             dz, dw, _ = torch.ops.aten.native_layer_norm_backward(
                 dy, z, [dy.shape[1]], mean.view(-1, 1), rstd.view(-1, 1), weight, None,
                 [True, need_dw, False])

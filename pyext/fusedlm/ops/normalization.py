@@ -161,28 +161,45 @@ def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, nee
 # ---------------------------------------------------------------------------------------------
 # Eager path: autograd.Function straight to the launchers.
 
+def _save_for_backward(ctx, x, residual, weight, bias, is_rms, backend, z, mean, rstd):
+    """What both autograd paths keep: the normalized input (the sum, with a residual)."""
+    ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd)
+    ctx.meta = (is_rms, bias is not None, bias.dtype if bias is not None else None, backend)
+
+
+def _grad_plan(ctx, dy):
+    """Saved tensors plus which parameter gradients are wanted, shared by both backwards."""
+    z, weight, mean, rstd = ctx.saved_tensors
+    is_rms, has_bias, bias_dtype, backend = ctx.meta
+    need = ctx.needs_input_grad
+    need_dw, need_db = weight is not None and need[2], has_bias and need[3]
+    param_dtype = weight.dtype if weight is not None else (bias_dtype or dy.dtype)
+    return z, weight, mean, rstd, is_rms, backend, need, need_dw, need_db, param_dtype
+
+
+def _input_grads(need, dz, dw, db):
+    """dz is the gradient of both x and residual (their sum was normalized)."""
+    return (dz if need[0] else None), (dz if need[1] else None), dw, db, None, None, None, None
+
+
 class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, store_z, backend):
         y, z, mean, rstd = _forward(backend, x, residual, weight, bias, eps, is_rms, store_z)
-        ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd)
-        ctx.meta = (is_rms, bias is not None, bias.dtype if bias is not None else None, backend)
+        _save_for_backward(ctx, x, residual, weight, bias, is_rms, backend, z, mean, rstd)
         # An output nobody used gets gradient None, not a zero-filled tensor to read.
         ctx.set_materialize_grads(False)
         return y, z
 
     @staticmethod
     def backward(ctx, dy, dz_out):
-        z, weight, mean, rstd = ctx.saved_tensors
-        is_rms, has_bias, bias_dtype, backend = ctx.meta
-        need = ctx.needs_input_grad
-        param_dtype = weight.dtype if weight is not None else bias_dtype
         if dy is None:
-            dy = torch.zeros_like(z)
+            dy = torch.zeros_like(ctx.saved_tensors[0])
+        z, weight, mean, rstd, is_rms, backend, need, need_dw, need_db, param_dtype = _grad_plan(ctx, dy)
         dz, dw, db = _backward(backend, _unit_stride(dy), z, weight, mean, rstd,
                                None if dz_out is None else _unit_stride(dz_out), is_rms,
-                               weight is not None and need[2], has_bias and need[3], param_dtype)
-        return (dz if need[0] else None), (dz if need[1] else None), dw, db, None, None, None, None
+                               need_dw, need_db, param_dtype)
+        return _input_grads(need, dz, dw, db)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,23 +242,17 @@ def _(dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, need_db, param_dtype
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, is_rms, store_z, backend = inputs
     _, z, mean, rstd = output
-    ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd)
-    ctx.meta = (is_rms, bias is not None, bias.dtype if bias is not None else None, backend)
+    _save_for_backward(ctx, x, residual, weight, bias, is_rms, backend, z, mean, rstd)
 
 
 def _op_backward(ctx, dy, dz_out, _dmean, _drstd):
-    z, weight, mean, rstd = ctx.saved_tensors
-    is_rms, has_bias, bias_dtype, backend = ctx.meta
-    need = ctx.needs_input_grad
-    need_dw, need_db = weight is not None and need[2], has_bias and need[3]
-    param_dtype = weight.dtype if weight is not None else (bias_dtype or dy.dtype)
+    z, weight, mean, rstd, is_rms, backend, need, need_dw, need_db, param_dtype = _grad_plan(ctx, dy)
     if dz_out is not None and dz_out.numel() == 0:
         dz_out = None
     dz, dw, db = torch.ops.fusedlm.norm_bwd(dy.contiguous(), z, weight, mean, rstd,
                                            None if dz_out is None else dz_out.contiguous(),
                                            is_rms, need_dw, need_db, param_dtype, backend)
-    return ((dz if need[0] else None), (dz if need[1] else None),
-            dw if need_dw else None, db if need_db else None, None, None, None, None)
+    return _input_grads(need, dz, dw if need_dw else None, db if need_db else None)
 
 
 norm_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)

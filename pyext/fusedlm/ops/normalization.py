@@ -5,33 +5,15 @@ autograd.Function calling the launchers directly: no torch.library dispatch cost
 torch.compile traces, the custom ops `fusedlm::norm_fwd` / `fusedlm::norm_bwd` (fake kernels
 and autograd registered), which call the very same `_forward` / `_backward`.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _core, reference
-from . import dispatch
+from . import _triton, dispatch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-_triton_state = {}
-
-
-def _triton_kernels():
-    """The Triton kernel module, imported on first use (not at `import fusedlm`), so that a
-    program can still choose TRITON_INTERPRET after importing fusedlm. None if unavailable."""
-    if "module" not in _triton_state:
-        try:
-            from ..kernels import layer_norm as module
-            _triton_state["error"] = None
-        except ImportError as e:  # triton is not installed (it is optional off Linux)
-            module, _triton_state["error"] = None, f"triton is not importable ({e})"
-        _triton_state["module"] = module
-        _triton_state["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return _triton_state["module"]
-
 
 # ---------------------------------------------------------------------------------------------
 # What each backend serves. case = (device type, dtype, N, weight dtype or None)
@@ -47,13 +29,10 @@ def _kernel_dtype_problem(case, what):
 
 def _triton_why_not(case):
     device, dtype, n, _ = case
-    kernels = _triton_kernels()
-    if kernels is None:
-        return _triton_state["error"]
-    if device == "cpu" and not _triton_state["interpreted"]:
-        return "Triton runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-    if device not in ("cuda", "cpu"):
-        return f"Triton does not run on device type {device}"
+    why = _triton.device_problem("layer_norm", device)
+    if why is not None:
+        return why
+    kernels = _triton.kernels("layer_norm")
     if device == "cpu" and dtype == torch.bfloat16:
         return "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
     if n > kernels.MAX_COLUMNS:
@@ -118,7 +97,7 @@ def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z):
     mean = None if is_rms else torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if backend == "triton":
-        _triton_kernels().forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms)
+        _triton.kernels("layer_norm").forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms)
     elif rows > 0:
         d = _core.dl
         _core._C.norm_fwd(d(x), d(residual), d(weight), d(bias), d(y), d(z), d(mean), d(rstd),
@@ -150,7 +129,7 @@ def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, nee
     part = lambda need: torch.empty((g, n), dtype=torch.float32, device=dy.device) if need else None
     dw_part, db_part = part(need_dw), part(need_db)
     if backend == "triton":
-        _triton_kernels().backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dw, db, is_rms)
+        _triton.kernels("layer_norm").backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dw, db, is_rms)
     else:
         d = _core.dl
         _core._C.norm_bwd(d(dy), d(z), d(weight), d(mean), d(rstd), d(dz_extra), d(dz),

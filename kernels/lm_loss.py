@@ -1,0 +1,91 @@
+"""Cross-entropy over a chunk of projected logits, loss and gradient in one kernel.
+
+The LM-loss driver (fusedlm.ops.lm_loss) projects a chunk of labelled rows to the vocabulary
+with one matmul, calls this kernel on the (rows, V) logits, then multiplies the gradient it left
+in place by the weight (d_hidden) and the hidden rows (d_weight). Only a chunk of logits ever
+exists; this kernel never holds more than a BLOCK_V tile of a row.
+
+One program per row, two passes over the row:
+  1. tile by tile over V: running max m and sum s of exp(x - m) (online log-sum-exp), the sum of
+     the logits (label smoothing), the first argmax (accuracy). lse = m + log(s).
+     loss = (1 - eps) (lse - x_label) + eps (lse - mean(x)) + z * lse^2
+  2. (COMPUTE_GRAD) over V again, writing in place
+     dx_j = scale * (softmax_j (1 + 2 z lse) - (1 - eps) [j == label] - eps / V)
+All arithmetic is fp32 whatever the logits' dtype.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS, LABELS, LOSS, LSE, HIT, ROW_SCALE,
+    stride_row, V, smoothing, z_loss, grad_scale,
+    COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SMOOTH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = LOGITS + row.to(tl.int64) * stride_row
+    label = tl.load(LABELS + row)
+    offs = tl.arange(0, BLOCK_V)
+
+    m = -float("inf")
+    s = 0.0
+    total = 0.0
+    best = 0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        tile_max = tl.max(x, axis=0)
+        # The first maximal column wins, as in torch.argmax: a later tile only on a strict rise.
+        best = tl.where(tile_max > m, start + tl.argmax(x, axis=0), best)
+        new_m = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        m = new_m
+        if SMOOTH:
+            total += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+    x_label = tl.load(base + label).to(tl.float32)
+    loss = (1.0 - smoothing) * (lse - x_label)
+    if SMOOTH:
+        loss += smoothing * (lse - total / V)
+    loss += z_loss * lse * lse
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+    tl.store(HIT + row, (best == label).to(tl.float32))
+
+    if COMPUTE_GRAD:
+        if HAS_ROW_SCALE:
+            scale = tl.load(ROW_SCALE + row)
+        else:
+            scale = grad_scale
+        p_scale = scale * (1.0 + 2.0 * z_loss * lse)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) * p_scale
+            g -= tl.where(cols == label, (1.0 - smoothing) * scale, 0.0)
+            if SMOOTH:
+                g -= smoothing / V * scale
+            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, grad_scale, compute_grad):
+    """logits: (rows, V), unit column stride (overwritten by the gradient when `compute_grad`);
+    labels: (rows,) int64 in [0, V); loss, lse, hit: (rows,) float32 outputs; grad_scale: a
+    float, a (rows,) float32 tensor of per-row scales, or None without `compute_grad`."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    row_scale = grad_scale if not isinstance(grad_scale, (float, int, type(None))) else None
+    block_v = min(triton.next_power_of_2(vocab), 4096)
+    _ce_rows_kernel[(rows,)](
+        logits, labels, loss, lse, hit, row_scale if row_scale is not None else loss,
+        logits.stride(0), vocab, float(label_smoothing), float(z_loss),
+        float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0,
+        COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
+        SMOOTH=label_smoothing != 0.0, BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )

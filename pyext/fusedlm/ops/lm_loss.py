@@ -1,0 +1,400 @@
+"""Fused masked-LM / causal-LM loss: vocabulary projection + cross-entropy, logits never whole.
+
+Flow of a call: validate -> shift (causal LM) -> dispatch.select -> the chunked driver:
+  1. compact the labelled rows (MLM: ~15% of tokens), so work scales with predictions;
+  2. per chunk of C labelled rows: logits = h_c @ W.T + b into one reused (C, V) buffer (cuBLAS,
+     the fastest matmul there is), then one cross-entropy kernel per row (the backend's: Triton,
+     CUDA C++ or torch) writes loss, log-sum-exp and argmax hit, and overwrites the logits with
+     their gradient;
+  3. d_hidden_c = dlogits @ W, d_weight += dlogits.T @ h_c, d_bias += colsum(dlogits).
+For reduction 'mean'/'sum' the gradients are computed in the forward (the logits are projected
+once, not twice) and the backward only scales them by the incoming scalar. For 'none' the
+backward recomputes the chunks with the incoming per-row scales. Memory beyond the inputs and
+the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
+
+d_weight accumulates across chunks in the weight's dtype (each chunk's product accumulates in
+fp32 inside cuBLAS); an fp32 accumulator would cost 2x the gradient's memory for a bf16 weight.
+
+Eager calls go through an autograd.Function; under torch.compile the same driver runs behind the
+custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _core, reference
+from . import _triton, dispatch
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+# Bytes of the reused (chunk, V) logits buffer the default chunk size aims at.
+_CHUNK_BYTES = 1 << 28
+
+
+class LMLossOutput(NamedTuple):
+    loss: Tensor      # the reduced loss (cross-entropy + z-loss), or per-token for 'none'
+    z_loss: Tensor    # mean z-loss term over labelled tokens (included in `loss`), no gradient
+    accuracy: Tensor  # fraction of labelled tokens whose argmax is the label, no gradient
+    count: Tensor     # number of labelled tokens (int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each backend serves. case = (device type, dtype)
+
+def _dtype_problem(dtype, what):
+    if dtype not in _FLOATS:
+        return f"{what} takes float32, float16 or bfloat16, got {dtype}"
+    return None
+
+
+def _triton_why_not(case):
+    device, dtype = case
+    return _triton.device_problem("lm_loss", device) or _dtype_problem(dtype, "the Triton kernel")
+
+
+def _cuda_why_not(case):
+    device, dtype = case
+    why = _core.cuda_unavailable_reason()
+    if why is not None:
+        return why
+    if device != "cuda":
+        return f"the CUDA C++ kernel needs CUDA tensors, got device type {device}"
+    return _dtype_problem(dtype, "the CUDA C++ kernel")
+
+
+# The Triton kernel is verified under the interpreter and is the automatic choice on a GPU; the
+# CUDA C++ kernel has never run on a GPU, so it runs only when asked for (see README).
+dispatch.register(dispatch.OpBackends(
+    "lm_loss", {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked driver, shared by the eager path and the custom ops. h: (T, H); labels: (T,).
+
+def default_chunk_size(vocab, dtype):
+    """Rows per chunk: a power of two with chunk * vocab * itemsize about _CHUNK_BYTES."""
+    rows = max(_CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()), 128)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _cross_entropy_rows(backend, logits, labels, loss, lse, hit, smoothing, z_loss, grad_scale,
+                        compute_grad):
+    if backend == "torch":
+        out = reference.ce_rows(logits, labels, label_smoothing=smoothing, z_loss=z_loss,
+                                grad_scale=grad_scale, compute_grad=compute_grad)
+        for dst, src in zip((loss, lse, hit), out):
+            dst.copy_(src)
+    elif backend == "triton":
+        _triton.kernels("lm_loss").ce_rows(logits, labels, loss, lse, hit, label_smoothing=smoothing,
+                                           z_loss=z_loss, grad_scale=grad_scale,
+                                           compute_grad=compute_grad)
+    else:
+        row_scale = grad_scale if isinstance(grad_scale, Tensor) else None
+        scalar_scale = float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0
+        d = _core.dl
+        _core._C.lm_ce_rows(d(logits), d(labels), d(loss), d(lse), d(hit), d(row_scale),
+                            scalar_scale, float(smoothing),
+                            float(z_loss), compute_grad, _core.stream_of(logits))
+
+
+def _labelled_rows(labels, ignore_index, vocab):
+    """Indices of the labelled rows (None when every row is labelled) and their labels.
+    Raises ValueError for a label outside [0, vocab) that is not ignore_index."""
+    valid = labels != ignore_index
+    idx = valid.nonzero().squeeze(1)
+    picked = labels if idx.numel() == labels.numel() else labels.index_select(0, idx)
+    if picked.numel():
+        lo, hi = (int(v) for v in torch.aminmax(picked))
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
+                             f"dimension) or equal ignore_index={ignore_index}, got {bad}")
+    return (None if idx.numel() == labels.numel() else idx), picked
+
+
+def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
+             chunk_size, need_dh, need_dw, need_db):
+    """Runs the loss over the labelled rows. grad_scale: None (no gradients), a float (each
+    row's loss scaled alike: 1/count for 'mean', 1 for 'sum') or a (T,) tensor of per-row
+    scales ('none'; the upstream gradient). Returns (loss_rows, lse_rows, hit_rows) of shape
+    (T,) with zeros at ignored rows, the labelled count, and dh (T, H), dw, db or None."""
+    tokens, hidden = h.shape
+    vocab = weight.shape[0]
+    idx, picked = _labelled_rows(labels, ignore_index, vocab)
+    n = picked.numel()
+    if isinstance(grad_scale, str):  # "mean": the count is known only now
+        grad_scale = 1.0 / max(n, 1)
+    compute_grad = grad_scale is not None and (need_dh or need_dw or need_db)
+    rows = h if idx is None else h.index_select(0, idx)
+    if isinstance(grad_scale, Tensor):
+        grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float().contiguous()
+    stats = torch.zeros((3, n), dtype=torch.float32, device=h.device)  # loss, lse, hit
+    dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
+    dw = torch.zeros_like(weight) if compute_grad and need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
+    chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
+    buf = torch.empty((chunk, vocab), dtype=h.dtype, device=h.device) if n else None
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        h_c, logits = rows[c0:c1], buf[:c1 - c0]
+        if bias is not None:
+            torch.addmm(bias, h_c, weight.t(), out=logits)
+        else:
+            torch.mm(h_c, weight.t(), out=logits)
+        scale = grad_scale[c0:c1] if isinstance(grad_scale, Tensor) else grad_scale
+        _cross_entropy_rows(backend, logits, picked[c0:c1], stats[0, c0:c1], stats[1, c0:c1],
+                            stats[2, c0:c1], smoothing, z_loss, scale, compute_grad)
+        if not compute_grad:
+            continue
+        if dh_c is not None:
+            torch.mm(logits, weight, out=dh_c[c0:c1])
+        if dw is not None:
+            dw.addmm_(logits.t(), h_c)
+        if db is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    if idx is None:
+        out_stats = stats
+    else:
+        out_stats = torch.zeros((3, tokens), dtype=torch.float32, device=h.device)
+        out_stats.index_copy_(1, idx, stats)
+    dh = dh_c
+    if dh_c is not None and idx is not None:
+        dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
+    if db is not None and bias is not None:
+        db = db.to(bias.dtype)
+    return out_stats[0], out_stats[1], out_stats[2], n, dh, dw, db
+
+
+def _reduce(loss_rows, n, reduction):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / max(n, 1) if reduction == "mean" else total
+
+
+def _forward_scale(reduction, wants_grad):
+    if not wants_grad:
+        return None
+    return {"mean": "mean", "sum": 1.0}.get(reduction)  # 'none': gradients in the backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager path.
+
+class _LMLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
+                chunk_size, need_dh, need_dw, need_db, backend):
+        scale = _forward_scale(reduction, need_dh or need_dw or need_db)
+        loss_rows, lse, hit, n, dh, dw, db = _chunked(
+            backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size,
+            need_dh, need_dw, need_db)
+        ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh,
+                    need_dw, need_db)
+        if reduction == "none":
+            ctx.save_for_backward(h, weight, bias, labels)
+        else:
+            ctx.save_for_backward(dh, dw, db)
+        ctx.mark_non_differentiable(lse, hit)
+        return _reduce(loss_rows, n, reduction), lse, hit, torch.tensor(n, device=h.device)
+
+    @staticmethod
+    def backward(ctx, grad, _dlse, _dhit, _dn):
+        ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+        if reduction == "none":
+            h, weight, bias, labels = ctx.saved_tensors
+            _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index,
+                                              smoothing, z_loss, grad, chunk_size, need_dh,
+                                              need_dw, need_db)
+        else:
+            dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors)
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile path: custom ops with fake kernels and autograd.
+
+@torch.library.custom_op("fusedlm::lm_loss_fwd", mutates_args=())
+def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   ignore_index: int, smoothing: float, z_loss: float, reduction: str,
+                   chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    scale = _forward_scale(reduction, need_dh or need_dw or need_db)
+    loss_rows, lse, hit, n, dh, dw, db = _chunked(
+        backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size or None,
+        need_dh, need_dw, need_db)
+    empty = h.new_empty(0)
+    return (_reduce(loss_rows, n, reduction), lse, hit,
+            torch.tensor(n, dtype=torch.int64, device=h.device),
+            dh if dh is not None else empty, dw if dw is not None else weight.new_empty(0),
+            db if db is not None else lse.new_empty(0) if bias is None else bias.new_empty(0))
+
+
+@lm_loss_fwd_op.register_fake
+def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
+      need_dw, need_db, backend):
+    tokens = h.shape[0]
+    grads = reduction != "none"
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty((tokens,) if reduction == "none" else (), **f32),
+            h.new_empty((tokens,), **f32), h.new_empty((tokens,), **f32),
+            h.new_empty((), dtype=torch.int64),
+            h.new_empty(h.shape if grads and need_dh else (0,)),
+            weight.new_empty(weight.shape if grads and need_dw else (0,)),
+            h.new_empty((weight.shape[0],) if grads and need_db else (0,),
+                        dtype=bias.dtype if bias is not None else torch.float32))
+
+
+@torch.library.custom_op("fusedlm::lm_loss_bwd", mutates_args=())
+def lm_loss_bwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   grad_rows: Tensor, ignore_index: int, smoothing: float, z_loss: float,
+                   chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i (reduction 'none'), recomputing the chunks."""
+    _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index, smoothing,
+                                      z_loss, grad_rows, chunk_size or None, need_dh, need_dw, need_db)
+    return (dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
+            db if db is not None else h.new_empty(0, dtype=torch.float32))
+
+
+@lm_loss_bwd_op.register_fake
+def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk_size, need_dh,
+      need_dw, need_db, backend):
+    return (h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            h.new_empty((weight.shape[0],) if need_db else (0,),
+                        dtype=bias.dtype if bias is not None else torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    (h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
+     need_dw, need_db, backend) = inputs
+    ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
+                need_db)
+    if reduction == "none":
+        ctx.save_for_backward(h, weight, bias, labels)
+    else:
+        ctx.save_for_backward(*output[4:])
+
+
+def _op_backward(ctx, grad, _dlse, _dhit, _dn, _ddh, _ddw, _ddb):
+    ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+    if reduction == "none":
+        h, weight, bias, labels = ctx.saved_tensors
+        dh, dw, db = torch.ops.fusedlm.lm_loss_bwd(h, weight, bias, labels, grad.contiguous(),
+                                                   ignore_index, smoothing, z_loss, chunk_size,
+                                                   need_dh, need_dw, need_db, backend)
+    else:
+        dh, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API.
+
+def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
+              chunk_size):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape (tokens, H) or (batch, seq, H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) (vocab > 0, H = "
+                         f"hidden's last dimension), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} "
+                        "(under autocast both are cast to the autocast dtype)")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 or int32 tensor, got dtype {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's without its "
+                         f"last dimension), got {tuple(labels.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a non-negative float, got {z_loss!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _autocast(hidden, weight, bias):
+    """Under autocast the projection runs in the autocast dtype, as nn.Linear's would."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
+            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+            z_loss: float = 0.0, shift: bool = False, return_details: bool = False,
+            chunk_size: Optional[int] = None, backend: Optional[str] = None):
+    """F.cross_entropy(hidden @ weight.T + bias, labels) without materializing the logits.
+
+    hidden: (tokens, H) or (batch, seq, H); weight: (V, H), e.g. the tied embedding; labels:
+    hidden's shape without H, `ignore_index` where nothing is predicted. Only labelled rows are
+    computed. `shift=True` is the causal-LM loss: position t predicts labels[..., t + 1].
+    `z_loss` adds z_loss * logsumexp(logits)^2 per labelled token. reduction: 'mean' (over
+    labelled tokens; 0 when there are none, where torch gives NaN), 'sum' or 'none' (per token,
+    0 at ignored ones). With `return_details`, returns an LMLossOutput (loss, z_loss, accuracy,
+    count) from the same pass. `chunk_size`: labelled rows projected at a time (default: a
+    ~256 MiB logits buffer). `backend`: 'torch', 'triton' or 'cuda' (None: dispatch chooses).
+    """
+    _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
+              chunk_size)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), hidden.device.type,
+                             backend)
+    if shift:
+        # Position t predicts t + 1; the last position of each sequence predicts nothing.
+        pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    out_shape = labels.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = labels.reshape(-1).long()
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and h2.requires_grad, grad_on and w.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            loss, lse, hit, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
+                                                                  chunk_size or 0, *needs, chosen)
+        else:
+            loss, lse, hit, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size, *needs,
+                                                      chosen)
+    if reduction == "none":
+        loss = loss.view(out_shape)
+        if shift:
+            loss = loss[..., :-1]
+    if not return_details:
+        return loss
+    denominator = n.clamp_min(1)
+    return LMLossOutput(loss, (z_loss * (lse * lse).sum() / denominator).detach(),
+                        (hit.sum() / denominator).detach(), n)

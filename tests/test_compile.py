@@ -47,3 +47,54 @@ def test_custom_ops_pass_opcheck(backend, rms):
     b = None if rms else torch.randn(40, device=DEVICE, requires_grad=True)
     torch.library.opcheck(ln_ops.norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend))
     torch.library.opcheck(ln_ops.norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend))
+
+
+class MLMHeadLoss(torch.nn.Module):
+    def __init__(self, backend, reduction):
+        super().__init__()
+        self.dense = torch.nn.Linear(16, 16)
+        self.decoder = torch.nn.Linear(16, 50)
+        self.backend, self.reduction = backend, reduction
+
+    def forward(self, x, labels):
+        loss = fusedlm.lm_loss(torch.tanh(self.dense(x)), self.decoder.weight, labels,
+                               self.decoder.bias, reduction=self.reduction, z_loss=1e-4,
+                               chunk_size=3, backend=self.backend)
+        return loss.sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lm_loss_fullgraph_compile(backend, reduction):
+    torch.manual_seed(0)
+    model = MLMHeadLoss(backend, reduction).to(DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9), device=DEVICE)
+    labels[:, ::2] = -100
+    eager = model(x, labels)
+    g_eager = torch.autograd.grad(eager, [x, *model.parameters()])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels)
+    g_comp = torch.autograd.grad(out, [x, *model.parameters()])
+    assert rel_err(out, eager) < 1e-6
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_lm_loss_custom_ops_pass_opcheck(backend, reduction):
+    from fusedlm.ops import loss as loss_ops
+    h = torch.randn(7, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(30, 8, device=DEVICE, requires_grad=True)
+    b = torch.randn(30, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 30, (7,), device=DEVICE)
+    y[::3] = -100
+    torch.library.opcheck(loss_ops.lm_loss_fwd_op,
+                          (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend))
+    torch.library.opcheck(loss_ops.lm_loss_fwd_op,
+                          (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend))
+    g = torch.randn(7, device=DEVICE)
+    torch.library.opcheck(loss_ops.lm_loss_bwd_op,
+                          (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend))

@@ -1,6 +1,6 @@
 """The functional API: one entry point per op, backend dispatch, custom ops and autograd."""
 from .dispatch import explain
-from .lm_loss import LMLossOutput, lm_loss
+from .loss import LMLossOutput, lm_loss
 from .normalization import layer_norm, rms_norm
 
 __all__ = ["explain", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput"]

@@ -50,7 +50,10 @@ def _dtype_problem(dtype, what):
 
 def _triton_why_not(case):
     device, dtype = case
-    return _triton.device_problem("lm_loss", device) or _dtype_problem(dtype, "the Triton kernel")
+    why = _triton.device_problem("lm_loss", device)
+    if why is None and device == "cpu" and dtype == torch.bfloat16:
+        why = "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
+    return why or _dtype_problem(dtype, "the Triton kernel")
 
 
 def _cuda_why_not(case):
@@ -130,7 +133,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     rows = h if idx is None else h.index_select(0, idx)
     if isinstance(grad_scale, Tensor):
         grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float().contiguous()
-    stats = torch.zeros((3, n), dtype=torch.float32, device=h.device)  # loss, lse, hit
+    stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]  # loss, lse, hit
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
     dw = torch.zeros_like(weight) if compute_grad and need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
@@ -144,8 +147,8 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         else:
             torch.mm(h_c, weight.t(), out=logits)
         scale = grad_scale[c0:c1] if isinstance(grad_scale, Tensor) else grad_scale
-        _cross_entropy_rows(backend, logits, picked[c0:c1], stats[0, c0:c1], stats[1, c0:c1],
-                            stats[2, c0:c1], smoothing, z_loss, scale, compute_grad)
+        _cross_entropy_rows(backend, logits, picked[c0:c1], *(t[c0:c1] for t in stats),
+                            smoothing, z_loss, scale, compute_grad)
         if not compute_grad:
             continue
         if dh_c is not None:
@@ -154,17 +157,14 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
             dw.addmm_(logits.t(), h_c)
         if db is not None:
             db += logits.sum(0, dtype=torch.float32)
-    if idx is None:
-        out_stats = stats
-    else:
-        out_stats = torch.zeros((3, tokens), dtype=torch.float32, device=h.device)
-        out_stats.index_copy_(1, idx, stats)
+    if idx is not None:  # back to one entry per token, zero at ignored ones
+        stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
     dh = dh_c
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
     if db is not None and bias is not None:
         db = db.to(bias.dtype)
-    return out_stats[0], out_stats[1], out_stats[2], n, dh, dw, db
+    return stats[0], stats[1], stats[2], n, dh, dw, db
 
 
 def _reduce(loss_rows, n, reduction):

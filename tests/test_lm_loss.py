@@ -1,0 +1,278 @@
+"""Fused LM loss against the float64 full-logits reference, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm import reference
+from fusedlm.ops import dispatch
+from conftest import DEVICE, HAS_GPU, TOL, rel_err
+
+BACKENDS = ["torch"] + [b for b in ("triton", "cuda")
+                        if dispatch._OPS["lm_loss"].why_not(b, (DEVICE, torch.float32)) is None]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_dtypes():
+    for b in BACKENDS:
+        for dt in DTYPES:
+            if dispatch._OPS["lm_loss"].why_not(b, (DEVICE, dt)) is None:
+                yield b, dt
+
+
+def make(tokens, hidden, vocab, dtype, *, labelled=0.3, bias=True, seed=0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 2
+    b = torch.randn(vocab, generator=g) if bias else None
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[torch.rand(tokens, generator=g) >= labelled] = -100
+    if shape is not None:
+        h, labels = h.view(*shape, hidden), labels.view(shape)
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()
+    return cast(h), cast(w), cast(b), labels.to(DEVICE)
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def run(fn, h, w, b, cotangent=None):
+    loss = fn(h, w, b)
+    if isinstance(loss, tuple):
+        loss = loss[0]
+    cot = torch.ones_like(loss) if cotangent is None else cotangent.to(loss.dtype)
+    live = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(loss, live, cot)
+    return loss, grads
+
+
+def check(backend, dtype, tokens, hidden, vocab, *, reduction="mean", chunk_size=None, **kw):
+    shape = kw.pop("shape", None)
+    h, w, b, labels = make(tokens, hidden, vocab, dtype, bias=kw.pop("bias", True), shape=shape,
+                           labelled=kw.pop("labelled", 0.3))
+    opts = dict(reduction=reduction, **kw)
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=chunk_size,
+                                                 backend=backend, **opts), h, w, b)
+    cot = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=chunk_size,
+                                                 backend=backend, **opts), h, w, b, cot)
+    ref, ref_grads = run(lambda *a: reference.lm_loss(*a[:2], labels, a[2], **opts)[0],
+                         f64(h), f64(w), f64(b), cot)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    tol = TOL[dtype]
+    assert rel_err(loss, ref) < tol
+    # What PyTorch's own path makes of the same inputs in this precision (logits in dtype).
+    torch_loss, torch_grads = run(lambda *a: reference.lm_loss(*a[:2], labels, a[2], **opts)[0],
+                                  h, w, b, cot)
+    for name, got, want, theirs in zip("hwb", grads, ref_grads, torch_grads):
+        err = rel_err(got, want)
+        bound = tol if dtype == torch.float32 else max(tol, 2 * rel_err(theirs, want))
+        assert err < bound, (name, err, bound)
+    return loss, ref
+
+
+@pytest.mark.parametrize("backend,dtype", list(backend_dtypes()))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(backend, dtype, reduction):
+    # V not a multiple of any tile and more than one kernel tile (4096), several chunks,
+    # ~30% of rows labelled.
+    check(backend, dtype, 41, 24, 4099, reduction=reduction, chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [2, 257, 5003])
+def test_vocab_sizes_and_default_chunk(backend, vocab):
+    check(backend, torch.float32, 19, 16, vocab)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-4)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_label_smoothing_and_z_loss(backend, smoothing, z_loss, reduction):
+    check(backend, torch.float32, 23, 16, 130, label_smoothing=smoothing, z_loss=z_loss,
+          reduction=reduction, chunk_size=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_all_rows_labelled(backend):
+    check(backend, torch.float32, 17, 8, 64, bias=False, labelled=1.1, chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_causal_shift_on_batched_input(backend, reduction):
+    loss, ref = check(backend, torch.float32, 3 * 7, 16, 50, shape=(3, 7), shift=True,
+                      reduction=reduction, labelled=0.9)
+    if reduction == "none":
+        assert loss.shape == (3, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_details_accuracy_z_loss_count(backend):
+    h, w, b, labels = make(40, 16, 30, torch.float32, labelled=0.6)
+    # Make some rows predict their label for sure, so the accuracy is neither 0 nor 1.
+    sure = torch.arange(0, 40, 3, device=DEVICE)
+    labels[sure] = torch.arange(sure.numel(), device=DEVICE) % 30
+    with torch.no_grad():
+        h[sure] = w[labels[sure]] * 50
+    out = fusedlm.lm_loss(h, w, labels, b, z_loss=1e-3, return_details=True, backend=backend)
+    ref, d = reference.lm_loss(f64(h), f64(w), labels, f64(b), z_loss=1e-3)
+    assert isinstance(out, fusedlm.LMLossOutput)
+    assert int(out.count) == d["count"] == int((labels != -100).sum())
+    assert 0 < float(d["accuracy"]) < 1
+    assert float(out.accuracy) == pytest.approx(float(d["accuracy"]), abs=1e-7)
+    assert float(out.z_loss) == pytest.approx(float(d["z_loss"]), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert not out.accuracy.requires_grad and not out.z_loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_ties_take_the_first_column(backend):
+    w = torch.zeros(5000, 4, device=DEVICE)
+    w[[7, 4500]] = 1.0  # columns 7 and 4500 tie for the max; 7 is first, in the first tile
+    h = torch.ones(2, 4, device=DEVICE)
+    out = fusedlm.lm_loss(h, w, torch.tensor([7, 7], device=DEVICE), return_details=True,
+                          backend=backend, chunk_size=1)
+    assert float(out.accuracy) == 1.0
+    out = fusedlm.lm_loss(h, w, torch.tensor([4500, 4500], device=DEVICE), return_details=True,
+                          backend=backend, chunk_size=1)
+    assert float(out.accuracy) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_labels_ignored_gives_zero_not_nan(backend, reduction):
+    h, w, b, labels = make(9, 8, 20, torch.float32)
+    labels[:] = -100
+    out = fusedlm.lm_loss(h, w, labels, b, reduction=reduction, return_details=True, backend=backend)
+    assert torch.equal(out.loss.detach(), torch.zeros_like(out.loss))
+    assert int(out.count) == 0 and float(out.accuracy) == 0.0
+    grads = torch.autograd.grad(out.loss.sum(), [h, w, b])
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_label_at_each_end_of_the_vocabulary(backend):
+    for label in (0, 99):
+        h, w, b, labels = make(6, 8, 100, torch.float32)
+        labels[:] = -100
+        labels[4] = label
+        loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], backend=backend), h, w, b)
+        ref, ref_grads = run(lambda *a: reference.lm_loss(*a[:2], labels, a[2])[0], f64(h), f64(w), f64(b))
+        assert rel_err(loss, ref) < 1e-6
+        for got, want in zip(grads, ref_grads):
+            assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_and_custom_ignore_index(backend):
+    h, w, b, labels = make(12, 8, 40, torch.float32, labelled=0.5)
+    labels = torch.where(labels == -100, torch.full_like(labels, 39), labels)
+    got = fusedlm.lm_loss(h, w, labels.int(), b, ignore_index=39, backend=backend)
+    ref, _ = reference.lm_loss(f64(h), f64(w), labels, f64(b), ignore_index=39)
+    assert rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_or_frozen_hidden(backend):
+    h, w, b, labels = make(15, 8, 33, torch.float32)
+    ref_h, ref_w, ref_b = f64(h), f64(w), f64(b)
+    reference.lm_loss(ref_h, ref_w, labels, ref_b)[0].backward()
+    (dh,) = torch.autograd.grad(fusedlm.lm_loss(h, w.detach(), labels, b.detach(), backend=backend), [h])
+    assert rel_err(dh, ref_h.grad) < 1e-5
+    dw, db = torch.autograd.grad(fusedlm.lm_loss(h.detach(), w, labels, b, backend=backend), [w, b])
+    assert rel_err(dw, ref_w.grad) < 1e-5 and rel_err(db, ref_b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_retain_graph(backend):
+    h, w, b, labels = make(15, 8, 33, torch.float32)
+    loss = fusedlm.lm_loss(h, w, labels, b, backend=backend)
+    with torch.no_grad():
+        assert torch.equal(fusedlm.lm_loss(h, w, labels, b, backend=backend), loss.detach())
+    first = torch.autograd.grad(2 * loss, [h, w, b], retain_graph=True)
+    second = torch.autograd.grad(2 * loss, [h, w, b])
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_default_chunk_size_bounds_the_logits_buffer():
+    from fusedlm.ops.loss import default_chunk_size
+    for vocab, dtype in ((30522, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.float32)):
+        rows = default_chunk_size(vocab, dtype)
+        nbytes = rows * vocab * torch.empty((), dtype=dtype).element_size()
+        assert rows & (rows - 1) == 0 and 2 ** 27 < nbytes <= 2 ** 28
+    assert default_chunk_size(10 ** 7, torch.float32) == 128  # a floor, for huge vocabularies
+
+
+def test_autocast_runs_the_projection_in_the_autocast_dtype():
+    h, w, b, labels = make(10, 16, 40, torch.float32, labelled=0.8)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = fusedlm.lm_loss(h, w, labels, b)
+    assert fusedlm.explain("lm_loss").case[1] == torch.bfloat16
+    ref, _ = reference.lm_loss(f64(h), f64(w), labels, f64(b))
+    assert rel_err(loss, ref) < TOL[torch.bfloat16]
+    dw, = torch.autograd.grad(loss, [w])
+    assert dw.dtype == torch.float32
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU fallback")
+def test_auto_dispatch_off_gpu_runs_torch_and_explains():
+    h, w, b, labels = make(5, 8, 10, torch.float32)
+    fusedlm.lm_loss(h, w, labels, b)
+    decision = fusedlm.explain("lm_loss")
+    assert decision.backend == "torch" and decision.source == "auto"
+    assert any(name == "cuda" for name, _ in decision.skipped)
+
+
+def test_reference_matches_torch_cross_entropy():
+    """The oracle itself: no z-loss, no empty batch -> exactly F.cross_entropy on full logits."""
+    h, w, b, labels = make(20, 8, 30, torch.float64, labelled=0.5)
+    want = F.cross_entropy(h @ w.t() + b, labels, label_smoothing=0.1)
+    got, _ = reference.lm_loss(h, w, labels, b, label_smoothing=0.1)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def _bad_calls():
+    h = torch.randn(6, 8, device=DEVICE)
+    w = torch.randn(20, 8, device=DEVICE)
+    y = torch.randint(0, 20, (6,), device=DEVICE)
+    b = torch.randn(20, device=DEVICE)
+    return [
+        # (what, call, exception, words the message must contain)
+        ("label >= V", lambda: fusedlm.lm_loss(h, w, torch.full_like(y, 20)), ValueError, ["labels", "[0, 20)", "20"]),
+        ("negative label", lambda: fusedlm.lm_loss(h, w, torch.full_like(y, -5)), ValueError, ["labels", "-5"]),
+        ("float labels", lambda: fusedlm.lm_loss(h, w, y.float()), TypeError, ["labels", "int64"]),
+        ("labels shape", lambda: fusedlm.lm_loss(h, w, y[:5]), ValueError, ["labels", "(6,)"]),
+        ("hidden 1-D", lambda: fusedlm.lm_loss(h[0], w, y[0]), ValueError, ["hidden"]),
+        ("int hidden", lambda: fusedlm.lm_loss(h.long(), w, y), TypeError, ["hidden"]),
+        ("weight width", lambda: fusedlm.lm_loss(h, w[:, :7], y), ValueError, ["weight", "(vocab, 8)"]),
+        ("weight dtype", lambda: fusedlm.lm_loss(h, w.double(), y), TypeError, ["weight", "float32"]),
+        ("bias shape", lambda: fusedlm.lm_loss(h, w, y, b[:19]), ValueError, ["bias", "(20,)"]),
+        ("bias dtype", lambda: fusedlm.lm_loss(h, w, y, b.half()), TypeError, ["bias"]),
+        ("reduction", lambda: fusedlm.lm_loss(h, w, y, reduction="avg"), ValueError, ["reduction", "avg"]),
+        ("smoothing", lambda: fusedlm.lm_loss(h, w, y, label_smoothing=1.5), ValueError, ["label_smoothing"]),
+        ("z_loss", lambda: fusedlm.lm_loss(h, w, y, z_loss=-1.0), ValueError, ["z_loss"]),
+        ("chunk_size", lambda: fusedlm.lm_loss(h, w, y, chunk_size=0), ValueError, ["chunk_size"]),
+        ("ignore_index", lambda: fusedlm.lm_loss(h, w, y, ignore_index=1.5), TypeError, ["ignore_index"]),
+        ("backend name", lambda: fusedlm.lm_loss(h, w, y, backend="cudnn"), ValueError, ["backend"]),
+        ("not a tensor", lambda: fusedlm.lm_loss(h.tolist(), w, y), TypeError, ["hidden"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(case):
+    what, call, exc, words = _bad_calls()[case]
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (what, str(info.value))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks a CPU-only machine")
+def test_cuda_backend_on_cpu_is_a_clear_error():
+    h, w, b, labels = make(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        fusedlm.lm_loss(h, w, labels, b, backend="cuda")

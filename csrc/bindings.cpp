@@ -9,6 +9,7 @@
 #include "common/cuda_runtime.h"
 #include "common/tensor.h"
 #include "layer_norm/layer_norm.h"
+#include "lm_loss/lm_loss.h"
 
 namespace py = pybind11;
 using fusedlm::TensorView;
@@ -93,4 +94,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dz_extra"), py::arg("dz"), py::arg("dw_part"), py::arg("db_part"),
       py::arg("dweight"), py::arg("dbias"), py::arg("rms"), py::arg("stream"),
       "Layer norm / RMSNorm backward: dz, and dweight/dbias through per-block partials.");
+
+  m.def(
+      "lm_ce_rows",
+      [](py::handle logits, py::handle labels, py::handle loss, py::handle lse, py::handle hit,
+         py::handle row_scale, float grad_scale, float smoothing, float z_loss, bool compute_grad,
+         std::uintptr_t stream) {
+        fusedlm::lm_loss::CrossEntropyRowsArgs a{
+            tensor(logits, "logits"), tensor(labels, "labels"), tensor(loss, "loss"),
+            tensor(lse, "lse"), tensor(hit, "hit"), optional_tensor(row_scale, "row_scale"),
+            grad_scale, smoothing, z_loss, compute_grad};
+        py::gil_scoped_release release;
+        fusedlm::lm_loss::cross_entropy_rows(a, stream);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("loss"), py::arg("lse"), py::arg("hit"),
+      py::arg("row_scale"), py::arg("grad_scale"), py::arg("smoothing"), py::arg("z_loss"),
+      py::arg("compute_grad"), py::arg("stream"),
+      "Cross-entropy of each row of a logits chunk; with compute_grad, the row's gradient "
+      "overwrites it.");
 }

@@ -276,3 +276,31 @@ def test_cuda_backend_on_cpu_is_a_clear_error():
     h, w, b, labels = make(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="backend='cuda'"):
         fusedlm.lm_loss(h, w, labels, b, backend="cuda")
+
+
+# The compiled core's row kernel validates again, naming its argument, before any device work.
+from fusedlm import _core  # noqa: E402
+
+
+def _core_args(**override):
+    args = dict(logits=torch.randn(4, 30), labels=torch.randint(0, 30, (4,)), loss=torch.empty(4),
+                lse=torch.empty(4), hit=torch.empty(4), row_scale=None)
+    args.update(override)
+    return {k: _core.dl(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.skipif(_core._C is None, reason="fusedlm._C is not built")
+@pytest.mark.parametrize("override, error, match", [
+    (dict(logits=torch.randn(4, 30, dtype=torch.float64)), TypeError, "logits must be float32, float16 or bfloat16"),
+    (dict(logits=torch.randn(30, 4).t()), ValueError, "logits must have unit stride"),
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels must be int64"),
+    (dict(labels=torch.zeros(5, dtype=torch.int64)), ValueError, r"labels must have shape \(4,\)"),
+    (dict(loss=torch.empty(4, dtype=torch.float16)), TypeError, "loss must be float32"),
+    (dict(hit=torch.empty(3)), ValueError, r"hit must have shape \(4,\)"),
+    (dict(row_scale=torch.empty(2)), ValueError, r"row_scale must have shape \(4,\)"),
+    ({}, ValueError, "logits must be a CUDA tensor"),
+])
+def test_core_row_kernel_validation(override, error, match):
+    with pytest.raises(error, match=match):
+        _core._C.lm_ce_rows(**_core_args(**override), grad_scale=1.0, smoothing=0.0, z_loss=0.0,
+                            compute_grad=True, stream=0)

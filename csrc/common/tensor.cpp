@@ -21,6 +21,7 @@ TensorView view_of(const dlpack::Tensor& t, const char* name) {
   else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 16) v.dtype = DType::kFloat16;
   else if (t.dtype.code == dlpack::kBfloat && t.dtype.bits == 16) v.dtype = DType::kBFloat16;
   else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 64) v.dtype = DType::kFloat64;
+  else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 64) v.dtype = DType::kInt64;
   v.device_type = t.device.device_type;
   v.device_id = t.device.device_id;
   return v;

@@ -17,7 +17,7 @@ struct DTypeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kOther };
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt64, kOther };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -25,6 +25,7 @@ inline const char* dtype_name(DType d) {
     case DType::kFloat16: return "float16";
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat64: return "float64";
+    case DType::kInt64: return "int64";
     default: return "an unsupported dtype";
   }
 }
@@ -32,7 +33,8 @@ inline const char* dtype_name(DType d) {
 inline int dtype_size(DType d) {
   switch (d) {
     case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
+    case DType::kFloat64:
+    case DType::kInt64: return 8;
     default: return 2;
   }
 }

@@ -1,4 +1,6 @@
 """Drop-in modules built on fusedlm's ops."""
+from .lm_head import LMHead, MaskedLMHead, PredictionHeadTransform
 from .normalization import LayerNorm, RMSNorm, replace_norms
 
-__all__ = ["LayerNorm", "RMSNorm", "replace_norms"]
+__all__ = ["LayerNorm", "RMSNorm", "replace_norms", "MaskedLMHead", "LMHead",
+           "PredictionHeadTransform"]

@@ -1,0 +1,112 @@
+"""Language-model heads whose loss never materializes the logits.
+
+`MaskedLMHead` is BERT's masked-LM head (dense + activation + LayerNorm transform, decoder tied
+to the word embeddings, output bias) with parameter names that match Hugging Face's
+`cls.predictions` one to one, so a checkpoint's `cls.predictions.*` keys load unchanged.
+`LMHead` is an `nn.Linear` (GPT-2's `lm_head`: same parameters, same state_dict) that, given
+labels, returns the fused causal-LM loss instead of the logits.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import lm_loss
+from .normalization import LayerNorm
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # BERT's exact erf GELU
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class PredictionHeadTransform(torch.nn.Module):
+    """dense -> activation -> LayerNorm, applied per token (Hugging Face's naming)."""
+
+    def __init__(self, hidden_size, hidden_act="gelu", layer_norm_eps=1e-12, backend=None):
+        super().__init__()
+        if hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {', '.join(_ACTIVATIONS)}, got {hidden_act!r}")
+        self.dense = torch.nn.Linear(hidden_size, hidden_size)
+        self.hidden_act = hidden_act
+        self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps, backend=backend)
+
+    def forward(self, x):
+        return self.LayerNorm(_ACTIVATIONS[self.hidden_act](self.dense(x)))
+
+
+class MaskedLMHead(torch.nn.Module):
+    """BERT's masked-LM head with the fused loss.
+
+    forward(hidden, labels=None): without labels, the logits (batch, seq, vocab), as Hugging
+    Face's head returns them. With labels (ignore_index where nothing is predicted), the mean
+    loss over labelled tokens, computed from the labelled rows only: the transform and the
+    projection never see the ~85% of positions whose loss would be thrown away, and the logits
+    never exist whole. `return_details=True` gives an LMLossOutput (loss, z_loss, accuracy,
+    count). `decoder_weight` ties the decoder to the word embeddings' weight.
+    """
+
+    def __init__(self, hidden_size, vocab_size, *, hidden_act="gelu", layer_norm_eps=1e-12,
+                 decoder_weight: Optional[torch.nn.Parameter] = None, ignore_index=-100,
+                 label_smoothing=0.0, z_loss=0.0, backend: Optional[str] = None):
+        super().__init__()
+        self.transform = PredictionHeadTransform(hidden_size, hidden_act, layer_norm_eps, backend)
+        self.decoder = torch.nn.Linear(hidden_size, vocab_size, bias=False)
+        if decoder_weight is not None:
+            if decoder_weight.shape != (vocab_size, hidden_size):
+                raise ValueError(f"decoder_weight must have shape ({vocab_size}, {hidden_size}), "
+                                 f"got {tuple(decoder_weight.shape)}")
+            self.decoder.weight = decoder_weight
+        self.bias = torch.nn.Parameter(torch.zeros(vocab_size))
+        self.decoder.bias = self.bias  # one parameter under both names, as in Hugging Face
+        self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
+        self.backend = backend
+
+    def forward(self, hidden, labels=None, *, return_details=False):
+        if labels is None:
+            return self.decoder(self.transform(hidden))
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        if not torch.compiler.is_compiling():  # (a data-dependent shape would break the graph)
+            idx = (y != self.ignore_index).nonzero().squeeze(1)
+            h, y = h.index_select(0, idx), y.index_select(0, idx)
+        return lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
+                       ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                       z_loss=self.z_loss, return_details=return_details, backend=self.backend)
+
+
+class LMHead(torch.nn.Linear):
+    """nn.Linear(hidden, vocab) whose forward, given labels, returns the fused LM loss.
+
+    forward(hidden, labels=None): without labels, the logits (F.linear). With labels, the
+    causal-LM loss (`shift=True`: position t predicts labels[..., t + 1], as GPT-2's
+    LMHeadModel computes it) or, with shift=False, the loss of already-aligned labels.
+    Swapping it for an existing nn.Linear keeps the same Parameters (see `from_linear`).
+    """
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, *,
+                 shift=True, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                 backend: Optional[str] = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.shift, self.ignore_index = shift, ignore_index
+        self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs):
+        """An LMHead sharing `linear`'s weight and bias Parameters (tying is preserved)."""
+        head = cls(linear.in_features, linear.out_features, bias=False, device="meta", **kwargs)
+        head.weight = linear.weight
+        head.bias = linear.bias
+        return head
+
+    def forward(self, hidden, labels=None, *, reduction="mean", return_details=False):
+        if labels is None:
+            return super().forward(hidden)
+        return lm_loss(hidden, self.weight, labels, self.bias, ignore_index=self.ignore_index,
+                       reduction=reduction, label_smoothing=self.label_smoothing,
+                       z_loss=self.z_loss, shift=self.shift, return_details=return_details,
+                       backend=self.backend)

@@ -1,0 +1,105 @@
+"""MaskedLMHead and LMHead against the same computation written with plain torch modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from conftest import DEVICE, rel_err
+
+# Hugging Face's BertLMPredictionHead (`cls.predictions`) state_dict keys.
+HF_MLM_KEYS = {"transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
+               "transform.LayerNorm.bias", "decoder.weight", "decoder.bias", "bias"}
+
+
+def _unfused_mlm_loss(head, hidden, labels):
+    t = head.transform
+    h = F.layer_norm(F.gelu(t.dense(hidden)), (hidden.shape[-1],), t.LayerNorm.weight,
+                     t.LayerNorm.bias, t.LayerNorm.eps)
+    logits = h @ head.decoder.weight.t() + head.bias
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+
+def _mlm_batch(seed=0):
+    torch.manual_seed(seed)
+    hidden = torch.randn(3, 11, 32, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 11), device=DEVICE)
+    labels[torch.rand(3, 11, device=DEVICE) > 0.3] = -100
+    labels[0, 0] = 5  # at least one label
+    return hidden, labels
+
+
+def test_mlm_head_keys_match_hugging_face():
+    head = fusedlm.nn.MaskedLMHead(32, 97)
+    assert set(head.state_dict()) == HF_MLM_KEYS
+    assert head.decoder.bias is head.bias
+
+
+def test_mlm_head_loss_and_grads_match_unfused():
+    head = fusedlm.nn.MaskedLMHead(32, 97).to(DEVICE)
+    with torch.no_grad():
+        head.bias.normal_()
+        head.transform.LayerNorm.weight.normal_(1.0, 0.2)
+    hidden, labels = _mlm_batch()
+    params = [hidden] + list(head.parameters())
+    loss = head(hidden, labels)
+    got = torch.autograd.grad(loss, params)
+    ref = _unfused_mlm_loss(head, hidden, labels)
+    want = torch.autograd.grad(ref, params)
+    assert rel_err(loss, ref) < 1e-5
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+    # Rows without a label get exactly zero gradient (they never entered the computation).
+    assert torch.equal(got[0][labels == -100], torch.zeros_like(got[0][labels == -100]))
+
+
+def test_mlm_head_without_labels_returns_logits():
+    head = fusedlm.nn.MaskedLMHead(32, 97).to(DEVICE)
+    hidden, _ = _mlm_batch()
+    assert head(hidden).shape == (3, 11, 97)
+
+
+def test_mlm_head_tied_decoder_and_details():
+    emb = torch.nn.Embedding(97, 32).to(DEVICE)
+    head = fusedlm.nn.MaskedLMHead(32, 97, decoder_weight=emb.weight, z_loss=1e-4).to(DEVICE)
+    assert head.decoder.weight is emb.weight
+    hidden, labels = _mlm_batch(1)
+    out = head(hidden, labels, return_details=True)
+    assert int(out.count) == int((labels != -100).sum())
+    out.loss.backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder_weight"):
+        fusedlm.nn.MaskedLMHead(32, 97, decoder_weight=torch.nn.Parameter(torch.randn(96, 32)))
+    with pytest.raises(ValueError, match="hidden_act"):
+        fusedlm.nn.MaskedLMHead(32, 97, hidden_act="swish")
+    with pytest.raises(ValueError, match="labels"):
+        head(hidden, labels[:, :5])
+
+
+def test_mlm_head_compiles_fullgraph():
+    head = fusedlm.nn.MaskedLMHead(32, 97).to(DEVICE)
+    hidden, labels = _mlm_batch(2)
+    eager = head(hidden, labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")(hidden, labels)
+    assert rel_err(compiled, eager) < 1e-6
+
+
+def test_lm_head_is_a_linear_with_a_causal_loss():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=False).to(DEVICE)
+    head = fusedlm.nn.LMHead.from_linear(linear)
+    assert head.weight is linear.weight and head.bias is None
+    assert isinstance(head, torch.nn.Linear) and set(head.state_dict()) == {"weight"}
+    hidden = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9), device=DEVICE)
+    assert torch.equal(head(hidden), linear(hidden))
+    loss = head(hidden, labels)
+    # GPT-2's own loss: shift logits left and labels right.
+    logits = linear(hidden)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    assert rel_err(loss, ref) < 1e-5
+    g, = torch.autograd.grad(loss, [hidden])
+    r, = torch.autograd.grad(ref, [hidden])
+    assert rel_err(g, r) < 1e-5
+    per_token = head(hidden, labels, reduction="none")
+    assert per_token.shape == (2, 8)

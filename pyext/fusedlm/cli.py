@@ -4,6 +4,8 @@
                              against the float64 reference, and a short benchmark (speed-up
                              over torch on a GPU); exits 1 if any check fails
   fusedlm bench layer_norm   the full layer-norm benchmark, JSON with provenance
+  fusedlm bench lm_loss      the fused LM loss against Hugging Face's full-logits path,
+                             torch.compile, Liger-Kernel and Cut Cross-Entropy
   fusedlm info               build and dispatch facts, one screen
 """
 import argparse
@@ -21,6 +23,7 @@ import fusedlm  # noqa: E402
 from fusedlm import reference  # noqa: E402
 from fusedlm.bench import environment, write_json  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
+from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
 from fusedlm.ops import dispatch  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,23 +59,52 @@ def _check_backend(backend, device, dtype, n, rows=37):
     return all(e < 2 * tol for e in errs), max(errs)
 
 
+def _check_lm_loss(backend, device, dtype, vocab=4099, tokens=64, hidden=32):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / 3).to(device, dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(device, dtype).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    y[torch.rand(tokens, generator=g) > 0.3] = -100
+    y = y.to(device)
+    loss = fusedlm.lm_loss(h, w, y, b, z_loss=1e-4, chunk_size=7, backend=backend)
+    got = torch.autograd.grad(loss, (h, w, b))
+    hs, ws, bs = (t.detach().double().requires_grad_() for t in (h, w, b))
+    ref = reference.lm_loss(hs, ws, y, bs, z_loss=1e-4)[0]
+    want = torch.autograd.grad(ref, (hs, ws, bs))
+    errs = [((a.double() - c).norm() / c.norm()).item() for a, c in
+            zip((loss,) + got, (ref,) + want)]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    return all(e < 2 * tol for e in errs), max(errs)
+
+
+# op -> (what is checked, dispatch case for (device, dtype), check function)
+_CHECKS = {
+    "layer_norm": ("layer_norm(x + residual)", lambda d, t: (d, t, 1000, t),
+                   lambda be, d, t: _check_backend(be, d, t, 1000)),
+    "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099", lambda d, t: (d, t),
+                _check_lm_loss),
+}
+
+
 def cmd_check(args):
     env = environment()
     _print_env(env)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-    print("\ncorrectness: layer_norm(x + residual) forward and backward vs the float64 reference")
     ok = True
-    for backend in dispatch.BACKENDS:
-        for dtype in dtypes:
-            why = dispatch._OPS["layer_norm"].why_not(backend, (device, dtype, 1000, dtype))
-            label = f"  {backend:<7} {str(dtype).split('.')[-1]:<9}"
-            if why is not None:
-                print(f"{label} skipped: {why}")
-                continue
-            passed, err = _check_backend(backend, device, dtype, 1000)
-            ok &= passed
-            print(f"{label} {'PASS' if passed else 'FAIL'}  max rel. error {err:.2e}")
+    for op, (what, case, check) in _CHECKS.items():
+        print(f"\ncorrectness: {what}, forward and backward vs the float64 reference")
+        for backend in dispatch.BACKENDS:
+            for dtype in dtypes:
+                why = dispatch._OPS[op].why_not(backend, case(device, dtype))
+                label = f"  {backend:<7} {str(dtype).split('.')[-1]:<9}"
+                if why is not None:
+                    print(f"{label} skipped: {why}")
+                    continue
+                passed, err = check(backend, device, dtype)
+                ok &= passed
+                print(f"{label} {'PASS' if passed else 'FAIL'}  max rel. error {err:.2e}")
     x = torch.randn(4, 1000, device=device)
     fusedlm.layer_norm(x)
     print("\ndispatch for a default call:\n  " + str(fusedlm.explain("layer_norm")).replace("\n", "\n  "))
@@ -81,36 +113,44 @@ def cmd_check(args):
         print("\nbenchmark (bf16, 16384 rows; speed-up over torch eager):")
         ln_bench.run(dtypes=(torch.bfloat16,), rows=(16384,), widths=(1024, 4096),
                      peers=("fusedlm[triton]", "fusedlm[cuda]"))
+        print("\nbenchmark: BERT-base masked-LM loss step, fwd+bwd (speed-up over the full-logits path):")
+        loss_bench.run(cases=("bert-mlm",), peers=("fusedlm[triton]",))
     else:
         print("\nbenchmark: no GPU here, so the fused kernels cannot show their speed (the "
               "interpreter is for correctness only). On CPU:")
         ln_bench.run(dtypes=(torch.float32,), rows=(4096,), widths=(1024,), peers=())
+        print("\nmasked-LM loss step, fwd+bwd, 15% of tokens labelled (speed-up over the "
+              "full-logits path):")
+        loss_bench.run(cases=("tiny",), dtype=torch.float32, peers=("fusedlm[torch]",))
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
 
 def cmd_bench(args):
-    if args.op != "layer_norm":
-        print(f"fusedlm bench: unknown op {args.op!r} (available: layer_norm)", file=sys.stderr)
-        return 2
     env = environment()
     _print_env(env)
-    results = ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
-                           widths=args.widths, directions=args.direction)
-    print("\nhost cost per call:")
-    overhead = ln_bench.dispatch_overhead()
+    payload = {"environment": env}
+    if args.op == "layer_norm":
+        payload["results"] = ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
+                                          widths=args.widths, directions=args.direction)
+        print("\nhost cost per call:")
+        payload["overhead"] = ln_bench.dispatch_overhead()
+    else:
+        payload["results"] = loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype])
     if args.out:
-        write_json(args.out, {"environment": env, "results": results, "overhead": overhead})
+        write_json(args.out, payload)
         print(f"\nwrote {args.out}")
     return 0
 
 
 def cmd_info(args):
     _print_env(environment())
-    for backend in dispatch.BACKENDS:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        why = dispatch._OPS["layer_norm"].why_not(backend, (device, torch.bfloat16 if device == "cuda" else torch.float32, 1024, None))
-        print(f"  layer_norm/{backend:<7} {'available' if why is None else why}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for op, (_, case, _) in _CHECKS.items():
+        for backend in dispatch.BACKENDS:
+            why = dispatch._OPS[op].why_not(backend, case(device, dtype))
+            print(f"  {op}/{backend:<7} {'available' if why is None else why}")
     return 0
 
 
@@ -119,12 +159,20 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="verify every backend here and show a short benchmark")
-    b = sub.add_parser("bench", help="benchmark an op against its peers")
-    b.add_argument("op", help="layer_norm")
+    bench = sub.add_parser("bench", help="benchmark an op against its peers")
+    ops = bench.add_subparsers(dest="op", required=True)
+    b = ops.add_parser("layer_norm", help="layer norm, forward and backward, GB/s")
     b.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(_DTYPES))
     b.add_argument("--rows", nargs="+", type=int, default=[16384])
     b.add_argument("--widths", nargs="+", type=int, default=list(ln_bench.WIDTHS))
     b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    b.add_argument("--out", help="write results as JSON here")
+    b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
+    b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),
+                   default=["bert-mlm", "gpt2", "large-vocab"] if torch.cuda.is_available() else ["tiny"],
+                   help="tokens x H x V presets (default: the three GPU cases; 'tiny' on a CPU)")
+    b.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32",
+                   choices=sorted(_DTYPES))
     b.add_argument("--out", help="write results as JSON here")
     sub.add_parser("info", help="build and backend facts")
     args = p.parse_args(argv)

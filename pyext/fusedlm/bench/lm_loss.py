@@ -1,0 +1,134 @@
+"""LM-loss benchmark: fusedlm's backends against their peers in the same process.
+
+Each case is one loss step, forward + backward (d_hidden, d_weight, d_bias), on `tokens` rows of
+which a fraction carries a label (MLM: 15%; causal LM: all). Reported per implementation:
+median time, TFLOP/s of the projection (6 * labelled * H * V flops: the forward matmul and the
+two backward ones, on the labelled rows: the work a masked-LM head must do), peak memory
+beyond the inputs, and the speed-up over Hugging Face's full-logits path.
+
+Peers: "hf full logits" (what BertForMaskedLM / GPT2LMHeadModel do: project every token, fp32
+logits, F.cross_entropy with ignore_index), "torch.compile(ref)" (the same, compiled, on the
+labelled rows only), Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy on the
+labelled rows when importable. fusedlm is given every token and compacts them itself, so its
+time includes finding the labelled rows.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..ops import dispatch, lm_loss
+from .harness import time_ms
+
+CASES = {
+    # name: (tokens, hidden, vocab, labelled fraction)
+    "bert-mlm": (32 * 512, 768, 30522, 0.15),
+    "gpt2": (16384, 768, 50257, 1.0),
+    "large-vocab": (16384, 4096, 128256, 1.0),
+    "tiny": (512, 64, 1000, 0.15),  # for CPUs and tests
+}
+
+
+def _hf_full_logits(h, w, b, y, idx):
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    return F.cross_entropy(logits.float(), y)
+
+
+def _labelled_ref(h, w, b, y):
+    logits = (h @ w.t() + b) if b is not None else h @ w.t()
+    return F.cross_entropy(logits.float(), y)
+
+
+def _peers(device_type):
+    """name -> fn(h, w, b, labels, idx) returning the mean loss over labelled rows."""
+    peers = {"hf full logits": _hf_full_logits}
+    compiled = torch.compile(_labelled_ref, dynamic=False)
+    peers["torch.compile(ref)"] = lambda h, w, b, y, idx: compiled(h[idx], w, b, y[idx])
+    for be in ("torch", "triton", "cuda"):
+        if device_type != "cuda" and be != "torch":
+            continue  # interpreted Triton has no speed to show
+        if dispatch._OPS["lm_loss"].why_not(be, (device_type, torch.bfloat16)) is None:
+            peers[f"fusedlm[{be}]"] = lambda h, w, b, y, idx, be=be: lm_loss(h, w, y, b, backend=be)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        peers["liger"] = lambda h, w, b, y, idx: liger(w, h[idx], y[idx], b)
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+        peers["cut-cross-entropy"] = lambda h, w, b, y, idx: linear_cross_entropy(h[idx], w, y[idx], bias=b)
+    except ImportError:
+        pass
+    return peers
+
+
+def _inputs(tokens, hidden, vocab, labelled, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
+    b = torch.zeros(vocab, device=device, dtype=dtype)
+    y = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+    y[torch.rand(tokens, device=device, generator=g) >= labelled] = -100
+    return h, w, b, y
+
+
+def _step(fn, h, w, b, y, idx):
+    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+
+    def run():
+        loss = fn(*leaves, y, idx)
+        return torch.autograd.grad(loss, leaves)
+    return run
+
+
+def _peak_extra_bytes(run, device):
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=None,
+        peers=None, log=print):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    impls = _peers(device)
+    if peers:
+        impls = {k: v for k, v in impls.items() if k in peers or k == "hf full logits"}
+    results = []
+    for case in cases:
+        tokens, hidden, vocab, labelled = CASES[case]
+        h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device)
+        idx = (y != -100).nonzero().squeeze(1)
+        n = idx.numel()
+        flops = 6 * n * hidden * vocab
+        base = None
+        log(f"  {case}: {tokens} tokens ({n} labelled) x H={hidden} x V={vocab}, {str(dtype).split('.')[-1]}")
+        for name, fn in impls.items():
+            step = _step(fn, h, w, b, y, idx)
+            try:
+                ms = time_ms(step, device, warmup=5, rep=50)
+                peak = _peak_extra_bytes(step, device)
+            except Exception as e:  # a peer that fails a case (e.g. out of memory) is reported
+                log(f"    {name:<20} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if name == "hf full logits":
+                base = ms
+            rec = dict(op="lm_loss", case=case, dtype=str(dtype).split(".")[-1], tokens=tokens,
+                       labelled=n, hidden=hidden, vocab=vocab, impl=name, ms=round(ms, 4),
+                       tflops=round(flops / ms / 1e9, 3),
+                       peak_extra_mib=None if peak is None else round(peak / 2 ** 20, 1),
+                       speedup_vs_hf=round(base / ms, 3) if base else None)
+            results.append(rec)
+            mem = "" if peak is None else f" {rec['peak_extra_mib']:9.1f} MiB"
+            log(f"    {name:<20} {ms:9.3f} ms {rec['tflops']:8.3f} TFLOP/s{mem}  x{rec['speedup_vs_hf']}")
+        del h, w, b, y
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results

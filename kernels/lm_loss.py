@@ -46,7 +46,8 @@ def _ce_rows_kernel(
         if SMOOTH:
             total += tl.sum(tl.where(mask, x, 0.0), axis=0)
     lse = m + tl.log(s)
-    x_label = tl.load(base + label).to(tl.float32)
+    # An out-of-range label (rejected by the Python API before launch) reads nothing: NaN loss.
+    x_label = tl.load(base + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
     loss = (1.0 - smoothing) * (lse - x_label)
     if SMOOTH:
         loss += smoothing * (lse - total / V)

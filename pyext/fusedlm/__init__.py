@@ -2,7 +2,8 @@
 __version__ = "0.1.0"
 
 from . import reference
-from .ops import LMLossOutput, explain, layer_norm, lm_loss, rms_norm
+from .ops import (LMLossOutput, attention, attention_varlen, explain, layer_norm, lm_loss,
+                  pad, rms_norm, unpad)
 from . import nn
 from ._core import cuda_unavailable_reason
 
@@ -15,5 +16,6 @@ def build_info():
     return dict(_core._C.build_info(), compiled_core=True)
 
 
-__all__ = ["layer_norm", "rms_norm", "lm_loss", "LMLossOutput", "explain", "nn", "reference", "build_info",
+__all__ = ["attention", "attention_varlen", "pad", "unpad", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput",
+           "explain", "nn", "reference", "build_info",
            "cuda_unavailable_reason", "__version__"]

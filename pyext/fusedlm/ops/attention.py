@@ -1,0 +1,302 @@
+"""Fused attention: dense batches with BERT's padding mask, packed variable-length batches,
+causal (bottom-right) or bidirectional, grouped-query heads, dropout inside the kernel.
+
+Flow of a call: validate -> layout to (batch, seq, heads, D) views (strides, no copies) ->
+dispatch.select -> the Triton kernels (an autograd.Function whose backward recomputes the
+probabilities from the saved log-sum-exp) or the `torch` backend (the reference math, which
+materializes the scores: the fallback for fp32, for CPU tensors and for what no kernel serves).
+
+Dropout draws come from a seed: `seed=None` takes one from torch's default generator, so
+`torch.manual_seed` makes a run reproducible; the same seed gives the same mask, and the
+backward regenerates it instead of storing it. The `torch` backend draws its own masks (the
+same seed reproduces them, but they differ from the Triton kernel's).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _triton, dispatch
+
+_HALF = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+LN2 = 0.6931471805599453
+
+
+def _triton_why_not(case):
+    device, dtype, head_dim = case
+    why = _triton.device_problem("attention", device)
+    if why is not None:
+        return why
+    if dtype not in _HALF:
+        return f"the Triton kernel takes float16 or bfloat16, got {dtype} (float32 runs the reference)"
+    if device == "cpu" and dtype == torch.bfloat16:
+        return "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} exceeds the Triton kernel's {MAX_HEAD_DIM}"
+    return None
+
+
+dispatch.register(dispatch.OpBackends(
+    "attention",
+    {"torch": lambda case: None, "triton": _triton_why_not,
+     "cuda": lambda case: "attention has no CUDA C++ implementation yet"},
+    cuda_order=("triton", "torch"), gpu_verified=("torch", "triton")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path.
+
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+        kernels = _triton.kernels("attention")
+        varlen = cu_q is not None
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        kernels.forward(q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
+                        max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
+        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, key_mask, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, causal, scale, dropout_p, seed = ctx.meta
+        do = _unit_stride(do)
+        # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
+        delta = (do.float() * o.float()).sum(-1)
+        delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        _triton.kernels("attention").backward(
+            q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
+            max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the reference, differentiable through autograd.
+
+def _torch_dropout_keep(shape, dropout_p, seed, device):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=g, device=device) >= dropout_p
+
+
+def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed):
+    keep = None
+    if dropout_p > 0:
+        keep = _torch_dropout_keep((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dropout_p,
+                                   seed, q.device)
+    return reference.attention(q, k, v, causal=causal, key_mask=key_mask, softmax_scale=scale,
+                               dropout_p=dropout_p, dropout_keep=keep)
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
+    outs, lses = [], []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        o, l = _torch_dense(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                            v[None, ck[i]:ck[i + 1]], None, causal, scale, dropout_p, seed + i)
+        outs.append(o[0])
+        lses.append(l[0])
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses, dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and public API.
+
+def _check_qkv(q, k, v, packed):
+    want = 3 if packed else 4
+    shape = "(total, heads, head_dim)" if packed else "(batch, seq, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != want:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    h, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"k's heads ({hk}) must divide q's heads ({h}) (grouped-query attention)")
+
+
+def _check_options(dropout_p, softmax_scale, seed):
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2 ** 31):
+        raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
+
+
+def _seed(dropout_p, seed, n_streams):
+    if dropout_p == 0:
+        return 0
+    if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
+        seed = int(torch.randint(0, 2 ** 31 - 1 - n_streams, (1,)))
+    return min(seed, 2 ** 31 - 1 - n_streams)
+
+
+def _autocast(q, k, v):
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+              attention_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              softmax_scale: Optional[float] = None, layout: str = "bshd",
+              seed: Optional[int] = None, return_lse: bool = False,
+              backend: Optional[str] = None):
+    """softmax(q k^T * scale + mask) v, fused: the scores are never stored.
+
+    layout 'bshd': q (batch, seq_q, heads, D), k and v (batch, seq_k, kv_heads, D); 'bhsd': the
+    (batch, heads, seq, D) layout Hugging Face models produce, taken by strides (no copy); the
+    output has q's layout. kv_heads may divide heads (grouped / multi-query attention).
+    `causal` masks bottom-right: query i sees key j iff j <= i + seq_k - seq_q.
+    `attention_mask`: (batch, seq_k), nonzero/True = attend (Hugging Face's attention_mask).
+    A query that sees no key gets zeros. `dropout_p` drops attention probabilities inside the
+    kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
+    `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32.
+    Deterministic: the backward uses no atomics.
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    _check_qkv(q, k, v, packed=False)
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    _check_options(dropout_p, softmax_scale, seed)
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.shape != (batch, seq_k):
+            raise ValueError(f"attention_mask must have shape (batch, seq_k) = ({batch}, {seq_k}), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+        if attention_mask.is_floating_point():
+            raise TypeError("attention_mask must be bool or integer (nonzero = attend), got "
+                            f"{attention_mask.dtype}; additive float masks are not accepted")
+    q, k, v = _autocast(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    seed = _seed(dropout_p, seed, batch * heads)
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
+    if chosen == "torch":
+        out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed)
+        lse = lse.float()
+    else:
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.to(torch.int8).contiguous()
+        o, lse2 = _AttentionFunction.apply(*map(_unit_stride, (q, k, v)), key_mask, None, None,
+                                           seq_q, seq_k, causal, scale, float(dropout_p), seed)
+        out, lse = o, lse2 * LN2
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                     seed: Optional[int] = None, return_lse: bool = False,
+                     backend: Optional[str] = None):
+    """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
+    sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
+    on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]."""
+    _check_qkv(q, k, v, packed=True)
+    _check_options(dropout_p, softmax_scale, seed)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be a 1-D tensor of batch + 1 offsets")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for name, cu, total, mx in (("cu_seqlens_q", cq, q.shape[0], max_seqlen_q),
+                                ("cu_seqlens_k", ck, k.shape[0], max_seqlen_k)):
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
+            raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
+        if not isinstance(mx, int) or mx < max(lens, default=0):
+            raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
+                             f"({max(lens, default=0)}), got {mx!r}")
+    q, k, v = _autocast(q, k, v)
+    head_dim = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    seed = _seed(dropout_p, seed, (len(cq) - 1) * q.shape[1])
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
+    if chosen == "torch":
+        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                                 float(dropout_p), seed)
+    else:
+        cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+        cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+        out, lse2 = _AttentionFunction.apply(*map(_unit_stride, (q, k, v)), None, cu_q, cu_k,
+                                             max_seqlen_q, max_seqlen_k, causal, scale,
+                                             float(dropout_p), seed)
+        lse = lse2 * LN2
+    return (out, lse) if return_lse else out
+
+
+def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda"):
+    """The keep-mask (batch, heads, seq_q, seq_k) bool that the Triton kernels draw for a dense
+    call with this seed (exposed so that tests can feed it to the reference)."""
+    out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    _triton.kernels("attention").dropout_mask(out, seed, dropout_p)
+    return out.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding helpers: a padded batch to packed sequences and back.
+
+def unpad(x: Tensor, attention_mask: Tensor):
+    """x (batch, seq, ...) and its (batch, seq) mask (nonzero = a real token) ->
+    (x_packed (total, ...), indices (total,), cu_seqlens int32 (batch + 1,), max_seqlen)."""
+    if attention_mask.shape != x.shape[:2]:
+        raise ValueError(f"attention_mask must have shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+    keep = attention_mask.reshape(-1) != 0
+    indices = keep.nonzero().squeeze(1)
+    lens = (attention_mask != 0).sum(1, dtype=torch.int32)
+    cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=x.device)
+    cu[1:] = lens.cumsum(0)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, indices), indices, cu, int(lens.max()) if lens.numel() else 0
+
+
+def pad(x_packed: Tensor, indices: Tensor, batch: int, seq: int):
+    """Inverse of `unpad`: (total, ...) -> (batch, seq, ...), zeros where there was padding."""
+    out = x_packed.new_zeros((batch * seq, *x_packed.shape[1:]))
+    out.index_copy_(0, indices, x_packed)
+    return out.view(batch, seq, *x_packed.shape[1:])

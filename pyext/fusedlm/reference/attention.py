@@ -1,0 +1,62 @@
+"""Reference attention: plain PyTorch math (not SDPA), the oracle for the fused kernels.
+
+Layout (batch, seq, heads, head_dim). Keys/values may have fewer heads than queries (grouped /
+multi-query attention: query head h reads key head h // (heads / kv_heads)). Causal masking is
+aligned bottom-right: query i of Sq attends key j of Sk iff j <= i + Sk - Sq (the last query
+sees every key), as in flash-attn >= 2.1. A query row whose keys are all masked gives zeros.
+"""
+import torch
+
+
+def _wide(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def allowed_mask(sq, sk, *, causal=False, key_mask=None, device=None):
+    """(batch or 1, 1, Sq, Sk) bool: True where query i may attend key j."""
+    allowed = torch.ones((1, 1, sq, sk), dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(sq, device=device)[:, None]
+        j = torch.arange(sk, device=device)[None, :]
+        allowed = allowed & (j <= i + (sk - sq))
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, :]
+    return allowed
+
+
+def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
+              dropout_keep=None):
+    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend.
+    dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
+    Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    wide = _wide(q.dtype)
+    qf, kf, vf = q.to(wide), k.to(wide), v.to(wide)
+    if hk != h:
+        kf = kf.repeat_interleave(h // hk, dim=2)
+        vf = vf.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    allowed = allowed_mask(sq, sk, causal=causal, key_mask=key_mask, device=q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    p = p.masked_fill(~allowed, 0.0)
+    if dropout_keep is not None:
+        p = p * dropout_keep / (1.0 - dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vf)
+    return out.to(q.dtype), lse
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, softmax_scale=None):
+    """Packed sequences: q (total_q, H, D), k, v (total_k, Hk, D); sequence i is rows
+    cu_seqlens[i]:cu_seqlens[i+1]. Returns (out (total_q, H, D), lse (H, total_q))."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        o, l = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                         v[None, ck[i]:ck[i + 1]], causal=causal, softmax_scale=softmax_scale)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

@@ -1,0 +1,234 @@
+"""Fused attention against the float64 plain-math reference, forward and backward."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from fusedlm.ops import dispatch
+from fusedlm.ops.attention import dropout_mask
+from conftest import DEVICE, HAS_GPU, TOL, rel_err
+
+HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+BACKENDS = ["torch"] + [b for b in ("triton",)
+                        if dispatch._OPS["attention"].why_not(b, (DEVICE, torch.float16, 64)) is None]
+KERNELS = [b for b in BACKENDS if b != "torch"]
+
+
+def make(b, sq, sk, h, hk, d, dtype, seed=0, packed=False):
+    g = torch.Generator().manual_seed(seed)
+    lead = (b * sq,) if packed else (b, sq)
+    lead_k = (b * sk,) if packed else (b, sk)
+    q = torch.randn(*lead, h, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(*lead_k, hk, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(*lead_k, hk, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    return q, k, v
+
+
+def f64(*ts):
+    return [t.detach().double().requires_grad_() for t in ts]
+
+
+def compare(out, ref, grads, ref_grads, dtype, torch_out=None, torch_grads=None):
+    """Bound by the tolerance, or by 2x PyTorch's own error in this precision when larger."""
+    tol = TOL[dtype]
+    bound = lambda theirs, want: tol if theirs is None else max(tol, 2 * rel_err(theirs, want))
+    assert rel_err(out, ref) < bound(torch_out, ref), rel_err(out, ref)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        theirs = None if torch_grads is None else torch_grads[i]
+        assert rel_err(g, r) < bound(theirs, r), (i, rel_err(g, r))
+
+
+def run_dense(backend, dtype, b, sq, sk, h, hk, d, *, causal=False, mask=None, layout="bshd"):
+    q, k, v = make(b, sq, sk, h, hk, d, dtype)
+    qs, ks, vs = f64(q, k, v)
+    ref, ref_lse = reference.attention(qs, ks, vs, causal=causal, key_mask=mask)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    if layout == "bhsd":  # Hugging Face's layout: same data, taken by strides
+        qi, ki, vi = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        qb, kb, vb = (t.transpose(1, 2) for t in (qi, ki, vi))
+        out, lse = fusedlm.attention(qb, kb, vb, causal=causal, attention_mask=mask, layout="bhsd",
+                                     return_lse=True, backend=backend)
+        assert out.shape == (b, h, sq, d)
+        out = out.transpose(1, 2)
+        q, k, v = qi, ki, vi
+    else:
+        out, lse = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, return_lse=True,
+                                     backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    ref_grads = torch.autograd.grad(ref, (qs, ks, vs), do)
+    compare(out, ref, grads, ref_grads, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)  # exactly the rows that see no key
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-3
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_odd_lengths(backend, dtype, head_dim, causal):
+    run_dense(backend, dtype, 2, 37, 37, 2, 2, head_dim, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq,sk", [(37, 53), (53, 37), (1, 70), (70, 1), (5, 90)])
+def test_causal_bottom_right_with_unequal_lengths(backend, sq, sk):
+    run_dense(backend, torch.float16, 2, sq, sk, 2, 2, 32, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (6, 3)])
+def test_grouped_query_heads(backend, heads, kv_heads):
+    run_dense(backend, torch.float16, 2, 29, 29, heads, kv_heads, 32, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_mask_with_an_empty_row(backend, causal):
+    mask = torch.ones(3, 45, dtype=torch.bool, device=DEVICE)
+    mask[0, 30:] = False   # right padding, BERT style
+    mask[1, :7] = False    # left padding
+    mask[2, :] = False     # nothing to attend: zeros, no NaN
+    out, grads = run_dense(backend, torch.float16, 3, 45, 45, 2, 2, 32, causal=causal, mask=mask)
+    assert torch.count_nonzero(out[2]) == 0
+    for g in grads:
+        assert not torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hugging_face_layout_by_strides(backend):
+    mask = torch.ones(2, 33, dtype=torch.int64, device=DEVICE)
+    mask[1, 20:] = 0
+    run_dense(backend, torch.float16, 2, 33, 33, 4, 2, 64, mask=mask, layout="bhsd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_the_padded_reference(backend, causal):
+    lens = [5, 0, 33, 17, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    total = int(cu[-1])
+    q, k, v = make(1, total, total, 4, 2, 32, torch.float16, packed=True)
+    out, lse = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal,
+                                        return_lse=True, backend=backend)
+    # The same batch padded, with its attention mask, through the dense reference.
+    mask = torch.zeros(len(lens), max(lens), dtype=torch.bool, device=DEVICE)
+    for i, n in enumerate(lens):
+        mask[i, :n] = True
+    qp, kp, vp = (fusedlm.pad(t.detach().double(), mask.reshape(-1).nonzero().squeeze(1), len(lens), max(lens))
+                  for t in (q, k, v))
+    qp, kp, vp = (t.requires_grad_() for t in (qp, kp, vp))
+    ref_p, _ = reference.attention(qp, kp, vp, causal=causal, key_mask=mask)
+    ref, indices, _, _ = fusedlm.unpad(ref_p, mask)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), do.half())
+    ref_grads = [fusedlm.unpad(g, mask)[0] for g in torch.autograd.grad(ref, (qp, kp, vp), do)]
+    compare(out, ref, grads, ref_grads, torch.float16)
+    assert lse.shape == (4, total)
+
+
+def test_unpad_pad_round_trip():
+    x = torch.randn(3, 6, 4, device=DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], device=DEVICE)
+    packed, indices, cu, max_len = fusedlm.unpad(x, mask)
+    assert packed.shape == (9, 4) and cu.tolist() == [0, 3, 9, 9] and max_len == 6
+    back = fusedlm.pad(packed, indices, 3, 6)
+    assert torch.equal(back, x * mask[..., None])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_dropout_matches_reference_given_the_keep_mask(backend):
+    b, s, h, d, p = 2, 40, 2, 32, 0.3
+    q, k, v = make(b, s, s, h, h, d, torch.float16)
+    out = fusedlm.attention(q, k, v, dropout_p=p, seed=123, backend=backend)
+    keep = dropout_mask(b, h, s, s, p, 123, device=DEVICE)
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention(qs, ks, vs, dropout_p=p, dropout_keep=keep)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), do.half())
+    ref_grads = torch.autograd.grad(ref, (qs, ks, vs), do)
+    compare(out, ref, grads, ref_grads, torch.float16)
+    # Same seed, same result; another seed, another mask.
+    assert torch.equal(fusedlm.attention(q, k, v, dropout_p=p, seed=123, backend=backend), out)
+    assert not torch.equal(fusedlm.attention(q, k, v, dropout_p=p, seed=124, backend=backend), out)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_dropout_keep_rate_is_right(backend):
+    p, n = 0.1, 2 * 3 * 64 * 64
+    keep = dropout_mask(2, 3, 64, 64, p, 7, device=DEVICE)
+    rate = keep.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sigma, rate
+    # Different heads draw different masks.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_zero_is_the_no_dropout_path(backend):
+    q, k, v = make(1, 20, 20, 2, 2, 32, torch.float16)
+    a = fusedlm.attention(q, k, v, dropout_p=0.0, seed=5, backend=backend)
+    b = fusedlm.attention(q, k, v, backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_backward_is_deterministic(backend):
+    q, k, v = make(2, 50, 50, 4, 1, 32, torch.float16)
+    do = torch.randn(q.shape).to(DEVICE, torch.float16)
+    first = torch.autograd.grad(fusedlm.attention(q, k, v, causal=True, backend=backend), (q, k, v), do)
+    second = torch.autograd.grad(fusedlm.attention(q, k, v, causal=True, backend=backend), (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_fp32_runs_the_reference_and_says_so():
+    q, k, v = make(1, 9, 9, 2, 2, 16, torch.float32)
+    out = fusedlm.attention(q, k, v)
+    assert fusedlm.explain("attention").backend == "torch"
+    ref, _ = reference.attention(*f64(q, k, v))
+    assert rel_err(out, ref) < 1e-5
+    if KERNELS:
+        with pytest.raises(ValueError, match="float32 runs the reference"):
+            fusedlm.attention(q, k, v, backend="triton")
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = make(1, 9, 9, 2, 2, 16, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.bfloat16):
+        out = fusedlm.attention(q, k, v)
+    assert out.dtype != torch.float32
+
+
+def _bad_calls():
+    q = torch.randn(2, 8, 4, 16, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(2, 8, 2, 16, device=DEVICE, dtype=torch.float16)
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    return [
+        (lambda: fusedlm.attention(q, k.float(), k), TypeError, ["k", "dtype"]),
+        (lambda: fusedlm.attention(q, k, k[:, :7]), ValueError, ["v", "k's shape"]),
+        (lambda: fusedlm.attention(q, k[..., :8], k[..., :8]), ValueError, ["head_dim"]),
+        (lambda: fusedlm.attention(q, k[:1], k[:1]), ValueError, ["batch"]),
+        (lambda: fusedlm.attention(q[..., :3, :], k, k), ValueError, ["heads"]),
+        (lambda: fusedlm.attention(q[0], k, k), ValueError, ["q", "(batch, seq, heads, head_dim)"]),
+        (lambda: fusedlm.attention(q, k, k, attention_mask=torch.ones(2, 7, device=DEVICE)), ValueError, ["attention_mask", "(2, 8)"]),
+        (lambda: fusedlm.attention(q, k, k, attention_mask=torch.zeros(2, 8, device=DEVICE)), TypeError, ["attention_mask", "float"]),
+        (lambda: fusedlm.attention(q, k, k, dropout_p=1.0), ValueError, ["dropout_p"]),
+        (lambda: fusedlm.attention(q, k, k, layout="sbhd"), ValueError, ["layout"]),
+        (lambda: fusedlm.attention(q, k, k, seed=-1), ValueError, ["seed"]),
+        (lambda: fusedlm.attention(q, k, k, backend="cuda"), ValueError, ["backend='cuda'", "no CUDA C++"]),
+        (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu - torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), cu, 8, 8), ValueError, ["cu_seqlens_q", "from 0 to 8"]),
+        (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE), 8, 8), ValueError, ["same length"]),
+        (lambda: fusedlm.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), 4, 8), ValueError, ["max_seqlen"]),
+        (lambda: fusedlm.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), torch.tensor([0, 8, 16], device=DEVICE).float(), cu, 8, 8), TypeError, ["cu_seqlens_q"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(case):
+    call, exc, words = _bad_calls()[case]
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), str(info.value)

@@ -5,7 +5,7 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from fusedlm.ops.attention import dropout_mask
+from fusedlm.ops.fused_attention import dropout_mask
 from conftest import DEVICE, HAS_GPU, TOL, rel_err
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])

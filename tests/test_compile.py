@@ -98,3 +98,42 @@ def test_lm_loss_custom_ops_pass_opcheck(backend, reduction):
     g = torch.randn(7, device=DEVICE)
     torch.library.opcheck(loss_ops.lm_loss_bwd_op,
                           (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend))
+
+
+ATTN_BACKENDS = ["torch"] + [b for b in ("triton",) if fusedlm.ops.dispatch._OPS["attention"].why_not(
+    b, (DEVICE, torch.float16, 32)) is None]
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_attention_fullgraph_compile(backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 17, 2, 32, generator=g).to(DEVICE, torch.float16).requires_grad_()
+               for _ in range(3))
+    mask = torch.ones(2, 17, dtype=torch.bool, device=DEVICE)
+    mask[1, 11:] = False
+
+    def f(q, k, v):
+        return fusedlm.attention(q, k, v, causal=True, attention_mask=mask, backend=backend).float().sum()
+
+    eager = f(q, k, v)
+    g_eager = torch.autograd.grad(eager, (q, k, v))
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    g_comp = torch.autograd.grad(out, (q, k, v))
+    assert rel_err(out, eager) < 1e-6
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.skipif("triton" not in ATTN_BACKENDS, reason="needs the Triton kernels")
+def test_attention_custom_ops_pass_opcheck():
+    from fusedlm.ops import fused_attention as attn_ops
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 4, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    k = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    v = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    mask = torch.ones(2, 9, dtype=torch.int8, device=DEVICE)
+    torch.library.opcheck(attn_ops.attn_fwd_op, (q, k, v, mask, None, None, 9, 9, True, 0.25, 0.0, 0))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = (t.detach()[0].requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attn_ops.attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, 3))

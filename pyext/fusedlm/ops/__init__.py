@@ -1,5 +1,5 @@
 """The functional API: one entry point per op, backend dispatch, custom ops and autograd."""
-from .attention import attention, attention_varlen, pad, unpad
+from .fused_attention import attention, attention_varlen, pad, unpad
 from .dispatch import explain
 from .loss import LMLossOutput, lm_loss
 from .normalization import layer_norm, rms_norm

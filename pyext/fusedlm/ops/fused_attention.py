@@ -11,7 +11,7 @@ Dropout draws come from a seed: `seed=None` takes one from torch's default gener
 backward regenerates it instead of storing it. The `torch` backend draws its own masks (the
 same seed reproduces them, but they differ from the Triton kernel's).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -52,16 +52,42 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    varlen = cu_q is not None
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    _triton.kernels("attention").forward(
+        q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                     dropout_p, seed):
+    do = _unit_stride(do)
+    # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
+    delta = (do.float() * o.float()).sum(-1)
+    delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _triton.kernels("attention").backward(
+        q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
+        max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return dq, dk, dv
+
+
+_NO_GRADS = (None,) * 9  # for key_mask ... seed
+
+
 class _AttentionFunction(torch.autograd.Function):
+    """Eager path: straight to the launchers, no torch.library dispatch."""
+
     @staticmethod
     def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
-        kernels = _triton.kernels("attention")
-        varlen = cu_q is not None
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        kernels.forward(q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
-                        max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        o, lse = _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                                 dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
         ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed)
         ctx.mark_non_differentiable(lse)
@@ -69,19 +95,56 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, key_mask, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, dropout_p, seed = ctx.meta
-        do = _unit_stride(do)
-        # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
-        delta = (do.float() * o.float()).sum(-1)
-        delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        _triton.kernels("attention").backward(
-            q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
-            max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return _triton_backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+
+
+# torch.compile path: the same launchers behind custom ops with fake kernels and autograd.
+
+@torch.library.custom_op("fusedlm::attn_fwd", mutates_args=())
+def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
+                causal: bool, scale: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    return _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                           dropout_p, seed)
+
+
+@attn_fwd_op.register_fake
+def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlm::attn_bwd", mutates_args=())
+def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
+                max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
+                seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+    return _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal,
+                            scale, dropout_p, seed)
+
+
+@attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k)
+    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed)
+
+
+def _op_backward(ctx, do, _dlse):
+    return torch.ops.fusedlm.attn_bwd(do.contiguous(), *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+
+
+attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _fused(*args):
+    if torch.compiler.is_compiling():
+        return torch.ops.fusedlm.attn_fwd(*args)
+    return _AttentionFunction.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,12 +278,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.int8).contiguous()
-        o, lse2 = _AttentionFunction.apply(*map(_unit_stride, (q, k, v)), key_mask, None, None,
-                                           seq_q, seq_k, causal, scale, float(dropout_p), seed)
+        o, lse2 = _fused(*map(_unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
+                         causal, scale, float(dropout_p), seed)
         out, lse = o, lse2 * LN2
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
+    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q.tolist(), total_q, max_seqlen_q),
+                                ("cu_seqlens_k", cu_seqlens_k.tolist(), total_k, max_seqlen_k)):
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
+            raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
+        if not isinstance(mx, int) or mx < max(lens, default=0):
+            raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
+                             f"({max(lens, default=0)}), got {mx!r}")
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -243,20 +317,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
-    cq = cu_seqlens_q.tolist()
-    ck = cu_seqlens_k.tolist()
-    for name, cu, total, mx in (("cu_seqlens_q", cq, q.shape[0], max_seqlen_q),
-                                ("cu_seqlens_k", ck, k.shape[0], max_seqlen_k)):
-        lens = [b - a for a, b in zip(cu, cu[1:])]
-        if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
-            raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
-        if not isinstance(mx, int) or mx < max(lens, default=0):
-            raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
-                             f"({max(lens, default=0)}), got {mx!r}")
+    if not torch.compiler.is_compiling():  # reading the offsets would break the graph
+        _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q,
+                       max_seqlen_k)
     q, k, v = _autocast(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
-    seed = _seed(dropout_p, seed, (len(cq) - 1) * q.shape[1])
+    seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
     chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
@@ -264,9 +331,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     else:
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
-        out, lse2 = _AttentionFunction.apply(*map(_unit_stride, (q, k, v)), None, cu_q, cu_k,
-                                             max_seqlen_q, max_seqlen_k, causal, scale,
-                                             float(dropout_p), seed)
+        out, lse2 = _fused(*map(_unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
+                           max_seqlen_k, causal, scale, float(dropout_p), seed)
         lse = lse2 * LN2
     return (out, lse) if return_lse else out
 

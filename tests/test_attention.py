@@ -232,3 +232,42 @@ def test_bad_input_names_the_argument(case):
         call()
     for w in words:
         assert w in str(info.value), str(info.value)
+
+
+def test_flash_attn_interface_conventions():
+    from fusedlm.flash_attn_interface import (flash_attn_func, flash_attn_qkvpacked_func,
+                                              flash_attn_varlen_func)
+    q, k, v = make(2, 12, 12, 4, 2, 32, torch.float16)
+    out = flash_attn_func(q, k, v, 0.0, None, True)  # positional order as in flash-attn
+    assert torch.equal(out, fusedlm.attention(q, k, v, causal=True))
+    out2, lse, s_dmask = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.equal(out2, out) and lse.shape == (2, 4, 12) and s_dmask is None
+    qkv = torch.stack([q.detach(), q.detach(), q.detach()], dim=2)
+    assert flash_attn_qkvpacked_func(qkv).shape == q.shape
+    cu = torch.tensor([0, 12, 24], dtype=torch.int32, device=DEVICE)
+    packed = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 12, 12,
+                                    causal=True)
+    assert rel_err(packed.view(out.shape), out) < 1e-3
+    for kwargs, word in ((dict(window_size=(4, 0)), "window_size"), (dict(softcap=30.0), "softcap"),
+                         (dict(alibi_slopes=torch.ones(4)), "alibi_slopes")):
+        with pytest.raises(ValueError, match=word):
+            flash_attn_func(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_self_attention_module_padded_and_packed_agree(kv_heads):
+    torch.manual_seed(0)
+    attn = fusedlm.nn.SelfAttention(64, 4, num_kv_heads=kv_heads, causal=True).to(DEVICE, torch.float16)
+    x = torch.randn(2, 10, 64, device=DEVICE, dtype=torch.float16)
+    mask = torch.ones(2, 10, dtype=torch.bool, device=DEVICE)
+    mask[1, 6:] = False
+    padded = attn(x, mask)
+    packed_x, indices, cu, max_len = fusedlm.unpad(x, mask)
+    packed = attn(packed_x, cu_seqlens=cu, max_seqlen=max_len)
+    assert rel_err(packed, fusedlm.unpad(padded, mask)[0]) < 2e-3
+    # Against the same projections and plain-math attention.
+    q, k, v = attn._split(attn.qkv(x))
+    ref = attn.out(reference.attention(q, k, v, causal=True, key_mask=mask)[0].flatten(-2))
+    assert rel_err(padded[mask], ref[mask]) < 2e-3
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        fusedlm.nn.SelfAttention(64, 4, num_kv_heads=3)

@@ -1,6 +1,7 @@
 """Drop-in modules built on fusedlm's ops."""
+from .attention import SelfAttention
 from .lm_head import LMHead, MaskedLMHead, PredictionHeadTransform
 from .normalization import LayerNorm, RMSNorm, replace_norms
 
-__all__ = ["LayerNorm", "RMSNorm", "replace_norms", "MaskedLMHead", "LMHead",
+__all__ = ["SelfAttention", "LayerNorm", "RMSNorm", "replace_norms", "MaskedLMHead", "LMHead",
            "PredictionHeadTransform"]

@@ -1,0 +1,55 @@
+"""flash-attn's functional API on fusedlm's kernels: switch by changing an import.
+
+    from fusedlm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+
+Same argument names, order, defaults and return conventions as flash-attn 2 for the features
+fusedlm has. Features it does not have (sliding windows, softcapping, ALiBi, paged KV) raise a
+ValueError naming the argument instead of computing something else. fusedlm's backward is
+always deterministic, so `deterministic` is accepted and has no effect. With
+`return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None.
+"""
+from .ops.fused_attention import attention, attention_varlen
+
+
+def _unsupported(window_size, softcap, alibi_slopes, block_table=None):
+    if tuple(window_size) != (-1, -1):
+        raise ValueError(f"window_size={tuple(window_size)}: fusedlm has no sliding-window attention "
+                         "(only (-1, -1))")
+    if softcap:
+        raise ValueError(f"softcap={softcap}: fusedlm has no logit softcapping (only 0.0)")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes: fusedlm has no ALiBi (only None)")
+    if block_table is not None:
+        raise ValueError("block_table: fusedlm has no paged KV cache (only None)")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) ->
+    out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), None)."""
+    _unsupported(window_size, softcap, alibi_slopes)
+    out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                         return_lse=True)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False):
+    """qkv (batch, seqlen, 3, nheads, headdim), taken by strides."""
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim), cu_seqlens int32 ->
+    out (total_q, nheads, headdim); with return_attn_probs, (out, lse (nheads, total_q), None)."""
+    _unsupported(window_size, softcap, alibi_slopes, block_table)
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
+                                softmax_scale=softmax_scale, return_lse=True)
+    return (out, lse, None) if return_attn_probs else out

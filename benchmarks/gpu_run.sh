@@ -31,4 +31,5 @@ log "benchmarks"
 python3 -m fusedlm.cli bench layer_norm --rows 16384 65536 --out "$OUT/layer_norm.json" \
   2>&1 | tee "$OUT/bench.log" | tail -80
 python3 -m fusedlm.cli bench lm_loss --out "$OUT/lm_loss.json" 2>&1 | tee -a "$OUT/bench.log" | tail -40
+python3 -m fusedlm.cli bench attention --out "$OUT/attention.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60
 log "done"

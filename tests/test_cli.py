@@ -28,3 +28,13 @@ def test_bad_arguments_are_a_usage_error(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_bench_attention_writes_json(tmp_path):
+    out = tmp_path / "attention.json"
+    assert main(["bench", "attention", "--seq", "32", "--head-dim", "16", "--tokens", "64",
+                 "--dtype", "fp32", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in results} >= {"fusedlm[torch]", "fusedlm[torch] packed"}
+    assert {r["direction"] for r in results} == {"fwd", "fwd+bwd"}
+    assert all(r["ms"] > 0 for r in results)

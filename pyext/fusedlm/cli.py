@@ -4,6 +4,8 @@
                              against the float64 reference, and a short benchmark (speed-up
                              over torch on a GPU); exits 1 if any check fails
   fusedlm bench layer_norm   the full layer-norm benchmark, JSON with provenance
+  fusedlm bench attention    attention, fwd and fwd+bwd TFLOP/s, against every SDPA backend,
+                             flex_attention and flash-attn; a padded BERT batch, packed
   fusedlm bench lm_loss      the fused LM loss against Hugging Face's full-logits path,
                              torch.compile, Liger-Kernel and Cut Cross-Entropy
   fusedlm info               build and dispatch facts, one screen
@@ -22,6 +24,7 @@ if not torch.cuda.is_available():
 import fusedlm  # noqa: E402
 from fusedlm import reference  # noqa: E402
 from fusedlm.bench import environment, write_json  # noqa: E402
+from fusedlm.bench import attention as attn_bench  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
 from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
 from fusedlm.ops import dispatch  # noqa: E402
@@ -135,6 +138,12 @@ def cmd_bench(args):
                                           widths=args.widths, directions=args.direction)
         print("\nhost cost per call:")
         payload["overhead"] = ln_bench.dispatch_overhead()
+    elif args.op == "attention":
+        payload["results"] = attn_bench.run(seqlens=args.seq, head_dims=args.head_dim,
+                                            tokens=args.tokens, dtype=_DTYPES[args.dtype])
+        payload["results"] += attn_bench.run_padded_bert(dtype=_DTYPES[args.dtype],
+                                                         **({} if torch.cuda.is_available() else
+                                                            dict(batch=2, seq=64, heads=2)))
     else:
         payload["results"] = loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype])
     if args.out:
@@ -166,6 +175,14 @@ def main(argv=None):
     b.add_argument("--rows", nargs="+", type=int, default=[16384])
     b.add_argument("--widths", nargs="+", type=int, default=list(ln_bench.WIDTHS))
     b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    b.add_argument("--out", help="write results as JSON here")
+    gpu = torch.cuda.is_available()
+    b = ops.add_parser("attention", help="attention fwd and fwd+bwd TFLOP/s vs SDPA backends")
+    b.add_argument("--seq", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192] if gpu else [64])
+    b.add_argument("--head-dim", nargs="+", type=int, default=[64, 128] if gpu else [32])
+    b.add_argument("--tokens", type=int, default=16384 if gpu else 128,
+                   help="tokens per batch (batch = tokens / seq)")
+    b.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=sorted(_DTYPES))
     b.add_argument("--out", help="write results as JSON here")
     b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
     b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),

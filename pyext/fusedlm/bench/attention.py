@@ -1,0 +1,158 @@
+"""Attention benchmark: fusedlm against every SDPA backend, flex_attention and flash-attn.
+
+TFLOP/s as DESIGN.md defines it: forward 4 * B * H * Sq * Sk * D / t (halved for causal),
+forward + backward 3.5x that work (forward 1 + backward 2.5). Cases: about 16k tokens a batch
+at each sequence length (B = 16384 / S), bf16, head dim 64 and 128, causal and not. The BERT
+case is a padded batch (32 x 512, a random half of each sequence's tail is padding):
+fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..ops import attention, attention_varlen, dispatch, unpad
+from .harness import time_ms
+
+
+def _sdpa_backends():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {}
+    return {name: (sdpa_kernel, getattr(SDPBackend, attr))
+            for name, attr in (("sdpa[flash]", "FLASH_ATTENTION"),
+                               ("sdpa[efficient]", "EFFICIENT_ATTENTION"),
+                               ("sdpa[cudnn]", "CUDNN_ATTENTION")) if hasattr(SDPBackend, attr)}
+
+
+def _peers(device_type):
+    """name -> fn(q, k, v, causal) on (B, S, H, D) tensors."""
+    peers = {}
+    for name, (ctx, backend) in _sdpa_backends().items():
+        def sdpa(q, k, v, causal, ctx=ctx, backend=backend):
+            with ctx(backend):
+                return F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        peers[name] = sdpa
+    if device_type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+
+            def flex_fn(q, k, v, causal):
+                mask = None
+                if causal:
+                    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, q.shape[1], k.shape[1])
+                return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            block_mask=mask).transpose(1, 2)
+            peers["flex_attention"] = flex_fn
+        except ImportError:
+            pass
+        try:
+            from flash_attn import flash_attn_func
+            peers["flash-attn"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+        except ImportError:
+            pass
+        if dispatch._OPS["attention"].why_not("triton", ("cuda", torch.bfloat16, 64)) is None:
+            peers["fusedlm[triton]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="triton")
+    else:
+        peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
+    return peers
+
+
+def _time(fn, args, direction, device):
+    if direction == "fwd":
+        return time_ms(lambda: fn(*args), device)
+    leaves = [t.detach().requires_grad_() for t in args[:3]]
+    do = torch.randn_like(args[0])
+
+    def step():
+        out = fn(*leaves, *args[3:])
+        torch.autograd.grad(out, leaves, do)
+    return time_ms(step, device)
+
+
+def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384,
+        dtype=torch.bfloat16, causal=(False, True), directions=("fwd", "fwd+bwd"), device=None,
+        log=print):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    peers = _peers(device)
+    results = []
+    for d in head_dims:
+        heads = 2048 // d  # hidden 2048
+        for s in seqlens:
+            b = max(tokens // s, 1)
+            q, k, v = (torch.randn(b, s, heads, d, device=device, dtype=dtype) for _ in range(3))
+            for c in causal:
+                flops = 4 * b * heads * s * s * d / (2 if c else 1)
+                for direction in directions:
+                    work = flops * (1 if direction == "fwd" else 3.5)
+                    rows = []
+                    for name, fn in peers.items():
+                        try:
+                            ms = _time(fn, (q, k, v, c), direction, device)
+                        except Exception as e:  # a backend that cannot run this case
+                            first = str(e).splitlines()[0][:100] if str(e) else ""
+                            log(f"    {name:<18} d={d} s={s} causal={c} {direction}: n/a "
+                                f"({type(e).__name__}: {first})")
+                            continue
+                        rows.append(dict(op="attention", direction=direction,
+                                         dtype=str(dtype).split(".")[-1], batch=b, seq=s,
+                                         heads=heads, head_dim=d, causal=c, impl=name,
+                                         ms=round(ms, 4), tflops=round(work / ms / 1e9, 2)))
+                    sdpa = [r["ms"] for r in rows if r["impl"].startswith("sdpa")]
+                    for r in rows:
+                        r["speedup_vs_best_sdpa"] = round(min(sdpa) / r["ms"], 3) if sdpa else None
+                        log(f"  {direction:<8} d={d:<4} s={s:<5} causal={c!s:<5} {r['impl']:<18} "
+                            f"{r['ms']:9.3f} ms {r['tflops']:8.2f} TFLOP/s  "
+                            f"x{r['speedup_vs_best_sdpa']} vs best SDPA")
+                    results += rows
+            del q, k, v
+    return results
+
+
+def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype=torch.bfloat16,
+                    device=None, log=print):
+    """BERT-shaped padded batch: fusedlm's packed path vs SDPA on the padded batch + mask."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    # Lengths uniform in [seq * (1 - 2 * padding), seq]: on average `padding` of the batch is pad.
+    lo = int(seq * (1 - 2 * padding)) + 1
+    lens = torch.randint(lo, seq + 1, (batch,), generator=g).to(device)
+    mask = torch.arange(seq, device=device)[None, :] < lens[:, None]
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    (qp, idx, cu, max_len), kp, vp = unpad(q, mask), unpad(k, mask)[0], unpad(v, mask)[0]
+    real = float((lens.double() ** 2).sum()) * 4 * heads * head_dim  # flops on real tokens
+    bool_mask = mask[:, None, None, :]
+    impls = {}
+    for name, (ctx, backend) in _sdpa_backends().items():
+        def padded(q, k, v, ctx=ctx, backend=backend):
+            with ctx(backend):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2), attn_mask=bool_mask).transpose(1, 2)
+        impls[name + " padded"] = (padded, (q, k, v))
+    be = "triton" if device == "cuda" else "torch"
+    impls[f"fusedlm[{be}] packed"] = (lambda q, k, v: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be),
+                                      (qp, kp, vp))
+    impls[f"fusedlm[{be}] padded+mask"] = (lambda q, k, v: attention(q, k, v, attention_mask=mask, backend=be),
+                                           (q, k, v))
+    results = []
+    for direction in ("fwd", "fwd+bwd"):
+        rows = []
+        for name, (fn, args) in impls.items():
+            try:
+                ms = _time(fn, args, direction, device)
+            except Exception as e:
+                log(f"    {name:<30} {direction}: n/a ({type(e).__name__})")
+                continue
+            rows.append(dict(op="attention", case="bert-padded", direction=direction, batch=batch,
+                             seq=seq, padding=round(1 - float(lens.sum()) / (batch * seq), 3),
+                             heads=heads, head_dim=head_dim, impl=name, ms=round(ms, 4),
+                             tflops_real=round(real * (1 if direction == "fwd" else 3.5) / ms / 1e9, 2)))
+        sdpa = [r["ms"] for r in rows if r["impl"].startswith("sdpa")]
+        best = min(sdpa) if sdpa else None
+        for r in rows:
+            r["speedup_vs_best_sdpa"] = round(best / r["ms"], 3) if best else None
+            log(f"  bert-padded {direction:<8} {r['impl']:<30} {r['ms']:9.3f} ms "
+                f"{r['tflops_real']:8.2f} TFLOP/s (real tokens)  x{r['speedup_vs_best_sdpa']}")
+        results += rows
+    return results

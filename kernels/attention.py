@@ -18,6 +18,8 @@ cu_seqlens, so no work is spent on padding. Dropout keeps a probability when a P
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -253,9 +255,41 @@ def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k, seq_k_rng,
 # strides), or packed (total, heads, D) with cu_seqlens (batch stride 0).
 
 def _blocks(head_dim):
+    """The pinned configuration: (BLOCK_D, block) used under the interpreter and when a caller
+    asks for bitwise reproducibility across processes (autotuning may pick another config in
+    another process, and block sizes change the fp32 summation order)."""
     block_d = max(triton.next_power_of_2(head_dim), 16)
     block = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
     return block_d, block
+
+
+# On a GPU each kernel is autotuned once per (head dim, mask kind, dropout) class; configs that
+# do not fit the device's shared memory are skipped by the autotuner.
+_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT"]
+_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                    (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1))]
+_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                                    (128, 64, 8, 2), (32, 32, 4, 1))]
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_TUNED = {} if _INTERPRETED else {
+    "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd),
+    "dkdv": triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv),
+    "dq": triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq),
+}
+
+
+def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags):
+    """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned."""
+    block_d, block = _blocks(head_dim)
+    flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    if pinned or name not in _TUNED:
+        kernel[(triton.cdiv(rows, block), grid_y)](*args, **flags, BLOCK_M=block, BLOCK_N=block,
+                                                   num_warps=4, num_stages=1 if name != "fwd" else 2)
+    else:
+        along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+        _TUNED[name][lambda meta: (triton.cdiv(rows, meta[along]), grid_y)](*args, **flags)
 
 
 def _strides(t, varlen):
@@ -278,30 +312,26 @@ def _common(q, k, lse, key_mask, cu_q, varlen, max_q, max_k):
 
 
 def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-            seed):
-    """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain."""
+            seed, pinned=False):
+    """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
+    pinned: use the fixed block configuration instead of the autotuned one."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)
     if batch == 0 or seq_q == 0:
         return
-    block_d, block = _blocks(head_dim)
-    grid = (triton.cdiv(seq_q, block), batch * n_heads)
     dummy = lse
-    _attn_fwd[grid](
-        q, k, v, o, lse, key_mask if key_mask is not None else dummy,
-        cu_q if varlen else dummy, cu_k if varlen else dummy,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-        s_lb, s_lh, s_mb,
-        seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p, seq_k,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block,
-        IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-        DROPOUT=dropout_p > 0.0, num_warps=4, num_stages=2,
-    )
+    args = (q, k, v, o, lse, key_mask if key_mask is not None else dummy,
+            cu_q if varlen else dummy, cu_k if varlen else dummy,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p, seq_k)
+    flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
+                 DROPOUT=dropout_p > 0.0)
+    _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, args, flags)
 
 
 def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
-             causal, scale, dropout_p, seed):
+             causal, scale, dropout_p, seed, pinned=False):
     """delta: rowsum(do * o) laid out as lse. dq has q's shape; dk and dv k's shape and the
     same strides as each other (kv heads)."""
     varlen = cu_q is not None
@@ -311,22 +341,20 @@ def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q
         dk.zero_()
         dv.zero_()
         return
-    block_d, block = _blocks(head_dim)
     dummy = lse
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block,
-                  IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                  DROPOUT=dropout_p > 0.0, num_warps=4, num_stages=1)
+    flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
+                 DROPOUT=dropout_p > 0.0)
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
              cu_k if varlen else dummy)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p, seq_k)
     n_kv_heads = k.shape[-2]
-    _attn_bwd_dkdv[(triton.cdiv(seq_k, block), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-        s_lb, s_lh, s_mb, *scalars, **common)
-    _attn_bwd_dq[(triton.cdiv(seq_q, block), batch * n_heads)](
-        q, k, v, do, lse, delta, dq, *masks, *strides, *_strides(dq, varlen), s_lb, s_lh, s_mb,
-        *scalars, **common)
+    _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim,
+            (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
+             s_lb, s_lh, s_mb, *scalars), flags)
+    _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim,
+            (q, k, v, do, lse, delta, dq, *masks, *strides, *_strides(dq, varlen), s_lb, s_lh,
+             s_mb, *scalars), flags)
 
 
 def dropout_mask(out, seed, dropout_p):

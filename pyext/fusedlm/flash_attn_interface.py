@@ -4,8 +4,8 @@
 
 Same argument names, order, defaults and return conventions as flash-attn 2 for the features
 fusedlm has. Features it does not have (sliding windows, softcapping, ALiBi, paged KV) raise a
-ValueError naming the argument instead of computing something else. fusedlm's backward is
-always deterministic, so `deterministic` is accepted and has no effect. With
+ValueError naming the argument instead of computing something else. fusedlm's kernels use no
+atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). With
 `return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None.
 """
 from .ops.fused_attention import attention, attention_varlen
@@ -29,7 +29,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), None)."""
     _unsupported(window_size, softcap, alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                         return_lse=True)
+                         return_lse=True, deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -51,5 +51,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _unsupported(window_size, softcap, alibi_slopes, block_table)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                 int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
-                                softmax_scale=softmax_scale, return_lse=True)
+                                softmax_scale=softmax_scale, return_lse=True,
+                                deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out

@@ -52,19 +52,20 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                    pinned):
     varlen = cu_q is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     _triton.kernels("attention").forward(
         q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
-        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
     return o, lse
 
 
 def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                     dropout_p, seed):
+                     dropout_p, seed, pinned):
     do = _unit_stride(do)
     # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
     delta = (do.float() * o.float()).sum(-1)
@@ -74,22 +75,24 @@ def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, ca
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _triton.kernels("attention").backward(
         q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
-        max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
+        pinned=pinned)
     return dq, dk, dv
 
 
-_NO_GRADS = (None,) * 9  # for key_mask ... seed
+_NO_GRADS = (None,) * 10  # for key_mask ... pinned
 
 
 class _AttentionFunction(torch.autograd.Function):
     """Eager path: straight to the launchers, no torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                pinned):
         o, lse = _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                                 dropout_p, seed)
+                                 dropout_p, seed, pinned)
         ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
-        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed)
+        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -103,13 +106,14 @@ class _AttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("fusedlm::attn_fwd", mutates_args=())
 def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
-                causal: bool, scale: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+                causal: bool, scale: float, dropout_p: float, seed: int,
+                pinned: bool) -> Tuple[Tensor, Tensor]:
     return _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                           dropout_p, seed)
+                           dropout_p, seed, pinned)
 
 
 @attn_fwd_op.register_fake
-def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned):
     lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -118,20 +122,21 @@ def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, see
 def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                 key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                 max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
-                seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+                seed: int, pinned: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal,
-                            scale, dropout_p, seed)
+                            scale, dropout_p, seed, pinned)
 
 
 @attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+      pinned):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
+    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k)
-    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed)
+    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned)
 
 
 def _op_backward(ctx, do, _dlse):
@@ -235,7 +240,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               attention_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               softmax_scale: Optional[float] = None, layout: str = "bshd",
               seed: Optional[int] = None, return_lse: bool = False,
-              backend: Optional[str] = None):
+              deterministic: bool = False, backend: Optional[str] = None):
     """softmax(q k^T * scale + mask) v, fused: the scores are never stored.
 
     layout 'bshd': q (batch, seq_q, heads, D), k and v (batch, seq_k, kv_heads, D); 'bhsd': the
@@ -246,7 +251,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     A query that sees no key gets zeros. `dropout_p` drops attention probabilities inside the
     kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
     `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32.
-    Deterministic: the backward uses no atomics.
+    The kernels use no atomics, so a process reproduces its results exactly; on a GPU their
+    block sizes are autotuned, and `deterministic=True` pins them instead, so that results are
+    bitwise equal across processes too (at some cost in speed).
     """
     if layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
@@ -279,7 +286,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.int8).contiguous()
         o, lse2 = _fused(*map(_unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
-                         causal, scale, float(dropout_p), seed)
+                         causal, scale, float(dropout_p), seed, bool(deterministic))
         out, lse = o, lse2 * LN2
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -301,7 +308,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                      seed: Optional[int] = None, return_lse: bool = False,
-                     backend: Optional[str] = None):
+                     deterministic: bool = False, backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
     sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
     on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]."""
@@ -332,7 +339,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
         out, lse2 = _fused(*map(_unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
-                           max_seqlen_k, causal, scale, float(dropout_p), seed)
+                           max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic))
         lse = lse2 * LN2
     return (out, lse) if return_lse else out
 

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from . import reference
 from .ops import (LMLossOutput, attention, attention_varlen, explain, layer_norm, lm_loss,
                   pad, rms_norm, unpad)
-from . import nn
+from . import models, nn
 from ._core import cuda_unavailable_reason
 
 
@@ -17,5 +17,5 @@ def build_info():
 
 
 __all__ = ["attention", "attention_varlen", "pad", "unpad", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput",
-           "explain", "nn", "reference", "build_info",
+           "explain", "models", "nn", "reference", "build_info",
            "cuda_unavailable_reason", "__version__"]

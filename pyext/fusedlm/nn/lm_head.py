@@ -9,17 +9,10 @@ labels, returns the fused causal-LM loss instead of the logits.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..ops import lm_loss
+from .activations import activation
 from .normalization import LayerNorm
-
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # BERT's exact erf GELU
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class PredictionHeadTransform(torch.nn.Module):
@@ -27,14 +20,13 @@ class PredictionHeadTransform(torch.nn.Module):
 
     def __init__(self, hidden_size, hidden_act="gelu", layer_norm_eps=1e-12, backend=None):
         super().__init__()
-        if hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {', '.join(_ACTIVATIONS)}, got {hidden_act!r}")
+        activation(hidden_act)  # validates the name; looked up per call (modules stay picklable)
         self.dense = torch.nn.Linear(hidden_size, hidden_size)
         self.hidden_act = hidden_act
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps, backend=backend)
 
     def forward(self, x):
-        return self.LayerNorm(_ACTIVATIONS[self.hidden_act](self.dense(x)))
+        return self.LayerNorm(activation(self.hidden_act)(self.dense(x)))
 
 
 class MaskedLMHead(torch.nn.Module):

@@ -1,0 +1,6 @@
+"""fusedlm's own models: Hugging Face parameter names, fused kernels, no work on padding."""
+from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
+                   BertModel, BertOutput)
+
+__all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM",
+           "BertForSequenceClassification", "BertOutput"]

@@ -1,0 +1,299 @@
+"""BERT on fusedlm's kernels, with Hugging Face's parameter names (checkpoints load one to one).
+
+A padded batch is unpacked by its attention_mask once, at the embeddings, and every layer then
+runs on the real tokens only: the linear layers, the fused residual + LayerNorm, the attention
+(variable-length path) and the masked-LM loss (labelled rows only). Nothing is computed for
+padding. `sequence_output` is padded back only when it is asked for.
+"""
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn import LayerNorm, MaskedLMHead
+from ..nn.activations import activation
+from ..ops import attention_varlen, pad, unpad
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    num_labels: int = 2
+    classifier_dropout: Optional[float] = None
+
+    @classmethod
+    def from_hf(cls, config):
+        """From a transformers BertConfig / RobertaConfig (or anything with these attributes)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
+
+
+class Packed(NamedTuple):
+    """A padded batch's real tokens: rows of `hidden` are the tokens where attention_mask != 0."""
+    hidden: Tensor       # (tokens, H)
+    indices: Tensor      # (tokens,) positions in the flattened (batch * seq) batch
+    cu_seqlens: Tensor   # (batch + 1,) int32
+    max_seqlen: int
+    batch: int
+    seq: int
+
+    def with_hidden(self, hidden):
+        return self._replace(hidden=hidden)
+
+    def padded(self):
+        return pad(self.hidden, self.indices, self.batch, self.seq)
+
+    def take(self, t):
+        """The real-token entries of a (batch, seq, ...) tensor."""
+        return t.reshape(-1, *t.shape[2:]).index_select(0, self.indices)
+
+
+class BertEmbeddings(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = torch.nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = torch.nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = torch.nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = torch.nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        words = self.word_embeddings(input_ids)
+        rest = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        y, _ = self.LayerNorm(words, residual=rest)
+        return self.dropout(y)
+
+
+class BertSelfAttention(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({c.num_attention_heads})")
+        self.heads = c.num_attention_heads
+        self.query = torch.nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = torch.nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = torch.nn.Linear(c.hidden_size, c.hidden_size)
+        self.dropout_p = c.attention_probs_dropout_prob
+
+    def forward(self, packed: Packed):
+        x = packed.hidden
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
+        o = attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                             packed.max_seqlen, dropout_p=self.dropout_p if self.training else 0.0)
+        return o.flatten(-2)
+
+
+class BertResidualOutput(torch.nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual), the residual add fused into the norm
+    (Hugging Face's BertSelfOutput and BertOutput)."""
+
+    def __init__(self, c: BertConfig, in_features):
+        super().__init__()
+        self.dense = torch.nn.Linear(in_features, c.hidden_size)
+        self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = torch.nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        y, _ = self.LayerNorm(self.dropout(self.dense(h)), residual=residual)
+        return y
+
+
+class BertAttention(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertResidualOutput(c, c.hidden_size)
+
+    def forward(self, packed: Packed):
+        return self.output(self.self(packed), packed.hidden)
+
+
+class BertIntermediate(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(c.hidden_size, c.intermediate_size)
+        activation(c.hidden_act)
+        self.hidden_act = c.hidden_act
+
+    def forward(self, x):
+        return activation(self.hidden_act)(self.dense(x))
+
+
+class BertLayer(torch.nn.Module):
+    """Post-LN encoder layer: attention -> add & norm -> GELU MLP -> add & norm."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertResidualOutput(c, c.intermediate_size)
+
+    def forward(self, packed: Packed):
+        h = self.attention(packed)
+        return packed.with_hidden(self.output(self.intermediate(h), h))
+
+
+class BertEncoder(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.layer = torch.nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+    def forward(self, packed: Packed):
+        for layer in self.layer:
+            packed = layer(packed)
+        return packed
+
+
+class BertPooler(torch.nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, packed: Packed):
+        first = packed.hidden.index_select(0, packed.cu_seqlens[:-1].long())  # each [CLS]
+        return torch.tanh(self.dense(first))
+
+
+class BertModel(torch.nn.Module):
+    """forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None) ->
+    (packed sequence output, pooled output or None). Every sequence needs one real token
+    (its first, [CLS], feeds the pooler); right or left padding are both fine."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer=True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if seq > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {seq} positions, more than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:  # as Hugging Face's BERT: positions count padding too
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        ids, indices, cu, max_len = unpad(input_ids, attention_mask)
+        hidden = self.embeddings(ids, token_type_ids.reshape(-1).index_select(0, indices),
+                                 position_ids.reshape(-1).index_select(0, indices))
+        packed = self.encoder(Packed(hidden, indices, cu, max_len, batch, seq))
+        pooled = self.pooler(packed) if self.pooler is not None else None
+        return packed, pooled
+
+
+class BertOutput(NamedTuple):
+    loss: Optional[Tensor] = None
+    mlm_loss: Optional[Tensor] = None
+    nsp_loss: Optional[Tensor] = None
+    mlm_accuracy: Optional[Tensor] = None
+    prediction_logits: Optional[Tensor] = None    # only without labels (the logits are large)
+    seq_relationship_logits: Optional[Tensor] = None
+    logits: Optional[Tensor] = None               # sequence classification
+
+
+class BertPreTrainingHeads(torch.nn.Module):
+    def __init__(self, c: BertConfig, word_embeddings):
+        super().__init__()
+        self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
+                                        layer_norm_eps=c.layer_norm_eps,
+                                        decoder_weight=word_embeddings.weight)
+        self.seq_relationship = torch.nn.Linear(c.hidden_size, 2)
+
+
+class BertOnlyMLMHead(torch.nn.Module):
+    def __init__(self, c: BertConfig, word_embeddings):
+        super().__init__()
+        self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
+                                        layer_norm_eps=c.layer_norm_eps,
+                                        decoder_weight=word_embeddings.weight)
+
+
+def _mlm(head: MaskedLMHead, packed: Packed, labels):
+    """Masked-LM loss on the real tokens (labels at padding are ignored), or the logits
+    (batch, seq, V), computed for real tokens only and zero at padding."""
+    if labels is None:
+        return None, None, packed.with_hidden(head(packed.hidden)).padded()
+    out = head(packed.hidden, packed.take(labels), return_details=True)
+    return out.loss, out.accuracy, None
+
+
+class BertForPreTraining(torch.nn.Module):
+    """BERT with its two pretraining heads: masked LM (decoder tied to the word embeddings) and
+    next-sentence prediction. loss = mlm_loss + nsp_loss, as in Hugging Face."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, next_sentence_label=None):
+        packed, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        mlm_loss, accuracy, logits = _mlm(self.cls.predictions, packed, labels)
+        nsp_logits = self.cls.seq_relationship(pooled)
+        nsp_loss = None if next_sentence_label is None else F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        parts = [t for t in (mlm_loss, nsp_loss) if t is not None]
+        return BertOutput(loss=sum(parts) if parts else None, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
+                          mlm_accuracy=accuracy, prediction_logits=logits,
+                          seq_relationship_logits=nsp_logits)
+
+
+class BertForMaskedLM(torch.nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        packed, _ = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        loss, accuracy, logits = _mlm(self.cls.predictions, packed, labels)
+        return BertOutput(loss=loss, mlm_loss=loss, mlm_accuracy=accuracy, prediction_logits=logits)
+
+
+class BertForSequenceClassification(torch.nn.Module):
+    """Pooled [CLS] -> dropout -> classifier; cross-entropy (or MSE for num_labels == 1)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = torch.nn.Dropout(p)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return BertOutput(loss=loss, logits=logits)

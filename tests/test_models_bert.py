@@ -1,0 +1,112 @@
+"""fusedlm's BERT against Hugging Face's, built from the same tiny config and the same weights."""
+import pytest
+import torch
+
+import fusedlm.models as fm
+from conftest import DEVICE, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=40, type_vocab_size=2)
+
+
+def _batch(seed=0, batch=3, seq=17):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 101, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 11:] = 0   # padding in the batch
+    mask[2, 5:] = 0
+    ids = ids * mask
+    types = (torch.arange(seq)[None, :] >= 6).long().expand(batch, seq).contiguous()
+    labels = torch.full((batch, seq), -100)
+    pick = (torch.rand(batch, seq, generator=g) < 0.3) & (mask == 1)
+    labels[pick] = ids[pick]
+    labels[0, 1] = ids[0, 1]
+    nsp = torch.tensor([0, 1, 1])
+    return [t.to(DEVICE) for t in (ids, mask, types, labels, nsp)]
+
+
+def _pair(hf_cls, our_cls):
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(**CONFIG, attn_implementation="eager")
+    hf = hf_cls(hf_config).to(DEVICE).eval()
+    ours = our_cls(fm.BertConfig.from_hf(hf_config)).to(DEVICE).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def _param_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_state_dict_keys_are_hugging_faces():
+    hf, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
+
+
+def test_pretraining_matches_hugging_face_with_padding():
+    hf, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
+    ids, mask, types, labels, nsp = _batch()
+    theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                next_sentence_label=nsp)
+    mine = ours(ids, mask, types, labels=labels, next_sentence_label=nsp)
+    assert rel_err(mine.loss, theirs.loss) < 1e-5
+    assert rel_err(mine.seq_relationship_logits, theirs.seq_relationship_logits) < 1e-5
+    theirs.loss.backward()
+    mine.loss.backward()
+    g_hf, g_ours = _param_grads(hf), _param_grads(ours)
+    assert set(g_ours) == set(g_hf)
+    for name in g_hf:
+        if g_hf[name].norm() < 1e-9:  # the key bias: softmax ignores it, its gradient is noise
+            assert g_ours[name].norm() < 1e-9, name
+            continue
+        assert rel_err(g_ours[name], g_hf[name]) < 1e-4, name
+
+
+def test_pretraining_logits_without_labels():
+    hf, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
+    ids, mask, types, _, _ = _batch(1)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+        mine = ours(ids, mask, types).prediction_logits
+    real = mask.bool()
+    assert rel_err(mine[real], theirs[real]) < 1e-5
+    assert torch.count_nonzero(mine[~real]) == 0  # nothing is computed for padding
+
+
+def test_masked_lm_and_classification_match():
+    hf, ours = _pair(transformers.BertForMaskedLM, fm.BertForMaskedLM)
+    ids, mask, types, labels, nsp = _batch(2)
+    t = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+    m = ours(ids, mask, types, labels=labels).loss
+    assert rel_err(m, t) < 1e-5
+    hf, ours = _pair(transformers.BertForSequenceClassification, fm.BertForSequenceClassification)
+    t = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=nsp)
+    m = ours(ids, mask, types, labels=nsp)
+    assert rel_err(m.logits, t.logits) < 1e-5 and rel_err(m.loss, t.loss) < 1e-5
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = fm.BertForPreTraining(fm.BertConfig(**CONFIG)).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids, mask, types, labels, nsp = _batch(3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, mask, types, labels=labels, next_sentence_label=nsp).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bad_input():
+    model = fm.BertModel(fm.BertConfig(**CONFIG)).to(DEVICE)
+    ids = torch.ones(2, 50, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(ids)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids[:, :10], torch.ones(2, 9, device=DEVICE))

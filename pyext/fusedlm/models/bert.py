@@ -213,21 +213,22 @@ class BertOutput(NamedTuple):
     logits: Optional[Tensor] = None               # sequence classification
 
 
-class BertPreTrainingHeads(torch.nn.Module):
-    def __init__(self, c: BertConfig, word_embeddings):
-        super().__init__()
-        self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
-                                        layer_norm_eps=c.layer_norm_eps,
-                                        decoder_weight=word_embeddings.weight)
-        self.seq_relationship = torch.nn.Linear(c.hidden_size, 2)
-
-
 class BertOnlyMLMHead(torch.nn.Module):
+    """`cls` of BertForMaskedLM: the masked-LM head, decoder tied to the word embeddings."""
+
     def __init__(self, c: BertConfig, word_embeddings):
         super().__init__()
         self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
                                         layer_norm_eps=c.layer_norm_eps,
                                         decoder_weight=word_embeddings.weight)
+
+
+class BertPreTrainingHeads(BertOnlyMLMHead):
+    """`cls` of BertForPreTraining: the masked-LM head and the next-sentence classifier."""
+
+    def __init__(self, c: BertConfig, word_embeddings):
+        super().__init__(c, word_embeddings)
+        self.seq_relationship = torch.nn.Linear(c.hidden_size, 2)
 
 
 def _mlm(head: MaskedLMHead, packed: Packed, labels):

@@ -1,6 +1,8 @@
 """fusedlm's own models: Hugging Face parameter names, fused kernels, no work on padding."""
 from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
                    BertModel, BertOutput)
+from .gpt import CausalLMOutput, GPTConfig, GPTForCausalLM, GPTModel
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM",
-           "BertForSequenceClassification", "BertOutput"]
+           "BertForSequenceClassification", "BertOutput", "GPTConfig", "GPTModel",
+           "GPTForCausalLM", "CausalLMOutput"]

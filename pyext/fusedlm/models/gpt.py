@@ -1,0 +1,174 @@
+"""GPT (GPT-2's architecture) on fusedlm's kernels, for causal-LM training.
+
+Parameters keep GPT-2's names and its Conv1D layout (weight stored (in, out), y = x @ W + b), so
+a Hugging Face GPT-2 state dict loads and saves one to one, transposed weights included. Each
+block is pre-LN; the residual add is fused into the next LayerNorm (ln_2, the next block's
+ln_1, ln_f). A padded batch runs on its real tokens only (causal variable-length attention) and
+the loss never materializes the logits (fusedlm.lm_loss on the shifted labels).
+"""
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..nn import LayerNorm
+from ..nn.activations import activation
+from ..ops import attention_varlen, lm_loss, unpad
+from .bert import Packed
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+
+    @classmethod
+    def from_hf(cls, config):
+        """From a transformers GPT2Config (or anything with these attributes)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's linear layer: weight (in, out), y = x @ weight + bias."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))
+        self.bias = torch.nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class GPTAttention(torch.nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        if c.n_embd % c.n_head:
+            raise ValueError(f"n_embd ({c.n_embd}) must be a multiple of n_head ({c.n_head})")
+        self.n_head = c.n_head
+        self.c_attn = Conv1D(c.n_embd, 3 * c.n_embd)
+        self.c_proj = Conv1D(c.n_embd, c.n_embd)
+        self.attn_pdrop = c.attn_pdrop
+        self.resid_dropout = torch.nn.Dropout(c.resid_pdrop)
+
+    def forward(self, x, packed: Packed):
+        q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
+        o = attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                             packed.max_seqlen, causal=True,
+                             dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(o.flatten(-2)))
+
+
+class GPTMLP(torch.nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        inner = c.n_inner or 4 * c.n_embd
+        self.c_fc = Conv1D(c.n_embd, inner)
+        self.c_proj = Conv1D(inner, c.n_embd)
+        activation(c.activation_function)
+        self.activation_function = c.activation_function
+        self.dropout = torch.nn.Dropout(c.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(activation(self.activation_function)(self.c_fc(x))))
+
+
+class GPTBlock(torch.nn.Module):
+    """Pre-LN block. forward(delta, residual, packed): `delta` is the previous block's MLP
+    output (None for the first block), added to the residual stream inside ln_1; returns this
+    block's MLP output and the residual stream it has not yet been added to."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.attn = GPTAttention(c)
+        self.ln_2 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.mlp = GPTMLP(c)
+
+    def forward(self, delta, residual, packed: Packed):
+        if delta is None:
+            y = self.ln_1(residual)
+        else:
+            y, residual = self.ln_1(delta, residual=residual)
+        y, residual = self.ln_2(self.attn(y, packed), residual=residual)
+        return self.mlp(y), residual
+
+
+class GPTModel(torch.nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = torch.nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = torch.nn.Dropout(config.embd_pdrop)
+        self.h = torch.nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        for m in (self.wte, self.wpe):
+            torch.nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> Packed:
+        """Returns the final hidden states of the real tokens (see bert.Packed)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if seq > self.config.n_positions:
+            raise ValueError(f"input_ids has {seq} positions, more than n_positions={self.config.n_positions}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        ids, indices, cu, max_len = unpad(input_ids, attention_mask)
+        pos = position_ids.reshape(-1).index_select(0, indices)
+        packed = Packed(None, indices, cu, max_len, batch, seq)
+        residual, delta = self.drop(self.wte(ids) + self.wpe(pos)), None
+        for block in self.h:
+            delta, residual = block(delta, residual, packed)
+        y, _ = self.ln_f(delta, residual=residual) if delta is not None else (self.ln_f(residual), None)
+        return packed.with_hidden(y)
+
+
+class CausalLMOutput(NamedTuple):
+    loss: Optional[Tensor] = None
+    accuracy: Optional[Tensor] = None   # next-token argmax accuracy over labelled positions
+    logits: Optional[Tensor] = None     # only without labels: (batch, seq, V), zero at padding
+
+
+class GPTForCausalLM(torch.nn.Module):
+    """GPT-2 LM: lm_head tied to wte. forward(input_ids, attention_mask=None, labels=None):
+    with labels (-100 where nothing is predicted, e.g. padding), the mean next-token loss
+    (position t predicts labels[t + 1], as GPT2LMHeadModel computes it), logits never whole."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPTModel(config)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+        packed = self.transformer(input_ids, attention_mask, position_ids)
+        if labels is None:
+            return CausalLMOutput(logits=packed.with_hidden(self.lm_head(packed.hidden)).padded())
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        # Shift within each packed sequence: row t predicts row t + 1; a sequence's last row
+        # predicts nothing.
+        y = packed.take(labels)
+        shifted = torch.cat([y[1:], y.new_full((1,), -100)])
+        ends = packed.cu_seqlens[1:].long() - 1
+        shifted[ends[ends >= 0]] = -100
+        out = lm_loss(packed.hidden, self.lm_head.weight, shifted, return_details=True)
+        return CausalLMOutput(loss=out.loss, accuracy=out.accuracy)

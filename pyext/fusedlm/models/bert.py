@@ -5,7 +5,7 @@ runs on the real tokens only: the linear layers, the fused residual + LayerNorm,
 (variable-length path) and the masked-LM loss (labelled rows only). Nothing is computed for
 padding. `sequence_output` is padded back only when it is asked for.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,10 +15,11 @@ from torch import Tensor
 from ..nn import LayerNorm, MaskedLMHead
 from ..nn.activations import activation
 from ..ops import attention_varlen, pad, unpad
+from .config import FromHF
 
 
 @dataclass
-class BertConfig:
+class BertConfig(FromHF):
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -33,11 +34,6 @@ class BertConfig:
     pad_token_id: int = 0
     num_labels: int = 2
     classifier_dropout: Optional[float] = None
-
-    @classmethod
-    def from_hf(cls, config):
-        """From a transformers BertConfig / RobertaConfig (or anything with these attributes)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
 
 
 class Packed(NamedTuple):

@@ -6,7 +6,7 @@ block is pre-LN; the residual add is fused into the next LayerNorm (ln_2, the ne
 ln_1, ln_f). A padded batch runs on its real tokens only (causal variable-length attention) and
 the loss never materializes the logits (fusedlm.lm_loss on the shifted labels).
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,10 +16,11 @@ from ..nn import LayerNorm
 from ..nn.activations import activation
 from ..ops import attention_varlen, lm_loss, unpad
 from .bert import Packed
+from .config import FromHF
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(FromHF):
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -31,11 +32,6 @@ class GPTConfig:
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
-
-    @classmethod
-    def from_hf(cls, config):
-        """From a transformers GPT2Config (or anything with these attributes)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
 
 
 class Conv1D(torch.nn.Module):

@@ -8,6 +8,19 @@ from . import models, nn
 from ._core import cuda_unavailable_reason
 
 
+def patch(model, **kwargs):
+    """Make a Hugging Face transformers model run on fusedlm's kernels, in place; returns a
+    report. See fusedlm.integrations.hf."""
+    from .integrations.hf import patch as _patch
+    return _patch(model, **kwargs)
+
+
+def unpatch(model):
+    """Undo fusedlm.patch exactly."""
+    from .integrations.hf import unpatch as _unpatch
+    return _unpatch(model)
+
+
 def build_info():
     """How the compiled core was built (CUDA or not, architectures, nvcc version)."""
     from . import _core
@@ -17,5 +30,5 @@ def build_info():
 
 
 __all__ = ["attention", "attention_varlen", "pad", "unpad", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput",
-           "explain", "models", "nn", "reference", "build_info",
+           "explain", "models", "nn", "patch", "unpatch", "reference", "build_info",
            "cuda_unavailable_reason", "__version__"]

@@ -1,0 +1,231 @@
+"""Patch Hugging Face transformers models in place to run on fusedlm's kernels, and undo it.
+
+What `patch(model)` does, each step recorded in the report it returns:
+  * attention: registers "fusedlm" in transformers' AttentionInterface *and* its
+    AttentionMaskInterface (an attention name missing from the latter gets no mask at all, so a
+    padded batch would silently attend to its padding), with the mask function that hands the
+    2-D padding mask through; then sets the model's attention implementation to it;
+  * every torch.nn.LayerNorm becomes fusedlm.nn.LayerNorm, sharing the same Parameters;
+  * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
+    fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
+    materializing the logits: the returned output has logits=None. Without labels the
+    original forward runs.
+`unpatch(model)` restores the modules, the attention implementation and the forward exactly.
+"""
+import types
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+
+from ..nn.normalization import replace_norms
+from ..ops import attention as fused_attention
+from ..ops import lm_loss
+
+ATTN_NAME = "fusedlm"
+_STATE = "_fusedlm_patch"
+
+
+@dataclass
+class PatchReport:
+    model: str
+    patched: List[str] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (what, why)
+
+    def __str__(self):
+        lines = [f"fusedlm.patch({self.model}):"]
+        lines += [f"  patched: {p}" for p in self.patched]
+        lines += [f"  left alone: {w} ({why})" for w, why in self.left_alone]
+        return "\n".join(lines)
+
+
+def _transformers():
+    try:
+        import transformers
+        from transformers import masking_utils
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError as e:
+        raise RuntimeError(f"fusedlm.patch needs transformers >= 4.56 (its AttentionInterface and "
+                           f"AttentionMaskInterface); import failed: {e}") from e
+    if not hasattr(masking_utils, "AttentionMaskInterface"):
+        raise RuntimeError(f"fusedlm.patch needs transformers >= 4.56 (AttentionMaskInterface); "
+                           f"found {transformers.__version__}")
+    return transformers, masking_utils, AttentionInterface
+
+
+def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       is_causal=None, **kwargs):
+    """transformers' attention-function signature: q, k, v (batch, heads, seq, D); the mask is
+    the 2-D padding mask (batch, seq_k) or None. Returns ((batch, seq, heads, D), None)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("fusedlm attention does not materialize attention weights "
+                         "(output_attentions=True); unpatch the model to get them")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = causal and query.shape[2] > 1
+    out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
+                          dropout_p=dropout, softmax_scale=scaling, layout="bhsd")
+    return out.transpose(1, 2), None
+
+
+def _register():
+    _, masking_utils, AttentionInterface = _transformers()
+    AttentionInterface.register(ATTN_NAME, _attention_forward)
+    masking_utils.AttentionMaskInterface.register(ATTN_NAME, masking_utils.flash_attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss forwards: base model -> labelled rows -> head transform -> fused loss.
+
+def _base_outputs(model, kwargs):
+    base = getattr(model, model.base_model_prefix)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs["return_dict"] = True
+    return base(**kwargs)
+
+
+def _labelled(hidden, labels, ignore_index=-100):
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(hidden.device)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    return h.index_select(0, idx), y.index_select(0, idx)
+
+
+def _mlm_head(model):
+    """(transform on hidden rows, decoder Linear) of each supported masked-LM head."""
+    name = type(model).__name__
+    if name in ("BertForMaskedLM", "BertForPreTraining"):
+        p = model.cls.predictions
+        return p.transform, p.decoder
+    if name == "RobertaForMaskedLM":
+        h = model.lm_head
+        gelu = torch.nn.functional.gelu
+        return (lambda x: h.layer_norm(gelu(h.dense(x)))), h.decoder
+    if name == "DistilBertForMaskedLM":
+        return (lambda x: model.vocab_layer_norm(model.activation(model.vocab_transform(x)))), model.vocab_projector
+    return None
+
+
+def _mlm_loss(model, hidden, labels):
+    transform, decoder = _mlm_head(model)
+    h, y = _labelled(hidden, labels)
+    return lm_loss(transform(h), decoder.weight, y, decoder.bias)
+
+
+def _mlm_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    if labels is None:
+        return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from transformers.modeling_outputs import MaskedLMOutput
+    out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
+    return MaskedLMOutput(loss=_mlm_loss(self, out[0], labels), logits=None,
+                          hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _pretraining_forward(self, input_ids=None, attention_mask=None, labels=None,
+                         next_sentence_label=None, **kwargs):
+    if labels is None:
+        return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                              next_sentence_label=next_sentence_label, **kwargs)
+    from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+    out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
+    loss = _mlm_loss(self, out[0], labels)
+    nsp_logits = self.cls.seq_relationship(out[1])
+    if next_sentence_label is not None:
+        loss = loss + torch.nn.functional.cross_entropy(nsp_logits.view(-1, 2).float(),
+                                                        next_sentence_label.view(-1))
+    return BertForPreTrainingOutput(loss=loss, prediction_logits=None,
+                                    seq_relationship_logits=nsp_logits,
+                                    hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _causal_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    if labels is None:
+        return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+    out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
+    hidden = out[0]
+    loss = lm_loss(hidden, self.lm_head.weight, labels.to(hidden.device), self.lm_head.bias,
+                   shift=True)
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None,
+                                             past_key_values=out.past_key_values,
+                                             hidden_states=out.hidden_states,
+                                             attentions=out.attentions)
+
+
+_LOSS_FORWARDS = {
+    "BertForMaskedLM": _mlm_forward,
+    "RobertaForMaskedLM": _mlm_forward,
+    "DistilBertForMaskedLM": _mlm_forward,
+    "BertForPreTraining": _pretraining_forward,
+    "GPT2LMHeadModel": _causal_forward,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
+    """Patch a transformers model in place (see the module docstring); returns the report.
+    Patching a patched model is an error: unpatch first."""
+    transformers, _, _ = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if hasattr(model, _STATE):
+        raise ValueError("model is already patched by fusedlm; call fusedlm.unpatch(model) first")
+    name = type(model).__name__
+    report = PatchReport(name)
+    state = {"attn": None, "norms": [], "forward": False}
+
+    if attention:
+        _register()
+        state["attn"] = model.config._attn_implementation
+        for m in model.modules():  # every sub-config (encoder, decoder) a module holds
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = ATTN_NAME
+        report.patched.append(f"attention: '{state['attn']}' -> '{ATTN_NAME}' (masks through "
+                              "AttentionMaskInterface)")
+    else:
+        report.left_alone.append(("attention", "attention=False"))
+
+    if layer_norm:
+        originals = [(parent, child_name, child) for parent in model.modules()
+                     for child_name, child in parent._modules.items()
+                     if type(child) is torch.nn.LayerNorm]
+        swapped = replace_norms(model, rms=False)
+        state["norms"] = originals
+        report.patched.append(f"LayerNorm: {len(swapped)} module(s) -> fusedlm.nn.LayerNorm")
+        others = {type(m).__name__ for m in model.modules()
+                  if "norm" in type(m).__name__.lower() and type(m).__module__.startswith("transformers")}
+        for other in sorted(others):
+            report.left_alone.append((other, "not torch.nn.LayerNorm; its forward may differ"))
+    else:
+        report.left_alone.append(("LayerNorm", "layer_norm=False"))
+
+    if loss and name in _LOSS_FORWARDS:
+        model._fusedlm_original_forward = model.forward
+        model.forward = types.MethodType(_LOSS_FORWARDS[name], model)
+        state["forward"] = True
+        report.patched.append("loss: fused projection + cross-entropy when labels are given "
+                              "(logits=None in that case)")
+    elif loss:
+        report.left_alone.append(("loss", f"no fused loss path for {name}"))
+    setattr(model, _STATE, state)
+    return report
+
+
+def unpatch(model):
+    """Undo `patch`: the original LayerNorm modules, attention implementation and forward."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("model is not patched by fusedlm")
+    for parent, child_name, child in state["norms"]:
+        setattr(parent, child_name, child)
+    if state["attn"] is not None:
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTN_NAME:
+                cfg._attn_implementation = state["attn"]
+    if state["forward"]:
+        del model.forward
+        del model._fusedlm_original_forward
+    delattr(model, _STATE)
+    return model

@@ -1,0 +1,65 @@
+"""Data-parallel training through torch.distributed: two CPU processes (gloo) running
+DistributedDataParallel over fusedlm's BERT get the gradients a single process computes for the
+same two half-batches."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedlm.models as fm
+
+CONFIG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=40)
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(1, 101, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:6:2] = ids[:, 1:6:2]
+    return ids, mask, labels, torch.tensor([0, 1])
+
+
+def _model():
+    torch.manual_seed(0)
+    return fm.BertForPreTraining(fm.BertConfig(**CONFIG, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0))
+
+
+def _loss(model, rank):
+    ids, mask, labels, nsp = _batch(rank)
+    return model(ids, mask, labels=labels, next_sentence_label=nsp).loss
+
+
+def _worker(rank, world, port, out):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(_model())
+        _loss(ddp, rank).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in ddp.module.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_ddp_gradients_equal_a_single_process(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    model = _model()
+    ((_loss(model, 0) + _loss(model, 1)) / 2).backward()  # DDP averages the ranks' gradients
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-6), n

@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from ..ops import layer_norm, rms_norm
+from ._swap import rebind, swap_modules
 
 
 def _fused_forward(module, x, residual, op, *params):
@@ -74,26 +75,11 @@ def replace_norms(model: torch.nn.Module, backend: Optional[str] = None,
     working). Returns what was swapped; a module reached by two names is swapped once and
     listed under each name. Subclasses of torch's norms (other libraries' variants) are left
     alone, since their forward may differ."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = {torch.nn.LayerNorm: (LayerNorm, "LayerNorm")}
     if rms:
         targets[torch.nn.RMSNorm] = (RMSNorm, "RMSNorm")
-    replaced, swapped = {}, []
-    for parent_name, parent in list(model.named_modules()):
-        # _modules, not named_children(): the latter hides a second name of the same module.
-        for child_name, child in list(parent._modules.items()):
-            if type(child) not in targets and id(child) not in replaced:
-                continue
-            if id(child) not in replaced:
-                cls, kind = targets[type(child)]
-                new = cls.__new__(cls)
-                new.__dict__ = child.__dict__.copy()  # same Parameters, hooks, training flag
-                new._parameters = child._parameters.copy()
-                new.backend = backend
-                replaced[id(child)] = (new, kind)
-            new, kind = replaced[id(child)]
-            setattr(parent, child_name, new)
-            qual = f"{parent_name}.{child_name}" if parent_name else child_name
-            swapped.append(Swapped(qual, kind, tuple(new.normalized_shape)))
-    return swapped
+    make = {t: (lambda child, cls=cls: rebind(child, cls, backend=backend))
+            for t, (cls, _) in targets.items()}
+    kinds = {cls: kind for cls, kind in targets.values()}
+    return [Swapped(name, kinds[type(new)], tuple(new.normalized_shape))
+            for name, new in swap_modules(model, make)]

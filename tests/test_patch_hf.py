@@ -123,3 +123,19 @@ def test_patch_rejects_what_it_cannot_patch():
     report = fusedlm.patch(model)
     assert any(w == "loss" for w, _ in report.left_alone)
     fusedlm.unpatch(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["BertForPreTraining", "GPT2LMHeadModel"])
+def test_patched_model_in_bf16_on_the_gpu_kernels(name):
+    """On a GPU in bf16 the patch runs the Triton attention and loss kernels: the loss stays
+    within bf16 tolerance of the unpatched model's."""
+    torch.manual_seed(0)
+    ref = _models()[name]().to("cuda", torch.bfloat16).eval()
+    model = copy.deepcopy(ref)
+    fusedlm.patch(model)
+    kw, mask = _inputs(name)
+    want = ref(**kw).loss.float()
+    got = model(**kw).loss
+    assert fusedlm.explain("attention").backend == "triton"
+    assert abs(float(got) - float(want)) < 2e-2 * abs(float(want))

@@ -32,4 +32,5 @@ python3 -m fusedlm.cli bench layer_norm --rows 16384 65536 --out "$OUT/layer_nor
   2>&1 | tee "$OUT/bench.log" | tail -80
 python3 -m fusedlm.cli bench lm_loss --out "$OUT/lm_loss.json" 2>&1 | tee -a "$OUT/bench.log" | tail -40
 python3 -m fusedlm.cli bench attention --out "$OUT/attention.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+python3 -m fusedlm.cli bench model --out "$OUT/model.json" 2>&1 | tee -a "$OUT/bench.log" | tail -30
 log "done"

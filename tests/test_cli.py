@@ -38,3 +38,12 @@ def test_bench_attention_writes_json(tmp_path):
     assert {r["impl"] for r in results} >= {"fusedlm[torch]", "fusedlm[torch] packed"}
     assert {r["direction"] for r in results} == {"fwd", "fwd+bwd"}
     assert all(r["ms"] > 0 for r in results)
+
+
+def test_bench_model_writes_json(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "model.json"
+    assert main(["bench", "model", "--case", "bert-tiny", "--padding", "0.5", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in results} >= {"hf eager (sdpa)", "hf patched by fusedlm", "fusedlm model"}
+    assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.5 for r in results)

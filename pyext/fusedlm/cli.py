@@ -6,6 +6,8 @@
   fusedlm bench layer_norm   the full layer-norm benchmark, JSON with provenance
   fusedlm bench attention    attention, fwd and fwd+bwd TFLOP/s, against every SDPA backend,
                              flex_attention and flash-attn; a padded BERT batch, packed
+  fusedlm bench model        a training step of BERT-base MLM+NSP and GPT-2 small: Hugging
+                             Face eager, compiled, patched by fusedlm, fusedlm's own model
   fusedlm bench lm_loss      the fused LM loss against Hugging Face's full-logits path,
                              torch.compile, Liger-Kernel and Cut Cross-Entropy
   fusedlm info               build and dispatch facts, one screen
@@ -27,6 +29,7 @@ from fusedlm.bench import environment, write_json  # noqa: E402
 from fusedlm.bench import attention as attn_bench  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
 from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
+from fusedlm.bench import model as model_bench  # noqa: E402
 from fusedlm.ops import dispatch  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -138,6 +141,8 @@ def cmd_bench(args):
                                           widths=args.widths, directions=args.direction)
         print("\nhost cost per call:")
         payload["overhead"] = ln_bench.dispatch_overhead()
+    elif args.op == "model":
+        payload["results"] = model_bench.run(cases=args.case, paddings=args.padding)
     elif args.op == "attention":
         payload["results"] = attn_bench.run(seqlens=args.seq, head_dims=args.head_dim,
                                             tokens=args.tokens, dtype=_DTYPES[args.dtype])
@@ -183,6 +188,12 @@ def main(argv=None):
     b.add_argument("--tokens", type=int, default=16384 if gpu else 128,
                    help="tokens per batch (batch = tokens / seq)")
     b.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=sorted(_DTYPES))
+    b.add_argument("--out", help="write results as JSON here")
+    b = ops.add_parser("model", help="training step of BERT / GPT-2: HF vs patched vs fusedlm")
+    b.add_argument("--case", nargs="+", choices=sorted(model_bench.CASES),
+                   default=["bert-base", "gpt2-small"] if gpu else ["bert-tiny", "gpt2-tiny"])
+    b.add_argument("--padding", nargs="+", type=float, default=[0.0, 0.5],
+                   help="fraction of each batch that is padding")
     b.add_argument("--out", help="write results as JSON here")
     b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
     b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),

@@ -139,3 +139,14 @@ def test_patched_model_in_bf16_on_the_gpu_kernels(name):
     got = model(**kw).loss
     assert fusedlm.explain("attention").backend == "triton"
     assert abs(float(got) - float(want)) < 2e-2 * abs(float(want))
+
+
+def test_patched_model_under_torch_compile():
+    torch.manual_seed(0)
+    model = _models()["BertForMaskedLM"]().to(DEVICE).eval()
+    fusedlm.patch(model)
+    kw, _ = _inputs("BertForMaskedLM")
+    eager = model(**kw).loss
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")(**kw).loss
+    assert rel_err(compiled, eager) < 1e-6

@@ -73,19 +73,18 @@ def _ce_rows_kernel(
             tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, grad_scale, compute_grad):
+def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, row_scale, scale,
+            compute_grad):
     """logits: (rows, V), unit column stride (overwritten by the gradient when `compute_grad`);
-    labels: (rows,) int64 in [0, V); loss, lse, hit: (rows,) float32 outputs; grad_scale: a
-    float, a (rows,) float32 tensor of per-row scales, or None without `compute_grad`."""
+    labels: (rows,) int64 in [0, V); loss, lse, hit: (rows,) float32 outputs. The gradient of
+    row i is scaled by row_scale[i] ((rows,) float32) when given, else by `scale`."""
     rows, vocab = logits.shape
     if rows == 0:
         return
-    row_scale = grad_scale if not isinstance(grad_scale, (float, int, type(None))) else None
     block_v = min(triton.next_power_of_2(vocab), 4096)
     _ce_rows_kernel[(rows,)](
         logits, labels, loss, lse, hit, row_scale if row_scale is not None else loss,
-        logits.stride(0), vocab, float(label_smoothing), float(z_loss),
-        float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0,
+        logits.stride(0), vocab, float(label_smoothing), float(z_loss), float(scale),
         COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
         SMOOTH=label_smoothing != 0.0, BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,

@@ -18,6 +18,7 @@ from typing import List, Tuple
 
 import torch
 
+from ..nn.lm_head import labelled_rows
 from ..nn.normalization import replace_norms
 from ..ops import attention as fused_attention
 from ..ops import lm_loss
@@ -83,13 +84,6 @@ def _base_outputs(model, kwargs):
     return base(**kwargs)
 
 
-def _labelled(hidden, labels, ignore_index=-100):
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).to(hidden.device)
-    idx = (y != ignore_index).nonzero().squeeze(1)
-    return h.index_select(0, idx), y.index_select(0, idx)
-
-
 def _mlm_head(model):
     """(transform on hidden rows, decoder Linear) of each supported masked-LM head."""
     name = type(model).__name__
@@ -107,7 +101,7 @@ def _mlm_head(model):
 
 def _mlm_loss(model, hidden, labels):
     transform, decoder = _mlm_head(model)
-    h, y = _labelled(hidden, labels)
+    h, y = labelled_rows(hidden, labels)
     return lm_loss(transform(h), decoder.weight, y, decoder.bias)
 
 

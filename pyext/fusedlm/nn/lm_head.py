@@ -15,6 +15,19 @@ from .activations import activation
 from .normalization import LayerNorm
 
 
+def labelled_rows(hidden, labels, ignore_index=-100):
+    """The rows of `hidden` (..., H) whose label (hidden's shape without H) is not
+    ignore_index, and those labels: a masked-LM head transforms and projects only these.
+    Under torch.compile all rows are kept (a data-dependent shape would break the graph);
+    the loss ignores the rest anyway."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(hidden.device)
+    if torch.compiler.is_compiling():
+        return h, y
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    return h.index_select(0, idx), y.index_select(0, idx)
+
+
 class PredictionHeadTransform(torch.nn.Module):
     """dense -> activation -> LayerNorm, applied per token (Hugging Face's naming)."""
 
@@ -61,11 +74,7 @@ class MaskedLMHead(torch.nn.Module):
             return self.decoder(self.transform(hidden))
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-        h = hidden.reshape(-1, hidden.shape[-1])
-        y = labels.reshape(-1)
-        if not torch.compiler.is_compiling():  # (a data-dependent shape would break the graph)
-            idx = (y != self.ignore_index).nonzero().squeeze(1)
-            h, y = h.index_select(0, idx), y.index_select(0, idx)
+        h, y = labelled_rows(hidden, labels, self.ignore_index)
         return lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
                        ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                        z_loss=self.z_loss, return_details=return_details, backend=self.backend)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _triton, dispatch
+from ._tensors import autocast_inputs, unit_stride
 
 _HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -48,10 +49,6 @@ dispatch.register(dispatch.OpBackends(
 # ---------------------------------------------------------------------------------------------
 # Triton path.
 
-def _unit_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
                     pinned):
     varlen = cu_q is not None
@@ -66,7 +63,7 @@ def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, 
 
 def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
                      dropout_p, seed, pinned):
-    do = _unit_stride(do)
+    do = unit_stride(do)
     # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
     delta = (do.float() * o.float()).sum(-1)
     delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
@@ -228,14 +225,6 @@ def _seed(dropout_p, seed, n_streams):
     return min(seed, 2 ** 31 - 1 - n_streams)
 
 
-def _autocast(q, k, v):
-    device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(device_type)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               attention_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               softmax_scale: Optional[float] = None, layout: str = "bshd",
@@ -274,7 +263,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if attention_mask.is_floating_point():
             raise TypeError("attention_mask must be bool or integer (nonzero = attend), got "
                             f"{attention_mask.dtype}; additive float masks are not accepted")
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, batch * heads)
     chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
@@ -285,7 +274,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.int8).contiguous()
-        o, lse2 = _fused(*map(_unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
+        o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic))
         out, lse = o, lse2 * LN2
     if layout == "bhsd":
@@ -327,7 +316,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if not torch.compiler.is_compiling():  # reading the offsets would break the graph
         _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q,
                        max_seqlen_k)
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
@@ -338,7 +327,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     else:
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
-        out, lse2 = _fused(*map(_unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
+        out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
                            max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic))
         lse = lse2 * LN2
     return (out, lse) if return_lse else out

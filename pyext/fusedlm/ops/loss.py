@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
+from ._tensors import autocast_inputs, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -84,37 +85,44 @@ def default_chunk_size(vocab, dtype):
 
 def _cross_entropy_rows(backend, logits, labels, loss, lse, hit, smoothing, z_loss, grad_scale,
                         compute_grad):
+    # grad_scale: a (rows,) tensor of per-row scales, a float, or None without gradients.
+    row_scale = grad_scale if isinstance(grad_scale, Tensor) else None
+    scale = float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0
     if backend == "torch":
         out = reference.ce_rows(logits, labels, label_smoothing=smoothing, z_loss=z_loss,
-                                grad_scale=grad_scale, compute_grad=compute_grad)
+                                grad_scale=row_scale if row_scale is not None else scale,
+                                compute_grad=compute_grad)
         for dst, src in zip((loss, lse, hit), out):
             dst.copy_(src)
     elif backend == "triton":
         _triton.kernels("lm_loss").ce_rows(logits, labels, loss, lse, hit, label_smoothing=smoothing,
-                                           z_loss=z_loss, grad_scale=grad_scale,
+                                           z_loss=z_loss, row_scale=row_scale, scale=scale,
                                            compute_grad=compute_grad)
     else:
-        row_scale = grad_scale if isinstance(grad_scale, Tensor) else None
-        scalar_scale = float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0
         d = _core.dl
-        _core._C.lm_ce_rows(d(logits), d(labels), d(loss), d(lse), d(hit), d(row_scale),
-                            scalar_scale, float(smoothing),
-                            float(z_loss), compute_grad, _core.stream_of(logits))
+        _core._C.lm_ce_rows(d(logits), d(labels), d(loss), d(lse), d(hit), d(row_scale), scale,
+                            float(smoothing), float(z_loss), compute_grad, _core.stream_of(logits))
 
 
 def _labelled_rows(labels, ignore_index, vocab):
     """Indices of the labelled rows (None when every row is labelled) and their labels.
-    Raises ValueError for a label outside [0, vocab) that is not ignore_index."""
+    Raises ValueError for a label outside [0, vocab) that is not ignore_index.
+
+    One host sync reads the count and the range together; finding the indices costs a second
+    one only when some rows are ignored (callers that compacted already pay just the first)."""
     valid = labels != ignore_index
+    if labels.numel() == 0:
+        return None, labels
+    big = torch.iinfo(labels.dtype).max
+    count, lo, hi = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
+                                 torch.where(valid, labels, -big).max()]).tolist()
+    if count and (lo < 0 or hi >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
+                         f"dimension) or equal ignore_index={ignore_index}, got {lo if lo < 0 else hi}")
+    if count == labels.numel():
+        return None, labels
     idx = valid.nonzero().squeeze(1)
-    picked = labels if idx.numel() == labels.numel() else labels.index_select(0, idx)
-    if picked.numel():
-        lo, hi = (int(v) for v in torch.aminmax(picked))
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
-                             f"dimension) or equal ignore_index={ignore_index}, got {bad}")
-    return (None if idx.numel() == labels.numel() else idx), picked
+    return idx, labels.index_select(0, idx)
 
 
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
@@ -340,15 +348,6 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _autocast(hidden, weight, bias):
-    """Under autocast the projection runs in the autocast dtype, as nn.Linear's would."""
-    device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
 def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
             ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
             z_loss: float = 0.0, shift: bool = False, return_details: bool = False,
@@ -366,7 +365,8 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
               chunk_size)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
+    # Under autocast the projection runs in the autocast dtype, as nn.Linear's would.
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), hidden.device.type,
                              backend)
     if shift:
@@ -374,9 +374,8 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
         pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
         labels = torch.cat([labels[..., 1:], pad], dim=-1)
     out_shape = labels.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    h2 = unit_stride(hidden.reshape(-1, hidden.shape[-1]))
+    w = unit_stride(weight)
     y = labels.reshape(-1).long()
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h2.requires_grad, grad_on and w.requires_grad,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
+from ._tensors import unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -175,8 +176,8 @@ class _NormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(ctx.saved_tensors[0])
         z, weight, mean, rstd, is_rms, backend, need, need_dw, need_db, param_dtype = _grad_plan(ctx, dy)
-        dz, dw, db = _backward(backend, _unit_stride(dy), z, weight, mean, rstd,
-                               None if dz_out is None else _unit_stride(dz_out), is_rms,
+        dz, dw, db = _backward(backend, unit_stride(dy), z, weight, mean, rstd,
+                               None if dz_out is None else unit_stride(dz_out), is_rms,
                                need_dw, need_db, param_dtype)
         return _input_grads(need, dz, dw, db)
 
@@ -240,10 +241,6 @@ norm_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public functional API.
 
-def _unit_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _validate(x, weight, bias, residual, eps):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -283,8 +280,8 @@ def _norm(op_name, x, weight, bias, eps, residual, return_residual, backend, is_
     n = x.shape[-1]
     pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
     chosen = dispatch.select(op_name, (x.device.type, x.dtype, n, pdtype), x.device.type, backend)
-    x2 = _unit_stride(x.reshape(-1, n))
-    r2 = None if residual is None else _unit_stride(residual.reshape(-1, n))
+    x2 = unit_stride(x.reshape(-1, n))
+    r2 = None if residual is None else unit_stride(residual.reshape(-1, n))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     # With a residual the backward reads the sum, so it is stored whenever a gradient may come.

@@ -1,0 +1,18 @@
+"""Small tensor helpers shared by the ops."""
+import torch
+
+
+def unit_stride(t):
+    """t itself when its last dimension is contiguous (what the kernels need), else a copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def autocast_inputs(*tensors):
+    """Under autocast, the tensors in the autocast dtype (as a matmul's inputs would be);
+    otherwise unchanged. None stays None."""
+    live = [t for t in tensors if t is not None]
+    device_type = live[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)

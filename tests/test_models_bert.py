@@ -94,7 +94,7 @@ def test_a_few_steps_lower_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids, mask, types, labels, nsp = _batch(3)
     losses = []
-    for _ in range(8):
+    for _ in range(20):
         loss = model(ids, mask, types, labels=labels, next_sentence_label=nsp).loss
         opt.zero_grad()
         loss.backward()
@@ -110,3 +110,28 @@ def test_bad_input():
         model(ids)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids[:, :10], torch.ones(2, 9, device=DEVICE))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_weights_start_as_bert_and_gpt2_initialize_them(family):
+    """From scratch, weights are N(0, initializer_range) (GPT-2's residual projections scaled by
+    1/sqrt(2 * n_layer)), biases 0, norms 1/0, BERT's padding embedding 0, the decoder still tied."""
+    torch.manual_seed(0)
+    if family == "bert":
+        m = fm.BertForPreTraining(fm.BertConfig(vocab_size=3000, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=256,
+                                                initializer_range=0.05))
+        assert m.bert.embeddings.word_embeddings.weight[0].abs().max() == 0
+        assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
+    else:
+        m = fm.GPTForCausalLM(fm.GPTConfig(vocab_size=3000, n_embd=64, n_layer=8, n_head=2,
+                                           initializer_range=0.05))
+        assert m.lm_head.weight is m.transformer.wte.weight
+    for name, p in m.named_parameters():
+        if "LayerNorm" in name or ".ln_" in name:
+            assert torch.all(p == (1 if name.endswith("weight") else 0)), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif p.numel() >= 4096:
+            want = 0.05 / 4 if "c_proj" in name else 0.05
+            assert abs(p.std().item() / want - 1) < 0.1, (name, p.std().item())

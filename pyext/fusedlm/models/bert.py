@@ -16,6 +16,7 @@ from ..nn import LayerNorm, MaskedLMHead
 from ..nn.activations import activation
 from ..ops import attention_varlen, pad, unpad
 from .config import FromHF
+from .init import init_weights
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BertConfig(FromHF):
     pad_token_id: int = 0
     num_labels: int = 2
     classifier_dropout: Optional[float] = None
+    initializer_range: float = 0.02
 
 
 class Packed(NamedTuple):
@@ -245,6 +247,7 @@ class BertForPreTraining(torch.nn.Module):
         self.config = config
         self.bert = BertModel(config)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, next_sentence_label=None):
@@ -264,6 +267,7 @@ class BertForMaskedLM(torch.nn.Module):
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
+        init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None):
@@ -282,6 +286,7 @@ class BertForSequenceClassification(torch.nn.Module):
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = torch.nn.Dropout(p)
         self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None):

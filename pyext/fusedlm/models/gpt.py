@@ -17,6 +17,7 @@ from ..nn.activations import activation
 from ..ops import attention_varlen, lm_loss, unpad
 from .bert import Packed
 from .config import FromHF
+from .init import init_weights
 
 
 @dataclass
@@ -32,6 +33,7 @@ class GPTConfig(FromHF):
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
 
 
 class Conv1D(torch.nn.Module):
@@ -39,7 +41,7 @@ class Conv1D(torch.nn.Module):
 
     def __init__(self, n_in, n_out):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))
+        self.weight = torch.nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))  # GPTModel re-inits
         self.bias = torch.nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):
@@ -109,8 +111,7 @@ class GPTModel(torch.nn.Module):
         self.drop = torch.nn.Dropout(config.embd_pdrop)
         self.h = torch.nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        for m in (self.wte, self.wpe):
-            torch.nn.init.normal_(m.weight, std=0.02)
+        init_weights(self, config.initializer_range, ("c_proj.weight",), config.n_layer)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> Packed:
         """Returns the final hidden states of the real tokens (see bert.Packed)."""

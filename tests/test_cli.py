@@ -47,3 +47,72 @@ def test_bench_model_writes_json(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {r["impl"] for r in results} >= {"hf eager (sdpa)", "hf patched by fusedlm", "fusedlm model"}
     assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.5 for r in results)
+
+
+def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    csv_path, png = tmp_path / "ln.csv", tmp_path / "ln.png"
+    assert main(["bench", "layer_norm", "--rows", "64", "--widths", "128", "256", "--dtype", "fp32",
+                 "--csv", str(csv_path), "--plot", str(png)]) == 0
+    header, *rows = csv_path.read_text().splitlines()
+    assert header.split(",")[:3] == ["op", "direction", "dtype"] and len(rows) >= 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "speedup_vs_torch" in out and "gbps" in out  # the table
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--steps", "0"], ["pretrain", "--dropout", "1.5"],
+                                  ["pretrain", "--hidden", "30", "--heads", "4"],
+                                  ["pretrain", "--corpus", "/no/such/file"],
+                                  ["pretrain", "--impl", "mine"], ["bench", "layer_norm", "--rows", "-3"]])
+def test_bad_pretrain_and_bench_values_are_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+TINY = ["--steps", "12", "--finetune-steps", "6", "--batch", "8", "--hidden", "32", "--heads", "2",
+        "--docs", "60", "--vocab", "200", "--no-progress"]
+
+
+def test_pretrain_fused_and_reference_side_by_side(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    fused, ref = report["results"]["fused"], report["results"]["reference"]
+    assert len(fused["curve"]) == 12 and len(fused["finetune_curve"]) == 6
+    # Same seed, same batches, dropout off: the same curve, step by step.
+    for a, b in zip(fused["curve"], ref["curve"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"], (a, b)
+    assert report["curves_agree"] and report["speedup"] > 0
+    assert 0 <= fused["finetune_accuracy"] <= 1 and fused["tokens_per_s"] > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tokenizer.json").exists()
+    text = capsys.readouterr().out
+    assert "masked-LM accuracy" in text and "the same curve" in text
+
+
+def test_pretrain_on_a_corpus_file(tmp_path):
+    pytest.importorskip("tokenizers")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(f"line {d} {i} of document {d} ." for i in range(4))
+                                  for d in range(20)))
+    assert main(["pretrain", *TINY, "--impl", "fused", "--corpus", str(corpus),
+                 "--out", str(tmp_path / "run")]) == 0
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("just one line\n")
+    with pytest.raises(SystemExit) as info:  # no document with two sentences: a usage error
+        main(["pretrain", *TINY, "--corpus", str(one_line), "--out", ""])
+    assert info.value.code == 2
+
+
+def test_demo_checks_then_pretrains(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    assert main(["demo", *TINY, "--out", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "all checks passed" in text and "masked-LM accuracy" in text

@@ -10,6 +10,12 @@
                              Face eager, compiled, patched by fusedlm, fusedlm's own model
   fusedlm bench lm_loss      the fused LM loss against Hugging Face's full-logits path,
                              torch.compile, Liger-Kernel and Cut Cross-Entropy
+  fusedlm bench all          every op above, then the model step
+                             (each bench: a table; --out JSON, --csv, --plot PNG)
+  fusedlm pretrain           pretrain a small BERT (masked LM + next sentence) on a generated
+                             corpus, fine-tune it on a classification task; fusedlm and Hugging
+                             Face side by side: loss curves, accuracy, speed (runs under torchrun)
+  fusedlm demo               check, then pretrain: the README's first command
   fusedlm info               build and dispatch facts, one screen
 """
 import argparse
@@ -24,8 +30,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedlm  # noqa: E402
-from fusedlm import reference  # noqa: E402
-from fusedlm.bench import environment, write_json  # noqa: E402
+from fusedlm.bench import environment, plot, table, write_csv, write_json  # noqa: E402
+from fusedlm.bench.correctness import CHECKS, TOLERANCE  # noqa: E402
 from fusedlm.bench import attention as attn_bench  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
 from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
@@ -47,49 +53,21 @@ def _print_env(env):
         print(f"compiled core: not importable ({b.get('error')})")
 
 
-def _check_backend(backend, device, dtype, n, rows=37):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, n, generator=g).to(device, dtype).requires_grad_()
-    r = torch.randn(rows, n, generator=g).to(device, dtype)
-    w = (1 + torch.randn(n, generator=g)).to(device, dtype).requires_grad_()
-    b = torch.randn(n, generator=g).to(device, dtype).requires_grad_()
-    dy = torch.randn(rows, n, generator=g).to(device, dtype)
-    y = fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
-    got = torch.autograd.grad(y, (x, w, b), dy)
-    xs, ws, bs = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = reference.layer_norm(reference.rounded_sum(xs, r.double(), dtype), ws, bs)[0]
-    want = torch.autograd.grad(ref, (xs, ws, bs), dy.double())
-    errs = [((a.double() - c).norm() / c.norm()).item() for a, c in
-            zip((y,) + got, (ref,) + want)]
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    return all(e < 2 * tol for e in errs), max(errs)
+def _fusedlm_impl(op, backend):
+    """fusedlm's op on one backend, in the check's signature."""
+    if op == "layer_norm":
+        return lambda x, w, b, r: fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
+    if op == "lm_loss":
+        return lambda h, w, b, y: fusedlm.lm_loss(h, w, y, b, z_loss=0.0, chunk_size=7, backend=backend)
+    return lambda q, k, v, causal: fusedlm.attention(q, k, v, causal=causal, backend=backend)
 
 
-def _check_lm_loss(backend, device, dtype, vocab=4099, tokens=64, hidden=32):
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / 3).to(device, dtype).requires_grad_()
-    b = torch.randn(vocab, generator=g).to(device, dtype).requires_grad_()
-    y = torch.randint(0, vocab, (tokens,), generator=g)
-    y[torch.rand(tokens, generator=g) > 0.3] = -100
-    y = y.to(device)
-    loss = fusedlm.lm_loss(h, w, y, b, z_loss=1e-4, chunk_size=7, backend=backend)
-    got = torch.autograd.grad(loss, (h, w, b))
-    hs, ws, bs = (t.detach().double().requires_grad_() for t in (h, w, b))
-    ref = reference.lm_loss(hs, ws, y, bs, z_loss=1e-4)[0]
-    want = torch.autograd.grad(ref, (hs, ws, bs))
-    errs = [((a.double() - c).norm() / c.norm()).item() for a, c in
-            zip((loss,) + got, (ref,) + want)]
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    return all(e < 2 * tol for e in errs), max(errs)
-
-
-# op -> (what is checked, dispatch case for (device, dtype), check function)
+# op -> (what is checked, dispatch case for (device, dtype), extra check arguments)
 _CHECKS = {
-    "layer_norm": ("layer_norm(x + residual)", lambda d, t: (d, t, 1000, t),
-                   lambda be, d, t: _check_backend(be, d, t, 1000)),
-    "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099", lambda d, t: (d, t),
-                _check_lm_loss),
+    "layer_norm": ("layer_norm(x + residual), 37 x 1000", lambda d, t: (d, t, 1000, t),
+                   dict(residual=True)),
+    "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t), {}),
+    "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64), {}),
 }
 
 
@@ -99,18 +77,22 @@ def cmd_check(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
     ok = True
-    for op, (what, case, check) in _CHECKS.items():
-        print(f"\ncorrectness: {what}, forward and backward vs the float64 reference")
+    rows = []
+    print("\ncorrectness: forward and backward against the float64 reference")
+    for op, (what, case, extra) in _CHECKS.items():
         for backend in dispatch.BACKENDS:
             for dtype in dtypes:
+                row = dict(op=what, backend=backend, dtype=str(dtype).split(".")[-1])
                 why = dispatch._OPS[op].why_not(backend, case(device, dtype))
-                label = f"  {backend:<7} {str(dtype).split('.')[-1]:<9}"
-                if why is not None:
-                    print(f"{label} skipped: {why}")
-                    continue
-                passed, err = check(backend, device, dtype)
-                ok &= passed
-                print(f"{label} {'PASS' if passed else 'FAIL'}  max rel. error {err:.2e}")
+                if why is None:
+                    passed, err = CHECKS[op](_fusedlm_impl(op, backend), device, dtype, **extra)
+                    ok &= passed
+                    row.update(result="PASS" if passed else "FAIL", max_rel_error=f"{err:.1e}",
+                               tolerance=f"{TOLERANCE[dtype]:.0e}", why="")
+                else:
+                    row.update(result="skipped", max_rel_error="", tolerance="", why=why)
+                rows.append(row)
+    print(table(rows))
     x = torch.randn(4, 1000, device=device)
     fusedlm.layer_norm(x)
     print("\ndispatch for a default call:\n  " + str(fusedlm.explain("layer_norm")).replace("\n", "\n  "))
@@ -122,39 +104,82 @@ def cmd_check(args):
         print("\nbenchmark: BERT-base masked-LM loss step, fwd+bwd (speed-up over the full-logits path):")
         loss_bench.run(cases=("bert-mlm",), peers=("fusedlm[triton]",))
     else:
-        print("\nbenchmark: no GPU here, so the fused kernels cannot show their speed (the "
-              "interpreter is for correctness only). On CPU:")
-        ln_bench.run(dtypes=(torch.float32,), rows=(4096,), widths=(1024,), peers=())
-        print("\nmasked-LM loss step, fwd+bwd, 15% of tokens labelled (speed-up over the "
-              "full-logits path):")
+        print("\nbenchmark: no GPU here, so the Triton and CUDA kernels cannot show their speed "
+              "(the interpreter is for correctness only).\nOn this CPU, a masked-LM loss step, "
+              "fwd+bwd, 15% of tokens labelled (speed-up over the full-logits path):")
         loss_bench.run(cases=("tiny",), dtype=torch.float32, peers=("fusedlm[torch]",))
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
 
+def _bench_op(op, args):
+    gpu = torch.cuda.is_available()
+    if op == "layer_norm":
+        return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
+                            widths=args.widths, directions=args.direction)
+    if op == "model":
+        return model_bench.run(cases=args.case, paddings=args.padding)
+    if op == "attention":
+        dtype = _DTYPES[args.dtype[0]]
+        return (attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens, dtype=dtype)
+                + attn_bench.run_padded_bert(dtype=dtype, **({} if gpu else dict(batch=2, seq=64, heads=2))))
+    return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]])
+
+
 def cmd_bench(args):
     env = environment()
     _print_env(env)
-    payload = {"environment": env}
-    if args.op == "layer_norm":
-        payload["results"] = ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
-                                          widths=args.widths, directions=args.direction)
-        print("\nhost cost per call:")
-        payload["overhead"] = ln_bench.dispatch_overhead()
-    elif args.op == "model":
-        payload["results"] = model_bench.run(cases=args.case, paddings=args.padding)
-    elif args.op == "attention":
-        payload["results"] = attn_bench.run(seqlens=args.seq, head_dims=args.head_dim,
-                                            tokens=args.tokens, dtype=_DTYPES[args.dtype])
-        payload["results"] += attn_bench.run_padded_bert(dtype=_DTYPES[args.dtype],
-                                                         **({} if torch.cuda.is_available() else
-                                                            dict(batch=2, seq=64, heads=2)))
-    else:
-        payload["results"] = loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype])
+    payload = {"environment": env, "results": []}
+    ops = ("layer_norm", "attention", "lm_loss", "model") if args.op == "all" else (args.op,)
+    for op in ops:
+        print(f"\n== {op}")
+        if args.op == "all":  # each op on its own defaults
+            sub = _parser().parse_args(["bench", op])
+            payload["results"] += _bench_op(op, sub)
+        else:
+            payload["results"] += _bench_op(op, args)
+        if op == "layer_norm":
+            print("\nhost cost per call:")
+            payload["overhead"] = ln_bench.dispatch_overhead()
+    print("\n" + table(payload["results"]))
     if args.out:
         write_json(args.out, payload)
-        print(f"\nwrote {args.out}")
+        print(f"wrote {args.out}")
+    if args.csv:
+        write_csv(args.csv, payload["results"])
+        print(f"wrote {args.csv}")
+    if args.plot:
+        files = plot(args.plot, payload["results"], title=env["device"])
+        print("wrote " + ", ".join(files) if files else "no plot: matplotlib is not installed "
+              "(pip install 'fusedlm[demo]')")
     return 0
+
+
+def _settings(args):
+    from fusedlm.demo import Settings
+    impls = {"both": ("fused", "reference"), "fused": ("fused",), "reference": ("reference",)}
+    return Settings(steps=args.steps, finetune_steps=args.finetune_steps, batch=args.batch,
+                    max_len=args.max_len, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                    vocab=args.vocab, lr=args.lr, finetune_lr=args.finetune_lr,
+                    dropout=args.dropout, docs=args.docs, corpus=args.corpus, seed=args.seed,
+                    dtype=args.dtype, impls=impls[args.impl], out=args.out,
+                    progress=not args.no_progress)
+
+
+def cmd_pretrain(args):
+    from fusedlm.demo import run
+    report = run(_settings(args))
+    agree = report.get("curves_agree", True)
+    if not agree:
+        print("the fused and reference loss curves differ by more than the tolerance")
+    return 0 if agree else 1
+
+
+def cmd_demo(args):
+    print("== 1/2  is it correct here? (fusedlm check)")
+    status = cmd_check(args)
+    print("\n== 2/2  does it train a model? (fusedlm pretrain)")
+    return max(status, cmd_pretrain(args))
 
 
 def cmd_info(args):
@@ -168,43 +193,117 @@ def cmd_info(args):
     return 0
 
 
-def main(argv=None):
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def _outputs(b):
+    b.add_argument("--out", help="write the results as JSON to this file")
+    b.add_argument("--csv", help="write the results as CSV to this file")
+    b.add_argument("--plot", help="plot speed against size to this PNG (one file per op)")
+
+
+def _pretrain_args(b):
+    from fusedlm.demo import Settings
+    d = Settings()
+    pos_int, pos_float = _positive(int), _positive(float)
+    b.add_argument("--steps", type=pos_int, default=d.steps, help="pretraining steps (%(default)s)")
+    b.add_argument("--finetune-steps", type=pos_int, default=d.finetune_steps, help="(%(default)s)")
+    b.add_argument("--batch", type=pos_int, default=d.batch,
+                   help="global batch, split across torchrun's processes (%(default)s)")
+    b.add_argument("--max-len", type=pos_int, default=d.max_len, help="(%(default)s)")
+    b.add_argument("--hidden", type=pos_int, default=d.hidden, help="(%(default)s)")
+    b.add_argument("--layers", type=pos_int, default=d.layers, help="(%(default)s)")
+    b.add_argument("--heads", type=pos_int, default=d.heads, help="(%(default)s)")
+    b.add_argument("--vocab", type=pos_int, default=d.vocab, help="WordPiece vocabulary (%(default)s)")
+    b.add_argument("--lr", type=pos_float, default=d.lr, help="(%(default)s)")
+    b.add_argument("--finetune-lr", type=pos_float, default=d.finetune_lr, help="(%(default)s)")
+    b.add_argument("--dropout", type=_fraction, default=d.dropout,
+                   help="hidden and attention dropout (%(default)s: the curves then coincide)")
+    b.add_argument("--docs", type=pos_int, default=d.docs, help="generated documents (%(default)s)")
+    b.add_argument("--corpus", help="pretrain on this text file instead: one sentence per line, "
+                                    "a blank line between documents")
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    b.add_argument("--impl", default="both", choices=["both", "fused", "reference"],
+                   help="fused: fusedlm's BERT; reference: Hugging Face's (%(default)s)")
+    b.add_argument("--out", default=d.out, help="directory for metrics.json, tokenizer.json, "
+                                                "loss.png (%(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or step lines")
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="fusedlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="verify every backend here and show a short benchmark")
     bench = sub.add_parser("bench", help="benchmark an op against its peers")
     ops = bench.add_subparsers(dest="op", required=True)
-    b = ops.add_parser("layer_norm", help="layer norm, forward and backward, GB/s")
-    b.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(_DTYPES))
-    b.add_argument("--rows", nargs="+", type=int, default=[16384])
-    b.add_argument("--widths", nargs="+", type=int, default=list(ln_bench.WIDTHS))
-    b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
-    b.add_argument("--out", help="write results as JSON here")
     gpu = torch.cuda.is_available()
+    b = ops.add_parser("layer_norm", help="layer norm, forward and backward, GB/s")
+    b.add_argument("--dtype", nargs="+", default=["bf16", "fp32"] if gpu else ["fp32"], choices=sorted(_DTYPES))
+    b.add_argument("--rows", nargs="+", type=_positive(int), default=[16384] if gpu else [2048])
+    b.add_argument("--widths", nargs="+", type=_positive(int), default=list(ln_bench.WIDTHS))
+    b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    _outputs(b)
     b = ops.add_parser("attention", help="attention fwd and fwd+bwd TFLOP/s vs SDPA backends")
-    b.add_argument("--seq", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192] if gpu else [64])
-    b.add_argument("--head-dim", nargs="+", type=int, default=[64, 128] if gpu else [32])
-    b.add_argument("--tokens", type=int, default=16384 if gpu else 128,
+    b.add_argument("--seq", nargs="+", type=_positive(int), default=[512, 1024, 2048, 4096, 8192] if gpu else [64])
+    b.add_argument("--head-dim", nargs="+", type=_positive(int), default=[64, 128] if gpu else [32])
+    b.add_argument("--tokens", type=_positive(int), default=16384 if gpu else 128,
                    help="tokens per batch (batch = tokens / seq)")
-    b.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=sorted(_DTYPES))
-    b.add_argument("--out", help="write results as JSON here")
+    b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    _outputs(b)
     b = ops.add_parser("model", help="training step of BERT / GPT-2: HF vs patched vs fusedlm")
     b.add_argument("--case", nargs="+", choices=sorted(model_bench.CASES),
                    default=["bert-base", "gpt2-small"] if gpu else ["bert-tiny", "gpt2-tiny"])
-    b.add_argument("--padding", nargs="+", type=float, default=[0.0, 0.5],
+    b.add_argument("--padding", nargs="+", type=_fraction, default=[0.0, 0.5],
                    help="fraction of each batch that is padding")
-    b.add_argument("--out", help="write results as JSON here")
+    _outputs(b)
     b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
     b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),
-                   default=["bert-mlm", "gpt2", "large-vocab"] if torch.cuda.is_available() else ["tiny"],
+                   default=["bert-mlm", "gpt2", "large-vocab"] if gpu else ["tiny"],
                    help="tokens x H x V presets (default: the three GPU cases; 'tiny' on a CPU)")
-    b.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32",
-                   choices=sorted(_DTYPES))
-    b.add_argument("--out", help="write results as JSON here")
+    b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    _outputs(b)
+    b = ops.add_parser("all", help="every op, then the model step, each on its defaults")
+    _outputs(b)
+    _pretrain_args(sub.add_parser("pretrain", help="pretrain and fine-tune a small BERT, fused "
+                                                   "and reference side by side"))
+    _pretrain_args(sub.add_parser("demo", help="check, then pretrain (the README's first command)"))
     sub.add_parser("info", help="build and backend facts")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
-    return {"check": cmd_check, "bench": cmd_bench, "info": cmd_info}[args.cmd](args)
+    if args.cmd in ("pretrain", "demo"):
+        if args.hidden % args.heads:
+            p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
+        if args.corpus and not os.path.isfile(args.corpus):
+            p.error(f"--corpus {args.corpus}: no such file")
+    handlers = {"check": cmd_check, "bench": cmd_bench, "info": cmd_info,
+                "pretrain": cmd_pretrain, "demo": cmd_demo}
+    try:
+        return handlers[args.cmd](args)
+    except ValueError as e:  # bad values that only the run can see (a corpus too small, ...)
+        p.exit(2, f"fusedlm {args.cmd}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,14 @@ def _time(fn, args, direction, device):
 
 def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384,
         dtype=torch.bfloat16, causal=(False, True), directions=("fwd", "fwd+bwd"), device=None,
-        log=print):
+        peers=None, extra=None, log=print):
+    """extra: more implementations, name -> fn(q, k, v, causal) on (batch, seq, heads, D)
+    tensors, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    peers = _peers(device)
+    impls = _peers(device)
+    if peers is not None:
+        impls = {k: v for k, v in impls.items() if k in peers}
+    peers = {**impls, **(extra or {})}
     results = []
     for d in head_dims:
         heads = 2048 // d  # hidden 2048

@@ -40,11 +40,13 @@ def _peers(device_type):
 
 
 def run(dtypes=(torch.bfloat16, torch.float32), rows=(16384,), widths=WIDTHS,
-        directions=("fwd", "bwd"), device=None, peers=None, log=print):
+        directions=("fwd", "bwd"), device=None, peers=None, extra=None, log=print):
+    """extra: more implementations, name -> fn(x, weight, bias) -> y, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
-    if peers:
+    if peers is not None:
         impls = {k: v for k, v in impls.items() if k in peers or k == "torch"}
+    impls.update(extra or {})
     results = []
     for dtype in dtypes:
         esize = torch.tensor([], dtype=dtype).element_size()

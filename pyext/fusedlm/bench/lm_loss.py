@@ -94,11 +94,14 @@ def _peak_extra_bytes(run, device):
 
 
 def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=None,
-        peers=None, log=print):
+        peers=None, extra=None, log=print):
+    """extra: more implementations, name -> fn(hidden, weight, bias, labels) -> the mean loss
+    over labelled rows, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
-    if peers:
+    if peers is not None:
         impls = {k: v for k, v in impls.items() if k in peers or k == "hf full logits"}
+    impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
     results = []
     for case in cases:
         tokens, hidden, vocab, labelled = CASES[case]

@@ -1,0 +1,57 @@
+"""The benchmark harness as a library: a user's implementation is checked against the float64
+reference first, then timed beside fusedlm's backends and the peers on the same cases."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm.bench as bench
+
+
+def test_compare_checks_then_times_a_user_layer_norm():
+    def mine(x, w, b):
+        return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+
+    def off_by_eps(x, w, b):  # a plausible bug: the wrong epsilon
+        return F.layer_norm(x, x.shape[-1:], w, b, 1e-2)
+
+    out = bench.compare("layer_norm", {"mine": mine, "off by eps": off_by_eps}, rows=(64,),
+                        widths=(256,), peers=(), log=lambda *a: None)
+    checks = {c["impl"]: c for c in out["checks"]}
+    assert checks["mine"]["passed"] and checks["mine"]["max_rel_error"] < 1e-5
+    assert not checks["off by eps"]["passed"]
+    timed = {r["impl"] for r in out["results"]}
+    assert timed == {"torch", "mine"}  # the failing one is not timed
+    assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in out["results"])
+    assert "mine" in bench.table(out["results"])
+
+
+def test_compare_lm_loss_and_attention_signatures():
+    def loss(h, w, b, y):
+        return F.cross_entropy(h @ w.t() + b, y)
+
+    def attn(q, k, v, causal):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=causal).transpose(1, 2)
+
+    quiet = dict(log=lambda *a: None)
+    out = bench.compare("lm_loss", {"mine": loss}, cases=("tiny",), peers=(), **quiet)
+    assert out["checks"][0]["passed"] and "mine" in {r["impl"] for r in out["results"]}
+    out = bench.compare("attention", {"sdpa": attn}, seqlens=(16,), head_dims=(16,), tokens=32,
+                        causal=(True,), directions=("fwd",), peers=(), **quiet)
+    assert out["checks"][0]["passed"] and {r["impl"] for r in out["results"]} == {"sdpa"}
+
+
+def test_compare_bad_input():
+    with pytest.raises(ValueError, match="op must be one of"):
+        bench.compare("softmax", {})
+    with pytest.raises(TypeError, match="implementations must be a dict"):
+        bench.compare("layer_norm", [torch.nn.functional.layer_norm])
+
+
+def test_a_crashing_implementation_fails_its_check_instead_of_the_run():
+    def crashes(x, w, b):
+        raise RuntimeError("boom")
+
+    out = bench.compare("layer_norm", {"crashes": crashes}, rows=(8,), widths=(64,), peers=(),
+                        directions=("fwd",), log=lambda *a: None)
+    assert not out["checks"][0]["passed"] and {r["impl"] for r in out["results"]} == {"torch"}

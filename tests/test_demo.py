@@ -1,0 +1,77 @@
+"""The demo's data: a generated corpus with the promised structure, BERT's masking and
+next-sentence rules, and batches that split exactly across processes."""
+import pytest
+import torch
+
+from fusedlm.demo import corpus
+from fusedlm.demo.data import CLS, MASK, PAD, SEP, SPECIAL, ClassificationBatches, PretrainingBatches
+
+pytest.importorskip("tokenizers")
+from fusedlm.demo.data import encode, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    docs = corpus.generate_documents(300, seed=3)
+    tok = train_tokenizer([s for d in docs for s in d], 300)
+    enc = [encode(tok, d) for d in docs]
+    return tok, PretrainingBatches(enc, tok.get_vocab_size(), 48, seed=5)
+
+
+def test_corpus_is_a_function_of_the_seed():
+    assert corpus.generate_documents(20, seed=1) == corpus.generate_documents(20, seed=1)
+    assert corpus.generate_documents(20, seed=1) != corpus.generate_documents(20, seed=2)
+
+
+def test_review_labels_are_polarity_flipped_by_not():
+    for text, label in corpus.generate_reviews(400, seed=0):
+        words = text.split()
+        positive = any(w in corpus.POSITIVE for w in words)
+        assert label == int(positive != ("not" in words)), text
+
+
+def test_masking_and_next_sentence_rules(data):
+    tok, pre = data
+    b = pre.batch(0, 512, "cpu")
+    ids, mask, types, labels = b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"]
+    real = mask.bool()
+    assert torch.all(ids[:, 0] == CLS) and torch.all(ids[~real] == PAD)
+    assert torch.all((ids == SEP).sum(1) == 2) and torch.all(types[~real] == 0)
+    chosen = labels != -100
+    assert torch.all(labels[chosen] >= len(SPECIAL))  # never a special token
+    words = real & (ids >= len(SPECIAL)) | chosen
+    rate = chosen.sum() / words.sum()
+    assert 0.13 < rate < 0.18, rate
+    masked = (ids[chosen] == MASK).float().mean()
+    kept = (ids[chosen] == labels[chosen]).float().mean()
+    assert 0.75 < masked < 0.85 and 0.06 < kept < 0.16, (masked, kept)
+    assert 0.4 < b["next_sentence_label"].float().mean() < 0.6
+    assert ids.shape[1] <= 48
+
+
+def test_each_process_takes_its_slice_of_the_global_batch(data):
+    _, pre = data
+    whole = pre.batch(7, 8, "cpu")
+    parts = [pre.batch(7, 8, "cpu", rank=r, world=2) for r in range(2)]
+    for r, part in enumerate(parts):
+        width = part["input_ids"].shape[1]
+        assert torch.equal(part["input_ids"], whole["input_ids"][r::2, :width])
+        assert torch.equal(part["next_sentence_label"], whole["next_sentence_label"][r::2])
+    assert not torch.equal(pre.batch(8, 8, "cpu")["input_ids"], whole["input_ids"])
+
+
+def test_classification_batches_cover_the_set_in_order():
+    rows = [[10 + i] * (i % 5 + 1) for i in range(10)]
+    batches = list(ClassificationBatches(rows, [i % 2 for i in range(10)], 8, seed=0).all(4, "cpu"))
+    assert [len(b["labels"]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), torch.tensor([i % 2 for i in range(10)]))
+    assert batches[0]["input_ids"][1].tolist()[:4] == [CLS, 11, 11, SEP]
+
+
+def test_a_corpus_file_needs_documents_of_two_sentences(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("a b c\n\nd e f\n")
+    with pytest.raises(ValueError, match="no document with 2 or more"):
+        corpus.read_documents(str(f))
+    f.write_text("one .\ntwo .\n\n\nthree .\nfour .\nfive .\n")
+    assert corpus.read_documents(str(f)) == [["one .", "two ."], ["three .", "four .", "five ."]]

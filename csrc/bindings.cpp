@@ -8,6 +8,7 @@
 
 #include "common/cuda_runtime.h"
 #include "common/tensor.h"
+#include "attention/attention.h"
 #include "layer_norm/layer_norm.h"
 #include "lm_loss/lm_loss.h"
 
@@ -112,4 +113,42 @@ PYBIND11_MODULE(_C, m) {
       py::arg("compute_grad"), py::arg("stream"),
       "Cross-entropy of each row of a logits chunk; with compute_grad, the row's gradient "
       "overwrites it.");
+
+  m.def(
+      "attn_fwd",
+      [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
+         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, py::handle o,
+         py::handle lse, std::uintptr_t stream) {
+        fusedlm::attention::ForwardArgs a{
+            {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
+             optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
+             max_k, causal, scale},
+            tensor(o, "out"), tensor(lse, "lse")};
+        py::gil_scoped_release release;
+        fusedlm::attention::forward(a, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
+      py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
+      py::arg("out"), py::arg("lse"), py::arg("stream"),
+      "Attention forward: out, and the base-2 log-sum-exp of the scaled scores.");
+  m.def(
+      "attn_bwd",
+      [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
+         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale,
+         py::handle dout, py::handle lse, py::handle delta, py::handle dq, py::handle dk,
+         py::handle dv, std::uintptr_t stream) {
+        fusedlm::attention::BackwardArgs a{
+            {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
+             optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
+             max_k, causal, scale},
+            tensor(dout, "dout"), tensor(lse, "lse"), tensor(delta, "delta"), tensor(dq, "dq"),
+            tensor(dk, "dk"), tensor(dv, "dv")};
+        py::gil_scoped_release release;
+        fusedlm::attention::backward(a, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
+      py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
+      py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"),
+      py::arg("dv"), py::arg("stream"),
+      "Attention backward: dq, dk, dv from the saved log-sum-exp and delta = rowsum(dO * O).");
 }

@@ -10,7 +10,7 @@ from conftest import DEVICE, HAS_GPU, TOL, rel_err
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 BACKENDS = ["torch"] + [b for b in ("triton",)
-                        if dispatch._OPS["attention"].why_not(b, (DEVICE, torch.float16, 64)) is None]
+                        if dispatch._OPS["attention"].why_not(b, (DEVICE, torch.float16, 64, False)) is None]
 KERNELS = [b for b in BACKENDS if b != "torch"]
 
 
@@ -218,7 +218,7 @@ def _bad_calls():
         (lambda: fusedlm.attention(q, k, k, dropout_p=1.0), ValueError, ["dropout_p"]),
         (lambda: fusedlm.attention(q, k, k, layout="sbhd"), ValueError, ["layout"]),
         (lambda: fusedlm.attention(q, k, k, seed=-1), ValueError, ["seed"]),
-        (lambda: fusedlm.attention(q, k, k, backend="cuda"), ValueError, ["backend='cuda'", "no CUDA C++"]),
+        (lambda: fusedlm.attention(q, k, k, backend="cuda"), ValueError, ["backend='cuda'", "CUDA tensors"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu - torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), cu, 8, 8), ValueError, ["cu_seqlens_q", "from 0 to 8"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE), 8, 8), ValueError, ["same length"]),
         (lambda: fusedlm.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), 4, 8), ValueError, ["max_seqlen"]),
@@ -272,3 +272,70 @@ def test_self_attention_module_padded_and_packed_agree(kv_heads):
     assert rel_err(padded[mask], ref[mask]) < 2e-3
     with pytest.raises(ValueError, match="num_kv_heads"):
         fusedlm.nn.SelfAttention(64, 4, num_kv_heads=3)
+
+
+# The CUDA C++ kernel (csrc/attention) runs in the GPU suite; here: what it serves, and its host-side
+# validation, which names the argument before any device work.
+from fusedlm import _core  # noqa: E402
+
+
+def test_cuda_backend_states_what_it_serves():
+    why = dispatch._OPS["attention"].why_not
+    assert "CUDA tensors" in why("cuda", ("cpu", torch.float16, 64, False))
+    if _core.cuda_unavailable_reason() is not None:
+        pytest.skip(_core.cuda_unavailable_reason())
+    assert "head dims" in why("cuda", ("cuda", torch.float16, 80, False))
+    assert "no dropout" in why("cuda", ("cuda", torch.float16, 64, True))
+    assert "float16 or bfloat16" in why("cuda", ("cuda", torch.float32, 64, False))
+    assert why("cuda", ("cuda", torch.bfloat16, 128, False)) is None
+
+
+def _attn_args(**override):
+    q = torch.randn(2, 5, 4, 64, dtype=torch.float16)
+    kv = torch.randn(2, 7, 2, 64, dtype=torch.float16)
+    args = dict(q=q, k=kv, v=kv.clone(), key_mask=None, cu_q=None, cu_k=None, max_q=5, max_k=7,
+                causal=False, scale=0.125, out=torch.empty_like(q),
+                lse=torch.empty(2, 4, 5), stream=0)
+    args.update(override)
+    return {k: _core.dl(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "attn_fwd"), reason="fusedlm._C is not built")
+@pytest.mark.parametrize("override, error, match", [
+    (dict(q=torch.randn(2, 5, 4, 64)), TypeError, "q must be float16 or bfloat16"),
+    (dict(k=torch.randn(2, 7, 2, 64, dtype=torch.bfloat16)), TypeError, "k must have q's dtype"),
+    (dict(q=torch.randn(2, 5, 4, 80, dtype=torch.float16)), ValueError, "head dim must be 32, 64, 96 or 128"),
+    (dict(k=torch.randn(2, 7, 3, 64, dtype=torch.float16), v=torch.randn(2, 7, 3, 64, dtype=torch.float16)),
+     ValueError, "must divide"),
+    (dict(v=torch.randn(2, 6, 2, 64, dtype=torch.float16)), ValueError, "v must have k's shape"),
+    (dict(key_mask=torch.ones(2, 6, dtype=torch.int8)), ValueError, r"key_mask must have shape \(2, 7\)"),
+    (dict(key_mask=torch.ones(2, 7, dtype=torch.bool)), TypeError, "key_mask must be int8"),
+    (dict(lse=torch.empty(2, 5, 4)), ValueError, "lse must be contiguous float32"),
+    (dict(out=torch.empty(2, 5, 4, 32, dtype=torch.float16)), ValueError, "out must have q's shape"),
+    (dict(max_q=4), ValueError, "max_seqlen must equal"),
+    (dict(cu_q=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "go together"),
+    ({}, ValueError, "q must be a CUDA tensor"),
+])
+def test_core_attention_validation(override, error, match):
+    with pytest.raises(error, match=match):
+        _core._C.attn_fwd(**_attn_args(**override))
+
+
+@pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "attn_fwd"), reason="fusedlm._C is not built")
+def test_core_attention_varlen_validation():
+    q = torch.randn(9, 4, 32, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    base = dict(q=q, k=q.clone(), v=q.clone(), cu_q=cu, cu_k=cu, max_q=5, max_k=5,
+                out=torch.empty_like(q), lse=torch.empty(4, 9))
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
+        _core._C.attn_fwd(**_attn_args(**{**base, "cu_q": cu.long()}))
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must have shape \(3,\)"):
+        _core._C.attn_fwd(**_attn_args(**{**base, "cu_k": torch.tensor([0, 9], dtype=torch.int32)}))
+    with pytest.raises(ValueError, match="key_mask is for dense batches"):
+        _core._C.attn_fwd(**_attn_args(**{**base, "key_mask": torch.ones(2, 5, dtype=torch.int8)}))
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        _core._C.attn_fwd(**_attn_args(**base))
+    bwd = _attn_args(**base, dout=q, delta=torch.empty(9, 4), dq=q, dk=q, dv=q)
+    del bwd["out"]
+    with pytest.raises(ValueError, match="delta must be contiguous float32"):
+        _core._C.attn_bwd(**bwd)

@@ -22,6 +22,8 @@ TensorView view_of(const dlpack::Tensor& t, const char* name) {
   else if (t.dtype.code == dlpack::kBfloat && t.dtype.bits == 16) v.dtype = DType::kBFloat16;
   else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 64) v.dtype = DType::kFloat64;
   else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 64) v.dtype = DType::kInt64;
+  else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 32) v.dtype = DType::kInt32;
+  else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 8) v.dtype = DType::kInt8;
   v.device_type = t.device.device_type;
   v.device_id = t.device.device_id;
   return v;

@@ -17,7 +17,7 @@ struct DTypeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt64, kOther };
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt64, kInt32, kInt8, kOther };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -26,13 +26,17 @@ inline const char* dtype_name(DType d) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat64: return "float64";
     case DType::kInt64: return "int64";
+    case DType::kInt32: return "int32";
+    case DType::kInt8: return "int8";
     default: return "an unsupported dtype";
   }
 }
 
 inline int dtype_size(DType d) {
   switch (d) {
-    case DType::kFloat32: return 4;
+    case DType::kFloat32:
+    case DType::kInt32: return 4;
+    case DType::kInt8: return 1;
     case DType::kFloat64:
     case DType::kInt64: return 8;
     default: return 2;

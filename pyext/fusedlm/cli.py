@@ -67,7 +67,7 @@ _CHECKS = {
     "layer_norm": ("layer_norm(x + residual), 37 x 1000", lambda d, t: (d, t, 1000, t),
                    dict(residual=True)),
     "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t), {}),
-    "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64), {}),
+    "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64, False), {}),
 }
 
 

@@ -52,8 +52,9 @@ def _peers(device_type):
             peers["flash-attn"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
         except ImportError:
             pass
-        if dispatch._OPS["attention"].why_not("triton", ("cuda", torch.bfloat16, 64)) is None:
-            peers["fusedlm[triton]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="triton")
+        for be in ("triton", "cuda"):
+            if dispatch._OPS["attention"].why_not(be, ("cuda", torch.bfloat16, 64, False)) is None:
+                peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
     else:
         peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
     return peers
@@ -135,11 +136,13 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                       v.transpose(1, 2), attn_mask=bool_mask).transpose(1, 2)
         impls[name + " padded"] = (padded, (q, k, v))
-    be = "triton" if device == "cuda" else "torch"
-    impls[f"fusedlm[{be}] packed"] = (lambda q, k, v: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be),
-                                      (qp, kp, vp))
-    impls[f"fusedlm[{be}] padded+mask"] = (lambda q, k, v: attention(q, k, v, attention_mask=mask, backend=be),
-                                           (q, k, v))
+    ours = [be for be in ("triton", "cuda") if device == "cuda" and
+            dispatch._OPS["attention"].why_not(be, (device, dtype, head_dim, False)) is None] or ["torch"]
+    for be in ours:
+        impls[f"fusedlm[{be}] packed"] = (
+            lambda q, k, v, be=be: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be), (qp, kp, vp))
+        impls[f"fusedlm[{be}] padded+mask"] = (
+            lambda q, k, v, be=be: attention(q, k, v, attention_mask=mask, backend=be), (q, k, v))
     results = []
     for direction in ("fwd", "fwd+bwd"):
         rows = []

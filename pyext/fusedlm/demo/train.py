@@ -126,7 +126,8 @@ class _Dist:
             if device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
+            self.owns_group = not dist.is_initialized()
+            if self.owns_group:
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     @property
@@ -144,6 +145,10 @@ class _Dist:
         if self.world > 1:
             self.dist.all_reduce(t)
         return t.tolist()
+
+    def close(self):
+        if self.world > 1 and self.owns_group:
+            self.dist.destroy_process_group()
 
     def broadcast(self, obj):
         if self.world == 1:
@@ -284,6 +289,7 @@ def run(s: Settings, device=None, log=print) -> dict:
         plot = _plot(results, impls, os.path.join(s.out, "loss.png"))
         say(f"\nwrote {s.out}/metrics.json, {s.out}/tokenizer.json" +
             (f", {plot}" if plot else " (no plot: matplotlib is not installed)"))
+    dist.close()
     return report
 
 

@@ -2,8 +2,9 @@
 causal (bottom-right) or bidirectional, grouped-query heads, dropout inside the kernel.
 
 Flow of a call: validate -> layout to (batch, seq, heads, D) views (strides, no copies) ->
-dispatch.select -> the Triton kernels (an autograd.Function whose backward recomputes the
-probabilities from the saved log-sum-exp) or the `torch` backend (the reference math, which
+dispatch.select -> the Triton kernels or the CUDA C++ ones (csrc/attention: head dims 32, 64,
+96, 128, no dropout), both behind one autograd.Function whose backward recomputes the
+probabilities from the saved log-sum-exp, or the `torch` backend (the reference math, which
 materializes the scores: the fallback for fp32, for CPU tensors and for what no kernel serves).
 
 Dropout draws come from a seed: `seed=None` takes one from torch's default generator, so
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .. import _core
 from . import _triton, dispatch
 from ._tensors import autocast_inputs, unit_stride
 
@@ -39,30 +41,58 @@ def _triton_why_not(case):
     return None
 
 
+CUDA_HEAD_DIMS = (32, 64, 96, 128)
+
+
+def _cuda_why_not(case):
+    device, dtype, head_dim, dropout = case
+    if device != "cuda":
+        return f"the CUDA C++ kernel needs CUDA tensors, got device type {device}"
+    why = _core.cuda_unavailable_reason()
+    if why is not None:
+        return why
+    if dtype not in _HALF:
+        return f"the CUDA C++ kernel takes float16 or bfloat16, got {dtype}"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"the CUDA C++ kernel is built for head dims {CUDA_HEAD_DIMS}, got {head_dim}"
+    if dropout:
+        return "the CUDA C++ kernel has no dropout (the Triton kernel has)"
+    return None
+
+
+# The dispatch case: (device type, dtype, head dim, dropout_p > 0).
 dispatch.register(dispatch.OpBackends(
     "attention",
-    {"torch": lambda case: None, "triton": _triton_why_not,
-     "cuda": lambda case: "attention has no CUDA C++ implementation yet"},
-    cuda_order=("triton", "torch"), gpu_verified=("torch", "triton")))
+    {"torch": lambda case: None, "triton": lambda case: _triton_why_not(case[:3]),
+     "cuda": _cuda_why_not},
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton")))
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton path.
 
-def _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                    pinned):
-    varlen = cu_q is not None
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned,
+             backend):
+    """-> (out, base-2 log-sum-exp of the scaled scores) from the Triton or CUDA C++ kernel."""
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    _triton.kernels("attention").forward(
-        q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
-        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
+    lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
+    if backend == "cuda":
+        d = _core.dl
+        _core._C.attn_fwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
+                          scale, d(o), d(lse), _core.stream_of(q))
+    else:
+        _triton.kernels("attention").forward(
+            q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+            causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
     return o, lse
 
 
-def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                     dropout_p, seed, pinned):
+def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+              dropout_p, seed, pinned, backend):
     do = unit_stride(do)
     # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
     delta = (do.float() * o.float()).sum(-1)
@@ -70,14 +100,19 @@ def _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, ca
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _triton.kernels("attention").backward(
-        q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
-        max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-        pinned=pinned)
+    if backend == "cuda":
+        d = _core.dl
+        _core._C.attn_bwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
+                          scale, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q))
+    else:
+        _triton.kernels("attention").backward(
+            q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
+            max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
+            pinned=pinned)
     return dq, dk, dv
 
 
-_NO_GRADS = (None,) * 10  # for key_mask ... pinned
+_NO_GRADS = (None,) * 11  # for key_mask ... backend
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -85,17 +120,17 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                pinned):
-        o, lse = _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                                 dropout_p, seed, pinned)
+                pinned, backend):
+        o, lse = _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                          seed, pinned, backend)
         ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
-        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned)
+        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, backend)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        return _triton_backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+        return _backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
 
 
 # torch.compile path: the same launchers behind custom ops with fake kernels and autograd.
@@ -104,36 +139,35 @@ class _AttentionFunction(torch.autograd.Function):
 def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
                 causal: bool, scale: float, dropout_p: float, seed: int,
-                pinned: bool) -> Tuple[Tensor, Tensor]:
-    return _triton_forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                           dropout_p, seed, pinned)
+                pinned: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                    pinned, backend)
 
 
 @attn_fwd_op.register_fake
-def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned):
-    lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
 
 
 @torch.library.custom_op("fusedlm::attn_bwd", mutates_args=())
 def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                 key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                 max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
-                seed: int, pinned: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return _triton_backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal,
-                            scale, dropout_p, seed, pinned)
+                seed: int, pinned: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                     dropout_p, seed, pinned, backend)
 
 
 @attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-      pinned):
+      pinned, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned = inputs
+    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned, backend = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k)
-    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned)
+    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, backend)
 
 
 def _op_backward(ctx, do, _dlse):
@@ -278,7 +312,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, batch * heads)
-    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, dropout_p > 0),
+                             q.device.type, backend)
     if chosen == "torch":
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed)
         lse = lse.float()
@@ -287,7 +322,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.int8).contiguous()
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
-                         causal, scale, float(dropout_p), seed, bool(deterministic))
+                         causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
         out, lse = o, lse2 * LN2
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -332,7 +367,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
-    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), q.device.type, backend)
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, dropout_p > 0),
+                             q.device.type, backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
                                  float(dropout_p), seed)
@@ -340,7 +376,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
         out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
-                           max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic))
+                           max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
+                           chosen)
         lse = lse2 * LN2
     return (out, lse) if return_lse else out
 

@@ -1,0 +1,50 @@
+// Flash attention on tensor cores (WMMA, sm_80 and later), forward and backward, for the
+// cases BERT and GPT training need: a padding mask over keys (Hugging Face's attention_mask),
+// packed variable-length batches (cu_seqlens), causal masking aligned bottom-right, grouped /
+// multi-query heads. The math is the Triton kernels' (kernels/attention.py): scores in base 2
+// (scale * log2 e), an online softmax over key blocks, the log-sum-exp saved for the backward,
+// which recomputes the probabilities in two atomic-free kernels (dK/dV per key block, dQ per
+// query block). Dropout is not implemented here: the Python layer routes it to Triton.
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include "../common/tensor.h"
+
+namespace fusedlm::attention {
+
+constexpr int kHeadDims[] = {32, 64, 96, 128};
+
+// Shapes: dense q/o (B, Sq, H, D), k/v (B, Sk, Hk, D), lse (B, H, Sq); varlen (cu_q given)
+// q/o (total_q, H, D), k/v (total_k, Hk, D), lse (H, total_q). Last dim unit stride.
+struct Problem {
+  TensorView q, k, v;
+  std::optional<TensorView> key_mask;  // (B, Sk) int8, nonzero = attend; dense only
+  std::optional<TensorView> cu_q, cu_k;  // (B + 1,) int32; varlen only
+  int64_t max_q = 0, max_k = 0;        // longest sequence (varlen), else Sq / Sk
+  bool causal = false;
+  float scale = 1.0f;
+};
+
+struct ForwardArgs {
+  Problem p;
+  TensorView o;    // like q
+  TensorView lse;  // float32, base-2 log-sum-exp of the scaled scores (-inf: no key)
+};
+
+struct BackwardArgs {
+  Problem p;
+  TensorView dout;   // like q
+  TensorView lse;    // from the forward
+  TensorView delta;  // float32, like lse: rowsum(dO * O)
+  TensorView dq, dk, dv;
+};
+
+void forward(const ForwardArgs& a, std::uintptr_t stream);
+void backward(const BackwardArgs& a, std::uintptr_t stream);
+
+// Launchers (attention_kernels.cu); arguments are already validated.
+void launch_forward(const ForwardArgs& a, std::uintptr_t stream);
+void launch_backward(const BackwardArgs& a, std::uintptr_t stream);
+
+}  // namespace fusedlm::attention

@@ -1,0 +1,470 @@
+// Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
+// fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
+// later (sm_90a included, through the same mma instructions; a wgmma/TMA path for Hopper is not
+// written). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows.
+//
+// Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
+// the online softmax in base 2 (two lanes per row), P rounded to the storage dtype, O += P V,
+// with O kept in fp32 shared memory so that it can be rescaled row by row.
+// Backward: dK/dV per key block (looping over the group's query heads and the query blocks; the
+// accumulators stay in registers) and dQ per query block. No atomics: results are deterministic.
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "../common/cuda_math.cuh"
+#include "../common/cuda_runtime.h"
+#include "attention.h"
+
+namespace fusedlm::attention {
+namespace {
+
+using namespace nvcuda;
+using math::from_float;
+using math::to_float;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlock = 64;  // rows of a query or key block (both)
+constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// A (batch, row, head, D) tensor: pointer and element strides; the batch stride is 0 for
+// packed sequences, whose rows are counted from the start of the pack.
+struct Operand {
+  void* p = nullptr;
+  int64_t b = 0, s = 0, h = 0;
+};
+
+// Row `first` of batch b, head h.
+template <typename T>
+__device__ __forceinline__ T* rows(const Operand& t, int b, int64_t first, int h) {
+  return static_cast<T*>(t.p) + b * t.b + first * t.s + h * t.h;
+}
+
+struct Params {
+  Operand q, k, v, o, dout, dq, dk, dv;
+  float* lse;
+  const float* delta;
+  const int8_t* key_mask;
+  int64_t mask_b;
+  const int *cu_q, *cu_k;
+  int64_t lse_b, lse_h;  // log-sum-exp and delta: lse[b * lse_b + h * lse_h + first_q + i]
+  int seq_q, seq_k;      // dense lengths
+  int group;             // query heads per key/value head
+  bool causal;
+  float scale, scale2;   // softmax scale, and scale * log2(e)
+};
+
+struct Seq {
+  int64_t q0, k0;  // first row of the sequence in q / k (packed), else 0
+  int len_q, len_k;
+};
+
+__device__ __forceinline__ Seq seq_of(const Params& p, int b) {
+  if (p.cu_q) return {p.cu_q[b], p.cu_k[b], p.cu_q[b + 1] - p.cu_q[b], p.cu_k[b + 1] - p.cu_k[b]};
+  return {0, 0, p.seq_q, p.seq_k};
+}
+
+// May query i attend key j (both relative to their sequence)? Causal is aligned bottom-right.
+__device__ __forceinline__ bool allowed(const Params& p, int b, const Seq& s, int i, int j) {
+  if (i >= s.len_q || j >= s.len_k) return false;
+  if (p.causal && j > i + (s.len_k - s.len_q)) return false;
+  return !p.key_mask || p.key_mask[b * p.mask_b + j] != 0;
+}
+
+// rows [r0, r0 + kBlock) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
+// zeros past its end.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len) {
+  for (int i = threadIdx.x; i < kBlock * D; i += kThreads) {
+    const int r = i / D, c = i % D;
+    dst[r * (D + kPad) + c] = r0 + r < len ? src[(r0 + r) * row_stride + c] : from_float<T>(0.0f);
+  }
+}
+
+template <typename T>
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T, typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// out (16 x N, fp32, pitch ldo) = A (16 x K rows of a, pitch lda) times B, where B is
+// (K x N): kTransB ? b holds B^T row-major (N x K, pitch ldb) : b holds B row-major.
+template <typename T, int K, int N, bool kTransB>
+__device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int ldb, float* out, int ldo) {
+  using Layout = typename std::conditional<kTransB, wmma::col_major, wmma::row_major>::type;
+#pragma unroll
+  for (int n = 0; n < N / 16; ++n) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int k = 0; k < K / 16; ++k) {
+      FragA<T> fa;
+      FragB<T, Layout> fb;
+      wmma::load_matrix_sync(fa, a + k * 16, lda);
+      wmma::load_matrix_sync(fb, kTransB ? b + n * 16 * ldb + k * 16 : b + k * 16 * ldb + n * 16, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
+  }
+}
+
+// acc[n] += A (16 x K) times B (K x N, row-major in b): accumulators kept in registers.
+template <typename T, int K, int N>
+__device__ __forceinline__ void warp_gemm_acc(const T* a, int lda, const T* b, int ldb, FragC (&acc)[N / 16]) {
+#pragma unroll
+  for (int n = 0; n < N / 16; ++n) {
+#pragma unroll
+    for (int k = 0; k < K / 16; ++k) {
+      FragA<T> fa;
+      FragB<T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fa, a + k * 16, lda);
+      wmma::load_matrix_sync(fb, b + k * 16 * ldb + n * 16, ldb);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulators (times `mul`) to rows [r0, r0 + 16) of out, through a
+// 16 x D fp32 scratch; rows at or past `len` are skipped.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(FragC (&acc)[D / 16], float mul, float* scratch, T* out,
+                                           int64_t row_stride, int r0, int len) {
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(scratch + n * 16, acc[n], D, wmma::mem_row_major);
+  __syncwarp();
+  const int lane = threadIdx.x % 32;
+  for (int i = lane; i < 16 * D; i += 32) {
+    const int r = i / D, c = i % D;
+    if (r0 + r < len) out[(r0 + r) * row_stride + c] = from_float<T>(scratch[i] * mul);
+  }
+  __syncwarp();
+}
+
+// Shared memory of a kernel: kTiles (64 x D) tiles in the storage dtype, kExtra floats, then per
+// warp a 16 x max(D, 64) fp32 scratch, a 16 x kSecond fp32 one, and a 16 x 64 tile in the
+// storage dtype. Every region starts 32-byte aligned, as WMMA loads and stores need.
+template <typename T, int D, int kTiles, int kExtra, int kSecond>
+struct Smem {
+  static constexpr int LD = D + kPad, LDP = kBlock + kPad, LDF = D > kBlock ? D : kBlock;
+  static constexpr int kBytes = kTiles * kBlock * LD * int(sizeof(T)) +
+                                (kExtra + kWarps * 16 * (LDF + kSecond)) * 4 +
+                                kWarps * 16 * LDP * int(sizeof(T));
+  unsigned char* base;
+  __device__ T* tile(int i) const { return reinterpret_cast<T*>(base) + i * kBlock * LD; }
+  __device__ float* extra() const { return reinterpret_cast<float*>(tile(kTiles)); }
+  __device__ float* scratch(int warp) const { return extra() + kExtra + warp * 16 * LDF; }
+  __device__ float* second(int warp) const {
+    return extra() + kExtra + kWarps * 16 * LDF + warp * 16 * kSecond;
+  }
+  __device__ T* low(int warp) const {
+    return reinterpret_cast<T*>(extra() + kExtra + kWarps * 16 * (LDF + kSecond)) + warp * 16 * LDP;
+  }
+};
+
+// Q, K, V tiles; per warp: the fp32 scratch (S, then P V), fp32 O, P in the storage dtype.
+template <typename T, int D>
+using FwdSmem = Smem<T, D, 3, 0, D>;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
+  using L = FwdSmem<T, D>;
+  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const L sm{smem};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T *sQ = sm.tile(0), *sK = sm.tile(1), *sV = sm.tile(2), *sP = sm.low(warp);
+  float *sS = sm.scratch(warp), *sO = sm.second(warp);
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
+  const Seq s = seq_of(p, b);
+  if (m0 >= s.len_q) return;
+  const int hk = h / p.group;
+  const T* k = rows<const T>(p.k, b, s.k0, hk);
+  const T* v = rows<const T>(p.v, b, s.k0, hk);
+  T* o = rows<T>(p.o, b, s.q0, h);
+
+  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q);
+  for (int i = lane; i < 16 * D; i += 32) sO[i] = 0.0f;
+  // Lanes 2r and 2r + 1 own row r of the warp's 16: columns [0, 32) and [32, 64) of a block.
+  const int r = lane / 2, half = lane % 2;
+  const int qi = m0 + warp * 16 + r;
+  float m_i = -INFINITY, l_i = 0.0f;
+  int n_end = s.len_k;
+  if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
+  for (int n0 = 0; n0 < n_end; n0 += kBlock) {
+    __syncthreads();  // the previous K and V tiles are consumed
+    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k);
+    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k);
+    __syncthreads();
+    warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);
+    __syncwarp();
+    float mx = -INFINITY;
+    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+      const float x = allowed(p, b, s, qi, n0 + c) ? sS[r * LDF + c] * p.scale2 : -INFINITY;
+      sS[r * LDF + c] = x;
+      mx = fmaxf(mx, x);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_new = fmaxf(m_i, mx);
+    // Nothing allowed yet: keep m at -inf, add zeros (no inf - inf).
+    const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_i - m_new);
+    float sum = 0.0f;
+    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+      const float pv = m_new == -INFINITY ? 0.0f : exp2f(sS[r * LDF + c] - m_new);
+      sum += pv;
+      sP[r * LDP + c] = from_float<T>(pv);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l_i = l_i * alpha + sum;
+    m_i = m_new;
+    __syncwarp();
+    warp_gemm<T, kBlock, D, false>(sP, LDP, sV, LD, sS, LDF);  // P V into the scratch
+    __syncwarp();
+    for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
+      sO[r * D + c] = sO[r * D + c] * alpha + sS[r * LDF + c];
+    __syncwarp();
+  }
+  if (qi < s.len_q) {
+    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;  // a row that saw no key gives zeros
+    for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
+      o[qi * p.o.s + c] = from_float<T>(sO[r * D + c] * inv);
+    if (half == 0) p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi] = l_i > 0.0f ? m_i + log2f(l_i) : -INFINITY;
+  }
+}
+
+// K, V, Q, dO tiles; a query block's log-sum-exp and delta; per warp: fp32 S^T (also the
+// epilogue's 16 x D scratch), fp32 dP^T (then dS^T), and P^T / dS^T in the storage dtype.
+template <typename T, int D>
+using DkdvSmem = Smem<T, D, 4, 2 * kBlock, kBlock>;
+
+// dK, dV for one key block of one key/value head: loops over the query heads of its group and
+// over the query blocks that can see it.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) {
+  using L = DkdvSmem<T, D>;
+  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const L sm{smem};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T *sK = sm.tile(0), *sV = sm.tile(1), *sQ = sm.tile(2), *sdO = sm.tile(3), *sPT = sm.low(warp);
+  float *sL = sm.extra(), *sDelta = sm.extra() + kBlock, *sS = sm.scratch(warp), *sdP = sm.second(warp);
+
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlock;
+  const Seq s = seq_of(p, b);
+  if (n0 >= s.len_k) return;
+  load_tile<T, D>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k);
+  load_tile<T, D>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k);
+  FragC dk[D / 16], dv[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::fill_fragment(dk[n], 0.0f);
+    wmma::fill_fragment(dv[n], 0.0f);
+  }
+  const int r = lane / 2, half = lane % 2;
+  const int kj = n0 + warp * 16 + r;  // this lane's key
+  // The first query that can see this key block (causal), rounded down to a block.
+  int m_start = 0;
+  if (p.causal) m_start = max(0, n0 - (s.len_k - s.len_q)) / kBlock * kBlock;
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    const T* q = rows<const T>(p.q, b, s.q0, h);
+    const T* dout = rows<const T>(p.dout, b, s.q0, h);
+    const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
+    const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
+    for (int m0 = m_start; m0 < s.len_q; m0 += kBlock) {
+      __syncthreads();  // the previous Q and dO tiles are consumed
+      load_tile<T, D>(sQ, q, p.q.s, m0, s.len_q);
+      load_tile<T, D>(sdO, dout, p.dout.s, m0, s.len_q);
+      for (int i = threadIdx.x; i < kBlock; i += kThreads) {
+        const bool in = m0 + i < s.len_q;
+        sL[i] = in ? lse[m0 + i] : -INFINITY;
+        sDelta[i] = in ? delta[m0 + i] : 0.0f;
+      }
+      __syncthreads();
+      warp_gemm<T, D, kBlock, true>(sK + warp * 16 * LD, LD, sQ, LD, sS, LDF);   // S^T = K Q^T
+      warp_gemm<T, D, kBlock, true>(sV + warp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
+      __syncwarp();
+      for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+        const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != -INFINITY;
+        const float pt = ok ? exp2f(sS[r * LDF + c] * p.scale2 - sL[c]) : 0.0f;
+        sPT[r * LDP + c] = from_float<T>(pt);
+        sdP[r * kBlock + c] = pt * (sdP[r * kBlock + c] - sDelta[c]);  // dS^T, in place
+      }
+      __syncwarp();
+      warp_gemm_acc<T, kBlock, D>(sPT, LDP, sdO, LD, dv);  // dV += P^T dO
+      __syncwarp();
+      for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c)
+        sPT[r * LDP + c] = from_float<T>(sdP[r * kBlock + c]);
+      __syncwarp();
+      warp_gemm_acc<T, kBlock, D>(sPT, LDP, sQ, LD, dk);  // dK += dS^T Q
+    }
+  }
+  __syncwarp();
+  store_rows<T, D>(dk, p.scale, sS, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + warp * 16, s.len_k);
+  store_rows<T, D>(dv, 1.0f, sS, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + warp * 16, s.len_k);
+}
+
+// dQ for one query block of one head: loops over the key blocks it sees. Q, dO, K, V tiles;
+// per warp: fp32 S (also the epilogue's scratch), fp32 dP, dS in the storage dtype.
+template <typename T, int D>
+using DqSmem = Smem<T, D, 4, 0, kBlock>;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
+  using L = DqSmem<T, D>;
+  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const L sm{smem};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T *sQ = sm.tile(0), *sdO = sm.tile(1), *sK = sm.tile(2), *sV = sm.tile(3), *sdS = sm.low(warp);
+  float *sS = sm.scratch(warp), *sdP = sm.second(warp);
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
+  const Seq s = seq_of(p, b);
+  if (m0 >= s.len_q) return;
+  const int hk = h / p.group;
+  const T* k = rows<const T>(p.k, b, s.k0, hk);
+  const T* v = rows<const T>(p.v, b, s.k0, hk);
+  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q);
+  load_tile<T, D>(sdO, rows<const T>(p.dout, b, s.q0, h), p.dout.s, m0, s.len_q);
+  const int r = lane / 2, half = lane % 2;
+  const int qi = m0 + warp * 16 + r;
+  const int64_t row = b * p.lse_b + h * p.lse_h + s.q0 + qi;
+  const float lse = qi < s.len_q ? p.lse[row] : -INFINITY;
+  const float delta = qi < s.len_q ? p.delta[row] : 0.0f;
+  FragC dq[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+  int n_end = s.len_k;
+  if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
+  for (int n0 = 0; n0 < n_end; n0 += kBlock) {
+    __syncthreads();
+    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k);
+    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k);
+    __syncthreads();
+    warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);      // S = Q K^T
+    warp_gemm<T, D, kBlock, true>(sdO + warp * 16 * LD, LD, sV, LD, sdP, kBlock);  // dP = dO V^T
+    __syncwarp();
+    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+      const bool ok = allowed(p, b, s, qi, n0 + c) && lse != -INFINITY;
+      const float pv = ok ? exp2f(sS[r * LDF + c] * p.scale2 - lse) : 0.0f;
+      sdS[r * LDP + c] = from_float<T>(pv * (sdP[r * kBlock + c] - delta));
+    }
+    __syncwarp();
+    warp_gemm_acc<T, kBlock, D>(sdS, LDP, sK, LD, dq);  // dQ += dS K
+  }
+  __syncwarp();
+  store_rows<T, D>(dq, p.scale, sS, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, s.len_q);
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+Operand operand(const TensorView& t, bool varlen) {
+  return {t.data, varlen ? 0 : t.stride[0], t.stride[varlen ? 0 : 1], t.stride[varlen ? 1 : 2]};
+}
+
+Params params_of(const Problem& pr) {
+  Params p{};
+  const bool varlen = pr.cu_q.has_value();
+  p.q = operand(pr.q, varlen);
+  p.k = operand(pr.k, varlen);
+  p.v = operand(pr.v, varlen);
+  p.key_mask = pr.key_mask ? static_cast<const int8_t*>(pr.key_mask->data) : nullptr;
+  p.mask_b = pr.key_mask ? pr.key_mask->stride[0] : 0;
+  p.cu_q = varlen ? static_cast<const int*>(pr.cu_q->data) : nullptr;
+  p.cu_k = varlen ? static_cast<const int*>(pr.cu_k->data) : nullptr;
+  const int hd = varlen ? 1 : 2;
+  const int64_t heads = pr.q.shape[hd];
+  p.group = static_cast<int>(heads / pr.k.shape[hd]);
+  p.seq_q = static_cast<int>(pr.max_q);
+  p.seq_k = static_cast<int>(pr.max_k);
+  p.lse_b = varlen ? 0 : heads * pr.q.shape[1];
+  p.lse_h = varlen ? pr.q.shape[0] : pr.q.shape[1];
+  p.causal = pr.causal;
+  p.scale = pr.scale;
+  p.scale2 = pr.scale * kLog2e;
+  return p;
+}
+
+int batch_of(const Problem& pr) {
+  return static_cast<int>(pr.cu_q ? pr.cu_q->shape[0] - 1 : pr.q.shape[0]);
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "cudaFuncSetAttribute (attention shared memory)");
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  cuda_check(cudaGetLastError(), "attention kernel launch");
+}
+
+unsigned blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
+
+struct Forward {
+  template <typename T, int D>
+  static void run(const Problem& pr, const Params& p, cudaStream_t st) {
+    const int hd = pr.cu_q ? 1 : 2;
+    launch(attention_fwd_kernel<T, D>, dim3(blocks(pr.max_q), pr.q.shape[hd], batch_of(pr)),
+           FwdSmem<T, D>::kBytes, p, st);
+  }
+};
+
+struct Backward {
+  template <typename T, int D>
+  static void run(const Problem& pr, const Params& p, cudaStream_t st) {
+    const int hd = pr.cu_q ? 1 : 2;
+    launch(attention_bwd_dkdv_kernel<T, D>, dim3(blocks(pr.max_k), pr.k.shape[hd], batch_of(pr)),
+           DkdvSmem<T, D>::kBytes, p, st);
+    launch(attention_bwd_dq_kernel<T, D>, dim3(blocks(pr.max_q), pr.q.shape[hd], batch_of(pr)),
+           DqSmem<T, D>::kBytes, p, st);
+  }
+};
+
+template <typename Launcher>
+void dispatch(const Problem& pr, const Params& p, std::uintptr_t stream) {
+  DeviceGuard guard(pr.q.device_id);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t d = pr.q.shape[pr.q.ndim - 1];
+  const bool half = pr.q.dtype == DType::kFloat16;
+#define FUSEDLM_ATTN_CASE(DIM)                                       \
+  case DIM:                                                          \
+    if (half) Launcher::template run<__half, DIM>(pr, p, st);        \
+    else Launcher::template run<__nv_bfloat16, DIM>(pr, p, st);      \
+    return;
+  switch (d) {
+    FUSEDLM_ATTN_CASE(32)
+    FUSEDLM_ATTN_CASE(64)
+    FUSEDLM_ATTN_CASE(96)
+    FUSEDLM_ATTN_CASE(128)
+    default: throw ArgError("unsupported head dim " + std::to_string(d));
+  }
+#undef FUSEDLM_ATTN_CASE
+}
+
+}  // namespace
+
+void launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
+  Params p = params_of(a.p);
+  p.o = operand(a.o, a.p.cu_q.has_value());
+  p.lse = static_cast<float*>(a.lse.data);
+  dispatch<Forward>(a.p, p, stream);
+}
+
+void launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
+  Params p = params_of(a.p);
+  const bool varlen = a.p.cu_q.has_value();
+  p.dout = operand(a.dout, varlen);
+  p.dq = operand(a.dq, varlen);
+  p.dk = operand(a.dk, varlen);
+  p.dv = operand(a.dv, varlen);
+  p.lse = static_cast<float*>(a.lse.data);
+  p.delta = static_cast<const float*>(a.delta.data);
+  dispatch<Backward>(a.p, p, stream);
+}
+
+}  // namespace fusedlm::attention

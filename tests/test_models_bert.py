@@ -37,7 +37,19 @@ def _pair(hf_cls, our_cls):
 
 
 def _param_grads(model):
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    """Gradients by state-dict name (Hugging Face's, for both models; tied ones under each name)."""
+    return {n: p.grad for n, p in model.state_dict(keep_vars=True).items()
+            if isinstance(p, torch.nn.Parameter) and p.grad is not None}
+
+
+def _assert_grads_match(hf, ours):
+    g_hf, g_ours = _param_grads(hf), _param_grads(ours)
+    assert set(g_ours) == set(g_hf)
+    for name in g_hf:
+        if g_hf[name].norm() < 1e-9:  # the key bias: softmax ignores it, its gradient is noise
+            assert g_ours[name].norm() < 1e-9, name
+            continue
+        assert rel_err(g_ours[name], g_hf[name]) < 1e-4, name
 
 
 def test_state_dict_keys_are_hugging_faces():
@@ -56,13 +68,7 @@ def test_pretraining_matches_hugging_face_with_padding():
     assert rel_err(mine.seq_relationship_logits, theirs.seq_relationship_logits) < 1e-5
     theirs.loss.backward()
     mine.loss.backward()
-    g_hf, g_ours = _param_grads(hf), _param_grads(ours)
-    assert set(g_ours) == set(g_hf)
-    for name in g_hf:
-        if g_hf[name].norm() < 1e-9:  # the key bias: softmax ignores it, its gradient is noise
-            assert g_ours[name].norm() < 1e-9, name
-            continue
-        assert rel_err(g_ours[name], g_hf[name]) < 1e-4, name
+    _assert_grads_match(hf, ours)
 
 
 def test_pretraining_logits_without_labels():
@@ -135,3 +141,30 @@ def test_weights_start_as_bert_and_gpt2_initialize_them(family):
         elif p.numel() >= 4096:
             want = 0.05 / 4 if "c_proj" in name else 0.05
             assert abs(p.std().item() / want - 1) < 0.1, (name, p.std().item())
+
+
+def test_roberta_masked_lm_matches_hugging_face_with_padding():
+    """RoBERTa: positions start after the padding index and count real tokens only; the head's
+    parameters have RoBERTa's names; checkpoints load and save one to one."""
+    torch.manual_seed(0)
+    hf_config = transformers.RobertaConfig(**{**CONFIG, "type_vocab_size": 1}, pad_token_id=1,
+                                           attn_implementation="eager")
+    hf = transformers.RobertaForMaskedLM(hf_config).to(DEVICE).eval()
+    ours = fm.RobertaForMaskedLM(fm.RobertaConfig.from_hf(hf_config)).to(DEVICE).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ids, mask, _, labels, _ = _batch()
+    ids = torch.where(mask.bool(), ids.clamp_min(2), torch.ones_like(ids))  # RoBERTa pads with 1
+    labels = torch.where(labels != -100, ids, labels)
+    theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    mine = ours(ids, mask, labels=labels)
+    assert rel_err(mine.loss, theirs.loss) < 1e-5
+    theirs.loss.backward()
+    mine.loss.backward()
+    _assert_grads_match(hf, ours)
+    logits = ours(ids, mask).prediction_logits
+    real = mask.bool()
+    assert rel_err(logits[real], hf(input_ids=ids, attention_mask=mask).logits[real]) < 1e-5
+    # And back: our state dict loads into Hugging Face's model unchanged.
+    fresh = transformers.RobertaForMaskedLM(hf_config).to(DEVICE)
+    fresh.load_state_dict(ours.state_dict(), strict=True)

@@ -1,8 +1,9 @@
 """fusedlm's own models: Hugging Face parameter names, fused kernels, no work on padding."""
 from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
-                   BertModel, BertOutput)
+                   BertModel, BertOutput, RobertaConfig, RobertaForMaskedLM)
 from .gpt import CausalLMOutput, GPTConfig, GPTForCausalLM, GPTModel
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM",
-           "BertForSequenceClassification", "BertOutput", "GPTConfig", "GPTModel",
+           "BertForSequenceClassification", "BertOutput", "RobertaConfig", "RobertaForMaskedLM",
+           "GPTConfig", "GPTModel",
            "GPTForCausalLM", "CausalLMOutput"]

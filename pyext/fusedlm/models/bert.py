@@ -36,6 +36,20 @@ class BertConfig(FromHF):
     num_labels: int = 2
     classifier_dropout: Optional[float] = None
     initializer_range: float = 0.02
+    # RoBERTa numbers positions from pad_token_id + 1, counting real tokens only.
+    positions_after_padding: bool = False
+
+
+@dataclass
+class RobertaConfig(BertConfig):
+    """BERT's config with RoBERTa's defaults (roberta-base): positions after the padding index,
+    one token type, eps 1e-5."""
+    vocab_size: int = 50265
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    positions_after_padding: bool = True
 
 
 class Packed(NamedTuple):
@@ -191,7 +205,10 @@ class BertModel(torch.nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if position_ids is None:  # as Hugging Face's BERT: positions count padding too
+        if position_ids is None and self.config.positions_after_padding:  # as RoBERTa
+            real = (input_ids != self.config.pad_token_id).long()
+            position_ids = real.cumsum(1) * real + self.config.pad_token_id
+        elif position_ids is None:  # as Hugging Face's BERT: positions count padding too
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         ids, indices, cu, max_len = unpad(input_ids, attention_mask)
         hidden = self.embeddings(ids, token_type_ids.reshape(-1).index_select(0, indices),
@@ -299,3 +316,55 @@ class BertForSequenceClassification(torch.nn.Module):
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return BertOutput(loss=loss, logits=logits)
+
+
+# ---- RoBERTa: BERT's encoder under Hugging Face's RoBERTa names ------------------------------
+
+class _RenamedKeys:
+    """Mixin: the module's state_dict uses Hugging Face's names (`ours` -> `hf` prefixes, for
+    parameters that sit at a different place in the module tree) and loads them too."""
+    _RENAMES = ()  # (ours, hf) prefix pairs relative to the module
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register_state_dict_hook(_RenamedKeys._to_hf)
+        self._register_load_state_dict_pre_hook(_RenamedKeys._from_hf, with_module=True)
+
+    @staticmethod
+    def _to_hf(module, state, prefix, local_metadata):
+        for ours, hf in module._RENAMES:
+            for key in [k for k in state if k.startswith(prefix + ours)]:
+                state[prefix + hf + key[len(prefix + ours):]] = state.pop(key)
+        return state
+
+    @staticmethod
+    def _from_hf(module, state, prefix, *args):
+        for ours, hf in module._RENAMES:
+            for key in [k for k in state if k.startswith(prefix + hf)]:
+                state[prefix + ours + key[len(prefix + hf):]] = state.pop(key)
+
+
+class RobertaLMHead(_RenamedKeys, MaskedLMHead):
+    """RoBERTa's `lm_head` (dense -> gelu -> layer_norm -> decoder + bias): BERT's masked-LM
+    head, the same math, under RoBERTa's parameter names."""
+    _RENAMES = (("transform.dense.", "dense."), ("transform.LayerNorm.", "layer_norm."))
+
+
+class RobertaForMaskedLM(torch.nn.Module):
+    """Hugging Face's RobertaForMaskedLM, keys `roberta.*` and `lm_head.*`, on fusedlm's BERT
+    (no pooler; the decoder tied to the word embeddings)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = BertModel(config, add_pooling_layer=False)
+        self.lm_head = RobertaLMHead(config.hidden_size, config.vocab_size, hidden_act=config.hidden_act,
+                                     layer_norm_eps=config.layer_norm_eps,
+                                     decoder_weight=self.roberta.embeddings.word_embeddings.weight)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        packed, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids)
+        loss, accuracy, logits = _mlm(self.lm_head, packed, labels)
+        return BertOutput(loss=loss, mlm_loss=loss, mlm_accuracy=accuracy, prediction_logits=logits)

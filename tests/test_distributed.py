@@ -1,8 +1,9 @@
 """Data-parallel training through torch.distributed: two CPU processes (gloo) running
-DistributedDataParallel over fusedlm's BERT get the gradients a single process computes for the
-same two half-batches."""
+DistributedDataParallel or FSDP2 over fusedlm's BERT get the gradients a single process computes
+for the same two half-batches; and `fusedlm pretrain` under torchrun."""
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -36,14 +37,29 @@ def _loss(model, rank):
     return model(ids, mask, labels=labels, next_sentence_label=nsp).loss
 
 
-def _worker(rank, world, port, out):
+def _wrap(model, how):
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard  # FSDP2: parameters sharded per layer
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _worker(rank, world, port, out, how):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(_model())
-        _loss(ddp, rank).backward()
+        model = _wrap(_model(), how)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. FSDP2's warning about view outputs
+            _loss(model, rank).backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2 shards
+            grads[n.replace("module.", "")] = g
         if rank == 0:
-            torch.save({n: p.grad for n, p in ddp.module.named_parameters()}, out)
+            torch.save(grads, out)
     finally:
         dist.destroy_process_group()
 
@@ -55,9 +71,13 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_ddp_gradients_equal_a_single_process(tmp_path):
+@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
+def test_data_parallel_gradients_equal_a_single_process(tmp_path, how):
+    """DistributedDataParallel and FSDP2 (fully_shard per encoder layer) over fusedlm's BERT."""
+    if how == "fsdp2":
+        pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2").fully_shard
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(out), how), nprocs=2, join=True)
     got = torch.load(out)
     model = _model()
     ((_loss(model, 0) + _loss(model, 1)) / 2).backward()  # DDP averages the ranks' gradients

@@ -27,6 +27,8 @@ def _fused_forward(module, x, residual, op, *params):
 
     out = op(flat(x), *map(flat, params), module.eps, residual=flat(residual),
              return_residual=residual is not None, backend=module.backend)
+    if k == 1:  # op kept x's shape (and returns no views, which FSDP2 would warn about)
+        return out
     if residual is None:
         return out.view(x.shape)
     return out[0].view(x.shape), out[1].view(x.shape)

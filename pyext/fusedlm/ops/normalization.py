@@ -290,10 +290,13 @@ def _norm(op_name, x, weight, bias, eps, residual, return_residual, backend, is_
         y, z, _, _ = torch.ops.fusedlm.norm_fwd(x2, r2, weight, bias, float(eps), is_rms, store_z, chosen)
     else:
         y, z = _NormFunction.apply(x2, r2, weight, bias, float(eps), is_rms, store_z, chosen)
-    y = y.view(x.shape)
+    # Reshape only when needed: a 2-D input gets the kernel's own tensors back, not views of
+    # them (FSDP2 warns about view outputs of wrapped modules, as fusedlm's packed layers are).
+    shaped = (lambda t: t) if x.dim() == 2 else (lambda t: t.view(x.shape))
+    y = shaped(y)
     if not return_residual:
         return y
-    return y, (x if residual is None else z.view(x.shape))
+    return y, (x if residual is None else shaped(z))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

@@ -27,10 +27,13 @@ log "GPU tests"
 python3 -m pytest "$OLDPWD/tests" -q -x --timeout=900 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -30
 log "tests exit: ${PIPESTATUS[0]}"
 
-log "benchmarks"
-python3 -m fusedlm.cli bench layer_norm --rows 16384 65536 --out "$OUT/layer_norm.json" \
-  2>&1 | tee "$OUT/bench.log" | tail -80
-python3 -m fusedlm.cli bench lm_loss --out "$OUT/lm_loss.json" 2>&1 | tee -a "$OUT/bench.log" | tail -40
-python3 -m fusedlm.cli bench attention --out "$OUT/attention.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60
-python3 -m fusedlm.cli bench model --out "$OUT/model.json" 2>&1 | tee -a "$OUT/bench.log" | tail -30
+log "benchmarks (JSON, CSV and PNG per op)"
+for op in layer_norm lm_loss attention model; do
+  extra=(); [ "$op" = layer_norm ] && extra=(--rows 16384 65536)
+  python3 -m fusedlm.cli bench "$op" "${extra[@]}" --out "$OUT/$op.json" --csv "$OUT/$op.csv" \
+    --plot "$OUT/$op.png" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+done
+log "check and the pretraining demo (fusedlm demo: bf16, fused kernels vs Hugging Face)"
+python3 -m fusedlm.cli demo --out "$OUT/pretrain" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -40
+log "demo exit: ${PIPESTATUS[0]}"
 log "done"

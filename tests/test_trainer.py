@@ -1,0 +1,60 @@
+"""Hugging Face's Trainer drives a patched Hugging Face model and fusedlm's own model: a few
+optimizer steps on CPU lower the masked-LM loss."""
+import pytest
+import torch
+
+import fusedlm
+import fusedlm.models as fm
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer's own dependency
+
+CONFIG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=40)
+
+
+class _MaskedLM(torch.utils.data.Dataset):
+    """Repeating 4-token patterns, padded to different lengths, 30% of tokens to predict."""
+
+    def __init__(self, n=64, seq=16):
+        g = torch.Generator().manual_seed(0)
+        self.rows = []
+        for i in range(n):
+            ids = torch.arange(seq) % 4 + 5 + 4 * (i % 3)
+            length = seq - i % 5
+            mask = (torch.arange(seq) < length).long()
+            pick = (torch.rand(seq, generator=g) < 0.3) & (mask == 1)
+            pick[1] = True
+            labels = torch.where(pick, ids, torch.full_like(ids, -100))
+            self.rows.append(dict(input_ids=torch.where(pick, torch.full_like(ids, 4), ids) * mask,
+                                  attention_mask=mask, labels=labels))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _train(model, tmp_path):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_MaskedLM())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+
+
+def test_trainer_with_a_patched_model(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**CONFIG))
+    report = fusedlm.patch(model)
+    assert report.patched
+    _train(model, tmp_path)
+
+
+def test_trainer_with_fusedlms_model(tmp_path):
+    torch.manual_seed(0)
+    _train(fm.BertForMaskedLM(fm.BertConfig(**CONFIG)), tmp_path)

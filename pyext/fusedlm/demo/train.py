@@ -11,13 +11,11 @@ agree within a tolerance that the run reports; the speed ratio is measured on th
 Under torchrun each process takes its slice of every global batch (DistributedDataParallel).
 """
 import json
-import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn import LayerNorm, MaskedLMHead
-from ..nn.activations import activation
-from ..ops import attention_varlen, pad, unpad
+from ..nn.layers import EncoderLayer
+from ..ops import pad, unpad
 from .config import FromHF
 from .init import init_weights
 
@@ -88,74 +88,19 @@ class BertEmbeddings(torch.nn.Module):
         return self.dropout(y)
 
 
-class BertSelfAttention(torch.nn.Module):
+class BertLayer(EncoderLayer):
+    """Post-LN encoder layer (fusedlm.nn.EncoderLayer) built from a BertConfig, on packed rows."""
+
     def __init__(self, c: BertConfig):
-        super().__init__()
         if c.hidden_size % c.num_attention_heads:
             raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({c.num_attention_heads})")
-        self.heads = c.num_attention_heads
-        self.query = torch.nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = torch.nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = torch.nn.Linear(c.hidden_size, c.hidden_size)
-        self.dropout_p = c.attention_probs_dropout_prob
+        super().__init__(c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                         dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob,
+                         activation=c.hidden_act, eps=c.layer_norm_eps)
 
     def forward(self, packed: Packed):
-        x = packed.hidden
-        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
-        o = attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
-                             packed.max_seqlen, dropout_p=self.dropout_p if self.training else 0.0)
-        return o.flatten(-2)
-
-
-class BertResidualOutput(torch.nn.Module):
-    """dense -> dropout -> LayerNorm(. + residual), the residual add fused into the norm
-    (Hugging Face's BertSelfOutput and BertOutput)."""
-
-    def __init__(self, c: BertConfig, in_features):
-        super().__init__()
-        self.dense = torch.nn.Linear(in_features, c.hidden_size)
-        self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(c.hidden_dropout_prob)
-
-    def forward(self, h, residual):
-        y, _ = self.LayerNorm(self.dropout(self.dense(h)), residual=residual)
-        return y
-
-
-class BertAttention(torch.nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.self = BertSelfAttention(c)
-        self.output = BertResidualOutput(c, c.hidden_size)
-
-    def forward(self, packed: Packed):
-        return self.output(self.self(packed), packed.hidden)
-
-
-class BertIntermediate(torch.nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = torch.nn.Linear(c.hidden_size, c.intermediate_size)
-        activation(c.hidden_act)
-        self.hidden_act = c.hidden_act
-
-    def forward(self, x):
-        return activation(self.hidden_act)(self.dense(x))
-
-
-class BertLayer(torch.nn.Module):
-    """Post-LN encoder layer: attention -> add & norm -> GELU MLP -> add & norm."""
-
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.attention = BertAttention(c)
-        self.intermediate = BertIntermediate(c)
-        self.output = BertResidualOutput(c, c.intermediate_size)
-
-    def forward(self, packed: Packed):
-        h = self.attention(packed)
-        return packed.with_hidden(self.output(self.intermediate(h), h))
+        return packed.with_hidden(self.forward_packed(packed.hidden, packed.cu_seqlens, packed.max_seqlen))
 
 
 class BertEncoder(torch.nn.Module):

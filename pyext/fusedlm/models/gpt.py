@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from ..nn import LayerNorm
-from ..nn.activations import activation
-from ..ops import attention_varlen, lm_loss, unpad
+from ..nn.layers import Conv1D, DecoderLayer  # noqa: F401 (Conv1D: GPT-2's layout)
+from ..ops import lm_loss, unpad
 from .bert import Packed
 from .config import FromHF
 from .init import init_weights
@@ -36,70 +36,19 @@ class GPTConfig(FromHF):
     initializer_range: float = 0.02
 
 
-class Conv1D(torch.nn.Module):
-    """GPT-2's linear layer: weight (in, out), y = x @ weight + bias."""
+class GPTBlock(DecoderLayer):
+    """Pre-LN block (fusedlm.nn.DecoderLayer) built from a GPTConfig. forward(delta, residual,
+    packed): see DecoderLayer.forward_fused."""
 
-    def __init__(self, n_in, n_out):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))  # GPTModel re-inits
-        self.bias = torch.nn.Parameter(torch.zeros(n_out))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-
-
-class GPTAttention(torch.nn.Module):
     def __init__(self, c: GPTConfig):
-        super().__init__()
         if c.n_embd % c.n_head:
             raise ValueError(f"n_embd ({c.n_embd}) must be a multiple of n_head ({c.n_head})")
-        self.n_head = c.n_head
-        self.c_attn = Conv1D(c.n_embd, 3 * c.n_embd)
-        self.c_proj = Conv1D(c.n_embd, c.n_embd)
-        self.attn_pdrop = c.attn_pdrop
-        self.resid_dropout = torch.nn.Dropout(c.resid_pdrop)
-
-    def forward(self, x, packed: Packed):
-        q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
-        o = attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
-                             packed.max_seqlen, causal=True,
-                             dropout_p=self.attn_pdrop if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(o.flatten(-2)))
-
-
-class GPTMLP(torch.nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        inner = c.n_inner or 4 * c.n_embd
-        self.c_fc = Conv1D(c.n_embd, inner)
-        self.c_proj = Conv1D(inner, c.n_embd)
-        activation(c.activation_function)
-        self.activation_function = c.activation_function
-        self.dropout = torch.nn.Dropout(c.resid_pdrop)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(activation(self.activation_function)(self.c_fc(x))))
-
-
-class GPTBlock(torch.nn.Module):
-    """Pre-LN block. forward(delta, residual, packed): `delta` is the previous block's MLP
-    output (None for the first block), added to the residual stream inside ln_1; returns this
-    block's MLP output and the residual stream it has not yet been added to."""
-
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.ln_1 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
-        self.attn = GPTAttention(c)
-        self.ln_2 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
-        self.mlp = GPTMLP(c)
+        super().__init__(c.n_embd, c.n_head, c.n_inner, dropout=c.resid_pdrop,
+                         attention_dropout=c.attn_pdrop, activation=c.activation_function,
+                         eps=c.layer_norm_epsilon)
 
     def forward(self, delta, residual, packed: Packed):
-        if delta is None:
-            y = self.ln_1(residual)
-        else:
-            y, residual = self.ln_1(delta, residual=residual)
-        y, residual = self.ln_2(self.attn(y, packed), residual=residual)
-        return self.mlp(y), residual
+        return self.forward_fused(delta, residual, packed.cu_seqlens, packed.max_seqlen)
 
 
 class GPTModel(torch.nn.Module):

@@ -1,0 +1,197 @@
+"""Transformer layers on fusedlm's kernels, config-driven, with Hugging Face's parameter names:
+
+  EncoderLayer  post-LN, BERT's layer (attention -> add & norm -> MLP -> add & norm), names as
+                in BertLayer (attention.self.query, ..., output.LayerNorm);
+  DecoderLayer  pre-LN, GPT-2's block (ln_1 -> causal attention -> ln_2 -> MLP), names as in
+                GPT2Block, its Conv1D weights stored (in, out).
+
+Both take a padded batch, forward(x (batch, seq, hidden), attention_mask=None), which they unpad
+around the attention, or packed sequences, forward(x (total, hidden), cu_seqlens=,
+max_seqlen=), which spend no work on padding. Residual adds are fused into the LayerNorms.
+fusedlm.models builds BERT and GPT from these same modules.
+"""
+from typing import Optional
+
+import torch
+
+from ..ops import attention_varlen, pad, unpad
+from .activations import activation
+from .normalization import LayerNorm
+
+
+def _packed(x, attention_mask, cu_seqlens, max_seqlen):
+    """-> (rows (total, hidden), cu_seqlens, max_seqlen, how to restore x's layout)."""
+    if cu_seqlens is not None:
+        if x.dim() != 2 or max_seqlen is None:
+            raise ValueError("packed input: x must be (total, hidden) and max_seqlen given with cu_seqlens")
+        return x, cu_seqlens, int(max_seqlen), lambda y: y
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, seq, hidden), or (total, hidden) with cu_seqlens; got {tuple(x.shape)}")
+    batch, seq = x.shape[:2]
+    if attention_mask is None:
+        cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=x.device)
+        return x.reshape(batch * seq, -1), cu, seq, lambda y: y.view(batch, seq, -1)
+    rows, idx, cu, max_len = unpad(x, attention_mask)
+    return rows, cu, max_len, lambda y: pad(y, idx, batch, seq)
+
+
+def _heads(hidden_size, num_heads):
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+
+
+# ---- the encoder (BERT) ---------------------------------------------------------------------
+
+class EncoderSelfAttention(torch.nn.Module):
+    def __init__(self, hidden_size, num_heads, attention_dropout):
+        super().__init__()
+        _heads(hidden_size, num_heads)
+        self.heads = num_heads
+        self.query = torch.nn.Linear(hidden_size, hidden_size)
+        self.key = torch.nn.Linear(hidden_size, hidden_size)
+        self.value = torch.nn.Linear(hidden_size, hidden_size)
+        self.dropout_p = attention_dropout
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
+        o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                             dropout_p=self.dropout_p if self.training else 0.0)
+        return o.flatten(-2)
+
+
+class ResidualOutput(torch.nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual), the residual add fused into the norm
+    (Hugging Face's BertSelfOutput and BertOutput)."""
+
+    def __init__(self, in_features, hidden_size, dropout, eps):
+        super().__init__()
+        self.dense = torch.nn.Linear(in_features, hidden_size)
+        self.LayerNorm = LayerNorm(hidden_size, eps=eps)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, h, residual):
+        y, _ = self.LayerNorm(self.dropout(self.dense(h)), residual=residual)
+        return y
+
+
+class EncoderAttention(torch.nn.Module):
+    def __init__(self, hidden_size, num_heads, dropout, attention_dropout, eps):
+        super().__init__()
+        self.self = EncoderSelfAttention(hidden_size, num_heads, attention_dropout)
+        self.output = ResidualOutput(hidden_size, hidden_size, dropout, eps)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        return self.output(self.self(x, cu_seqlens, max_seqlen), x)
+
+
+class Intermediate(torch.nn.Module):
+    def __init__(self, hidden_size, intermediate_size, act):
+        super().__init__()
+        self.dense = torch.nn.Linear(hidden_size, intermediate_size)
+        activation(act)  # validates the name; looked up per call (modules stay picklable)
+        self.hidden_act = act
+
+    def forward(self, x):
+        return activation(self.hidden_act)(self.dense(x))
+
+
+class EncoderLayer(torch.nn.Module):
+    """Post-LN encoder layer (BERT): attention -> add & norm -> MLP -> add & norm.
+
+    EncoderLayer(hidden_size, num_heads, intermediate_size=4 * hidden_size, dropout=0.1,
+    attention_dropout=0.1, activation="gelu", eps=1e-12). See the module docstring for forward.
+    """
+
+    def __init__(self, hidden_size, num_heads, intermediate_size: Optional[int] = None, *,
+                 dropout=0.1, attention_dropout=0.1, activation="gelu", eps=1e-12):
+        super().__init__()
+        intermediate_size = intermediate_size or 4 * hidden_size
+        self.attention = EncoderAttention(hidden_size, num_heads, dropout, attention_dropout, eps)
+        self.intermediate = Intermediate(hidden_size, intermediate_size, activation)
+        self.output = ResidualOutput(intermediate_size, hidden_size, dropout, eps)
+
+    def forward_packed(self, x, cu_seqlens, max_seqlen):
+        h = self.attention(x, cu_seqlens, max_seqlen)
+        return self.output(self.intermediate(h), h)
+
+    def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
+        rows, cu, max_len, restore = _packed(x, attention_mask, cu_seqlens, max_seqlen)
+        return restore(self.forward_packed(rows, cu, max_len))
+
+
+# ---- the decoder (GPT-2) --------------------------------------------------------------------
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's linear layer: weight (in, out), y = x @ weight + bias."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))
+        self.bias = torch.nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class DecoderAttention(torch.nn.Module):
+    def __init__(self, hidden_size, num_heads, dropout, attention_dropout):
+        super().__init__()
+        _heads(hidden_size, num_heads)
+        self.n_head = num_heads
+        self.c_attn = Conv1D(hidden_size, 3 * hidden_size)
+        self.c_proj = Conv1D(hidden_size, hidden_size)
+        self.attn_pdrop = attention_dropout
+        self.resid_dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
+        o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                             dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(o.flatten(-2)))
+
+
+class DecoderMLP(torch.nn.Module):
+    def __init__(self, hidden_size, intermediate_size, dropout, act):
+        super().__init__()
+        self.c_fc = Conv1D(hidden_size, intermediate_size)
+        self.c_proj = Conv1D(intermediate_size, hidden_size)
+        activation(act)
+        self.activation_function = act
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(activation(self.activation_function)(self.c_fc(x))))
+
+
+class DecoderLayer(torch.nn.Module):
+    """Pre-LN decoder layer (GPT-2's block): x + attn(ln_1(x)), then + mlp(ln_2(.)), causal.
+
+    DecoderLayer(hidden_size, num_heads, intermediate_size=4 * hidden_size, dropout=0.1,
+    attention_dropout=0.1, activation="gelu_new", eps=1e-5). See the module docstring for
+    forward; `forward_fused` is the form a stack uses to fuse each residual add into the next
+    LayerNorm.
+    """
+
+    def __init__(self, hidden_size, num_heads, intermediate_size: Optional[int] = None, *,
+                 dropout=0.1, attention_dropout=0.1, activation="gelu_new", eps=1e-5):
+        super().__init__()
+        self.ln_1 = LayerNorm(hidden_size, eps=eps)
+        self.attn = DecoderAttention(hidden_size, num_heads, dropout, attention_dropout)
+        self.ln_2 = LayerNorm(hidden_size, eps=eps)
+        self.mlp = DecoderMLP(hidden_size, intermediate_size or 4 * hidden_size, dropout, activation)
+
+    def forward_fused(self, delta, residual, cu_seqlens, max_seqlen):
+        """`delta` is the previous layer's MLP output (None for the first layer), added to the
+        residual stream inside ln_1; returns this layer's MLP output and the residual stream it
+        has not yet been added to."""
+        if delta is None:
+            y = self.ln_1(residual)
+        else:
+            y, residual = self.ln_1(delta, residual=residual)
+        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen), residual=residual)
+        return self.mlp(y), residual
+
+    def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
+        rows, cu, max_len, restore = _packed(x, attention_mask, cu_seqlens, max_seqlen)
+        delta, residual = self.forward_fused(None, rows, cu, max_len)
+        return restore(delta + residual)

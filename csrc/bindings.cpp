@@ -5,8 +5,10 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/cuda_runtime.h"
+#include "common/philox.h"
 #include "common/tensor.h"
 #include "attention/attention.h"
 #include "layer_norm/layer_norm.h"
@@ -117,30 +119,31 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attn_fwd",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
-         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, py::handle o,
-         py::handle lse, std::uintptr_t stream) {
+         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, float dropout_p,
+         uint64_t seed, py::handle o, py::handle lse, std::uintptr_t stream) {
         fusedlm::attention::ForwardArgs a{
             {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
              optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
-             max_k, causal, scale},
+             max_k, causal, scale, dropout_p, seed},
             tensor(o, "out"), tensor(lse, "lse")};
         py::gil_scoped_release release;
         fusedlm::attention::forward(a, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
       py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
+      py::arg("dropout_p"), py::arg("seed"),
       py::arg("out"), py::arg("lse"), py::arg("stream"),
       "Attention forward: out, and the base-2 log-sum-exp of the scaled scores.");
   m.def(
       "attn_bwd",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
-         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale,
-         py::handle dout, py::handle lse, py::handle delta, py::handle dq, py::handle dk,
-         py::handle dv, std::uintptr_t stream) {
+         py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, float dropout_p,
+         uint64_t seed, py::handle dout, py::handle lse, py::handle delta, py::handle dq,
+         py::handle dk, py::handle dv, std::uintptr_t stream) {
         fusedlm::attention::BackwardArgs a{
             {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
              optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
-             max_k, causal, scale},
+             max_k, causal, scale, dropout_p, seed},
             tensor(dout, "dout"), tensor(lse, "lse"), tensor(delta, "delta"), tensor(dq, "dq"),
             tensor(dk, "dk"), tensor(dv, "dv")};
         py::gil_scoped_release release;
@@ -148,7 +151,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
       py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
+      py::arg("dropout_p"), py::arg("seed"),
       py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"),
       py::arg("dv"), py::arg("stream"),
       "Attention backward: dq, dk, dv from the saved log-sum-exp and delta = rowsum(dO * O).");
+  m.def(
+      "philox_uniform",
+      [](uint64_t seed, const std::vector<uint32_t>& offsets) {
+        std::vector<float> out(offsets.size());
+        for (size_t i = 0; i < offsets.size(); ++i) out[i] = fusedlm::philox_uniform(seed, offsets[i]);
+        return out;
+      },
+      py::arg("seed"), py::arg("offsets"),
+      "The CUDA attention's dropout draws (Triton's tl.rand), computed on the host: for tests.");
 }

@@ -285,7 +285,7 @@ def test_cuda_backend_states_what_it_serves():
     if _core.cuda_unavailable_reason() is not None:
         pytest.skip(_core.cuda_unavailable_reason())
     assert "head dims" in why("cuda", ("cuda", torch.float16, 80, False))
-    assert "no dropout" in why("cuda", ("cuda", torch.float16, 64, True))
+    assert why("cuda", ("cuda", torch.float16, 64, True)) is None  # dropout included
     assert "float16 or bfloat16" in why("cuda", ("cuda", torch.float32, 64, False))
     assert why("cuda", ("cuda", torch.bfloat16, 128, False)) is None
 
@@ -294,7 +294,7 @@ def _attn_args(**override):
     q = torch.randn(2, 5, 4, 64, dtype=torch.float16)
     kv = torch.randn(2, 7, 2, 64, dtype=torch.float16)
     args = dict(q=q, k=kv, v=kv.clone(), key_mask=None, cu_q=None, cu_k=None, max_q=5, max_k=7,
-                causal=False, scale=0.125, out=torch.empty_like(q),
+                causal=False, scale=0.125, dropout_p=0.0, seed=0, out=torch.empty_like(q),
                 lse=torch.empty(2, 4, 5), stream=0)
     args.update(override)
     return {k: _core.dl(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
@@ -314,6 +314,7 @@ def _attn_args(**override):
     (dict(out=torch.empty(2, 5, 4, 32, dtype=torch.float16)), ValueError, "out must have q's shape"),
     (dict(max_q=4), ValueError, "max_seqlen must equal"),
     (dict(cu_q=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "go together"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     ({}, ValueError, "q must be a CUDA tensor"),
 ])
 def test_core_attention_validation(override, error, match):
@@ -339,3 +340,18 @@ def test_core_attention_varlen_validation():
     del bwd["out"]
     with pytest.raises(ValueError, match="delta must be contiguous float32"):
         _core._C.attn_bwd(**bwd)
+
+
+@pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "philox_uniform"), reason="fusedlm._C is not built")
+def test_cuda_kernel_draws_the_triton_kernels_dropout_mask():
+    """The CUDA C++ attention's dropout draw (common/philox.h, run here on the host) keeps
+    exactly what the Triton kernels keep: probability (i, j) of stream seed + b * heads + h with
+    counter i * seq_k + j."""
+    if "triton" not in KERNELS:
+        pytest.skip("needs the Triton kernels")
+    b, h, sq, sk, p, seed = 2, 3, 19, 23, 0.3, 1234
+    keep = dropout_mask(b, h, sq, sk, p, seed, device=DEVICE).cpu()
+    offsets = [i * sk + j for i in range(sq) for j in range(sk)]
+    for stream in range(b * h):
+        draws = torch.tensor(_core._C.philox_uniform(seed + stream, offsets)).view(sq, sk)
+        assert torch.equal(draws >= p, keep.view(b * h, sq, sk)[stream].bool()), stream

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
              if dispatch._OPS["attention"].why_not(b, ("cuda", torch.bfloat16, 64, False)) is None]
             if HAS_GPU else [])
-DROPOUT_BACKENDS = [b for b in BACKENDS if b == "triton"]  # the CUDA C++ kernel has no dropout
+DROPOUT_BACKENDS = BACKENDS
 
 
 def _qkv(b, s, h, hk, d, dtype, sk=None):
@@ -111,3 +111,14 @@ def test_dropout_gpu(backend):
     ref, _ = reference.attention(*(t.detach().double() for t in (q, k, v)), dropout_p=0.1, dropout_keep=keep)
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
     assert abs(keep.float().mean().item() - 0.9) < 0.01
+
+
+@pytest.mark.skipif(set(BACKENDS) != {"triton", "cuda"}, reason="needs both kernels")
+def test_cuda_and_triton_drop_the_same_probabilities_gpu():
+    q, k, v = _qkv(2, 300, 4, 2, 64, torch.bfloat16)
+    outs = [fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, seed=7, backend=b) for b in ("triton", "cuda")]
+    assert rel_err(outs[1], outs[0]) < 2 * TOL[torch.bfloat16]
+    do = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
+    for a, c in zip(*grads):
+        assert rel_err(c, a) < 4 * TOL[torch.bfloat16]

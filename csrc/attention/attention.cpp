@@ -77,6 +77,8 @@ void check_problem(const Problem& p) {
     }
   }
   if (!(p.scale > 0.0f)) throw ArgError("softmax_scale must be positive");
+  if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f))
+    throw ArgError("dropout_p must be in [0, 1), got " + std::to_string(p.dropout_p));
 }
 
 void check_lse(const TensorView& lse, const Problem& p) {

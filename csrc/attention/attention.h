@@ -4,7 +4,8 @@
 // multi-query heads. The math is the Triton kernels' (kernels/attention.py): scores in base 2
 // (scale * log2 e), an online softmax over key blocks, the log-sum-exp saved for the backward,
 // which recomputes the probabilities in two atomic-free kernels (dK/dV per key block, dQ per
-// query block). Dropout is not implemented here: the Python layer routes it to Triton.
+// query block). Dropout draws the Triton kernels' mask (common/philox.h): for a seed, both
+// backends drop the same probabilities, and the backward regenerates them.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -24,6 +25,8 @@ struct Problem {
   int64_t max_q = 0, max_k = 0;        // longest sequence (varlen), else Sq / Sk
   bool causal = false;
   float scale = 1.0f;
+  float dropout_p = 0.0f;  // in [0, 1)
+  uint64_t seed = 0;       // (batch, head) stream: seed + batch * heads + head
 };
 
 struct ForwardArgs {

@@ -17,6 +17,7 @@
 
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
+#include "../common/philox.h"
 #include "attention.h"
 
 namespace fusedlm::attention {
@@ -53,11 +54,19 @@ struct Params {
   int64_t mask_b;
   const int *cu_q, *cu_k;
   int64_t lse_b, lse_h;  // log-sum-exp and delta: lse[b * lse_b + h * lse_h + first_q + i]
-  int seq_q, seq_k;      // dense lengths
-  int group;             // query heads per key/value head
+  int seq_q, seq_k;      // dense lengths (seq_k: also the dropout counter's row pitch)
+  int heads, group;      // query heads, and query heads per key/value head
   bool causal;
   float scale, scale2;   // softmax scale, and scale * log2(e)
+  float p_drop, keep;    // dropout probability, and 1 - p_drop
+  uint64_t seed;
 };
+
+// Is dropout's draw for probability (i, j) of stream bh a keep? (Only called with p_drop > 0.)
+__device__ __forceinline__ bool kept(const Params& p, int bh, int i, int j) {
+  const uint32_t offset = static_cast<uint32_t>(i) * static_cast<uint32_t>(p.seq_k) + static_cast<uint32_t>(j);
+  return philox_uniform(p.seed + static_cast<uint64_t>(bh), offset) >= p.p_drop;
+}
 
 struct Seq {
   int64_t q0, k0;  // first row of the sequence in q / k (packed), else 0
@@ -216,8 +225,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     float sum = 0.0f;
     for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
       const float pv = m_new == -INFINITY ? 0.0f : exp2f(sS[r * LDF + c] - m_new);
-      sum += pv;
-      sP[r * LDP + c] = from_float<T>(pv);
+      sum += pv;  // the normalizer sums every probability, dropped or not
+      const bool drop = p.p_drop > 0.0f && !kept(p, b * p.heads + h, qi, n0 + c);
+      sP[r * LDP + c] = from_float<T>(drop ? 0.0f : pv / p.keep);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l_i = l_i * alpha + sum;
@@ -233,7 +243,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;  // a row that saw no key gives zeros
     for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
       o[qi * p.o.s + c] = from_float<T>(sO[r * D + c] * inv);
-    if (half == 0) p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi] = l_i > 0.0f ? m_i + log2f(l_i) : -INFINITY;
+    // +inf for a row that saw no key, as the Triton kernel writes it: exp2(s - lse) is then 0.
+    if (half == 0) p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi] = l_i > 0.0f ? m_i + log2f(l_i) : INFINITY;
   }
 }
 
@@ -281,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
       load_tile<T, D>(sdO, dout, p.dout.s, m0, s.len_q);
       for (int i = threadIdx.x; i < kBlock; i += kThreads) {
         const bool in = m0 + i < s.len_q;
-        sL[i] = in ? lse[m0 + i] : -INFINITY;
+        sL[i] = in ? lse[m0 + i] : INFINITY;
         sDelta[i] = in ? delta[m0 + i] : 0.0f;
       }
       __syncthreads();
@@ -289,10 +300,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
       warp_gemm<T, D, kBlock, true>(sV + warp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
       __syncwarp();
       for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
-        const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != -INFINITY;
+        const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != INFINITY;
         const float pt = ok ? exp2f(sS[r * LDF + c] * p.scale2 - sL[c]) : 0.0f;
-        sPT[r * LDP + c] = from_float<T>(pt);
-        sdP[r * kBlock + c] = pt * (sdP[r * kBlock + c] - sDelta[c]);  // dS^T, in place
+        float dp = sdP[r * kBlock + c], pt_kept = pt;
+        if (p.p_drop > 0.0f) {
+          const bool keep = kept(p, b * p.heads + h, m0 + c, kj);
+          pt_kept = keep ? pt / p.keep : 0.0f;
+          dp = keep ? dp / p.keep : 0.0f;
+        }
+        sPT[r * LDP + c] = from_float<T>(pt_kept);
+        sdP[r * kBlock + c] = pt * (dp - sDelta[c]);  // dS^T, in place
       }
       __syncwarp();
       warp_gemm_acc<T, kBlock, D>(sPT, LDP, sdO, LD, dv);  // dV += P^T dO
@@ -334,7 +351,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   const int r = lane / 2, half = lane % 2;
   const int qi = m0 + warp * 16 + r;
   const int64_t row = b * p.lse_b + h * p.lse_h + s.q0 + qi;
-  const float lse = qi < s.len_q ? p.lse[row] : -INFINITY;
+  const float lse = qi < s.len_q ? p.lse[row] : INFINITY;
   const float delta = qi < s.len_q ? p.delta[row] : 0.0f;
   FragC dq[D / 16];
 #pragma unroll
@@ -350,9 +367,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
     warp_gemm<T, D, kBlock, true>(sdO + warp * 16 * LD, LD, sV, LD, sdP, kBlock);  // dP = dO V^T
     __syncwarp();
     for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
-      const bool ok = allowed(p, b, s, qi, n0 + c) && lse != -INFINITY;
+      const bool ok = allowed(p, b, s, qi, n0 + c) && lse != INFINITY;
       const float pv = ok ? exp2f(sS[r * LDF + c] * p.scale2 - lse) : 0.0f;
-      sdS[r * LDP + c] = from_float<T>(pv * (sdP[r * kBlock + c] - delta));
+      float dp = sdP[r * kBlock + c];
+      if (p.p_drop > 0.0f) dp = kept(p, b * p.heads + h, qi, n0 + c) ? dp / p.keep : 0.0f;
+      sdS[r * LDP + c] = from_float<T>(pv * (dp - delta));
     }
     __syncwarp();
     warp_gemm_acc<T, kBlock, D>(sdS, LDP, sK, LD, dq);  // dQ += dS K
@@ -379,7 +398,11 @@ Params params_of(const Problem& pr) {
   p.cu_k = varlen ? static_cast<const int*>(pr.cu_k->data) : nullptr;
   const int hd = varlen ? 1 : 2;
   const int64_t heads = pr.q.shape[hd];
+  p.heads = static_cast<int>(heads);
   p.group = static_cast<int>(heads / pr.k.shape[hd]);
+  p.p_drop = pr.dropout_p;
+  p.keep = 1.0f - pr.dropout_p;
+  p.seed = pr.seed;
   p.seq_q = static_cast<int>(pr.max_q);
   p.seq_k = static_cast<int>(pr.max_k);
   p.lse_b = varlen ? 0 : heads * pr.q.shape[1];

@@ -3,14 +3,15 @@ causal (bottom-right) or bidirectional, grouped-query heads, dropout inside the 
 
 Flow of a call: validate -> layout to (batch, seq, heads, D) views (strides, no copies) ->
 dispatch.select -> the Triton kernels or the CUDA C++ ones (csrc/attention: head dims 32, 64,
-96, 128, no dropout), both behind one autograd.Function whose backward recomputes the
+96, 128; the same dropout draws), both behind one autograd.Function whose backward recomputes the
 probabilities from the saved log-sum-exp, or the `torch` backend (the reference math, which
 materializes the scores: the fallback for fp32, for CPU tensors and for what no kernel serves).
 
 Dropout draws come from a seed: `seed=None` takes one from torch's default generator, so
 `torch.manual_seed` makes a run reproducible; the same seed gives the same mask, and the
-backward regenerates it instead of storing it. The `torch` backend draws its own masks (the
-same seed reproduces them, but they differ from the Triton kernel's).
+backward regenerates it instead of storing it. The Triton and CUDA C++ kernels draw the same
+mask for a seed. The `torch` backend draws its own masks (the same seed reproduces them, but
+they differ from the kernels').
 """
 from typing import Optional, Tuple
 
@@ -55,8 +56,6 @@ def _cuda_why_not(case):
         return f"the CUDA C++ kernel takes float16 or bfloat16, got {dtype}"
     if head_dim not in CUDA_HEAD_DIMS:
         return f"the CUDA C++ kernel is built for head dims {CUDA_HEAD_DIMS}, got {head_dim}"
-    if dropout:
-        return "the CUDA C++ kernel has no dropout (the Triton kernel has)"
     return None
 
 
@@ -83,7 +82,7 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
     if backend == "cuda":
         d = _core.dl
         _core._C.attn_fwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
-                          scale, d(o), d(lse), _core.stream_of(q))
+                          scale, dropout_p, seed, d(o), d(lse), _core.stream_of(q))
     else:
         _triton.kernels("attention").forward(
             q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
@@ -103,7 +102,8 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
     if backend == "cuda":
         d = _core.dl
         _core._C.attn_bwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
-                          scale, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q))
+                          scale, dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
+                          _core.stream_of(q))
     else:
         _triton.kernels("attention").backward(
             q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,

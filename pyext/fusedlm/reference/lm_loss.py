@@ -69,12 +69,14 @@ def ce_rows(logits, labels, *, label_smoothing, z_loss, grad_scale=None, compute
     loss = loss + z_loss * lse * lse
     hit = (x.argmax(1) == labels).float()
     if compute_grad:
-        p = torch.exp(x - lse[:, None])
-        g = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+        # g = scale * (softmax * (1 + 2 z lse) - smoothing / V - (1 - smoothing) * onehot),
+        # built in place in x (which is `logits` itself for float32 input: no extra (rows, V)
+        # buffers, as this is also the CPU's production path).
+        scale = grad_scale if isinstance(grad_scale, torch.Tensor) else torch.full_like(lse, grad_scale)
+        x.sub_(lse[:, None]).exp_().mul_(((1.0 + 2.0 * z_loss * lse) * scale)[:, None])
         if label_smoothing:
-            g -= label_smoothing / vocab
-        g.scatter_add_(1, labels.view(-1, 1),
-                       torch.full((x.shape[0], 1), label_smoothing - 1.0, device=x.device))
-        scale = grad_scale[:, None] if isinstance(grad_scale, torch.Tensor) else grad_scale
-        logits.copy_(g * scale)
+            x.sub_((label_smoothing / vocab) * scale[:, None])
+        x.scatter_add_(1, labels.view(-1, 1), ((label_smoothing - 1.0) * scale)[:, None])
+        if x.data_ptr() != logits.data_ptr():
+            logits.copy_(x)
     return loss, lse, hit

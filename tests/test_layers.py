@@ -94,3 +94,6 @@ def test_layer_bad_input():
         layer(torch.randn(5, H), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"x must be \(batch, seq, hidden\)"):
         layer(torch.randn(5, H))
+    with pytest.raises(ValueError, match="not both"):
+        layer(torch.randn(5, H), torch.ones(1, 5), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+              max_seqlen=5)

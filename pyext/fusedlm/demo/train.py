@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,14 @@ class Settings:
 
 # ---- the two implementations ------------------------------------------------------------------
 
+class PretrainStep(NamedTuple):
+    loss: torch.Tensor          # mlm + nsp: what is trained on
+    mlm: torch.Tensor
+    nsp: torch.Tensor
+    mlm_accuracy: torch.Tensor
+    nsp_logits: torch.Tensor
+
+
 class _Fused:
     name = "fused"
     label = "fusedlm"
@@ -68,7 +76,8 @@ class _Fused:
     @staticmethod
     def pretrain_losses(model, b):
         out = model(**b)
-        return out.mlm_loss, out.nsp_loss, out.mlm_accuracy, out.seq_relationship_logits
+        return PretrainStep(out.loss, out.mlm_loss, out.nsp_loss, out.mlm_accuracy,
+                            out.seq_relationship_logits)
 
     @staticmethod
     def classify(model, b):
@@ -101,7 +110,7 @@ class _Reference:
         nsp = F.cross_entropy(out.seq_relationship_logits.float(), b["next_sentence_label"])
         sel = labels != -100
         acc = (logits.detach().argmax(-1)[sel] == labels[sel]).float().mean()
-        return mlm, nsp, acc, out.seq_relationship_logits
+        return PretrainStep(mlm + nsp, mlm, nsp, acc, out.seq_relationship_logits)
 
     @staticmethod
     def classify(model, b):
@@ -305,13 +314,14 @@ class _Trainer:
         self.elapsed = 0.0
 
     def step(self, loss_fn, batch):
-        """loss_fn(model, batch) -> a tuple of loss terms; one optimizer step on their sum."""
+        """loss_fn(model, batch) -> a tuple whose first item is the loss; one optimizer step
+        on it. Returns the tuple."""
         device = self.dist.device
         _sync(device)
         t0 = time.perf_counter()
         with _autocast(device, self.dtype):
-            losses = loss_fn(self.ddp, batch)
-        sum(losses).backward()
+            out = loss_fn(self.ddp, batch)
+        out[0].backward()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -320,7 +330,7 @@ class _Trainer:
             self.elapsed += time.perf_counter() - t0
             self.tokens += int(batch["attention_mask"].sum())
         self.n += 1
-        return losses
+        return out
 
     def tokens_per_s(self):
         """Real (not padding) tokens a second, every process together."""
@@ -342,7 +352,8 @@ def _train(impls, s, init, head, pre, cls_train, cls_test, dist, dtype):
         b = pre.batch(step, s.batch, device, dist.rank, world)
         stats = {}
         for impl in impls:
-            mlm, nsp, acc = _pretrain_step(runs[impl.name], impl, b)
+            r = runs[impl.name].step(impl.pretrain_losses, b)
+            mlm, nsp, acc = r.mlm.item(), r.nsp.item(), float(r.mlm_accuracy)
             m, n, a = (v / world for v in dist.sum([mlm, nsp, acc]))
             out[impl.name]["curve"].append(dict(step=step, loss=m + n, mlm_loss=m, nsp_loss=n,
                                                 mlm_accuracy=a))
@@ -370,7 +381,7 @@ def _train(impls, s, init, head, pre, cls_train, cls_test, dist, dtype):
         b = cls_train.batch(step, s.batch, device, dist.rank, world)
         stats = {}
         for impl in impls:
-            (loss,) = tuned[impl.name].step(lambda m, b: impl.classify(m, b)[:1], b)
+            loss, _ = tuned[impl.name].step(impl.classify, b)
             loss = dist.sum([loss.item()])[0] / world
             out[impl.name]["finetune_curve"].append(dict(step=step, loss=loss))
             stats[f"loss[{impl.name}]"] = loss
@@ -380,17 +391,6 @@ def _train(impls, s, init, head, pre, cls_train, cls_test, dist, dtype):
         out[impl.name]["finetune_accuracy"] = _accuracy(impl, tuned[impl.name].model, cls_test,
                                                         device, dtype)
     return out
-
-
-def _pretrain_step(trainer, impl, b):
-    extra = {}
-
-    def losses(model, batch):
-        mlm, nsp, acc, _ = impl.pretrain_losses(model, batch)
-        extra["acc"] = acc
-        return mlm, nsp
-    mlm, nsp = trainer.step(losses, b)
-    return mlm.item(), nsp.item(), float(extra["acc"])
 
 
 def _speed(runs, impls):
@@ -421,7 +421,8 @@ def _evaluate_pretraining(impl, model, pre, s, dist, dtype, batches=8):
     with torch.no_grad(), _autocast(dist.device, dtype):
         for i in range(batches):
             b = pre.batch(10 ** 9 + i, s.batch, dist.device)  # evaluation: every rank, whole batch
-            _, _, acc, nsp_logits = impl.pretrain_losses(model, b)
+            r = impl.pretrain_losses(model, b)
+            acc, nsp_logits = r.mlm_accuracy, r.nsp_logits
             n = int((b["labels"] != -100).sum())
             mlm_right += float(acc) * n
             mlm_total += n
@@ -447,9 +448,9 @@ def _report(s, results, impls, vocab, dtype_name, device, dist, say):
     for title, fmt in rows:
         say(f"{title:<{width}}" + "".join(f"{fmt(results[n]):>22}" for n in names))
     say(f"(chance: masked-LM {100 / vocab:.1f}%, next sentence 50%, classification 50%)")
-    report = dict(settings={k: v for k, v in asdict(s).items()}, device=str(device),
+    report = dict(settings=asdict(s), device=str(device),
                   processes=dist.world, dtype=dtype_name, vocab_size=vocab,
-                  results={n: {k: v for k, v in r.items()} for n, r in results.items()})
+                  results=results)
     if len(names) == 2:
         a, b = (results[n] for n in names)
         gap = max(abs(x - y) for x, y in zip(_window_means([c["loss"] for c in a["curve"]]),

@@ -22,6 +22,8 @@ from .normalization import LayerNorm
 def _packed(x, attention_mask, cu_seqlens, max_seqlen):
     """-> (rows (total, hidden), cu_seqlens, max_seqlen, how to restore x's layout)."""
     if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed), not both")
         if x.dim() != 2 or max_seqlen is None:
             raise ValueError("packed input: x must be (total, hidden) and max_seqlen given with cu_seqlens")
         return x, cu_seqlens, int(max_seqlen), lambda y: y

@@ -1,39 +1,75 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, run the GPU tests and the benchmarks, write under $OUT.
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"])   # .whl: optional peer wheels
-# The machine has torch, triton, pybind11, scikit-build-core, cmake, ninja and nvcc, and no
-# package registry: build without isolation and without dependencies.
+# One call on the GPU machine: install (or build), run the GPU tests and the benchmarks, and bring
+# everything back as $OUT/gpu_run.tar.gz plus $OUT/summary.txt.
+#
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"])
+#   run(command="STEPS='cuda-tests:120 bench-attention:300' bash benchmarks/gpu_run.sh", carry=[".whl"])
+#
+# .whl (ignored, optional) holds wheels: a prebuilt fusedlm wheel for the machine's Python
+# (saves the build there; see benchmarks/results/README.md), and peers (Liger-Kernel, Cut
+# Cross-Entropy). The machine has torch, triton, pybind11, scikit-build-core, cmake, ninja and
+# nvcc, and no package registry: build without isolation and without dependencies.
+#
+# STEPS: "name:seconds" items run in order, each under its own time limit so the script always
+# gets to pack its results (the call's own limit is 10 minutes).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
+SRC=$PWD
+W=/tmp/gpu_run
+rm -rf "$W" && mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1
-log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+STEPS=${STEPS:-"cuda-tests:90 tests:240 bench-attention:150 bench-layer_norm:40 bench-lm_loss:60"}
+log() { echo "== $*" | tee -a "$W/summary.txt"; }
+pack() { cp "$W/summary.txt" "$OUT/" 2>/dev/null; tar czf "$OUT/gpu_run.tar.gz" -C "$W" . ; }
+trap pack EXIT
 
-if ls .whl/*.whl >/dev/null 2>&1; then   # Liger-Kernel etc., carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee -a "$W/summary.txt"
+
+peers=$(ls .whl/*.whl 2>/dev/null | grep -v '/fusedlm-' || true)
+if [ -n "$peers" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $peers \
+    && export PYTHONPATH=/tmp/site && log "peers: $(ls /tmp/site | grep -i dist-info | tr '\n' ' ')"
 fi
-
-log "nvidia-smi"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/summary.txt"
-log "build (sm_90a only, to save time here)"
 start=$(date +%s)
-FUSEDLM_CUDA=ON FUSEDLM_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -q . \
-  > "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
-log "built in $(( $(date +%s) - start )) s"
+if [ -n "${SKIP_INSTALL:-}" ]; then
+  log "using the installed fusedlm (SKIP_INSTALL)"
+elif ls .whl/fusedlm-*-cp312-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --force-reinstall .whl/fusedlm-*.whl > "$W/build.log" 2>&1 \
+    || { log "WHEEL INSTALL FAILED"; tail -20 "$W/build.log"; exit 1; }
+  log "installed the carried wheel in $(( $(date +%s) - start )) s"
+else
+  FUSEDLM_CUDA=ON FUSEDLM_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -q . \
+    > "$W/build.log" 2>&1 || { log "BUILD FAILED"; tail -50 "$W/build.log"; exit 1; }
+  log "built (sm_90a) in $(( $(date +%s) - start )) s"
+fi
 cd /tmp   # import the installed package, not the source tree
-python3 -c "import fusedlm, json; print(json.dumps(fusedlm.build_info()))" | tee -a "$OUT/summary.txt"
+python3 -c "import fusedlm, json; print(json.dumps(fusedlm.build_info()))" | tee -a "$W/summary.txt"
 
-log "GPU tests"
-python3 -m pytest "$OLDPWD/tests" -q -x --timeout=900 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -30
-log "tests exit: ${PIPESTATUS[0]}"
-
-log "benchmarks (JSON, CSV and PNG per op)"
-for op in layer_norm lm_loss attention model; do
-  extra=(); [ "$op" = layer_norm ] && extra=(--rows 16384 65536)
-  python3 -m fusedlm.cli bench "$op" "${extra[@]}" --out "$OUT/$op.json" --csv "$OUT/$op.csv" \
-    --plot "$OUT/$op.png" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+BENCH="python3 -m fusedlm.cli bench"
+files() { echo "--out $W/$1.json --csv $W/$1.csv --plot $W/$1.png"; }
+PYTEST=(python3 -m pytest -v -rfE -p no:cacheprovider --timeout=120)
+run_step() {
+  local name=$1 limit=$2
+  case $name in
+    cuda-tests) cmd=("${PYTEST[@]}" "$SRC/tests/test_attention_gpu.py" -k cuda) ;;
+    attn-tests) cmd=("${PYTEST[@]}" "$SRC/tests/test_attention_gpu.py") ;;
+    gpu-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests" -m gpu) ;;
+    tests) cmd=("${PYTEST[@]}" -n 8 --durations=15 "$SRC/tests") ;;
+    bench-attention) cmd=($BENCH attention $(files attention)) ;;
+    bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
+    bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;
+    bench-model) cmd=($BENCH model $(files model)) ;;
+    demo) cmd=(python3 -m fusedlm.cli demo --out "$W/pretrain" --no-progress) ;;
+    *) log "unknown step $name"; return ;;
+  esac
+  log "$name (limit ${limit} s)"
+  local t0=$(date +%s)
+  timeout -k 10 "$limit" "${cmd[@]}" > "$W/$name.log" 2>&1
+  local rc=$?
+  log "$name: exit $rc after $(( $(date +%s) - t0 )) s$([ $rc = 124 ] && echo ' (TIME LIMIT)')"
+  tail -n 40 "$W/$name.log" | cut -c1-200
+}
+for item in $STEPS; do
+  run_step "${item%%:*}" "${item##*:}"
 done
-log "check and the pretraining demo (fusedlm demo: bf16, fused kernels vs Hugging Face)"
-python3 -m fusedlm.cli demo --out "$OUT/pretrain" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -40
-log "demo exit: ${PIPESTATUS[0]}"
 log "done"

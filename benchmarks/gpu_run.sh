@@ -11,7 +11,8 @@
 # nvcc, and no package registry: build without isolation and without dependencies.
 #
 # STEPS: "name:seconds" items run in order, each under its own time limit so the script always
-# gets to pack its results (the call's own limit is 10 minutes).
+# gets to pack its results (the call's own limit is 10 minutes). some-tests runs $SOME_TESTS
+# (pytest node ids relative to the repository).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
@@ -55,6 +56,7 @@ run_step() {
     attn-tests) cmd=("${PYTEST[@]}" "$SRC/tests/test_attention_gpu.py") ;;
     gpu-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests" -m gpu) ;;
     tests) cmd=("${PYTEST[@]}" -n 8 --durations=15 "$SRC/tests") ;;
+    some-tests) cmd=("${PYTEST[@]}" --tb=short $(for t in $SOME_TESTS; do echo "$SRC/$t"; done)) ;;
     bench-attention) cmd=($BENCH attention $(files attention)) ;;
     bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;

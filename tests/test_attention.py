@@ -218,7 +218,7 @@ def _bad_calls():
         (lambda: fusedlm.attention(q, k, k, dropout_p=1.0), ValueError, ["dropout_p"]),
         (lambda: fusedlm.attention(q, k, k, layout="sbhd"), ValueError, ["layout"]),
         (lambda: fusedlm.attention(q, k, k, seed=-1), ValueError, ["seed"]),
-        (lambda: fusedlm.attention(q, k, k, backend="cuda"), ValueError, ["backend='cuda'", "CUDA tensors"]),
+        (lambda: fusedlm.attention(q.cpu(), k.cpu(), k.cpu(), backend="cuda"), ValueError, ["backend='cuda'", "CUDA tensors"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu - torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), cu, 8, 8), ValueError, ["cu_seqlens_q", "from 0 to 8"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE), 8, 8), ValueError, ["same length"]),
         (lambda: fusedlm.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), 4, 8), ValueError, ["max_seqlen"]),

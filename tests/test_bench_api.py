@@ -15,7 +15,7 @@ def test_compare_checks_then_times_a_user_layer_norm():
         return F.layer_norm(x, x.shape[-1:], w, b, 1e-2)
 
     out = bench.compare("layer_norm", {"mine": mine, "off by eps": off_by_eps}, rows=(64,),
-                        widths=(256,), peers=(), log=lambda *a: None)
+                        widths=(256,), dtype=torch.float32, peers=(), log=lambda *a: None)
     checks = {c["impl"]: c for c in out["checks"]}
     assert checks["mine"]["passed"] and checks["mine"]["max_rel_error"] < 1e-5
     assert not checks["off by eps"]["passed"]

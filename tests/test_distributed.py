@@ -40,10 +40,13 @@ def _loss(model, rank):
 def _wrap(model, how):
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard  # FSDP2: parameters sharded per layer
+    # A CPU mesh: without one FSDP2 takes the GPU when there is one, and these are gloo processes.
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model.bert.encoder.layer:
-        fully_shard(layer)
-    return fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _worker(rank, world, port, out, how):
@@ -99,7 +102,8 @@ def test_pretrain_under_torchrun_two_processes(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2", "-m", "fusedlm.cli", *args, "--out",
                           str(tmp_path / "two")], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+                         env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+                         timeout=300)  # CPU processes, also on a machine with one GPU
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert two.stdout.count("masked-LM accuracy") == 1  # one report, from rank 0
     r = json.loads((tmp_path / "two" / "metrics.json").read_text())

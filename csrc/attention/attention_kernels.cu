@@ -1,7 +1,8 @@
 // Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
 // fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
 // later (sm_90a included, through the same mma instructions; a wgmma/TMA path for Hopper is not
-// written). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows.
+// written). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
+// come in through 16-byte cp.async copies when the operands are 16-byte aligned.
 //
 // Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
 // the online softmax in base 2 (two lanes per row), P rounded to the storage dtype, O += P V,
@@ -60,6 +61,7 @@ struct Params {
   float scale, scale2;   // softmax scale, and scale * log2(e)
   float p_drop, keep;    // dropout probability, and 1 - p_drop
   uint64_t seed;
+  bool vec;              // every operand 16-byte aligned (pointer and strides): cp.async tiles
 };
 
 // Is dropout's draw for probability (i, j) of stream bh a keep? (Only called with p_drop > 0.)
@@ -86,13 +88,47 @@ __device__ __forceinline__ bool allowed(const Params& p, int b, const Seq& s, in
 }
 
 // rows [r0, r0 + kBlock) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
-// zeros past its end.
+// zeros past its end. With `vec`, 16-byte cp.async copies (all in flight at once, zero-filled
+// past the end; the caller waits with tile_wait); else one element per load.
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len,
+                                          bool vec) {
+#if __CUDA_ARCH__ >= 800
+  if (vec) {
+    constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec;
+    static_assert(kBlock * kPerRow % kThreads == 0, "tile chunks must split evenly over the CTA");
+#pragma unroll
+    for (int it = 0; it < kBlock * kPerRow / kThreads; ++it) {
+      const int i = it * kThreads + threadIdx.x;
+      const int r = i / kPerRow, c = i % kPerRow * kVec;
+      const bool in = r0 + r < len;
+      const T* g = in ? src + (r0 + r) * row_stride + c : src;  // a valid address even when unread
+      const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst + r * (D + kPad) + c));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(in ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    return;
+  }
+#endif
   for (int i = threadIdx.x; i < kBlock * D; i += kThreads) {
     const int r = i / D, c = i % D;
     dst[r * (D + kPad) + c] = r0 + r < len ? src[(r0 + r) * row_stride + c] : from_float<T>(0.0f);
   }
+}
+
+// Waits for this thread's cp.async copies; a __syncthreads must follow before others read.
+__device__ __forceinline__ void tile_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// The per-row loops below give two lanes one row (lane 2r + h: row r, columns [h W, h W + W)).
+// Lane (r, h) visits its columns starting at offset r + 16 h: with fp32 rows whose pitch is a
+// multiple of 32 words, the 32 lanes then touch 32 different banks at each step instead of one.
+template <int W>
+__device__ __forceinline__ int column(int half, int r, int j) {
+  return half * W + (j + r + 16 * half) % W;
 }
 
 template <typename T>
@@ -197,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   const T* v = rows<const T>(p.v, b, s.k0, hk);
   T* o = rows<T>(p.o, b, s.q0, h);
 
-  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q);
+  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
   for (int i = lane; i < 16 * D; i += 32) sO[i] = 0.0f;
   // Lanes 2r and 2r + 1 own row r of the warp's 16: columns [0, 32) and [32, 64) of a block.
   const int r = lane / 2, half = lane % 2;
@@ -207,13 +243,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
   for (int n0 = 0; n0 < n_end; n0 += kBlock) {
     __syncthreads();  // the previous K and V tiles are consumed
-    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k);
-    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k);
+    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);
+    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k, p.vec);
+    tile_wait();
     __syncthreads();
     warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);
     __syncwarp();
     float mx = -INFINITY;
-    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+    for (int j = 0; j < kBlock / 2; ++j) {
+      const int c = column<kBlock / 2>(half, r, j);
       const float x = allowed(p, b, s, qi, n0 + c) ? sS[r * LDF + c] * p.scale2 : -INFINITY;
       sS[r * LDF + c] = x;
       mx = fmaxf(mx, x);
@@ -223,7 +261,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     // Nothing allowed yet: keep m at -inf, add zeros (no inf - inf).
     const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_i - m_new);
     float sum = 0.0f;
-    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+    for (int j = 0; j < kBlock / 2; ++j) {
+      const int c = column<kBlock / 2>(half, r, j);
       const float pv = m_new == -INFINITY ? 0.0f : exp2f(sS[r * LDF + c] - m_new);
       sum += pv;  // the normalizer sums every probability, dropped or not
       const bool drop = p.p_drop > 0.0f && !kept(p, b * p.heads + h, qi, n0 + c);
@@ -235,10 +274,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     __syncwarp();
     warp_gemm<T, kBlock, D, false>(sP, LDP, sV, LD, sS, LDF);  // P V into the scratch
     __syncwarp();
-    for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
+    for (int j = 0; j < D / 2; ++j) {
+      const int c = column<D / 2>(half, r, j);
       sO[r * D + c] = sO[r * D + c] * alpha + sS[r * LDF + c];
+    }
     __syncwarp();
   }
+  tile_wait();  // the Q copy, when no key block was visited
   if (qi < s.len_q) {
     const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;  // a row that saw no key gives zeros
     for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
@@ -268,8 +310,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlock;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
-  load_tile<T, D>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k);
-  load_tile<T, D>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k);
+  load_tile<T, D>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k, p.vec);
+  load_tile<T, D>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k, p.vec);
   FragC dk[D / 16], dv[D / 16];
 #pragma unroll
   for (int n = 0; n < D / 16; ++n) {
@@ -288,18 +330,20 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
     const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
     for (int m0 = m_start; m0 < s.len_q; m0 += kBlock) {
       __syncthreads();  // the previous Q and dO tiles are consumed
-      load_tile<T, D>(sQ, q, p.q.s, m0, s.len_q);
-      load_tile<T, D>(sdO, dout, p.dout.s, m0, s.len_q);
+      load_tile<T, D>(sQ, q, p.q.s, m0, s.len_q, p.vec);
+      load_tile<T, D>(sdO, dout, p.dout.s, m0, s.len_q, p.vec);
       for (int i = threadIdx.x; i < kBlock; i += kThreads) {
         const bool in = m0 + i < s.len_q;
         sL[i] = in ? lse[m0 + i] : INFINITY;
         sDelta[i] = in ? delta[m0 + i] : 0.0f;
       }
+      tile_wait();  // also the K and V tiles, on the first pass
       __syncthreads();
       warp_gemm<T, D, kBlock, true>(sK + warp * 16 * LD, LD, sQ, LD, sS, LDF);   // S^T = K Q^T
       warp_gemm<T, D, kBlock, true>(sV + warp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
       __syncwarp();
-      for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+      for (int j = 0; j < kBlock / 2; ++j) {
+        const int c = column<kBlock / 2>(half, r, j);
         const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != INFINITY;
         const float pt = ok ? exp2f(sS[r * LDF + c] * p.scale2 - sL[c]) : 0.0f;
         float dp = sdP[r * kBlock + c], pt_kept = pt;
@@ -314,12 +358,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
       __syncwarp();
       warp_gemm_acc<T, kBlock, D>(sPT, LDP, sdO, LD, dv);  // dV += P^T dO
       __syncwarp();
-      for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c)
+      for (int j = 0; j < kBlock / 2; ++j) {
+        const int c = column<kBlock / 2>(half, r, j);
         sPT[r * LDP + c] = from_float<T>(sdP[r * kBlock + c]);
+      }
       __syncwarp();
       warp_gemm_acc<T, kBlock, D>(sPT, LDP, sQ, LD, dk);  // dK += dS^T Q
     }
   }
+  tile_wait();  // the K and V copies, when no query block was visited
   __syncwarp();
   store_rows<T, D>(dk, p.scale, sS, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + warp * 16, s.len_k);
   store_rows<T, D>(dv, 1.0f, sS, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + warp * 16, s.len_k);
@@ -346,8 +393,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   const int hk = h / p.group;
   const T* k = rows<const T>(p.k, b, s.k0, hk);
   const T* v = rows<const T>(p.v, b, s.k0, hk);
-  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q);
-  load_tile<T, D>(sdO, rows<const T>(p.dout, b, s.q0, h), p.dout.s, m0, s.len_q);
+  load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
+  load_tile<T, D>(sdO, rows<const T>(p.dout, b, s.q0, h), p.dout.s, m0, s.len_q, p.vec);
   const int r = lane / 2, half = lane % 2;
   const int qi = m0 + warp * 16 + r;
   const int64_t row = b * p.lse_b + h * p.lse_h + s.q0 + qi;
@@ -360,13 +407,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
   for (int n0 = 0; n0 < n_end; n0 += kBlock) {
     __syncthreads();
-    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k);
-    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k);
+    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);
+    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k, p.vec);
+    tile_wait();  // also the Q and dO tiles, on the first pass
     __syncthreads();
     warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);      // S = Q K^T
     warp_gemm<T, D, kBlock, true>(sdO + warp * 16 * LD, LD, sV, LD, sdP, kBlock);  // dP = dO V^T
     __syncwarp();
-    for (int c = half * kBlock / 2; c < (half + 1) * kBlock / 2; ++c) {
+    for (int j = 0; j < kBlock / 2; ++j) {
+      const int c = column<kBlock / 2>(half, r, j);
       const bool ok = allowed(p, b, s, qi, n0 + c) && lse != INFINITY;
       const float pv = ok ? exp2f(sS[r * LDF + c] * p.scale2 - lse) : 0.0f;
       float dp = sdP[r * kBlock + c];
@@ -376,6 +425,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
     __syncwarp();
     warp_gemm_acc<T, kBlock, D>(sdS, LDP, sK, LD, dq);  // dQ += dS K
   }
+  tile_wait();  // the Q and dO copies, when no key block was visited
   __syncwarp();
   store_rows<T, D>(dq, p.scale, sS, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, s.len_q);
 }
@@ -384,6 +434,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
 
 Operand operand(const TensorView& t, bool varlen) {
   return {t.data, varlen ? 0 : t.stride[0], t.stride[varlen ? 0 : 1], t.stride[varlen ? 1 : 2]};
+}
+
+// Can every row of t be copied in 16-byte pieces (2-byte elements: pointer and strides)?
+bool aligned16(const Operand& t) {
+  return reinterpret_cast<std::uintptr_t>(t.p) % 16 == 0 && t.b % 8 == 0 && t.s % 8 == 0 && t.h % 8 == 0;
 }
 
 Params params_of(const Problem& pr) {
@@ -475,6 +530,7 @@ void launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
   Params p = params_of(a.p);
   p.o = operand(a.o, a.p.cu_q.has_value());
   p.lse = static_cast<float*>(a.lse.data);
+  p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
   dispatch<Forward>(a.p, p, stream);
 }
 
@@ -487,6 +543,7 @@ void launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
   p.dv = operand(a.dv, varlen);
   p.lse = static_cast<float*>(a.lse.data);
   p.delta = static_cast<const float*>(a.delta.data);
+  p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout);
   dispatch<Backward>(a.p, p, stream);
 }
 

@@ -132,7 +132,13 @@ class _Dist:
             import torch.distributed as dist
             self.dist = dist
             if device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                if local >= torch.cuda.device_count():
+                    raise RuntimeError(
+                        f"torchrun started process {local} on this node but only "
+                        f"{torch.cuda.device_count()} GPU(s) are visible: one process per GPU "
+                        "(--nproc_per_node), or CUDA_VISIBLE_DEVICES= to train on CPU processes")
+                self.device = torch.device("cuda", local)
                 torch.cuda.set_device(self.device)
             self.owns_group = not dist.is_initialized()
             if self.owns_group:

@@ -60,7 +60,10 @@ run_step() {
     bench-attention) cmd=($BENCH attention $(files attention)) ;;
     bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;
-    bench-model) cmd=($BENCH model $(files model)) ;;
+    bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
+    ncu-attention) cmd=(ncu --kernel-name regex:attention_ --launch-count 3 --section SpeedOfLight
+                        --section Occupancy --section LaunchStats --section WarpStateStats
+                        --section MemoryWorkloadAnalysis python3 "$SRC/benchmarks/profile_attention.py" cuda) ;;
     demo) cmd=(python3 -m fusedlm.cli demo --out "$W/pretrain" --no-progress) ;;
     *) log "unknown step $name"; return ;;
   esac

@@ -62,7 +62,8 @@ def test_layer_matches_plain_math_padded_and_packed(kind):
     got = torch.autograd.grad(y, [x, *layer.parameters()], dy)
     exp = torch.autograd.grad(want, [x, *layer.parameters()], dy)
     for (name, _), a, b in zip([("x", None), *layer.named_parameters()], got, exp):
-        if b.norm() < 1e-9:  # a key bias: softmax ignores it
+        if name.endswith("key.bias"):  # softmax ignores a key bias: both are rounding noise
+            assert a.abs().max() < 1e-5 and b.abs().max() < 1e-5, name
             continue
         assert rel_err(a, b) < 1e-4, name
     # Packed rows give the same result as the padded batch, without the padding.

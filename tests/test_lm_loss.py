@@ -216,6 +216,13 @@ def test_autocast_runs_the_projection_in_the_autocast_dtype():
     assert rel_err(loss, ref) < TOL[torch.bfloat16]
     dw, = torch.autograd.grad(loss, [w])
     assert dw.dtype == torch.float32
+    # Mixed inputs, as a model under autocast hands them over: bf16 hidden states (an autocast
+    # matmul's output) with the fp32 decoder weight and bias.
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mixed = fusedlm.lm_loss(h.bfloat16(), w, labels, b)
+    assert rel_err(mixed, ref) < TOL[torch.bfloat16]
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):  # outside autocast
+        fusedlm.lm_loss(h.bfloat16(), w, labels, b)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU fallback")

@@ -206,3 +206,19 @@ def test_large_hidden_falls_back_to_reference_in_auto():
     assert rel_err(y, reference.layer_norm(x.double())[0]) < TOL[torch.float32]
     if HAS_GPU:
         assert any("exceeds" in why for _, why in d.skipped)
+
+
+def test_mixed_residual_is_promoted_under_autocast_only():
+    """Under autocast a sublayer's bf16 output meets the fp32 residual stream: the sum and the
+    norm run in fp32 (as x + residual and torch's autocast layer_norm would); outside autocast
+    the mismatch is an error."""
+    x = torch.randn(6, 64, device=DEVICE).bfloat16()
+    r = torch.randn(6, 64, device=DEVICE)
+    w, b = torch.randn(64, device=DEVICE), torch.randn(64, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y, z = fusedlm.layer_norm(x, w, b, residual=r, return_residual=True)
+    assert y.dtype == z.dtype == torch.float32
+    want = torch.nn.functional.layer_norm(x.float() + r, (64,), w, b)
+    assert rel_err(y, want) < 1e-5 and torch.equal(z, x.float() + r)
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        fusedlm.layer_norm(x, w, b, residual=r)

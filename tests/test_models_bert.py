@@ -71,6 +71,21 @@ def test_pretraining_matches_hugging_face_with_padding():
     _assert_grads_match(hf, ours)
 
 
+def test_pretraining_under_autocast_matches_hugging_face():
+    """bf16 autocast, as `fusedlm demo` trains on a GPU: sublayer outputs in bf16 meet the fp32
+    residual stream in the fused residual + LayerNorm, and the fp32 decoder in the loss."""
+    hf, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
+    ids, mask, types, labels, nsp = _batch()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                    next_sentence_label=nsp)
+        mine = ours(ids, mask, types, labels=labels, next_sentence_label=nsp)
+    assert rel_err(mine.loss, theirs.loss) < 2e-2
+    mine.loss.backward()
+    grads = _param_grads(ours)
+    assert grads and all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads.values())
+
+
 def test_pretraining_logits_without_labels():
     hf, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
     ids, mask, types, _, _ = _batch(1)

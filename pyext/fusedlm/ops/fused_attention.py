@@ -330,14 +330,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
 
 def _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
-    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q.tolist(), total_q, max_seqlen_q),
-                                ("cu_seqlens_k", cu_seqlens_k.tolist(), total_k, max_seqlen_k)):
+    # Reading offsets that live on the GPU waits for it, so a cu_seqlens tensor is read once and
+    # marked with what was checked (its version counter: again after an in-place change), not
+    # in every layer that gets it.
+    for name, t, total, mx in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                               ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+        try:
+            key = (t._version, total, mx)
+        except RuntimeError:  # an inference tensor has no version counter: check every time
+            key = None
+        if key is not None and getattr(t, "_fusedlm_offsets_checked", None) == key:
+            continue
+        cu = t.tolist()
         lens = [b - a for a, b in zip(cu, cu[1:])]
         if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
             raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
         if not isinstance(mx, int) or mx < max(lens, default=0):
             raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
                              f"({max(lens, default=0)}), got {mx!r}")
+        if key is not None:
+            t._fusedlm_offsets_checked = key
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -146,7 +146,12 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     dw = torch.zeros_like(weight) if compute_grad and need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
-    buf = torch.empty((chunk, vocab), dtype=h.dtype, device=h.device) if n else None
+    # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
+    # aligned leading dimensions (cuBLAS's condition for its vectorized tensor-core kernels) also
+    # for a vocabulary like GPT-2's 50257. On an H100 the unpadded loss ran at a quarter of the
+    # speed of torch.compile's, which pads; what this change gains is not yet measured.
+    pitch = -(-vocab // 64) * 64
+    buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :vocab] if n else None
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         h_c, logits = rows[c0:c1], buf[:c1 - c0]

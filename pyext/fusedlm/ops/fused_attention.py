@@ -59,7 +59,9 @@ def _cuda_why_not(case):
     return None
 
 
-# The dispatch case: (device type, dtype, head dim, dropout_p > 0).
+# The dispatch case: (device type, dtype, head dim, dropout_p > 0). Both kernels passed the GPU
+# suite on an H100; the CUDA C++ one is 15-25x slower there (benchmarks/results/2026-11-23-h100),
+# so it serves only where Triton cannot.
 dispatch.register(dispatch.OpBackends(
     "attention",
     {"torch": lambda case: None, "triton": lambda case: _triton_why_not(case[:3]),

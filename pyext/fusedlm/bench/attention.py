@@ -35,13 +35,24 @@ def _peers(device_type):
         peers[name] = sdpa
     if device_type == "cuda":
         try:
+            import torch._dynamo
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            # One compiled kernel per shape: past dynamo's recompile limit (8 by default) flex
+            # falls back to its unfused eager path, which the first H100 run timed by mistake.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
             flex = torch.compile(flex_attention, dynamic=False)
+            masks = {}  # (Sq, Sk) -> causal block mask, built once (outside the timed calls)
 
             def flex_fn(q, k, v, causal):
                 mask = None
                 if causal:
-                    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, q.shape[1], k.shape[1])
+                    shape = (q.shape[1], k.shape[1])
+                    if shape not in masks:
+                        masks[shape] = create_block_mask(lambda b, h, i, j: i >= j, None, None, *shape,
+                                                         device=q.device)
+                    mask = masks[shape]
                 return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             block_mask=mask).transpose(1, 2)
             peers["flex_attention"] = flex_fn

@@ -7,6 +7,14 @@ def unit_stride(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def dtype_differs(t, like):
+    """Does t's dtype differ from like's in a way autocast cannot explain? A floating-point
+    mismatch is allowed under autocast, which casts or promotes (asked only on a mismatch, so
+    matching dtypes cost no autocast query)."""
+    return t.dtype != like.dtype and not (
+        t.is_floating_point() and torch.is_autocast_enabled(like.device.type))
+
+
 def autocast_inputs(*tensors):
     """Under autocast, the tensors in the autocast dtype (as a matmul's inputs would be);
     otherwise unchanged. None stays None."""

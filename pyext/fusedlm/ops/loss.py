@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, unit_stride
+from ._tensors import autocast_inputs, dtype_differs, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -324,8 +324,7 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) (vocab > 0, H = "
                          f"hidden's last dimension), got {tuple(weight.shape)}")
     # Under autocast both are cast to the autocast dtype (autocast_inputs), so they may differ.
-    casting = torch.is_autocast_enabled(hidden.device.type)
-    if weight.dtype != hidden.dtype and not (casting and weight.is_floating_point()):
+    if dtype_differs(weight, hidden):
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} "
                         "(under autocast both are cast to the autocast dtype)")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -338,7 +337,7 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype and not (casting and bias.is_floating_point()):
+        if dtype_differs(bias, hidden):
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import unit_stride
+from ._tensors import dtype_differs, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -270,8 +270,7 @@ def _validate(x, weight, bias, residual, eps):
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         # Under autocast a sublayer's output (autocast dtype) meets a wider residual stream, as
         # in Hugging Face's BERT; _norm promotes both, as x + residual would.
-        mixed_ok = torch.is_autocast_enabled(x.device.type) and residual.is_floating_point()
-        if residual.dtype != x.dtype and not mixed_ok:
+        if dtype_differs(residual, x):
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype} (mixed "
                             "dtypes are promoted under autocast only)")
         if residual.device != x.device:

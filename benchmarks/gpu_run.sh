@@ -12,7 +12,8 @@
 #
 # STEPS: "name:seconds" items run in order, each under its own time limit so the script always
 # gets to pack its results (the call's own limit is 10 minutes). some-tests runs $SOME_TESTS
-# (pytest node ids relative to the repository).
+# (pytest node ids relative to the repository); attn-tests takes a -k expression in $TEST_K;
+# bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
@@ -57,11 +58,11 @@ run_step() {
   local name=$1 limit=$2
   case $name in
     cuda-tests) cmd=("${PYTEST[@]}" "$SRC/tests/test_attention_gpu.py" -k cuda) ;;
-    attn-tests) cmd=("${PYTEST[@]}" "$SRC/tests/test_attention_gpu.py") ;;
+    attn-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests/test_attention_gpu.py" -k "${TEST_K:-}") ;;
     gpu-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests" -m gpu) ;;
     tests) cmd=("${PYTEST[@]}" -n 8 --durations=15 "$SRC/tests") ;;
     some-tests) cmd=("${PYTEST[@]}" --tb=short $(for t in $SOME_TESTS; do echo "$SRC/$t"; done)) ;;
-    bench-attention) cmd=($BENCH attention $(files attention)) ;;
+    bench-attention) cmd=($BENCH attention ${ATTN_ARGS:-} $(files attention)) ;;
     bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;

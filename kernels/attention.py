@@ -43,22 +43,87 @@ def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
-            CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr):
-    """Scores in the log2 domain with -inf where a key may not be attended."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    valid = (offs_n[None, :] < k_len) & (offs_m[:, None] < q_len)
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
-    if HAS_KMASK:
-        km = tl.load(KMASK + offs_n, mask=offs_n < k_len, other=0)
-        valid = valid & (km != 0)[None, :]
-    return tl.where(valid, s, float("-inf"))
+def _load_rows(ptr, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile; zeros past n_rows and past HEAD_DIM."""
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _keep(seed, offs_m, offs_n, seq_k_rng, p_drop):
+def _key_mask(KMASK, offs_n, k_len):
+    return tl.load(KMASK + offs_n, mask=offs_n < k_len, other=0) != 0
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
+            ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """Scores (queries x keys) in the log2 domain with -inf where a key may not be attended.
+    Off the edge (a key block wholly inside the sequence and, when causal, wholly visible to the
+    query block) only the padding mask can apply, which spares the bounds and causal tests on
+    most blocks. Query rows past the sequence are never masked: they are not stored."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    if ON_EDGE:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
+        if HAS_KMASK:
+            valid = valid & _key_mask(KMASK, offs_n, k_len)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+    elif HAS_KMASK:
+        s = tl.where(_key_mask(KMASK, offs_n, k_len)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _keep(seed, offs_m, offs_n, seq_k_rng, p_drop, TRANSPOSED: tl.constexpr):
+    """Dropout's keep-mask, (queries x keys), or (keys x queries) if TRANSPOSED: the same draws."""
+    if TRANSPOSED:
+        return tl.rand(seed, offs_m[None, :] * seq_k_rng + offs_n[:, None]) >= p_drop
     return tl.rand(seed, offs_m[:, None] * seq_k_rng + offs_n[None, :]) >= p_drop
+
+
+@triton.jit
+def _causal_split(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """Key range of a query block: [0, full) needs no bounds or causal test, [full, hi) does;
+    keys past hi are never seen (causal is bottom-right: query i sees key j iff j <= i + k_len - q_len)."""
+    hi = k_len
+    full = k_len // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        shift = k_len - q_len
+        hi = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + shift, 0))
+        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + shift + 1, 0) // BLOCK_N * BLOCK_N)
+    return full, hi
+
+
+@triton.jit
+def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n, offs_d,
+                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k_rng,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
+                DROPOUT: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        kn = start_n + offs_n
+        k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, ON_EDGE, CAUSAL, HAS_KMASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if ON_EDGE or HAS_KMASK:  # a row may have seen no key yet: keep exp2's argument finite
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)
+        p = tl.exp2(s - m_new_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep(seed, offs_m, kn, seq_k_rng, p_drop, False)
+            p = tl.where(keep, p / (1.0 - p_drop), 0.0)
+        v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -81,43 +146,65 @@ def _attn_fwd(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM
         q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
         k_ptr = K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
         v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
-        q = tl.load(q_ptr + offs_m[:, None] * s_qs + offs_d[None, :],
-                    mask=(offs_m[:, None] < q_len) & d_ok, other=0.0)
+        kmask = KMASK + b * s_mb
+        q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = k_len
-        if CAUSAL:  # keys past the block's last query (shifted bottom-right) are never seen
-            hi = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-        for start_n in range(0, hi, BLOCK_N):
-            kn = start_n + offs_n
-            kv_mask = (kn[:, None] < k_len) & d_ok
-            k = tl.load(k_ptr + kn[:, None] * s_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK + b * s_mb, scale_log2,
-                        CAUSAL, HAS_KMASK)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                keep = _keep(seed + bh, offs_m, kn, seq_k_rng, p_drop)
-                p = tl.where(keep, p / (1.0 - p_drop), 0.0)
-            v = tl.load(v_ptr + kn[:, None] * s_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        full, hi = _causal_split(pid_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
+                                    offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
+                                    p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                                    HAS_KMASK, DROPOUT)
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
+                                    offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
+                                    p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                                    HAS_KMASK, DROPOUT)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         o_ptr = O + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
+        o_mask = offs_m[:, None] < q_len
+        if HEAD_DIM != BLOCK_D:
+            o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
         tl.store(o_ptr + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=(offs_m[:, None] < q_len) & d_ok)
+                 mask=o_mask)
         l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
         tl.store(l_ptr + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo, hi, offs_n, offs_m0,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k_rng,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
+    queries): P^T comes out of the mma as the next mma's operand, with no transpose in between.
+    Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys past it or
+    under the padding mask only touch their own rows of dK, dV, which the caller drops."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
+        if ON_EDGE and CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
+        do = _load_rows(do_ptr, offs_m, s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep = _keep(seed, offs_m, offs_n, seq_k_rng, p_drop, True)
+            dv = tl.dot(tl.where(keep, p_t / (1.0 - p_drop), 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep, dp_t / (1.0 - p_drop), 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
 
 
 @triton.jit
@@ -140,47 +227,70 @@ def _attn_bwd_dkdv(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM
-        kv_mask = (offs_n[:, None] < k_len) & d_ok
-        k = tl.load(K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
-                    + offs_n[:, None] * s_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
-                    + offs_n[:, None] * s_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh, offs_n,
+                       s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh, offs_n,
+                       s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # Causal: query blocks before `lo` never see this key block, those in [lo, full) see
+        # part of it (the diagonal), those from `full` on see all of it.
         lo = 0
-        if CAUSAL:  # queries before this block's first key (shifted) never see it
-            lo = tl.maximum(pid_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+        full = 0
+        if CAUSAL:
+            shift = k_len - q_len
+            lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+            full = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+            full = tl.minimum(full, q_len)
         for g in range(0, group):
             h = hk * group + g
             q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
             do_ptr = DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
-            for start_m in range(lo, q_len, BLOCK_M):
-                offs_m = start_m + offs_m0
-                q_mask = (offs_m[:, None] < q_len) & d_ok
-                q = tl.load(q_ptr + offs_m[:, None] * s_qs + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_ptr + offs_m[:, None] * s_os + offs_d[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
-                delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
-                s = _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK + b * s_mb, scale_log2,
-                            CAUSAL, HAS_KMASK)
-                p = tl.exp2(s - lse[:, None])
-                dp = tl.dot(do, tl.trans(v))
-                if DROPOUT:
-                    keep = _keep(seed + b * n_heads + h, offs_m, offs_n, seq_k_rng, p_drop)
-                    p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
-                    dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-                else:
-                    p_kept = p
-                dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        out_mask = (offs_n[:, None] < k_len) & d_ok
-        dk_off = b.to(tl.int64) * s_dkb + k0.to(tl.int64) * s_dks + hk * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :]
+            seed_h = seed + b * n_heads + h
+            if CAUSAL:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo,
+                                      full, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                      seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      True, CAUSAL, DROPOUT)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, full,
+                                  q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                  seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                  False, CAUSAL, DROPOUT)
+        out_mask = offs_n[:, None] < k_len
+        if HEAD_DIM != BLOCK_D:
+            out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
+        if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
+            attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
+            dk = tl.where(attended, dk, 0.0)
+            dv = tl.where(attended, dv, 0.0)
+        dk_off = (b.to(tl.int64) * s_dkb + k0.to(tl.int64) * s_dks + hk * s_dkh
+                  + offs_n[:, None] * s_dks + offs_d[None, :])
         tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
         tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n0, offs_d,
+               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k_rng,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        kn = start_n + offs_n0
+        k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, ON_EDGE, CAUSAL, HAS_KMASK)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(seed, offs_m, kn, seq_k_rng, p_drop, False)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
 
 
 @triton.jit
@@ -203,38 +313,48 @@ def _attn_bwd_dq(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM
-        q_mask = (offs_m[:, None] < q_len) & d_ok
-        q_off = b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
-                     + offs_m[:, None] * s_os + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _load_rows(Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh, offs_m,
+                       s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh, offs_m,
+                        s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
         l_off = b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m
         lse = tl.load(LSE + l_off, mask=offs_m < q_len, other=float("inf"))
         delta = tl.load(DELTA + l_off, mask=offs_m < q_len, other=0.0)
         k_ptr = K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
         v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
+        kmask = KMASK + b * s_mb
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = k_len
-        if CAUSAL:
-            hi = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-        for start_n in range(0, hi, BLOCK_N):
-            kn = start_n + offs_n0
-            kv_mask = (kn[:, None] < k_len) & d_ok
-            k = tl.load(k_ptr + kn[:, None] * s_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kn[:, None] * s_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK + b * s_mb, scale_log2,
-                        CAUSAL, HAS_KMASK)
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v))
-            if DROPOUT:
-                keep = _keep(seed + bh, offs_m, kn, seq_k_rng, p_drop)
-                dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+        full, hi = _causal_split(pid_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m, offs_n0,
+                        offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop, seq_k_rng,
+                        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
+                        offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
+                        seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT)
+        q_mask = offs_m[:, None] < q_len
+        if HEAD_DIM != BLOCK_D:
+            q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
         tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, s_ob, s_os, s_oh, s_dob, s_dos, s_doh, s_lb, s_lh, seq_q,
+                    n_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, laid out as the log-sum-exp: one pass over O and dO."""
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b.to(tl.int64) * s_ob + h * s_oh, offs_m, s_os, seq_q, offs_d, HEAD_DIM,
+                   BLOCK_D)
+    do = _load_rows(DO + b.to(tl.int64) * s_dob + h * s_doh, offs_m, s_dos, seq_q, offs_d,
+                    HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b.to(tl.int64) * s_lb + h * s_lh + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -245,7 +365,7 @@ def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k, seq_k_rng,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seq_k, BLOCK_N):
         kn = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed + bh, offs_m, kn, seq_k_rng, p_drop)
+        keep = _keep(seed + bh, offs_m, kn, seq_k_rng, p_drop, False)
         tl.store(OUT + bh.to(tl.int64) * seq_q * seq_k + offs_m[:, None] * seq_k + kn[None, :],
                  keep.to(tl.int8), mask=(offs_m[:, None] < seq_q) & (kn[None, :] < seq_k))
 
@@ -264,29 +384,40 @@ def _blocks(head_dim):
 
 
 # On a GPU each kernel is autotuned once per (head dim, mask kind, dropout) class; configs that
-# do not fit the device's shared memory are skipped by the autotuner.
+# do not fit the device's shared memory are skipped by the autotuner. The forward and dQ walk keys
+# for a block of queries (large BLOCK_M); dK/dV walk queries for a block of keys (large BLOCK_N).
 _TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT"]
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                                    (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1))]
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
-                                    (128, 64, 8, 2), (32, 32, 4, 1))]
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in shapes]
+
+
+_FWD_CONFIGS = _configs(((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4),
+                         (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)))
+_DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 4, 3), (32, 64, 4, 3),
+                          (64, 64, 4, 2), (32, 32, 4, 1)))
+_DQ_CONFIGS = _configs(((128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 32, 4, 3),
+                        (64, 64, 4, 2), (32, 32, 4, 1)))
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _TUNED = {} if _INTERPRETED else {
     "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd),
-    "dkdv": triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv),
-    "dq": triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq),
+    "dkdv": triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv),
+    "dq": triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq),
 }
 
 
-def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags):
-    """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned."""
+def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags, blocks=None):
+    """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned.
+    blocks: (BLOCK_M, BLOCK_N) to pin instead of the default (for tests of block edges)."""
     block_d, block = _blocks(head_dim)
     flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
-    if pinned or name not in _TUNED:
-        kernel[(triton.cdiv(rows, block), grid_y)](*args, **flags, BLOCK_M=block, BLOCK_N=block,
-                                                   num_warps=4, num_stages=1 if name != "fwd" else 2)
+    if pinned or blocks is not None or name not in _TUNED:
+        block_m, block_n = blocks or (block, block)
+        grid = (triton.cdiv(rows, block_n if name == "dkdv" else block_m), grid_y)
+        kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                     num_stages=1 if name != "fwd" else 2)
     else:
         along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
         _TUNED[name][lambda meta: (triton.cdiv(rows, meta[along]), grid_y)](*args, **flags)
@@ -312,9 +443,10 @@ def _common(q, k, lse, key_mask, cu_q, varlen, max_q, max_k):
 
 
 def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-            seed, pinned=False):
+            seed, pinned=False, blocks=None):
     """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
-    pinned: use the fixed block configuration instead of the autotuned one."""
+    pinned: use the fixed block configuration instead of the autotuned one; blocks: pin this
+    (BLOCK_M, BLOCK_N)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)
@@ -327,12 +459,12 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
             s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p, seq_k)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0)
-    _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, args, flags)
+    _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, args, flags, blocks)
 
 
 def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
-             causal, scale, dropout_p, seed, pinned=False):
-    """delta: rowsum(do * o) laid out as lse. dq has q's shape; dk and dv k's shape and the
+             causal, scale, dropout_p, seed, pinned=False, blocks=None):
+    """delta: rowsum(do * o) laid out as lse (see `delta`). dq has q's shape; dk and dv k's shape and the
     same strides as each other (kv heads)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
@@ -351,10 +483,27 @@ def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q
     n_kv_heads = k.shape[-2]
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-             s_lb, s_lh, s_mb, *scalars), flags)
+             s_lb, s_lh, s_mb, *scalars), flags, blocks)
     _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim,
             (q, k, v, do, lse, delta, dq, *masks, *strides, *_strides(dq, varlen), s_lb, s_lh,
-             s_mb, *scalars), flags)
+             s_mb, *scalars), flags, blocks)
+
+
+def delta(o, do, out, *, varlen):
+    """out = rowsum(do * o) in fp32, laid out as forward's lse (see `forward`)."""
+    if varlen:  # one sequence of all the packed rows
+        seq_q, n_heads = o.shape[0], o.shape[1]
+        s_lb, s_lh, batch = 0, out.stride(0), 1
+    else:
+        batch, seq_q, n_heads = o.shape[0], o.shape[1], o.shape[2]
+        s_lb, s_lh = out.stride(0), out.stride(1)
+    if batch * seq_q * n_heads == 0:
+        return
+    block_d = max(triton.next_power_of_2(o.shape[-1]), 16)
+    block_m = max(16, min(128, 8192 // block_d))
+    _attn_bwd_delta[(triton.cdiv(seq_q, block_m), batch * n_heads)](
+        o, do, out, *_strides(o, varlen), *_strides(do, varlen), s_lb, s_lh, seq_q, n_heads,
+        HEAD_DIM=o.shape[-1], BLOCK_D=block_d, BLOCK_M=block_m)
 
 
 def dropout_mask(out, seed, dropout_p):

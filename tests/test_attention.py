@@ -77,6 +77,45 @@ def test_causal_bottom_right_with_unequal_lengths(backend, sq, sk):
     run_dense(backend, torch.float16, 2, sq, sk, 2, 2, 32, causal=True)
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_kernels_at_block_edges(blocks, with_mask):
+    """Each kernel tests bounds and the causal diagonal only on the key (or query) blocks that
+    need it. Shifts seq_k - seq_q at every residue around a block edge, with BLOCK_M != BLOCK_N
+    both ways, put the start of those blocks everywhere it can be."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    cases = [(40, 40 + s, True) for s in (-17, -2, -1, 0, 1, 15, 31)]
+    cases += [(33, 47, False), (32, 64, False)]
+    for sq, sk, causal in cases:
+        q, k, v = make(2, sq, sk, 2, 1, 16, torch.float16, seed=sk)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        mask = None
+        if with_mask:
+            mask = torch.rand(2, sk, generator=torch.Generator().manual_seed(sq)) > 0.3
+            mask = mask.to(DEVICE)
+        qs, ks, vs = f64(q, k, v)
+        ref, ref_lse = reference.attention(qs, ks, vs, causal=causal, key_mask=mask)
+        do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        ref_grads = torch.autograd.grad(ref, (qs, ks, vs), do)
+        o, lse = torch.empty_like(q), torch.empty(2, 2, sq, device=DEVICE)
+        key_mask = mask.to(torch.int8).contiguous() if with_mask else None
+        opts = dict(key_mask=key_mask, cu_q=None, cu_k=None, max_q=sq, max_k=sk, causal=causal,
+                    scale=16 ** -0.5, dropout_p=0.0, seed=0, blocks=blocks)
+        kern.forward(q, k, v, o, lse, **opts)
+        delta = torch.empty_like(lse)
+        do16 = do.to(torch.float16)
+        kern.delta(o, do16, delta, varlen=False)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        kern.backward(q, k, v, do16, lse, delta, dq, dk, dv, **opts)
+        what = (sq, sk, causal)
+        compare(o, ref, (dq, dk, dv), ref_grads, torch.float16)
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isinf(lse), ~finite), what
+        assert (lse[finite] * 0.6931471805599453 - ref_lse[finite]).abs().max() < 1e-3, what
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (6, 3)])
 def test_grouped_query_heads(backend, heads, kv_heads):

@@ -43,6 +43,16 @@ def test_bench_attention_writes_json(tmp_path):
     assert all(r["ms"] > 0 for r in results)
 
 
+def test_bench_attention_times_only_the_named_implementations(tmp_path):
+    out = tmp_path / "attention.json"
+    ours = "fusedlm[triton]" if HAS_GPU else "fusedlm[torch]"
+    args = ["--head-dim", "64", "--dtype", "bf16"] if HAS_GPU else ["--head-dim", "16", "--dtype", "fp32"]
+    assert main(["bench", "attention", "--seq", "32", "--tokens", "64", *args, "--impl", ours,
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in results} == {ours, f"{ours} packed", f"{ours} padded+mask"}
+
+
 def test_bench_model_writes_json(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "model.json"

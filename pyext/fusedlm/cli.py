@@ -121,8 +121,10 @@ def _bench_op(op, args):
         return model_bench.run(cases=args.case, paddings=args.padding)
     if op == "attention":
         dtype = _DTYPES[args.dtype[0]]
-        return (attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens, dtype=dtype)
-                + attn_bench.run_padded_bert(dtype=dtype, **({} if gpu else dict(batch=2, seq=64, heads=2))))
+        return (attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens,
+                               dtype=dtype, peers=args.impl)
+                + attn_bench.run_padded_bert(dtype=dtype, peers=args.impl,
+                                             **({} if gpu else dict(batch=2, seq=64, heads=2))))
     return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]])
 
 
@@ -268,6 +270,9 @@ def _parser():
     b.add_argument("--tokens", type=_positive(int), default=16384 if gpu else 128,
                    help="tokens per batch (batch = tokens / seq)")
     b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    b.add_argument("--impl", nargs="+", metavar="NAME",
+                   help="time only these implementations (e.g. sdpa[cudnn] fusedlm[triton]; "
+                        "default: every one available)")
     _outputs(b)
     b = ops.add_parser("model", help="training step of BERT / GPT-2: HF vs patched vs fusedlm")
     b.add_argument("--case", nargs="+", choices=sorted(model_bench.CASES),

@@ -128,8 +128,9 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
 
 
 def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype=torch.bfloat16,
-                    device=None, log=print):
-    """BERT-shaped padded batch: fusedlm's packed path vs SDPA on the padded batch + mask."""
+                    device=None, peers=None, log=print):
+    """BERT-shaped padded batch: fusedlm's packed path vs SDPA on the padded batch + mask.
+    peers: time only these implementations (names as in `run`, e.g. 'sdpa[cudnn]')."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     # Lengths uniform in [seq * (1 - 2 * padding), seq]: on average `padding` of the batch is pad.
@@ -154,6 +155,8 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
             lambda q, k, v, be=be: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be), (qp, kp, vp))
         impls[f"fusedlm[{be}] padded+mask"] = (
             lambda q, k, v, be=be: attention(q, k, v, attention_mask=mask, backend=be), (q, k, v))
+    if peers is not None:
+        impls = {name: impl for name, impl in impls.items() if name.split(" ")[0] in peers}
     results = []
     for direction in ("fwd", "fwd+bwd"):
         rows = []

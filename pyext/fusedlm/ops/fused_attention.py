@@ -95,19 +95,22 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
 def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
               dropout_p, seed, pinned, backend):
     do = unit_stride(do)
-    # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
-    delta = (do.float() * o.float()).sum(-1)
-    delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if backend == "cuda":
+        # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
+        delta = (do.float() * o.float()).sum(-1)
+        delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
         d = _core.dl
         _core._C.attn_bwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
                           scale, dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
                           _core.stream_of(q))
     else:
-        _triton.kernels("attention").backward(
+        kernels = _triton.kernels("attention")
+        delta = torch.empty_like(lse)
+        kernels.delta(o, do, delta, varlen=cu_q is not None)
+        kernels.backward(
             q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
             max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
             pinned=pinned)

@@ -69,7 +69,10 @@ run_step() {
     ncu-attention) cmd=(ncu --kernel-name regex:attention_ --launch-count 3 --section SpeedOfLight
                         --section Occupancy --section LaunchStats --section WarpStateStats
                         --section MemoryWorkloadAnalysis python3 "$SRC/benchmarks/profile_attention.py" cuda) ;;
-    demo) cmd=(python3 -m fusedlm.cli demo --out "$W/pretrain" --no-progress) ;;
+    tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
+    # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
+    demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);
+from fusedlm.cli import main; sys.exit(main(sys.argv[1:]))" demo --out "$W/pretrain" --no-progress) ;;
     *) log "unknown step $name"; return ;;
   esac
   log "$name (limit ${limit} s)"

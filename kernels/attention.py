@@ -394,12 +394,14 @@ def _configs(shapes):
             for m, n, w, st in shapes]
 
 
-_FWD_CONFIGS = _configs(((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4),
-                         (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)))
-_DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 4, 3), (32, 64, 4, 3),
-                          (64, 64, 4, 2), (32, 32, 4, 1)))
-_DQ_CONFIGS = _configs(((128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 32, 4, 3),
-                        (64, 64, 4, 2), (32, 32, 4, 1)))
+# Chosen from benchmarks/tune_attention.py on an H100 (bf16, head dims 64 and 128, seq 1024 and
+# 4096; results in benchmarks/results/2026-11-23-h100-s2): the winners there, plus smaller blocks
+# for short packed sequences.
+_FWD_CONFIGS = _configs(((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
+                         (64, 64, 4, 3), (64, 32, 4, 2)))
+_DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
+                          (32, 64, 4, 2)))
+_DQ_CONFIGS = _configs(((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)))
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _TUNED = {} if _INTERPRETED else {
     "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd),

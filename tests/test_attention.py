@@ -136,6 +136,19 @@ def test_padding_mask_with_an_empty_row(backend, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_mask_means_nonzero_attends(backend):
+    """Any nonzero integer attends: 256 and -3 too (a cast to int8 would read 256 as 0)."""
+    q, k, v = make(2, 20, 20, 2, 2, 32, torch.float16)
+    keep = torch.rand(2, 20, generator=torch.Generator().manual_seed(3)) > 0.4
+    keep[:, 0] = True
+    values = torch.tensor([256, -3, 1, 7])[torch.arange(40) % 4].view(2, 20)
+    as_int = torch.where(keep, values, 0).to(DEVICE)
+    want = fusedlm.attention(q, k, v, attention_mask=keep.to(DEVICE), backend=backend)
+    got = fusedlm.attention(q, k, v, attention_mask=as_int, backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_hugging_face_layout_by_strides(backend):
     mask = torch.ones(2, 33, dtype=torch.int64, device=DEVICE)
     mask[1, 20:] = 0

@@ -325,10 +325,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     else:
         key_mask = None
         if attention_mask is not None:
-            key_mask = attention_mask.to(torch.int8).contiguous()
+            # One byte per key for the kernels: a bool mask is viewed as is; an integer one is
+            # compared with 0 (a cast to int8 would turn 256 into 0, "do not attend").
+            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+            key_mask = keep.contiguous().view(torch.int8)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
-        out, lse = o, lse2 * LN2
+        out, lse = o, (lse2 * LN2 if return_lse else None)  # a kernel launch: only when asked
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -395,7 +398,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
                            max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
                            chosen)
-        lse = lse2 * LN2
+        lse = lse2 * LN2 if return_lse else None
     return (out, lse) if return_lse else out
 
 

@@ -149,6 +149,18 @@ def test_integer_mask_means_nonzero_attends(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_path_matches_the_autograd_path(backend):
+    """Without gradients the kernel runs outside autograd: the same numbers, no graph."""
+    q, k, v = make(2, 37, 37, 4, 2, 32, torch.float16)
+    mask = torch.arange(37)[None, :] < torch.tensor([[30], [37]])
+    out = fusedlm.attention(q, k, v, causal=True, attention_mask=mask.to(DEVICE), backend=backend)
+    with torch.no_grad():
+        out0 = fusedlm.attention(q, k, v, causal=True, attention_mask=mask.to(DEVICE), backend=backend)
+    assert out.grad_fn is not None and out0.grad_fn is None
+    assert torch.equal(out0, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_hugging_face_layout_by_strides(backend):
     mask = torch.ones(2, 33, dtype=torch.int64, device=DEVICE)
     mask[1, 20:] = 0

@@ -113,6 +113,20 @@ def test_without_affine(backend, rms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_no_grad_path_matches_the_autograd_path(backend, rms):
+    """Without gradients the kernels run outside autograd: the same numbers, no graph."""
+    x, w, b, r, _, _ = make(33, 1000, torch.float16, residual=True)
+    norm = fusedlm.rms_norm if rms else fusedlm.layer_norm
+    bias = {} if rms else {"bias": b}
+    y, z = norm(x, w, residual=r, return_residual=True, backend=backend, **bias)
+    with torch.no_grad():
+        y0, z0 = norm(x, w, residual=r, return_residual=True, backend=backend, **bias)
+    assert y.grad_fn is not None and y0.grad_fn is None and z0.grad_fn is None
+    assert torch.equal(y0, y) and torch.equal(z0, z)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_params_with_half_input(backend):
     x, w, b, _, dy, _ = make(13, 300, torch.float16)
     w32, b32 = (w.detach().float().requires_grad_(), b.detach().float().requires_grad_())

@@ -295,6 +295,8 @@ def _norm(op_name, x, weight, bias, eps, residual, return_residual, backend, is_
     store_z = residual is not None and (return_residual or needs_grad)
     if torch.compiler.is_compiling():
         y, z, _, _ = torch.ops.fusedlm.norm_fwd(x2, r2, weight, bias, float(eps), is_rms, store_z, chosen)
+    elif not needs_grad:  # inference: the kernels alone (autograd's apply costs ~35 us a call)
+        y, z, _, _ = _forward(chosen, x2, r2, weight, bias, float(eps), is_rms, store_z)
     else:
         y, z = _NormFunction.apply(x2, r2, weight, bias, float(eps), is_rms, store_z, chosen)
     # Reshape only when needed: a 2-D input gets the kernel's own tensors back, not views of

@@ -43,12 +43,20 @@ def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (rows, BLOCK_D) tile; zeros past n_rows and past HEAD_DIM."""
+def _tile_mask(rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which elements of a (rows, BLOCK_D) tile exist: rows before n_rows, columns before
+    HEAD_DIM (tested only when the head dim is not a power of two)."""
     mask = rows[:, None] < n_rows
     if HEAD_DIM != BLOCK_D:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    return mask
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile; zeros past n_rows and past HEAD_DIM."""
+    return tl.load(ptr + rows[:, None] * stride + offs_d[None, :],
+                   mask=_tile_mask(rows, n_rows, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
 
 
 @triton.jit
@@ -167,9 +175,7 @@ def _attn_fwd(
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         o_ptr = O + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
-        o_mask = offs_m[:, None] < q_len
-        if HEAD_DIM != BLOCK_D:
-            o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
+        o_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         tl.store(o_ptr + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=o_mask)
         l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
@@ -258,9 +264,7 @@ def _attn_bwd_dkdv(
                                   q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                   seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
                                   False, CAUSAL, DROPOUT)
-        out_mask = offs_n[:, None] < k_len
-        if HEAD_DIM != BLOCK_D:
-            out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
+        out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
             dk = tl.where(attended, dk, 0.0)
@@ -331,9 +335,7 @@ def _attn_bwd_dq(
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                         offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
                         seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT)
-        q_mask = offs_m[:, None] < q_len
-        if HEAD_DIM != BLOCK_D:
-            q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+        q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
         tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -149,7 +149,8 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
     # aligned leading dimensions (cuBLAS's condition for its vectorized tensor-core kernels) also
     # for a vocabulary like GPT-2's 50257. On an H100 the unpadded loss ran at a quarter of the
-    # speed of torch.compile's, which pads; what this change gains is not yet measured.
+    # speed of torch.compile's, which pads; with the padding GPT-2's step went only from 36.6 to
+    # 34.5 ms (benchmarks/results/2026-11-23-h100-s2): the rest of that gap has another cause.
     pitch = -(-vocab // 64) * 64
     buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :vocab] if n else None
     for c0 in range(0, n, chunk):

@@ -70,6 +70,7 @@ run_step() {
                         --section Occupancy --section LaunchStats --section WarpStateStats
                         --section MemoryWorkloadAnalysis python3 "$SRC/benchmarks/profile_attention.py" cuda) ;;
     tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
+    lm-loss-align) cmd=(python3 "$SRC/benchmarks/lm_loss_gemm_align.py") ;;
     # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
     demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);
 from fusedlm.cli import main; sys.exit(main(sys.argv[1:]))" demo --out "$W/pretrain" --no-progress) ;;

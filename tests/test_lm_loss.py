@@ -207,6 +207,36 @@ def test_default_chunk_size_bounds_the_logits_buffer():
     assert default_chunk_size(10 ** 7, torch.float32) == 128  # a floor, for huge vocabularies
 
 
+def test_gemm_operands_pad_the_vocabulary_with_zeros():
+    from fusedlm.ops.loss import GEMM_ALIGN, _gemm_operands
+    h, w, b, _ = make(4, 16, 5003, torch.float32)
+    wp, bp = _gemm_operands(w.detach(), b.detach())
+    assert wp.shape == (5008, 16) and bp.shape == (5008,) and 5008 % GEMM_ALIGN == 0
+    assert torch.equal(wp[:5003], w) and torch.equal(bp[:5003], b)
+    assert not wp[5003:].any() and not bp[5003:].any()
+    w8 = w.detach()[:5000]  # already a multiple: no copy
+    assert _gemm_operands(w8, None) == (w8, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocabulary_padding_does_not_change_the_numbers(backend, reduction, monkeypatch):
+    """The padded GEMMs (GEMM_ALIGN = 8) against unpadded ones (1), over several chunks."""
+    from fusedlm.ops import loss as loss_mod
+    h, w, b, labels = make(37, 16, 1001, torch.float32, labelled=0.6)
+    cot = torch.randn(() if reduction == "mean" else labels.shape).to(DEVICE)
+    results = []
+    for align in (1, 8):
+        monkeypatch.setattr(loss_mod, "GEMM_ALIGN", align)
+        results.append(run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=8,
+                                                      reduction=reduction, backend=backend),
+                           h, w, b, cot))
+    (l1, g1), (l8, g8) = results
+    assert torch.allclose(l1, l8, rtol=1e-5, atol=1e-6)
+    for a, c in zip(g1, g8):
+        assert a.shape == c.shape and torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
 def test_autocast_runs_the_projection_in_the_autocast_dtype():
     h, w, b, labels = make(10, 16, 40, torch.float32, labelled=0.8)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):

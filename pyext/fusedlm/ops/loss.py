@@ -15,6 +15,12 @@ the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
 d_weight accumulates across chunks in the weight's dtype (each chunk's product accumulates in
 fp32 inside cuBLAS); an fp32 accumulator would cost 2x the gradient's memory for a bf16 weight.
 
+A vocabulary that is not a multiple of 8 (GPT-2's 50257, BERT's 30522) is zero-padded to one for
+the GEMMs (a copy of the weight, and of the bias, per call): the vocabulary is the contiguous
+extent of the logits, and cuBLAS's vectorized tensor-core kernels need that extent to be a
+multiple of 16 bytes. The pad columns project to 0 and the cross-entropy kernel never touches
+them, so their gradient stays 0 and the GEMMs' results are exact.
+
 Eager calls go through an autograd.Function; under torch.compile the same driver runs behind the
 custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`.
 """
@@ -125,6 +131,28 @@ def _labelled_rows(labels, ignore_index, vocab):
     return idx, labels.index_select(0, idx)
 
 
+# Elements the GEMMs' vocabulary extent is padded to (see the module docstring); 1 turns the
+# padding off (benchmarks/gpu_run.sh's lm-loss-align step times both).
+GEMM_ALIGN = 8
+
+
+def _gemm_operands(weight, bias):
+    """weight (V, H) and bias (V,) zero-padded to a multiple of GEMM_ALIGN rows; the tensors
+    themselves when V is one already."""
+    vocab, hidden = weight.shape
+    padded = -(-vocab // GEMM_ALIGN) * GEMM_ALIGN
+    if padded == vocab:
+        return weight, bias
+    w = weight.new_empty((padded, hidden))
+    w[:vocab].copy_(weight)
+    w[vocab:].zero_()
+    b = None
+    if bias is not None:
+        b = bias.new_zeros(padded)
+        b[:vocab].copy_(bias)
+    return w, b
+
+
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
              chunk_size, need_dh, need_dw, need_db):
     """Runs the loss over the labelled rows. grad_scale: None (no gradients), a float (each
@@ -142,35 +170,39 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     if isinstance(grad_scale, Tensor):
         grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float().contiguous()
     stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]  # loss, lse, hit
+    w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
+    padded = w_g.shape[0]
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
-    dw = torch.zeros_like(weight) if compute_grad and need_dw else None
+    dw = torch.zeros_like(w_g) if compute_grad and need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
     # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
-    # aligned leading dimensions (cuBLAS's condition for its vectorized tensor-core kernels) also
-    # for a vocabulary like GPT-2's 50257. On an H100 the unpadded loss ran at a quarter of the
-    # speed of torch.compile's, which pads; with the padding GPT-2's step went only from 36.6 to
-    # 34.5 ms (benchmarks/results/2026-11-23-h100-s2): the rest of that gap has another cause.
-    pitch = -(-vocab // 64) * 64
-    buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :vocab] if n else None
+    # aligned leading dimensions also for a vocabulary like GPT-2's 50257. On an H100, with the
+    # pitch but not yet the padded vocabulary extent, GPT-2's step went only from 36.6 to 34.5 ms
+    # (benchmarks/results/2026-11-23-h100-s2).
+    pitch = -(-padded // 64) * 64
+    buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :padded] if n else None
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        h_c, logits = rows[c0:c1], buf[:c1 - c0]
-        if bias is not None:
-            torch.addmm(bias, h_c, weight.t(), out=logits)
+        h_c, logits_g = rows[c0:c1], buf[:c1 - c0]
+        logits = logits_g[:, :vocab]  # what the cross-entropy sees; the pad columns stay 0
+        if b_g is not None:
+            torch.addmm(b_g, h_c, w_g.t(), out=logits_g)
         else:
-            torch.mm(h_c, weight.t(), out=logits)
+            torch.mm(h_c, w_g.t(), out=logits_g)
         scale = grad_scale[c0:c1] if isinstance(grad_scale, Tensor) else grad_scale
         _cross_entropy_rows(backend, logits, picked[c0:c1], *(t[c0:c1] for t in stats),
                             smoothing, z_loss, scale, compute_grad)
         if not compute_grad:
             continue
         if dh_c is not None:
-            torch.mm(logits, weight, out=dh_c[c0:c1])
+            torch.mm(logits_g, w_g, out=dh_c[c0:c1])
         if dw is not None:
-            dw.addmm_(logits.t(), h_c)
+            dw.addmm_(logits_g.t(), h_c)
         if db is not None:
             db += logits.sum(0, dtype=torch.float32)
+    if dw is not None:
+        dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
     if idx is not None:  # back to one entry per token, zero at ignored ones
         stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
     dh = dh_c

@@ -14,6 +14,8 @@
 # gets to pack its results (the call's own limit is 10 minutes). some-tests runs $SOME_TESTS
 # (pytest node ids relative to the repository); attn-tests takes a -k expression in $TEST_K;
 # bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
+# profile-host (host time or kernel time, per attention case) takes case names in $PROFILE_CASES;
+# lm-loss-align A/Bs the LM loss's vocabulary padding.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
@@ -71,6 +73,7 @@ run_step() {
                         --section MemoryWorkloadAnalysis python3 "$SRC/benchmarks/profile_attention.py" cuda) ;;
     tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
     lm-loss-align) cmd=(python3 "$SRC/benchmarks/lm_loss_gemm_align.py") ;;
+    profile-host) cmd=(python3 "$SRC/benchmarks/profile_host.py" ${PROFILE_CASES:-}) ;;
     # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
     demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);
 from fusedlm.cli import main; sys.exit(main(sys.argv[1:]))" demo --out "$W/pretrain" --no-progress) ;;

@@ -18,6 +18,7 @@ cu_seqlens, so no work is spent on padding. Dropout keeps a probability when a P
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
 """
+import inspect
 import os
 
 import triton
@@ -404,26 +405,43 @@ _FWD_CONFIGS = _configs(((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (12
 _DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
                           (32, 64, 4, 2)))
 _DQ_CONFIGS = _configs(((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)))
+CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The autotuner's choice per class is kept in Triton's cache directory (keyed by the GPU target,
+# Triton's version, the kernel's source and the config list), so that a machine tunes a class
+# once, not in every process: 4-11 s a class on an H100. Triton versions without the option
+# tune in every process.
+_CACHE_RESULTS = ({"cache_results": True}
+                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 _TUNED = {} if _INTERPRETED else {
-    "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd),
-    "dkdv": triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv),
-    "dq": triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq),
+    "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_fwd),
+    "dkdv": triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dkdv),
+    "dq": triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dq),
 }
+
+
+def _pinned_config(name, block, blocks):
+    if isinstance(blocks, dict) and blocks.get(name) is not None:
+        return blocks[name]
+    block_m, block_n = blocks if isinstance(blocks, tuple) else (block, block)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4,
+                         num_stages=1 if name != "fwd" else 2)
 
 
 def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags, blocks=None):
     """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned.
-    blocks: (BLOCK_M, BLOCK_N) to pin instead of the default (for tests of block edges)."""
+    blocks: (BLOCK_M, BLOCK_N) to pin instead of the default (for tests of block edges), or
+    {kernel name: triton.Config} to pin the named kernels' whole configuration (the others
+    take the default pinned one)."""
     block_d, block = _blocks(head_dim)
     flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if pinned or blocks is not None or name not in _TUNED:
-        block_m, block_n = blocks or (block, block)
-        grid = (triton.cdiv(rows, block_n if name == "dkdv" else block_m), grid_y)
-        kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-                     num_stages=1 if name != "fwd" else 2)
+        config = _pinned_config(name, block, blocks)
+        grid = (triton.cdiv(rows, config.kwargs[along]), grid_y)
+        kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
     else:
-        along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
         _TUNED[name][lambda meta: (triton.cdiv(rows, meta[along]), grid_y)](*args, **flags)
 
 
@@ -450,7 +468,7 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
             seed, pinned=False, blocks=None):
     """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
     pinned: use the fixed block configuration instead of the autotuned one; blocks: pin this
-    (BLOCK_M, BLOCK_N)."""
+    (BLOCK_M, BLOCK_N), or per kernel a triton.Config (see `_launch`)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)

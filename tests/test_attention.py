@@ -78,14 +78,19 @@ def test_causal_bottom_right_with_unequal_lengths(backend, sq, sk):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="the Triton kernels cannot run here")
-@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16), "per-kernel"])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_kernels_at_block_edges(blocks, with_mask):
     """Each kernel tests bounds and the causal diagonal only on the key (or query) blocks that
     need it. Shifts seq_k - seq_q at every residue around a block edge, with BLOCK_M != BLOCK_N
-    both ways, put the start of those blocks everywhere it can be."""
+    both ways, put the start of those blocks everywhere it can be. 'per-kernel' pins a whole
+    configuration per kernel (as the GPU suite does for each autotuning candidate)."""
+    import triton
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
+    if blocks == "per-kernel":  # dq takes the default pinned config
+        blocks = {"fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2),
+                  "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)}
     cases = [(40, 40 + s, True) for s in (-17, -2, -1, 0, 1, 15, 31)]
     cases += [(33, 47, False), (32, 64, False)]
     for sq, sk, causal in cases:

@@ -139,3 +139,70 @@ def test_cuda_and_triton_drop_the_same_probabilities_gpu():
     grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
     for a, c in zip(*grads):
         assert rel_err(c, a) < 4 * TOL[torch.bfloat16]
+
+
+def _run_pinned(kern, pin, q, k, v, do, *, causal, key_mask=None, cu=None, max_len=None):
+    """Forward and backward through the launchers with `pin` ({kernel: triton.Config})."""
+    varlen = cu is not None
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    o, lse = torch.empty_like(q), torch.empty(lse_shape, device="cuda")
+    opts = dict(key_mask=key_mask, cu_q=cu, cu_k=cu, max_q=max_len or q.shape[1],
+                max_k=max_len or k.shape[1], causal=causal, scale=q.shape[-1] ** -0.5,
+                dropout_p=0.0, seed=0, blocks=pin)
+    kern.forward(q, k, v, o, lse, **opts)
+    delta = torch.empty_like(lse)
+    kern.delta(o, do, delta, varlen=varlen)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kern.backward(q, k, v, do, lse, delta, dq, dk, dv, **opts)
+    return o, (dq, dk, dv)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_every_autotuning_candidate_gpu(name, d):
+    """The autotuner may choose any candidate on some GPU, shape or run, and the other tests see
+    only the ones it chose here: each candidate, pinned, on odd lengths (causal bottom-right with
+    Sq != Sk, a padding mask, a packed batch) against the float64 reference. Candidates that do
+    not fit this GPU's shared memory are skipped, as the autotuner skips them."""
+    import triton
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 77, 300, 129]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    mask = (torch.rand(2, 333, generator=g) > 0.3).cuda()
+    cases = [("causal sq<sk", _qkv(2, 201, 4, 2, d, dtype, 333), dict(causal=True)),
+             ("mask", _qkv(2, 333, 4, 2, d, dtype), dict(causal=False, key_mask=mask)),
+             ("packed causal", [t[0] for t in _qkv(1, sum(lens), 4, 2, d, dtype)],
+              dict(causal=True, cu=cu, max_len=max(lens)))]
+    ran = 0
+    for config in kern.CONFIGS[name]:
+        for what, (q, k, v), opts in cases:
+            q, k, v = q.detach(), k.detach(), v.detach()
+            do = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(dtype)
+            key_mask = opts.get("key_mask")
+            if key_mask is not None:
+                opts = dict(opts, key_mask=key_mask.to(torch.int8).contiguous())
+            try:
+                out, grads = _run_pinned(kern, {name: config}, q, k, v, do, **opts)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            f64 = [t.double().requires_grad_() for t in (q, k, v)]
+            if opts.get("cu") is not None:
+                outs = []
+                offsets = cu.tolist()
+                for a, b in zip(offsets, offsets[1:]):
+                    o, _ = reference.attention(*(t[None, a:b] for t in f64), causal=True)
+                    outs.append(o[0])
+                ref = torch.cat(outs)
+            else:
+                ref, _ = reference.attention(*f64, causal=opts["causal"], key_mask=key_mask)
+            want = torch.autograd.grad(ref, f64, do.double())
+            where = f"{name} {config} {what}"
+            assert rel_err(out, ref) < 2 * TOL[dtype], where
+            for i, (a, r) in enumerate(zip(grads, want)):
+                assert rel_err(a, r) < 2 * TOL[dtype], (where, "dq dk dv".split()[i])
+            ran += 1
+    assert ran >= len(cases), "every candidate ran out of shared memory"

@@ -33,6 +33,16 @@ SPACES = {
 }
 KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 
+
+
+class _ForgetsChoices(dict):
+    """The launchers keep the autotuner's choice per class and skip the autotuner afterwards;
+    the sweep needs it to tune again at every sequence length, so nothing is kept."""
+    def __setitem__(self, key, value):
+        pass
+
+
+K._CHOSEN = _ForgetsChoices()
 wanted = sys.argv[1:] or list(SPACES)
 tuners = {}
 for name in wanted:

@@ -442,3 +442,41 @@ def test_cuda_kernel_draws_the_triton_kernels_dropout_mask():
     for stream in range(b * h):
         draws = torch.tensor(_core._C.philox_uniform(seed + stream, offsets)).view(sq, sk)
         assert torch.equal(draws >= p, keep.view(b * h, sq, sk)[stream].bool()), stream
+
+
+def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
+    """After the autotuner's first run for a class (flags + dtype: its own key), the launcher
+    launches the chosen config directly, with the grid that config's block sizes give."""
+    triton = pytest.importorskip("triton")
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    chosen = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+    log = []
+
+    class Tuner:
+        best_config = chosen
+
+        def __getitem__(self, grid):
+            def run(*args, **flags):
+                log.append(("tuner", grid({"BLOCK_M": 64, "BLOCK_N": 32}), flags["CAUSAL"]))
+            return run
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                log.append(("direct", grid, kw["CAUSAL"], kw["BLOCK_M"], kw["num_warps"]))
+            return run
+
+    monkeypatch.setattr(kern, "_TUNED", {"fwd": Tuner(), "dkdv": Tuner()})
+    monkeypatch.setattr(kern, "_CHOSEN", {})
+    x16, x32 = torch.empty(1, dtype=torch.float16), torch.empty(1)
+    for causal, x, name in ((False, x16, "fwd"), (False, x16, "fwd"), (True, x16, "fwd"),
+                            (True, x16, "fwd"), (False, x32, "fwd"), (False, x16, "dkdv")):
+        kern._launch(name, Kernel(), 200, 6, False, 64, (x,), dict(CAUSAL=causal))
+    assert log == [("tuner", (4, 6), False), ("direct", (4, 6), False, 64, 8),
+                   ("tuner", (4, 6), True), ("direct", (4, 6), True, 64, 8),
+                   ("tuner", (4, 6), False),  # another dtype: another class
+                   ("tuner", (7, 6), False)]  # dK/dV: a program per BLOCK_N keys
+    log.clear()
+    kern._launch("fwd", Kernel(), 200, 6, True, 64, (x16,), dict(CAUSAL=False))  # pinned
+    assert log == [("direct", (4, 6), False, 64, 4)]

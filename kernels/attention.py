@@ -24,6 +24,8 @@ import os
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 
 
@@ -381,7 +383,7 @@ def _blocks(head_dim):
     """The pinned configuration: (BLOCK_D, block) used under the interpreter and when a caller
     asks for bitwise reproducibility across processes (autotuning may pick another config in
     another process, and block sizes change the fp32 summation order)."""
-    block_d = max(triton.next_power_of_2(head_dim), 16)
+    block_d = max(next_power_of_2(head_dim), 16)
     block = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
     return block_d, block
 
@@ -449,18 +451,17 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags, blocks=No
         config = _CHOSEN.get(cls)
         if config is None:
             tuner = _TUNED[name]
-            tuner[lambda meta: (triton.cdiv(rows, meta[along]), grid_y)](*args, **flags)
+            tuner[lambda meta: (cdiv(rows, meta[along]), grid_y)](*args, **flags)
             _CHOSEN[cls] = tuner.best_config
             return
-    grid = (triton.cdiv(rows, config.kwargs[along]), grid_y)
+    grid = (cdiv(rows, config.kwargs[along]), grid_y)
     kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                  num_stages=config.num_stages)
 
 
 def _strides(t, varlen):
-    if varlen:  # (total, heads, D): no batch dimension
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    s = t.stride()
+    return (0, s[0], s[1]) if varlen else s[:3]  # packed (total, heads, D): no batch dimension
 
 
 def _common(q, k, lse, key_mask, cu_q, varlen, max_q, max_k):
@@ -533,9 +534,9 @@ def delta(o, do, out, *, varlen):
         s_lb, s_lh = out.stride(0), out.stride(1)
     if batch * seq_q * n_heads == 0:
         return
-    block_d = max(triton.next_power_of_2(o.shape[-1]), 16)
+    block_d = max(next_power_of_2(o.shape[-1]), 16)
     block_m = max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta[(triton.cdiv(seq_q, block_m), batch * n_heads)](
+    _attn_bwd_delta[(cdiv(seq_q, block_m), batch * n_heads)](
         o, do, out, *_strides(o, varlen), *_strides(do, varlen), s_lb, s_lh, seq_q, n_heads,
         HEAD_DIM=o.shape[-1], BLOCK_D=block_d, BLOCK_M=block_m)
 
@@ -543,5 +544,5 @@ def delta(o, do, out, *, varlen):
 def dropout_mask(out, seed, dropout_p):
     """out: (batch, heads, seq_q, seq_k) int8, contiguous; filled with the kernels' keep-mask."""
     bh, seq_q, seq_k = out.shape[0] * out.shape[1], out.shape[2], out.shape[3]
-    _dropout_mask_kernel[(triton.cdiv(seq_q, 32), bh)](
+    _dropout_mask_kernel[(cdiv(seq_q, 32), bh)](
         out, seed, dropout_p, seq_q, seq_k, seq_k, BLOCK_M=32, BLOCK_N=32)

@@ -12,6 +12,8 @@ order, so dweight and dbias are deterministic for a given grid.
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 # A row lives in registers: past this many columns the kernels would spill heavily.
 MAX_COLUMNS = 65536
 
@@ -118,7 +120,7 @@ def _column_sum_kernel(PART, OUT, n_parts, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
 
 
 def _block_n(n):
-    return max(triton.next_power_of_2(n), 16)
+    return max(next_power_of_2(n), 16)
 
 
 def _num_warps(block_n):
@@ -152,7 +154,7 @@ def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight,
     parts = dw_part if dw_part is not None else db_part
     n_programs = parts.shape[0] if parts is not None else min(rows, 1024)
     if rows > 0:
-        rows_per_program = triton.cdiv(rows, n_programs)
+        rows_per_program = cdiv(rows, n_programs)
         block_n = _block_n(n)
         _norm_bwd_kernel[(n_programs,)](
             dy, z, weight if weight is not None else dy, mean if mean is not None else rstd, rstd,
@@ -167,5 +169,5 @@ def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight,
     for part, out in ((dw_part, dweight), (db_part, dbias)):
         if part is not None:
             block_c = 64
-            _column_sum_kernel[(triton.cdiv(n, block_c),)](
+            _column_sum_kernel[(cdiv(n, block_c),)](
                 part, out, part.shape[0], n, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)

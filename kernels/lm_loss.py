@@ -16,6 +16,8 @@ All arithmetic is fp32 whatever the logits' dtype.
 import triton
 import triton.language as tl
 
+from ._host import next_power_of_2
+
 
 @triton.jit
 def _ce_rows_kernel(
@@ -81,7 +83,7 @@ def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, row_scal
     rows, vocab = logits.shape
     if rows == 0:
         return
-    block_v = min(triton.next_power_of_2(vocab), 4096)
+    block_v = min(next_power_of_2(vocab), 4096)
     _ce_rows_kernel[(rows,)](
         logits, labels, loss, lse, hit, row_scale if row_scale is not None else loss,
         logits.stride(0), vocab, float(label_smoothing), float(z_loss), float(scale),

@@ -151,6 +151,13 @@ def test_integer_mask_means_nonzero_attends(backend):
     want = fusedlm.attention(q, k, v, attention_mask=keep.to(DEVICE), backend=backend)
     got = fusedlm.attention(q, k, v, attention_mask=as_int, backend=backend)
     assert torch.equal(got, want)
+    # The kernels' byte mask is kept on the integer mask between calls (every layer gets the
+    # same one) and made again after the mask changes in place.
+    assert torch.equal(fusedlm.attention(q, k, v, attention_mask=as_int, backend=backend), want)
+    as_int[1, 5:] = 0
+    keep[1, 5:] = False
+    want = fusedlm.attention(q, k, v, attention_mask=keep.to(DEVICE), backend=backend)
+    assert torch.equal(fusedlm.attention(q, k, v, attention_mask=as_int, backend=backend), want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

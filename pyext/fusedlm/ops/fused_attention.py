@@ -278,6 +278,26 @@ def _seed(dropout_p, seed, n_streams):
     return min(seed, 2 ** 31 - 1 - n_streams)
 
 
+def _key_mask_bytes(attention_mask):
+    """One byte per key for the kernels, nonzero = attend. A bool mask is viewed as is; an
+    integer one is compared with 0 (a cast to int8 would turn 256 into 0, "do not attend"). A
+    model passes the same integer mask to every layer, so the comparison (a kernel launch) is
+    kept on the mask for as long as its version counter says it is unchanged."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.contiguous().view(torch.int8)
+    if torch.compiler.is_compiling():
+        return (attention_mask != 0).contiguous().view(torch.int8)
+    try:
+        version = attention_mask._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return (attention_mask != 0).contiguous().view(torch.int8)
+    cached = getattr(attention_mask, "_fusedlm_key_mask", None)
+    if cached is None or cached[0] != version:
+        cached = (version, (attention_mask != 0).contiguous().view(torch.int8))
+        attention_mask._fusedlm_key_mask = cached
+    return cached[1]
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               attention_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               softmax_scale: Optional[float] = None, layout: str = "bshd",
@@ -325,12 +345,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed)
         lse = lse.float()
     else:
-        key_mask = None
-        if attention_mask is not None:
-            # One byte per key for the kernels: a bool mask is viewed as is; an integer one is
-            # compared with 0 (a cast to int8 would turn 256 into 0, "do not attend").
-            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-            key_mask = keep.contiguous().view(torch.int8)
+        key_mask = None if attention_mask is None else _key_mask_bytes(attention_mask)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
         out, lse = o, (lse2 * LN2 if return_lse else None)  # a kernel launch: only when asked

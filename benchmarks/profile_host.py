@@ -1,5 +1,5 @@
-"""Host time or kernel time? For each case, one attention step (forward, or forward + backward)
-timed three ways on the same inputs:
+"""Host time or kernel time? For each case, one attention step (forward, or forward + backward) or
+one LM-loss step (forward + backward) timed three ways on the same inputs:
 
   bench    the benchmark's number: triton.testing.do_bench's median (L2 flushed between calls);
   kernels  the GPU time of the kernels of one step, summed from torch.profiler;
@@ -7,7 +7,9 @@ timed three ways on the same inputs:
 
 bench close to host and well above kernels: the step is host-bound (launch and Python cost);
 bench close to kernels: the kernels are what to speed up. Also prints each case's kernel table
-and the autotuner's choices, to tell a bad configuration from a slow kernel.
+and the autotuner's choices, to tell a bad configuration from a slow kernel. The LM-loss cases
+run the loss with and without its vocabulary padding (fusedlm.ops.loss.GEMM_ALIGN): the kernel
+table names the cuBLAS kernels each one gets.
 
     python3 benchmarks/profile_host.py [case ...]     (cases: see CASES; default all)
 
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedlm
+from fusedlm.bench.lm_loss import _inputs as loss_inputs
 from fusedlm.ops import _triton, unpad
+from fusedlm.ops import loss as loss_mod
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -35,6 +39,8 @@ CASES = {
     "gpt-s1024": (16, 1024, 12, 64, 0.0, True),
     "d128-s4096": (4, 4096, 16, 128, 0.0, False),
 }
+# name: (tokens, hidden, vocab, labelled fraction), as fusedlm.bench.lm_loss's cases
+LOSS_CASES = {"loss-gpt2": (16384, 768, 50257, 1.0), "loss-bert-mlm": (16384, 768, 30522, 0.15)}
 
 
 def inputs(batch, seq, heads, d, padding):
@@ -70,12 +76,32 @@ def impls(q, k, v, mask, causal, padded):
     return out
 
 
+def loss_impls(tokens, hidden, vocab, labelled):
+    if not CUDA:  # the smoke run: small shapes, an odd vocabulary
+        tokens, vocab = 256, 1001
+    h, w, b, y = loss_inputs(tokens, hidden, vocab, labelled, DTYPE, DEVICE)
+
+    def ours(align):
+        def fn(h, w, b):
+            saved, loss_mod.GEMM_ALIGN = loss_mod.GEMM_ALIGN, align
+            try:
+                return fusedlm.lm_loss(h, w, y, b, backend=OURS)
+            finally:
+                loss_mod.GEMM_ALIGN = saved
+        return fn
+    return {f"fusedlm[{OURS}] GEMM_ALIGN={a}": (ours(a), (h, w, b)) for a in (loss_mod.GEMM_ALIGN, 1)}
+
+
 def step_fn(fn, args, direction):
     if direction == "fwd":
         return lambda: fn(*args)
     leaves = [t.detach().requires_grad_() for t in args]
     do = torch.randn_like(args[0])
-    return lambda: torch.autograd.grad(fn(*leaves), leaves, do)
+
+    def step():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, do if out.dim() else None)
+    return step
 
 
 def sync():
@@ -133,10 +159,14 @@ def main(names):
     print(f"device {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, "
           f"fusedlm backend {OURS}, {DTYPE}")
     for name in names:
-        batch, seq, heads, d, padding, causal = CASES[name]
-        q, k, v, mask = inputs(batch, seq, heads, d, padding)
-        for impl, (fn, args) in impls(q, k, v, mask, causal, padding > 0).items():
-            for direction in ("fwd", "fwd+bwd"):
+        if name in LOSS_CASES:
+            todo, directions = loss_impls(*LOSS_CASES[name]), ("fwd+bwd",)
+        else:
+            batch, seq, heads, d, padding, causal = CASES[name]
+            q, k, v, mask = inputs(batch, seq, heads, d, padding)
+            todo, directions = impls(q, k, v, mask, causal, padding > 0), ("fwd", "fwd+bwd")
+        for impl, (fn, args) in todo.items():
+            for direction in directions:
                 step = step_fn(fn, args, direction)
                 step()  # compile / autotune outside the timings
                 sync()
@@ -152,8 +182,9 @@ def main(names):
 
 
 if __name__ == "__main__":
-    wanted = sys.argv[1:] or list(CASES)
-    unknown = [n for n in wanted if n not in CASES]
+    known = [*CASES, *LOSS_CASES]
+    wanted = sys.argv[1:] or known
+    unknown = [n for n in wanted if n not in known]
     if unknown:
-        sys.exit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+        sys.exit(f"unknown case(s) {unknown}; choose from {known}")
     main(wanted)

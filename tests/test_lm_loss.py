@@ -207,8 +207,10 @@ def test_default_chunk_size_bounds_the_logits_buffer():
     assert default_chunk_size(10 ** 7, torch.float32) == 128  # a floor, for huge vocabularies
 
 
-def test_gemm_operands_pad_the_vocabulary_with_zeros():
+def test_gemm_operands_pad_the_vocabulary_with_zeros(monkeypatch):
+    from fusedlm.ops import loss as loss_mod
     from fusedlm.ops.loss import GEMM_ALIGN, _gemm_operands
+    monkeypatch.setattr(loss_mod, "_gemm_align", lambda device: GEMM_ALIGN)  # as on a GPU
     h, w, b, _ = make(4, 16, 5003, torch.float32)
     wp, bp = _gemm_operands(w.detach(), b.detach())
     assert wp.shape == (5008, 16) and bp.shape == (5008,) and 5008 % GEMM_ALIGN == 0
@@ -221,13 +223,14 @@ def test_gemm_operands_pad_the_vocabulary_with_zeros():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocabulary_padding_does_not_change_the_numbers(backend, reduction, monkeypatch):
-    """The padded GEMMs (GEMM_ALIGN = 8) against unpadded ones (1), over several chunks."""
+    """The padded GEMMs (alignment 8, as on a GPU) against unpadded ones (1), over several
+    chunks."""
     from fusedlm.ops import loss as loss_mod
     h, w, b, labels = make(37, 16, 1001, torch.float32, labelled=0.6)
     cot = torch.randn(() if reduction == "mean" else labels.shape).to(DEVICE)
     results = []
     for align in (1, 8):
-        monkeypatch.setattr(loss_mod, "GEMM_ALIGN", align)
+        monkeypatch.setattr(loss_mod, "_gemm_align", lambda device, align=align: align)
         results.append(run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=8,
                                                       reduction=reduction, backend=backend),
                            h, w, b, cot))

@@ -142,7 +142,7 @@ def _attn_fwd(
     Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, seq_k_rng,
+    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, seq_k_rng, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -221,7 +221,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -305,7 +305,7 @@ def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_dqb, s_dqs, s_dqh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -388,10 +388,18 @@ def _blocks(head_dim):
     return block_d, block
 
 
-# On a GPU each kernel is autotuned once per (head dim, mask kind, dropout) class; configs that
-# do not fit the device's shared memory are skipped by the autotuner. The forward and dQ walk keys
-# for a block of queries (large BLOCK_M); dK/dV walk queries for a block of keys (large BLOCK_N).
-_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT"]
+# On a GPU each kernel is autotuned once per class: head dim, mask kind, dropout, dtype and a
+# sequence-length bucket (`seq_bucket`, a kernel argument only so that the autotuner can key on
+# it: the best blocks for 512 keys need not be the best for 8192, and a choice outlives the
+# process, see _CACHE_RESULTS). Configs that do not fit the device's shared memory are skipped by
+# the autotuner. The forward and dQ walk keys for a block of queries (large BLOCK_M); dK/dV walk
+# queries for a block of keys (large BLOCK_N).
+_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "seq_bucket"]
+
+
+def _seq_bucket(seq_q, seq_k):
+    """The longer length rounded up to a power of two, within [128, 4096]: six buckets."""
+    return min(max(next_power_of_2(max(seq_q, seq_k)), 128), 4096)
 
 
 def _configs(shapes):
@@ -411,8 +419,8 @@ CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The autotuner's choice per class is kept in Triton's cache directory (keyed by the GPU target,
 # Triton's version, the kernel's source and the config list), so that a machine tunes a class
-# once, not in every process: 4-11 s a class on an H100. Triton versions without the option
-# tune in every process.
+# once, not in every process: 4-11 s a class on an H100. Triton before 3.4 has no such option and
+# tunes in every process.
 _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 _TUNED = {} if _INTERPRETED else {
@@ -433,21 +441,24 @@ def _pinned_config(name, block, blocks):
                          num_stages=1 if name != "fwd" else 2)
 
 
-def _launch(name, kernel, rows, grid_y, pinned, head_dim, args, flags, blocks=None):
-    """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned.
+def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, blocks=None):
+    """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned;
+    `bucket` (see _seq_bucket) is the kernel's last runtime argument.
     blocks: (BLOCK_M, BLOCK_N) to pin instead of the default (for tests of block edges), or
     {kernel name: triton.Config} to pin the named kernels' whole configuration (the others
     take the default pinned one)."""
     block_d, block = _blocks(head_dim)
     flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    args = (*args, bucket)
     along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if pinned or blocks is not None or name not in _TUNED:
         config = _pinned_config(name, block, blocks)
     else:
         # The autotuner runs once per class; later calls launch its choice directly, because its
         # own look-up (dicts over ~30 arguments, every call) cost 23 us a launch on a 2-core CPU.
-        # The class is the autotuner's key: the flags and the tensors' dtypes, which q's fixes.
-        cls = (name, args[0].dtype, *flags.values())
+        # The class is the autotuner's key: the flags, the bucket and the tensors' dtypes, which
+        # q's fixes.
+        cls = (name, args[0].dtype, bucket, *flags.values())
         config = _CHOSEN.get(cls)
         if config is None:
             tuner = _TUNED[name]
@@ -494,7 +505,8 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
             s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p, seq_k)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0)
-    _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, args, flags, blocks)
+    _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
+            args, flags, blocks)
 
 
 def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
@@ -516,10 +528,11 @@ def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p, seq_k)
     n_kv_heads = k.shape[-2]
-    _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim,
+    bucket = _seq_bucket(seq_q, seq_k)
+    _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
              s_lb, s_lh, s_mb, *scalars), flags, blocks)
-    _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim,
+    _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dq, *masks, *strides, *_strides(dq, varlen), s_lb, s_lh,
              s_mb, *scalars), flags, blocks)
 

@@ -452,8 +452,8 @@ def test_cuda_kernel_draws_the_triton_kernels_dropout_mask():
 
 
 def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
-    """After the autotuner's first run for a class (flags + dtype: its own key), the launcher
-    launches the chosen config directly, with the grid that config's block sizes give."""
+    """After the autotuner's first run for a class (flags, dtype, length bucket: its own key),
+    the launcher launches the chosen config directly, with the grid that config's blocks give."""
     triton = pytest.importorskip("triton")
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
@@ -465,6 +465,7 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
 
         def __getitem__(self, grid):
             def run(*args, **flags):
+                assert args[-1] in (256, 4096)  # the bucket: the kernel's last runtime argument
                 log.append(("tuner", grid({"BLOCK_M": 64, "BLOCK_N": 32}), flags["CAUSAL"]))
             return run
 
@@ -477,13 +478,16 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
     monkeypatch.setattr(kern, "_TUNED", {"fwd": Tuner(), "dkdv": Tuner()})
     monkeypatch.setattr(kern, "_CHOSEN", {})
     x16, x32 = torch.empty(1, dtype=torch.float16), torch.empty(1)
-    for causal, x, name in ((False, x16, "fwd"), (False, x16, "fwd"), (True, x16, "fwd"),
-                            (True, x16, "fwd"), (False, x32, "fwd"), (False, x16, "dkdv")):
-        kern._launch(name, Kernel(), 200, 6, False, 64, (x,), dict(CAUSAL=causal))
+    for causal, x, name, bucket in ((False, x16, "fwd", 256), (False, x16, "fwd", 256),
+                                    (True, x16, "fwd", 256), (True, x16, "fwd", 256),
+                                    (False, x32, "fwd", 256), (False, x16, "fwd", 4096),
+                                    (False, x16, "dkdv", 256)):
+        kern._launch(name, Kernel(), 200, 6, False, 64, bucket, (x,), dict(CAUSAL=causal))
     assert log == [("tuner", (4, 6), False), ("direct", (4, 6), False, 64, 8),
                    ("tuner", (4, 6), True), ("direct", (4, 6), True, 64, 8),
                    ("tuner", (4, 6), False),  # another dtype: another class
+                   ("tuner", (4, 6), False),  # another sequence-length bucket
                    ("tuner", (7, 6), False)]  # dK/dV: a program per BLOCK_N keys
     log.clear()
-    kern._launch("fwd", Kernel(), 200, 6, True, 64, (x16,), dict(CAUSAL=False))  # pinned
+    kern._launch("fwd", Kernel(), 200, 6, True, 64, 256, (x16,), dict(CAUSAL=False))  # pinned
     assert log == [("direct", (4, 6), False, 64, 4)]

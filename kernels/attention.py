@@ -13,8 +13,10 @@ dK and dV in registers; `_attn_bwd_dq` owns a block of queries and loops over th
 recompute P = exp2(S - lse) from the saved log-sum-exp: no sequence x sequence matrix is stored.
 
 Masks: causal is aligned bottom-right (query i sees key j iff j <= i + Sk - Sq); the key mask
-(batch, Sk) marks keys to attend with nonzero; a packed batch gives each sequence's rows through
-cu_seqlens, so no work is spent on padding. Dropout keeps a probability when a Philox draw
+(batch, Sk) marks keys to attend with nonzero; the forward and dQ stop after the last attended
+key of the row and dK/dV skip key blocks it hides entirely, so a right-padded batch spends no work
+on its padding keys (its padding queries are still computed: their outputs are defined); a packed
+batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when a Philox draw
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
 """
@@ -68,6 +70,20 @@ def _key_mask(KMASK, offs_n, k_len):
 
 
 @triton.jit
+def _attended_end(KMASK, k_len, CHUNK: tl.constexpr):
+    """One past the last key the padding mask lets through (0 if none): the forward and dQ stop
+    there, so a right-padded batch (BERT's) spends no work on its padding keys. One pass over
+    the mask row: k_len bytes against the k_len * HEAD_DIM * 4 bytes of K and V read after it."""
+    offs = tl.arange(0, CHUNK)
+    end = 0
+    for start in range(0, k_len, CHUNK):
+        idx = start + offs
+        attended = _key_mask(KMASK, idx, k_len)
+        end = tl.maximum(end, tl.max(tl.where(attended, idx + 1, 0), 0))
+    return end
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
             ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr):
     """Scores (queries x keys) in the log2 domain with -inf where a key may not be attended.
@@ -96,16 +112,20 @@ def _keep(seed, offs_m, offs_n, seq_k_rng, p_drop, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _causal_split(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr):
+def _causal_split(pid_m, q_len, k_len, KMASK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr):
     """Key range of a query block: [0, full) needs no bounds or causal test, [full, hi) does;
-    keys past hi are never seen (causal is bottom-right: query i sees key j iff j <= i + k_len - q_len)."""
+    keys past hi are never seen (causal is bottom-right: query i sees key j iff j <= i + k_len - q_len;
+    with a padding mask, no key after the last attended one)."""
     hi = k_len
     full = k_len // BLOCK_N * BLOCK_N
     if CAUSAL:
         shift = k_len - q_len
         hi = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + shift, 0))
         full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + shift + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_KMASK:
+        hi = tl.minimum(hi, _attended_end(KMASK, k_len, 512))
+        full = tl.minimum(full, hi // BLOCK_N * BLOCK_N)
     return full, hi
 
 
@@ -165,7 +185,7 @@ def _attn_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        full, hi = _causal_split(pid_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+        full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
                                     offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
                                     p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
@@ -251,7 +271,11 @@ def _attn_bwd_dkdv(
             lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
             full = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
             full = tl.minimum(full, q_len)
-        for g in range(0, group):
+        n_groups = group
+        if HAS_KMASK:  # a key block the mask hides entirely gets zeros without any work
+            attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
+            n_groups = tl.where(tl.max(attended.to(tl.int32)) > 0, group, 0)
+        for g in range(0, n_groups):
             h = hk * group + g
             q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
             do_ptr = DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
@@ -269,7 +293,6 @@ def _attn_bwd_dkdv(
                                   False, CAUSAL, DROPOUT)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
-            attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
             dk = tl.where(attended, dk, 0.0)
             dv = tl.where(attended, dv, 0.0)
         dk_off = (b.to(tl.int64) * s_dkb + k0.to(tl.int64) * s_dks + hk * s_dkh
@@ -331,7 +354,7 @@ def _attn_bwd_dq(
         v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
         kmask = KMASK + b * s_mb
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        full, hi = _causal_split(pid_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+        full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m, offs_n0,
                         offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop, seq_k_rng,
                         HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT)

@@ -99,6 +99,10 @@ def test_kernels_at_block_edges(blocks, with_mask):
         mask = None
         if with_mask:
             mask = torch.rand(2, sk, generator=torch.Generator().manual_seed(sq)) > 0.3
+            # Row 0 is right-padded, its last attended key anywhere around a block edge (the
+            # forward and dQ stop there); row 1 hides keys 16..47 (dK/dV skip hidden blocks).
+            mask[0, max(sk - 1 - sk * 7 % 19, 1):] = False
+            mask[1, 16:48] = False
             mask = mask.to(DEVICE)
         qs, ks, vs = f64(q, k, v)
         ref, ref_lse = reference.attention(qs, ks, vs, causal=causal, key_mask=mask)

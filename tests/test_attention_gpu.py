@@ -172,7 +172,10 @@ def test_every_autotuning_candidate_gpu(name, d):
     g = torch.Generator().manual_seed(5)
     lens = [1, 77, 300, 129]
     cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-    mask = (torch.rand(2, 333, generator=g) > 0.3).cuda()
+    mask = torch.rand(2, 333, generator=g) > 0.3
+    mask[0, 250:] = False  # right padding: the forward and dQ stop at the last attended key
+    mask[1, 64:192] = False  # hidden key blocks: dK/dV skip them
+    mask = mask.cuda()
     # Two classes per candidate (each a compile): every mask kind's code runs in one of them;
     # the plain dense class is what the other tests' autotuned runs cover.
     cases = [("causal sq<sk + mask", _qkv(2, 201, 4, 2, d, dtype, 333),

@@ -278,24 +278,32 @@ def _seed(dropout_p, seed, n_streams):
     return min(seed, 2 ** 31 - 1 - n_streams)
 
 
+def _once_per_version(t, attr, key, make):
+    """make(), kept on tensor t (as `attr`) until t changes in place (its version counter) or
+    `key` differs: for what a model hands every layer unchanged (a mask, packed offsets), where
+    the work is a kernel launch or a wait for the GPU. An inference tensor has no version
+    counter: make() runs every call."""
+    try:
+        stamp = (t._version, key)
+    except RuntimeError:
+        return make()
+    cached = getattr(t, attr, None)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, make())
+        setattr(t, attr, cached)
+    return cached[1]
+
+
 def _key_mask_bytes(attention_mask):
     """One byte per key for the kernels, nonzero = attend. A bool mask is viewed as is; an
-    integer one is compared with 0 (a cast to int8 would turn 256 into 0, "do not attend"). A
-    model passes the same integer mask to every layer, so the comparison (a kernel launch) is
-    kept on the mask for as long as its version counter says it is unchanged."""
+    integer one is compared with 0 (a cast to int8 would turn 256 into 0, "do not attend"),
+    once per mask rather than in every layer."""
     if attention_mask.dtype == torch.bool:
         return attention_mask.contiguous().view(torch.int8)
+    compare = lambda: (attention_mask != 0).contiguous().view(torch.int8)  # noqa: E731
     if torch.compiler.is_compiling():
-        return (attention_mask != 0).contiguous().view(torch.int8)
-    try:
-        version = attention_mask._version
-    except RuntimeError:  # an inference tensor has no version counter
-        return (attention_mask != 0).contiguous().view(torch.int8)
-    cached = getattr(attention_mask, "_fusedlm_key_mask", None)
-    if cached is None or cached[0] != version:
-        cached = (version, (attention_mask != 0).contiguous().view(torch.int8))
-        attention_mask._fusedlm_key_mask = cached
-    return cached[1]
+        return compare()
+    return _once_per_version(attention_mask, "_fusedlm_key_mask", None, compare)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -355,26 +363,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
 
 def _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
-    # Reading offsets that live on the GPU waits for it, so a cu_seqlens tensor is read once and
-    # marked with what was checked (its version counter: again after an in-place change), not
-    # in every layer that gets it.
+    # Reading offsets that live on the GPU waits for it, so a cu_seqlens tensor is checked once
+    # (again after an in-place change), not in every layer that gets it.
     for name, t, total, mx in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
-        try:
-            key = (t._version, total, mx)
-        except RuntimeError:  # an inference tensor has no version counter: check every time
-            key = None
-        if key is not None and getattr(t, "_fusedlm_offsets_checked", None) == key:
-            continue
-        cu = t.tolist()
-        lens = [b - a for a, b in zip(cu, cu[1:])]
-        if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
-            raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
-        if not isinstance(mx, int) or mx < max(lens, default=0):
-            raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
-                             f"({max(lens, default=0)}), got {mx!r}")
-        if key is not None:
-            t._fusedlm_offsets_checked = key
+        _once_per_version(t, "_fusedlm_offsets_checked", (total, mx),
+                          lambda: _check_one_offsets(name, t, total, mx))
+
+
+def _check_one_offsets(name, t, total, mx):
+    cu = t.tolist()
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
+        raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
+    if not isinstance(mx, int) or mx < max(lens, default=0):
+        raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
+                         f"({max(lens, default=0)}), got {mx!r}")
+    return True
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -27,6 +27,7 @@ custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`.
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _core, reference
@@ -145,19 +146,14 @@ def _gemm_align(device):
 def _gemm_operands(weight, bias):
     """weight (V, H) and bias (V,) zero-padded to a multiple of _gemm_align rows; the tensors
     themselves when V is one already."""
-    vocab, hidden = weight.shape
+    vocab = weight.shape[0]
     align = _gemm_align(weight.device)
     padded = -(-vocab // align) * align
     if padded == vocab:
         return weight, bias
-    w = weight.new_empty((padded, hidden))
-    w[:vocab].copy_(weight)
-    w[vocab:].zero_()
-    b = None
-    if bias is not None:
-        b = bias.new_zeros(padded)
-        b[:vocab].copy_(bias)
-    return w, b
+    extra = padded - vocab
+    return (F.pad(weight, (0, 0, 0, extra)),
+            None if bias is None else F.pad(bias, (0, extra)))
 
 
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,

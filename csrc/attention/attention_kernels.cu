@@ -18,13 +18,14 @@
 
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
-#include "../common/philox.h"
 #include "attention.h"
+#include "attention_device.cuh"
 
 namespace fusedlm::attention {
 namespace {
 
 using namespace nvcuda;
+using namespace detail;
 using math::from_float;
 using math::to_float;
 
@@ -32,60 +33,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlock = 64;  // rows of a query or key block (both)
 constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
-constexpr float kLog2e = 1.4426950408889634f;
-
-// A (batch, row, head, D) tensor: pointer and element strides; the batch stride is 0 for
-// packed sequences, whose rows are counted from the start of the pack.
-struct Operand {
-  void* p = nullptr;
-  int64_t b = 0, s = 0, h = 0;
-};
-
-// Row `first` of batch b, head h.
-template <typename T>
-__device__ __forceinline__ T* rows(const Operand& t, int b, int64_t first, int h) {
-  return static_cast<T*>(t.p) + b * t.b + first * t.s + h * t.h;
-}
-
-struct Params {
-  Operand q, k, v, o, dout, dq, dk, dv;
-  float* lse;
-  const float* delta;
-  const int8_t* key_mask;
-  int64_t mask_b;
-  const int *cu_q, *cu_k;
-  int64_t lse_b, lse_h;  // log-sum-exp and delta: lse[b * lse_b + h * lse_h + first_q + i]
-  int seq_q, seq_k;      // dense lengths (seq_k: also the dropout counter's row pitch)
-  int heads, group;      // query heads, and query heads per key/value head
-  bool causal;
-  float scale, scale2;   // softmax scale, and scale * log2(e)
-  float p_drop, keep;    // dropout probability, and 1 - p_drop
-  uint64_t seed;
-  bool vec;              // every operand 16-byte aligned (pointer and strides): cp.async tiles
-};
-
-// Is dropout's draw for probability (i, j) of stream bh a keep? (Only called with p_drop > 0.)
-__device__ __forceinline__ bool kept(const Params& p, int bh, int i, int j) {
-  const uint32_t offset = static_cast<uint32_t>(i) * static_cast<uint32_t>(p.seq_k) + static_cast<uint32_t>(j);
-  return philox_uniform(p.seed + static_cast<uint64_t>(bh), offset) >= p.p_drop;
-}
-
-struct Seq {
-  int64_t q0, k0;  // first row of the sequence in q / k (packed), else 0
-  int len_q, len_k;
-};
-
-__device__ __forceinline__ Seq seq_of(const Params& p, int b) {
-  if (p.cu_q) return {p.cu_q[b], p.cu_k[b], p.cu_q[b + 1] - p.cu_q[b], p.cu_k[b + 1] - p.cu_k[b]};
-  return {0, 0, p.seq_q, p.seq_k};
-}
-
-// May query i attend key j (both relative to their sequence)? Causal is aligned bottom-right.
-__device__ __forceinline__ bool allowed(const Params& p, int b, const Seq& s, int i, int j) {
-  if (i >= s.len_q || j >= s.len_k) return false;
-  if (p.causal && j > i + (s.len_k - s.len_q)) return false;
-  return !p.key_mask || p.key_mask[b * p.mask_b + j] != 0;
-}
 
 // rows [r0, r0 + kBlock) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
 // zeros past its end. With `vec`, 16-byte cp.async copies (all in flight at once, zero-filled
@@ -431,46 +378,6 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
 }
 
 // ---- host side ----------------------------------------------------------------------------
-
-Operand operand(const TensorView& t, bool varlen) {
-  return {t.data, varlen ? 0 : t.stride[0], t.stride[varlen ? 0 : 1], t.stride[varlen ? 1 : 2]};
-}
-
-// Can every row of t be copied in 16-byte pieces (2-byte elements: pointer and strides)?
-bool aligned16(const Operand& t) {
-  return reinterpret_cast<std::uintptr_t>(t.p) % 16 == 0 && t.b % 8 == 0 && t.s % 8 == 0 && t.h % 8 == 0;
-}
-
-Params params_of(const Problem& pr) {
-  Params p{};
-  const bool varlen = pr.cu_q.has_value();
-  p.q = operand(pr.q, varlen);
-  p.k = operand(pr.k, varlen);
-  p.v = operand(pr.v, varlen);
-  p.key_mask = pr.key_mask ? static_cast<const int8_t*>(pr.key_mask->data) : nullptr;
-  p.mask_b = pr.key_mask ? pr.key_mask->stride[0] : 0;
-  p.cu_q = varlen ? static_cast<const int*>(pr.cu_q->data) : nullptr;
-  p.cu_k = varlen ? static_cast<const int*>(pr.cu_k->data) : nullptr;
-  const int hd = varlen ? 1 : 2;
-  const int64_t heads = pr.q.shape[hd];
-  p.heads = static_cast<int>(heads);
-  p.group = static_cast<int>(heads / pr.k.shape[hd]);
-  p.p_drop = pr.dropout_p;
-  p.keep = 1.0f - pr.dropout_p;
-  p.seed = pr.seed;
-  p.seq_q = static_cast<int>(pr.max_q);
-  p.seq_k = static_cast<int>(pr.max_k);
-  p.lse_b = varlen ? 0 : heads * pr.q.shape[1];
-  p.lse_h = varlen ? pr.q.shape[0] : pr.q.shape[1];
-  p.causal = pr.causal;
-  p.scale = pr.scale;
-  p.scale2 = pr.scale * kLog2e;
-  return p;
-}
-
-int batch_of(const Problem& pr) {
-  return static_cast<int>(pr.cu_q ? pr.cu_q->shape[0] - 1 : pr.q.shape[0]);
-}
 
 template <typename Kernel>
 void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream) {

@@ -15,7 +15,8 @@
 # (pytest node ids relative to the repository); attn-tests takes a -k expression in $TEST_K;
 # bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
 # profile-host (host time or kernel time, per attention case) takes case names in $PROFILE_CASES;
-# lm-loss-align A/Bs the LM loss's vocabulary padding.
+# lm-loss-align A/Bs the LM loss's vocabulary padding; wgmma-smoke, wgmma-sanitize and
+# hopper-tests check the Hopper CUDA C++ forward (see the step list below).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
@@ -74,6 +75,12 @@ run_step() {
     tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
     lm-loss-align) cmd=(python3 "$SRC/benchmarks/lm_loss_gemm_align.py") ;;
     profile-host) cmd=(python3 "$SRC/benchmarks/profile_host.py" ${PROFILE_CASES:-}) ;;
+    # The Hopper CUDA C++ forward (opt-in): triage cases and forward times, the same cases under
+    # compute-sanitizer, and its test suite. bench-attention measures it as fusedlm[cuda] when
+    # the call sets FUSEDLM_CUDA_ATTENTION=wgmma.
+    wgmma-smoke) cmd=(python3 "$SRC/benchmarks/attention_wgmma_smoke.py") ;;
+    wgmma-sanitize) cmd=(compute-sanitizer --tool memcheck python3 "$SRC/benchmarks/attention_wgmma_smoke.py" --no-time) ;;
+    hopper-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests/test_attention_hopper_gpu.py") ;;
     # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
     demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);
 from fusedlm.cli import main; sys.exit(main(sys.argv[1:]))" demo --out "$W/pretrain" --no-progress) ;;

@@ -120,20 +120,21 @@ PYBIND11_MODULE(_C, m) {
       "attn_fwd",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
          py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, float dropout_p,
-         uint64_t seed, py::handle o, py::handle lse, std::uintptr_t stream) {
+         uint64_t seed, py::handle o, py::handle lse, std::uintptr_t stream, bool wgmma) {
         fusedlm::attention::ForwardArgs a{
             {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
              optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
              max_k, causal, scale, dropout_p, seed},
-            tensor(o, "out"), tensor(lse, "lse")};
+            tensor(o, "out"), tensor(lse, "lse"), wgmma};
         py::gil_scoped_release release;
-        fusedlm::attention::forward(a, stream);
+        return fusedlm::attention::forward(a, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
       py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
       py::arg("dropout_p"), py::arg("seed"),
-      py::arg("out"), py::arg("lse"), py::arg("stream"),
-      "Attention forward: out, and the base-2 log-sum-exp of the scaled scores.");
+      py::arg("out"), py::arg("lse"), py::arg("stream"), py::arg("wgmma") = false,
+      "Attention forward: out, and the base-2 log-sum-exp of the scaled scores. With wgmma, the "
+      "Hopper kernel runs where it can. Returns the kernel that ran.");
   m.def(
       "attn_bwd",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,

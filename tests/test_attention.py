@@ -5,6 +5,7 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
+from fusedlm.ops import fused_attention as attn_ops
 from fusedlm.ops.fused_attention import dropout_mask
 from conftest import DEVICE, HAS_GPU, TOL, rel_err
 
@@ -414,10 +415,23 @@ def _attn_args(**override):
     (dict(cu_q=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "go together"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     ({}, ValueError, "q must be a CUDA tensor"),
+    # Asking for the Hopper kernel changes nothing about what is validated, or in what order.
+    (dict(wgmma=True, q=torch.randn(2, 5, 4, 64)), TypeError, "q must be float16 or bfloat16"),
+    (dict(wgmma=True), ValueError, "q must be a CUDA tensor"),
 ])
 def test_core_attention_validation(override, error, match):
     with pytest.raises(error, match=match):
         _core._C.attn_fwd(**_attn_args(**override))
+
+
+def test_cuda_forward_kernel_setting(monkeypatch):
+    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wmma")
+    assert attn_ops._wgmma_requested() is False
+    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wgmma")
+    assert attn_ops._wgmma_requested() is True
+    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "hopper")
+    with pytest.raises(ValueError, match=r"FUSEDLM_CUDA_ATTENTION .* must be one of \('wmma', 'wgmma'\), got 'hopper'"):
+        attn_ops._wgmma_requested()
 
 
 @pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "attn_fwd"), reason="fusedlm._C is not built")

@@ -107,14 +107,14 @@ void check_devices(const Problem& p, std::initializer_list<const TensorView*> mo
 
 }  // namespace
 
-void forward(const ForwardArgs& a, std::uintptr_t stream) {
+std::string forward(const ForwardArgs& a, std::uintptr_t stream) {
   check_problem(a.p);
   check_like(a.o, a.p.q);
   check_lse(a.lse, a.p);
   // Device checks come last, so shape and dtype errors read the same on any machine.
   check_devices(a.p, {&a.o, &a.lse});
-  if (a.p.q.shape[0] == 0) return;
-  launch_forward(a, stream);
+  if (a.p.q.shape[0] == 0) return "none (empty)";
+  return launch_forward(a, stream);
 }
 
 void backward(const BackwardArgs& a, std::uintptr_t stream) {
@@ -131,7 +131,7 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
 }
 
 #ifndef FUSEDLM_WITH_CUDA
-void launch_forward(const ForwardArgs&, std::uintptr_t) {
+std::string launch_forward(const ForwardArgs&, std::uintptr_t) {
   throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
 }
 void launch_backward(const BackwardArgs&, std::uintptr_t) {

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "../common/tensor.h"
 
@@ -33,6 +34,7 @@ struct ForwardArgs {
   Problem p;
   TensorView o;    // like q
   TensorView lse;  // float32, base-2 log-sum-exp of the scaled scores (-inf: no key)
+  bool wgmma = false;  // try the Hopper kernel (attention_hopper.cu) first; opt-in until verified
 };
 
 struct BackwardArgs {
@@ -43,11 +45,12 @@ struct BackwardArgs {
   TensorView dq, dk, dv;
 };
 
-void forward(const ForwardArgs& a, std::uintptr_t stream);
+// Returns the kernel that ran: "wgmma", "wmma", or "wmma (wgmma declined: <why>)".
+std::string forward(const ForwardArgs& a, std::uintptr_t stream);
 void backward(const BackwardArgs& a, std::uintptr_t stream);
 
 // Launchers (attention_kernels.cu); arguments are already validated.
-void launch_forward(const ForwardArgs& a, std::uintptr_t stream);
+std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream);
 void launch_backward(const BackwardArgs& a, std::uintptr_t stream);
 
 }  // namespace fusedlm::attention

@@ -3,6 +3,7 @@
 // (`allowed`), the dropout draw (`kept`) and the host-side translation of a Problem.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "../common/philox.h"
 #include "attention.h"
@@ -105,5 +106,10 @@ inline Params params_of(const Problem& pr) {
 inline int batch_of(const Problem& pr) {
   return static_cast<int>(pr.cu_q ? pr.cu_q->shape[0] - 1 : pr.q.shape[0]);
 }
+
+// The Hopper forward (attention_hopper.cu): why it cannot serve a call ("" when it can), and
+// its launcher.
+std::string wgmma_unavailable(const ForwardArgs& a, const Params& p);
+void launch_forward_wgmma(const ForwardArgs& a, const Params& p, std::uintptr_t stream);
 
 }  // namespace fusedlm::attention::detail

@@ -1,7 +1,7 @@
 // Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
 // fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
-// later (sm_90a included, through the same mma instructions; a wgmma/TMA path for Hopper is not
-// written). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
+// later (sm_90a included, through the same mma instructions; the Hopper forward with wgmma and
+// TMA is attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
 // come in through 16-byte cp.async copies when the operands are 16-byte aligned.
 //
 // Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
@@ -433,12 +433,21 @@ void dispatch(const Problem& pr, const Params& p, std::uintptr_t stream) {
 
 }  // namespace
 
-void launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
+std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
   Params p = params_of(a.p);
   p.o = operand(a.o, a.p.cu_q.has_value());
   p.lse = static_cast<float*>(a.lse.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
+  std::string declined;
+  if (a.wgmma) {
+    declined = wgmma_unavailable(a, p);
+    if (declined.empty()) {
+      launch_forward_wgmma(a, p, stream);
+      return "wgmma";
+    }
+  }
   dispatch<Forward>(a.p, p, stream);
+  return declined.empty() ? "wmma" : "wmma (wgmma declined: " + declined + ")";
 }
 
 void launch_backward(const BackwardArgs& a, std::uintptr_t stream) {

@@ -13,6 +13,7 @@ backward regenerates it instead of storing it. The Triton and CUDA C++ kernels d
 mask for a seed. The `torch` backend draws its own masks (the same seed reproduces them, but
 they differ from the kernels').
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -69,6 +70,24 @@ dispatch.register(dispatch.OpBackends(
     cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
 
 
+# The CUDA C++ forward on a Hopper GPU: "wmma" (the default: the kernel that passed the GPU
+# suite) or "wgmma" (csrc/attention/attention_hopper.cu: wgmma + TMA, head dims 64 and 128; it
+# has not yet run on a GPU, so it is opt-in). The environment's FUSEDLM_CUDA_ATTENTION sets it at
+# import; where the wgmma kernel cannot serve a call, the WMMA one does, and
+# `last_cuda_forward_kernel` says which ran and why.
+CUDA_FORWARD_KERNELS = ("wmma", "wgmma")
+cuda_forward_kernel = os.environ.get("FUSEDLM_CUDA_ATTENTION", "wmma")
+last_cuda_forward_kernel: Optional[str] = None
+
+
+def _wgmma_requested() -> bool:
+    if cuda_forward_kernel not in CUDA_FORWARD_KERNELS:
+        raise ValueError(
+            "FUSEDLM_CUDA_ATTENTION (fusedlm.ops.fused_attention.cuda_forward_kernel) must be one of "
+            f"{CUDA_FORWARD_KERNELS}, got {cuda_forward_kernel!r}")
+    return cuda_forward_kernel == "wgmma"
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton path.
 
@@ -82,9 +101,11 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
     if backend == "cuda":
+        global last_cuda_forward_kernel
         d = _core.dl
-        _core._C.attn_fwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
-                          scale, dropout_p, seed, d(o), d(lse), _core.stream_of(q))
+        last_cuda_forward_kernel = _core._C.attn_fwd(
+            d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
+            dropout_p, seed, d(o), d(lse), _core.stream_of(q), _wgmma_requested())
     else:
         _triton.kernels("attention").forward(
             q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,

@@ -1,0 +1,177 @@
+"""GPU suite for the Hopper CUDA C++ forward (csrc/attention/attention_hopper.cu: wgmma + TMA,
+head dims 64 and 128), which runs only when asked for (FUSEDLM_CUDA_ATTENTION=wgmma) until it
+has passed here. Every test checks which kernel ran, so a silent fallback to the WMMA kernel
+cannot pass for the wgmma one; errors are bounded as in test_attention_gpu.py (float64
+reference, 2x PyTorch's own error in the same precision). The backward is the WMMA kernels',
+fed the wgmma forward's log-sum-exp, so the gradients test that too."""
+import math
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from fusedlm.ops import dispatch
+from fusedlm.ops import fused_attention as attn_ops
+from conftest import HAS_GPU, TOL, rel_err
+from test_attention_gpu import _qkv, _sdpa
+
+pytestmark = pytest.mark.gpu
+
+
+def _unavailable():
+    if not HAS_GPU:
+        return "needs a GPU"
+    why = dispatch._OPS["attention"].why_not("cuda", ("cuda", torch.bfloat16, 64, False))
+    if why is not None:
+        return why
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs an sm_90 GPU, got {torch.cuda.get_device_capability()}"
+    return None
+
+
+@pytest.fixture
+def wgmma(monkeypatch):
+    """Selects the wgmma forward; skips where this build or GPU cannot run it at all."""
+    why = _unavailable()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wgmma")
+    q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    fusedlm.attention(q, q, q, backend="cuda")
+    ran = attn_ops.last_cuda_forward_kernel
+    if ran != "wgmma" and "build has no sm_90a" in ran:
+        pytest.skip(ran)
+    return None
+
+
+def _ran_wgmma():
+    assert attn_ops.last_cuda_forward_kernel == "wgmma", attn_ops.last_cuda_forward_kernel
+
+
+def _check_fwd_bwd(q, k, v, **kw):
+    out = fusedlm.attention(q, k, v, backend="cuda", **kw)
+    _ran_wgmma()
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask = kw.get("attention_mask")
+    ref, _ = reference.attention(*f64, causal=kw.get("causal", False), key_mask=mask)
+    want = torch.autograd.grad(ref, f64, do.double())
+    theirs = _sdpa(q, k, v, kw.get("causal", False), mask)
+    theirs_g = torch.autograd.grad(theirs, (q, k, v), do)
+    tol = TOL[q.dtype]
+    assert rel_err(out, ref) < max(tol, 2 * rel_err(theirs, ref))
+    for a, r, t in zip(got, want, theirs_g):
+        assert rel_err(a, r) < max(tol, 2 * rel_err(t, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s,sk", [(128, 128), (1023, 1023), (300, 700), (700, 300), (2048, 2048)])
+def test_wgmma_forward_gpu(wgmma, dtype, d, causal, s, sk):
+    """One block and many, ragged ends, Sq != Sk both ways (causal bottom-right), GQA."""
+    _check_fwd_bwd(*_qkv(2, s, 4, 2, d, dtype, sk), causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_wgmma_log_sum_exp_gpu(wgmma, d):
+    q, k, v = (t.detach() for t in _qkv(2, 333, 4, 4, d, torch.bfloat16, 517))
+    mask = torch.arange(517, device="cuda")[None, :] < torch.tensor([[517], [200]], device="cuda")
+    scale = d ** -0.5
+    _, lse = attn_ops._forward(q, k, v, mask.to(torch.int8), None, None, 333, 517, False, scale,
+                               0.0, 0, None, "cuda")
+    _ran_wgmma()
+    _, want = reference.attention(q.double(), k.double(), v.double(), key_mask=mask)
+    assert torch.allclose(lse.double() * math.log(2), want, atol=1e-3, rtol=1e-3)
+
+
+def test_wgmma_padding_mask_and_varlen_gpu(wgmma):
+    q, k, v = _qkv(8, 512, 12, 12, 64, torch.bfloat16)
+    lens = torch.randint(64, 513, (8,), generator=torch.Generator().manual_seed(1))
+    lens[0] = 512
+    mask = (torch.arange(512)[None, :] < lens[:, None]).cuda()
+    _check_fwd_bwd(q, k, v, attention_mask=mask)
+    out = fusedlm.attention(q, k, v, attention_mask=mask, backend="cuda").detach()
+    packed = [fusedlm.unpad(t.detach(), mask) for t in (q, k, v)]
+    _, _, cu, max_len = packed[0]
+    out_p = fusedlm.attention_varlen(packed[0][0], packed[1][0], packed[2][0], cu, cu, max_len, max_len,
+                                     backend="cuda")
+    _ran_wgmma()
+    assert rel_err(out_p, out[mask]) < 1e-2
+
+
+def test_wgmma_varlen_causal_gpu(wgmma):
+    lens = [1, 127, 128, 129, 300, 64]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+    total = sum(lens)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(total, 4, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="cuda")
+    _ran_wgmma()
+    ref, _ = reference.attention_varlen(q.double(), k.double(), v.double(), cu.cpu(), cu.cpu(), causal=True)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_wgmma_empty_rows_gpu(wgmma):
+    """A sequence whose keys are all masked gives zeros and finite gradients."""
+    q, k, v = _qkv(3, 200, 4, 2, 64, torch.float16)
+    mask = torch.ones(3, 200, dtype=torch.bool, device="cuda")
+    mask[1] = False
+    mask[2, 77:] = False
+    out = fusedlm.attention(q, k, v, attention_mask=mask, backend="cuda")
+    _ran_wgmma()
+    assert torch.all(out[1] == 0)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    ref, _ = reference.attention(*(t.detach().double() for t in (q, k, v)), key_mask=mask)
+    assert rel_err(out[2], ref[2]) < 2 * TOL[torch.float16]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_wgmma_head_major_layout_gpu(wgmma, d):
+    """(batch, heads, seq, D) tensors, as Hugging Face models hold them, taken by strides: the
+    tensor maps order their dims by stride; the result is bitwise the contiguous one's."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    bhsd = [torch.randn(2, 4, 300, d, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
+    views = [t.transpose(1, 2) for t in bhsd]
+    outs = [fusedlm.attention(*ts, causal=True, backend="cuda") for ts in (views, [t.contiguous() for t in views])]
+    _ran_wgmma()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_wgmma_long_sequence_gpu(wgmma):
+    q, k, v = (t.detach() for t in _qkv(1, 16384, 4, 4, 128, torch.bfloat16))
+    out = fusedlm.attention(q, k, v, causal=True, backend="cuda")
+    _ran_wgmma()
+    assert rel_err(out, _sdpa(q, k, v, True)) < 2e-2
+
+
+def test_wgmma_dropout_matches_wmma_gpu(wgmma, monkeypatch):
+    """Both CUDA forwards draw the same mask for a seed."""
+    from fusedlm.ops.fused_attention import dropout_mask
+    q, k, v = (t.detach() for t in _qkv(2, 257, 4, 4, 64, torch.bfloat16))
+    out = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend="cuda")
+    _ran_wgmma()
+    keep = dropout_mask(2, 4, 257, 257, 0.1, 11)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), dropout_p=0.1, dropout_keep=keep)
+    assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
+    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wmma")
+    other = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend="cuda")
+    assert attn_ops.last_cuda_forward_kernel == "wmma"
+    assert rel_err(out, other) < 2 * TOL[torch.bfloat16]
+
+
+def test_wgmma_declines_what_it_does_not_cover_gpu(wgmma):
+    """Head dims other than 64 and 128, and rows that are not 16-byte aligned, go to the WMMA
+    kernel, which says why."""
+    q, k, v = (t.detach() for t in _qkv(2, 100, 4, 4, 96, torch.bfloat16))
+    out = fusedlm.attention(q, k, v, backend="cuda")
+    assert attn_ops.last_cuda_forward_kernel.startswith("wmma (wgmma declined: head dim 96")
+    ref, _ = reference.attention(q.double(), k.double(), v.double())
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    wide = torch.randn(2, 100, 4, 65, device="cuda").to(torch.bfloat16)
+    view = wide[..., 1:]
+    fusedlm.attention(view, view, view, backend="cuda")
+    assert "16-byte aligned" in attn_ops.last_cuda_forward_kernel

@@ -452,6 +452,8 @@ def test_core_attention_varlen_validation():
     del bwd["out"]
     with pytest.raises(ValueError, match="delta must be contiguous float32"):
         _core._C.attn_bwd(**bwd)
+    with pytest.raises(ValueError, match="delta must be contiguous float32"):
+        _core._C.attn_bwd(**bwd, wgmma=True)
 
 
 @pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "philox_uniform"), reason="fusedlm._C is not built")

@@ -1,9 +1,8 @@
-"""GPU suite for the Hopper CUDA C++ forward (csrc/attention/attention_hopper.cu: wgmma + TMA,
-head dims 64 and 128), which runs only when asked for (FUSEDLM_CUDA_ATTENTION=wgmma) until it
-has passed here. Every test checks which kernel ran, so a silent fallback to the WMMA kernel
-cannot pass for the wgmma one; errors are bounded as in test_attention_gpu.py (float64
-reference, 2x PyTorch's own error in the same precision). The backward is the WMMA kernels',
-fed the wgmma forward's log-sum-exp, so the gradients test that too."""
+"""GPU suite for the Hopper CUDA C++ kernels (csrc/attention/attention_hopper.cu: wgmma + TMA,
+forward and backward, head dims 64 and 128), which run only when asked for
+(FUSEDLM_CUDA_ATTENTION=wgmma) until they have passed here. Every test checks which kernels ran,
+so a silent fallback to the WMMA ones cannot pass for the wgmma ones; errors are bounded as in
+test_attention_gpu.py (float64 reference, 2x PyTorch's own error in the same precision)."""
 import math
 
 import pytest
@@ -45,8 +44,10 @@ def wgmma(monkeypatch):
     return None
 
 
-def _ran_wgmma():
+def _ran_wgmma(backward=False):
     assert attn_ops.last_cuda_forward_kernel == "wgmma", attn_ops.last_cuda_forward_kernel
+    if backward:
+        assert attn_ops.last_cuda_backward_kernel == "wgmma", attn_ops.last_cuda_backward_kernel
 
 
 def _check_fwd_bwd(q, k, v, **kw):
@@ -54,6 +55,7 @@ def _check_fwd_bwd(q, k, v, **kw):
     _ran_wgmma()
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), do)
+    _ran_wgmma(backward=True)
     f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     mask = kw.get("attention_mask")
     ref, _ = reference.attention(*f64, causal=kw.get("causal", False), key_mask=mask)
@@ -124,7 +126,9 @@ def test_wgmma_empty_rows_gpu(wgmma):
     _ran_wgmma()
     assert torch.all(out[1] == 0)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    _ran_wgmma(backward=True)
     assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][1] == 0)  # nothing attended: no gradient for those queries
     ref, _ = reference.attention(*(t.detach().double() for t in (q, k, v)), key_mask=mask)
     assert rel_err(out[2], ref[2]) < 2 * TOL[torch.float16]
 
@@ -148,17 +152,24 @@ def test_wgmma_long_sequence_gpu(wgmma):
     assert rel_err(out, _sdpa(q, k, v, True)) < 2e-2
 
 
-def test_wgmma_dropout_matches_wmma_gpu(wgmma, monkeypatch):
-    """Both CUDA forwards draw the same mask for a seed."""
+def test_wgmma_dropout_gpu(wgmma, monkeypatch):
+    """The wgmma kernels drop what the reference drops given the same keep-mask (the WMMA and
+    Triton kernels' draws), forward and backward, and agree with the WMMA kernels."""
     from fusedlm.ops.fused_attention import dropout_mask
-    q, k, v = (t.detach() for t in _qkv(2, 257, 4, 4, 64, torch.bfloat16))
-    out = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend="cuda")
-    _ran_wgmma()
+    q, k, v = _qkv(2, 257, 4, 4, 64, torch.bfloat16)
+    out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    _ran_wgmma(backward=True)
     keep = dropout_mask(2, 4, 257, 257, 0.1, 11)
-    ref, _ = reference.attention(q.double(), k.double(), v.double(), dropout_p=0.1, dropout_keep=keep)
+    f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention(*f64, causal=True, dropout_p=0.1, dropout_keep=keep)
+    want = torch.autograd.grad(ref, f64, do.double())
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
+    for a, r in zip(got, want):
+        assert rel_err(a, r) < 2 * TOL[torch.bfloat16]
     monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wmma")
-    other = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend="cuda")
+    other = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
     assert attn_ops.last_cuda_forward_kernel == "wmma"
     assert rel_err(out, other) < 2 * TOL[torch.bfloat16]
 

@@ -117,7 +117,7 @@ std::string forward(const ForwardArgs& a, std::uintptr_t stream) {
   return launch_forward(a, stream);
 }
 
-void backward(const BackwardArgs& a, std::uintptr_t stream) {
+std::string backward(const BackwardArgs& a, std::uintptr_t stream) {
   check_problem(a.p);
   check_like(a.dout, a.p.q);
   check_like(a.dq, a.p.q);
@@ -126,15 +126,15 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
   check_lse(a.lse, a.p);
   check_lse(a.delta, a.p);
   check_devices(a.p, {&a.dout, &a.lse, &a.delta, &a.dq, &a.dk, &a.dv});
-  if (a.p.q.shape[0] == 0 && a.p.k.shape[0] == 0) return;
-  launch_backward(a, stream);
+  if (a.p.q.shape[0] == 0 && a.p.k.shape[0] == 0) return "none (empty)";
+  return launch_backward(a, stream);
 }
 
 #ifndef FUSEDLM_WITH_CUDA
 std::string launch_forward(const ForwardArgs&, std::uintptr_t) {
   throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
 }
-void launch_backward(const BackwardArgs&, std::uintptr_t) {
+std::string launch_backward(const BackwardArgs&, std::uintptr_t) {
   throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
 }
 #endif

@@ -43,14 +43,15 @@ struct BackwardArgs {
   TensorView lse;    // from the forward
   TensorView delta;  // float32, like lse: rowsum(dO * O)
   TensorView dq, dk, dv;
+  bool wgmma = false;  // try the Hopper kernels (attention_hopper.cu) first; opt-in until verified
 };
 
 // Returns the kernel that ran: "wgmma", "wmma", or "wmma (wgmma declined: <why>)".
 std::string forward(const ForwardArgs& a, std::uintptr_t stream);
-void backward(const BackwardArgs& a, std::uintptr_t stream);
+std::string backward(const BackwardArgs& a, std::uintptr_t stream);
 
 // Launchers (attention_kernels.cu); arguments are already validated.
 std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream);
-void launch_backward(const BackwardArgs& a, std::uintptr_t stream);
+std::string launch_backward(const BackwardArgs& a, std::uintptr_t stream);
 
 }  // namespace fusedlm::attention

@@ -107,9 +107,10 @@ inline int batch_of(const Problem& pr) {
   return static_cast<int>(pr.cu_q ? pr.cu_q->shape[0] - 1 : pr.q.shape[0]);
 }
 
-// The Hopper forward (attention_hopper.cu): why it cannot serve a call ("" when it can), and
-// its launcher.
-std::string wgmma_unavailable(const ForwardArgs& a, const Params& p);
-void launch_forward_wgmma(const ForwardArgs& a, const Params& p, std::uintptr_t stream);
+// The Hopper kernels (attention_hopper.cu): why they cannot serve a call ("" when they can;
+// `backward` checks dout, dq, dk, dv, else out), and their launchers.
+std::string wgmma_unavailable(const Problem& pr, const Params& p, bool backward);
+void launch_forward_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream);
+void launch_backward_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream);
 
 }  // namespace fusedlm::attention::detail

@@ -37,28 +37,38 @@ namespace {
 
 using namespace detail;
 
-constexpr int kBlockM = 128;  // query rows per CTA: 64 per consumer warpgroup
-constexpr int kBlockN = 128;  // keys per block
-constexpr int kStages = 2;    // K/V blocks in flight
-constexpr int kThreads = 384;
+constexpr int kStages = 2;      // streamed blocks in flight
+constexpr int kThreads = 384;   // a producer warpgroup and two consumer warpgroups
+constexpr int kConsumers = 256;
 constexpr int kRowBytes = 128;  // a tile row: 64 two-byte elements, one 128-byte swizzle span
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40 * 128 + 232 * 256 <= 65536
-static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(kProducerRegs * 128 + kConsumerRegs * 2 * 128 <= 65536, "register file");
 
-// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 1024 bytes,
-// and the wgmma descriptors below assume tiles start on that boundary). A (rows x D) tile is
-// D / 64 column slabs of (rows x 64), each slab's rows 128 bytes apart.
-template <int D>
-struct Smem {
-  static constexpr int kSlabs = D / 64;
-  static constexpr int kQBytes = kBlockM * D * 2;
-  static constexpr int kKVBytes = kBlockN * D * 2;  // one block of K (or of V)
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kQBytes;             // stage s at kK + s * kKVBytes
-  static constexpr int kV = kK + kStages * kKVBytes;  // stage s at kV + s * kKVBytes
-  static constexpr int kBars = kV + kStages * kKVBytes;  // q, full[kStages], empty[kStages]
+// Shared memory of every kernel here, from a 1024-byte aligned base (the 128-byte swizzle
+// repeats every 1024 bytes, and the wgmma descriptors assume tiles start on that boundary):
+// kFixed tiles of kFixedRows rows loaded once, then a ring of kStages stages, each two tiles of
+// kStreamRows rows, then the mbarriers (fixed, full[kStages], empty[kStages]). A (rows x D) tile
+// is D / 64 column slabs of (rows x 64), each slab's rows 128 bytes apart.
+//   forward: Q fixed; K, V streamed.  dK/dV: K, V fixed; Q, dO streamed.  dQ: Q, dO fixed; K, V.
+template <int D, int kFixed, int kFixedRows, int kStreamRows>
+struct Ring {
+  static constexpr int kFixedBytes = kFixedRows * D * 2, kStreamBytes = kStreamRows * D * 2;
+  static constexpr int kStream0 = kFixed * kFixedBytes;               // stage s: + s * kStreamBytes
+  static constexpr int kStream1 = kStream0 + kStages * kStreamBytes;  // stage s: + s * kStreamBytes
+  static constexpr int kBars = kStream1 + kStages * kStreamBytes;
   static constexpr int kBytes = kBars + 8 * (1 + 2 * kStages) + 1024;  // + alignment slack
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
+
+// Block shapes: the forward and dQ give each consumer 64 query rows (128 per CTA) against
+// blocks of 128 keys (forward) or 64 (dQ: S and dP both live in registers); dK/dV gives each
+// consumer 64 key rows (128 per CTA) against blocks of 64 queries.
+template <int D>
+using FwdRing = Ring<D, 1, 128, 128>;
+template <int D>
+using DkdvRing = Ring<D, 2, 128, 64>;
+template <int D>
+using DqRing = Ring<D, 2, 128, 64>;
 
 // Where the row, head and batch coordinates go among a tensor map's dims 1..3 (dim 0 is the
 // head dim); the host orders the dims by stride.
@@ -66,8 +76,10 @@ struct MapOrder {
   int row, head, batch;
 };
 
-struct Orders {
-  MapOrder q, k, v;
+// A tensor map and its order; passed by value as a __grid_constant__ kernel parameter.
+struct Map {
+  CUtensorMap map;
+  MapOrder order;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -119,6 +131,18 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// Operands in a (tile_rows x D) tile stored as 64-column slabs (see Smem), 1024-byte aligned:
+// K-major: 64 rows from r0 (a multiple of 8), head-dim columns [16 kk, 16 kk + 16): the slab
+// kk / 4, 32 bytes further per step within the swizzle span.
+__device__ __forceinline__ uint64_t k_major(uint32_t tile, int tile_rows, int r0, int kk) {
+  return smem_desc(tile + (kk / 4) * tile_rows * kRowBytes + r0 * kRowBytes + (kk % 4) * 32, 16, 8 * kRowBytes);
+}
+// MN-major, the tile's rows along K: rows [16 j, 16 j + 16), every head-dim column (the slabs
+// one tile_rows * 128 bytes apart).
+__device__ __forceinline__ uint64_t mn_major(uint32_t tile, int tile_rows, int j) {
+  return smem_desc(tile + j * 16 * kRowBytes, tile_rows * kRowBytes, 8 * kRowBytes);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
@@ -130,8 +154,34 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// The wgmma forms used: SS (A and B descriptors) with N = 128, RS (A in registers, B MN-major)
-// with N = 64 or 128; fp32 accumulators d[N / 2]; scale_d = 0 overwrites, 1 accumulates.
+// Brackets a batch of asynchronous products: wgmma_begin before the first (accumulators and A
+// fragments written by ordinary instructions are fenced), wgmma_end after the last (commits and
+// waits, after which the accumulators may be read).
+template <typename... Acc>
+__device__ __forceinline__ void wgmma_begin(Acc&... acc) {
+  (reg_fence(acc), ...);
+  wgmma_fence();
+}
+template <typename... Acc>
+__device__ __forceinline__ void wgmma_end(Acc&... acc) {
+  wgmma_commit();
+  wgmma_wait_all();
+  (reg_fence(acc), ...);
+}
+
+// The wgmma forms used, for N = 64 and 128: SS (A and B descriptors, both K-major) and RS (A in
+// registers, B MN-major); fp32 accumulators d[N / 2]; scale_d = 0 overwrites, 1 accumulates.
+#define FUSEDLM_WGMMA_SS_N64(TY) \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %34, 0; " \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, " \
+  "%32, %33, p, 1, 1, 0, 0;}\n" \
+  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+  , "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+  , "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
+  , "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+  : "l"(a), "l"(b), "r"(scale_d))
+
 #define FUSEDLM_WGMMA_RS_N64(TY) \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; " \
   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
@@ -177,20 +227,26 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
 template <typename T>
 struct Wgmma;
 
-#define FUSEDLM_WGMMA_FORMS(T, TY)                                                                  \
-  template <>                                                                                       \
-  struct Wgmma<T> {                                                                                 \
-    static __device__ __forceinline__ void ss128(float (&d)[64], uint64_t a, uint64_t b, int scale_d) { \
-      FUSEDLM_WGMMA_SS_N128(TY);                                                                    \
-    }                                                                                               \
-    static __device__ __forceinline__ void rs64(float (&d)[32], const uint32_t (&a)[4], uint64_t b,   \
-                                                int scale_d) {                                      \
-      FUSEDLM_WGMMA_RS_N64(TY);                                                                     \
-    }                                                                                               \
-    static __device__ __forceinline__ void rs128(float (&d)[64], const uint32_t (&a)[4], uint64_t b,  \
-                                                 int scale_d) {                                     \
-      FUSEDLM_WGMMA_RS_N128(TY);                                                                    \
-    }                                                                                               \
+#define FUSEDLM_WGMMA_FORMS(T, TY)                                                             \
+  template <>                                                                                  \
+  struct Wgmma<T> {                                                                            \
+    template <int N>                                                                           \
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) { \
+      if constexpr (N == 64) {                                                                 \
+        FUSEDLM_WGMMA_SS_N64(TY);                                                              \
+      } else {                                                                                 \
+        FUSEDLM_WGMMA_SS_N128(TY);                                                             \
+      }                                                                                        \
+    }                                                                                          \
+    template <int N>                                                                           \
+    static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, \
+                                              int scale_d) {                                   \
+      if constexpr (N == 64) {                                                                 \
+        FUSEDLM_WGMMA_RS_N64(TY);                                                              \
+      } else {                                                                                 \
+        FUSEDLM_WGMMA_RS_N128(TY);                                                             \
+      }                                                                                        \
+    }                                                                                          \
   };
 FUSEDLM_WGMMA_FORMS(__nv_bfloat16, "bf16")
 FUSEDLM_WGMMA_FORMS(__half, "f16")
@@ -210,172 +266,395 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-
-// Accumulator layout of a wgmma m64nN (per warpgroup): warp w holds rows 16w..16w+15; lane l
+// Accumulator layout of a wgmma m64nN, per warpgroup: warp w holds rows 16w..16w+15; lane l
 // holds, for each 8-column chunk c, d[4c], d[4c+1] at row l / 4, columns 8c + 2 (l % 4) + {0, 1},
-// and d[4c+2], d[4c+3] at row l / 4 + 8. A thread therefore owns two rows; the four lanes of a
-// quad share them (row max and sum: two shuffles).
+// and d[4c+2], d[4c+3] at row l / 4 + 8. So a thread owns two rows (`half` 0 and 1 below), and
+// the four lanes of a quad share them: a row's max or sum takes two shuffles.
+__device__ __forceinline__ int acc_half(int i) { return (i % 4) / 2; }
+__device__ __forceinline__ int acc_col(int i, int lane) { return 8 * (i / 4) + 2 * (lane % 4) + i % 2; }
+// Row of half r of this thread within its warpgroup's 64.
+__device__ __forceinline__ int acc_row(int r, int t) { return (t % 128) / 32 * 16 + (t % 32) / 4 + 8 * r; }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// An (m64 x N) accumulator as the A operand of the next product (K = N): 16 columns, two
+// 8-column chunks, per k-step. The layouts match, so this is only rounding and packing.
+template <typename T, int N>
+__device__ __forceinline__ void a_fragments(const float (&acc)[N / 2], uint32_t (&a)[N / 16][4]) {
+#pragma unroll
+  for (int j = 0; j < N / 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[j][e] = pack2<T>(acc[8 * j + 2 * e], acc[8 * j + 2 * e + 1]);
+}
+
+// Issues acc = A B^T over the head dim (SS, both K-major): A is rows [r0, r0 + 64) of an
+// a_rows-row tile, B all N rows of an N-row tile.
+template <typename T, int N, int D>
+__device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint32_t a, int a_rows, int r0, uint32_t b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)  // 16 head-dim columns per step
+    Wgmma<T>::template ss<N>(acc, k_major(a, a_rows, r0, kk), k_major(b, N, 0, kk), kk > 0);
+}
+
+// Writes an (m64 x D) accumulator, times `mul`, to rows [row0, row0 + 64) of out (pitch
+// `stride`); rows at or past `len` are skipped.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
-    attention_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                               const __grid_constant__ CUtensorMap map_v, const Params p, const Orders ord) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Smem<D>;
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * kStages;
+__device__ __forceinline__ void store_acc(const float (&acc)[D / 2], float mul, T* out, int64_t stride, int row0,
+                                          int len, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + acc_row(r, t);
+    if (row >= len) continue;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c)
+      *reinterpret_cast<uint32_t*>(out + int64_t(row) * stride + acc_col(4 * c, t % 32)) =
+          pack2<T>(acc[4 * c + 2 * r] * mul, acc[4 * c + 2 * r + 1] * mul);
+  }
+}
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;  // longest (causal) blocks first
-  const Seq s = seq_of(p, b);
-  if (m0 >= s.len_q) return;
-  int n_end = s.len_k;
-  if (p.causal) n_end = min(n_end, m0 + kBlockM + s.len_k - s.len_q);
-  const int n_blocks = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
-  const int batch = p.cu_q ? 0 : b;  // packed sequences: one batch of total rows
+// A (tile_rows x D) tile: rows [row, row + tile_rows) of (head, batch), one TMA copy per slab.
+template <int D>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const Map& m, int tile_rows, int64_t row, int head, int batch,
+                                         uint32_t bar) {
+#pragma unroll
+  for (int sl = 0; sl < D / 64; ++sl)
+    tma_load(dst + sl * tile_rows * kRowBytes, &m.map, m.order, 64 * sl, int(row), head, batch, bar);
+}
 
+// The barriers of a Ring: `fixed` completes once; stage st's `full` when its tiles have landed
+// (the producer waits for `empty` before refilling it), `empty` when all consumers are done.
+struct Bars {
+  uint32_t fixed;
+  __device__ uint32_t full(int st) const { return fixed + 8 + 8 * st; }
+  __device__ uint32_t empty(int st) const { return fixed + 8 + 8 * kStages + 8 * st; }
+};
+
+// Thread 0 initializes the barriers; the CTA then splits into the producer warpgroup (true:
+// registers handed back) and the consumers (false: registers taken).
+__device__ __forceinline__ bool split_roles(const Bars& bars) {
   if (threadIdx.x == 0) {
-    bar_init(bar_q, 1);
+    bar_init(bars.fixed, 1);
     for (int st = 0; st < kStages; ++st) {
-      bar_init(bar_full + 8 * st, 1);
-      bar_init(bar_empty + 8 * st, 256);  // every consumer thread
+      bar_init(bars.full(st), 1);
+      bar_init(bars.empty(st), kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-
-  if (threadIdx.x < 128) {  // producer warpgroup
+  if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
-    if (threadIdx.x == 0) {
-      const int hk = h / p.group;
-      bar_expect(bar_q, L::kQBytes);
-#pragma unroll
-      for (int sl = 0; sl < L::kSlabs; ++sl)
-        tma_load(base + L::kQ + sl * kBlockM * kRowBytes, &map_q, ord.q, 64 * sl, int(s.q0) + m0, h, batch, bar_q);
-      for (int n = 0; n < n_blocks; ++n) {
-        const int st = n % kStages;
-        if (n >= kStages) bar_wait(bar_empty + 8 * st, ((n / kStages) - 1) & 1);
-        bar_expect(bar_full + 8 * st, 2 * L::kKVBytes);
-        const int row = int(s.k0) + n * kBlockN;
-#pragma unroll
-        for (int sl = 0; sl < L::kSlabs; ++sl) {
-          const uint32_t off = st * L::kKVBytes + sl * kBlockN * kRowBytes;
-          tma_load(base + L::kK + off, &map_k, ord.k, 64 * sl, row, hk, batch, bar_full + 8 * st);
-          tma_load(base + L::kV + off, &map_v, ord.v, 64 * sl, row, hk, batch, bar_full + 8 * st);
-        }
-      }
-    }
-    return;
+    return true;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  return false;
+}
 
-  const int t = threadIdx.x - 128, wg = t / 128, warp = (t % 128) / 32, lane = t % 32;
-  const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
-  const int qi[2] = {m0 + row0, m0 + row0 + 8};
-  const int col0 = 2 * (lane % 4);
+// Producer: the fixed tiles once, then n_steps stages of two streamed tiles; step(n, row, head)
+// says which rows and head step n reads.
+template <int D, typename L, typename Step>
+__device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const Map& f0, const Map* f1, int64_t f_row,
+                                        int f_head, const Map& s0, const Map& s1, int batch, int n_steps, Step step) {
+  if (threadIdx.x != 0) return;
+  constexpr int kFixed = L::kStream0 / L::kFixedBytes;
+  bar_expect(bars.fixed, kFixed * L::kFixedBytes);
+  tma_tile<D>(base, f0, L::kFixedBytes / (D * 2), f_row, f_head, batch, bars.fixed);
+  if (f1) tma_tile<D>(base + L::kFixedBytes, *f1, L::kFixedBytes / (D * 2), f_row, f_head, batch, bars.fixed);
+  constexpr int kRows = L::kStreamBytes / (D * 2);
+  for (int n = 0; n < n_steps; ++n) {
+    const int st = n % kStages;
+    if (n >= kStages) bar_wait(bars.empty(st), ((n / kStages) - 1) & 1);
+    bar_expect(bars.full(st), 2 * L::kStreamBytes);
+    int64_t row;
+    int head;
+    step(n, row, head);
+    tma_tile<D>(base + L::kStream0 + st * L::kStreamBytes, s0, kRows, row, head, batch, bars.full(st));
+    tma_tile<D>(base + L::kStream1 + st * L::kStreamBytes, s1, kRows, row, head, batch, bars.full(st));
+  }
+}
+
+__device__ __forceinline__ uint32_t aligned_base() {
+  extern __shared__ unsigned char smem_raw[];
+  return (smem_addr(smem_raw) + 1023u) & ~1023u;
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// Forward. Per CTA: 128 query rows of one head; each key block: S = Q K^T (SS), the online
+// softmax on the accumulators, O += P V (RS, V MN-major).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_fwd_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
+                               const __grid_constant__ Map map_v, const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = FwdRing<D>;
+  constexpr int kRows = 128, kKeys = 128;
+  const uint32_t base = aligned_base();
+  const Bars bars{base + L::kBars};
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;  // longest (causal) blocks first
+  const Seq s = seq_of(p, b);
+  if (m0 >= s.len_q) return;
+  int n_end = s.len_k;
+  if (p.causal) n_end = min(n_end, m0 + kRows + s.len_k - s.len_q);
+  const int n_blocks = n_end > 0 ? (n_end + kKeys - 1) / kKeys : 0;
+  const int batch = p.cu_q ? 0 : b;  // packed sequences: one batch of total rows
+
+  if (split_roles(bars)) {
+    const int hk = h / p.group;
+    produce<D, L>(base, bars, map_q, nullptr, s.q0 + m0, h, map_k, map_v, batch, n_blocks,
+                  [&](int n, int64_t& row, int& head) {
+                    row = s.k0 + int64_t(n) * kKeys;
+                    head = hk;
+                  });
+    return;
+  }
+  const int t = threadIdx.x - 128, wg = t / 128, lane = t % 32;
+  const int qi[2] = {m0 + 64 * wg + acc_row(0, t), m0 + 64 * wg + acc_row(1, t)};
   const int bh = b * p.heads + h;
-  // Does a key block need the per-element mask? Past the keys' end, a padding mask, or across
-  // the causal diagonal of this CTA's first row.
-  const int diag = m0 + s.len_k - s.len_q;  // the last key row m0 may see (causal)
+  const int diag = m0 + s.len_k - s.len_q;  // the last key the CTA's first row may see (causal)
 
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
-  const uint32_t q_tile = base + L::kQ + wg * 64 * kRowBytes;
-
-  bar_wait(bar_q, 0);
+  bar_wait(bars.fixed, 0);
   for (int n = 0; n < n_blocks; ++n) {
-    const int st = n % kStages, n0 = n * kBlockN;
-    const uint32_t k_tile = base + L::kK + st * L::kKVBytes, v_tile = base + L::kV + st * L::kKVBytes;
-    bar_wait(bar_full + 8 * st, (n / kStages) & 1);
+    const int st = n % kStages, n0 = n * kKeys;
+    const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
+    bar_wait(bars.full(st), (n / kStages) & 1);
 
-    float sc[kBlockN / 2];
-    reg_fence(sc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // 16 columns of the head dim per step
-      const uint32_t off = (kk % 4) * 32;  // 32 bytes further within the 128-byte span
-      Wgmma<T>::ss128(sc, smem_desc(q_tile + (kk / 4) * kBlockM * kRowBytes + off, 16, 1024),
-                      smem_desc(k_tile + (kk / 4) * kBlockN * kRowBytes + off, 16, 1024), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(sc);
+    float sc[kKeys / 2];
+    wgmma_begin(sc);
+    issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile);
+    wgmma_end(sc);
 
-    const bool edge = n0 + kBlockN > s.len_k || p.key_mask != nullptr || (p.causal && n0 + kBlockN - 1 > diag);
+    // The per-element mask: past the keys' end, a padding mask, or across the causal diagonal.
+    const bool edge = n0 + kKeys > s.len_k || p.key_mask != nullptr || (p.causal && n0 + kKeys - 1 > diag);
     float mx[2] = {m_i[0], m_i[1]};
 #pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) {
-      const int r = (i % 4) / 2, j = n0 + 8 * (i / 4) + col0 + i % 2;
+    for (int i = 0; i < kKeys / 2; ++i) {
       float x = sc[i] * p.scale2;
-      if (edge && !allowed(p, b, s, qi[r], j)) x = -INFINITY;
+      if (edge && !allowed(p, b, s, qi[acc_half(i)], n0 + acc_col(i, lane))) x = -INFINITY;
       sc[i] = x;
-      mx[r] = fmaxf(mx[r], x);
+      mx[acc_half(i)] = fmaxf(mx[acc_half(i)], x);
     }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      mx[r] = quad_max(mx[r]);
       // Nothing allowed yet: keep m at -inf and add zeros (no inf - inf).
       alpha[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m_i[r] - mx[r]);
       m_i[r] = mx[r];
       l_i[r] *= alpha[r];
     }
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i % 4) / 2];
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[acc_half(i)];
 #pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) {
-      const int r = (i % 4) / 2;
+    for (int i = 0; i < kKeys / 2; ++i) {
+      const int r = acc_half(i);
       float pr = m_i[r] == -INFINITY ? 0.0f : exp2f(sc[i] - m_i[r]);
       l_i[r] += pr;  // the normalizer sums every probability, dropped or not
-      if (p.p_drop > 0.0f) {
-        const int j = n0 + 8 * (i / 4) + col0 + i % 2;
-        pr = kept(p, bh, qi[r], j) ? pr / p.keep : 0.0f;
-      }
+      if (p.p_drop > 0.0f) pr = kept(p, bh, qi[r], n0 + acc_col(i, lane)) ? pr / p.keep : 0.0f;
       sc[i] = pr;
     }
-    // P as the A operand: 16 keys (two 8-column chunks) per k-step.
-    uint32_t pa[kBlockN / 16][4];
+    uint32_t pa[kKeys / 16][4];
+    a_fragments<T, kKeys>(sc, pa);
+    wgmma_begin(o);
 #pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pa[j][e] = pack2<T>(sc[8 * j + 2 * e], sc[8 * j + 2 * e + 1]);
-
-    reg_fence(o);
-    wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j) {  // V rows 16j..16j+15: 16 slab rows further per step
-      const uint64_t dv = smem_desc(v_tile + j * 16 * kRowBytes, kBlockN * kRowBytes, 8 * kRowBytes);
-      if constexpr (D == 64) Wgmma<T>::rs64(o, pa[j], dv, 1);
-      else Wgmma<T>::rs128(o, pa[j], dv, 1);
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(o);
-    bar_arrive(bar_empty + 8 * st);  // this thread is done with the stage
+    for (int j = 0; j < kKeys / 16; ++j) Wgmma<T>::template rs<D>(o, pa[j], mn_major(v_tile, kKeys, j), 1);
+    wgmma_end(o);
+    bar_arrive(bars.empty(st));  // this thread is done with the stage
   }
 
-  T* out = rows<T>(p.o, b, s.q0, h);
+  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float l = l_i[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (qi[r] >= s.len_q) continue;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gives zeros
-#pragma unroll
-    for (int c = 0; c < D / 8; ++c)
-      *reinterpret_cast<uint32_t*>(out + int64_t(qi[r]) * p.o.s + 8 * c + col0) =
-          pack2<T>(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+    const float l = quad_sum(l_i[r]);
+    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gives zeros
     // +inf for a row that saw no key, as the other kernels write it: exp2(s - lse) is then 0.
-    if (lane % 4 == 0)
+    if (lane % 4 == 0 && qi[r] < s.len_q)
       p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi[r]] = l > 0.0f ? m_i[r] + log2f(l) : INFINITY;
   }
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] *= inv[acc_half(i)];
+  store_acc<T, D>(o, 1.0f, rows<T>(p.o, b, s.q0, h), p.o.s, m0 + 64 * wg, s.len_q, t);
 #else
   __trap();  // no sm_90a code in this build: the host never launches this kernel then
+#endif
+}
+
+// dK and dV for 128 key rows of one key/value head (64 per consumer), over the query heads of
+// its group and the 64-query blocks that see it: S^T = K Q^T and dP^T = V dO^T (SS), then
+// dV += P^T dO and dK += dS^T Q (RS, dO and Q MN-major). Accumulators stay in registers.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_bwd_dkdv_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
+                                    const __grid_constant__ Map map_v, const __grid_constant__ Map map_do,
+                                    const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = DkdvRing<D>;
+  constexpr int kKeys = 128, kRows = 64;
+  const uint32_t base = aligned_base();
+  const Bars bars{base + L::kBars};
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kKeys;
+  const Seq s = seq_of(p, b);
+  if (n0 >= s.len_k) return;
+  // The first query that can see this key block (causal), rounded down to a block.
+  const int m_start = p.causal ? max(0, n0 - (s.len_k - s.len_q)) / kRows * kRows : 0;
+  const int n_m = m_start < s.len_q ? (s.len_q - m_start + kRows - 1) / kRows : 0;
+  const int batch = p.cu_q ? 0 : b;
+
+  if (split_roles(bars)) {
+    produce<D, L>(base, bars, map_k, &map_v, s.k0 + n0, hk, map_q, map_do, batch, p.group * n_m,
+                  [&](int n, int64_t& row, int& head) {
+                    row = s.q0 + m_start + int64_t(n % n_m) * kRows;
+                    head = hk * p.group + n / n_m;
+                  });
+    return;
+  }
+  const int t = threadIdx.x - 128, wg = t / 128, lane = t % 32;
+  const int kj[2] = {n0 + 64 * wg + acc_row(0, t), n0 + 64 * wg + acc_row(1, t)};
+  const uint32_t k_tile = base, v_tile = base + L::kFixedBytes;
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
+  bar_wait(bars.fixed, 0);
+  for (int n = 0; n < p.group * n_m; ++n) {
+    const int st = n % kStages, h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
+    const uint32_t q_tile = base + L::kStream0 + st * L::kStreamBytes, do_tile = base + L::kStream1 + st * L::kStreamBytes;
+    bar_wait(bars.full(st), (n / kStages) & 1);
+
+    float pt[kRows / 2], dpt[kRows / 2];  // S^T = K Q^T, then P^T; dP^T = V dO^T, then dS^T
+    wgmma_begin(pt, dpt);
+    issue_abt<T, kRows, D>(pt, k_tile, kKeys, 64 * wg, q_tile);
+    issue_abt<T, kRows, D>(dpt, v_tile, kKeys, 64 * wg, do_tile);
+    wgmma_end(pt, dpt);
+
+    const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || m0 + kRows > s.len_q ||
+                      (p.causal && n0 + kKeys - 1 > m0 + s.len_k - s.len_q);
+    const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
+    const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
+    const int bh = b * p.heads + h;
+#pragma unroll
+    for (int i = 0; i < kRows / 2; ++i) {
+      const int qj = m0 + acc_col(i, lane), r = acc_half(i);
+      const bool in = qj < s.len_q;
+      // A query that saw no key has lse = +inf: its probabilities are 0.
+      const float l = in ? lse[qj] : INFINITY, dl = in ? delta[qj] : 0.0f;
+      const float pr = (!edge || allowed(p, b, s, qj, kj[r])) ? exp2f(pt[i] * p.scale2 - l) : 0.0f;
+      float dp = dpt[i], pk = pr;
+      if (p.p_drop > 0.0f) {
+        const bool keep = kept(p, bh, qj, kj[r]);
+        pk = keep ? pr / p.keep : 0.0f;
+        dp = keep ? dp / p.keep : 0.0f;
+      }
+      pt[i] = pk;
+      dpt[i] = pr * (dp - dl);  // dS^T
+    }
+    uint32_t pa[kRows / 16][4], da[kRows / 16][4];
+    a_fragments<T, kRows>(pt, pa);
+    a_fragments<T, kRows>(dpt, da);
+    wgmma_begin(dv, dk);
+#pragma unroll
+    for (int j = 0; j < kRows / 16; ++j) {
+      Wgmma<T>::template rs<D>(dv, pa[j], mn_major(do_tile, kRows, j), 1);
+      Wgmma<T>::template rs<D>(dk, da[j], mn_major(q_tile, kRows, j), 1);
+    }
+    wgmma_end(dv, dk);
+    bar_arrive(bars.empty(st));
+  }
+  store_acc<T, D>(dk, p.scale, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + 64 * wg, s.len_k, t);
+  store_acc<T, D>(dv, 1.0f, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + 64 * wg, s.len_k, t);
+#else
+  __trap();
+#endif
+}
+
+// dQ for 128 query rows of one head (64 per consumer), over 64-key blocks: S = Q K^T and
+// dP = dO V^T (SS), then dQ += dS K (RS, K MN-major).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_bwd_dq_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
+                                  const __grid_constant__ Map map_v, const __grid_constant__ Map map_do,
+                                  const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = DqRing<D>;
+  constexpr int kRows = 128, kKeys = 64;
+  const uint32_t base = aligned_base();
+  const Bars bars{base + L::kBars};
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;
+  const Seq s = seq_of(p, b);
+  if (m0 >= s.len_q) return;
+  int n_end = s.len_k;
+  if (p.causal) n_end = min(n_end, m0 + kRows + s.len_k - s.len_q);
+  const int n_blocks = n_end > 0 ? (n_end + kKeys - 1) / kKeys : 0;
+  const int batch = p.cu_q ? 0 : b;
+
+  if (split_roles(bars)) {
+    const int hk = h / p.group;
+    produce<D, L>(base, bars, map_q, &map_do, s.q0 + m0, h, map_k, map_v, batch, n_blocks,
+                  [&](int n, int64_t& row, int& head) {
+                    row = s.k0 + int64_t(n) * kKeys;
+                    head = hk;
+                  });
+    return;
+  }
+  const int t = threadIdx.x - 128, wg = t / 128, lane = t % 32;
+  const int qi[2] = {m0 + 64 * wg + acc_row(0, t), m0 + 64 * wg + acc_row(1, t)};
+  const int bh = b * p.heads + h;
+  const int diag = m0 + s.len_k - s.len_q;
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = qi[r] < s.len_q;
+    const int64_t at = b * p.lse_b + h * p.lse_h + s.q0 + qi[r];
+    lse[r] = in ? p.lse[at] : INFINITY;
+    delta[r] = in ? p.delta[at] : 0.0f;
+  }
+  const uint32_t q_tile = base, do_tile = base + L::kFixedBytes;
+  float dq[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
+  bar_wait(bars.fixed, 0);
+  for (int n = 0; n < n_blocks; ++n) {
+    const int st = n % kStages, n0 = n * kKeys;
+    const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
+    bar_wait(bars.full(st), (n / kStages) & 1);
+
+    float sc[kKeys / 2], dp[kKeys / 2];  // S = Q K^T, then dS; dP = dO V^T
+    wgmma_begin(sc, dp);
+    issue_abt<T, kKeys, D>(sc, q_tile, kRows, 64 * wg, k_tile);
+    issue_abt<T, kKeys, D>(dp, do_tile, kRows, 64 * wg, v_tile);
+    wgmma_end(sc, dp);
+
+    const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || (p.causal && n0 + kKeys - 1 > diag);
+#pragma unroll
+    for (int i = 0; i < kKeys / 2; ++i) {
+      const int kj = n0 + acc_col(i, lane), r = acc_half(i);
+      const float pr = (!edge || allowed(p, b, s, qi[r], kj)) ? exp2f(sc[i] * p.scale2 - lse[r]) : 0.0f;
+      float d = dp[i];
+      if (p.p_drop > 0.0f) d = kept(p, bh, qi[r], kj) ? d / p.keep : 0.0f;
+      sc[i] = pr * (d - delta[r]);  // dS
+    }
+    uint32_t da[kKeys / 16][4];
+    a_fragments<T, kKeys>(sc, da);
+    wgmma_begin(dq);
+#pragma unroll
+    for (int j = 0; j < kKeys / 16; ++j) Wgmma<T>::template rs<D>(dq, da[j], mn_major(k_tile, kKeys, j), 1);
+    wgmma_end(dq);
+    bar_arrive(bars.empty(st));
+  }
+  store_acc<T, D>(dq, p.scale, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + 64 * wg, s.len_q, t);
+#else
+  __trap();
 #endif
 }
 
@@ -402,16 +681,29 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
+// The (rows, heads, batch) extents of a q-like or k-like operand: packed sequences are one batch.
+struct Extents {
+  int64_t rows, heads, batch;
+};
+
+Extents extents(const TensorView& t, bool varlen) {
+  return varlen ? Extents{t.shape[0], t.shape[1], 1} : Extents{t.shape[1], t.shape[2], t.shape[0]};
+}
+
+// Strides TMA can step: 16-byte aligned, and positive wherever the extent exceeds 1.
+bool tma_ready(const Operand& t, const Extents& e) {
+  return aligned16(t) && (e.rows <= 1 || t.s > 0) && (e.heads <= 1 || t.h > 0) && (e.batch <= 1 || t.b > 0);
+}
+
 // A 4-d tensor map over t's (row, head, batch) x D, boxes of (box_rows x 64), 128-byte swizzle;
-// its dims 1..3 ordered by stride, recorded in `order`. Dims of extent 1 go last, with a
+// its dims 1..3 ordered by stride (recorded in the order). Dims of extent 1 go last, with a
 // stride that is never stepped.
-CUtensorMap tensor_map(const Operand& t, int64_t n_rows, int64_t heads, int64_t batch, int head_dim, bool bf16,
-                       int box_rows, MapOrder& order) {
+Map tensor_map(const Operand& t, const Extents& e, int head_dim, bool bf16, int box_rows) {
   struct Dim {
     int64_t extent, stride;
     int which;  // 0 row, 1 head, 2 batch
   };
-  std::array<Dim, 3> dims{{{n_rows, t.s, 0}, {heads, t.h, 1}, {batch, t.b, 2}}};
+  std::array<Dim, 3> dims{{{e.rows, t.s, 0}, {e.heads, t.h, 1}, {e.batch, t.b, 2}}};
   std::stable_sort(dims.begin(), dims.end(), [](const Dim& x, const Dim& y) {
     return (x.extent > 1 ? x.stride : INT64_MAX) < (y.extent > 1 ? y.stride : INT64_MAX);
   });
@@ -420,87 +712,124 @@ CUtensorMap tensor_map(const Operand& t, int64_t n_rows, int64_t heads, int64_t 
     if (d.extent == 1) d.stride = (reach + 7) / 8 * 8;
     reach = std::max(reach, d.stride * d.extent);
   }
+  Map m{};
   cuuint64_t size[4] = {cuuint64_t(head_dim), 0, 0, 0}, stride[3];
   cuuint32_t box[4] = {64, 1, 1, 1}, step[4] = {1, 1, 1, 1};
   for (int i = 0; i < 3; ++i) {
     size[i + 1] = cuuint64_t(dims[i].extent);
     stride[i] = cuuint64_t(dims[i].stride) * 2;
     if (dims[i].which == 0) box[i + 1] = cuuint32_t(box_rows);
-    (dims[i].which == 0 ? order.row : dims[i].which == 1 ? order.head : order.batch) = i + 1;
+    (dims[i].which == 0 ? m.order.row : dims[i].which == 1 ? m.order.head : m.order.batch) = i + 1;
   }
-  CUtensorMap map;
-  const CUresult err = encode_tiled()(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+  const CUresult err = encode_tiled()(&m.map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                                       4, t.p, size, stride, box, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (err != CUDA_SUCCESS)
     throw std::runtime_error("cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(err)));
-  return map;
+  return m;
 }
 
-// Strides TMA can step: 16-byte aligned, and positive wherever the extent exceeds 1.
-bool tma_ready(const Operand& t, int64_t n_rows, int64_t heads, int64_t batch) {
-  return aligned16(t) && (n_rows <= 1 || t.s > 0) && (heads <= 1 || t.h > 0) && (batch <= 1 || t.b > 0);
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes, const char* what) {
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+}
+
+unsigned blocks_of(int64_t n, int block) { return static_cast<unsigned>((n + block - 1) / block); }
+
+template <typename T, int D>
+void run_forward(const Problem& pr, const Params& p, cudaStream_t stream) {
+  const bool varlen = pr.cu_q.has_value(), bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const Extents eq = extents(pr.q, varlen), ek = extents(pr.k, varlen);
+  const Map mq = tensor_map(p.q, eq, D, bf16, 128), mk = tensor_map(p.k, ek, D, bf16, 128),
+            mv = tensor_map(p.v, ek, D, bf16, 128);
+  const dim3 grid(blocks_of(pr.max_q, 128), unsigned(eq.heads), unsigned(batch_of(pr)));
+  if (grid.x == 0 || grid.z == 0) return;
+  const auto kernel = attention_fwd_wgmma_kernel<T, D>;
+  allow_smem(kernel, FwdRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention forward)");
+  kernel<<<grid, kThreads, FwdRing<D>::kBytes, stream>>>(mq, mk, mv, p);
+  cuda_check(cudaGetLastError(), "wgmma attention forward launch");
 }
 
 template <typename T, int D>
-void run_wgmma(const ForwardArgs& a, const Params& p, cudaStream_t stream) {
-  const Problem& pr = a.p;
+void run_backward(const Problem& pr, const Params& p, cudaStream_t stream) {
   const bool varlen = pr.cu_q.has_value(), bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int hd = varlen ? 1 : 2;
-  const int64_t batch = varlen ? 1 : pr.q.shape[0];
-  const int64_t rows_q = varlen ? pr.q.shape[0] : pr.q.shape[1], rows_k = varlen ? pr.k.shape[0] : pr.k.shape[1];
-  Orders ord{};
-  const CUtensorMap mq = tensor_map(p.q, rows_q, pr.q.shape[hd], batch, D, bf16, kBlockM, ord.q);
-  const CUtensorMap mk = tensor_map(p.k, rows_k, pr.k.shape[hd], batch, D, bf16, kBlockN, ord.k);
-  const CUtensorMap mv = tensor_map(p.v, rows_k, pr.v.shape[hd], batch, D, bf16, kBlockN, ord.v);
-  const dim3 grid(static_cast<unsigned>((pr.max_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(pr.q.shape[hd]),
-                  static_cast<unsigned>(batch_of(pr)));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  const auto kernel = attention_fwd_wgmma_kernel<T, D>;
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::kBytes),
-             "cudaFuncSetAttribute (wgmma attention shared memory)");
-  kernel<<<grid, kThreads, Smem<D>::kBytes, stream>>>(mq, mk, mv, p, ord);
-  cuda_check(cudaGetLastError(), "wgmma attention kernel launch");
+  const Extents eq = extents(pr.q, varlen), ek = extents(pr.k, varlen);
+  const unsigned batch = unsigned(batch_of(pr));
+  if (batch == 0) return;
+  // dK/dV streams 64-row Q and dO blocks past 128-row K and V tiles; dQ the other way round.
+  {
+    const Map mq = tensor_map(p.q, eq, D, bf16, 64), mdo = tensor_map(p.dout, eq, D, bf16, 64),
+              mk = tensor_map(p.k, ek, D, bf16, 128), mv = tensor_map(p.v, ek, D, bf16, 128);
+    const dim3 grid(blocks_of(pr.max_k, 128), unsigned(ek.heads), batch);
+    const auto kernel = attention_bwd_dkdv_wgmma_kernel<T, D>;
+    if (grid.x > 0) {
+      allow_smem(kernel, DkdvRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention dK/dV)");
+      kernel<<<grid, kThreads, DkdvRing<D>::kBytes, stream>>>(mq, mk, mv, mdo, p);
+      cuda_check(cudaGetLastError(), "wgmma attention dK/dV launch");
+    }
+  }
+  {
+    const Map mq = tensor_map(p.q, eq, D, bf16, 128), mdo = tensor_map(p.dout, eq, D, bf16, 128),
+              mk = tensor_map(p.k, ek, D, bf16, 64), mv = tensor_map(p.v, ek, D, bf16, 64);
+    const dim3 grid(blocks_of(pr.max_q, 128), unsigned(eq.heads), batch);
+    const auto kernel = attention_bwd_dq_wgmma_kernel<T, D>;
+    if (grid.x > 0) {
+      allow_smem(kernel, DqRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention dQ)");
+      kernel<<<grid, kThreads, DqRing<D>::kBytes, stream>>>(mq, mk, mv, mdo, p);
+      cuda_check(cudaGetLastError(), "wgmma attention dQ launch");
+    }
+  }
+}
+
+template <bool kBackward>
+void dispatch_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
+  DeviceGuard guard(pr.q.device_id);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t d = pr.q.shape[pr.q.ndim - 1];
+  const bool half = pr.q.dtype == DType::kFloat16;
+#define FUSEDLM_WGMMA_RUN(TYPE, DIM) \
+  kBackward ? run_backward<TYPE, DIM>(pr, p, st) : run_forward<TYPE, DIM>(pr, p, st)
+  if (d == 64) half ? FUSEDLM_WGMMA_RUN(__half, 64) : FUSEDLM_WGMMA_RUN(__nv_bfloat16, 64);
+  else half ? FUSEDLM_WGMMA_RUN(__half, 128) : FUSEDLM_WGMMA_RUN(__nv_bfloat16, 128);
+#undef FUSEDLM_WGMMA_RUN
 }
 
 }  // namespace
 
 namespace detail {
 
-std::string wgmma_unavailable(const ForwardArgs& a, const Params& p) {
+std::string wgmma_unavailable(const Problem& pr, const Params& p, bool backward) {
 #ifndef FUSEDLM_HAS_SM90A
-  (void)a;
+  (void)pr;
   (void)p;
+  (void)backward;
   return "this build has no sm_90a code (FUSEDLM_CUDA_ARCHS lacks 90a)";
 #else
   int major = 0, minor = 0;
-  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.p.q.device_id), "cudaDeviceGetAttribute");
-  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.p.q.device_id), "cudaDeviceGetAttribute");
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, pr.q.device_id), "cudaDeviceGetAttribute");
+  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, pr.q.device_id), "cudaDeviceGetAttribute");
   if (major != 9 || minor != 0)
     return "needs a compute capability 9.0 GPU (sm_90a), got " + std::to_string(major) + "." + std::to_string(minor);
-  const int64_t d = a.p.q.shape[a.p.q.ndim - 1];
-  if (d != 64 && d != 128) return "head dim " + std::to_string(d) + " (the wgmma kernel has 64 and 128)";
-  const bool varlen = a.p.cu_q.has_value();
-  const int hd = varlen ? 1 : 2;
-  const int64_t batch = varlen ? 1 : a.p.q.shape[0];
-  const int64_t rows_q = varlen ? a.p.q.shape[0] : a.p.q.shape[1], rows_k = varlen ? a.p.k.shape[0] : a.p.k.shape[1];
-  if (!tma_ready(p.q, rows_q, a.p.q.shape[hd], batch) || !tma_ready(p.k, rows_k, a.p.k.shape[hd], batch) ||
-      !tma_ready(p.v, rows_k, a.p.v.shape[hd], batch) || !aligned16(p.o))
-    return "q, k, v and out need 16-byte aligned pointers and strides";
+  const int64_t d = pr.q.shape[pr.q.ndim - 1];
+  if (d != 64 && d != 128) return "head dim " + std::to_string(d) + " (the wgmma kernels have 64 and 128)";
+  const bool varlen = pr.cu_q.has_value();
+  const Extents eq = extents(pr.q, varlen), ek = extents(pr.k, varlen);
+  bool ok = tma_ready(p.q, eq) && tma_ready(p.k, ek) && tma_ready(p.v, ek);
+  ok = ok && (backward ? tma_ready(p.dout, eq) && aligned16(p.dq) && aligned16(p.dk) && aligned16(p.dv)
+                       : aligned16(p.o));
+  if (!ok) return "every operand needs 16-byte aligned pointers and strides";
   return "";
 #endif
 }
 
-void launch_forward_wgmma(const ForwardArgs& a, const Params& p, std::uintptr_t stream) {
-  DeviceGuard guard(a.p.q.device_id);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const int64_t d = a.p.q.shape[a.p.q.ndim - 1];
-  const bool half = a.p.q.dtype == DType::kFloat16;
-  if (d == 64) half ? run_wgmma<__half, 64>(a, p, st) : run_wgmma<__nv_bfloat16, 64>(a, p, st);
-  else half ? run_wgmma<__half, 128>(a, p, st) : run_wgmma<__nv_bfloat16, 128>(a, p, st);
+void launch_forward_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
+  dispatch_wgmma<false>(pr, p, stream);
+}
+
+void launch_backward_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
+  dispatch_wgmma<true>(pr, p, stream);
 }
 
 }  // namespace detail
-
 }  // namespace fusedlm::attention

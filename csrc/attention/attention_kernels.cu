@@ -1,7 +1,7 @@
 // Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
 // fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
-// later (sm_90a included, through the same mma instructions; the Hopper forward with wgmma and
-// TMA is attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
+// later (sm_90a included, through the same mma instructions; the Hopper kernels with wgmma and
+// TMA are attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
 // come in through 16-byte cp.async copies when the operands are 16-byte aligned.
 //
 // Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
@@ -431,6 +431,23 @@ void dispatch(const Problem& pr, const Params& p, std::uintptr_t stream) {
 #undef FUSEDLM_ATTN_CASE
 }
 
+// With `wgmma`, the Hopper kernels where they can serve the call, else the WMMA ones; returns
+// which ran ("wgmma", "wmma" or "wmma (wgmma declined: <why>)").
+template <typename Launcher>
+std::string run_preferring_wgmma(const Problem& pr, const Params& p, bool wgmma, std::uintptr_t stream) {
+  constexpr bool kBackward = std::is_same<Launcher, Backward>::value;
+  std::string declined;
+  if (wgmma) {
+    declined = wgmma_unavailable(pr, p, kBackward);
+    if (declined.empty()) {
+      kBackward ? launch_backward_wgmma(pr, p, stream) : launch_forward_wgmma(pr, p, stream);
+      return "wgmma";
+    }
+  }
+  dispatch<Launcher>(pr, p, stream);
+  return declined.empty() ? "wmma" : "wmma (wgmma declined: " + declined + ")";
+}
+
 }  // namespace
 
 std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
@@ -438,19 +455,10 @@ std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
   p.o = operand(a.o, a.p.cu_q.has_value());
   p.lse = static_cast<float*>(a.lse.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
-  std::string declined;
-  if (a.wgmma) {
-    declined = wgmma_unavailable(a, p);
-    if (declined.empty()) {
-      launch_forward_wgmma(a, p, stream);
-      return "wgmma";
-    }
-  }
-  dispatch<Forward>(a.p, p, stream);
-  return declined.empty() ? "wmma" : "wmma (wgmma declined: " + declined + ")";
+  return run_preferring_wgmma<Forward>(a.p, p, a.wgmma, stream);
 }
 
-void launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
+std::string launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
   Params p = params_of(a.p);
   const bool varlen = a.p.cu_q.has_value();
   p.dout = operand(a.dout, varlen);
@@ -460,7 +468,7 @@ void launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
   p.lse = static_cast<float*>(a.lse.data);
   p.delta = static_cast<const float*>(a.delta.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout);
-  dispatch<Backward>(a.p, p, stream);
+  return run_preferring_wgmma<Backward>(a.p, p, a.wgmma, stream);
 }
 
 }  // namespace fusedlm::attention

@@ -70,14 +70,15 @@ dispatch.register(dispatch.OpBackends(
     cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
 
 
-# The CUDA C++ forward on a Hopper GPU: "wmma" (the default: the kernel that passed the GPU
-# suite) or "wgmma" (csrc/attention/attention_hopper.cu: wgmma + TMA, head dims 64 and 128; it
-# has not yet run on a GPU, so it is opt-in). The environment's FUSEDLM_CUDA_ATTENTION sets it at
-# import; where the wgmma kernel cannot serve a call, the WMMA one does, and
-# `last_cuda_forward_kernel` says which ran and why.
+# The CUDA C++ kernels on a Hopper GPU: "wmma" (the default: the kernels that passed the GPU
+# suite) or "wgmma" (csrc/attention/attention_hopper.cu: wgmma + TMA, forward and backward, head
+# dims 64 and 128; they have not yet run on a GPU, so they are opt-in). The environment's
+# FUSEDLM_CUDA_ATTENTION sets it at import; where the wgmma kernels cannot serve a call, the
+# WMMA ones do, and `last_cuda_forward_kernel` / `last_cuda_backward_kernel` say which ran and why.
 CUDA_FORWARD_KERNELS = ("wmma", "wgmma")
 cuda_forward_kernel = os.environ.get("FUSEDLM_CUDA_ATTENTION", "wmma")
 last_cuda_forward_kernel: Optional[str] = None
+last_cuda_backward_kernel: Optional[str] = None
 
 
 def _wgmma_requested() -> bool:
@@ -123,10 +124,12 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
         # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
         delta = (do.float() * o.float()).sum(-1)
         delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
+        global last_cuda_backward_kernel
         d = _core.dl
-        _core._C.attn_bwd(d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal,
-                          scale, dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
-                          _core.stream_of(q))
+        last_cuda_backward_kernel = _core._C.attn_bwd(
+            d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
+            dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q),
+            _wgmma_requested())
     else:
         kernels = _triton.kernels("attention")
         delta = torch.empty_like(lse)

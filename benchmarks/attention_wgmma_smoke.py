@@ -28,7 +28,7 @@ from fusedlm.ops import fused_attention as attn_ops
 
 
 def _case(name, q, k, v, **kw):
-    attn_ops.cuda_forward_kernel = "wgmma"
+    attn_ops.cuda_kernels = "wgmma"
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fusedlm.attention(q, k, v, backend="cuda", **kw)
     do = torch.randn_like(out)
@@ -90,7 +90,7 @@ def timing():
         impls = {}
         for kern in ("wgmma", "wmma"):
             def run(kern=kern):
-                attn_ops.cuda_forward_kernel = kern
+                attn_ops.cuda_kernels = kern
                 return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
             impls[f"fusedlm[cuda:{kern}]"] = run
         impls["fusedlm[triton]"] = lambda: fusedlm.attention(q, k, v, causal=causal, backend="triton")

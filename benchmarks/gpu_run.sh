@@ -16,7 +16,7 @@
 # bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
 # profile-host (host time or kernel time, per attention case) takes case names in $PROFILE_CASES;
 # lm-loss-align A/Bs the LM loss's vocabulary padding; wgmma-smoke, wgmma-sanitize and
-# hopper-tests check the Hopper CUDA C++ forward (see the step list below).
+# hopper-tests check the Hopper CUDA C++ kernels (see the step list below).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
@@ -75,9 +75,9 @@ run_step() {
     tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
     lm-loss-align) cmd=(python3 "$SRC/benchmarks/lm_loss_gemm_align.py") ;;
     profile-host) cmd=(python3 "$SRC/benchmarks/profile_host.py" ${PROFILE_CASES:-}) ;;
-    # The Hopper CUDA C++ forward (opt-in): triage cases and forward times, the same cases under
-    # compute-sanitizer, and its test suite. bench-attention measures it as fusedlm[cuda] when
-    # the call sets FUSEDLM_CUDA_ATTENTION=wgmma.
+    # The Hopper CUDA C++ kernels (opt-in): triage cases and times, the same cases under
+    # compute-sanitizer, and their test suite. bench-attention times them as fusedlm[cuda-wgmma]
+    # when ATTN_ARGS names it (--impl ... fusedlm[cuda-wgmma]).
     wgmma-smoke) cmd=(python3 "$SRC/benchmarks/attention_wgmma_smoke.py") ;;
     wgmma-sanitize) cmd=(compute-sanitizer --tool memcheck python3 "$SRC/benchmarks/attention_wgmma_smoke.py" --no-time) ;;
     hopper-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests/test_attention_hopper_gpu.py") ;;

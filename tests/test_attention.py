@@ -425,11 +425,17 @@ def test_core_attention_validation(override, error, match):
 
 
 def test_cuda_forward_kernel_setting(monkeypatch):
-    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wmma")
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
     assert attn_ops._wgmma_requested() is False
-    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wgmma")
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "wgmma")
     assert attn_ops._wgmma_requested() is True
-    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "hopper")
+    with attn_ops.using_cuda_kernels("wmma"):
+        assert attn_ops._wgmma_requested() is False
+    assert attn_ops.cuda_kernels == "wgmma"  # restored
+    with pytest.raises(ValueError, match="name must be one of"):
+        with attn_ops.using_cuda_kernels("hopper"):
+            pass
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "hopper")
     with pytest.raises(ValueError, match=r"FUSEDLM_CUDA_ATTENTION .* must be one of \('wmma', 'wgmma'\), got 'hopper'"):
         attn_ops._wgmma_requested()
 

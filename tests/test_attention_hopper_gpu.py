@@ -35,7 +35,7 @@ def wgmma(monkeypatch):
     why = _unavailable()
     if why is not None:
         pytest.skip(why)
-    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wgmma")
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "wgmma")
     q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     fusedlm.attention(q, q, q, backend="cuda")
     ran = attn_ops.last_cuda_forward_kernel
@@ -168,7 +168,7 @@ def test_wgmma_dropout_gpu(wgmma, monkeypatch):
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
     for a, r in zip(got, want):
         assert rel_err(a, r) < 2 * TOL[torch.bfloat16]
-    monkeypatch.setattr(attn_ops, "cuda_forward_kernel", "wmma")
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
     other = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
     assert attn_ops.last_cuda_forward_kernel == "wmma"
     assert rel_err(out, other) < 2 * TOL[torch.bfloat16]

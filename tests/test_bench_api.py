@@ -55,3 +55,26 @@ def test_a_crashing_implementation_fails_its_check_instead_of_the_run():
     out = bench.compare("layer_norm", {"crashes": crashes}, rows=(8,), widths=(64,), peers=(),
                         directions=("fwd",), log=lambda *a: None)
     assert not out["checks"][0]["passed"] and {r["impl"] for r in out["results"]} == {"torch"}
+
+
+def test_attention_bench_times_the_unverified_kernels_only_when_named(monkeypatch):
+    """The Hopper CUDA C++ kernels have not run on a GPU: a default attention benchmark must not
+    time them (a hang would cost the whole run); naming them with --impl does."""
+    from fusedlm.bench import attention as attn_bench
+    called = []
+
+    def fake(name):
+        def fn(q, k, v, causal):
+            called.append(name)
+            return q
+        return fn
+
+    monkeypatch.setattr(attn_bench, "_peers", lambda device: {"fusedlm[torch]": fake("torch"),
+                                                              attn_bench.WGMMA: fake("wgmma")})
+    opts = dict(seqlens=(16,), head_dims=(16,), tokens=32, causal=(False,), directions=("fwd",),
+                device="cpu", log=lambda *a: None)
+    attn_bench.run(**opts)
+    assert "torch" in called and "wgmma" not in called
+    called.clear()
+    rows = attn_bench.run(peers=[attn_bench.WGMMA], **opts)
+    assert called and set(called) == {"wgmma"} and {r["impl"] for r in rows} == {attn_bench.WGMMA}

@@ -5,12 +5,20 @@ forward + backward 3.5x that work (forward 1 + backward 2.5). Cases: about 16k t
 at each sequence length (B = 16384 / S), bf16, head dim 64 and 128, causal and not. The BERT
 case is a padded batch (32 x 512, a random half of each sequence's tail is padding):
 fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
+
+`fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU) is timed only when
+named in `peers` (`--impl`): those kernels have not yet run on a GPU, and a default run must not
+stake its time on them.
 """
 import torch
 import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
+from ..ops.fused_attention import using_cuda_kernels
 from .harness import time_ms
+
+WGMMA = "fusedlm[cuda-wgmma]"
+OPT_IN = {WGMMA}  # timed only when asked for by name
 
 
 def _sdpa_backends():
@@ -66,6 +74,11 @@ def _peers(device_type):
         for be in ("triton", "cuda"):
             if dispatch._OPS["attention"].why_not(be, ("cuda", torch.bfloat16, 64, False)) is None:
                 peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
+        if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
+            def wgmma(q, k, v, causal):
+                with using_cuda_kernels("wgmma"):
+                    return attention(q, k, v, causal=causal, backend="cuda")
+            peers[WGMMA] = wgmma
     else:
         peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
     return peers
@@ -92,6 +105,8 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
     impls = _peers(device)
     if peers is not None:
         impls = {k: v for k, v in impls.items() if k in peers}
+    else:
+        impls = {k: v for k, v in impls.items() if k not in OPT_IN}
     peers = {**impls, **(extra or {})}
     results = []
     for d in head_dims:
@@ -155,8 +170,16 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
             lambda q, k, v, be=be: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be), (qp, kp, vp))
         impls[f"fusedlm[{be}] padded+mask"] = (
             lambda q, k, v, be=be: attention(q, k, v, attention_mask=mask, backend=be), (q, k, v))
+    if "cuda" in ours and torch.cuda.get_device_capability() == (9, 0):
+        for name, fn in (("packed", impls["fusedlm[cuda] packed"][0]), ("padded+mask", impls["fusedlm[cuda] padded+mask"][0])):
+            def wgmma(*args, fn=fn):
+                with using_cuda_kernels("wgmma"):
+                    return fn(*args)
+            impls[f"{WGMMA} {name}"] = (wgmma, impls[f"fusedlm[cuda] {name}"][1])
     if peers is not None:
         impls = {name: impl for name, impl in impls.items() if name.split(" ")[0] in peers}
+    else:
+        impls = {name: impl for name, impl in impls.items() if name.split(" ")[0] not in OPT_IN}
     results = []
     for direction in ("fwd", "fwd+bwd"):
         rows = []

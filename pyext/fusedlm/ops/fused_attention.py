@@ -13,6 +13,7 @@ backward regenerates it instead of storing it. The Triton and CUDA C++ kernels d
 mask for a seed. The `torch` backend draws its own masks (the same seed reproduces them, but
 they differ from the kernels').
 """
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -75,18 +76,32 @@ dispatch.register(dispatch.OpBackends(
 # dims 64 and 128; they have not yet run on a GPU, so they are opt-in). The environment's
 # FUSEDLM_CUDA_ATTENTION sets it at import; where the wgmma kernels cannot serve a call, the
 # WMMA ones do, and `last_cuda_forward_kernel` / `last_cuda_backward_kernel` say which ran and why.
-CUDA_FORWARD_KERNELS = ("wmma", "wgmma")
-cuda_forward_kernel = os.environ.get("FUSEDLM_CUDA_ATTENTION", "wmma")
+CUDA_KERNEL_CHOICES = ("wmma", "wgmma")
+cuda_kernels = os.environ.get("FUSEDLM_CUDA_ATTENTION", "wmma")
 last_cuda_forward_kernel: Optional[str] = None
 last_cuda_backward_kernel: Optional[str] = None
 
 
+@contextlib.contextmanager
+def using_cuda_kernels(name: str):
+    """Within the block, backend="cuda" attention prefers the `name` kernels ("wmma" or
+    "wgmma"); the previous choice comes back after."""
+    global cuda_kernels
+    if name not in CUDA_KERNEL_CHOICES:
+        raise ValueError(f"name must be one of {CUDA_KERNEL_CHOICES}, got {name!r}")
+    prev, cuda_kernels = cuda_kernels, name
+    try:
+        yield
+    finally:
+        cuda_kernels = prev
+
+
 def _wgmma_requested() -> bool:
-    if cuda_forward_kernel not in CUDA_FORWARD_KERNELS:
+    if cuda_kernels not in CUDA_KERNEL_CHOICES:
         raise ValueError(
-            "FUSEDLM_CUDA_ATTENTION (fusedlm.ops.fused_attention.cuda_forward_kernel) must be one of "
-            f"{CUDA_FORWARD_KERNELS}, got {cuda_forward_kernel!r}")
-    return cuda_forward_kernel == "wgmma"
+            "FUSEDLM_CUDA_ATTENTION (fusedlm.ops.fused_attention.cuda_kernels) must be one of "
+            f"{CUDA_KERNEL_CHOICES}, got {cuda_kernels!r}")
+    return cuda_kernels == "wgmma"
 
 
 # ---------------------------------------------------------------------------------------------

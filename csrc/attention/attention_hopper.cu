@@ -1,21 +1,24 @@
-// Attention forward for Hopper (sm_90a): wgmma tensor-core matrix products and the bulk tensor
-// copy engine (TMA), in the FlashAttention-3 arrangement. The same algorithm and results as the
-// WMMA kernel (attention_kernels.cu): base-2 online softmax, the base-2 log-sum-exp saved for
-// the backward (which stays on the WMMA kernels), the same masks and the same dropout draws.
+// Attention for Hopper (sm_90a), forward and backward: wgmma tensor-core matrix products and the
+// bulk tensor copy engine (TMA), in the FlashAttention-3 arrangement. The same algorithm and
+// results as the WMMA kernels (attention_kernels.cu): base-2 online softmax, the base-2
+// log-sum-exp saved for the backward, the same masks and dropout draws, and the same atomic-free
+// backward (dK/dV per key block, dQ per query block).
 //
-// A CTA owns 128 query rows of one head and is three warpgroups:
-// - a producer (one thread of warpgroup 0) streams Q once, then K and V blocks of 128 keys
-//   through a two-stage ring of shared memory with TMA, each stage completing on an mbarrier;
-// - two consumers (warpgroups 1 and 2), 64 query rows each: S = Q K^T with both operands in
-//   shared memory, the softmax on the fp32 accumulators in registers, then O += P V with P taken
-//   straight from registers (the accumulator layout of S is the A-fragment layout of P V) and V
-//   read MN-major (the transpose bit), so nothing is rewritten in shared memory. Each consumer
-//   thread arrives on the stage's "empty" barrier once its products are done.
+// A CTA is three warpgroups:
+// - a producer (one thread of warpgroup 0) loads the CTA's fixed tiles once (forward: Q; dK/dV:
+//   K, V; dQ: Q, dO) and streams the others block by block (K, V; Q, dO; K, V) through a
+//   two-stage shared-memory ring with TMA, each stage completing on an mbarrier;
+// - two consumers (warpgroups 1 and 2), 64 rows each, run the products on wgmma: those against
+//   the head dim with both operands in shared memory; those against the streamed block with
+//   the probabilities (or dS) straight from registers (an accumulator's layout is the A-fragment
+//   layout of the next product) and V, dO, Q or K read MN-major (the transpose bit), so nothing
+//   is rewritten in shared memory. Each consumer thread arrives on the stage's "empty" barrier
+//   once its products are done.
 // setmaxnreg moves registers from the producer to the consumers. Tiles are 64 columns (128 B)
-// wide, TMA's 128-byte swizzle; a head dim of 128 is two such tiles side by side.
+// wide, TMA's 128-byte swizzle; a head dim of 128 is two such slabs side by side.
 //
-// Covers head dims 64 and 128, fp16 and bf16, 16-byte aligned operands; launch_forward_wgmma
-// says why it declines anything else, and the WMMA kernel serves it.
+// Covers head dims 64 and 128, fp16 and bf16, 16-byte aligned operands; wgmma_unavailable says
+// why it declines anything else, and the WMMA kernels serve it.
 #include <cuda.h>          // CUtensorMap and its enums (types only: no link to the driver)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -131,7 +134,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
-// Operands in a (tile_rows x D) tile stored as 64-column slabs (see Smem), 1024-byte aligned:
+// Operands in a (tile_rows x D) tile stored as 64-column slabs (see Ring), 1024-byte aligned:
 // K-major: 64 rows from r0 (a multiple of 8), head-dim columns [16 kk, 16 kk + 16): the slab
 // kk / 4, 32 bytes further per step within the swizzle span.
 __device__ __forceinline__ uint64_t k_major(uint32_t tile, int tile_rows, int r0, int kk) {

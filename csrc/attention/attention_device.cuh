@@ -65,6 +65,17 @@ __device__ __forceinline__ bool allowed(const Params& p, int b, const Seq& s, in
   return !p.key_mask || p.key_mask[b * p.mask_b + j] != 0;
 }
 
+// The keys [0, end) that query rows [m0, m0 + rows) may see: causal stops at the last row's
+// diagonal.
+__device__ __forceinline__ int keys_end(const Params& p, const Seq& s, int m0, int rows) {
+  return p.causal ? min(s.len_k, m0 + rows + s.len_k - s.len_q) : s.len_k;
+}
+
+// The first query that may see key n0 (causal), rounded down to a multiple of `rows`.
+__device__ __forceinline__ int first_query(const Params& p, const Seq& s, int n0, int rows) {
+  return p.causal ? max(0, n0 - (s.len_k - s.len_q)) / rows * rows : 0;
+}
+
 // ---- host side ----------------------------------------------------------------------------
 
 inline Operand operand(const TensorView& t, bool varlen) {

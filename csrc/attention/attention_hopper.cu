@@ -404,8 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;  // longest (causal) blocks first
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
-  int n_end = s.len_k;
-  if (p.causal) n_end = min(n_end, m0 + kRows + s.len_k - s.len_q);
+  const int n_end = keys_end(p, s, m0, kRows);
   const int n_blocks = n_end > 0 ? (n_end + kKeys - 1) / kKeys : 0;
   const int batch = p.cu_q ? 0 : b;  // packed sequences: one batch of total rows
 
@@ -509,8 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kKeys;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
-  // The first query that can see this key block (causal), rounded down to a block.
-  const int m_start = p.causal ? max(0, n0 - (s.len_k - s.len_q)) / kRows * kRows : 0;
+  const int m_start = first_query(p, s, n0, kRows);
   const int n_m = m_start < s.len_q ? (s.len_q - m_start + kRows - 1) / kRows : 0;
   const int batch = p.cu_q ? 0 : b;
 
@@ -596,8 +594,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
-  int n_end = s.len_k;
-  if (p.causal) n_end = min(n_end, m0 + kRows + s.len_k - s.len_q);
+  const int n_end = keys_end(p, s, m0, kRows);
   const int n_blocks = n_end > 0 ? (n_end + kKeys - 1) / kKeys : 0;
   const int batch = p.cu_q ? 0 : b;
 

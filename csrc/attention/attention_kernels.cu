@@ -186,8 +186,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   const int r = lane / 2, half = lane % 2;
   const int qi = m0 + warp * 16 + r;
   float m_i = -INFINITY, l_i = 0.0f;
-  int n_end = s.len_k;
-  if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
+  const int n_end = keys_end(p, s, m0, kBlock);
   for (int n0 = 0; n0 < n_end; n0 += kBlock) {
     __syncthreads();  // the previous K and V tiles are consumed
     load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);
@@ -267,9 +266,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   }
   const int r = lane / 2, half = lane % 2;
   const int kj = n0 + warp * 16 + r;  // this lane's key
-  // The first query that can see this key block (causal), rounded down to a block.
-  int m_start = 0;
-  if (p.causal) m_start = max(0, n0 - (s.len_k - s.len_q)) / kBlock * kBlock;
+  const int m_start = first_query(p, s, n0, kBlock);
   for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
     const T* q = rows<const T>(p.q, b, s.q0, h);
     const T* dout = rows<const T>(p.dout, b, s.q0, h);
@@ -350,8 +347,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   FragC dq[D / 16];
 #pragma unroll
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
-  int n_end = s.len_k;
-  if (p.causal) n_end = min(n_end, m0 + kBlock + s.len_k - s.len_q);
+  const int n_end = keys_end(p, s, m0, kBlock);
   for (int n0 = 0; n0 < n_end; n0 += kBlock) {
     __syncthreads();
     load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);

@@ -21,6 +21,14 @@ WGMMA = "fusedlm[cuda-wgmma]"
 OPT_IN = {WGMMA}  # timed only when asked for by name
 
 
+def _on_wgmma(fn):
+    """fn, with backend="cuda" attention on the Hopper (wgmma) kernels."""
+    def wrapped(*args, **kwargs):
+        with using_cuda_kernels("wgmma"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _sdpa_backends():
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,10 +83,7 @@ def _peers(device_type):
             if dispatch._OPS["attention"].why_not(be, ("cuda", torch.bfloat16, 64, False)) is None:
                 peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
         if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
-            def wgmma(q, k, v, causal):
-                with using_cuda_kernels("wgmma"):
-                    return attention(q, k, v, causal=causal, backend="cuda")
-            peers[WGMMA] = wgmma
+            peers[WGMMA] = _on_wgmma(peers["fusedlm[cuda]"])
     else:
         peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
     return peers
@@ -171,11 +176,9 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
         impls[f"fusedlm[{be}] padded+mask"] = (
             lambda q, k, v, be=be: attention(q, k, v, attention_mask=mask, backend=be), (q, k, v))
     if "cuda" in ours and torch.cuda.get_device_capability() == (9, 0):
-        for name, fn in (("packed", impls["fusedlm[cuda] packed"][0]), ("padded+mask", impls["fusedlm[cuda] padded+mask"][0])):
-            def wgmma(*args, fn=fn):
-                with using_cuda_kernels("wgmma"):
-                    return fn(*args)
-            impls[f"{WGMMA} {name}"] = (wgmma, impls[f"fusedlm[cuda] {name}"][1])
+        for name in ("packed", "padded+mask"):
+            fn, args = impls[f"fusedlm[cuda] {name}"]
+            impls[f"{WGMMA} {name}"] = (_on_wgmma(fn), args)
     if peers is not None:
         impls = {name: impl for name, impl in impls.items() if name.split(" ")[0] in peers}
     else:

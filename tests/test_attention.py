@@ -440,6 +440,54 @@ def test_cuda_forward_kernel_setting(monkeypatch):
         attn_ops._wgmma_requested()
 
 
+class _RecordingCore:
+    """Stands in for fusedlm._C's attention entry points: records whether each call asked for
+    the wgmma kernels (the last argument) and answers as the real ones do."""
+
+    def __init__(self):
+        self.asked = []
+
+    def _call(self, direction, wgmma):
+        self.asked.append((direction, wgmma))
+        return "wgmma" if wgmma else "wmma"
+
+    def attn_fwd(self, *args):
+        return self._call("fwd", args[-1])
+
+    def attn_bwd(self, *args):
+        return self._call("bwd", args[-1])
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, path):
+    """The backward runs the kernels its forward chose, wherever it runs: training code calls
+    loss.backward() outside the block that chose the forward's kernels."""
+    core = _RecordingCore()
+    monkeypatch.setattr(_core, "_C", core)
+    monkeypatch.setattr(_core, "dl", lambda t: t)
+    monkeypatch.setattr(_core, "stream_of", lambda t: 0)
+    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
+    q = torch.randn(1, 4, 2, 64, requires_grad=True)
+    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, "cuda")
+
+    def forward():
+        if path == "eager":
+            return attn_ops._fused(*args)[0]
+        return torch.ops.fusedlm.attn_fwd(*args[:-1], attn_ops._kernel_backend("cuda"))[0]
+
+    with attn_ops.using_cuda_kernels("wgmma"):
+        out = forward()
+    torch.autograd.grad(out, q, torch.ones_like(out))
+    out = forward()
+    with attn_ops.using_cuda_kernels("wgmma"):
+        torch.autograd.grad(out, q, torch.ones_like(out))
+    assert core.asked == [("fwd", True), ("bwd", True), ("fwd", False), ("bwd", False)]
+    assert attn_ops.last_cuda_backward_kernel == "wmma"
+    # Other backends pass through untouched, whatever the setting.
+    with attn_ops.using_cuda_kernels("wgmma"):
+        assert attn_ops._kernel_backend("triton") == "triton"
+
+
 @pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "attn_fwd"), reason="fusedlm._C is not built")
 def test_core_attention_varlen_validation():
     q = torch.randn(9, 4, 32, dtype=torch.bfloat16)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
+from ..ops import fused_attention
 from ..ops.fused_attention import using_cuda_kernels
 from .harness import time_ms
 
@@ -22,10 +23,15 @@ OPT_IN = {WGMMA}  # timed only when asked for by name
 
 
 def _on_wgmma(fn):
-    """fn, with backend="cuda" attention on the Hopper (wgmma) kernels."""
+    """fn, with backend="cuda" attention on the Hopper (wgmma) kernels (the forward's choice
+    holds for its backward). Raises where they declined the call, so that the WMMA kernels,
+    which then serve it, are never timed under this name."""
     def wrapped(*args, **kwargs):
         with using_cuda_kernels("wgmma"):
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+        if fused_attention.last_cuda_forward_kernel != "wgmma":
+            raise RuntimeError(f"ran {fused_attention.last_cuda_forward_kernel}")
+        return out
     return wrapped
 
 

@@ -74,8 +74,9 @@ dispatch.register(dispatch.OpBackends(
 # The CUDA C++ kernels on a Hopper GPU: "wmma" (the default: the kernels that passed the GPU
 # suite) or "wgmma" (csrc/attention/attention_hopper.cu: wgmma + TMA, forward and backward, head
 # dims 64 and 128; they have not yet run on a GPU, so they are opt-in). The environment's
-# FUSEDLM_CUDA_ATTENTION sets it at import; where the wgmma kernels cannot serve a call, the
-# WMMA ones do, and `last_cuda_forward_kernel` / `last_cuda_backward_kernel` say which ran and why.
+# FUSEDLM_CUDA_ATTENTION sets it at import; the setting in force at a call's forward holds for
+# its backward too, wherever that runs. Where the wgmma kernels cannot serve a call, the WMMA
+# ones do, and `last_cuda_forward_kernel` / `last_cuda_backward_kernel` say which ran and why.
 CUDA_KERNEL_CHOICES = ("wmma", "wgmma")
 cuda_kernels = os.environ.get("FUSEDLM_CUDA_ATTENTION", "wmma")
 last_cuda_forward_kernel: Optional[str] = None
@@ -104,6 +105,16 @@ def _wgmma_requested() -> bool:
     return cuda_kernels == "wgmma"
 
 
+_CUDA_BACKENDS = ("cuda", "cuda-wgmma")  # the backend strings the launchers take for CUDA C++
+
+
+def _kernel_backend(chosen: str) -> str:
+    """The backend the launchers get for a call that dispatch sent to `chosen`: "cuda-wgmma"
+    where the CUDA C++ kernels should try the Hopper ones. Decided at the forward and saved
+    with it, so that a backward run outside a `using_cuda_kernels` block runs the same kernels."""
+    return "cuda-wgmma" if chosen == "cuda" and _wgmma_requested() else chosen
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton path.
 
@@ -116,12 +127,12 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
     """-> (out, base-2 log-sum-exp of the scaled scores) from the Triton or CUDA C++ kernel."""
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
-    if backend == "cuda":
+    if backend in _CUDA_BACKENDS:
         global last_cuda_forward_kernel
         d = _core.dl
         last_cuda_forward_kernel = _core._C.attn_fwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
-            dropout_p, seed, d(o), d(lse), _core.stream_of(q), _wgmma_requested())
+            dropout_p, seed, d(o), d(lse), _core.stream_of(q), backend == "cuda-wgmma")
     else:
         _triton.kernels("attention").forward(
             q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
@@ -135,7 +146,7 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if backend == "cuda":
+    if backend in _CUDA_BACKENDS:
         # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
         delta = (do.float() * o.float()).sum(-1)
         delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
@@ -144,7 +155,7 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
         last_cuda_backward_kernel = _core._C.attn_bwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
             dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q),
-            _wgmma_requested())
+            backend == "cuda-wgmma")
     else:
         kernels = _triton.kernels("attention")
         delta = torch.empty_like(lse)
@@ -222,6 +233,7 @@ attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _fused(*args):
+    args = (*args[:-1], _kernel_backend(args[-1]))
     if torch.compiler.is_compiling():
         return torch.ops.fusedlm.attn_fwd(*args)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])):

@@ -9,65 +9,208 @@ forward's operand forms: a case wrong in both points at the shared part):
 - one key block against several: the two-stage ring and its barrier phases;
 - head dims 64 and 128 (one 64-column slab or two), causal, a padding mask, packed sequences.
 
-Then forward and forward+backward times (ms, and TFLOP/s counting 4 b h s^2 d forward flops,
-halved for causal, and 2.5x that for the backward) for the wgmma kernels beside the WMMA ones,
-the Triton kernels and cuDNN's SDPA, at a few BERT/GPT shapes.
+Each case runs in a worker process, forward then backward, with CUDA_LAUNCH_BLOCKING=1 so that
+a kernel's fault is reported at its own launch ("wgmma attention dK/dV launch: ..."). A case
+that faults (the kernels trap when a barrier has waited 10 s) or outlives --case-timeout is
+reported with the stage it reached and its worker's last lines, and a fresh worker takes up the
+next case: one broken case costs seconds, not the whole run.
 
-    FUSEDLM_CUDA_ATTENTION is set here; run: python benchmarks/attention_wgmma_smoke.py [--no-time]
+Then, if every case passed, forward and forward+backward times (ms, and TFLOP/s counting
+4 b h s^2 d forward flops, halved for causal, and 2.5x that for the backward) for the wgmma
+kernels beside the WMMA ones, the Triton kernels and cuDNN's SDPA, at a few BERT/GPT shapes.
+
+    python benchmarks/attention_wgmma_smoke.py [--no-time] [--wrap "compute-sanitizer --tool memcheck"]
 """
 import argparse
-import math
+import collections
+import os
+import select
+import shlex
+import subprocess
 import sys
+import time
 
-import torch
-import torch.nn.functional as F
-
-import fusedlm
-from fusedlm import reference
-from fusedlm.ops import fused_attention as attn_ops
+MARK = "@@ "  # worker -> supervisor protocol lines: "@@ case i", "@@ stage name", "@@ ok i", "@@ fail i"
+# --cpu (a check of this script itself, for CI): the same cases and checks on the CPU through
+# the torch backend, where no kernel's name is asked for.
+DEVICE, BACKEND = "cuda", "cuda"
 
 
-def _case(name, q, k, v, **kw):
-    attn_ops.cuda_kernels = "wgmma"
+def _emit(*words):
+    print(MARK + " ".join(str(w) for w in words), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervisor: runs the cases in worker processes, one fresh worker after any that dies or hangs.
+
+def supervise(worker_argv, n_cases, case_timeout, env=None, log=print):
+    """worker_argv(start) -> the command that runs cases start, start + 1, ... and speaks the
+    protocol above (in environment `env`). Returns {case index: "ok" | "fail" | "hang" |
+    "crash" | "not run"}; a case missing from it never reported."""
+    status = {}
+    start = 0
+    while start < n_cases:
+        proc = subprocess.Popen(worker_argv(start), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        current, stage, pending = None, "start-up", b""
+        tail = collections.deque(maxlen=12)
+        deadline = time.monotonic() + case_timeout
+        ended = None
+        while ended is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                proc.kill()
+                proc.wait()
+                ended = "hang"
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                ended = "crash" if proc.wait() != 0 else "exit"
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if not line.startswith(MARK):
+                    log(line)
+                    tail.append(line)
+                    continue
+                word, _, arg = line[len(MARK):].partition(" ")
+                if word == "case":
+                    current, stage = int(arg), "forward"
+                    deadline = time.monotonic() + case_timeout
+                    tail.clear()
+                elif word == "stage":
+                    stage = arg
+                elif word in ("ok", "fail"):
+                    status[int(arg)] = word
+                    stage = "its end (after its result)"
+        if ended == "exit" and current is None:
+            ended = "crash"  # a worker that ran nothing and said nothing
+        if ended == "exit":
+            start = (current + 1) if current is not None else n_cases
+            continue
+        at = "before its first case" if current is None else f"in case {current} at {stage}"
+        log(f"!! worker {'hung (no line for %d s)' % case_timeout if ended == 'hang' else 'died'} {at}; "
+            "its last lines:")
+        for line in tail:
+            log(f"!!   {line}")
+        if current is None:  # nothing will run: say so for every case left
+            for i in range(start, n_cases):
+                status.setdefault(i, "not run")
+            break
+        status[current] = ended  # even after it reported: compute-sanitizer's error exit code, say
+        start = current + 1
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: the cases.
+
+def _cases():
+    """[(name, build)], build(rnd) -> (q, k, v, kwargs) for fusedlm.attention, or
+    (q, k, v, (cu, max_len)) for fusedlm.attention_varlen."""
+    import torch
+
+    def zeros(*s):
+        return torch.zeros(*s, device=DEVICE, dtype=torch.bfloat16)
+
+    def one_hot(s, d):
+        x = zeros(1, s, 2, d)
+        x[0, torch.arange(s), :, torch.arange(s) % d] = 8.0
+        return x
+
+    cases = []
+    for d in (64, 128):
+        for s in (128, 512):
+            cases += [
+                (f"d{d} s{s} q=0 (P V only)", lambda r, s=s, d=d: (zeros(1, s, 2, d), r(1, s, 2, d), r(1, s, 2, d), {})),
+                (f"d{d} s{s} k=q one-hot (Q K^T)", lambda r, s=s, d=d: (one_hot(s, d), one_hot(s, d), r(1, s, 2, d), {})),
+                (f"d{d} s{s} random gqa", lambda r, s=s, d=d: (r(2, s, 4, d), r(2, s, 2, d), r(2, s, 2, d), {})),
+                (f"d{d} s{s} random gqa causal",
+                 lambda r, s=s, d=d: (r(2, s, 4, d), r(2, s, 2, d), r(2, s, 2, d), {"causal": True})),
+            ]
+
+        def padded(r, d=d):
+            mask = torch.arange(300, device=DEVICE)[None, :] < torch.tensor([[300], [131]], device=DEVICE)
+            return r(2, 300, 4, d), r(2, 300, 4, d), r(2, 300, 4, d), {"attention_mask": mask}
+
+        def packed(r, d=d):
+            lens = [1, 127, 128, 129, 300, 64]
+            cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
+            n = sum(lens)
+            return r(n, 4, d), r(n, 2, d), r(n, 2, d), (cu, max(lens))
+
+        cases += [
+            (f"d{d} s300 padding mask", padded),
+            (f"d{d} sq200 sk700 causal",
+             lambda r, d=d: (r(2, 200, 4, d), r(2, 700, 4, d), r(2, 700, 4, d), {"causal": True})),
+            (f"d{d} packed lengths 1..300 gqa", packed),
+        ]
+    return cases
+
+
+def _run_case(i, name, build):
+    import torch
+    import fusedlm
+    from fusedlm import reference
+    from fusedlm.ops import fused_attention as attn_ops
+
+    g = torch.Generator(device=DEVICE).manual_seed(1000 + i)
+    q, k, v, kw = build(lambda *s: torch.randn(*s, device=DEVICE, generator=g).to(torch.bfloat16))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = fusedlm.attention(q, k, v, backend="cuda", **kw)
+    attn_ops.cuda_kernels = "wgmma"
+    if isinstance(kw, tuple):  # packed sequences
+        cu, max_len = kw
+        out = fusedlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=BACKEND)
+    else:
+        out = fusedlm.attention(q, k, v, backend=BACKEND, **kw)
+    _sync()
+    _emit("stage", f"backward (the forward ran {attn_ops.last_cuda_forward_kernel})")
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
-    torch.cuda.synchronize()
+    _sync()
+    _emit("stage", "checking")
     ran = f"{attn_ops.last_cuda_forward_kernel}/{attn_ops.last_cuda_backward_kernel}"
     f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference.attention(*f64, causal=kw.get("causal", False), key_mask=kw.get("attention_mask"))
+    if isinstance(kw, tuple):
+        ref = reference.attention_varlen(*f64, cu, cu)[0]
+    else:
+        ref = reference.attention(*f64, causal=kw.get("causal", False), key_mask=kw.get("attention_mask"))[0]
     want = torch.autograd.grad(ref, f64, do.double())
-    rel = lambda a, r: ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+    def rel(a, r):
+        return ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
     errs = [rel(out, ref)] + [rel(a, r) for a, r in zip(grads, want)]
     nan = int(sum(torch.isnan(t).sum() for t in (out, *grads)))
     print(f"{name:<34} {ran:<12} rel err out {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} "
-          f"dv {errs[3]:.2e}  max|out err| {(out.double() - ref).abs().max().item():.2e}  nan {nan}")
-    return max(errs) < 2e-2 and nan == 0
+          f"dv {errs[3]:.2e}  max|out err| {(out.double() - ref).abs().max().item():.2e}  nan {nan}", flush=True)
+    return max(errs) < 2e-2 and nan == 0 and (ran == "wgmma/wgmma" or DEVICE == "cpu")
 
 
-def correctness():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)
-    ok = True
-    for d in (64, 128):
-        for s in (128, 512):
-            v = rnd(1, s, 2, d)
-            z = torch.zeros(1, s, 2, d, device="cuda", dtype=torch.bfloat16)
-            ok &= _case(f"d{d} s{s} q=0 (P V only)", z, rnd(1, s, 2, d), v)
-            eye = torch.zeros(1, s, 2, d, device="cuda", dtype=torch.bfloat16)
-            eye[0, torch.arange(s), :, torch.arange(s) % d] = 8.0
-            ok &= _case(f"d{d} s{s} k=q one-hot (Q K^T)", eye, eye, v)
-            ok &= _case(f"d{d} s{s} random", rnd(2, s, 4, d), rnd(2, s, 2, d), rnd(2, s, 2, d))
-            ok &= _case(f"d{d} s{s} random causal", rnd(2, s, 4, d), rnd(2, s, 2, d), rnd(2, s, 2, d), causal=True)
-        mask = torch.arange(300, device="cuda")[None, :] < torch.tensor([[300], [131]], device="cuda")
-        ok &= _case(f"d{d} s300 padding mask", rnd(2, 300, 4, d), rnd(2, 300, 4, d), rnd(2, 300, 4, d),
-                    attention_mask=mask)
-        ok &= _case(f"d{d} sq200 sk700 causal", rnd(2, 200, 4, d), rnd(2, 700, 4, d), rnd(2, 700, 4, d), causal=True)
-    return ok
+def _sync():
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
+
+def worker(start):
+    import torch
+    import fusedlm
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (a check of this script)"
+    print(f"device: {name}  fusedlm build: {fusedlm.build_info()}", flush=True)
+    cases = _cases()
+    for i in range(start, len(cases)):
+        name, build = cases[i]
+        _emit("case", i)
+        _emit("ok" if _run_case(i, name, build) else "fail", i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing (one process; only after every case passed).
 
 def _time(fn, iters=20):
+    import torch
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -80,7 +223,12 @@ def _time(fn, iters=20):
 
 
 def timing():
+    import torch
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    import fusedlm
+    from fusedlm.ops import fused_attention as attn_ops
+
     print(f"\n{'shape':<30} {'impl':<20} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>10} {'TFLOP/s':>8}")
     for b, s, h, d, causal in [(32, 512, 12, 64, False), (8, 2048, 16, 128, False), (8, 2048, 16, 128, True),
                                (2, 8192, 16, 128, True), (4, 4096, 32, 64, False)]:
@@ -90,8 +238,8 @@ def timing():
         impls = {}
         for kern in ("wgmma", "wmma"):
             def run(kern=kern):
-                attn_ops.cuda_kernels = kern
-                return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
+                with attn_ops.using_cuda_kernels(kern):
+                    return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
             impls[f"fusedlm[cuda:{kern}]"] = run
         impls["fusedlm[triton]"] = lambda: fusedlm.attention(q, k, v, causal=causal, backend="triton")
 
@@ -107,19 +255,40 @@ def timing():
                     fwd = _time(fn)
                 both = _time(lambda: torch.autograd.grad(fn(), (q, k, v), do))
                 print(f"{label:<30} {name:<20} {fwd:8.3f} {flops / fwd / 1e9:8.1f} {both:10.3f} "
-                      f"{3.5 * flops / both / 1e9:8.1f}")
+                      f"{3.5 * flops / both / 1e9:8.1f}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on to the next peer
-                print(f"{label:<30} {name:<20} failed: {type(e).__name__}: {str(e)[:120]}")
+                print(f"{label:<30} {name:<20} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--no-time", action="store_true", help="the cases only")
+    ap.add_argument("--wrap", default="", help="a command to run each worker under, e.g. compute-sanitizer")
+    ap.add_argument("--case-timeout", type=float, default=60.0, help="seconds a case may go without a line")
+    ap.add_argument("--cpu", action="store_true", help="check this script on the CPU (torch backend)")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}  fusedlm build: {fusedlm.build_info()}")
-    ok = correctness()
-    print("correctness:", "all within 2e-2" if ok else "FAILURES above")
-    if not args.no_time and ok:
+    global DEVICE, BACKEND
+    if args.cpu:
+        DEVICE, BACKEND = "cpu", "torch"
+    if args.worker is not None:
+        worker(args.worker)
+        return 0
+    names = [name for name, _ in _cases()]  # building nothing: the supervisor never touches the GPU
+    status = supervise(
+        lambda start: [*shlex.split(args.wrap), sys.executable, os.path.abspath(__file__), "--worker", str(start),
+                       *(["--cpu"] if args.cpu else [])],
+        len(names), args.case_timeout, env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"),
+        log=lambda line: print(line, flush=True))
+    bad = {i: s for i, s in status.items() if s != "ok"}
+    missing = [i for i in range(len(names)) if i not in status]
+    print(f"\ncases: {sum(s == 'ok' for s in status.values())} of {len(names)} passed")
+    for i, s in sorted(bad.items()):
+        print(f"  {s:<8} {names[i]}")
+    for i in missing:
+        print(f"  no result {names[i]}")
+    ok = not bad and not missing
+    if ok and not args.no_time and not args.cpu:
         timing()
     return 0 if ok else 1
 

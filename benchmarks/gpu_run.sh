@@ -75,11 +75,13 @@ run_step() {
     tune-attention) cmd=(python3 "$SRC/benchmarks/tune_attention.py" ${TUNE_ARGS:-}) ;;
     lm-loss-align) cmd=(python3 "$SRC/benchmarks/lm_loss_gemm_align.py") ;;
     profile-host) cmd=(python3 "$SRC/benchmarks/profile_host.py" ${PROFILE_CASES:-}) ;;
-    # The Hopper CUDA C++ kernels (opt-in): triage cases and times, the same cases under
-    # compute-sanitizer, and their test suite. bench-attention times them as fusedlm[cuda-wgmma]
+    # The Hopper CUDA C++ kernels (opt-in): triage cases (each in a worker process that a fault
+    # or hang does not outlive) and times, the same cases under compute-sanitizer, and their
+    # test suite. bench-attention times them as fusedlm[cuda-wgmma]
     # when ATTN_ARGS names it (--impl ... fusedlm[cuda-wgmma]).
     wgmma-smoke) cmd=(python3 "$SRC/benchmarks/attention_wgmma_smoke.py") ;;
-    wgmma-sanitize) cmd=(compute-sanitizer --tool memcheck python3 "$SRC/benchmarks/attention_wgmma_smoke.py" --no-time) ;;
+    wgmma-sanitize) cmd=(python3 "$SRC/benchmarks/attention_wgmma_smoke.py" --no-time --case-timeout 120
+                         --wrap "compute-sanitizer --tool memcheck --error-exitcode 7") ;;
     hopper-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests/test_attention_hopper_gpu.py") ;;
     # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
     demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);

@@ -104,14 +104,40 @@ __device__ __forceinline__ void bar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
+__device__ __forceinline__ bool bar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Waits for the completion of `bar`'s phase with this parity.
 __device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+  while (!bar_try_wait(bar, parity)) {
+  }
+}
+
+// No wait lasts more than microseconds in a working kernel; one that lasts kWaitLimitNs means a
+// barrier that will never complete (a wrong phase or transaction count, a copy that faulted).
+// The producer's waits watch for that and trap, so that the host gets a launch error instead of
+// a GPU that hangs; a trap on the consumers' path would make ptxas cap their registers (their
+// setmaxnreg region), and every kernel here would spill.
+constexpr uint64_t kWaitLimitNs = 10'000'000'000ull;
+
+__device__ __forceinline__ void bar_wait_or_trap(uint32_t bar, uint32_t parity) {
+  if (bar_try_wait(bar, parity)) return;
+  const uint64_t t0 = global_ns();
+  while (!bar_try_wait(bar, parity))
+    if (global_ns() - t0 > kWaitLimitNs) __trap();
 }
 
 // Rows [row, row + box) of columns [col, col + 64) of (head, batch) into shared memory at dst;
@@ -333,10 +359,22 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const Map& m, int tile_ro
 
 // The barriers of a Ring: `fixed` completes once; stage st's `full` when its tiles have landed
 // (the producer waits for `empty` before refilling it), `empty` when all consumers are done.
+// Streamed step n uses stage n % kStages, whose barriers complete a phase once per use.
 struct Bars {
   uint32_t fixed;
   __device__ uint32_t full(int st) const { return fixed + 8 + 8 * st; }
   __device__ uint32_t empty(int st) const { return fixed + 8 + 8 * kStages + 8 * st; }
+  // Consumers: the fixed tiles have landed; step n's tiles have.
+  __device__ void wait_fixed() const { bar_wait(fixed, 0); }
+  __device__ void wait_full(int n) const { bar_wait(full(n % kStages), (n / kStages) & 1); }
+  // The producer, before loading step n >= kStages: the consumers are done with step n - kStages.
+  __device__ void wait_empty(int n) const { bar_wait_or_trap(empty(n % kStages), (n / kStages - 1) & 1); }
+  // The producer, after its last load: the fixed tiles have landed and the consumers are done
+  // with every step, so that its watch covers every barrier of the CTA.
+  __device__ void drain(int n_steps) const {
+    bar_wait_or_trap(fixed, 0);
+    for (int n = n_steps > kStages ? n_steps : kStages; n < n_steps + kStages; ++n) wait_empty(n);
+  }
 };
 
 // Thread 0 initializes the barriers; the CTA then splits into the producer warpgroup (true:
@@ -372,7 +410,7 @@ __device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const M
   constexpr int kRows = L::kStreamBytes / (D * 2);
   for (int n = 0; n < n_steps; ++n) {
     const int st = n % kStages;
-    if (n >= kStages) bar_wait(bars.empty(st), ((n / kStages) - 1) & 1);
+    if (n >= kStages) bars.wait_empty(n);
     bar_expect(bars.full(st), 2 * L::kStreamBytes);
     int64_t row;
     int head;
@@ -380,6 +418,7 @@ __device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const M
     tma_tile<D>(base + L::kStream0 + st * L::kStreamBytes, s0, kRows, row, head, batch, bars.full(st));
     tma_tile<D>(base + L::kStream1 + st * L::kStreamBytes, s1, kRows, row, head, batch, bars.full(st));
   }
+  bars.drain(n_steps);
 }
 
 __device__ __forceinline__ uint32_t aligned_base() {
@@ -426,11 +465,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
-  bar_wait(bars.fixed, 0);
+  bars.wait_fixed();
   for (int n = 0; n < n_blocks; ++n) {
     const int st = n % kStages, n0 = n * kKeys;
     const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bar_wait(bars.full(st), (n / kStages) & 1);
+    bars.wait_full(n);
 
     float sc[kKeys / 2];
     wgmma_begin(sc);
@@ -526,11 +565,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dk[D / 2], dv[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
-  bar_wait(bars.fixed, 0);
+  bars.wait_fixed();
   for (int n = 0; n < p.group * n_m; ++n) {
     const int st = n % kStages, h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
     const uint32_t q_tile = base + L::kStream0 + st * L::kStreamBytes, do_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bar_wait(bars.full(st), (n / kStages) & 1);
+    bars.wait_full(n);
 
     float pt[kRows / 2], dpt[kRows / 2];  // S^T = K Q^T, then P^T; dP^T = V dO^T, then dS^T
     wgmma_begin(pt, dpt);
@@ -623,11 +662,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dq[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
-  bar_wait(bars.fixed, 0);
+  bars.wait_fixed();
   for (int n = 0; n < n_blocks; ++n) {
     const int st = n % kStages, n0 = n * kKeys;
     const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bar_wait(bars.full(st), (n / kStages) & 1);
+    bars.wait_full(n);
 
     float sc[kKeys / 2], dp[kKeys / 2];  // S = Q K^T, then dS; dP = dO V^T
     wgmma_begin(sc, dp);

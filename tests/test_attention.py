@@ -59,7 +59,8 @@ def run_dense(backend, dtype, b, sq, sk, h, hk, d, *, causal=False, mask=None, l
     ref_grads = torch.autograd.grad(ref, (qs, ks, vs), do)
     compare(out, ref, grads, ref_grads, dtype)
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isinf(lse), ~finite)  # exactly the rows that see no key
+    assert torch.equal(torch.isinf(lse), ~finite)  # exactly the rows that see no key,
+    assert bool((lse[~finite] == float("-inf")).all())  # with the log-sum-exp of nothing
     assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-3
     return out, grads
 

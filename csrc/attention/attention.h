@@ -33,7 +33,7 @@ struct Problem {
 struct ForwardArgs {
   Problem p;
   TensorView o;    // like q
-  TensorView lse;  // float32, base-2 log-sum-exp of the scaled scores (-inf: no key)
+  TensorView lse;  // float32, base-2 log-sum-exp of the scaled scores (+inf: no key, so exp2(s - lse) = 0)
   bool wgmma = false;  // try the Hopper kernel (attention_hopper.cu) first; opt-in until verified
 };
 

@@ -6,7 +6,9 @@ Same argument names, order, defaults and return conventions as flash-attn 2 for 
 fusedlm has. Features it does not have (sliding windows, softcapping, ALiBi, paged KV) raise a
 ValueError naming the argument instead of computing something else. fusedlm's kernels use no
 atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). With
-`return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None.
+`return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None, and a query
+that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
+nothing, where flash-attn writes +inf.
 """
 from .ops.fused_attention import attention, attention_varlen
 

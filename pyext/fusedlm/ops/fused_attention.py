@@ -232,6 +232,13 @@ def _op_backward(ctx, do, _dlse):
 attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+def _natural_lse(lse2):
+    """The kernels' base-2 log-sum-exp in natural log. A row that sees no key has +inf there (so
+    that the backward's exp2(s - lse) is 0); the log-sum-exp of nothing is -inf, as the torch
+    backend and torch.logsumexp give."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * LN2)
+
+
 def _fused(*args):
     args = (*args[:-1], _kernel_backend(args[-1]))
     if torch.compiler.is_compiling():
@@ -371,7 +378,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     `attention_mask`: (batch, seq_k), nonzero/True = attend (Hugging Face's attention_mask).
     A query that sees no key gets zeros. `dropout_p` drops attention probabilities inside the
     kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
-    `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32.
+    `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32
+    (-inf for a query that sees no key).
     The kernels use no atomics, so a process reproduces its results exactly; on a GPU their
     block sizes are autotuned, and `deterministic=True` pins them instead, so that results are
     bitwise equal across processes too (at some cost in speed).
@@ -407,7 +415,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         key_mask = None if attention_mask is None else _key_mask_bytes(attention_mask)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
-        out, lse = o, (lse2 * LN2 if return_lse else None)  # a kernel launch: only when asked
+        out, lse = o, (_natural_lse(lse2) if return_lse else None)  # kernel launches: only when asked
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -471,7 +479,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
                            max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
                            chosen)
-        lse = lse2 * LN2 if return_lse else None
+        lse = _natural_lse(lse2) if return_lse else None
     return (out, lse) if return_lse else out
 
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
 from ..ops import fused_attention
-from ..ops.fused_attention import using_cuda_kernels
 from .harness import time_ms
 
 WGMMA = "fusedlm[cuda-wgmma]"
@@ -27,7 +26,7 @@ def _on_wgmma(fn):
     holds for its backward). Raises where they declined the call, so that the WMMA kernels,
     which then serve it, are never timed under this name."""
     def wrapped(*args, **kwargs):
-        with using_cuda_kernels("wgmma"):
+        with fused_attention.using_cuda_kernels("wgmma"):
             out = fn(*args, **kwargs)
         if fused_attention.last_cuda_forward_kernel != "wgmma":
             raise RuntimeError(f"ran {fused_attention.last_cuda_forward_kernel}")

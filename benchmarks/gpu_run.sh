@@ -5,13 +5,14 @@
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"])
 #   run(command="STEPS='cuda-tests:120 bench-attention:300' bash benchmarks/gpu_run.sh", carry=[".whl"])
 #
-# .whl (ignored, optional) holds wheels: a prebuilt fusedlm wheel for the machine's Python
-# (saves the build there; see benchmarks/results/README.md), and peers (Liger-Kernel, Cut
+# .whl (ignored, optional) holds wheels: a fusedlm wheel for the machine's Python, built from
+# this tree by benchmarks/build_wheel.sh (saves the build there; a wheel from another tree is
+# not installed, see below), and peers (Liger-Kernel, Cut
 # Cross-Entropy). The machine has torch, triton, pybind11, scikit-build-core, cmake, ninja and
 # nvcc, and no package registry: build without isolation and without dependencies.
 #
 # STEPS: "name:seconds" items run in order, each under its own time limit so the script always
-# gets to pack its results (the call's own limit is 10 minutes). some-tests runs $SOME_TESTS
+# gets to pack its results (the call's own limit is 10 minutes); STEPS="" installs and stops. some-tests runs $SOME_TESTS
 # (pytest node ids relative to the repository); attn-tests takes a -k expression in $TEST_K;
 # bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
 # profile-host (host time or kernel time, per attention case) takes case names in $PROFILE_CASES;
@@ -20,14 +21,14 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 SRC=$PWD
-W=/tmp/gpu_run
+W=${GPU_RUN_WORK:-/tmp/gpu_run}  # scratch (a test points it elsewhere)
 rm -rf "$W" && mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1
 # The default fits one 10-minute call (about 540 s of steps; the install takes seconds with a
 # carried wheel). On the first H100 run the full suite (`tests`, -n 8) needed more than 230 s,
 # `bench-attention` 184 s, `bench-model` more than 80 s: a second call can take
 # STEPS='tests:300 bench-layer_norm:90 bench-model:150'.
-STEPS=${STEPS:-"gpu-tests:180 bench-attention:200 bench-lm_loss:60 demo:100"}
+STEPS=${STEPS-"gpu-tests:180 bench-attention:200 bench-lm_loss:60 demo:100"}  # STEPS="": install only
 log() { echo "== $*" | tee -a "$W/summary.txt"; }
 pack() { cp "$W/summary.txt" "$OUT/" 2>/dev/null; tar czf "$OUT/gpu_run.tar.gz" -C "$W" . ; }
 trap pack EXIT
@@ -40,12 +41,21 @@ if [ -n "$peers" ]; then
     && export PYTHONPATH=/tmp/site && log "peers: $(ls /tmp/site | grep -i dist-info | tr '\n' ' ')"
 fi
 start=$(date +%s)
+# A carried wheel is installed only if it was built from this very tree (benchmarks/build_wheel.sh
+# writes the fingerprint beside it): a stale one would run old kernels and an old package under
+# this tree's tests, and its results would be credited to this tree.
+wheel=$(ls .whl/fusedlm-*-cp312-*.whl 2>/dev/null | head -n 1)
+if [ -n "$wheel" ] && ! why=$(python3 benchmarks/wheel_fingerprint.py --check .whl/fusedlm.fingerprint .); then
+  log "NOT installing the carried wheel: $why; building from source"
+  wheel=
+fi
+log "source fingerprint $(python3 benchmarks/wheel_fingerprint.py .)"
 if [ -n "${SKIP_INSTALL:-}" ]; then
   log "using the installed fusedlm (SKIP_INSTALL)"
-elif ls .whl/fusedlm-*-cp312-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --force-reinstall .whl/fusedlm-*.whl > "$W/build.log" 2>&1 \
+elif [ -n "$wheel" ]; then
+  python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheel" > "$W/build.log" 2>&1 \
     || { log "WHEEL INSTALL FAILED"; tail -20 "$W/build.log"; exit 1; }
-  log "installed the carried wheel in $(( $(date +%s) - start )) s"
+  log "installed the carried wheel (built from this tree) in $(( $(date +%s) - start )) s"
 else
   FUSEDLM_CUDA=ON FUSEDLM_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -q . \
     > "$W/build.log" 2>&1 || { log "BUILD FAILED"; tail -50 "$W/build.log"; exit 1; }

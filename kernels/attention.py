@@ -11,6 +11,8 @@ Backward, deterministic by construction (no atomics): `_attn_bwd_dkdv` owns a bl
 one key head and loops over every query head of its group and every query block, accumulating
 dK and dV in registers; `_attn_bwd_dq` owns a block of queries and loops over the keys. Both
 recompute P = exp2(S - lse) from the saved log-sum-exp: no sequence x sequence matrix is stored.
+dQ runs first and also leaves delta = rowsum(dO * O) of its rows for dK/dV, which needs every
+row's: no launch and no pass over dO of its own.
 
 Masks: causal is aligned bottom-right (query i sees key j iff j <= i + Sk - Sq); the key mask
 (batch, Sk) marks keys to attend with nonzero; the forward and dQ stop after the last attended
@@ -206,7 +208,7 @@ def _attn_fwd(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo, hi, offs_n, offs_m0,
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
                  offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k_rng,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
@@ -222,7 +224,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo, hi, 
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
         if ON_EDGE and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
-        do = _load_rows(do_ptr, offs_m, s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptr, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
         delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
@@ -239,7 +241,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo, hi, 
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -278,16 +280,16 @@ def _attn_bwd_dkdv(
         for g in range(0, n_groups):
             h = hk * group + g
             q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
-            do_ptr = DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
+            do_ptr = DO + b.to(tl.int64) * s_dob + q0.to(tl.int64) * s_dos + h * s_doh
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
             if CAUSAL:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, lo,
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
                                       full, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                       seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
                                       True, CAUSAL, DROPOUT)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_os, full,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
                                   q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                   seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
                                   False, CAUSAL, DROPOUT)
@@ -325,9 +327,9 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KMASK, CU_Q, CU_K,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_dqb, s_dqs, s_dqh, s_lb, s_lh, s_mb,
+    Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
+    s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -345,11 +347,15 @@ def _attn_bwd_dq(
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh, offs_m,
                        s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh, offs_m,
-                        s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO + b.to(tl.int64) * s_dob + q0.to(tl.int64) * s_dos + h * s_doh, offs_m,
+                        s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        o = _load_rows(O + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh, offs_m,
+                       s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
         l_off = b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m
         lse = tl.load(LSE + l_off, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(DELTA + l_off, mask=offs_m < q_len, other=0.0)
+        # delta = rowsum(dO * O), fp32: this block's rows, stored for the dK/dV launch after.
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + l_off, delta, mask=offs_m < q_len)
         k_ptr = K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
         v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
         kmask = KMASK + b * s_mb
@@ -365,24 +371,6 @@ def _attn_bwd_dq(
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
         tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
-def _attn_bwd_delta(O, DO, DELTA, s_ob, s_os, s_oh, s_dob, s_dos, s_doh, s_lb, s_lh, seq_q,
-                    n_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, laid out as the log-sum-exp: one pass over O and dO."""
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b.to(tl.int64) * s_ob + h * s_oh, offs_m, s_os, seq_q, offs_d, HEAD_DIM,
-                   BLOCK_D)
-    do = _load_rows(DO + b.to(tl.int64) * s_dob + h * s_doh, offs_m, s_dos, seq_q, offs_d,
-                    HEAD_DIM, BLOCK_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b.to(tl.int64) * s_lb + h * s_lh + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -532,14 +520,16 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
             args, flags, blocks)
 
 
-def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
+def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
              causal, scale, dropout_p, seed, pinned=False, blocks=None):
-    """delta: rowsum(do * o) laid out as lse (see `delta`). dq has q's shape; dk and dv k's shape and the
-    same strides as each other (kv heads)."""
+    """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
+    rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
+    dO). dq has q's shape; dk and dv k's shape and the same strides as each other (kv heads)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)
-    if batch == 0 or seq_k == 0 or seq_q == 0:
+    if batch == 0 or seq_k == 0 or seq_q == 0:  # no query sees a key: every gradient is 0
+        dq.zero_()
         dk.zero_()
         dv.zero_()
         return
@@ -552,29 +542,13 @@ def backward(q, k, v, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p, seq_k)
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
+    # dQ first: it leaves delta for dK/dV.
+    _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
+            (q, k, v, do, lse, delta, dq, o, *masks, *strides, *_strides(dq, varlen),
+             *_strides(o, varlen), s_lb, s_lh, s_mb, *scalars), flags, blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
              s_lb, s_lh, s_mb, *scalars), flags, blocks)
-    _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
-            (q, k, v, do, lse, delta, dq, *masks, *strides, *_strides(dq, varlen), s_lb, s_lh,
-             s_mb, *scalars), flags, blocks)
-
-
-def delta(o, do, out, *, varlen):
-    """out = rowsum(do * o) in fp32, laid out as forward's lse (see `forward`)."""
-    if varlen:  # one sequence of all the packed rows
-        seq_q, n_heads = o.shape[0], o.shape[1]
-        s_lb, s_lh, batch = 0, out.stride(0), 1
-    else:
-        batch, seq_q, n_heads = o.shape[0], o.shape[1], o.shape[2]
-        s_lb, s_lh = out.stride(0), out.stride(1)
-    if batch * seq_q * n_heads == 0:
-        return
-    block_d = max(next_power_of_2(o.shape[-1]), 16)
-    block_m = max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta[(cdiv(seq_q, block_m), batch * n_heads)](
-        o, do, out, *_strides(o, varlen), *_strides(do, varlen), s_lb, s_lh, seq_q, n_heads,
-        HEAD_DIM=o.shape[-1], BLOCK_D=block_d, BLOCK_M=block_m)
 
 
 def dropout_mask(out, seed, dropout_p):

@@ -117,9 +117,8 @@ def test_kernels_at_block_edges(blocks, with_mask):
         kern.forward(q, k, v, o, lse, **opts)
         delta = torch.empty_like(lse)
         do16 = do.to(torch.float16)
-        kern.delta(o, do16, delta, varlen=False)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        kern.backward(q, k, v, do16, lse, delta, dq, dk, dv, **opts)
+        kern.backward(q, k, v, o, do16, lse, delta, dq, dk, dv, **opts)
         what = (sq, sk, causal)
         compare(o, ref, (dq, dk, dv), ref_grads, torch.float16)
         finite = torch.isfinite(ref_lse)
@@ -144,6 +143,40 @@ def test_padding_mask_with_an_empty_row(backend, causal):
     assert torch.count_nonzero(out[2]) == 0
     for g in grads:
         assert not torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_keys_at_all_gives_zeros_forward_and_backward(backend, packed):
+    """seq_k = 0: no query sees a key, so the output and every gradient are 0."""
+    if packed:
+        q, k, v = make(2, 5, 0, 2, 2, 32, torch.float16, packed=True)
+        cu_q = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+        out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, 5, 0, backend=backend)
+    else:
+        q, k, v = make(2, 5, 0, 2, 2, 32, torch.float16)
+        out = fusedlm.attention(q, k, v, backend=backend)
+    assert out.shape == q.shape and torch.count_nonzero(out) == 0
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.numel() == dv.numel() == 0
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton kernels cannot run here")
+def test_backward_launcher_fills_every_gradient_when_there_are_no_keys():
+    """The launchers' contract: dq, dk, dv come back filled, whatever they held (the backward
+    returned early without touching dq when seq_k = 0, and torch.empty's memory leaked out)."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    for sq, sk in ((5, 0), (0, 7)):
+        q, k, v = (t.detach() for t in make(2, sq, sk, 2, 2, 32, torch.float16))
+        o, lse = torch.zeros_like(q), torch.full((2, 2, sq), float("inf"), device=DEVICE)
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        kern.backward(q, k, v, o, torch.ones_like(q), lse, torch.empty_like(lse), dq, dk, dv,
+                      key_mask=None, cu_q=None, cu_k=None, max_q=sq, max_k=sk, causal=False,
+                      scale=0.125, dropout_p=0.0, seed=0)
+        for g in (dq, dk, dv):
+            assert torch.equal(g, torch.zeros_like(g)), (sq, sk)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -151,9 +151,8 @@ def _run_pinned(kern, pin, q, k, v, do, *, causal, key_mask=None, cu=None, max_l
                 dropout_p=0.0, seed=0, blocks=pin)
     kern.forward(q, k, v, o, lse, **opts)
     delta = torch.empty_like(lse)
-    kern.delta(o, do, delta, varlen=varlen)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kern.backward(q, k, v, do, lse, delta, dq, dk, dv, **opts)
+    kern.backward(q, k, v, o, do, lse, delta, dq, dk, dv, **opts)
     return o, (dq, dk, dv)
 
 

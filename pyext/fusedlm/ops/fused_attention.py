@@ -157,11 +157,9 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
             dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q),
             backend == "cuda-wgmma")
     else:
-        kernels = _triton.kernels("attention")
-        delta = torch.empty_like(lse)
-        kernels.delta(o, do, delta, varlen=cu_q is not None)
-        kernels.backward(
-            q, k, v, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
+        delta = torch.empty_like(lse)  # filled by the dQ launch, read by dK/dV's
+        _triton.kernels("attention").backward(
+            q, k, v, o, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
             max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
             pinned=pinned)
     return dq, dk, dv

@@ -1,6 +1,7 @@
 """Data-parallel training through torch.distributed: two CPU processes (gloo) running
 DistributedDataParallel or FSDP2 over fusedlm's BERT get the gradients a single process computes
 for the same two half-batches; and `fusedlm pretrain` under torchrun."""
+import gc
 import os
 import socket
 import warnings
@@ -52,6 +53,7 @@ def _wrap(model, how):
 def _worker(rank, world, port, out, how):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = grads = None
     try:
         model = _wrap(_model(), how)
         with warnings.catch_warnings():
@@ -64,6 +66,11 @@ def _worker(rank, world, port, out, how):
         if rank == 0:
             torch.save(grads, out)
     finally:
+        # FSDP2's modules sit in reference cycles that hold gloo work objects: freed by the
+        # collector at interpreter exit, after the group is gone, they can abort the process
+        # ("terminate called without an active exception", seen once in the full suite).
+        model = grads = None
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -33,6 +33,13 @@ from ._host import cdiv, next_power_of_2
 LOG2E = 1.4426950408889634
 
 
+# Integer arguments that change from call to call (a batch's longest sequence, packed or
+# dynamically padded; the dropout seed, drawn per call). Triton would otherwise compile a variant
+# for each value class it specializes on (divisible by 16, equal to 1): seconds of compiling in
+# the middle of a training run, each time a batch or seed falls in a new class.
+_PER_CALL = ["seq_q", "seq_k", "seed", "seq_k_rng"]
+
+
 @triton.jit
 def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
     """(first row of this sequence in the packed tensors, its length) for queries and keys."""
@@ -159,7 +166,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _attn_fwd(
     Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
@@ -238,7 +245,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
@@ -325,7 +332,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,

@@ -51,7 +51,9 @@ def _norm_fwd_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The row count of a packed batch changes from call to call: not specialized on, so that Triton
+# does not compile a variant per value class (divisible by 16, equal to 1) mid-run.
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _norm_bwd_kernel(
     DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DW_PART, DB_PART,
     stride_dy, stride_z, stride_extra, stride_dz,

@@ -12,9 +12,10 @@
 # nvcc, and no package registry: build without isolation and without dependencies.
 #
 # STEPS: "name:seconds" items run in order, each under its own time limit so the script always
-# gets to pack its results (the call's own limit is 10 minutes); STEPS="" installs and stops. some-tests runs $SOME_TESTS
-# (pytest node ids relative to the repository); attn-tests takes a -k expression in $TEST_K;
-# bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl sdpa[cudnn] fusedlm[triton]").
+# gets to pack its results (the call's own limit is 10 minutes); STEPS="" installs and stops.
+# some-tests runs $SOME_TESTS (pytest node ids relative to the repository); attn-tests takes a
+# -k expression in $TEST_K; bench-attention takes more arguments in $ATTN_ARGS (e.g. "--impl
+# sdpa[cudnn] fusedlm[triton]").
 # profile-host (host time or kernel time, per attention case) takes case names in $PROFILE_CASES;
 # lm-loss-align A/Bs the LM loss's vocabulary padding; wgmma-smoke, wgmma-sanitize and
 # hopper-tests check the Hopper CUDA C++ kernels (see the step list below).
@@ -45,7 +46,8 @@ start=$(date +%s)
 # writes the fingerprint beside it): a stale one would run old kernels and an old package under
 # this tree's tests, and its results would be credited to this tree.
 wheel=$(ls .whl/fusedlm-*-cp312-*.whl 2>/dev/null | head -n 1)
-if [ -n "$wheel" ] && ! why=$(python3 benchmarks/wheel_fingerprint.py --check .whl/fusedlm.fingerprint .); then
+if [ -z "${SKIP_INSTALL:-}" ] && [ -n "$wheel" ] \
+   && ! why=$(python3 benchmarks/wheel_fingerprint.py --check .whl/fusedlm.fingerprint .); then
   log "NOT installing the carried wheel: $why; building from source"
   wheel=
 fi

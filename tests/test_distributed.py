@@ -53,7 +53,6 @@ def _wrap(model, how):
 def _worker(rank, world, port, out, how):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = grads = None
     try:
         model = _wrap(_model(), how)
         with warnings.catch_warnings():

@@ -219,6 +219,22 @@ def test_hugging_face_layout_by_strides(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq, sk", [(1, 7), (5, 3)])  # a cached decoding step; cross-attention
+def test_hugging_face_layout_with_unequal_lengths(backend, sq, sk):
+    """'bhsd' shapes are read as (batch, heads, seq, D): seq_k is not taken for a head count."""
+    run_dense(backend, torch.float16, 1, sq, sk, 2, 2, 16, causal=True, layout="bhsd")
+
+
+def test_hugging_face_layout_checks_heads_not_lengths():
+    q = torch.randn(1, 3, 4, 16, device=DEVICE, dtype=torch.float16)  # 3 heads
+    k = torch.randn(1, 2, 4, 16, device=DEVICE, dtype=torch.float16)  # 2 heads, same length
+    with pytest.raises(ValueError, match=r"k's heads \(2\) must divide q's heads \(3\)"):
+        fusedlm.attention(q, k, k, layout="bhsd")
+    with pytest.raises(ValueError, match=r"q must have shape \(batch, heads, seq, head_dim\)"):
+        fusedlm.attention(q[0], k, k, layout="bhsd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 # The torch backend pads the first to one batch; the second, mostly padding, goes sequence by sequence.
 @pytest.mark.parametrize("lens", [[5, 0, 33, 17, 1], [1, 1, 2, 1, 40]])

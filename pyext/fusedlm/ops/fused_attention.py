@@ -291,16 +291,26 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
 # ---------------------------------------------------------------------------------------------
 # Validation and public API.
 
-def _check_qkv(q, k, v, packed):
-    want = 3 if packed else 4
-    shape = "(total, heads, head_dim)" if packed else "(batch, seq, heads, head_dim)"
+_SHAPES = {"packed": "(total, heads, head_dim)", "bshd": "(batch, seq, heads, head_dim)",
+           "bhsd": "(batch, heads, seq, head_dim)"}
+
+
+def _check_tensors(q, k, v, layout):
+    """Type, rank and dtype of q, k, v as the caller passed them (before any transpose)."""
+    want = 3 if layout == "packed" else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != want:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {_SHAPES[layout]} (layout='{layout}'), "
+                             f"got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_qkv(q, k, v, packed):
+    """Shapes of q, k, v against each other, in the (batch, seq, heads, D) or packed
+    (total, heads, D) order: a 'bhsd' call is transposed first, so that heads are heads."""
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
@@ -315,6 +325,8 @@ def _check_qkv(q, k, v, packed):
     h, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or h % hk != 0:
         raise ValueError(f"k's heads ({hk}) must divide q's heads ({h}) (grouped-query attention)")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a head_dim > 0, got shape {tuple(q.shape)}")
 
 
 def _check_options(dropout_p, softmax_scale, seed):
@@ -384,9 +396,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     if layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
-    _check_qkv(q, k, v, packed=False)
+    _check_tensors(q, k, v, layout)
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    _check_qkv(q, k, v, packed=False)
     _check_options(dropout_p, softmax_scale, seed)
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
@@ -447,6 +460,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
     sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
     on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]."""
+    _check_tensors(q, k, v, "packed")
     _check_qkv(q, k, v, packed=True)
     _check_options(dropout_p, softmax_scale, seed)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),

@@ -43,7 +43,10 @@ def _ce_rows_kernel(
         # The first maximal column wins, as in torch.argmax: a later tile only on a strict rise.
         best = tl.where(tile_max > m, start + tl.argmax(x, axis=0), best)
         new_m = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        # While every logit so far is -inf (a bias can mask a whole tile), exp(-inf - -inf)
+        # would be NaN: shift by 0 instead, which adds exact zeros.
+        shift = tl.where(new_m == -float("inf"), 0.0, new_m)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = new_m
         if SMOOTH:
             total += tl.sum(tl.where(mask, x, 0.0), axis=0)

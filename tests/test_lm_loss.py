@@ -167,6 +167,43 @@ def test_one_label_at_each_end_of_the_vocabulary(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_labels_taken_by_their_strides(backend, view):
+    """A 1-D view of labels (every other one; one label broadcast to every row) is read through
+    its strides, also when no label is ignored (no compaction copy hides the layout)."""
+    h, w, b, _ = make(10, 8, 40, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    if view == "strided":
+        labels = torch.randint(0, 40, (20,), generator=g).to(DEVICE)[::2]
+    else:
+        labels = torch.tensor([7], device=DEVICE).expand(10)
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], backend=backend), h, w, b)
+    ref, ref_grads = run(lambda *a: reference.lm_loss(*a[:2], labels.contiguous(), a[2])[0],
+                         f64(h), f64(w), f64(b))
+    assert rel_err(loss, ref) < 1e-6
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_vocabulary_tile_of_minus_inf_logits(backend):
+    """A bias of -inf over more than a whole kernel tile (4096 columns) of the vocabulary: the
+    loss and gradients stay finite, as float64 gives (the online log-sum-exp must not form
+    -inf - -inf)."""
+    h, w, b, labels = make(6, 8, 4099 + 64, torch.float32, labelled=1.1)
+    with torch.no_grad():
+        b[:4099] = float("-inf")
+    labels = 4099 + labels % 64
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], backend=backend), h, w, b)
+    ref, ref_grads = run(lambda *a: reference.lm_loss(*a[:2], labels, a[2])[0], f64(h), f64(w), f64(b))
+    assert torch.isfinite(ref) and rel_err(loss, ref) < 1e-5
+    for got, want in zip(grads[:2], ref_grads[:2]):  # d bias: 0 at the -inf columns
+        assert rel_err(got, want) < 1e-5
+    assert rel_err(grads[2][4099:], ref_grads[2][4099:]) < 1e-5
+    assert torch.equal(grads[2][:4099], torch.zeros_like(grads[2][:4099]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int32_labels_and_custom_ignore_index(backend):
     h, w, b, labels = make(12, 8, 40, torch.float32, labelled=0.5)
     labels = torch.where(labels == -100, torch.full_like(labels, 39), labels)

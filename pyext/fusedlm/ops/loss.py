@@ -418,7 +418,8 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     out_shape = labels.shape
     h2 = unit_stride(hidden.reshape(-1, hidden.shape[-1]))
     w = unit_stride(weight)
-    y = labels.reshape(-1).long()
+    # The row kernels index labels by row: a strided or expanded (stride 0) view is copied.
+    y = labels.reshape(-1).long().contiguous()
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h2.requires_grad, grad_on and w.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

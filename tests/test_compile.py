@@ -137,3 +137,25 @@ def test_attention_custom_ops_pass_opcheck():
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
     qp, kp, vp = (t.detach()[0].requires_grad_() for t in (q, k, v))
     torch.library.opcheck(attn_ops.attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, 3, True, "triton"))
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("bad", ["max_seqlen", "offsets"])
+def test_compiled_varlen_checks_its_offsets(backend, bad):
+    """Compiled, the offsets cannot be read on the host; they are checked on the device, so
+    that a max_seqlen below the longest sequence or falling offsets are an error, not rows left
+    unwritten or read out of bounds."""
+    q = torch.randn(12, 2, 16, device=DEVICE, dtype=torch.float16)
+    good = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    f = torch.compile(lambda cu, mx: fusedlm.attention_varlen(q, q, q, cu, cu, mx, mx,
+                                                              backend=backend),
+                      fullgraph=True, backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    assert torch.equal(f(good, 7), fusedlm.attention_varlen(q, q, q, good, good, 7, 7,
+                                                            backend=backend))
+    cu, mx = (good, 6) if bad == "max_seqlen" else (torch.tensor([0, 7, 5], dtype=torch.int32,
+                                                                 device=DEVICE), 12)
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU a failed device-side check ends the process's CUDA context")
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must rise from 0 to 12"):
+        f(cu, mx)

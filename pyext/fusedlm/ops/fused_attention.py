@@ -14,6 +14,7 @@ mask for a seed. The `torch` backend draws its own masks (the same seed reproduc
 they differ from the kernels').
 """
 import contextlib
+import operator
 import os
 from typing import Optional, Tuple
 
@@ -263,19 +264,43 @@ def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed):
                                dropout_p=dropout_p, dropout_keep=keep)
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
-    lens = cu_q.diff()
-    if lens.numel() and torch.equal(cu_q, cu_k):
-        # Self-attention: one padded batch instead of a loop over sequences (a CPU trains BERT on
-        # this path), unless padding to the longest sequence would multiply the work by > 4.
-        b, s = lens.numel(), int(lens.max())
-        if b * s * s <= 4 * int((lens.long() ** 2).sum()):
-            key_mask = torch.arange(s, device=q.device) < lens[:, None]
-            idx = key_mask.flatten().nonzero().squeeze(1)
-            o, lse = _torch_dense(*(pad(t, idx, b, s) for t in (q, k, v)), key_mask, causal,
-                                  scale, dropout_p, seed)
-            return (o.flatten(0, 1).index_select(0, idx),
-                    lse.transpose(0, 1).flatten(1).index_select(1, idx).float())
+def _packed_rows(cu, total, seq):
+    """For packed rows 0..total-1: their index in a (batch * seq) right-padded layout, and the
+    sequences' lengths; computed on the device (no host read, static shapes)."""
+    rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    which = torch.bucketize(rows, cu[1:], right=True)
+    return which * seq + (rows - cu[which]), cu.diff()
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    """The reference over packed sequences: each padded on the right to max_seqlen, one dense
+    batch with a mask (static shapes: what torch.compile can trace). In eager mode, where that
+    padding would multiply the work by more than 4 (one long sequence among short ones), one
+    dense call per sequence instead (reading the offsets, which a trace cannot)."""
+    batch = cu_q.numel() - 1
+    if batch == 0 or q.shape[0] == 0:
+        return q.new_zeros(q.shape), q.new_full((q.shape[1], q.shape[0]), float("-inf"),
+                                                 dtype=torch.float32)
+    if not torch.compiler.is_compiling():
+        lens_q, lens_k = cu_q.diff().long(), cu_k.diff().long()
+        if batch * max_q * max_k > 4 * int((lens_q * lens_k).sum()):
+            return _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed)
+    idx_q, lens_q = _packed_rows(cu_q, q.shape[0], max_q)
+    idx_k, lens_k = _packed_rows(cu_k, k.shape[0], max_k)
+    pad_q = pad(q, idx_q, batch, max_q)
+    pad_k, pad_v = (pad(t, idx_k, batch, max_k) for t in (k, v))
+    key_mask = torch.arange(max_k, device=q.device) < lens_k[:, None]
+    keep = None
+    if dropout_p > 0:
+        keep = _torch_dropout_keep((batch, q.shape[1], max_q, max_k), dropout_p, seed, q.device)
+    o, lse = reference.attention(pad_q, pad_k, pad_v, causal=causal, key_mask=key_mask,
+                                 softmax_scale=scale, dropout_p=dropout_p, dropout_keep=keep,
+                                 lengths=(lens_q, lens_k))
+    return (o.flatten(0, 1).index_select(0, idx_q),
+            lse.transpose(0, 1).flatten(1).index_select(1, idx_q).float())
+
+
+def _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
@@ -283,8 +308,6 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
                             v[None, ck[i]:ck[i + 1]], None, causal, scale, dropout_p, seed + i)
         outs.append(o[0])
         lses.append(l[0])
-    if not outs:
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], 0), dtype=torch.float32)
     return torch.cat(outs), torch.cat(lses, dim=1).float()
 
 
@@ -346,32 +369,17 @@ def _seed(dropout_p, seed, n_streams):
     return min(seed, 2 ** 31 - 1 - n_streams)
 
 
-def _once_per_version(t, attr, key, make):
-    """make(), kept on tensor t (as `attr`) until t changes in place (its version counter) or
-    `key` differs: for what a model hands every layer unchanged (a mask, packed offsets), where
-    the work is a kernel launch or a wait for the GPU. An inference tensor has no version
-    counter: make() runs every call."""
-    try:
-        stamp = (t._version, key)
-    except RuntimeError:
-        return make()
-    cached = getattr(t, attr, None)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, make())
-        setattr(t, attr, cached)
-    return cached[1]
-
-
-def _key_mask_bytes(attention_mask):
-    """One byte per key for the kernels, nonzero = attend. A bool mask is viewed as is; an
-    integer one is compared with 0 (a cast to int8 would turn 256 into 0, "do not attend"),
-    once per mask rather than in every layer."""
+def _key_mask_for(backend, attention_mask):
+    """The padding mask as the kernels take it, nonzero = attend, rebuilt at every call (a cache
+    keyed on the tensor's version counter went stale after writes through numpy or .data). The
+    Triton kernels compare each element with 0 in its own dtype, so they take a bool (as int8)
+    or integer mask as it is; the CUDA C++ ones take int8, made by comparing with 0 (a cast
+    would turn 256 into 0, "do not attend")."""
     if attention_mask.dtype == torch.bool:
         return attention_mask.contiguous().view(torch.int8)
-    compare = lambda: (attention_mask != 0).contiguous().view(torch.int8)  # noqa: E731
-    if torch.compiler.is_compiling():
-        return compare()
-    return _once_per_version(attention_mask, "_fusedlm_key_mask", None, compare)
+    if backend == "triton":
+        return attention_mask.contiguous()
+    return (attention_mask != 0).contiguous().view(torch.int8)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -423,7 +431,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed)
         lse = lse.float()
     else:
-        key_mask = None if attention_mask is None else _key_mask_bytes(attention_mask)
+        key_mask = None if attention_mask is None else _key_mask_for(chosen, attention_mask)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
         out, lse = o, (_natural_lse(lse2) if return_lse else None)  # kernel launches: only when asked
@@ -432,24 +440,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     return (out, lse) if return_lse else out
 
 
-def _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
-    # Reading offsets that live on the GPU waits for it, so a cu_seqlens tensor is checked once
-    # (again after an in-place change), not in every layer that gets it.
-    for name, t, total, mx in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
-                               ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
-        _once_per_version(t, "_fusedlm_offsets_checked", (total, mx),
-                          lambda: _check_one_offsets(name, t, total, mx))
+def _max_seqlen(name, mx):
+    """max_seqlen as a Python int (numpy and 0-d integer types are taken by operator.index)."""
+    try:
+        if isinstance(mx, bool):
+            raise TypeError
+        mx = operator.index(mx)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {mx!r}") from None
+    if mx < 0:
+        raise ValueError(f"{name} must be >= 0, got {mx}")
+    return mx
 
 
-def _check_one_offsets(name, t, total, mx):
-    cu = t.tolist()
-    lens = [b - a for a, b in zip(cu, cu[1:])]
-    if cu[0] != 0 or cu[-1] != total or any(n < 0 for n in lens):
-        raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu}")
-    if not isinstance(mx, int) or mx < max(lens, default=0):
-        raise ValueError(f"max_seqlen for {name} must be an int >= the longest sequence "
-                         f"({max(lens, default=0)}), got {mx!r}")
-    return True
+def _check_offsets(name, cu, total, mx):
+    """cu must rise from 0 to `total` (the packed rows) with no sequence longer than `mx`: a
+    kernel trusting bad offsets reads and writes out of bounds, or leaves rows unwritten.
+    Checked at every call (a check cached on the tensor missed writes through numpy or .data).
+    CPU offsets are read here and raise ValueError. Reading GPU offsets would make the host wait
+    for the GPU, so there, and under torch.compile, the same test runs on the device
+    (torch._assert_async): a bad offset stops the stream with this message before any kernel
+    after it runs."""
+    what = f"{name} must rise from 0 to {total} (the packed rows) with no sequence longer than"
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        offsets = cu.tolist()
+        lens = [b - a for a, b in zip(offsets, offsets[1:])]
+        if offsets[0] != 0 or offsets[-1] != total or any(n < 0 or n > mx for n in lens):
+            raise ValueError(f"{what} max_seqlen={mx}, got {offsets}")
+        return
+    ok = (cu[0] == 0) & (cu[-1] == total)
+    lens = cu.diff()
+    if lens.numel():
+        ok = ok & (lens.min() >= 0) & (lens.max() <= mx)
+    torch._assert_async(ok, f"{what} max_seqlen={mx}")
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -473,9 +496,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
-    if not torch.compiler.is_compiling():  # reading the offsets would break the graph
-        _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q,
-                       max_seqlen_k)
+    max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
@@ -483,8 +507,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, dropout_p > 0),
                              q.device.type, backend)
     if chosen == "torch":
-        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
-                                 float(dropout_p), seed)
+        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, causal, scale, float(dropout_p), seed)
     else:
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()

@@ -12,21 +12,25 @@ def _wide(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def allowed_mask(sq, sk, *, causal=False, key_mask=None, device=None):
-    """(batch or 1, 1, Sq, Sk) bool: True where query i may attend key j."""
+def allowed_mask(sq, sk, *, causal=False, key_mask=None, lengths=None, device=None):
+    """(batch or 1, 1, Sq, Sk) bool: True where query i may attend key j.
+    lengths: (q_lens, k_lens), (batch,) tensors, for sequences padded on the right to Sq and Sk:
+    the causal mask is then aligned bottom-right of each sequence's own lengths."""
     allowed = torch.ones((1, 1, sq, sk), dtype=torch.bool, device=device)
     if causal:
         i = torch.arange(sq, device=device)[:, None]
         j = torch.arange(sk, device=device)[None, :]
-        allowed = allowed & (j <= i + (sk - sq))
+        shift = sk - sq if lengths is None else (lengths[1] - lengths[0])[:, None, None, None]
+        allowed = allowed & (j <= i + shift)
     if key_mask is not None:
         allowed = allowed & key_mask.bool()[:, None, None, :]
     return allowed
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
-              dropout_keep=None):
-    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend.
+              dropout_keep=None, lengths=None):
+    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths: see
+    allowed_mask.
     dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
     Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
     b, sq, h, d = q.shape
@@ -38,10 +42,13 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
         kf = kf.repeat_interleave(h // hk, dim=2)
         vf = vf.repeat_interleave(h // hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    allowed = allowed_mask(sq, sk, causal=causal, key_mask=key_mask, device=q.device)
+    allowed = allowed_mask(sq, sk, causal=causal, key_mask=key_mask, lengths=lengths,
+                           device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    # Only a row that sees no key (lse = -inf) is shifted by 0, to give zeros; a +inf score
+    # gives NaN (inf - inf), as float64 math and SDPA do.
+    p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
     p = p.masked_fill(~allowed, 0.0)
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - dropout_p)

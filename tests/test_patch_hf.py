@@ -81,6 +81,69 @@ def test_patched_model_matches_the_original(name):
         assert rel_err(q.grad, p.grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "RobertaForMaskedLM", "BertForMaskedLM",
+                                  "BertForPreTraining"])
+def test_loss_honours_num_items_in_batch_as_the_original_does(name):
+    """Trainer passes num_items_in_batch with gradient accumulation: a class whose own loss
+    divides the sum by it must get the same from the patch (the others average either way)."""
+    torch.manual_seed(0)
+    ref = _models()[name]().to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    fusedlm.patch(model)
+    kw, _ = _inputs(name)
+    for n in (100, torch.tensor(7, device=DEVICE)):
+        want, got = ref(**kw, num_items_in_batch=n).loss, model(**kw, num_items_in_batch=n).loss
+        assert rel_err(got, want) < 1e-5, (float(got.detach()), float(want.detach()))
+
+
+def test_pretraining_with_masked_lm_labels_only_is_the_originals():
+    """Hugging Face's BertForPreTraining gives no loss without next_sentence_label (and its
+    logits); the patch must not invent one."""
+    ref = _models()["BertForPreTraining"]().to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    fusedlm.patch(model)
+    kw, _ = _inputs("BertForPreTraining")
+    del kw["next_sentence_label"]
+    want, got = ref(**kw), model(**kw)
+    assert want.loss is None and got.loss is None
+    assert rel_err(got.prediction_logits, want.prediction_logits) < 1e-5
+
+
+def _sliding_and_capped():
+    t = transformers
+    small = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "mistral sliding_window=4": (lambda: t.MistralForCausalLM(t.MistralConfig(**small, sliding_window=4)),
+                                     "config.sliding_window=4"),
+        "gemma2 softcap": (lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**small, head_dim=8,
+                                                                      attn_logit_softcapping=5.0)),
+                           "config.attn_logit_softcapping=5.0"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_sliding_and_capped()))
+def test_attention_it_cannot_serve_is_left_alone_and_reported(case):
+    make, why = _sliding_and_capped()[case]
+    torch.manual_seed(0)
+    ref = make().to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    report = fusedlm.patch(model)
+    assert any(a == "attention" and why in w for a, w in report.left_alone), str(report)
+    assert not any(p.startswith("attention") for p in report.patched)
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    want = ref(input_ids=ids, use_cache=False).logits
+    assert rel_err(model(input_ids=ids, use_cache=False).logits, want) < 1e-5
+
+
+def test_attention_refuses_a_window_or_cap_passed_at_the_call():
+    from fusedlm.integrations.hf import _attention_forward
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    for kwarg in ("sliding_window", "softcap"):
+        with pytest.raises(ValueError, match=f"fusedlm attention has no {kwarg}"):
+            _attention_forward(torch.nn.Module(), q, q, q, None, **{kwarg: 4})
+
+
 def test_padding_is_masked_not_dropped():
     """Padded keys must not leak into real tokens: compare a padded row with the same tokens alone."""
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
 """Hugging Face's Trainer drives a patched Hugging Face model and fusedlm's own model: a few
 optimizer steps on CPU lower the masked-LM loss."""
+import copy
+
 import pytest
 import torch
 
@@ -58,3 +60,39 @@ def test_trainer_with_a_patched_model(tmp_path):
 def test_trainer_with_fusedlms_model(tmp_path):
     torch.manual_seed(0)
     _train(fm.BertForMaskedLM(fm.BertConfig(**CONFIG)), tmp_path)
+
+
+class _CausalLM(_MaskedLM):
+    """The same rows with every real token as a label (GPT-2 shifts them itself)."""
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        ids = torch.where(row["labels"] >= 0, row["labels"], row["input_ids"])
+        return dict(input_ids=ids, attention_mask=row["attention_mask"],
+                    labels=ids.masked_fill(row["attention_mask"] == 0, -100))
+
+
+def test_gradient_accumulation_matches_the_unpatched_model(tmp_path):
+    """With gradient accumulation Trainer passes num_items_in_batch and, because the forward
+    takes **kwargs, does not divide the loss by the accumulation steps itself: a patched loss
+    that ignored num_items_in_batch trained with k times the gradient."""
+    gpt2 = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=4,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(gpt2)
+    model, start = copy.deepcopy(ref), copy.deepcopy(ref)
+    fusedlm.patch(model)
+    runs = []
+    for m in (ref, model):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+            gradient_accumulation_steps=3, learning_rate=0.5, lr_scheduler_type="constant",
+            optim="sgd", max_grad_norm=0.0,  # updates in proportion to the gradient
+            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+            disable_tqdm=True)
+        trainer = transformers.Trainer(model=m, args=args, train_dataset=_CausalLM())
+        trainer.train()
+        runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(runs[0]) == 3 and runs[0] == pytest.approx(runs[1], rel=1e-4), runs
+    for (n, p), q, p0 in zip(ref.named_parameters(), model.parameters(), start.parameters()):
+        assert (p - q).norm() <= 1e-3 * (p - p0).norm() + 1e-7, n

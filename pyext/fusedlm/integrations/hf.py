@@ -12,6 +12,8 @@ What `patch(model)` does, each step recorded in the report it returns:
     original forward runs.
 `unpatch(model)` restores the modules, the attention implementation and the forward exactly.
 """
+import functools
+import inspect
 import types
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -54,6 +56,27 @@ def _transformers():
     return transformers, masking_utils, AttentionInterface
 
 
+# Attention arguments of transformers' models that change the function and that fusedlm's
+# attention does not implement; `patch` leaves the attention of a model whose config sets one
+# alone, and a call that passes one anyway is refused (never run without it).
+_UNSUPPORTED_ATTENTION = {
+    "sliding_window": "sliding_window",        # Mistral, Qwen2, Gemma2/3, ...
+    "softcap": "attn_logit_softcapping",       # Gemma2
+    "s_aux": None,                             # attention sinks (gpt-oss)
+}
+
+
+def _unsupported_attention_config(config):
+    """Why fusedlm's attention cannot serve this config, or None."""
+    why = []
+    for kwarg, attr in _UNSUPPORTED_ATTENTION.items():
+        value = getattr(config, attr, None) if attr else None
+        if value is not None and not (attr == "sliding_window" and
+                                      getattr(config, "use_sliding_window", True) is False):
+            why.append(f"config.{attr}={value!r}: fusedlm attention has no {kwarg}")
+    return "; ".join(why) or None
+
+
 def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        is_causal=None, **kwargs):
     """transformers' attention-function signature: q, k, v (batch, heads, seq, D); the mask is
@@ -61,6 +84,10 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     if kwargs.get("output_attentions"):
         raise ValueError("fusedlm attention does not materialize attention weights "
                          "(output_attentions=True); unpatch the model to get them")
+    for kwarg in _UNSUPPORTED_ATTENTION:
+        if kwargs.get(kwarg) is not None:
+            raise ValueError(f"fusedlm attention has no {kwarg} (got {kwarg}={kwargs[kwarg]!r} "
+                             "from the model); use another attn_implementation for this model")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     causal = causal and query.shape[2] > 1
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
@@ -99,33 +126,59 @@ def _mlm_head(model):
     return None
 
 
-def _mlm_loss(model, hidden, labels):
+@functools.lru_cache(maxsize=None)
+def _honours_num_items(cls) -> bool:
+    """Does the class's own loss honour `num_items_in_batch` (which Trainer passes with gradient
+    accumulation)? Those that compute it through transformers' `loss_function` divide the sum
+    over labelled tokens by it; the others (BertForMaskedLM, BertForPreTraining, ... in
+    transformers 5) average over the batch whatever it says, and so must their patched loss.
+    Read from the forward's source: which classes do it changes between transformers versions."""
+    try:
+        return "self.loss_function(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError) as e:
+        raise RuntimeError(f"fusedlm.patch cannot read {cls.__name__}.forward's source to learn "
+                           f"how its loss is reduced ({e})") from e
+
+
+def _fused_loss(model, num_items, hidden, weight, labels, bias, **options):
+    """lm_loss reduced as the model's own loss would be."""
+    if num_items is None or not _honours_num_items(type(model)):
+        return lm_loss(hidden, weight, labels, bias, **options)
+    total = lm_loss(hidden, weight, labels, bias, reduction="sum", **options)
+    return total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
+
+
+def _mlm_loss(model, num_items, hidden, labels):
     transform, decoder = _mlm_head(model)
     h, y = labelled_rows(hidden, labels)
-    return lm_loss(transform(h), decoder.weight, y, decoder.bias)
+    return _fused_loss(model, num_items, transform(h), decoder.weight, y, decoder.bias)
 
 
 def _mlm_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
     if labels is None:
         return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import MaskedLMOutput
+    num_items = kwargs.pop("num_items_in_batch", None)  # for the loss, not the base model
     out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
-    return MaskedLMOutput(loss=_mlm_loss(self, out[0], labels), logits=None,
+    return MaskedLMOutput(loss=_mlm_loss(self, num_items, out[0], labels), logits=None,
                           hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 def _pretraining_forward(self, input_ids=None, attention_mask=None, labels=None,
                          next_sentence_label=None, **kwargs):
-    if labels is None:
+    if labels is None or next_sentence_label is None:
+        # Hugging Face's BertForPreTraining returns a loss only when both labels are given; with
+        # one of them it returns the logits, which only the original forward computes.
         return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                              labels=labels,
                                               next_sentence_label=next_sentence_label, **kwargs)
     from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+    num_items = kwargs.pop("num_items_in_batch", None)  # for the loss, not the base model
     out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
-    loss = _mlm_loss(self, out[0], labels)
+    loss = _mlm_loss(self, num_items, out[0], labels)
     nsp_logits = self.cls.seq_relationship(out[1])
-    if next_sentence_label is not None:
-        loss = loss + torch.nn.functional.cross_entropy(nsp_logits.view(-1, 2).float(),
-                                                        next_sentence_label.view(-1))
+    loss = loss + torch.nn.functional.cross_entropy(nsp_logits.view(-1, 2).float(),
+                                                    next_sentence_label.view(-1))
     return BertForPreTrainingOutput(loss=loss, prediction_logits=None,
                                     seq_relationship_logits=nsp_logits,
                                     hidden_states=out.hidden_states, attentions=out.attentions)
@@ -135,10 +188,11 @@ def _causal_forward(self, input_ids=None, attention_mask=None, labels=None, **kw
     if labels is None:
         return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+    num_items = kwargs.pop("num_items_in_batch", None)  # for the loss, not the base model
     out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
     hidden = out[0]
-    loss = lm_loss(hidden, self.lm_head.weight, labels.to(hidden.device), self.lm_head.bias,
-                   shift=True)
+    loss = _fused_loss(self, num_items, hidden, self.lm_head.weight, labels.to(hidden.device),
+                       self.lm_head.bias, shift=True)
     return CausalLMOutputWithCrossAttentions(loss=loss, logits=None,
                                              past_key_values=out.past_key_values,
                                              hidden_states=out.hidden_states,
@@ -168,7 +222,10 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
     report = PatchReport(name)
     state = {"attn": None, "norms": [], "forward": False}
 
-    if attention:
+    why_not_attention = _unsupported_attention_config(model.config) if attention else None
+    if why_not_attention is not None:
+        report.left_alone.append(("attention", why_not_attention))
+    elif attention:
         _register()
         state["attn"] = model.config._attn_implementation
         for m in model.modules():  # every sub-config (encoder, decoder) a module holds

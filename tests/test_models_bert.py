@@ -183,3 +183,36 @@ def test_roberta_masked_lm_matches_hugging_face_with_padding():
     # And back: our state dict loads into Hugging Face's model unchanged.
     fresh = transformers.RobertaForMaskedLM(hf_config).to(DEVICE)
     fresh.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_from_hf_refuses_a_decoder_or_another_model_type():
+    for option in ("is_decoder", "add_cross_attention"):
+        with pytest.raises(ValueError, match=f"config.{option}=True is not supported by BertConfig"):
+            fm.BertConfig.from_hf(transformers.BertConfig(**CONFIG, **{option: True}))
+    with pytest.raises(ValueError, match="'gpt2' config; BertConfig.from_hf takes model_type 'bert'"):
+        fm.BertConfig.from_hf(transformers.GPT2Config())
+    with pytest.raises(ValueError, match="'bert' config; RobertaConfig.from_hf takes model_type 'roberta'"):
+        fm.RobertaConfig.from_hf(transformers.BertConfig())
+
+
+def test_float_attention_mask_is_refused_not_reinterpreted():
+    """0/1 to Hugging Face, additive to torch: a float mask's meaning is the caller's, and
+    reading an additive 0 / -10000 mask as 0/1 inverts it."""
+    _, ours = _pair(transformers.BertForPreTraining, fm.BertForPreTraining)
+    ids, mask, types, labels, nsp = _batch()
+    additive = (1.0 - mask.float()) * -10000.0
+    for bad in (additive, mask.float()):
+        with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+            ours(ids, attention_mask=bad, token_type_ids=types)
+
+
+@pytest.mark.parametrize("row", [1, 2])  # in the middle of the batch; the last row
+def test_a_sequence_of_padding_only_is_an_error_not_anothers_state(row):
+    _, ours = _pair(transformers.BertForSequenceClassification, fm.BertForSequenceClassification)
+    ids, mask, types, labels, nsp = _batch()
+    mask[row] = 0
+    with pytest.raises(ValueError, match="every row of attention_mask needs a real token"):
+        ours(ids, attention_mask=mask, token_type_ids=types)
+    mask[:] = 0
+    with pytest.raises(ValueError, match="every row of attention_mask needs a real token"):
+        ours(ids, attention_mask=mask, token_type_ids=types)

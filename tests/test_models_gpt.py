@@ -91,3 +91,17 @@ def test_training_steps_lower_the_loss():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("option, value", [("scale_attn_by_inverse_layer_idx", True),
+                                           ("scale_attn_weights", False),
+                                           ("add_cross_attention", True)])
+def test_from_hf_refuses_an_option_it_does_not_implement(option, value):
+    config = transformers.GPT2Config(**CONFIG, **{option: value})
+    with pytest.raises(ValueError, match=f"config.{option}={value!r} is not supported by GPTConfig"):
+        fm.GPTConfig.from_hf(config)
+
+
+def test_from_hf_refuses_another_model_type():
+    with pytest.raises(ValueError, match="'bert' config; GPTConfig.from_hf takes model_type 'gpt2'"):
+        fm.GPTConfig.from_hf(transformers.BertConfig())

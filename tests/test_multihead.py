@@ -45,9 +45,27 @@ def test_encoder_layer_swap_keeps_results(batch_first, causal):
 def test_falls_back_where_it_cannot_serve():
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
-    fused = copy.deepcopy(mha)
-    fusedlm.nn.replace_attention(fused)
+    fused = fusedlm.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    fused.load_state_dict(mha.state_dict())
     q, kv = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 7, 16, device=DEVICE)
     out, weights = fused(q, kv, kv)            # cross-attention, weights asked: torch's path
     want, want_w = mha(q, kv, kv)
     assert torch.equal(out, want) and torch.equal(weights, want_w)
+    assert fusedlm.explain("attention") is None  # fusedlm's attention never ran
+
+
+@pytest.mark.parametrize("kind", ["additive finite", "0 / -inf"])
+def test_float_key_padding_mask_keeps_torchs_meaning(kind):
+    """A float key_padding_mask is added to the scores: finite values (-1.5 here) are not
+    "drop this key", so they run torch's path; 0 / -inf is exactly a drop mask, fused."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    fused = fusedlm.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    fused.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 6, 16, device=DEVICE)
+    mask = torch.zeros(2, 6, device=DEVICE)
+    mask[1, 4:] = -1.5 if kind == "additive finite" else float("-inf")
+    want, _ = mha(x, x, x, key_padding_mask=mask, need_weights=False)
+    got, _ = fused(x, x, x, key_padding_mask=mask, need_weights=False)
+    assert rel_err(got, want) < 1e-5
+    assert (fusedlm.explain("attention") is not None) == (kind == "0 / -inf")

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..nn import LayerNorm, MaskedLMHead
 from ..nn.layers import EncoderLayer
 from ..ops import pad, unpad
+from ..ops._tensors import require
 from .config import FromHF
 from .init import init_weights
 
@@ -39,6 +40,10 @@ class BertConfig(FromHF):
     # RoBERTa numbers positions from pad_token_id + 1, counting real tokens only.
     positions_after_padding: bool = False
 
+    HF_MODEL_TYPES = ("bert",)
+    HF_FIXED = {"is_decoder": False, "add_cross_attention": False,
+                "position_embedding_type": "absolute"}
+
 
 @dataclass
 class RobertaConfig(BertConfig):
@@ -50,6 +55,8 @@ class RobertaConfig(BertConfig):
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
     positions_after_padding: bool = True
+
+    HF_MODEL_TYPES = ("roberta",)
 
 
 class Packed(NamedTuple):
@@ -120,6 +127,11 @@ class BertPooler(torch.nn.Module):
         self.dense = torch.nn.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, packed: Packed):
+        # A sequence with no real token has no [CLS]: its offset is the next sequence's first
+        # row (or past the last one), so it must be an error, not another sequence's state.
+        require((packed.cu_seqlens.diff() > 0).all(),
+                "every row of attention_mask needs a real token (its first, [CLS], feeds the "
+                "pooler); a row is all padding")
         first = packed.hidden.index_select(0, packed.cu_seqlens[:-1].long())  # each [CLS]
         return torch.tanh(self.dense(first))
 

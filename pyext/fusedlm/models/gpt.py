@@ -35,6 +35,10 @@ class GPTConfig(FromHF):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
 
+    HF_MODEL_TYPES = ("gpt2",)
+    HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "add_cross_attention": False}
+
 
 class GPTBlock(DecoderLayer):
     """Pre-LN block (fusedlm.nn.DecoderLayer) built from a GPTConfig. forward(delta, residual,

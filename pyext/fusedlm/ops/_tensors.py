@@ -24,3 +24,15 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def require(ok, message, error=ValueError):
+    """Raise `error(message)` unless the 0-d bool tensor `ok` is true. A CPU tensor is read here
+    (free). Reading a GPU one would make the host wait for the GPU, and a compiled graph cannot
+    read one at all, so there the test runs on the device (torch._assert_async): a failure stops
+    the stream, with this message, before any kernel queued after it runs."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise error(message)
+        return
+    torch._assert_async(ok, message)

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import reference
 from .. import _core
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, unit_stride
+from ._tensors import autocast_inputs, require, unit_stride
 
 _HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -456,23 +456,14 @@ def _max_seqlen(name, mx):
 def _check_offsets(name, cu, total, mx):
     """cu must rise from 0 to `total` (the packed rows) with no sequence longer than `mx`: a
     kernel trusting bad offsets reads and writes out of bounds, or leaves rows unwritten.
-    Checked at every call (a check cached on the tensor missed writes through numpy or .data).
-    CPU offsets are read here and raise ValueError. Reading GPU offsets would make the host wait
-    for the GPU, so there, and under torch.compile, the same test runs on the device
-    (torch._assert_async): a bad offset stops the stream with this message before any kernel
-    after it runs."""
-    what = f"{name} must rise from 0 to {total} (the packed rows) with no sequence longer than"
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        offsets = cu.tolist()
-        lens = [b - a for a, b in zip(offsets, offsets[1:])]
-        if offsets[0] != 0 or offsets[-1] != total or any(n < 0 or n > mx for n in lens):
-            raise ValueError(f"{what} max_seqlen={mx}, got {offsets}")
-        return
+    Checked at every call (a check cached on the tensor missed writes through numpy or .data);
+    on a GPU or compiled, on the device (see `require`)."""
     ok = (cu[0] == 0) & (cu[-1] == total)
     lens = cu.diff()
     if lens.numel():
         ok = ok & (lens.min() >= 0) & (lens.max() <= mx)
-    torch._assert_async(ok, f"{what} max_seqlen={mx}")
+    require(ok, f"{name} must rise from 0 to {total} (the packed rows) with no sequence longer "
+                f"than max_seqlen={mx}")
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -533,8 +524,16 @@ def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda"):
 def unpad(x: Tensor, attention_mask: Tensor):
     """x (batch, seq, ...) and its (batch, seq) mask (nonzero = a real token) ->
     (x_packed (total, ...), indices (total,), cu_seqlens int32 (batch + 1,), max_seqlen)."""
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != x.shape[:2]:
         raise ValueError(f"attention_mask must have shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        # A float mask is 0/1 to Hugging Face but additive (0 / -inf or -10000) to torch: which
+        # one a caller means cannot be told, so it is refused rather than read one way.
+        raise TypeError("attention_mask must be bool or integer (nonzero = a real token, 0 = "
+                        f"padding), got {attention_mask.dtype}: convert a 0/1 float mask with "
+                        ".bool(), an additive one with (mask == 0)")
     keep = attention_mask.reshape(-1) != 0
     indices = keep.nonzero().squeeze(1)
     lens = (attention_mask != 0).sum(1, dtype=torch.int32)

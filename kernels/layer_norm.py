@@ -39,9 +39,19 @@ def _norm_fwd_kernel(
         zc = z
     else:
         mean = tl.sum(z, axis=0) / N
+        if tl.abs(mean) > 3.0e38:  # the sum overflowed (|z| near float32's max): divide first
+            mean = tl.sum(z / N, axis=0)
         tl.store(MEAN + row, mean)
         zc = tl.where(mask, z - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / N + eps)
+    var = tl.sum(zc * zc, axis=0) / N
+    if var > 3.0e38:
+        # The squares overflowed (|zc| beyond ~1e19): square the row scaled by its largest
+        # value instead. Such a variance dwarfs eps.
+        scale = tl.max(tl.abs(zc), axis=0)
+        zs = zc / scale
+        rstd = 1.0 / (scale * tl.sqrt(tl.sum(zs * zs, axis=0) / N))
+    else:
+        rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(RSTD + row, rstd)
     y = zc * rstd
     if HAS_W:

@@ -236,3 +236,24 @@ def test_mixed_residual_is_promoted_under_autocast_only():
     assert rel_err(y, want) < 1e-5 and torch.equal(z, x.float() + r)
     with pytest.raises(TypeError, match="residual must have x's dtype"):
         fusedlm.layer_norm(x, w, b, residual=r)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("scale", [1e20, 1e37])  # squares overflow; the row's sum overflows too
+def test_huge_fp32_rows_match_float64(backend, rms, scale):
+    """fp32 rows whose squares (and sums) overflow float32: the output is O(1), so float32 can
+    hold it, and the kernels must match float64 (a sum of squares of inf gave rstd 0: all
+    zeros). The torch backend is PyTorch's own layer norm, which fails here too (README)."""
+    x, w, b, _, dy, _ = make(3, 767, torch.float32)
+    x = (x.detach() * scale).requires_grad_()
+    b = None if rms else b
+    y = fusedlm.rms_norm(x, w, 1e-5, backend=backend) if rms else fusedlm.layer_norm(x, w, b, 1e-5, backend=backend)
+    xs, ws, bs = map(f64, (x, w, b))
+    ref = reference.rms_norm(xs, ws, 1e-5)[0] if rms else reference.layer_norm(xs, ws, bs, 1e-5)[0]
+    assert rel_err(y, ref) < TOL[torch.float32]
+    got = grads([y], [dy], [x, w, b])
+    want = grads([ref], [dy.double()], [xs, ws, bs])
+    for g_, w_ in zip(got, want):
+        if g_ is not None:
+            assert torch.isfinite(g_).all() and rel_err(g_, w_) < 2 * TOL[torch.float32]

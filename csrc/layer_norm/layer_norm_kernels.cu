@@ -32,14 +32,22 @@ __device__ __forceinline__ float load_param(const void* p, int64_t i, bool fp32)
   return fp32 ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
 }
 
-// Sums K values over the block; every thread gets the totals. Fixed order: deterministic.
-template <int K>
-__device__ __forceinline__ void block_sum(float (&v)[K]) {
+struct Sum {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {  // of values >= 0 (0 is the identity the idle lanes contribute)
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduces K values over the block with `op`; every thread gets the results. Fixed order:
+// deterministic.
+template <int K, typename Op = Sum>
+__device__ __forceinline__ void block_reduce(float (&v)[K], Op op = Op()) {
   __shared__ float partial[32][K];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
 #pragma unroll
   for (int k = 0; k < K; ++k)
-    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    for (int o = 16; o > 0; o >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
   if (lane == 0)
 #pragma unroll
     for (int k = 0; k < K; ++k) partial[warp][k] = v[k];
@@ -47,9 +55,27 @@ __device__ __forceinline__ void block_sum(float (&v)[K]) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     v[k] = lane < warps ? partial[lane][k] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    for (int o = 16; o > 0; o >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
   }
   __syncthreads();  // `partial` is reused by the next call
+}
+
+template <int K>
+__device__ __forceinline__ void block_sum(float (&v)[K]) { block_reduce<K>(v); }
+
+// Sum over the block's slice of the row of f(v); every thread gets it.
+template <int kVec, int kIters, typename F>
+__device__ __forceinline__ float row_sum(const float (&v)[kIters][kVec], int64_t n, F f) {
+  float acc[1] = {0.0f};
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if (c < n)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[0] += f(v[it][j]);
+  }
+  block_sum<1>(acc);
+  return acc[0];
 }
 
 struct FwdParams {
@@ -88,24 +114,41 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(FwdParams p) {
       for (int j = 0; j < kVec; ++j) v[it][j] = 0.0f;
     }
   }
+  const float inv_n = 1.0f / p.n;
   float mean = 0.0f;
   if (!p.rms) {
     block_sum<1>(sum);
     mean = sum[0] / p.n;
+    // The sum overflowed (|x| near float32's max): divide first. The branch is the same for
+    // the whole block (every thread holds the same total), so its barriers are safe.
+    if (fabsf(mean) > 3.0e38f) mean = row_sum(v, p.n, [inv_n](float a) { return a * inv_n; });
   }
-  float sq[1] = {0.0f};
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
     if (c < p.n)
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        v[it][j] -= mean;
-        sq[0] += v[it][j] * v[it][j];
-      }
+      for (int j = 0; j < kVec; ++j) v[it][j] -= mean;
   }
-  block_sum<1>(sq);
-  const float rstd = rsqrtf(sq[0] / p.n + p.eps);
+  const float var = row_sum(v, p.n, [](float a) { return a * a; }) / p.n;
+  float rstd;
+  if (var > 3.0e38f) {
+    // The squares overflowed (|x - mean| beyond ~1e19): square the row scaled by its largest
+    // value instead (block-uniform branch). Such a variance dwarfs eps.
+    float big[1] = {0.0f};
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+      if (c < p.n)
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) big[0] = fmaxf(big[0], fabsf(v[it][j]));
+    }
+    block_reduce<1>(big, Max());
+    const float inv = 1.0f / big[0];
+    rstd = inv * rsqrtf(row_sum(v, p.n, [inv](float a) { return (a * inv) * (a * inv); }) / p.n);
+  } else {
+    rstd = rsqrtf(var + p.eps);
+  }
   if (threadIdx.x == 0) {
     p.rstd[row] = rstd;
     if (!p.rms) p.mean[row] = mean;

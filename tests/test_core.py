@@ -36,11 +36,103 @@ def test_cuda_sources_were_compiled_where_nvcc_is_present():
 
 def test_cuda_reason_is_stated_when_unavailable():
     why = fusedlm.cuda_unavailable_reason()
-    assert why is None or "fusedlm._C" in why
+    info = fusedlm.build_info()
+    if info["cuda"]:
+        assert why is None
+    else:  # a core built without CUDA says so, naming the build option
+        assert "fusedlm._C was built without CUDA" in why and "FUSEDLM_CUDA" in why, why
 
 
 def test_dlpack_capsule_borrows_without_copy():
-    t = torch.arange(6, dtype=torch.float32)
-    cap = _core.dl(t)
-    assert type(cap).__name__ == "PyCapsule"
+    """The capsule points at the tensor's own memory (with its shape and strides): the core
+    writes through it into the tensor."""
+    import ctypes
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)[:, 1:]  # a strided view
+    capsule = _core.dl(t)  # alive while its struct is read
+    managed = _ManagedTensor.from_address(_capsule_pointer(capsule))
+    dl = managed.dl_tensor
+    assert dl.data + dl.byte_offset == t.data_ptr()
+    assert [dl.shape[i] for i in range(dl.ndim)] == [3, 3]
+    assert [dl.strides[i] for i in range(dl.ndim)] == [4, 1]
+    ctypes.c_float.from_address(t.data_ptr()).value = -1.0  # the same memory, no copy
+    assert float(t[0, 0]) == -1.0
     assert _core.dl(None) is None
+
+
+# Forged DLPack capsules: what a buggy producer could hand the core. -----------------------------
+import ctypes  # noqa: E402
+
+
+class _Device(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _Device), ("ndim", ctypes.c_int32),
+                ("dtype", _DataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _ManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _Tensor), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p)]
+
+
+def _capsule_pointer(capsule):
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return get(capsule, b"dltensor")
+
+
+def _forged(buffer, shape, strides, device_type=2):
+    """A "dltensor" capsule over `buffer` (a CPU tensor kept alive by the caller) claiming
+    `shape` and `strides` (None: a NULL pointer) on `device_type` (2 = CUDA)."""
+    keep = []
+    arr = lambda xs: None if xs is None else keep.append((ctypes.c_int64 * len(xs))(*xs)) or keep[-1]
+    m = _ManagedTensor()
+    m.dl_tensor.data = buffer.data_ptr()
+    m.dl_tensor.device = _Device(device_type, 0)
+    m.dl_tensor.ndim = 2
+    m.dl_tensor.dtype = _DataType(2, 32, 1)  # float32
+    m.dl_tensor.shape = ctypes.cast(arr(shape), ctypes.POINTER(ctypes.c_int64))
+    m.dl_tensor.strides = ctypes.cast(arr(strides), ctypes.POINTER(ctypes.c_int64))
+    keep.append(m)
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return new(ctypes.addressof(m), b"dltensor", None), keep
+
+
+_MALFORMED = {
+    "no shape": (None, None, "x is a malformed DLPack tensor: 2 dimensions but no shape"),
+    "negative extent": ([-4, 16], None, "x has a negative extent -4"),
+    "negative stride": ([4, 16], [-16, 1], "x has a negative stride -16"),
+    "huge row stride": ([4, 16], [2 ** 62, 1], "x spans more than 2\\^48"),
+    "overflowing span": ([2 ** 40, 2 ** 40], None, "x spans more than 2\\^48"),
+}
+
+
+@pytest.mark.skipif(_core._C is None, reason="fusedlm._C is not built")
+@pytest.mark.parametrize("case", list(_MALFORMED))
+@pytest.mark.parametrize("op", ["norm_fwd", "attn_fwd", "lm_ce_rows"])
+def test_core_rejects_malformed_views_before_any_launch(case, op):
+    """Every op's core entry refuses a view it could not index safely, naming the argument,
+    before its device checks (the capsule claims a CUDA tensor; nothing may run)."""
+    shape, strides, match = _MALFORMED[case]
+    match = {"norm_fwd": "x", "attn_fwd": "q", "lm_ce_rows": "logits"}[op] + match[1:]
+    buffer = torch.zeros(64)
+    x, keep = _forged(buffer, shape, strides)
+    d = _core.dl
+    with pytest.raises(ValueError, match=match):
+        if op == "norm_fwd":
+            _core._C.norm_fwd(x, None, None, None, d(torch.empty(4, 16)), None, d(torch.empty(4)),
+                              d(torch.empty(4)), 1e-5, False, 0)
+        elif op == "attn_fwd":
+            _core._C.attn_fwd(x, x, x, None, None, None, 4, 4, False, 1.0, 0.0, 0,
+                              d(torch.empty(4, 16)), d(torch.empty(4)), 0, False)
+        else:
+            _core._C.lm_ce_rows(x, d(torch.zeros(4, dtype=torch.int64)), *(d(torch.empty(4)) for _ in range(3)),
+                                None, 1.0, 0.0, 0.0, False, 0)

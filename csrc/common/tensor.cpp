@@ -9,13 +9,33 @@ TensorView view_of(const dlpack::Tensor& t, const char* name) {
     throw ArgError(std::string(name) + " must have at most " + std::to_string(kMaxDims) +
                    " dimensions, got " + std::to_string(t.ndim));
   if (t.dtype.lanes != 1) throw DTypeError(std::string(name) + " must not be a vector dtype");
+  if (t.ndim > 0 && t.shape == nullptr)
+    throw ArgError(std::string(name) + " is a malformed DLPack tensor: " + std::to_string(t.ndim) +
+                   " dimensions but no shape");
   v.ndim = t.ndim;
   v.data = static_cast<char*>(t.data) + t.byte_offset;
-  int64_t compact = 1;
+  // Extents and strides a kernel can index without overflow: non-negative, and the farthest
+  // element within kMaxSpan elements and bytes of the first (more than any device holds).
+  constexpr int64_t kMaxSpan = int64_t{1} << 48;
+  int64_t compact = 1, numel = 1, last = 0;  // `last`: offset of the farthest element
   for (int i = t.ndim - 1; i >= 0; --i) {
-    v.shape[i] = t.shape[i];
+    const int64_t n = t.shape[i];
+    if (n < 0)
+      throw ArgError(std::string(name) + " has a negative extent " + std::to_string(n) +
+                     " in dimension " + std::to_string(i));
+    v.shape[i] = n;
     v.stride[i] = t.strides ? t.strides[i] : compact;
-    compact *= t.shape[i];
+    if (v.stride[i] < 0)
+      throw ArgError(std::string(name) + " has a negative stride " + std::to_string(v.stride[i]) +
+                     " in dimension " + std::to_string(i));
+    if (n == 0) numel = 0;
+    int64_t reach;
+    if (n > 0 && (__builtin_mul_overflow(n - 1, v.stride[i], &reach) ||
+                  __builtin_add_overflow(last, reach, &last) || last > kMaxSpan))
+      throw ArgError(std::string(name) + " spans more than 2^48 elements (stride " +
+                     std::to_string(v.stride[i]) + " over extent " + std::to_string(n) +
+                     " in dimension " + std::to_string(i) + ")");
+    if (compact <= kMaxSpan) compact *= n;  // only used while it stays small
   }
   if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 32) v.dtype = DType::kFloat32;
   else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 16) v.dtype = DType::kFloat16;
@@ -24,6 +44,10 @@ TensorView view_of(const dlpack::Tensor& t, const char* name) {
   else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 64) v.dtype = DType::kInt64;
   else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 32) v.dtype = DType::kInt32;
   else if (t.dtype.code == dlpack::kInt && t.dtype.bits == 8) v.dtype = DType::kInt8;
+  if (numel > 0 && last > 0 && (last + 1) * int64_t{dtype_size(v.dtype)} > kMaxSpan)
+    throw ArgError(std::string(name) + " spans more than 2^48 bytes");
+  if (numel > 0 && t.data == nullptr)
+    throw ArgError(std::string(name) + " has elements but a null data pointer");
   v.device_type = t.device.device_type;
   v.device_id = t.device.device_id;
   return v;

@@ -159,3 +159,47 @@ def test_compiled_varlen_checks_its_offsets(backend, bad):
         pytest.skip("on a GPU a failed device-side check ends the process's CUDA context")
     with pytest.raises(RuntimeError, match="cu_seqlens_q must rise from 0 to 12"):
         f(cu, mx)
+
+
+_FIRST_CALL_COMPILED = """
+import os, sys
+import torch, fusedlm
+backend = None if sys.argv[1] == "auto" else sys.argv[1]
+
+def step(x, w, b, h, wv, y, q, cu):
+    a = fusedlm.layer_norm(x, w, b, backend=backend)
+    r = fusedlm.rms_norm(x, w, backend=backend)
+    loss = fusedlm.lm_loss(h, wv, y, backend=backend)
+    o = fusedlm.attention(q, q, q, causal=True, backend=backend)
+    ov = fusedlm.attention_varlen(q[0], q[0], q[0], cu, cu, 5, 5, backend=backend)
+    return a.sum() + r.sum() + loss + o.float().sum() + ov.float().sum()
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(0)
+args = [torch.randn(4, 40, generator=g), torch.randn(40, generator=g), torch.randn(40, generator=g),
+        torch.randn(6, 16, generator=g), torch.randn(30, 16, generator=g),
+        torch.randint(0, 30, (6,), generator=g),
+        torch.randn(1, 8, 2, 16, generator=g).half(), torch.tensor([0, 3, 8], dtype=torch.int32)]
+args = [t.to(device) for t in args]
+for t in (args[0], args[3], args[6]):
+    t.requires_grad_()
+compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+grads = torch.autograd.grad(compiled, (args[0], args[3], args[6]))
+eager = step(*args)
+assert torch.allclose(compiled, eager, rtol=1e-4), (float(compiled), float(eager))
+print("first call compiled: ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto"] + ATTN_BACKENDS)
+def test_first_call_in_a_fresh_process_can_be_compiled(backend, tmp_path):
+    """Every op's first call in a process traced by torch.compile(fullgraph=True): deciding the
+    backend (importing the Triton kernels, asking the compiled core) must not be traced. The
+    other tests of this file make an eager call first, which hides that."""
+    import subprocess
+    import sys
+    script = tmp_path / "first_call.py"
+    script.write_text(_FIRST_CALL_COMPILED)
+    run = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "first call compiled: ok" in run.stdout, run.stderr[-3000:]

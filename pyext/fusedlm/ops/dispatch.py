@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FUSEDLM_BACKEND"
 
@@ -80,6 +82,10 @@ def _auto(op: OpBackends, case, device_type, skipped):
     raise RuntimeError(f"{op.name}: no backend serves this case: {skipped}")
 
 
+# A decision depends only on its (constant) arguments and the process: torch.compile calls it
+# at trace time and keeps the answer, instead of tracing what deciding does (importing the Triton
+# kernels, asking the compiled core), which it cannot trace when a case is first seen there.
+@torch.compiler.assume_constant_result
 def select(op_name: str, case: tuple, device_type: str, backend: Optional[str] = None) -> str:
     """Return the backend name for this call; raise ValueError if `backend` cannot serve it."""
     env = os.environ.get(ENV_VAR) or None

@@ -1,4 +1,6 @@
 """Small tensor helpers shared by the ops."""
+import functools
+
 import torch
 
 
@@ -12,7 +14,8 @@ def dtype_differs(t, like):
     mismatch is allowed under autocast, which casts or promotes (asked only on a mismatch, so
     matching dtypes cost no autocast query)."""
     return t.dtype != like.dtype and not (
-        t.is_floating_point() and torch.is_autocast_enabled(like.device.type))
+        t.is_floating_point() and torch.amp.is_autocast_available(like.device.type)
+        and torch.is_autocast_enabled(like.device.type))
 
 
 def autocast_inputs(*tensors):
@@ -20,7 +23,8 @@ def autocast_inputs(*tensors):
     otherwise unchanged. None stays None."""
     live = [t for t in tensors if t is not None]
     device_type = live[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Some device types (meta) have no autocast, and asking about them raises.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
@@ -36,3 +40,38 @@ def require(ok, message, error=ValueError):
             raise error(message)
         return
     torch._assert_async(ok, message)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on a gradient, whose own derivative is an error naming the op."""
+
+    @staticmethod
+    def forward(ctx, op, grad, *anchors):
+        ctx.op = op
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"fusedlm.{ctx.op} has no second derivative: its backward is a fused "
+                           "kernel, which is not differentiable in turn")
+
+
+def first_derivative_only(op):
+    """Decorates an autograd.Function's backward whose math is not differentiable itself (a
+    kernel, or statistics saved as constants). It runs without recording a graph; when a graph
+    of the gradients is asked for (create_graph=True), each gradient goes through a node that
+    refuses to be differentiated, tied to the saved tensors that require grad (the forward's
+    inputs), so that a derivative toward them meets that node: without it the gradients are
+    constants, and autograd would only say that they do not require grad."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            return tuple(g if g is None else _NoSecondDerivative.apply(op, g, *anchors)
+                         for g in grads)
+        return wrapper
+    return wrap

@@ -5,8 +5,12 @@ choose TRITON_INTERPRET after importing fusedlm, and a machine without triton im
 """
 import importlib
 import os
+import threading
 
 _MODULES = {}
+# Triton's interpreter patches triton.language module-wide while a kernel runs: two threads
+# interpreting at once break each other, so interpreted launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def kernels(name):
@@ -29,3 +33,12 @@ def device_problem(name, device_type):
     if device_type not in ("cuda", "cpu"):
         return f"Triton does not run on device type {device_type}"
     return None
+
+
+def run(name, launcher, *args, **kwargs):
+    """kernels(name).<launcher>(*args, **kwargs), one interpreted launch at a time."""
+    fn = getattr(kernels(name), launcher)
+    if not _MODULES[name][2]:
+        return fn(*args, **kwargs)
+    with _INTERPRETER_LOCK:
+        return fn(*args, **kwargs)

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import reference
 from .. import _core
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, require, unit_stride
+from ._tensors import autocast_inputs, first_derivative_only, require, unit_stride
 
 _HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -135,9 +135,9 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
             dropout_p, seed, d(o), d(lse), _core.stream_of(q), backend == "cuda-wgmma")
     else:
-        _triton.kernels("attention").forward(
-            q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
-            causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
+        _triton.run("attention", "forward", q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q,
+                    cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal, scale=scale,
+                    dropout_p=dropout_p, seed=seed, pinned=pinned)
     return o, lse
 
 
@@ -159,10 +159,9 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
             backend == "cuda-wgmma")
     else:
         delta = torch.empty_like(lse)  # filled by the dQ launch, read by dK/dV's
-        _triton.kernels("attention").backward(
-            q, k, v, o, do, lse, delta, dq, dk, dv, key_mask=key_mask, cu_q=cu_q, cu_k=cu_k,
-            max_q=max_q, max_k=max_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-            pinned=pinned)
+        _triton.run("attention", "backward", q, k, v, o, do, lse, delta, dq, dk, dv,
+                    key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+                    causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
     return dq, dk, dv
 
 
@@ -183,6 +182,7 @@ class _AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @first_derivative_only("attention")
     def backward(ctx, do, _dlse):
         return _backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
 
@@ -514,7 +514,7 @@ def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda"):
     """The keep-mask (batch, heads, seq_q, seq_k) bool that the Triton kernels draw for a dense
     call with this seed (exposed so that tests can feed it to the reference)."""
     out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
-    _triton.kernels("attention").dropout_mask(out, seed, dropout_p)
+    _triton.run("attention", "dropout_mask", out, seed, dropout_p)
     return out.bool()
 
 

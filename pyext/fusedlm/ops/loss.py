@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, dtype_differs, unit_stride
+from ._tensors import autocast_inputs, dtype_differs, first_derivative_only, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -102,9 +102,9 @@ def _cross_entropy_rows(backend, logits, labels, loss, lse, hit, smoothing, z_lo
         for dst, src in zip((loss, lse, hit), out):
             dst.copy_(src)
     elif backend == "triton":
-        _triton.kernels("lm_loss").ce_rows(logits, labels, loss, lse, hit, label_smoothing=smoothing,
-                                           z_loss=z_loss, row_scale=row_scale, scale=scale,
-                                           compute_grad=compute_grad)
+        _triton.run("lm_loss", "ce_rows", logits, labels, loss, lse, hit,
+                    label_smoothing=smoothing, z_loss=z_loss, row_scale=row_scale, scale=scale,
+                    compute_grad=compute_grad)
     else:
         d = _core.dl
         _core._C.lm_ce_rows(d(logits), d(labels), d(loss), d(lse), d(hit), d(row_scale), scale,
@@ -244,12 +244,13 @@ class _LMLossFunction(torch.autograd.Function):
                     need_dw, need_db)
         if reduction == "none":
             ctx.save_for_backward(h, weight, bias, labels)
-        else:
-            ctx.save_for_backward(dh, dw, db)
+        else:  # the inputs too, only as anchors for first_derivative_only (no copies)
+            ctx.save_for_backward(dh, dw, db, h, weight, bias)
         ctx.mark_non_differentiable(lse, hit)
         return _reduce(loss_rows, n, reduction), lse, hit, torch.tensor(n, device=h.device)
 
     @staticmethod
+    @first_derivative_only("lm_loss")
     def backward(ctx, grad, _dlse, _dhit, _dn):
         ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
         if reduction == "none":
@@ -258,7 +259,7 @@ class _LMLossFunction(torch.autograd.Function):
                                               smoothing, z_loss, grad, chunk_size, need_dh,
                                               need_dw, need_db)
         else:
-            dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors)
+            dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors[:3])
         return dh, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
@@ -354,8 +355,9 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must have shape (tokens, H) or (batch, seq, H), got {tuple(hidden.shape)}")
+    if hidden.dim() < 2 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape (tokens, H) or (batch, seq, H) with H > 0, got "
+                         f"{tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) (vocab > 0, H = "
                          f"hidden's last dimension), got {tuple(weight.shape)}")
@@ -378,6 +380,10 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if hidden.device.type == "meta":
+        raise ValueError("hidden is a meta tensor: lm_loss reads the labels' values (which rows are "
+                         "labelled), which meta tensors do not have; torch.compile's fake tensors "
+                         "are served by the custom op's shape function instead")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
@@ -386,7 +392,8 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
         raise ValueError(f"z_loss must be a non-negative float, got {z_loss!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import dtype_differs, unit_stride
+from ._tensors import first_derivative_only, dtype_differs, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,7 +99,8 @@ def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z):
     mean = None if is_rms else torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if backend == "triton":
-        _triton.kernels("layer_norm").forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms)
+        _triton.run("layer_norm", "forward", x, residual, weight, bias, y, z, mean, rstd, eps,
+                    is_rms)
     elif rows > 0:
         d = _core.dl
         _core._C.norm_fwd(d(x), d(residual), d(weight), d(bias), d(y), d(z), d(mean), d(rstd),
@@ -131,7 +132,8 @@ def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, nee
     part = lambda need: torch.empty((g, n), dtype=torch.float32, device=dy.device) if need else None
     dw_part, db_part = part(need_dw), part(need_db)
     if backend == "triton":
-        _triton.kernels("layer_norm").backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dw, db, is_rms)
+        _triton.run("layer_norm", "backward", dy, z, weight, mean, rstd, dz_extra, dz, dw_part,
+                    db_part, dw, db, is_rms)
     else:
         d = _core.dl
         _core._C.norm_bwd(d(dy), d(z), d(weight), d(mean), d(rstd), d(dz_extra), d(dz),
@@ -173,6 +175,7 @@ class _NormFunction(torch.autograd.Function):
         return y, z
 
     @staticmethod
+    @first_derivative_only("layer_norm")
     def backward(ctx, dy, dz_out):
         if dy is None:
             dy = torch.zeros_like(ctx.saved_tensors[0])

@@ -136,3 +136,14 @@ def test_core_rejects_malformed_views_before_any_launch(case, op):
         else:
             _core._C.lm_ce_rows(x, d(torch.zeros(4, dtype=torch.int64)), *(d(torch.empty(4)) for _ in range(3)),
                                 None, 1.0, 0.0, 0.0, False, 0)
+
+
+def test_import_loads_neither_triton_nor_dynamo():
+    """A program may choose TRITON_INTERPRET after `import fusedlm` (the `fusedlm` command does):
+    triton must not be loaded before that, directly or through torch._dynamo."""
+    import subprocess
+    import sys
+    code = ("import sys, fusedlm; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
-import torch
-
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FUSEDLM_BACKEND"
 
@@ -82,10 +80,19 @@ def _auto(op: OpBackends, case, device_type, skipped):
     raise RuntimeError(f"{op.name}: no backend serves this case: {skipped}")
 
 
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result does (torch.compile calls `fn` at trace time
+    and keeps its answer), without importing torch._dynamo at `import fusedlm`: that loads
+    triton, which must not happen before a program chooses TRITON_INTERPRET. A fresh-process
+    test (tests/test_compile.py) checks that torch still honours the mark."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # A decision depends only on its (constant) arguments and the process: torch.compile calls it
 # at trace time and keeps the answer, instead of tracing what deciding does (importing the Triton
 # kernels, asking the compiled core), which it cannot trace when a case is first seen there.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def select(op_name: str, case: tuple, device_type: str, backend: Optional[str] = None) -> str:
     """Return the backend name for this call; raise ValueError if `backend` cannot serve it."""
     env = os.environ.get(ENV_VAR) or None

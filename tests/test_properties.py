@@ -1,0 +1,189 @@
+"""Randomized checks of every op against the float64 reference: shapes, strides, dtypes,
+masks and label patterns drawn by Hypothesis, forward and backward, on every backend that runs
+here. The hand-written tests pin known cases; these look for the next unknown one.
+
+CI runs a fixed, small sample (the "ci" profile: derandomized, so a red run is reproducible);
+HYPOTHESIS_PROFILE=deep draws many more, fresh each run."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fusedlm
+from fusedlm import reference
+from conftest import DEVICE, TOL, kernel_backends, rel_err
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = ["torch"] + kernel_backends()
+DTYPES = [torch.float32, torch.float16]  # bf16 needs a GPU (the interpreter has none)
+
+
+def _randn(shape, seed, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def _maybe_strided(t, strided):
+    """t itself, or the same values in a view whose rows are not adjacent (a wider buffer)."""
+    if not strided or t.dim() < 2:
+        return t
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype, device=t.device)
+    wide[..., :t.shape[-1]] = t
+    return wide[..., :t.shape[-1]]
+
+
+def _check(got, want, dtype, summed=(), theirs=None):
+    """Each tensor within the tolerance (2x for those `summed` over rows), or within twice the
+    error of `theirs` (PyTorch's own computation in the same precision) where that is larger."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g is None:
+            continue
+        bound = TOL[dtype] * (2 if i in summed else 1)
+        if theirs is not None:
+            bound = max(bound, 2 * rel_err(theirs[i], w))
+        assert rel_err(g, w) < bound, (i, rel_err(g, w), bound)
+
+
+def _sdpa(q, k, v, do, causal, mask):
+    """PyTorch's attention in q's dtype ((batch, seq, heads, D) tensors): output and gradients.
+    A query that sees no key gives NaN there; it is zeroed, as the reference has it."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    allowed = reference.allowed_mask(q.shape[1], k.shape[1], causal=causal, key_mask=mask,
+                                     device=q.device)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))),
+        attn_mask=allowed).transpose(1, 2)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    return [t.nan_to_num(0.0) for t in (o, *grads)]
+
+
+@given(backend=st.sampled_from(BACKENDS), dtype=st.sampled_from(DTYPES),
+       rows=st.integers(0, 9), n=st.integers(1, 300), rms=st.booleans(),
+       affine=st.booleans(), residual=st.booleans(), strided=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_norms(backend, dtype, rows, n, rms, affine, residual, strided, seed):
+    x = _maybe_strided(_randn((rows, n), seed, dtype, 2.0) + 0.5, strided).requires_grad_()
+    w = (_randn((n,), seed + 1, dtype, 0.5) + 1).requires_grad_() if affine else None
+    b = _randn((n,), seed + 2, dtype).requires_grad_() if affine and not rms else None
+    r = _randn((rows, n), seed + 3, dtype).requires_grad_() if residual else None
+    dy = _randn((rows, n), seed + 4, dtype)
+    fn = fusedlm.rms_norm if rms else fusedlm.layer_norm
+    y = fn(x, w, 1e-5, residual=r, backend=backend) if rms else fn(x, w, b, 1e-5, residual=r, backend=backend)
+    xs, ws, bs, rs = (None if t is None else t.detach().double().requires_grad_() for t in (x, w, b, r))
+    z = xs if rs is None else reference.rounded_sum(xs, rs, dtype)
+    ref = reference.rms_norm(z, ws, 1e-5)[0] if rms else reference.layer_norm(z, ws, bs, 1e-5)[0]
+    assert y.shape == x.shape and y.dtype == dtype
+    if n <= 2 or rows == 0:
+        # Up to two columns xhat is 0 or +-1 whatever x is: the true dx is ~0 (eps's effect
+        # only) and any result is rounding noise (test_layer_norm bounds that case by its floor).
+        _check([y], [ref], dtype)
+        return
+    live = [t for t in (x, w, b, r) if t is not None]
+    live_ref = [t for t in (xs, ws, bs, rs) if t is not None]
+    got = torch.autograd.grad(y, live, dy)
+    want = torch.autograd.grad(ref, live_ref, dy.double())
+    summed = [i for i, t in enumerate(live) if t is w or t is b]
+    _check([y, *got], [ref, *want], dtype, summed=[i + 1 for i in summed])
+
+
+@st.composite
+def _attention_case(draw):
+    kv_heads = draw(st.sampled_from([1, 2]))
+    return dict(batch=draw(st.integers(1, 2)), sq=draw(st.integers(1, 40)),
+                sk=draw(st.integers(1, 40)), kv_heads=kv_heads,
+                heads=kv_heads * draw(st.sampled_from([1, 2])),
+                head_dim=draw(st.sampled_from([16, 24, 32, 64])), causal=draw(st.booleans()),
+                mask=draw(st.sampled_from([None, "bool", "int64", "empty row"])),
+                layout=draw(st.sampled_from(["bshd", "bhsd"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@given(backend=st.sampled_from(BACKENDS), case=_attention_case())
+def test_attention(backend, case):
+    b, sq, sk, h, hk, d = (case[k] for k in ("batch", "sq", "sk", "heads", "kv_heads", "head_dim"))
+    dtype, seed = torch.float16, case["seed"]
+    q, k, v = (_randn((b, s, n, d), seed + i, dtype) for i, (s, n) in enumerate(((sq, h), (sk, hk), (sk, hk))))
+    mask = None
+    if case["mask"] is not None:
+        keep = torch.rand(b, sk, generator=torch.Generator().manual_seed(seed)) < 0.7
+        if case["mask"] == "empty row":
+            keep[0] = False
+        mask = (keep if case["mask"] != "int64" else keep.long() * 3).to(DEVICE)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    args = [t.transpose(1, 2) for t in leaves] if case["layout"] == "bhsd" else leaves
+    out = fusedlm.attention(*args, causal=case["causal"], attention_mask=mask,
+                            layout=case["layout"], backend=backend)
+    if case["layout"] == "bhsd":
+        out = out.transpose(1, 2)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref, _ = reference.attention(*refs, causal=case["causal"], key_mask=mask)
+    do = _randn(ref.shape, seed + 7, dtype)
+    _check([out, *torch.autograd.grad(out, leaves, do)],
+           [ref, *torch.autograd.grad(ref, refs, do.double())], dtype, summed=(2, 3),
+           theirs=_sdpa(*leaves, do, case["causal"], mask))
+
+
+@given(backend=st.sampled_from(BACKENDS), lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
+       lens_k=st.none() | st.lists(st.integers(0, 30), min_size=5, max_size=5),
+       causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_attention_varlen(backend, lens, lens_k, causal, seed):
+    lens_k = lens if lens_k is None else lens_k[:len(lens)]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32,
+                               device=DEVICE) for n in (lens, lens_k))
+    dtype = torch.float16
+    q = _randn((sum(lens), 2, 32), seed, dtype).requires_grad_()
+    k, v = (_randn((sum(lens_k), 1, 32), seed + i, dtype).requires_grad_() for i in (1, 2))
+    out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens_k), causal=causal,
+                                   backend=backend)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention_varlen(*refs, cu_q, cu_k, causal=causal) if sum(lens) else (refs[0] * 0, None)
+    assert out.shape == q.shape
+    if sum(lens) == 0 or sum(lens_k) == 0:
+        assert not out.abs().sum()
+        return
+    do = _randn(ref.shape, seed + 3, dtype)
+    _check([out, *torch.autograd.grad(out, (q, k, v), do)],
+           [ref, *torch.autograd.grad(ref, refs, do.double())], dtype, summed=(2, 3))
+
+
+@given(backend=st.sampled_from(BACKENDS), dtype=st.sampled_from(DTYPES),
+       tokens=st.integers(0, 40), hidden=st.integers(1, 24), vocab=st.integers(2, 300),
+       labels=st.sampled_from(["some", "all", "none", "strided"]), bias=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]),
+       smoothing=st.sampled_from([0.0, 0.1]), z_loss=st.sampled_from([0.0, 1e-3]),
+       chunk=st.none() | st.integers(1, 16), seed=st.integers(0, 2 ** 16))
+def test_lm_loss(backend, dtype, tokens, hidden, vocab, labels, bias, reduction, smoothing,
+                 z_loss, chunk, seed):
+    h = _randn((tokens, hidden), seed, dtype).requires_grad_()
+    w = (_randn((vocab, hidden), seed + 1, dtype) / hidden ** 0.5).requires_grad_()
+    b = _randn((vocab,), seed + 2, dtype).requires_grad_() if bias else None
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, vocab, (2 * tokens,), generator=g)
+    y = y[::2] if labels == "strided" else y[:tokens]
+    if labels == "some":
+        y = y.masked_fill(torch.rand(tokens, generator=g) < 0.5, -100)
+    elif labels == "none":
+        y = torch.full_like(y, -100)
+    y = y.to(DEVICE)
+    opts = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+    loss = fusedlm.lm_loss(h, w, y, b, chunk_size=chunk, backend=backend, **opts)
+    live = [t for t in (h, w, b) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in live]
+    ref = reference.lm_loss(refs[0], refs[1], y, refs[2] if bias else None, **opts)[0]
+    if reduction == "mean" and not (y != -100).any():
+        ref = ref.nan_to_num(0.0)  # fusedlm's documented choice: 0 where torch gives NaN
+    assert loss.shape == ref.shape
+    cot = _randn(loss.shape, seed + 5, torch.float32)
+    if not any(t.requires_grad for t in [loss]) or tokens == 0:
+        _check([loss], [ref], dtype)
+        return
+    got = torch.autograd.grad(loss, live, cot)
+    want = torch.autograd.grad(ref, refs, cot.double(), allow_unused=True)
+    want = [torch.zeros_like(r) if g_ is None else g_ for r, g_ in zip(refs, want)]
+    _check([loss, *got], [ref, *want], dtype, summed=(2, 3))

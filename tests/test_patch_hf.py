@@ -144,6 +144,18 @@ def test_attention_refuses_a_window_or_cap_passed_at_the_call():
             _attention_forward(torch.nn.Module(), q, q, q, None, **{kwarg: 4})
 
 
+def test_patched_gpt2_generates_what_the_original_does():
+    """generate() with a cache: one new query against all the cached keys at every step (in
+    Hugging Face's (batch, heads, seq, D) layout, where seq_q != seq_k)."""
+    torch.manual_seed(0)
+    ref = _models()["GPT2LMHeadModel"]().to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    fusedlm.patch(model)
+    ids = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_padding_is_masked_not_dropped():
     """Padded keys must not leak into real tokens: compare a padded row with the same tokens alone."""
     torch.manual_seed(0)

@@ -1,0 +1,334 @@
+"""What the GPU code compiles to, on a machine with no GPU: per kernel and configuration, the
+registers, spill bytes, shared memory and the instructions that decide speed on Hopper.
+
+    python benchmarks/kernel_facts.py                     # Triton and CUDA C++, sm_90a
+    python benchmarks/kernel_facts.py --only triton --json facts.json
+    python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
+
+Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
+ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels and at
+the configurations fusedlm's launchers pick for the shapes of BERT-base and GPT-2 (the
+launchers' own block-size rules are called, not copied). An integer argument gets Triton's
+divisible-by-16 specialization exactly when its value here is a multiple of 16, as at run time,
+so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
+nvcc (-Xptxas -v) with the build's own flags.
+
+Columns: regs (per thread), spill (bytes stored + loaded to local memory per thread), smem
+(bytes per CTA), and SASS instruction counts: HGMMA (wgmma), UTMALDG (TMA loads), LDG128 /
+LDG64 / LDG32 / LDG16 (global loads by width; 16-byte ones are what a bandwidth-bound kernel
+wants), LDGSTS (cp.async), SETMAXNREG (register reallocation between warpgroups).
+These are facts about code, not speed: the GPU decides that.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SASS_COUNTS = ("HGMMA", "UTMALDG", "LDG128", "LDG64", "LDG32", "LDG16", "LDGSTS", "SETMAXNREG")
+OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def _column(op):
+    """The SASS_COUNTS column an opcode counts in, or None."""
+    if op.startswith("HGMMA"):
+        return "HGMMA"
+    if op.startswith("UTMALDG"):
+        return "UTMALDG"
+    if op.startswith("LDGSTS"):
+        return "LDGSTS"
+    if op.startswith("USETMAXREG"):
+        return "SETMAXNREG"
+    if op.startswith("LDG."):
+        parts = set(op.split("."))
+        for width, col in (("128", "LDG128"), ("64", "LDG64"), ("U16", "LDG16"), ("S16", "LDG16")):
+            if width in parts:
+                return col
+        return None if parts & {"U8", "S8"} else "LDG32"
+    return None
+
+
+def _counts(sass_text):
+    counts = dict.fromkeys(SASS_COUNTS, 0)
+    for op in OPCODE.findall(sass_text):
+        col = _column(op)
+        if col:
+            counts[col] += 1
+    return counts
+
+
+SPILL_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _triton_tool(name):
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+def _ptxas_for_sm90():
+    """The ptxas Triton itself assembles sm_90 code with (it ships two; the PTX it writes
+    needs the newer one)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(90).path
+
+
+def sass_counts(cubin: bytes, tool):
+    """Counts of the SASS_COUNTS instructions in a cubin (cuobjdump -sass)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return _counts(sass)
+
+
+def ptxas_usage(ptx: str, arch: str):
+    """(registers, spill bytes) of the one kernel in `ptx`, from ptxas -v."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([_ptxas_for_sm90(), f"--gpu-name={arch}", "-v", str(src), "-o",
+                              str(Path(d) / "k.o")], capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = sum(int(a) + int(b) for a, b in SPILL_LINE.findall(text))
+    return regs, spill
+
+
+# --- Triton -------------------------------------------------------------------------------
+
+def _signature(fn, values):
+    """Triton signature, constexprs and specialization attributes for `fn` called with
+    `values` (name -> "*dtype" for a pointer, int, float, or the constexpr's value)."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, str):
+            sig[p.name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]  # device allocations are 256-byte aligned
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+            if v % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+def compile_triton(fn, values, num_warps, num_stages=3):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig, const, attrs = _signature(fn, values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    regs, spill = ptxas_usage(k.asm["ptx"], "sm_90a")
+    return dict(regs=regs, spill=spill, smem=k.metadata.shared,
+                **sass_counts(k.asm["cubin"], _triton_tool("cuobjdump")))
+
+
+def _ptrs(names, dtype):
+    return {n: f"*{dtype}" for n in names}
+
+
+def triton_cases():
+    """(kernel, config label, fn, values, num_warps, num_stages) for every case listed."""
+    from fusedlm.kernels import attention as A, layer_norm as L, lm_loss as C
+    from fusedlm.kernels._host import next_power_of_2
+    cases = []
+    # Layer norm at BERT-base (768), GPT-2 XL-ish (1600) and 4096 wide, bf16, with a residual.
+    for n in (768, 1600, 4096):
+        block = L._block_n(n)
+        fwd = dict(_ptrs("X RES W B Y Z".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
+                   stride_x=n, stride_res=n, stride_y=n, stride_z=n, N=n, eps=1e-5, IS_RMS=False,
+                   HAS_RES=True, HAS_W=True, HAS_B=True, STORE_Z=True, BLOCK_N=block)
+        cases.append(("layer_norm fwd", f"bf16 N={n}", L._norm_fwd_kernel, fwd, L._num_warps(block), 1))
+        bwd = dict(_ptrs("DY Z W DZ_EXTRA DZ".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
+                   DW_PART="*fp32", DB_PART="*fp32", stride_dy=n, stride_z=n, stride_extra=n,
+                   stride_dz=n, n_rows=16384, N=n, rows_per_program=64, IS_RMS=False, HAS_W=True,
+                   HAS_B=True, HAS_DZ_EXTRA=True, NEED_DW=True, BLOCK_N=block)
+        cases.append(("layer_norm bwd", f"bf16 N={n}", L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
+    # The LM loss row kernel at BERT's, GPT-2's (raw and padded to 64) and Llama 3's vocabularies.
+    for vocab, pitch in ((30522, 30528), (50257, 50304), (50304, 50304), (128256, 128256)):
+        block = min(next_power_of_2(vocab), 4096)
+        values = dict(LOGITS="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", HIT="*fp32",
+                      ROW_SCALE="*fp32", stride_row=pitch, V=vocab, smoothing=0.0, z_loss=0.0,
+                      grad_scale=1.0, COMPUTE_GRAD=True, HAS_ROW_SCALE=False, SMOOTH=False,
+                      BLOCK_V=block)
+        cases.append(("lm_loss ce_rows", f"bf16 V={vocab}", C._ce_rows_kernel, values,
+                      8 if block >= 2048 else 4, 3))
+    # Attention: every autotuning candidate, bf16, head dims 64 and 128, causal, BERT-like
+    # contiguous (batch, seq, heads, D) strides at 12 heads.
+    for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+        for d in (64, 128):
+            block_d = max(next_power_of_2(d), 16)
+            for cfg in A.CONFIGS[name]:
+                values = {p.name: 12 * d for p in fn.params if p.name.startswith("s_")}
+                values.update({p.name: "*bf16" for p in fn.params if p.name.isupper()
+                               and not p.is_constexpr})
+                values.update(LSE="*fp32", KMASK="*i8", CU_Q="*i32", CU_K="*i32")
+                values.update({k: "*fp32" for k in ("DELTA",) if k in fn.arg_names})
+                values.update(s_qs=12 * d, s_qh=d, s_ks=12 * d, s_kh=d, s_vs=12 * d, s_vh=d,
+                              s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
+                              n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
+                              p_drop=0.0, seq_k_rng=2048, seq_bucket=2048, HEAD_DIM=d,
+                              BLOCK_D=block_d, IS_VARLEN=False, CAUSAL=True, HAS_KMASK=False,
+                              DROPOUT=False, **cfg.kwargs)
+                for s in ("s_qb", "s_kb", "s_vb", "s_ob", "s_dob", "s_dqb", "s_dkb"):
+                    if s in values:
+                        values[s] = 2048 * 12 * d
+                for s in ("s_os", "s_dos", "s_dqs", "s_dks"):
+                    if s in values:
+                        values[s] = 12 * d
+                for s in ("s_oh", "s_doh", "s_dqh", "s_dkh"):
+                    if s in values:
+                        values[s] = d
+                label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
+                         f"w{cfg.num_warps} s{cfg.num_stages}")
+                cases.append((f"attention {name}", label, fn, values, cfg.num_warps,
+                              cfg.num_stages))
+    return cases
+
+
+# --- CUDA C++ -----------------------------------------------------------------------------
+
+def cuda_facts(arch, nvcc):
+    """Per kernel of every csrc/*.cu: registers, spills, smem and SASS counts at `arch`."""
+    cu_files = sorted((ROOT / "csrc").rglob("*.cu"))
+    defines = ["-DFUSEDLM_WITH_CUDA=1"] + (["-DFUSEDLM_HAS_SM90A=1"] if arch == "sm_90a" else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for cu in cu_files:
+            obj = Path(d) / (cu.stem + ".o")
+            out = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}",
+                                  "--expt-relaxed-constexpr", "-Xptxas", "-v", *defines,
+                                  "-c", str(cu), "-o", str(obj)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"nvcc failed on {cu}:\n{out.stderr[-3000:]}")
+            usage = _parse_ptxas(out.stderr)
+            sass = _sass_by_function(obj)
+            for mangled, (regs, spill, smem) in usage.items():
+                rows.append(dict(kernel=_demangle(mangled), file=str(cu.relative_to(ROOT)),
+                                 regs=regs, spill=spill, smem=smem,
+                                 **sass.get(mangled, dict.fromkeys(SASS_COUNTS, 0))))
+    return rows
+
+
+def _parse_ptxas(text):
+    """mangled kernel name -> (registers, spill bytes, static smem) from nvcc -Xptxas -v."""
+    usage, current, spill = {}, None, 0
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current, spill = m.group(1), 0
+            continue
+        m = SPILL_LINE.search(line)
+        if m and current:
+            spill = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            smem = re.search(r"(\d+) bytes smem", line)  # static only: dynamic is set at launch
+            usage[current] = (int(m.group(1)), spill, int(smem.group(1)) if smem else 0)
+            current = None
+    return usage
+
+
+def _sass_by_function(obj):
+    out = subprocess.run([_triton_tool("cuobjdump") or "cuobjdump", "-sass", str(obj)],
+                         capture_output=True, text=True, check=True).stdout
+    counts = {}
+    for block in re.split(r"\n\s*Function : ", out)[1:]:
+        name, body = block.split("\n", 1)
+        counts[name.strip()] = _counts(body)
+    return counts
+
+
+def _demangle(name):
+    """kernel<template arguments>, without namespaces, return type and parameter list."""
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if tool is None:
+        return name
+    full = subprocess.run([tool, name], capture_output=True, text=True).stdout.strip()
+    full = re.sub(r"(\w+::|\(anonymous namespace\)::)", "", re.sub(r"^void ", "", full))
+    return re.sub(r"\([^()]*\)$", "", full)  # the parameter list
+
+
+# --- Report -------------------------------------------------------------------------------
+
+COLUMNS = ["regs", "spill", "smem", *SASS_COUNTS]
+
+
+def _table(rows, first):
+    head = [first, "config", *COLUMNS]
+    lines = [[str(r.get(h, "")) for h in head] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("triton", "cuda"), help="one kind of kernel only")
+    ap.add_argument("--archs", nargs="+", default=["sm_90a"], help="CUDA C++ targets")
+    ap.add_argument("--json", help="write the facts and their provenance here")
+    ap.add_argument("--fail-on-spills", action="store_true",
+                    help="exit 1 if any kernel listed spills")
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+    report = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+              "commit": _commit(), "triton": [], "cuda": {}}
+    if args.only in (None, "triton"):
+        import triton
+        report["triton_version"] = triton.__version__
+        for kernel, label, fn, values, warps, stages in triton_cases():
+            row = dict(kernel=kernel, config=label, **compile_triton(fn, values, warps, stages))
+            report["triton"].append(row)
+        print(f"Triton {triton.__version__} kernels, sm_90a:")
+        print(_table(report["triton"], "kernel"))
+    if args.only in (None, "cuda"):
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            print("\nCUDA C++: no nvcc on this machine, not compiled")
+        for arch in args.archs if nvcc else ():
+            rows = cuda_facts(arch, nvcc)
+            report["cuda"][arch] = rows
+            print(f"\nCUDA C++ kernels ({_nvcc_version(nvcc)}), {arch}:")
+            print(_table([dict(r, config="") for r in rows], "kernel"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    spilled = [f"{r['kernel']} {r.get('config', '')}".strip() for r in report["triton"] +
+               [r for rows in report["cuda"].values() for r in rows] if r["spill"]]
+    print(f"\n{len(spilled)} kernel configuration(s) spill" + (":\n  " + "\n  ".join(spilled)
+                                                                if spilled else ""))
+    return 1 if args.fail_on_spills and spilled else 0
+
+
+def _commit():
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def _nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return f"nvcc {m.group(1)}" if m else "nvcc"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

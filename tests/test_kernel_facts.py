@@ -1,0 +1,62 @@
+"""benchmarks/kernel_facts.py reads compiler output right (the compiles themselves run in CI's
+kernel-facts step, not here)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+_spec = importlib.util.spec_from_file_location(
+    "kernel_facts", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_facts.py")
+kf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kf)
+
+PTXAS = """\
+ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90a'
+ptxas info    : Function properties for _Z1aPf
+    464 bytes stack frame, 1104 bytes spill stores, 756 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 464 bytes cumulative stack size, 256 bytes smem
+ptxas info    : Compiling entry function '_Z1bPf' for 'sm_90a'
+ptxas info    : Function properties for _Z1bPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers
+"""
+
+
+def test_ptxas_report_per_kernel():
+    assert kf._parse_ptxas(PTXAS) == {"_Z1aPf": (128, 1860, 256), "_Z1bPf": (168, 0, 0)}
+
+
+SASS = """\
+        /*0040*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0050*/              @!P0 LDG.E.U16 R8, desc[UR6][R2.64+0x2] ;
+        /*0060*/                   LDG.E R9, desc[UR6][R2.64] ;
+        /*0070*/                   LDG.E.64.CONSTANT R10, desc[UR6][R2.64] ;
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0090*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*00a0*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR6][R4.64] ;
+        /*00b0*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+        /*00c0*/                   LDG.E.U8 R12, desc[UR6][R2.64] ;
+        /*00d0*/                   STG.E.128 desc[UR6][R2.64], R4 ;
+"""
+
+
+def test_sass_instruction_counts():
+    assert kf._counts(SASS) == dict(HGMMA=1, UTMALDG=1, LDG128=1, LDG64=1, LDG32=1, LDG16=1,
+                                    LDGSTS=1, SETMAXNREG=1)
+
+
+def test_integer_arguments_get_tritons_divisibility_only_where_it_would():
+    """A vocabulary of 50257 must not be compiled as if divisible by 16: that decides whether
+    the loads are 16 bytes wide, the very fact the script is for."""
+    from fusedlm.kernels import lm_loss
+    fn = lm_loss._ce_rows_kernel
+    values = dict(LOGITS="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", HIT="*fp32",
+                  ROW_SCALE="*fp32", stride_row=50304, V=50257, smoothing=0.0, z_loss=0.0,
+                  grad_scale=1.0, COMPUTE_GRAD=True, HAS_ROW_SCALE=False, SMOOTH=False,
+                  BLOCK_V=4096)
+    sig, const, attrs = kf._signature(fn, values)
+    index = {p.name: i for i, p in enumerate(fn.params)}
+    assert sig["V"] == "i32" and sig["smoothing"] == "fp32" and sig["LOGITS"] == "*bf16"
+    assert (index["V"],) not in attrs and (index["stride_row"],) in attrs
+    assert (index["LOGITS"],) in attrs and const["BLOCK_V"] == 4096

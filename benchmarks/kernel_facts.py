@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SASS_COUNTS = ("HGMMA", "UTMALDG", "LDG128", "LDG64", "LDG32", "LDG16", "LDGSTS", "SETMAXNREG")
-OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
 def _column(op):
@@ -311,8 +311,9 @@ def main(argv=None):
             print(_table([dict(r, config="") for r in rows], "kernel"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    spilled = [f"{r['kernel']} {r.get('config', '')}".strip() for r in report["triton"] +
-               [r for rows in report["cuda"].values() for r in rows] if r["spill"]]
+    spilled = [f"Triton {r['kernel']} {r['config']}" for r in report["triton"] if r["spill"]]
+    spilled += [f"CUDA C++ {arch} {r['kernel']}" for arch, rows in report["cuda"].items()
+                for r in rows if r["spill"]]
     print(f"\n{len(spilled)} kernel configuration(s) spill" + (":\n  " + "\n  ".join(spilled)
                                                                 if spilled else ""))
     return 1 if args.fail_on_spills and spilled else 0

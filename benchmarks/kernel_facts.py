@@ -284,6 +284,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("triton", "cuda"), help="one kind of kernel only")
     ap.add_argument("--archs", nargs="+", default=["sm_90a"], help="CUDA C++ targets")
+    ap.add_argument("--match", default="", help="Triton: only the cases whose 'kernel config' "
+                    "contains this text")
     ap.add_argument("--json", help="write the facts and their provenance here")
     ap.add_argument("--fail-on-spills", action="store_true",
                     help="exit 1 if any kernel listed spills")
@@ -296,6 +298,8 @@ def main(argv=None):
         import triton
         report["triton_version"] = triton.__version__
         for kernel, label, fn, values, warps, stages in triton_cases():
+            if args.match not in f"{kernel} {label}":
+                continue
             row = dict(kernel=kernel, config=label, **compile_triton(fn, values, warps, stages))
             report["triton"].append(row)
         print(f"Triton {triton.__version__} kernels, sm_90a:")

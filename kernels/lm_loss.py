@@ -20,6 +20,53 @@ from ._host import next_power_of_2
 
 
 @triton.jit
+def _load_tile(base, cols, V, other, MASKED: tl.constexpr):
+    # Whole tiles load unmasked: with the row 16-byte aligned (the driver pads the row pitch),
+    # they compile to 16-byte loads at any V. The mask `cols < V` on every tile made them 2-byte
+    # loads whenever V was not a multiple of 16 (BERT's 30522, GPT-2's 50257).
+    if MASKED:
+        return tl.load(base + cols, mask=cols < V, other=other).to(tl.float32)
+    else:
+        return tl.load(base + cols).to(tl.float32)
+
+
+@triton.jit
+def _stats_tile(base, start, offs, V, m, s, total, best, MASKED: tl.constexpr,
+                SMOOTH: tl.constexpr):
+    """The online statistics of the row, updated with the tile at `start`."""
+    cols = start + offs
+    x = _load_tile(base, cols, V, -float("inf"), MASKED)
+    tile_max = tl.max(x, axis=0)
+    # The first maximal column wins, as in torch.argmax: a later tile only on a strict rise.
+    best = tl.where(tile_max > m, start + tl.argmax(x, axis=0), best)
+    new_m = tl.maximum(m, tile_max)
+    # While every logit so far is -inf (a bias can mask a whole tile), exp(-inf - -inf) would
+    # be NaN: shift by 0 instead, which adds exact zeros.
+    shift = tl.where(new_m == -float("inf"), 0.0, new_m)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+    if SMOOTH:
+        total += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+    return new_m, s, total, best
+
+
+@triton.jit
+def _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing,
+               MASKED: tl.constexpr, SMOOTH: tl.constexpr):
+    """Overwrites the tile at `start` with its gradient."""
+    cols = start + offs
+    x = _load_tile(base, cols, V, 0.0, MASKED)
+    g = tl.exp(x - lse) * p_scale
+    g -= tl.where(cols == label, (1.0 - smoothing) * scale, 0.0)
+    if SMOOTH:
+        g -= smoothing / V * scale
+    g = g.to(base.dtype.element_ty)
+    if MASKED:
+        tl.store(base + cols, g, mask=cols < V)
+    else:
+        tl.store(base + cols, g)
+
+
+@triton.jit
 def _ce_rows_kernel(
     LOGITS, LABELS, LOSS, LSE, HIT, ROW_SCALE,
     stride_row, V, smoothing, z_loss, grad_scale,
@@ -30,26 +77,16 @@ def _ce_rows_kernel(
     base = LOGITS + row.to(tl.int64) * stride_row
     label = tl.load(LABELS + row)
     offs = tl.arange(0, BLOCK_V)
+    whole = V - V % BLOCK_V  # the columns in whole tiles; a masked tile takes the rest
 
     m = -float("inf")
     s = 0.0
     total = 0.0
     best = 0
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        tile_max = tl.max(x, axis=0)
-        # The first maximal column wins, as in torch.argmax: a later tile only on a strict rise.
-        best = tl.where(tile_max > m, start + tl.argmax(x, axis=0), best)
-        new_m = tl.maximum(m, tile_max)
-        # While every logit so far is -inf (a bias can mask a whole tile), exp(-inf - -inf)
-        # would be NaN: shift by 0 instead, which adds exact zeros.
-        shift = tl.where(new_m == -float("inf"), 0.0, new_m)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = new_m
-        if SMOOTH:
-            total += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    for start in range(0, whole, BLOCK_V):
+        m, s, total, best = _stats_tile(base, start, offs, V, m, s, total, best, False, SMOOTH)
+    if whole < V:
+        m, s, total, best = _stats_tile(base, whole, offs, V, m, s, total, best, True, SMOOTH)
     lse = m + tl.log(s)
     # An out-of-range label (rejected by the Python API before launch) reads nothing: NaN loss.
     x_label = tl.load(base + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
@@ -67,15 +104,10 @@ def _ce_rows_kernel(
         else:
             scale = grad_scale
         p_scale = scale * (1.0 + 2.0 * z_loss * lse)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * p_scale
-            g -= tl.where(cols == label, (1.0 - smoothing) * scale, 0.0)
-            if SMOOTH:
-                g -= smoothing / V * scale
-            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+        for start in range(0, whole, BLOCK_V):
+            _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing, False, SMOOTH)
+        if whole < V:
+            _grad_tile(base, whole, offs, V, label, lse, p_scale, scale, smoothing, True, SMOOTH)
 
 
 def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, row_scale, scale,

@@ -62,3 +62,21 @@ def test_integer_arguments_get_tritons_divisibility_only_where_it_would():
     assert sig["V"] == "i32" and sig["smoothing"] == "fp32" and sig["LOGITS"] == "*bf16"
     assert (index["V"],) not in attrs and (index["stride_row"],) in attrs
     assert (index["LOGITS"],) in attrs and const["BLOCK_V"] == 4096
+
+
+def test_lm_loss_row_kernel_loads_16_bytes_at_gpt2s_vocabulary(tmp_path):
+    """Compiled for sm_90a (no GPU needed; in a process of its own, since this suite runs the
+    Triton interpreter): whole vocabulary tiles load 16 bytes at a time at V = 50257 and 30522,
+    and only the last, partial tile loads element by element."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "facts.json"
+    run = subprocess.run([sys.executable, kf.__file__, "--only", "triton", "--match",
+                          "lm_loss ce_rows bf16 V=", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = {r["config"]: r for r in json.loads(out.read_text())["triton"]}
+    for vocab in (30522, 50257):
+        row = facts[f"bf16 V={vocab}"]
+        assert row["LDG128"] >= 4 and row["spill"] == 0, row

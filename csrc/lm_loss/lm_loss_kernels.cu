@@ -116,13 +116,18 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(Params p) {
   const float x_label = (threadIdx.x == 0 && label_ok) ? to_float(base[label]) : NAN;
 
   RowStats st{-INFINITY, 0.0f, 0.0f, kNoColumn};
+  // Vectors over the columns in whole vectors (kVec > 1 only when every row is 16-byte
+  // aligned), then one column per thread for the last V % kVec. A thread's columns still rise,
+  // which the first-maximum rule of `add` relies on.
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < p.vocab; c += step) {
+  const int64_t whole = p.vocab - p.vocab % kVec;
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < whole; c += step) {
     float x[kVec];
-    load<T, kVec>(base + c, x);  // kVec > 1 only when V is a multiple of kVec
+    load<T, kVec>(base + c, x);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) add(st, x[j], c + j);
   }
+  for (int64_t c = whole + threadIdx.x; c < p.vocab; c += blockDim.x) add(st, to_float(base[c]), c);
   st = block_merge(st);
   const float lse = st.m + logf(st.s);
 
@@ -140,16 +145,19 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(Params p) {
   const float p_scale = scale * (1.0f + 2.0f * p.z_loss * lse);
   const float label_term = (1.0f - p.smoothing) * scale;
   const float smooth_term = p.smoothing / static_cast<float>(p.vocab) * scale;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < p.vocab; c += step) {
+  auto grad = [&](float x, int64_t c) {
+    x = __expf(x - lse) * p_scale - smooth_term;
+    return c == label ? x - label_term : x;
+  };
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < whole; c += step) {
     float x[kVec];
     load<T, kVec>(base + c, x);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      x[j] = __expf(x[j] - lse) * p_scale - smooth_term;
-      if (c + j == label) x[j] -= label_term;
-    }
+    for (int j = 0; j < kVec; ++j) x[j] = grad(x[j], c + j);
     store<T, kVec>(base + c, x);
   }
+  for (int64_t c = whole + threadIdx.x; c < p.vocab; c += blockDim.x)
+    base[c] = math::from_float<T>(grad(to_float(base[c]), c));
 }
 
 struct Launch {

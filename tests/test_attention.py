@@ -582,7 +582,8 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     def forward():
         if path == "eager":
             return attn_ops._fused(*args)[0]
-        return torch.ops.fusedlm.attn_fwd(*args[:-1], attn_ops._kernel_backend("cuda"))[0]
+        return torch.ops.fusedlm.attn_fwd(*args[:11], torch.tensor(0), *args[12:-1],
+                                          attn_ops._kernel_backend("cuda"))[0]
 
     with attn_ops.using_cuda_kernels("wgmma"):
         out = forward()

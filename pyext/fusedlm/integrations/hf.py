@@ -3,8 +3,9 @@
 What `patch(model)` does, each step recorded in the report it returns:
   * attention: registers "fusedlm" in transformers' AttentionInterface *and* its
     AttentionMaskInterface (an attention name missing from the latter gets no mask at all, so a
-    padded batch would silently attend to its padding), with the mask function that hands the
-    2-D padding mask through; then sets the model's attention implementation to it;
+    padded batch would silently attend to its padding), with a mask function that hands the
+    2-D padding mask through without reading it; then sets the model's attention
+    implementation to it;
   * every torch.nn.LayerNorm becomes fusedlm.nn.LayerNorm, sharing the same Parameters;
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
@@ -95,10 +96,20 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2), None
 
 
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """The mask transformers hands fusedlm's attention: the 2-D padding mask of the keys, as
+    flash-attention's mask function gives it, but never replaced by None after asking whether
+    it is all ones: that question reads the mask on the host (a wait for the GPU, and a graph
+    break under torch.compile). Causality comes from the attention's is_causal; windowed or
+    chunked masks are not served (see _UNSUPPORTED_ATTENTION)."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
 def _register():
     _, masking_utils, AttentionInterface = _transformers()
     AttentionInterface.register(ATTN_NAME, _attention_forward)
-    masking_utils.AttentionMaskInterface.register(ATTN_NAME, masking_utils.flash_attention_mask)
+    masking_utils.AttentionMaskInterface.register(ATTN_NAME, _padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,15 +187,18 @@ class _AttentionFunction(torch.autograd.Function):
         return _backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
 
 
-# torch.compile path: the same launchers behind custom ops with fake kernels and autograd.
+# torch.compile path: the same launchers behind custom ops with fake kernels and autograd. The
+# dropout seed is a CPU int64 tensor there: a seed drawn from torch's generator stays a tensor in
+# the graph (turning it into an int would break the graph) and is read when the op runs, on the
+# host (no wait for the GPU).
 
 @torch.library.custom_op("fusedlm::attn_fwd", mutates_args=())
 def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
-                causal: bool, scale: float, dropout_p: float, seed: int,
+                causal: bool, scale: float, dropout_p: float, seed: Tensor,
                 pinned: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                    pinned, backend)
+    return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                    int(seed), pinned, backend)
 
 
 @attn_fwd_op.register_fake
@@ -207,9 +210,9 @@ def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, see
 def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                 key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                 max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
-                seed: int, pinned: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                seed: Tensor, pinned: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                     dropout_p, seed, pinned, backend)
+                     dropout_p, int(seed), pinned, backend)
 
 
 @attn_bwd_op.register_fake
@@ -241,7 +244,8 @@ def _natural_lse(lse2):
 def _fused(*args):
     args = (*args[:-1], _kernel_backend(args[-1]))
     if torch.compiler.is_compiling():
-        return torch.ops.fusedlm.attn_fwd(*args)
+        seed = args[11] if isinstance(args[11], Tensor) else torch.tensor(args[11])
+        return torch.ops.fusedlm.attn_fwd(*args[:11], seed, *args[12:])
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])):
         return _forward(*args)  # inference: the kernel alone (autograd's apply costs ~35 us)
     return _AttentionFunction.apply(*args)
@@ -251,6 +255,8 @@ def _fused(*args):
 # torch backend: the reference, differentiable through autograd.
 
 def _torch_dropout_keep(shape, dropout_p, seed, device):
+    if isinstance(seed, Tensor):  # compiled (see _seed): a graph holds no Generator
+        return torch.rand(shape, device=device) >= dropout_p
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=g, device=device) >= dropout_p
 
@@ -362,10 +368,13 @@ def _check_options(dropout_p, softmax_scale, seed):
 
 
 def _seed(dropout_p, seed, n_streams):
+    """The dropout seed, an int; one drawn under torch.compile stays a CPU int64 tensor, and the
+    torch backend then draws its mask from torch's default generator."""
     if dropout_p == 0:
         return 0
     if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
-        seed = int(torch.randint(0, 2 ** 31 - 1 - n_streams, (1,)))
+        drawn = torch.randint(0, 2 ** 31 - 1 - n_streams, ())
+        return drawn if torch.compiler.is_compiling() else int(drawn)
     return min(seed, 2 ** 31 - 1 - n_streams)
 
 

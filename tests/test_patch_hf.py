@@ -263,3 +263,51 @@ def test_patched_training_step_compiles_whole(name, dropout):
     for (n, _), g, e in zip(model.named_parameters(), grads, eager_grads):
         if e is not None and e.norm() > 1e-6 * scale:  # not the key bias: softmax ignores it
             assert rel_err(g, e) < 1e-4, n
+
+
+def _packed_batch(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 101, (n,), generator=g) for n in lengths]
+    ids = torch.cat(seqs)[None].to(DEVICE)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return seqs, ids, positions, cu
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "BertModel"])
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
+def test_packed_row_attends_within_each_sequence(name, given):
+    """Padding-free batches (one row of concatenated sequences, as DataCollatorWithFlattening
+    makes): each sequence's states equal those of the sequence run alone, whether the
+    boundaries come from position_ids restarting or from cu_seq_lens_q/k."""
+    torch.manual_seed(0)
+    model = _models()[name]().to(DEVICE).eval()
+    fusedlm.patch(model)
+    lengths = [5, 9, 3]
+    seqs, ids, positions, cu = _packed_batch(lengths)
+    kw = dict(input_ids=ids, position_ids=positions)
+    if given == "cu_seq_lens":
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    hidden = lambda out: out.logits if name == "GPT2LMHeadModel" else out.last_hidden_state
+    packed = hidden(model(**kw))[0]
+    for s, (a, b) in zip(seqs, zip(cu[:-1].tolist(), cu[1:].tolist())):
+        alone = hidden(model(input_ids=s[None].to(DEVICE)))[0]
+        assert rel_err(packed[a:b], alone) < 1e-5
+
+
+def test_flattening_collator_loss_is_each_sequences_own():
+    """DataCollatorWithFlattening through a patched GPT-2: the loss of a packed row is the mean
+    over the same sequences' tokens run one by one (the first token of each predicts nothing
+    from the previous sequence)."""
+    torch.manual_seed(0)
+    model = _models()["GPT2LMHeadModel"]().to(DEVICE).eval()
+    fusedlm.patch(model)
+    lengths = [6, 4, 8]
+    seqs, _, _, _ = _packed_batch(lengths, seed=5)
+    collator = transformers.DataCollatorWithFlattening()
+    batch = collator([{"input_ids": s.tolist()} for s in seqs])
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    packed = model(**batch).loss
+    sums = [model(input_ids=s[None].to(DEVICE), labels=s[None].to(DEVICE)).loss * (len(s) - 1)
+            for s in seqs]
+    assert rel_err(packed, sum(sums) / sum(n - 1 for n in lengths)) < 1e-5

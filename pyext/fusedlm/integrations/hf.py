@@ -24,6 +24,7 @@ import torch
 from ..nn.lm_head import labelled_rows
 from ..nn.normalization import replace_norms
 from ..ops import attention as fused_attention
+from ..ops import attention_varlen
 from ..ops import lm_loss
 
 ATTN_NAME = "fusedlm"
@@ -91,9 +92,40 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
                              "from the model); use another attn_implementation for this model")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     causal = causal and query.shape[2] > 1
+    packed = _packed_offsets(query, key, attention_mask, kwargs)
+    if packed is not None:  # one row of concatenated sequences: none attends across another
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, D)
+        out = attention_varlen(q, k, v, *packed, causal=causal, dropout_p=dropout,
+                               softmax_scale=scaling)
+        return out[None], None
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
                           dropout_p=dropout, softmax_scale=scaling, layout="bhsd")
     return out.transpose(1, 2), None
+
+
+def _packed_offsets(query, key, attention_mask, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when the batch is one row of packed sequences
+    (Hugging Face's padding-free training, e.g. DataCollatorWithFlattening), else None. Taken
+    from the collator's cu_seq_lens_q/k and max_length_q/k when given, else from position_ids
+    restarting (at their minimum: RoBERTa's start past the padding index), as transformers'
+    flash-attention integration does; that reads the positions on the host, once per layer."""
+    if attention_mask is not None or query.shape[0] != 1:
+        return None
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    if all(kwargs.get(n) is not None for n in names):
+        cu_q, cu_k, max_q, max_k = (kwargs[n] for n in names)
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    positions = kwargs.get("position_ids")
+    total = query.shape[2]
+    if positions is None or total == 1 or key.shape[2] != total or positions.numel() != total:
+        return None
+    positions = positions.reshape(-1)
+    starts = (positions == positions.min()).nonzero().view(-1).to(torch.int32)
+    cu = torch.cat([starts, starts.new_tensor([total])])
+    first, longest = torch.stack([cu[0], cu.diff().max()]).tolist()  # one read
+    if first != 0:  # not sequences restarting at a common first position
+        return None
+    return cu, cu, longest, longest
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -34,6 +34,16 @@ def test_cuda_sources_were_compiled_where_nvcc_is_present():
     assert fusedlm.cuda_unavailable_reason() is None
 
 
+def test_no_driver_is_said_plainly():
+    """A CUDA build on a machine with no NVIDIA driver (as CI) says so, not the runtime's
+    "driver version is insufficient", which sends a user hunting for a driver upgrade."""
+    info = fusedlm.build_info()
+    if not info["cuda"] or HAS_GPU:
+        pytest.skip("needs a CUDA build on a machine without a GPU")
+    assert info["gpu_status"] in ("no GPU available: no NVIDIA driver found",
+                                  "no GPU available: no CUDA GPU found"), info["gpu_status"]
+
+
 def test_cuda_reason_is_stated_when_unavailable():
     why = fusedlm.cuda_unavailable_reason()
     info = fusedlm.build_info()

@@ -19,6 +19,10 @@ std::string cuda_status() {
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
     cudaGetLastError();
+    // With no driver installed the runtime says "CUDA driver version is insufficient for CUDA
+    // runtime version", which sends a user hunting for a driver upgrade: say what it means.
+    if (err == cudaErrorInsufficientDriver) return "no GPU available: no NVIDIA driver found";
+    if (err == cudaErrorNoDevice) return "no GPU available: no CUDA GPU found";
     return std::string("no GPU available: ") + cudaGetErrorString(err);
   }
   return n == 0 ? std::string("no GPU available") : std::to_string(n) + " GPU(s) visible";

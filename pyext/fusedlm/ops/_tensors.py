@@ -48,7 +48,8 @@ class _NoSecondDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, grad, *anchors):
         ctx.op = op
-        return grad.view_as(grad)
+        # A copy, not a view: autograd may accumulate into it in place (create_graph only).
+        return grad.clone()
 
     @staticmethod
     def backward(ctx, *_):

@@ -117,7 +117,7 @@ def _kernel_backend(chosen: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton path.
+# The fused kernels (Triton or CUDA C++), behind one autograd.Function and one pair of custom ops.
 
 def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])

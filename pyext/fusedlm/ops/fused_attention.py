@@ -499,7 +499,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
     _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-    _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if (cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]
+            or max_seqlen_k != max_seqlen_q):  # self-attention passes one tensor twice: once
+        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5

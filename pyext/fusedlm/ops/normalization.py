@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import first_derivative_only, dtype_differs, unit_stride
+from ._tensors import dtype_differs, first_derivative_only, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -153,24 +153,24 @@ def _run_case(i, name, build):
     import torch
     import fusedlm
     from fusedlm import reference
-    from fusedlm.ops import fused_attention as attn_ops
+    from fusedlm.ops import attention_kernels
 
     g = torch.Generator(device=DEVICE).manual_seed(1000 + i)
     q, k, v, kw = build(lambda *s: torch.randn(*s, device=DEVICE, generator=g).to(torch.bfloat16))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    attn_ops.cuda_kernels = "wgmma"
+    attention_kernels.cuda_kernels = "wgmma"
     if isinstance(kw, tuple):  # packed sequences
         cu, max_len = kw
         out = fusedlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=BACKEND)
     else:
         out = fusedlm.attention(q, k, v, backend=BACKEND, **kw)
     _sync()
-    _emit("stage", f"backward (the forward ran {attn_ops.last_cuda_forward_kernel})")
+    _emit("stage", f"backward (the forward ran {attention_kernels.last_cuda_forward_kernel})")
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     _sync()
     _emit("stage", "checking")
-    ran = f"{attn_ops.last_cuda_forward_kernel}/{attn_ops.last_cuda_backward_kernel}"
+    ran = f"{attention_kernels.last_cuda_forward_kernel}/{attention_kernels.last_cuda_backward_kernel}"
     f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     if isinstance(kw, tuple):
         ref = reference.attention_varlen(*f64, cu, cu)[0]
@@ -227,7 +227,7 @@ def timing():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import fusedlm
-    from fusedlm.ops import fused_attention as attn_ops
+    from fusedlm.ops import attention_kernels
 
     print(f"\n{'shape':<30} {'impl':<20} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>10} {'TFLOP/s':>8}")
     for b, s, h, d, causal in [(32, 512, 12, 64, False), (8, 2048, 16, 128, False), (8, 2048, 16, 128, True),
@@ -238,7 +238,7 @@ def timing():
         impls = {}
         for kern in ("wgmma", "wmma"):
             def run(kern=kern):
-                with attn_ops.using_cuda_kernels(kern):
+                with attention_kernels.using_cuda_kernels(kern):
                     return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
             impls[f"fusedlm[cuda:{kern}]"] = run
         impls["fusedlm[triton]"] = lambda: fusedlm.attention(q, k, v, causal=causal, backend="triton")

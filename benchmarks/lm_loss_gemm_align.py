@@ -1,10 +1,11 @@
-"""A/B of the LM loss's vocabulary padding for its GEMMs (fusedlm.ops.loss.GEMM_ALIGN): the
+"""A/B of the LM loss's vocabulary padding for its GEMMs (fusedlm.ops.lm_loss.GEMM_ALIGN): the
 Triton backend with the padding (8, the default) and without it (1), in one process, beside
 torch.compile of the reference, on the cases whose vocabulary is not a multiple of 8
 (BERT's 30522, GPT-2's 50257).
 
     python3 benchmarks/lm_loss_gemm_align.py [case ...]
 """
+import importlib
 import sys
 
 import torch
@@ -12,7 +13,8 @@ import torch
 import fusedlm
 from fusedlm.bench import lm_loss
 from fusedlm.bench.report import table
-from fusedlm.ops import loss as loss_mod
+
+loss_mod = importlib.import_module("fusedlm.ops.lm_loss")
 
 BACKEND = "triton" if torch.cuda.is_available() else "torch"  # CPU: a smoke run
 

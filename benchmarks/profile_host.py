@@ -8,13 +8,14 @@ one LM-loss step (forward + backward) timed three ways on the same inputs:
 bench close to host and well above kernels: the step is host-bound (launch and Python cost);
 bench close to kernels: the kernels are what to speed up. Also prints each case's kernel table
 and the autotuner's choices, to tell a bad configuration from a slow kernel. The LM-loss cases
-run the loss with and without its vocabulary padding (fusedlm.ops.loss.GEMM_ALIGN): the kernel
+run the loss with and without its vocabulary padding (fusedlm.ops.lm_loss.GEMM_ALIGN): the kernel
 table names the cuBLAS kernels each one gets.
 
     python3 benchmarks/profile_host.py [case ...]     (cases: see CASES; default all)
 
 Off a GPU it runs the same steps on the CPU reference (a smoke run of the script itself).
 """
+import importlib
 import sys
 import time
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm.bench.lm_loss import _inputs as loss_inputs
 from fusedlm.ops import _triton, unpad
-from fusedlm.ops import loss as loss_mod
+loss_mod = importlib.import_module("fusedlm.ops.lm_loss")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -60,6 +61,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", &build_info, "How this core was built, and which GPUs it sees.");
   m.def("norm_max_columns", [] { return fusedlm::layer_norm::kMaxColumns; });
+  m.def("attention_head_dims", [] {
+    return std::vector<int>(std::begin(fusedlm::attention::kHeadDims),
+                            std::end(fusedlm::attention::kHeadDims));
+  });
 
   m.def(
       "norm_fwd",

@@ -31,13 +31,14 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256  # one BLOCK_D tile of the head dim in registers; larger ones spill
 
 
 # Integer arguments that change from call to call (a batch's longest sequence, packed or
 # dynamically padded; the dropout seed, drawn per call). Triton would otherwise compile a variant
 # for each value class it specializes on (divisible by 16, equal to 1): seconds of compiling in
 # the middle of a training run, each time a batch or seed falls in a new class.
-_PER_CALL = ["seq_q", "seq_k", "seed", "seq_k_rng"]
+_PER_CALL = ["seq_q", "seq_k", "seed"]
 
 
 @triton.jit
@@ -113,11 +114,11 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
 
 
 @triton.jit
-def _keep(seed, offs_m, offs_n, seq_k_rng, p_drop, TRANSPOSED: tl.constexpr):
+def _keep(seed, offs_m, offs_n, seq_k, p_drop, TRANSPOSED: tl.constexpr):
     """Dropout's keep-mask, (queries x keys), or (keys x queries) if TRANSPOSED: the same draws."""
     if TRANSPOSED:
-        return tl.rand(seed, offs_m[None, :] * seq_k_rng + offs_n[:, None]) >= p_drop
-    return tl.rand(seed, offs_m[:, None] * seq_k_rng + offs_n[None, :]) >= p_drop
+        return tl.rand(seed, offs_m[None, :] * seq_k + offs_n[:, None]) >= p_drop
+    return tl.rand(seed, offs_m[:, None] * seq_k + offs_n[None, :]) >= p_drop
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def _causal_split(pid_m, q_len, k_len, KMASK, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n, offs_d,
-                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k_rng,
+                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
                 DROPOUT: tl.constexpr):
@@ -158,7 +159,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
         p = tl.exp2(s - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(seed, offs_m, kn, seq_k_rng, p_drop, False)
+            keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
             p = tl.where(keep, p / (1.0 - p_drop), 0.0)
         v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -171,7 +172,7 @@ def _attn_fwd(
     Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, seq_k_rng, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -197,11 +198,11 @@ def _attn_fwd(
         full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
                                     offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
-                                    p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                                    p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
                                     HAS_KMASK, DROPOUT)
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                                     offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
-                                    p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                                    p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
                                     HAS_KMASK, DROPOUT)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -216,7 +217,7 @@ def _attn_fwd(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k_rng,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
@@ -235,7 +236,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
         delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            keep = _keep(seed, offs_m, offs_n, seq_k_rng, p_drop, True)
+            keep = _keep(seed, offs_m, offs_n, seq_k, p_drop, True)
             dv = tl.dot(tl.where(keep, p_t / (1.0 - p_drop), 0.0).to(do.dtype), do, dv)
             dp_t = tl.where(keep, dp_t / (1.0 - p_drop), 0.0)
         else:
@@ -250,7 +251,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -294,11 +295,11 @@ def _attn_bwd_dkdv(
             if CAUSAL:
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
                                       full, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      seed_h, p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_M,
                                       True, CAUSAL, DROPOUT)
             dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
                                   q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                  seed_h, p_drop, seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                  seed_h, p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_M,
                                   False, CAUSAL, DROPOUT)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
@@ -312,7 +313,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n0, offs_d,
-               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k_rng,
+               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
                DROPOUT: tl.constexpr):
@@ -325,7 +326,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _keep(seed, offs_m, kn, seq_k_rng, p_drop, False)
+            keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -337,7 +338,7 @@ def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_k_rng, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -369,11 +370,11 @@ def _attn_bwd_dq(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m, offs_n0,
-                        offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop, seq_k_rng,
+                        offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop, seq_k,
                         HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT)
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                         offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                        seq_k_rng, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT)
+                        seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT)
         q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
@@ -381,14 +382,14 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k, seq_k_rng,
+def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep-mask the kernels draw for one (batch, head): exposed for tests."""
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seq_k, BLOCK_N):
         kn = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed + bh, offs_m, kn, seq_k_rng, p_drop, False)
+        keep = _keep(seed + bh, offs_m, kn, seq_k, p_drop, False)
         tl.store(OUT + bh.to(tl.int64) * seq_q * seq_k + offs_m[:, None] * seq_k + kn[None, :],
                  keep.to(tl.int8), mask=(offs_m[:, None] < seq_q) & (kn[None, :] < seq_k))
 
@@ -522,7 +523,7 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     args = (q, k, v, o, lse, key_mask if key_mask is not None else dummy,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p, seq_k)
+            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
@@ -548,7 +549,7 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
              cu_k if varlen else dummy)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
-    scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p, seq_k)
+    scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p)
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
     # dQ first: it leaves delta for dK/dV.
@@ -564,4 +565,4 @@ def dropout_mask(out, seed, dropout_p):
     """out: (batch, heads, seq_q, seq_k) int8, contiguous; filled with the kernels' keep-mask."""
     bh, seq_q, seq_k = out.shape[0] * out.shape[1], out.shape[2], out.shape[3]
     _dropout_mask_kernel[(cdiv(seq_q, 32), bh)](
-        out, seed, dropout_p, seq_q, seq_k, seq_k, BLOCK_M=32, BLOCK_N=32)
+        out, seed, dropout_p, seq_q, seq_k, BLOCK_M=32, BLOCK_N=32)

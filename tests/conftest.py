@@ -18,9 +18,9 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 def kernel_backends():
     """Fused backends that can run in this process (the reference is always there)."""
     out = []
-    if dispatch._OPS["layer_norm"].why_not("triton", (DEVICE, torch.float32, 64, None)) is None:
+    if dispatch.why_not("layer_norm", "triton", (DEVICE, torch.float32, 64, None)) is None:
         out.append("triton")
-    if dispatch._OPS["layer_norm"].why_not("cuda", (DEVICE, torch.float32, 64, None)) is None:
+    if dispatch.why_not("layer_norm", "cuda", (DEVICE, torch.float32, 64, None)) is None:
         out.append("cuda")
     return out
 

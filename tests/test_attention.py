@@ -6,13 +6,13 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from fusedlm.ops import fused_attention as attn_ops
-from fusedlm.ops.fused_attention import dropout_mask
+from fusedlm.ops import attention_kernels
+from fusedlm.ops.attention import _fused, dropout_mask
 from conftest import DEVICE, HAS_GPU, TOL, rel_err
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 BACKENDS = ["torch"] + [b for b in ("triton",)
-                        if dispatch._OPS["attention"].why_not(b, (DEVICE, torch.float16, 64, False)) is None]
+                        if dispatch.why_not("attention", b, (DEVICE, torch.float16, 64)) is None]
 KERNELS = [b for b in BACKENDS if b != "torch"]
 
 
@@ -488,14 +488,14 @@ from fusedlm import _core  # noqa: E402
 
 
 def test_cuda_backend_states_what_it_serves():
-    why = dispatch._OPS["attention"].why_not
-    assert "CUDA tensors" in why("cuda", ("cpu", torch.float16, 64, False))
+    def why(backend, case):
+        return dispatch.why_not("attention", backend, case)
+    assert "CUDA tensors" in why("cuda", ("cpu", torch.float16, 64))
     if _core.cuda_unavailable_reason() is not None:
         pytest.skip(_core.cuda_unavailable_reason())
-    assert "head dims" in why("cuda", ("cuda", torch.float16, 80, False))
-    assert why("cuda", ("cuda", torch.float16, 64, True)) is None  # dropout included
-    assert "float16 or bfloat16" in why("cuda", ("cuda", torch.float32, 64, False))
-    assert why("cuda", ("cuda", torch.bfloat16, 128, False)) is None
+    assert "head dims (32, 64, 96, 128)" in why("cuda", ("cuda", torch.float16, 80))
+    assert "float16 or bfloat16" in why("cuda", ("cuda", torch.float32, 64))
+    assert why("cuda", ("cuda", torch.bfloat16, 128)) is None
 
 
 def _attn_args(**override):
@@ -512,7 +512,7 @@ def _attn_args(**override):
 @pytest.mark.parametrize("override, error, match", [
     (dict(q=torch.randn(2, 5, 4, 64)), TypeError, "q must be float16 or bfloat16"),
     (dict(k=torch.randn(2, 7, 2, 64, dtype=torch.bfloat16)), TypeError, "k must have q's dtype"),
-    (dict(q=torch.randn(2, 5, 4, 80, dtype=torch.float16)), ValueError, "head dim must be 32, 64, 96 or 128"),
+    (dict(q=torch.randn(2, 5, 4, 80, dtype=torch.float16)), ValueError, "head dim must be one of 32, 64, 96, 128"),
     (dict(k=torch.randn(2, 7, 3, 64, dtype=torch.float16), v=torch.randn(2, 7, 3, 64, dtype=torch.float16)),
      ValueError, "must divide"),
     (dict(v=torch.randn(2, 6, 2, 64, dtype=torch.float16)), ValueError, "v must have k's shape"),
@@ -534,19 +534,19 @@ def test_core_attention_validation(override, error, match):
 
 
 def test_cuda_forward_kernel_setting(monkeypatch):
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
-    assert attn_ops._wgmma_requested() is False
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "wgmma")
-    assert attn_ops._wgmma_requested() is True
-    with attn_ops.using_cuda_kernels("wmma"):
-        assert attn_ops._wgmma_requested() is False
-    assert attn_ops.cuda_kernels == "wgmma"  # restored
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
+    assert attention_kernels.wgmma_requested() is False
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wgmma")
+    assert attention_kernels.wgmma_requested() is True
+    with attention_kernels.using_cuda_kernels("wmma"):
+        assert attention_kernels.wgmma_requested() is False
+    assert attention_kernels.cuda_kernels == "wgmma"  # restored
     with pytest.raises(ValueError, match="name must be one of"):
-        with attn_ops.using_cuda_kernels("hopper"):
+        with attention_kernels.using_cuda_kernels("hopper"):
             pass
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "hopper")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "hopper")
     with pytest.raises(ValueError, match=r"FUSEDLM_CUDA_ATTENTION .* must be one of \('wmma', 'wgmma'\), got 'hopper'"):
-        attn_ops._wgmma_requested()
+        attention_kernels.wgmma_requested()
 
 
 class _RecordingCore:
@@ -575,27 +575,27 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "_C", core)
     monkeypatch.setattr(_core, "dl", lambda t: t)
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
     args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, "cuda")
 
     def forward():
         if path == "eager":
-            return attn_ops._fused(*args)[0]
+            return _fused(*args)[0]
         return torch.ops.fusedlm.attn_fwd(*args[:11], torch.tensor(0), *args[12:-1],
-                                          attn_ops._kernel_backend("cuda"))[0]
+                                          attention_kernels.kernel_for("cuda"))[0]
 
-    with attn_ops.using_cuda_kernels("wgmma"):
+    with attention_kernels.using_cuda_kernels("wgmma"):
         out = forward()
     torch.autograd.grad(out, q, torch.ones_like(out))
     out = forward()
-    with attn_ops.using_cuda_kernels("wgmma"):
+    with attention_kernels.using_cuda_kernels("wgmma"):
         torch.autograd.grad(out, q, torch.ones_like(out))
     assert core.asked == [("fwd", True), ("bwd", True), ("fwd", False), ("bwd", False)]
-    assert attn_ops.last_cuda_backward_kernel == "wmma"
+    assert attention_kernels.last_cuda_backward_kernel == "wmma"
     # Other backends pass through untouched, whatever the setting.
-    with attn_ops.using_cuda_kernels("wgmma"):
-        assert attn_ops._kernel_backend("triton") == "triton"
+    with attention_kernels.using_cuda_kernels("wgmma"):
+        assert attention_kernels.kernel_for("triton") == "triton"
 
 
 @pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "attn_fwd"), reason="fusedlm._C is not built")

@@ -13,7 +13,7 @@ from conftest import HAS_GPU, TOL, rel_err
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
-             if dispatch._OPS["attention"].why_not(b, ("cuda", torch.bfloat16, 64, False)) is None]
+             if dispatch.why_not("attention", b, ("cuda", torch.bfloat16, 64)) is None]
             if HAS_GPU else [])
 DROPOUT_BACKENDS = BACKENDS
 
@@ -121,7 +121,7 @@ def test_unaligned_views_gpu(backend):
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
 def test_dropout_gpu(backend):
-    from fusedlm.ops.fused_attention import dropout_mask
+    from fusedlm.ops.attention import dropout_mask
     q, k, v = _qkv(2, 257, 4, 4, 64, torch.bfloat16)
     out = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend=backend)
     keep = dropout_mask(2, 4, 257, 257, 0.1, 11)

@@ -11,7 +11,8 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from fusedlm.ops import fused_attention as attn_ops
+from fusedlm.ops import attention_kernels
+from fusedlm.ops.attention import _forward
 from conftest import HAS_GPU, TOL, rel_err
 from test_attention_gpu import _qkv, _sdpa
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.gpu
 def _unavailable():
     if not HAS_GPU:
         return "needs a GPU"
-    why = dispatch._OPS["attention"].why_not("cuda", ("cuda", torch.bfloat16, 64, False))
+    why = dispatch.why_not("attention", "cuda", ("cuda", torch.bfloat16, 64))
     if why is not None:
         return why
     if torch.cuda.get_device_capability() != (9, 0):
@@ -35,19 +36,19 @@ def wgmma(monkeypatch):
     why = _unavailable()
     if why is not None:
         pytest.skip(why)
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "wgmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wgmma")
     q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     fusedlm.attention(q, q, q, backend="cuda")
-    ran = attn_ops.last_cuda_forward_kernel
+    ran = attention_kernels.last_cuda_forward_kernel
     if ran != "wgmma" and "build has no sm_90a" in ran:
         pytest.skip(ran)
     return None
 
 
 def _ran_wgmma(backward=False):
-    assert attn_ops.last_cuda_forward_kernel == "wgmma", attn_ops.last_cuda_forward_kernel
+    assert attention_kernels.last_cuda_forward_kernel == "wgmma", attention_kernels.last_cuda_forward_kernel
     if backward:
-        assert attn_ops.last_cuda_backward_kernel == "wgmma", attn_ops.last_cuda_backward_kernel
+        assert attention_kernels.last_cuda_backward_kernel == "wgmma", attention_kernels.last_cuda_backward_kernel
 
 
 def _check_fwd_bwd(q, k, v, **kw):
@@ -82,8 +83,8 @@ def test_wgmma_log_sum_exp_gpu(wgmma, d):
     q, k, v = (t.detach() for t in _qkv(2, 333, 4, 4, d, torch.bfloat16, 517))
     mask = torch.arange(517, device="cuda")[None, :] < torch.tensor([[517], [200]], device="cuda")
     scale = d ** -0.5
-    _, lse = attn_ops._forward(q, k, v, mask.to(torch.int8), None, None, 333, 517, False, scale,
-                               0.0, 0, None, attn_ops._kernel_backend("cuda"))
+    _, lse = _forward(q, k, v, mask.to(torch.int8), None, None, 333, 517, False, scale,
+                               0.0, 0, None, attention_kernels.kernel_for("cuda"))
     _ran_wgmma()
     _, want = reference.attention(q.double(), k.double(), v.double(), key_mask=mask)
     assert torch.allclose(lse.double() * math.log(2), want, atol=1e-3, rtol=1e-3)
@@ -155,7 +156,7 @@ def test_wgmma_long_sequence_gpu(wgmma):
 def test_wgmma_dropout_gpu(wgmma, monkeypatch):
     """The wgmma kernels drop what the reference drops given the same keep-mask (the WMMA and
     Triton kernels' draws), forward and backward, and agree with the WMMA kernels."""
-    from fusedlm.ops.fused_attention import dropout_mask
+    from fusedlm.ops.attention import dropout_mask
     q, k, v = _qkv(2, 257, 4, 4, 64, torch.bfloat16)
     out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
     do = torch.randn_like(out)
@@ -168,9 +169,9 @@ def test_wgmma_dropout_gpu(wgmma, monkeypatch):
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
     for a, r in zip(got, want):
         assert rel_err(a, r) < 2 * TOL[torch.bfloat16]
-    monkeypatch.setattr(attn_ops, "cuda_kernels", "wmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
     other = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
-    assert attn_ops.last_cuda_forward_kernel == "wmma"
+    assert attention_kernels.last_cuda_forward_kernel == "wmma"
     assert rel_err(out, other) < 2 * TOL[torch.bfloat16]
 
 
@@ -179,10 +180,10 @@ def test_wgmma_declines_what_it_does_not_cover_gpu(wgmma):
     kernel, which says why."""
     q, k, v = (t.detach() for t in _qkv(2, 100, 4, 4, 96, torch.bfloat16))
     out = fusedlm.attention(q, k, v, backend="cuda")
-    assert attn_ops.last_cuda_forward_kernel.startswith("wmma (wgmma declined: head dim 96")
+    assert attention_kernels.last_cuda_forward_kernel.startswith("wmma (wgmma declined: head dim 96")
     ref, _ = reference.attention(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     wide = torch.randn(2, 100, 4, 65, device="cuda").to(torch.bfloat16)
     view = wide[..., 1:]
     fusedlm.attention(view, view, view, backend="cuda")
-    assert "16-byte aligned" in attn_ops.last_cuda_forward_kernel
+    assert "16-byte aligned" in attention_kernels.last_cuda_forward_kernel

@@ -85,15 +85,15 @@ def test_attention_bench_never_times_wmma_under_the_wgmma_name(monkeypatch):
     WMMA kernels serve it; the benchmark reports the case as not run rather than time them as
     fusedlm[cuda-wgmma]."""
     from fusedlm.bench import attention as attn_bench
-    from fusedlm.ops import fused_attention as attn_ops
+    from fusedlm.ops import attention_kernels
 
     def serves(kernel):
         def fn(q, k, v, causal):
-            attn_ops.last_cuda_forward_kernel = kernel
+            attention_kernels.last_cuda_forward_kernel = kernel
             return q
         return fn
 
-    monkeypatch.setattr(attn_ops, "last_cuda_forward_kernel", None)
+    monkeypatch.setattr(attention_kernels, "last_cuda_forward_kernel", None)
     log = []
     opts = dict(seqlens=(16,), head_dims=(16,), tokens=32, causal=(False,), directions=("fwd",),
                 device="cpu", peers=[attn_bench.WGMMA], log=log.append)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fusedlm
-from fusedlm.ops import normalization as ln_ops
+from fusedlm.ops.layer_norm import norm_fwd_op
 from conftest import DEVICE, kernel_backends, rel_err
 
 BACKENDS = ["torch"] + kernel_backends()
@@ -45,8 +45,8 @@ def test_custom_ops_pass_opcheck(backend, rms):
     r = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     w = torch.randn(40, device=DEVICE, requires_grad=True)
     b = None if rms else torch.randn(40, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ln_ops.norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend))
-    torch.library.opcheck(ln_ops.norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend))
+    torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend))
+    torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend))
 
 
 class MLMHeadLoss(torch.nn.Module):
@@ -85,23 +85,22 @@ def test_lm_loss_fullgraph_compile(backend, reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_lm_loss_custom_ops_pass_opcheck(backend, reduction):
-    from fusedlm.ops import loss as loss_ops
+    from fusedlm.ops.lm_loss import lm_loss_bwd_op, lm_loss_fwd_op
     h = torch.randn(7, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(30, 8, device=DEVICE, requires_grad=True)
     b = torch.randn(30, device=DEVICE, requires_grad=True)
     y = torch.randint(0, 30, (7,), device=DEVICE)
     y[::3] = -100
-    torch.library.opcheck(loss_ops.lm_loss_fwd_op,
+    torch.library.opcheck(lm_loss_fwd_op,
                           (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend))
-    torch.library.opcheck(loss_ops.lm_loss_fwd_op,
+    torch.library.opcheck(lm_loss_fwd_op,
                           (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend))
     g = torch.randn(7, device=DEVICE)
-    torch.library.opcheck(loss_ops.lm_loss_bwd_op,
+    torch.library.opcheck(lm_loss_bwd_op,
                           (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend))
 
 
-ATTN_BACKENDS = ["torch"] + [b for b in ("triton",) if fusedlm.ops.dispatch._OPS["attention"].why_not(
-    b, (DEVICE, torch.float16, 32)) is None]
+ATTN_BACKENDS = ["torch"] + [b for b in ("triton",) if fusedlm.ops.dispatch.why_not("attention", b, (DEVICE, torch.float16, 32)) is None]
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -127,16 +126,16 @@ def test_attention_fullgraph_compile(backend):
 
 @pytest.mark.skipif("triton" not in ATTN_BACKENDS, reason="needs the Triton kernels")
 def test_attention_custom_ops_pass_opcheck():
-    from fusedlm.ops import fused_attention as attn_ops
+    from fusedlm.ops.attention import attn_fwd_op
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 9, 4, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
     k = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
     v = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
     mask = torch.ones(2, 9, dtype=torch.int8, device=DEVICE)
-    torch.library.opcheck(attn_ops.attn_fwd_op, (q, k, v, mask, None, None, 9, 9, True, 0.25, 0.0, torch.tensor(0), False, "triton"))
+    torch.library.opcheck(attn_fwd_op, (q, k, v, mask, None, None, 9, 9, True, 0.25, 0.0, torch.tensor(0), False, "triton"))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
     qp, kp, vp = (t.detach()[0].requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(attn_ops.attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, torch.tensor(3), True, "triton"))
+    torch.library.opcheck(attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, torch.tensor(3), True, "triton"))
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)

@@ -72,3 +72,42 @@ def test_forced_triton_past_its_width_raises_with_reason():
 def test_bf16_under_interpreter_is_refused_not_wrong():
     with pytest.raises(ValueError, match="bfloat16"):
         fusedlm.layer_norm(torch.randn(2, 8, dtype=torch.bfloat16), backend="triton")
+
+
+def test_each_op_records_its_own_typed_case():
+    fusedlm.layer_norm(torch.randn(3, 8), torch.ones(8))
+    case = fusedlm.explain("layer_norm").case
+    assert case == ("cpu", torch.float32, 8, torch.float32) and case.columns == 8
+    q = torch.randn(1, 4, 2, 16)
+    fusedlm.attention(q, q, q, dropout_p=0.1)
+    case = fusedlm.explain("attention").case
+    assert case == ("cpu", torch.float32, 16) and case.head_dim == 16  # dropout is no limit
+    fusedlm.lm_loss(torch.randn(4, 8), torch.randn(11, 8), torch.tensor([1, -100, 3, 4]))
+    assert fusedlm.explain("lm_loss").case._fields == ("device_type", "dtype")
+
+
+def test_registering_an_op_without_the_reference_last_is_refused():
+    from fusedlm.ops import dispatch
+    with pytest.raises(ValueError, match="end with 'torch'"):
+        dispatch.register(dispatch.OpBackends("toy", tuple, {"torch": lambda case: None},
+                                              cuda_order=("triton",), gpu_verified=("torch",)))
+    assert "toy" not in dispatch._OPS
+
+
+@pytest.mark.parametrize("old, new", [
+    ("fusedlm.ops.normalization", "fusedlm.ops.layer_norm"),
+    ("fusedlm.ops.loss", "fusedlm.ops.lm_loss"),
+    ("fusedlm.ops.fused_attention", "fusedlm.ops.attention"),
+    ("fusedlm.nn.normalization", "fusedlm.nn.layer_norm"),
+])
+def test_renamed_modules_keep_their_old_names_for_a_release(monkeypatch, old, new):
+    import importlib
+    import sys
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        alias = importlib.import_module(old)
+    module = importlib.import_module(new)
+    public = [n for n in vars(module) if not n.startswith("__")]
+    assert public and all(getattr(alias, n) is getattr(module, n) for n in public)
+    with pytest.raises(AttributeError, match="no attribute"):
+        alias.not_there

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("triton")
 
 PER_CALL = {
-    "fusedlm.kernels.attention": {"_attn_fwd": {"seq_q", "seq_k", "seed", "seq_k_rng"},
-                                  "_attn_bwd_dkdv": {"seq_q", "seq_k", "seed", "seq_k_rng"},
-                                  "_attn_bwd_dq": {"seq_q", "seq_k", "seed", "seq_k_rng"}},
+    "fusedlm.kernels.attention": {"_attn_fwd": {"seq_q", "seq_k", "seed"},
+                                  "_attn_bwd_dkdv": {"seq_q", "seq_k", "seed"},
+                                  "_attn_bwd_dq": {"seq_q", "seq_k", "seed"}},
     "fusedlm.kernels.layer_norm": {"_norm_bwd_kernel": {"n_rows", "rows_per_program"}},
 }
 

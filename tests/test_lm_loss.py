@@ -1,4 +1,6 @@
 """Fused LM loss against the float64 full-logits reference, forward and backward."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,14 @@ from fusedlm.ops import dispatch
 from conftest import DEVICE, HAS_GPU, TOL, rel_err
 
 BACKENDS = ["torch"] + [b for b in ("triton", "cuda")
-                        if dispatch._OPS["lm_loss"].why_not(b, (DEVICE, torch.float32)) is None]
+                        if dispatch.why_not("lm_loss", b, (DEVICE, torch.float32)) is None]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def backend_dtypes():
     for b in BACKENDS:
         for dt in DTYPES:
-            if dispatch._OPS["lm_loss"].why_not(b, (DEVICE, dt)) is None:
+            if dispatch.why_not("lm_loss", b, (DEVICE, dt)) is None:
                 yield b, dt
 
 
@@ -227,8 +229,14 @@ def test_frozen_weight_or_frozen_hidden(backend):
 def test_no_grad_and_retain_graph(backend):
     h, w, b, labels = make(15, 8, 33, torch.float32)
     loss = fusedlm.lm_loss(h, w, labels, b, backend=backend)
-    with torch.no_grad():
-        assert torch.equal(fusedlm.lm_loss(h, w, labels, b, backend=backend), loss.detach())
+    for reduction in ("mean", "sum", "none"):  # no gradient wanted: the driver without autograd
+        kw = dict(reduction=reduction, z_loss=1e-3, return_details=True, backend=backend)
+        want = fusedlm.lm_loss(h, w, labels, b, **kw)
+        with torch.no_grad():
+            got = fusedlm.lm_loss(h, w, labels, b, **kw)
+        assert got.loss.grad_fn is None and want.loss.grad_fn is not None
+        for a, c in zip(got, want):
+            assert torch.equal(a, c.detach())
     first = torch.autograd.grad(2 * loss, [h, w, b], retain_graph=True)
     second = torch.autograd.grad(2 * loss, [h, w, b])
     for a, c in zip(first, second):
@@ -236,7 +244,7 @@ def test_no_grad_and_retain_graph(backend):
 
 
 def test_default_chunk_size_bounds_the_logits_buffer():
-    from fusedlm.ops.loss import default_chunk_size
+    from fusedlm.ops.lm_loss import default_chunk_size
     for vocab, dtype in ((30522, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.float32)):
         rows = default_chunk_size(vocab, dtype)
         nbytes = rows * vocab * torch.empty((), dtype=dtype).element_size()
@@ -245,8 +253,8 @@ def test_default_chunk_size_bounds_the_logits_buffer():
 
 
 def test_gemm_operands_pad_the_vocabulary_with_zeros(monkeypatch):
-    from fusedlm.ops import loss as loss_mod
-    from fusedlm.ops.loss import GEMM_ALIGN, _gemm_operands
+    loss_mod = importlib.import_module("fusedlm.ops.lm_loss")
+    from fusedlm.ops.lm_loss import GEMM_ALIGN, _gemm_operands
     monkeypatch.setattr(loss_mod, "_gemm_align", lambda device: GEMM_ALIGN)  # as on a GPU
     h, w, b, _ = make(4, 16, 5003, torch.float32)
     wp, bp = _gemm_operands(w.detach(), b.detach())
@@ -262,7 +270,7 @@ def test_gemm_operands_pad_the_vocabulary_with_zeros(monkeypatch):
 def test_vocabulary_padding_does_not_change_the_numbers(backend, reduction, monkeypatch):
     """The padded GEMMs (alignment 8, as on a GPU) against unpadded ones (1), over several
     chunks."""
-    from fusedlm.ops import loss as loss_mod
+    loss_mod = importlib.import_module("fusedlm.ops.lm_loss")
     h, w, b, labels = make(37, 16, 1001, torch.float32, labelled=0.6)
     cot = torch.randn(() if reduction == "mean" else labels.shape).to(DEVICE)
     results = []
@@ -281,7 +289,7 @@ def test_autocast_runs_the_projection_in_the_autocast_dtype():
     h, w, b, labels = make(10, 16, 40, torch.float32, labelled=0.8)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = fusedlm.lm_loss(h, w, labels, b)
-    assert fusedlm.explain("lm_loss").case[1] == torch.bfloat16
+    assert fusedlm.explain("lm_loss").case.dtype == torch.bfloat16
     ref, _ = reference.lm_loss(f64(h), f64(w), labels, f64(b))
     assert rel_err(loss, ref) < TOL[torch.bfloat16]
     dw, = torch.autograd.grad(loss, [w])

@@ -11,6 +11,13 @@ namespace {
 
 std::string shape_of(const TensorView& t) { return str(t); }
 
+template <int N>
+std::string list_of(const int (&values)[N]) {
+  std::string s;
+  for (int i = 0; i < N; ++i) s += (i ? ", " : "") + std::to_string(values[i]);
+  return s;
+}
+
 void check_like(const TensorView& t, const TensorView& ref) {
   bool same = t.ndim == ref.ndim && t.dtype == ref.dtype;
   for (int i = 0; same && i < t.ndim; ++i) same = t.shape[i] == ref.shape[i];
@@ -48,7 +55,8 @@ void check_problem(const Problem& p) {
   bool supported = false;
   for (int hd : kHeadDims) supported |= hd == d;
   if (!supported)
-    throw ArgError("head dim must be 32, 64, 96 or 128 on the CUDA C++ kernel, got " + std::to_string(d));
+    throw ArgError("head dim must be one of " + list_of(kHeadDims) + " on the CUDA C++ kernel, got " +
+                   std::to_string(d));
   for (int i = 0; i < want; ++i)
     if (p.v.shape[i] != p.k.shape[i])
       throw ArgError("v must have k's shape " + shape_of(p.k) + ", got " + shape_of(p.v));
@@ -102,7 +110,7 @@ void check_devices(const Problem& p, std::initializer_list<const TensorView*> mo
     if (*t) check_same_device(**t, p.q);
   for (const TensorView* t : more) check_same_device(*t, p.q);
   if (!built_with_cuda())
-    throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+    throw_built_without_cuda();
 }
 
 }  // namespace
@@ -132,10 +140,10 @@ std::string backward(const BackwardArgs& a, std::uintptr_t stream) {
 
 #ifndef FUSEDLM_WITH_CUDA
 std::string launch_forward(const ForwardArgs&, std::uintptr_t) {
-  throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+  throw_built_without_cuda();
 }
 std::string launch_backward(const BackwardArgs&, std::uintptr_t) {
-  throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+  throw_built_without_cuda();
 }
 #endif
 

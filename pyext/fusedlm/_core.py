@@ -23,6 +23,14 @@ def cuda_unavailable_reason():
     return None
 
 
+def device_problem(device_type):
+    """None if the CUDA C++ kernels can serve tensors on `device_type`, else why not (the
+    device first: a CPU tensor is the more telling reason on any build)."""
+    if device_type != "cuda":
+        return f"the CUDA C++ kernel needs CUDA tensors, got device type {device_type}"
+    return cuda_unavailable_reason()
+
+
 def dl(t):
     """A DLPack capsule borrowing `t` (None stays None)."""
     return None if t is None else to_dlpack(t.detach())

@@ -67,7 +67,7 @@ _CHECKS = {
     "layer_norm": ("layer_norm(x + residual), 37 x 1000", lambda d, t: (d, t, 1000, t),
                    dict(residual=True)),
     "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t), {}),
-    "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64, False), {}),
+    "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64), {}),
 }
 
 
@@ -83,7 +83,7 @@ def cmd_check(args):
         for backend in dispatch.BACKENDS:
             for dtype in dtypes:
                 row = dict(op=what, backend=backend, dtype=str(dtype).split(".")[-1])
-                why = dispatch._OPS[op].why_not(backend, case(device, dtype))
+                why = dispatch.why_not(op, backend, case(device, dtype))
                 if why is None:
                     passed, err = CHECKS[op](_fusedlm_impl(op, backend), device, dtype, **extra)
                     ok &= passed
@@ -210,7 +210,7 @@ def cmd_info(args):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for op, (_, case, _) in _CHECKS.items():
         for backend in dispatch.BACKENDS:
-            why = dispatch._OPS[op].why_not(backend, case(device, dtype))
+            why = dispatch.why_not(op, backend, case(device, dtype))
             print(f"  {op}/{backend:<7} {'available' if why is None else why}")
     return 0
 

@@ -10,7 +10,7 @@ atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
 nothing, where flash-attn writes +inf.
 """
-from .ops.fused_attention import attention, attention_varlen
+from .ops.attention import attention, attention_varlen
 
 
 def _unsupported(window_size, softcap, alibi_slopes, block_table=None):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
-from ..ops import fused_attention
+from ..ops import attention_kernels
 from .harness import time_ms
 
 WGMMA = "fusedlm[cuda-wgmma]"
@@ -26,10 +26,10 @@ def _on_wgmma(fn):
     holds for its backward). Raises where they declined the call, so that the WMMA kernels,
     which then serve it, are never timed under this name."""
     def wrapped(*args, **kwargs):
-        with fused_attention.using_cuda_kernels("wgmma"):
+        with attention_kernels.using_cuda_kernels("wgmma"):
             out = fn(*args, **kwargs)
-        if fused_attention.last_cuda_forward_kernel != "wgmma":
-            raise RuntimeError(f"ran {fused_attention.last_cuda_forward_kernel}")
+        if attention_kernels.last_cuda_forward_kernel != "wgmma":
+            raise RuntimeError(f"ran {attention_kernels.last_cuda_forward_kernel}")
         return out
     return wrapped
 
@@ -85,7 +85,7 @@ def _peers(device_type):
         except ImportError:
             pass
         for be in ("triton", "cuda"):
-            if dispatch._OPS["attention"].why_not(be, ("cuda", torch.bfloat16, 64, False)) is None:
+            if dispatch.why_not("attention", be, ("cuda", torch.bfloat16, 64)) is None:
                 peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
         if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
             peers[WGMMA] = _on_wgmma(peers["fusedlm[cuda]"])
@@ -174,7 +174,7 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
                                                       v.transpose(1, 2), attn_mask=bool_mask).transpose(1, 2)
         impls[name + " padded"] = (padded, (q, k, v))
     ours = [be for be in ("triton", "cuda") if device == "cuda" and
-            dispatch._OPS["attention"].why_not(be, (device, dtype, head_dim, False)) is None] or ["torch"]
+            dispatch.why_not("attention", be, (device, dtype, head_dim)) is None] or ["torch"]
     for be in ours:
         impls[f"fusedlm[{be}] packed"] = (
             lambda q, k, v, be=be: attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=be), (qp, kp, vp))

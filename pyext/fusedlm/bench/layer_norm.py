@@ -24,7 +24,7 @@ def _peers(device_type):
     if device_type != "cuda":  # off a GPU the Triton kernels run interpreted: no speed to show
         return peers
     for be in ("triton", "cuda"):
-        if dispatch._OPS["layer_norm"].why_not(be, ("cuda", torch.bfloat16, 1024, None)) is None:
+        if dispatch.why_not("layer_norm", be, ("cuda", torch.bfloat16, 1024, None)) is None:
             peers[f"fusedlm[{be}]"] = lambda x, w, b, be=be: layer_norm(x, w, b, backend=be)
     try:
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
@@ -93,7 +93,7 @@ def dispatch_overhead(device=None, log=print):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.randn(8, 768, device=device)
     w, b = torch.randn(768, device=device), torch.randn(768, device=device)
-    backend = dispatch.select("layer_norm", (device, x.dtype, 768, x.dtype), device)
+    backend = dispatch.select("layer_norm", (device, x.dtype, 768, x.dtype))
     op = torch.ops.fusedlm.norm_fwd
     calls = {
         "torch F.layer_norm": lambda: torch.nn.functional.layer_norm(x, (768,), w, b),

@@ -47,7 +47,7 @@ def _peers(device_type):
     for be in ("torch", "triton", "cuda"):
         if device_type != "cuda" and be != "torch":
             continue  # interpreted Triton has no speed to show
-        if dispatch._OPS["lm_loss"].why_not(be, (device_type, torch.bfloat16)) is None:
+        if dispatch.why_not("lm_loss", be, (device_type, torch.bfloat16)) is None:
             peers[f"fusedlm[{be}]"] = lambda h, w, b, y, idx, be=be: lm_loss(h, w, y, b, backend=be)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 
 from ..nn.lm_head import labelled_rows
-from ..nn.normalization import replace_norms
+from ..nn.layer_norm import replace_norms
 from ..ops import attention as fused_attention
 from ..ops import attention_varlen
 from ..ops import lm_loss

@@ -16,7 +16,7 @@ import torch
 
 from ..ops import attention_varlen, pad, unpad
 from .activations import activation
-from .normalization import LayerNorm
+from .layer_norm import LayerNorm
 
 
 def _packed(x, attention_mask, cu_seqlens, max_seqlen):

@@ -12,7 +12,7 @@ import torch
 
 from ..ops import lm_loss
 from .activations import activation
-from .normalization import LayerNorm
+from .layer_norm import LayerNorm
 
 
 def labelled_rows(hidden, labels, ignore_index=-100):

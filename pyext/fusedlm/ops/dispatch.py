@@ -9,8 +9,11 @@ Three ways to choose, strongest first:
     verified for that device (a CUDA C++ kernel is not chosen automatically until the GPU suite
     has passed for it).
 
-Every decision is cached per case (device type, dtype, shape facts, flags) so that the eager hot
-path pays a dict look-up, and the last decision per op is kept for `fusedlm.explain`.
+A case is each op's own NamedTuple (`NormCase`, `LossCase`, `AttentionCase`, defined beside
+the op): the facts its backends' limits depend on, starting with the device type; callers pass
+its values as a plain tuple (see `select`). Every decision
+is cached per case so that the eager hot path pays a dict look-up, and the last decision per op
+is kept for `fusedlm.explain`.
 """
 import os
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ class Decision:
     backend: str
     source: str  # "argument", "FUSEDLM_BACKEND" or "auto"
     skipped: Tuple[Tuple[str, str], ...] = ()  # (backend, why it was not used)
-    case: tuple = field(default=(), compare=False)
+    case: Optional[tuple] = field(default=None, compare=False)
 
     def __str__(self):
         lines = [f"{self.op}: ran on '{self.backend}' (chosen by {self.source})"]
@@ -38,18 +41,19 @@ class Decision:
 class OpBackends:
     """What one op offers: per backend a function case -> None (serves it) or a reason string."""
     name: str
+    case_type: type  # the op's NamedTuple of case facts
     supports: Dict[str, Callable[[tuple], Optional[str]]]
     # Automatic order on a CUDA device, best first, ending with "torch"; off a CUDA device the
     # automatic choice is always "torch" (the others are listed with the reason).
-    cuda_order: Tuple[str, ...] = ("cuda", "triton", "torch")
+    cuda_order: Tuple[str, ...]
     # Backends verified on a GPU for this op. Others are never chosen automatically.
-    gpu_verified: Tuple[str, ...] = ("torch",)
+    gpu_verified: Tuple[str, ...]
     _cache: Dict[tuple, Decision] = field(default_factory=dict)
 
     def why_not(self, backend, case):
         if backend not in self.supports:
             return f"'{backend}' has no implementation of {self.name}"
-        return self.supports[backend](case)
+        return self.supports[backend](self.case_type(*case))
 
 
 _OPS: Dict[str, OpBackends] = {}
@@ -57,8 +61,20 @@ _LAST: Dict[str, Decision] = {}
 
 
 def register(op: OpBackends) -> OpBackends:
+    if op.cuda_order[-1:] != ("torch",) or "torch" not in op.gpu_verified:
+        raise ValueError(f"{op.name}: cuda_order must end with 'torch' and gpu_verified hold it")
     _OPS[op.name] = op
     return op
+
+
+def why_not(op_name: str, backend: str, case: tuple) -> Optional[str]:
+    """None if `backend` can serve `case` of op `op_name` in this process (the device, the
+    build, the kernels' limits), else the reason; `case` is the op's case tuple, e.g.
+    ("cuda", torch.bfloat16, 64) for attention. Says nothing about GPU verification."""
+    if op_name not in _OPS:
+        raise ValueError(f"op_name must be one of {sorted(_OPS)}, got {op_name!r}")
+    _check_name(backend, "backend")
+    return _OPS[op_name].why_not(backend, case)
 
 
 def _check_name(name, what):
@@ -66,11 +82,11 @@ def _check_name(name, what):
         raise ValueError(f"{what} must be one of {', '.join(BACKENDS)} or None, got {name!r}")
 
 
-def _auto(op: OpBackends, case, device_type, skipped):
-    for b in op.cuda_order:  # ends with "torch", which serves every case
+def _auto(op: OpBackends, case, skipped):
+    for b in op.cuda_order:  # ends with "torch", which serves every case (see register)
         why = op.why_not(b, case)
         if why is None and b != "torch":
-            if device_type != "cuda":
+            if case.device_type != "cuda":
                 why = "off a CUDA device, automatic dispatch runs the reference"
             elif b not in op.gpu_verified:
                 why = f"not yet verified on a GPU, so never chosen automatically; pass backend='{b}'"
@@ -93,20 +109,23 @@ def _constant_under_compile(fn):
 # at trace time and keeps the answer, instead of tracing what deciding does (importing the Triton
 # kernels, asking the compiled core), which it cannot trace when a case is first seen there.
 @_constant_under_compile
-def select(op_name: str, case: tuple, device_type: str, backend: Optional[str] = None) -> str:
-    """Return the backend name for this call; raise ValueError if `backend` cannot serve it."""
+def select(op_name: str, case: tuple, backend: Optional[str] = None) -> str:
+    """Return the backend name for this call; raise ValueError if `backend` cannot serve it.
+    `case`: the values of the op's case NamedTuple, in its field order, as a plain tuple (a
+    NamedTuple built in a compiled function does not survive torch.compile's constant call:
+    dynamo rebuilds it wrongly), typed here on a cache miss."""
     env = os.environ.get(ENV_VAR) or None
-    key = (case, device_type, backend, env)
+    key = (case, backend, env)
     op = _OPS[op_name]
     decision = op._cache.get(key)
     if decision is None:
-        decision = _decide(op, case, device_type, backend, env)
+        decision = _decide(op, op.case_type(*case), backend, env)
         op._cache[key] = decision
     _LAST[op_name] = decision
     return decision.backend
 
 
-def _decide(op, case, device_type, backend, env):
+def _decide(op, case, backend, env):
     skipped = []
     if backend is not None:
         _check_name(backend, "backend")
@@ -120,7 +139,7 @@ def _decide(op, case, device_type, backend, env):
         if why is None:
             return Decision(op.name, env, ENV_VAR, (), case)
         skipped.append((env, why))
-    chosen = _auto(op, case, device_type, skipped)
+    chosen = _auto(op, case, skipped)
     return Decision(op.name, chosen, ENV_VAR if env and chosen == env else "auto",
                     tuple(s for s in skipped if s[0] != chosen), case)
 

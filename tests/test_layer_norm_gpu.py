@@ -1,4 +1,4 @@
-"""GPU suite: every fused backend in every dtype (bf16 included) at model-sized widths.
+"""Layer norm / RMSNorm GPU suite: every fused backend in every dtype (bf16 included) at model-sized widths.
 
 Also the evidence a backend needs before automatic dispatch may choose it (see README)."""
 import pytest

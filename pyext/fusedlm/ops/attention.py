@@ -1,0 +1,483 @@
+"""Fused attention: dense batches with BERT's padding mask, packed variable-length batches,
+causal (bottom-right) or bidirectional, grouped-query heads, dropout inside the kernel.
+
+Flow of a call: validate -> layout to (batch, seq, heads, D) views (strides, no copies) ->
+dispatch.select -> the Triton kernels or the CUDA C++ ones (csrc/attention: head dims 32, 64,
+96, 128; the same dropout draws), both behind one autograd.Function whose backward recomputes the
+probabilities from the saved log-sum-exp, or the `torch` backend (the reference math, which
+materializes the scores: the fallback for fp32, for CPU tensors and for what no kernel serves).
+
+Dropout draws come from a seed: `seed=None` takes one from torch's default generator, so
+`torch.manual_seed` makes a run reproducible; the same seed gives the same mask, and the
+backward regenerates it instead of storing it. The Triton and CUDA C++ kernels draw the same
+mask for a seed. The `torch` backend draws its own masks (the same seed reproduces them, but
+they differ from the kernels').
+"""
+import operator
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .. import _core
+from . import _triton, attention_kernels, dispatch
+from .padding import pad, unpad  # noqa: F401 (unpad: the public API's, via ops)
+from ._tensors import autocast_inputs, first_derivative_only, require, unit_stride
+
+_HALF = (torch.float16, torch.bfloat16)
+LN2 = 0.6931471805599453
+
+
+class AttentionCase(NamedTuple):
+    """The dispatch case of attention and attention_varlen."""
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+
+
+def _triton_why_not(case):
+    device, dtype, head_dim = case
+    why = _triton.device_problem("attention", device)
+    if why is not None:
+        return why
+    if dtype not in _HALF:
+        return f"the Triton kernel takes float16 or bfloat16, got {dtype} (float32 runs the reference)"
+    if device == "cpu" and dtype == torch.bfloat16:
+        return "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
+    limit = _triton.kernels("attention").MAX_HEAD_DIM
+    if head_dim > limit:
+        return f"head dim {head_dim} exceeds the Triton kernel's {limit}"
+    return None
+
+
+def _cuda_why_not(case):
+    device, dtype, head_dim = case
+    why = _core.device_problem(device)
+    if why is not None:
+        return why
+    if dtype not in _HALF:
+        return f"the CUDA C++ kernel takes float16 or bfloat16, got {dtype}"
+    built = tuple(_core._C.attention_head_dims())
+    if head_dim not in built:
+        return f"the CUDA C++ kernel is built for head dims {built}, got {head_dim}"
+    return None
+
+
+# Both kernels passed the GPU suite on an H100; the CUDA C++ one is 15-25x slower there (benchmarks/results/2026-11-23-h100),
+# so it serves only where Triton cannot.
+dispatch.register(dispatch.OpBackends(
+    "attention", AttentionCase,
+    {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused kernels (Triton or CUDA C++), behind one autograd.Function and one pair of custom ops.
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned,
+             kernel):
+    """-> (out, base-2 log-sum-exp of the scaled scores) from the Triton or CUDA C++ kernel."""
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
+    if kernel != "triton":
+        d = _core.dl
+        attention_kernels.last_cuda_forward_kernel = _core._C.attn_fwd(
+            d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
+            dropout_p, seed, d(o), d(lse), _core.stream_of(q), kernel == "cuda-wgmma")
+    else:
+        _triton.run("attention", "forward", q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q,
+                    cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal, scale=scale,
+                    dropout_p=dropout_p, seed=seed, pinned=pinned)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+              dropout_p, seed, pinned, kernel):
+    do = unit_stride(do)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if kernel != "triton":
+        # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
+        delta = (do.float() * o.float()).sum(-1)
+        delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
+        d = _core.dl
+        attention_kernels.last_cuda_backward_kernel = _core._C.attn_bwd(
+            d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
+            dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q),
+            kernel == "cuda-wgmma")
+    else:
+        delta = torch.empty_like(lse)  # filled by the dQ launch, read by dK/dV's
+        _triton.run("attention", "backward", q, k, v, o, do, lse, delta, dq, dk, dv,
+                    key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+                    causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)
+    return dq, dk, dv
+
+
+_NO_GRADS = (None,) * 11  # for key_mask ... kernel
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Eager path: straight to the launchers, no torch.library dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                pinned, kernel):
+        o, lse = _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                          seed, pinned, kernel)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
+        ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, kernel)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    @first_derivative_only("attention")
+    def backward(ctx, do, _dlse):
+        return _backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+
+
+# torch.compile path: the same launchers behind custom ops with fake kernels and autograd. The
+# dropout seed is a CPU int64 tensor there: a seed drawn from torch's generator stays a tensor in
+# the graph (turning it into an int would break the graph) and is read when the op runs, on the
+# host (no wait for the GPU).
+
+@torch.library.custom_op("fusedlm::attn_fwd", mutates_args=())
+def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
+                causal: bool, scale: float, dropout_p: float, seed: Tensor,
+                pinned: bool, kernel: str) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                    int(seed), pinned, kernel)
+
+
+@attn_fwd_op.register_fake
+def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned, kernel):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlm::attn_bwd", mutates_args=())
+def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
+                max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
+                seed: Tensor, pinned: bool, kernel: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                     dropout_p, int(seed), pinned, kernel)
+
+
+@attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+      pinned, kernel):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned, kernel = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k)
+    ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, kernel)
+
+
+def _op_backward(ctx, do, _dlse):
+    return torch.ops.fusedlm.attn_bwd(do.contiguous(), *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+
+
+attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _natural_lse(lse2):
+    """The kernels' base-2 log-sum-exp in natural log. A row that sees no key has +inf there (so
+    that the backward's exp2(s - lse) is 0); the log-sum-exp of nothing is -inf, as the torch
+    backend and torch.logsumexp give."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * LN2)
+
+
+def _fused(*args):
+    """The kernels' forward (with autograd when a gradient is wanted); the last argument is the
+    dispatch backend, which the launchers get as the kernels it stands for."""
+    args = (*args[:-1], attention_kernels.kernel_for(args[-1]))
+    if torch.compiler.is_compiling():
+        seed = args[11] if isinstance(args[11], Tensor) else torch.tensor(args[11])
+        return torch.ops.fusedlm.attn_fwd(*args[:11], seed, *args[12:])
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])):
+        return _forward(*args)  # inference: the kernel alone (autograd's apply costs ~35 us)
+    return _AttentionFunction.apply(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the reference, differentiable through autograd.
+
+def _torch_dropout_keep(shape, dropout_p, seed, device):
+    if isinstance(seed, Tensor):  # compiled (see _seed): a graph holds no Generator
+        return torch.rand(shape, device=device) >= dropout_p
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=g, device=device) >= dropout_p
+
+
+def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed):
+    keep = None
+    if dropout_p > 0:
+        keep = _torch_dropout_keep((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dropout_p,
+                                   seed, q.device)
+    return reference.attention(q, k, v, causal=causal, key_mask=key_mask, softmax_scale=scale,
+                               dropout_p=dropout_p, dropout_keep=keep)
+
+
+def _packed_rows(cu, total, seq):
+    """For packed rows 0..total-1: their index in a (batch * seq) right-padded layout, and the
+    sequences' lengths; computed on the device (no host read, static shapes)."""
+    rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    which = torch.bucketize(rows, cu[1:], right=True)
+    return which * seq + (rows - cu[which]), cu.diff()
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    """The reference over packed sequences: each padded on the right to max_seqlen, one dense
+    batch with a mask (static shapes: what torch.compile can trace). In eager mode, where that
+    padding would multiply the work by more than 4 (one long sequence among short ones), one
+    dense call per sequence instead (reading the offsets, which a trace cannot)."""
+    batch = cu_q.numel() - 1
+    if batch == 0 or q.shape[0] == 0:
+        return q.new_zeros(q.shape), q.new_full((q.shape[1], q.shape[0]), float("-inf"),
+                                                 dtype=torch.float32)
+    if not torch.compiler.is_compiling():
+        lens_q, lens_k = cu_q.diff().long(), cu_k.diff().long()
+        if batch * max_q * max_k > 4 * int((lens_q * lens_k).sum()):
+            return _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed)
+    idx_q, lens_q = _packed_rows(cu_q, q.shape[0], max_q)
+    idx_k, lens_k = _packed_rows(cu_k, k.shape[0], max_k)
+    pad_q = pad(q, idx_q, batch, max_q)
+    pad_k, pad_v = (pad(t, idx_k, batch, max_k) for t in (k, v))
+    key_mask = torch.arange(max_k, device=q.device) < lens_k[:, None]
+    keep = None
+    if dropout_p > 0:
+        keep = _torch_dropout_keep((batch, q.shape[1], max_q, max_k), dropout_p, seed, q.device)
+    o, lse = reference.attention(pad_q, pad_k, pad_v, causal=causal, key_mask=key_mask,
+                                 softmax_scale=scale, dropout_p=dropout_p, dropout_keep=keep,
+                                 lengths=(lens_q, lens_k))
+    return (o.flatten(0, 1).index_select(0, idx_q),
+            lse.transpose(0, 1).flatten(1).index_select(1, idx_q).float())
+
+
+def _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed):
+    outs, lses = [], []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        o, l = _torch_dense(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                            v[None, ck[i]:ck[i + 1]], None, causal, scale, dropout_p, seed + i)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and public API.
+
+_SHAPES = {"packed": "(total, heads, head_dim)", "bshd": "(batch, seq, heads, head_dim)",
+           "bhsd": "(batch, heads, seq, head_dim)"}
+
+
+def _check_tensors(q, k, v, layout):
+    """Type, rank and dtype of q, k, v as the caller passed them (before any transpose)."""
+    want = 3 if layout == "packed" else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != want:
+            raise ValueError(f"{name} must have shape {_SHAPES[layout]} (layout='{layout}'), "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_qkv(q, k, v, packed):
+    """Shapes of q, k, v against each other, in the (batch, seq, heads, D) or packed
+    (total, heads, D) order: a 'bhsd' call is transposed first, so that heads are heads."""
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    h, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"k's heads ({hk}) must divide q's heads ({h}) (grouped-query attention)")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a head_dim > 0, got shape {tuple(q.shape)}")
+
+
+def _check_options(dropout_p, softmax_scale, seed):
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2 ** 31):
+        raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
+
+
+def _seed(dropout_p, seed, n_streams):
+    """The dropout seed, an int; one drawn under torch.compile stays a CPU int64 tensor, and the
+    torch backend then draws its mask from torch's default generator."""
+    if dropout_p == 0:
+        return 0
+    if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
+        drawn = torch.randint(0, 2 ** 31 - 1 - n_streams, ())
+        return drawn if torch.compiler.is_compiling() else int(drawn)
+    return min(seed, 2 ** 31 - 1 - n_streams)
+
+
+def _key_mask_for(backend, attention_mask):
+    """The padding mask as the kernels take it, nonzero = attend, rebuilt at every call (a cache
+    keyed on the tensor's version counter went stale after writes through numpy or .data). The
+    Triton kernels compare each element with 0 in its own dtype, so they take a bool (as int8)
+    or integer mask as it is; the CUDA C++ ones take int8, made by comparing with 0 (a cast
+    would turn 256 into 0, "do not attend")."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.contiguous().view(torch.int8)
+    if backend == "triton":
+        return attention_mask.contiguous()
+    return (attention_mask != 0).contiguous().view(torch.int8)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+              attention_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              softmax_scale: Optional[float] = None, layout: str = "bshd",
+              seed: Optional[int] = None, return_lse: bool = False,
+              deterministic: bool = False, backend: Optional[str] = None):
+    """softmax(q k^T * scale + mask) v, fused: the scores are never stored.
+
+    layout 'bshd': q (batch, seq_q, heads, D), k and v (batch, seq_k, kv_heads, D); 'bhsd': the
+    (batch, heads, seq, D) layout Hugging Face models produce, taken by strides (no copy); the
+    output has q's layout. kv_heads may divide heads (grouped / multi-query attention).
+    `causal` masks bottom-right: query i sees key j iff j <= i + seq_k - seq_q.
+    `attention_mask`: (batch, seq_k), nonzero/True = attend (Hugging Face's attention_mask).
+    A query that sees no key gets zeros. `dropout_p` drops attention probabilities inside the
+    kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
+    `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32
+    (-inf for a query that sees no key).
+    The kernels use no atomics, so a process reproduces its results exactly; on a GPU their
+    block sizes are autotuned, and `deterministic=True` pins them instead, so that results are
+    bitwise equal across processes too (at some cost in speed).
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    _check_tensors(q, k, v, layout)
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    _check_qkv(q, k, v, packed=False)
+    _check_options(dropout_p, softmax_scale, seed)
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.shape != (batch, seq_k):
+            raise ValueError(f"attention_mask must have shape (batch, seq_k) = ({batch}, {seq_k}), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+        if attention_mask.is_floating_point():
+            raise TypeError("attention_mask must be bool or integer (nonzero = attend), got "
+                            f"{attention_mask.dtype}; additive float masks are not accepted")
+    q, k, v = autocast_inputs(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    seed = _seed(dropout_p, seed, batch * heads)
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), backend)
+    if chosen == "torch":
+        out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed)
+        lse = lse.float()
+    else:
+        key_mask = None if attention_mask is None else _key_mask_for(chosen, attention_mask)
+        o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
+                         causal, scale, float(dropout_p), seed, bool(deterministic), chosen)
+        out, lse = o, (_natural_lse(lse2) if return_lse else None)  # kernel launches: only when asked
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _max_seqlen(name, mx):
+    """max_seqlen as a Python int (numpy and 0-d integer types are taken by operator.index)."""
+    try:
+        if isinstance(mx, bool):
+            raise TypeError
+        mx = operator.index(mx)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {mx!r}") from None
+    if mx < 0:
+        raise ValueError(f"{name} must be >= 0, got {mx}")
+    return mx
+
+
+def _check_offsets(name, cu, total, mx):
+    """cu must rise from 0 to `total` (the packed rows) with no sequence longer than `mx`: a
+    kernel trusting bad offsets reads and writes out of bounds, or leaves rows unwritten.
+    Checked at every call (a check cached on the tensor missed writes through numpy or .data);
+    on a GPU or compiled, on the device (see `require`)."""
+    ok = (cu[0] == 0) & (cu[-1] == total)
+    lens = cu.diff()
+    if lens.numel():
+        ok = ok & (lens.min() >= 0) & (lens.max() <= mx)
+    require(ok, f"{name} must rise from 0 to {total} (the packed rows) with no sequence longer "
+                f"than max_seqlen={mx}")
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                     seed: Optional[int] = None, return_lse: bool = False,
+                     deterministic: bool = False, backend: Optional[str] = None):
+    """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
+    sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
+    on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]."""
+    _check_tensors(q, k, v, "packed")
+    _check_qkv(q, k, v, packed=True)
+    _check_options(dropout_p, softmax_scale, seed)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be a 1-D tensor of batch + 1 offsets")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
+    max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    if (cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]
+            or max_seqlen_k != max_seqlen_q):  # self-attention passes one tensor twice: once
+        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    q, k, v = autocast_inputs(q, k, v)
+    head_dim = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim), backend)
+    if chosen == "torch":
+        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, causal, scale, float(dropout_p), seed)
+    else:
+        cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+        cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+        out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
+                           max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
+                           chosen)
+        lse = _natural_lse(lse2) if return_lse else None
+    return (out, lse) if return_lse else out
+
+
+def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda"):
+    """The keep-mask (batch, heads, seq_q, seq_k) bool that the Triton kernels draw for a dense
+    call with this seed (exposed so that tests can feed it to the reference)."""
+    out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    _triton.run("attention", "dropout_mask", out, seed, dropout_p)
+    return out.bool()

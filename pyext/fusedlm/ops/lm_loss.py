@@ -1,0 +1,458 @@
+"""Fused masked-LM / causal-LM loss: vocabulary projection + cross-entropy, logits never whole.
+
+Flow of a call: validate -> shift (causal LM) -> dispatch.select -> the chunked driver:
+  1. compact the labelled rows (MLM: ~15% of tokens), so work scales with predictions;
+  2. per chunk of C labelled rows: logits = h_c @ W.T + b into one reused (C, V) buffer (cuBLAS,
+     the fastest matmul there is), then one cross-entropy kernel per row (the backend's: Triton,
+     CUDA C++ or torch) writes loss, log-sum-exp and argmax hit, and overwrites the logits with
+     their gradient;
+  3. d_hidden_c = dlogits @ W, d_weight += dlogits.T @ h_c, d_bias += colsum(dlogits).
+For reduction 'mean'/'sum' the gradients are computed in the forward (the logits are projected
+once, not twice) and the backward only scales them by the incoming scalar. For 'none' the
+backward recomputes the chunks with the incoming per-row scales. Memory beyond the inputs and
+the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
+
+d_weight accumulates across chunks in the weight's dtype (each chunk's product accumulates in
+fp32 inside cuBLAS); an fp32 accumulator would cost 2x the gradient's memory for a bf16 weight.
+
+On a GPU, a vocabulary that is not a multiple of 8 (GPT-2's 50257, BERT's 30522) is zero-padded
+to one for the GEMMs (a copy of the weight, and of the bias, per call): the vocabulary is the contiguous
+extent of the logits, and cuBLAS's vectorized tensor-core kernels need that extent to be a
+multiple of 16 bytes. The pad columns project to 0 and the cross-entropy kernel never touches
+them, so their gradient stays 0 and the GEMMs' results are exact.
+
+Eager calls go through an autograd.Function; under torch.compile the same driver runs behind the
+custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _core, reference
+from . import _triton, dispatch
+from ._tensors import autocast_inputs, dtype_differs, first_derivative_only, unit_stride
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+# Bytes of the reused (chunk, V) logits buffer the default chunk size aims at.
+_CHUNK_BYTES = 1 << 28
+
+
+class LMLossOutput(NamedTuple):
+    loss: Tensor      # the reduced loss (cross-entropy + z-loss), or per-token for 'none'
+    z_loss: Tensor    # mean z-loss term over labelled tokens (included in `loss`), no gradient
+    accuracy: Tensor  # fraction of labelled tokens whose argmax is the label, no gradient
+    count: Tensor     # number of labelled tokens (int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each backend serves.
+
+class LossCase(NamedTuple):
+    """The dispatch case of lm_loss."""
+    device_type: str
+    dtype: torch.dtype  # hidden's (and weight's)
+
+def _dtype_problem(dtype, what):
+    if dtype not in _FLOATS:
+        return f"{what} takes float32, float16 or bfloat16, got {dtype}"
+    return None
+
+
+def _triton_why_not(case):
+    device, dtype = case.device_type, case.dtype
+    why = _triton.device_problem("lm_loss", device)
+    if why is None and device == "cpu" and dtype == torch.bfloat16:
+        why = "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
+    return why or _dtype_problem(dtype, "the Triton kernel")
+
+
+def _cuda_why_not(case):
+    return _core.device_problem(case.device_type) or _dtype_problem(case.dtype, "the CUDA C++ kernel")
+
+
+# Both row kernels passed the GPU suite on an H100 and ran at the same speed there
+# (benchmarks/results/2026-11-23-h100); Triton first, CUDA C++ where Triton cannot serve.
+dispatch.register(dispatch.OpBackends(
+    "lm_loss", LossCase, {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
+    cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked driver, shared by the eager path and the custom ops. h: (T, H); labels: (T,).
+
+def default_chunk_size(vocab, dtype):
+    """Rows per chunk: a power of two with chunk * vocab * itemsize about _CHUNK_BYTES."""
+    rows = max(_CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()), 128)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _cross_entropy_rows(backend, logits, labels, loss, lse, hit, smoothing, z_loss, grad_scale,
+                        compute_grad):
+    # grad_scale: a (rows,) tensor of per-row scales, a float, or None without gradients.
+    row_scale = grad_scale if isinstance(grad_scale, Tensor) else None
+    scale = float(grad_scale) if isinstance(grad_scale, (float, int)) else 1.0
+    if backend == "torch":
+        out = reference.ce_rows(logits, labels, label_smoothing=smoothing, z_loss=z_loss,
+                                grad_scale=row_scale if row_scale is not None else scale,
+                                compute_grad=compute_grad)
+        for dst, src in zip((loss, lse, hit), out):
+            dst.copy_(src)
+    elif backend == "triton":
+        _triton.run("lm_loss", "ce_rows", logits, labels, loss, lse, hit,
+                    label_smoothing=smoothing, z_loss=z_loss, row_scale=row_scale, scale=scale,
+                    compute_grad=compute_grad)
+    else:
+        d = _core.dl
+        _core._C.lm_ce_rows(d(logits), d(labels), d(loss), d(lse), d(hit), d(row_scale), scale,
+                            float(smoothing), float(z_loss), compute_grad, _core.stream_of(logits))
+
+
+def _labelled_rows(labels, ignore_index, vocab):
+    """Indices of the labelled rows (None when every row is labelled) and their labels.
+    Raises ValueError for a label outside [0, vocab) that is not ignore_index.
+
+    One host sync reads the count and the range together; finding the indices costs a second
+    one only when some rows are ignored (callers that compacted already pay just the first)."""
+    valid = labels != ignore_index
+    if labels.numel() == 0:
+        return None, labels
+    big = torch.iinfo(labels.dtype).max
+    count, lo, hi = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
+                                 torch.where(valid, labels, -big).max()]).tolist()
+    if count and (lo < 0 or hi >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
+                         f"dimension) or equal ignore_index={ignore_index}, got {lo if lo < 0 else hi}")
+    if count == labels.numel():
+        return None, labels
+    idx = valid.nonzero().squeeze(1)
+    return idx, labels.index_select(0, idx)
+
+
+# Elements the GEMMs' vocabulary extent is padded to on a GPU (see the module docstring); 1 turns
+# the padding off (benchmarks/gpu_run.sh's lm-loss-align step times both).
+GEMM_ALIGN = 8
+
+
+def _gemm_align(device):
+    # cuBLAS's rule. On a CPU the copy only costs: one smoke run on a 2-core VM (256 tokens,
+    # V = 1001, fp32) took 21.5 ms a step padded against 15.0 unpadded.
+    return GEMM_ALIGN if device.type == "cuda" else 1
+
+
+def _gemm_operands(weight, bias):
+    """weight (V, H) and bias (V,) zero-padded to a multiple of _gemm_align rows; the tensors
+    themselves when V is one already."""
+    vocab = weight.shape[0]
+    align = _gemm_align(weight.device)
+    padded = -(-vocab // align) * align
+    if padded == vocab:
+        return weight, bias
+    extra = padded - vocab
+    return (F.pad(weight, (0, 0, 0, extra)),
+            None if bias is None else F.pad(bias, (0, extra)))
+
+
+def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
+             chunk_size, need_dh, need_dw, need_db):
+    """Runs the loss over the labelled rows. grad_scale: None (no gradients), a float (each
+    row's loss scaled alike: 1/count for 'mean', 1 for 'sum') or a (T,) tensor of per-row
+    scales ('none'; the upstream gradient). Returns (loss_rows, lse_rows, hit_rows) of shape
+    (T,) with zeros at ignored rows, the labelled count, and dh (T, H), dw, db or None."""
+    tokens, hidden = h.shape
+    vocab = weight.shape[0]
+    idx, picked = _labelled_rows(labels, ignore_index, vocab)
+    n = picked.numel()
+    if isinstance(grad_scale, str):  # "mean": the count is known only now
+        grad_scale = 1.0 / max(n, 1)
+    compute_grad = grad_scale is not None and (need_dh or need_dw or need_db)
+    rows = h if idx is None else h.index_select(0, idx)
+    if isinstance(grad_scale, Tensor):
+        grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float().contiguous()
+    stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]  # loss, lse, hit
+    w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
+    padded = w_g.shape[0]
+    dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
+    dw = torch.zeros_like(w_g) if compute_grad and need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
+    chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
+    # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
+    # aligned leading dimensions also for a vocabulary like GPT-2's 50257. On an H100, with the
+    # pitch but not yet the padded vocabulary extent, GPT-2's step went only from 36.6 to 34.5 ms
+    # (benchmarks/results/2026-11-23-h100-s2).
+    pitch = -(-padded // 64) * 64
+    buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :padded] if n else None
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        h_c, logits_g = rows[c0:c1], buf[:c1 - c0]
+        logits = logits_g[:, :vocab]  # what the cross-entropy sees; the pad columns stay 0
+        if b_g is not None:
+            torch.addmm(b_g, h_c, w_g.t(), out=logits_g)
+        else:
+            torch.mm(h_c, w_g.t(), out=logits_g)
+        scale = grad_scale[c0:c1] if isinstance(grad_scale, Tensor) else grad_scale
+        _cross_entropy_rows(backend, logits, picked[c0:c1], *(t[c0:c1] for t in stats),
+                            smoothing, z_loss, scale, compute_grad)
+        if not compute_grad:
+            continue
+        if dh_c is not None:
+            torch.mm(logits_g, w_g, out=dh_c[c0:c1])
+        if dw is not None:
+            dw.addmm_(logits_g.t(), h_c)
+        if db is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    if dw is not None:
+        dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
+    if idx is not None:  # back to one entry per token, zero at ignored ones
+        stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
+    dh = dh_c
+    if dh_c is not None and idx is not None:
+        dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
+    if db is not None and bias is not None:
+        db = db.to(bias.dtype)
+    return stats[0], stats[1], stats[2], n, dh, dw, db
+
+
+def _reduce(loss_rows, n, reduction):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / max(n, 1) if reduction == "mean" else total
+
+
+def _forward_scale(reduction, wants_grad):
+    if not wants_grad:
+        return None
+    return {"mean": "mean", "sum": 1.0}.get(reduction)  # 'none': gradients in the backward
+
+
+def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
+             chunk_size, need_dh, need_dw, need_db):
+    """-> (loss, lse, hit, labelled-row count as a tensor, dh, dw, db); with a reduction, the
+    gradients the need_* flags ask for come from the same pass (scaled for it), else None."""
+    scale = _forward_scale(reduction, need_dh or need_dw or need_db)
+    loss_rows, lse, hit, n, dh, dw, db = _chunked(
+        backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size,
+        need_dh, need_dw, need_db)
+    return (_reduce(loss_rows, n, reduction), lse, hit,
+            torch.tensor(n, dtype=torch.int64, device=h.device), dh, dw, db)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager path.
+
+class _LMLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
+                chunk_size, need_dh, need_dw, need_db, backend):
+        loss, lse, hit, n, dh, dw, db = _forward(
+            backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
+            chunk_size, need_dh, need_dw, need_db)
+        ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh,
+                    need_dw, need_db)
+        if reduction == "none":
+            ctx.save_for_backward(h, weight, bias, labels)
+        else:  # the inputs too, only as anchors for first_derivative_only (no copies)
+            ctx.save_for_backward(dh, dw, db, h, weight, bias)
+        ctx.mark_non_differentiable(lse, hit)
+        return loss, lse, hit, n
+
+    @staticmethod
+    @first_derivative_only("lm_loss")
+    def backward(ctx, grad, _dlse, _dhit, _dn):
+        ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+        if reduction == "none":
+            h, weight, bias, labels = ctx.saved_tensors
+            _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index,
+                                              smoothing, z_loss, grad, chunk_size, need_dh,
+                                              need_dw, need_db)
+        else:
+            dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors[:3])
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile path: custom ops with fake kernels and autograd.
+
+@torch.library.custom_op("fusedlm::lm_loss_fwd", mutates_args=())
+def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   ignore_index: int, smoothing: float, z_loss: float, reduction: str,
+                   chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, lse, hit, n, dh, dw, db = _forward(
+        backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
+        chunk_size or None, need_dh, need_dw, need_db)
+    empty = h.new_empty(0)
+    return (loss, lse, hit, n,
+            dh if dh is not None else empty, dw if dw is not None else weight.new_empty(0),
+            db if db is not None else lse.new_empty(0) if bias is None else bias.new_empty(0))
+
+
+@lm_loss_fwd_op.register_fake
+def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
+      need_dw, need_db, backend):
+    tokens = h.shape[0]
+    grads = reduction != "none"
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty((tokens,) if reduction == "none" else (), **f32),
+            h.new_empty((tokens,), **f32), h.new_empty((tokens,), **f32),
+            h.new_empty((), dtype=torch.int64),
+            h.new_empty(h.shape if grads and need_dh else (0,)),
+            weight.new_empty(weight.shape if grads and need_dw else (0,)),
+            h.new_empty((weight.shape[0],) if grads and need_db else (0,),
+                        dtype=bias.dtype if bias is not None else torch.float32))
+
+
+@torch.library.custom_op("fusedlm::lm_loss_bwd", mutates_args=())
+def lm_loss_bwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   grad_rows: Tensor, ignore_index: int, smoothing: float, z_loss: float,
+                   chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i (reduction 'none'), recomputing the chunks."""
+    _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index, smoothing,
+                                      z_loss, grad_rows, chunk_size or None, need_dh, need_dw, need_db)
+    return (dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
+            db if db is not None else h.new_empty(0, dtype=torch.float32))
+
+
+@lm_loss_bwd_op.register_fake
+def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk_size, need_dh,
+      need_dw, need_db, backend):
+    return (h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            h.new_empty((weight.shape[0],) if need_db else (0,),
+                        dtype=bias.dtype if bias is not None else torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    (h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
+     need_dw, need_db, backend) = inputs
+    ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
+                need_db)
+    if reduction == "none":
+        ctx.save_for_backward(h, weight, bias, labels)
+    else:
+        ctx.save_for_backward(*output[4:])
+
+
+def _op_backward(ctx, grad, _dlse, _dhit, _dn, _ddh, _ddw, _ddb):
+    ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+    if reduction == "none":
+        h, weight, bias, labels = ctx.saved_tensors
+        dh, dw, db = torch.ops.fusedlm.lm_loss_bwd(h, weight, bias, labels, grad.contiguous(),
+                                                   ignore_index, smoothing, z_loss, chunk_size,
+                                                   need_dh, need_dw, need_db, backend)
+    else:
+        dh, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API.
+
+def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
+              chunk_size):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if hidden.dim() < 2 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape (tokens, H) or (batch, seq, H) with H > 0, got "
+                         f"{tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) (vocab > 0, H = "
+                         f"hidden's last dimension), got {tuple(weight.shape)}")
+    # Under autocast both are cast to the autocast dtype (autocast_inputs), so they may differ.
+    if dtype_differs(weight, hidden):
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} "
+                        "(under autocast both are cast to the autocast dtype)")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 or int32 tensor, got dtype {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's without its "
+                         f"last dimension), got {tuple(labels.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if dtype_differs(bias, hidden):
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if hidden.device.type == "meta":
+        raise ValueError("hidden is a meta tensor: lm_loss reads the labels' values (which rows are "
+                         "labelled), which meta tensors do not have; torch.compile's fake tensors "
+                         "are served by the custom op's shape function instead")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a non-negative float, got {z_loss!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
+            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+            z_loss: float = 0.0, shift: bool = False, return_details: bool = False,
+            chunk_size: Optional[int] = None, backend: Optional[str] = None):
+    """F.cross_entropy(hidden @ weight.T + bias, labels) without materializing the logits.
+
+    hidden: (tokens, H) or (batch, seq, H); weight: (V, H), e.g. the tied embedding; labels:
+    hidden's shape without H, `ignore_index` where nothing is predicted. Only labelled rows are
+    computed. `shift=True` is the causal-LM loss: position t predicts labels[..., t + 1].
+    `z_loss` adds z_loss * logsumexp(logits)^2 per labelled token. reduction: 'mean' (over
+    labelled tokens; 0 when there are none, where torch gives NaN), 'sum' or 'none' (per token,
+    0 at ignored ones). With `return_details`, returns an LMLossOutput (loss, z_loss, accuracy,
+    count) from the same pass. `chunk_size`: labelled rows projected at a time (default: a
+    ~256 MiB logits buffer). `backend`: 'torch', 'triton' or 'cuda' (None: dispatch chooses).
+    """
+    _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
+              chunk_size)
+    # Under autocast the projection runs in the autocast dtype, as nn.Linear's would.
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), backend)
+    if shift:
+        # Position t predicts t + 1; the last position of each sequence predicts nothing.
+        pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    out_shape = labels.shape
+    h2 = unit_stride(hidden.reshape(-1, hidden.shape[-1]))
+    w = unit_stride(weight)
+    # The row kernels index labels by row: a strided or expanded (stride 0) view is copied.
+    y = labels.reshape(-1).long().contiguous()
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and h2.requires_grad, grad_on and w.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            loss, lse, hit, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
+                                                                  chunk_size or 0, *needs, chosen)
+        elif not any(needs):  # inference: the driver alone (autograd's apply costs ~35 us)
+            loss, lse, hit, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size, *needs)
+        else:
+            loss, lse, hit, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size, *needs,
+                                                      chosen)
+    if reduction == "none":
+        loss = loss.view(out_shape)
+        if shift:
+            loss = loss[..., :-1]
+    if not return_details:
+        return loss
+    denominator = n.clamp_min(1)
+    return LMLossOutput(loss, (z_loss * (lse * lse).sum() / denominator).detach(),
+                        (hit.sum() / denominator).detach(), n)

@@ -184,7 +184,7 @@ def triton_cases():
                 values.update(s_qs=12 * d, s_qh=d, s_ks=12 * d, s_kh=d, s_vs=12 * d, s_vh=d,
                               s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
                               n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
-                              p_drop=0.0, seq_k_rng=2048, seq_bucket=2048, HEAD_DIM=d,
+                              p_drop=0.0, seq_bucket=2048, HEAD_DIM=d,
                               BLOCK_D=block_d, IS_VARLEN=False, CAUSAL=True, HAS_KMASK=False,
                               DROPOUT=False, **cfg.kwargs)
                 for s in ("s_qb", "s_kb", "s_vb", "s_ob", "s_dob", "s_dqb", "s_dkb"):
@@ -218,7 +218,7 @@ def cuda_facts(arch, nvcc):
                                   "-c", str(cu), "-o", str(obj)],
                                  capture_output=True, text=True)
             if out.returncode:
-                raise RuntimeError(f"nvcc failed on {cu}:\n{out.stderr[-3000:]}")
+                raise RuntimeError(f"nvcc failed on {cu}:\n{(out.stdout + out.stderr)[-3000:]}")
             usage = _parse_ptxas(out.stderr)
             sass = _sass_by_function(obj)
             for mangled, (regs, spill, smem) in usage.items():
@@ -309,6 +309,7 @@ def main(argv=None):
         if nvcc is None:
             print("\nCUDA C++: no nvcc on this machine, not compiled")
         for arch in args.archs if nvcc else ():
+            arch = arch if arch.startswith("sm_") else f"sm_{arch}"  # "90a" as CMake spells it
             rows = cuda_facts(arch, nvcc)
             report["cuda"][arch] = rows
             print(f"\nCUDA C++ kernels ({_nvcc_version(nvcc)}), {arch}:")

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "../common/cuda_runtime.h"
+#include "../common/dtype_dispatch.h"
 #include "attention.h"
 #include "attention_device.cuh"
 
@@ -826,12 +827,11 @@ void dispatch_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
   DeviceGuard guard(pr.q.device_id);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t d = pr.q.shape[pr.q.ndim - 1];
-  const bool half = pr.q.dtype == DType::kFloat16;
-#define FUSEDLM_WGMMA_RUN(TYPE, DIM) \
-  kBackward ? run_backward<TYPE, DIM>(pr, p, st) : run_forward<TYPE, DIM>(pr, p, st)
-  if (d == 64) half ? FUSEDLM_WGMMA_RUN(__half, 64) : FUSEDLM_WGMMA_RUN(__nv_bfloat16, 64);
-  else half ? FUSEDLM_WGMMA_RUN(__half, 128) : FUSEDLM_WGMMA_RUN(__nv_bfloat16, 128);
-#undef FUSEDLM_WGMMA_RUN
+  with_half_type(pr.q.dtype, "the wgmma attention", [&](auto t) {
+    using T = decltype(t);
+    if (d == 64) return kBackward ? run_backward<T, 64>(pr, p, st) : run_forward<T, 64>(pr, p, st);
+    return kBackward ? run_backward<T, 128>(pr, p, st) : run_forward<T, 128>(pr, p, st);
+  });
 }
 
 }  // namespace

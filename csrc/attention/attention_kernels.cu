@@ -18,6 +18,7 @@
 
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
+#include "../common/dtype_dispatch.h"
 #include "attention.h"
 #include "attention_device.cuh"
 
@@ -411,20 +412,16 @@ void dispatch(const Problem& pr, const Params& p, std::uintptr_t stream) {
   DeviceGuard guard(pr.q.device_id);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t d = pr.q.shape[pr.q.ndim - 1];
-  const bool half = pr.q.dtype == DType::kFloat16;
-#define FUSEDLM_ATTN_CASE(DIM)                                       \
-  case DIM:                                                          \
-    if (half) Launcher::template run<__half, DIM>(pr, p, st);        \
-    else Launcher::template run<__nv_bfloat16, DIM>(pr, p, st);      \
-    return;
-  switch (d) {
-    FUSEDLM_ATTN_CASE(32)
-    FUSEDLM_ATTN_CASE(64)
-    FUSEDLM_ATTN_CASE(96)
-    FUSEDLM_ATTN_CASE(128)
-    default: throw ArgError("unsupported head dim " + std::to_string(d));
-  }
-#undef FUSEDLM_ATTN_CASE
+  with_half_type(pr.q.dtype, "the CUDA C++ attention", [&](auto t) {
+    using T = decltype(t);
+    switch (d) {  // kHeadDims
+      case 32: return Launcher::template run<T, 32>(pr, p, st);
+      case 64: return Launcher::template run<T, 64>(pr, p, st);
+      case 96: return Launcher::template run<T, 96>(pr, p, st);
+      case 128: return Launcher::template run<T, 128>(pr, p, st);
+      default: throw ArgError("unsupported head dim " + std::to_string(d));
+    }
+  });
 }
 
 // With `wgmma`, the Hopper kernels where they can serve the call, else the WMMA ones; returns

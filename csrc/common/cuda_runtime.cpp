@@ -1,6 +1,12 @@
 #include "cuda_runtime.h"
 
+#include <stdexcept>
+
 namespace fusedlm {
+
+void throw_built_without_cuda() {
+  throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+}
 
 #ifdef FUSEDLM_WITH_CUDA
 bool built_with_cuda() { return true; }

@@ -11,6 +11,8 @@ bool built_with_cuda();
 int cuda_device_count();
 // One line: how many GPUs, or why there are none.
 std::string cuda_status();
+// The error of every launcher in a build without CUDA.
+[[noreturn]] void throw_built_without_cuda();
 
 }  // namespace fusedlm
 

@@ -71,7 +71,7 @@ const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nul
 
 void require_cuda() {
   if (!built_with_cuda())
-    throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+    throw_built_without_cuda();
 }
 
 }  // namespace
@@ -126,8 +126,8 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
 }
 
 #ifndef FUSEDLM_WITH_CUDA
-void launch_forward(const ForwardArgs&, int, std::uintptr_t) { require_cuda(); }
-void launch_backward(const BackwardArgs&, int, std::uintptr_t) { require_cuda(); }
+void launch_forward(const ForwardArgs&, int, std::uintptr_t) { throw_built_without_cuda(); }
+void launch_backward(const BackwardArgs&, int, std::uintptr_t) { throw_built_without_cuda(); }
 #endif
 
 }  // namespace fusedlm::layer_norm

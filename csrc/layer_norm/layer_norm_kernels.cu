@@ -14,6 +14,7 @@
 
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
+#include "../common/dtype_dispatch.h"
 #include "layer_norm.h"
 
 namespace fusedlm::layer_norm {
@@ -178,17 +179,50 @@ struct BwdParams {
   bool rms, params_fp32;
 };
 
+// A thread's share of one row in the backward: its gradient g, xhat and wdy = w * g, per value
+// (0 past the row's end).
+template <typename T, int kVec>
+__device__ __forceinline__ void bwd_values(const BwdParams& p, const T* dy, const T* z, int64_t c,
+                                           float mean, float rstd, const float (&w)[kVec],
+                                           float (&g)[kVec], float (&xhat)[kVec],
+                                           float (&wdy)[kVec]) {
+  float zv[kVec];
+  if (c < p.n) {
+    load<T, kVec>(dy + c, g);
+    load<T, kVec>(z + c, zv);
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    if (c >= p.n) g[j] = zv[j] = 0.0f;
+    xhat[j] = c < p.n ? (zv[j] - mean) * rstd : 0.0f;
+    wdy[j] = w[j] * g[j];
+  }
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load_weights(const BwdParams& p, int64_t c, float (&w)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    w[j] = (p.w && c < p.n) ? load_param<T>(p.w, c + j, p.params_fp32) : 1.0f;
+}
+
 template <typename T, int kVec, int kIters>
 __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(BwdParams p) {
-  float w[kIters][kVec], dw[kIters][kVec], db[kIters][kVec];
+  // Up to 8 values a thread keeps its row share (xhat, wdy) and the weights in registers
+  // between the two passes over the row. Past that, five arrays of 16-32 floats need more than
+  // the 128 registers 512 threads leave each (nvcc -Xptxas -v, sm_90a: 0.9-1.9 KB of spills at
+  // 32 values, and keeping them at 16 spills once the code is shared): the second pass re-reads
+  // dy, z and w (the first read left them in cache) and only the dw/db sums stay in registers.
+  // At 32 values 12-180 bytes still spill (benchmarks/kernel_facts.py).
+  constexpr bool kKeep = kVec * kIters <= 8;
+  constexpr int kHeld = kKeep ? kIters : 1;
+  float w[kHeld][kVec], dw[kIters][kVec], db[kIters][kVec];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
+    if constexpr (kKeep) load_weights<T, kVec>(p, c, w[it]);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      w[it][j] = (p.w && c < p.n) ? load_param<T>(p.w, c + j, p.params_fp32) : 1.0f;
-      dw[it][j] = db[it][j] = 0.0f;
-    }
+    for (int j = 0; j < kVec; ++j) dw[it][j] = db[it][j] = 0.0f;
   }
   const int64_t first = blockIdx.x * p.rows_per_block;
   const int64_t last = min(first + p.rows_per_block, p.rows);
@@ -196,27 +230,21 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(BwdParams p) {
     const T* dy = static_cast<const T*>(p.dy) + row * p.sdy;
     const T* z = static_cast<const T*>(p.z) + row * p.sz;
     const float rstd = p.rstd[row], mean = p.rms ? 0.0f : p.mean[row];
-    float xhat[kIters][kVec], wdy[kIters][kVec];
+    float xhat[kHeld][kVec], wdy[kHeld][kVec];
     float sums[2] = {0.0f, 0.0f};  // sum(xhat * wdy), sum(wdy)
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
-      float g[kVec], zv[kVec];
-      if (c < p.n) {
-        load<T, kVec>(dy + c, g);
-        load<T, kVec>(z + c, zv);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) g[j] = zv[j] = 0.0f;
-      }
+      const int k = kKeep ? it : 0;
+      if constexpr (!kKeep) load_weights<T, kVec>(p, c, w[0]);
+      float g[kVec];
+      bwd_values<T, kVec>(p, dy, z, c, mean, rstd, w[k], g, xhat[k], wdy[k]);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        xhat[it][j] = c < p.n ? (zv[j] - mean) * rstd : 0.0f;
-        wdy[it][j] = w[it][j] * g[j];
-        dw[it][j] += g[j] * xhat[it][j];
+        dw[it][j] += g[j] * xhat[k][j];
         db[it][j] += g[j];
-        sums[0] += xhat[it][j] * wdy[it][j];
-        sums[1] += wdy[it][j];
+        sums[0] += xhat[k][j] * wdy[k][j];
+        sums[1] += wdy[k][j];
       }
     }
     block_sum<2>(sums);
@@ -225,11 +253,17 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(BwdParams p) {
     for (int it = 0; it < kIters; ++it) {
       const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
       if (c >= p.n) continue;
+      const int k = kKeep ? it : 0;
+      if constexpr (!kKeep) {
+        float g[kVec];
+        load_weights<T, kVec>(p, c, w[0]);
+        bwd_values<T, kVec>(p, dy, z, c, mean, rstd, w[0], g, xhat[0], wdy[0]);
+      }
       float out[kVec], extra[kVec];
       if (p.dz_extra) load<T, kVec>(static_cast<const T*>(p.dz_extra) + row * p.sextra + c, extra);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        out[j] = (wdy[it][j] - (xhat[it][j] * c1 + c2)) * rstd;
+        out[j] = (wdy[k][j] - (xhat[k][j] * c1 + c2)) * rstd;
         if (p.dz_extra) out[j] += extra[j];
       }
       store<T, kVec>(static_cast<T*>(p.dz) + row * p.sdz + c, out);
@@ -292,12 +326,8 @@ void by_vec(int vec, int iters, const F& f) {
 
 template <typename F>
 void by_dtype(DType d, int vec, int iters, const F& f) {
-  switch (d) {
-    case DType::kFloat32: return by_vec<float>(vec, iters, f);
-    case DType::kFloat16: return by_vec<__half>(vec, iters, f);
-    case DType::kBFloat16: return by_vec<__nv_bfloat16>(vec, iters, f);
-    default: throw DTypeError("unsupported dtype for the CUDA layer-norm kernel");
-  }
+  with_float_type(d, "the CUDA layer-norm kernel",
+                  [&](auto t) { by_vec<decltype(t)>(vec, iters, f); });
 }
 
 struct FwdLaunch {
@@ -321,19 +351,10 @@ struct BwdLaunch {
 void column_sum(const float* part, int64_t parts, int64_t n, const TensorView& out,
                 cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-  switch (out.dtype) {
-    case DType::kFloat32:
-      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<float*>(out.data));
-      break;
-    case DType::kFloat16:
-      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<__half*>(out.data));
-      break;
-    case DType::kBFloat16:
-      column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n,
-                                                    static_cast<__nv_bfloat16*>(out.data));
-      break;
-    default: throw DTypeError(std::string(out.name) + " has an unsupported dtype");
-  }
+  with_float_type(out.dtype, out.name, [&](auto t) {
+    using T = decltype(t);
+    column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<T*>(out.data));
+  });
   cuda_check(cudaGetLastError(), "layer_norm column-sum launch");
 }
 

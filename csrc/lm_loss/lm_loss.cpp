@@ -35,7 +35,7 @@ void cross_entropy_rows(const CrossEntropyRowsArgs& a, std::uintptr_t stream) {
     check_same_device(*t, a.logits);
   if (a.row_scale) check_same_device(*a.row_scale, a.logits);
   if (!built_with_cuda())
-    throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+    throw_built_without_cuda();
   if (rows == 0) return;
   // 16-byte vectors when every row starts 16-byte aligned, whatever V (the kernel takes the
   // last V % width columns one at a time).
@@ -47,7 +47,7 @@ void cross_entropy_rows(const CrossEntropyRowsArgs& a, std::uintptr_t stream) {
 
 #ifndef FUSEDLM_WITH_CUDA
 void launch_cross_entropy_rows(const CrossEntropyRowsArgs&, int, std::uintptr_t) {
-  throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
+  throw_built_without_cuda();
 }
 #endif
 

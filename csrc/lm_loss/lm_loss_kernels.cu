@@ -15,6 +15,7 @@
 
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
+#include "../common/dtype_dispatch.h"
 #include "lm_loss.h"
 
 namespace fusedlm::lm_loss {
@@ -178,12 +179,8 @@ void by_vec(int vec, const F& f) {
 
 template <typename F>
 void by_dtype(DType d, int vec, const F& f) {
-  switch (d) {
-    case DType::kFloat32: return by_vec<float>(vec, f);
-    case DType::kFloat16: return by_vec<__half>(vec, f);
-    case DType::kBFloat16: return by_vec<__nv_bfloat16>(vec, f);
-    default: throw DTypeError("unsupported dtype for the CUDA LM-loss kernel");
-  }
+  with_float_type(d, "the CUDA LM-loss kernel",
+                  [&](auto t) { by_vec<decltype(t)>(vec, f); });
 }
 
 }  // namespace

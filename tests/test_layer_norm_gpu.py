@@ -77,11 +77,17 @@ def test_residual_and_rms_gpu(backend, dtype, rms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unaligned_input_gpu(backend):
-    x, w, b, dy = _inputs(300, 1024, torch.bfloat16, offset=1)
+@pytest.mark.parametrize("n", [1024, 6001, 16383])  # one value a load: 2, 16 and 32 a thread
+def test_unaligned_input_gpu(backend, n):
+    x, w, b, dy = _inputs(300, n, torch.bfloat16, offset=1)
     y = fusedlm.layer_norm(x, w, b, backend=backend)
-    ref = reference.layer_norm(*_f64(x, w, b))[0]
+    xr, wr, br = _f64(x, w, b)
+    ref = reference.layer_norm(xr, wr, br)[0]
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    want = torch.autograd.grad(ref, (xr, wr, br), dy.double())
+    for got, exp in zip(grads, want):
+        assert rel_err(got, exp) < 2 * TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..nn import LayerNorm, MaskedLMHead
 from ..nn.layers import EncoderLayer
-from ..ops import pad, unpad
+from ..ops import pad, unpad, unpad_static
 from ..ops._tensors import require
 from .config import FromHF
 from .init import init_weights
@@ -60,23 +60,56 @@ class RobertaConfig(BertConfig):
 
 
 class Packed(NamedTuple):
-    """A padded batch's real tokens: rows of `hidden` are the tokens where attention_mask != 0."""
-    hidden: Tensor       # (tokens, H)
-    indices: Tensor      # (tokens,) positions in the flattened (batch * seq) batch
-    cu_seqlens: Tensor   # (batch + 1,) int32
+    """A padded batch as packed rows. Eager: the real tokens only (`unpad`), one sequence per
+    batch row. Under torch.compile: every token (`unpad_static`: shapes fixed by the batch's, so
+    one graph serves every mask), each batch row's real tokens and its padding as two sequences,
+    `real` marking the real rows; what the model returns is the same either way."""
+    hidden: Tensor       # (rows, H)
+    indices: Tensor      # (rows,) positions in the flattened (batch * seq) batch
+    cu_seqlens: Tensor   # (batch + 1,) int32, or (2 * batch + 1,) with `real`
     max_seqlen: int
     batch: int
     seq: int
+    real: Optional[Tensor] = None  # (rows,) bool: real tokens; None when every row is one
+
+    @staticmethod
+    def of(x, attention_mask):
+        """(rows of x, Packed without hidden) for a (batch, seq) x and its mask."""
+        batch, seq = attention_mask.shape
+        if torch.compiler.is_compiling():
+            rows, indices, cu, max_len, real = unpad_static(x, attention_mask)
+        else:
+            (rows, indices, cu, max_len), real = unpad(x, attention_mask), None
+        return rows, Packed(None, indices, cu, max_len, batch, seq, real)
 
     def with_hidden(self, hidden):
         return self._replace(hidden=hidden)
 
+    @property
+    def starts(self):
+        """The first row of each batch row's real tokens (its [CLS])."""
+        return (self.cu_seqlens[:-1] if self.real is None else self.cu_seqlens[:-1:2]).long()
+
+    @property
+    def lengths(self):
+        """Real tokens per batch row."""
+        cu = self.cu_seqlens
+        return cu.diff() if self.real is None else cu[1::2] - cu[:-1:2]
+
     def padded(self):
-        return pad(self.hidden, self.indices, self.batch, self.seq)
+        """(batch, seq, ...): the rows in place, zeros at padding."""
+        h = self.hidden if self.real is None else torch.where(
+            self.real.view(-1, *([1] * (self.hidden.dim() - 1))), self.hidden, 0)
+        return pad(h, self.indices, self.batch, self.seq)
 
     def take(self, t):
-        """The real-token entries of a (batch, seq, ...) tensor."""
+        """The rows' entries of a (batch, seq, ...) tensor."""
         return t.reshape(-1, *t.shape[2:]).index_select(0, self.indices)
+
+    def take_labels(self, labels, ignore_index=-100):
+        """The rows' labels, ignore_index at padding rows (a label on padding is never used)."""
+        y = self.take(labels)
+        return y if self.real is None else y.masked_fill(~self.real, ignore_index)
 
 
 class BertEmbeddings(torch.nn.Module):
@@ -129,10 +162,10 @@ class BertPooler(torch.nn.Module):
     def forward(self, packed: Packed):
         # A sequence with no real token has no [CLS]: its offset is the next sequence's first
         # row (or past the last one), so it must be an error, not another sequence's state.
-        require((packed.cu_seqlens.diff() > 0).all(),
+        require((packed.lengths > 0).all(),
                 "every row of attention_mask needs a real token (its first, [CLS], feeds the "
                 "pooler); a row is all padding")
-        first = packed.hidden.index_select(0, packed.cu_seqlens[:-1].long())  # each [CLS]
+        first = packed.hidden.index_select(0, packed.starts)  # each [CLS]
         return torch.tanh(self.dense(first))
 
 
@@ -167,10 +200,9 @@ class BertModel(torch.nn.Module):
             position_ids = real.cumsum(1) * real + self.config.pad_token_id
         elif position_ids is None:  # as Hugging Face's BERT: positions count padding too
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        ids, indices, cu, max_len = unpad(input_ids, attention_mask)
-        hidden = self.embeddings(ids, token_type_ids.reshape(-1).index_select(0, indices),
-                                 position_ids.reshape(-1).index_select(0, indices))
-        packed = self.encoder(Packed(hidden, indices, cu, max_len, batch, seq))
+        ids, packed = Packed.of(input_ids, attention_mask)
+        hidden = self.embeddings(ids, packed.take(token_type_ids), packed.take(position_ids))
+        packed = self.encoder(packed.with_hidden(hidden))
         pooled = self.pooler(packed) if self.pooler is not None else None
         return packed, pooled
 
@@ -208,7 +240,7 @@ def _mlm(head: MaskedLMHead, packed: Packed, labels):
     (batch, seq, V), computed for real tokens only and zero at padding."""
     if labels is None:
         return None, None, packed.with_hidden(head(packed.hidden)).padded()
-    out = head(packed.hidden, packed.take(labels), return_details=True)
+    out = head(packed.hidden, packed.take_labels(labels), return_details=True)
     return out.loss, out.accuracy, None
 
 

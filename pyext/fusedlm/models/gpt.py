@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..nn import LayerNorm
 from ..nn.layers import Conv1D, DecoderLayer  # noqa: F401 (Conv1D: GPT-2's layout)
-from ..ops import lm_loss, unpad
+from ..ops import lm_loss
 from .bert import Packed
 from .config import FromHF
 from .init import init_weights
@@ -80,9 +80,8 @@ class GPTModel(torch.nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        ids, indices, cu, max_len = unpad(input_ids, attention_mask)
-        pos = position_ids.reshape(-1).index_select(0, indices)
-        packed = Packed(None, indices, cu, max_len, batch, seq)
+        ids, packed = Packed.of(input_ids, attention_mask)
+        pos = packed.take(position_ids)
         residual, delta = self.drop(self.wte(ids) + self.wpe(pos)), None
         for block in self.h:
             delta, residual = block(delta, residual, packed)
@@ -116,9 +115,12 @@ class GPTForCausalLM(torch.nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         # Shift within each packed sequence: row t predicts row t + 1; a sequence's last row
         # predicts nothing.
-        y = packed.take(labels)
-        shifted = torch.cat([y[1:], y.new_full((1,), -100)])
+        y = packed.take_labels(labels)
+        rows = y.numel()
+        # One spare slot takes the "end" of an empty leading sequence (-1): static shapes, no
+        # boolean indexing (what torch.compile needs).
+        shifted = torch.cat([y[1:], y.new_full((2,), -100)])
         ends = packed.cu_seqlens[1:].long() - 1
-        shifted[ends[ends >= 0]] = -100
+        shifted = shifted.index_fill(0, torch.where(ends >= 0, ends, rows), -100)[:rows]
         out = lm_loss(packed.hidden, self.lm_head.weight, shifted, return_details=True)
         return CausalLMOutput(loss=out.loss, accuracy=out.accuracy)

@@ -10,6 +10,6 @@ from .attention import attention, attention_varlen
 from .dispatch import explain
 from .layer_norm import layer_norm, rms_norm
 from .lm_loss import LMLossOutput, lm_loss
-from .padding import pad, unpad
+from .padding import pad, unpad, unpad_static
 
-__all__ = ["attention", "attention_varlen", "pad", "unpad", "explain", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput"]
+__all__ = ["attention", "attention_varlen", "pad", "unpad", "unpad_static", "explain", "layer_norm", "rms_norm", "lm_loss", "LMLossOutput"]

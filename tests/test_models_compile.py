@@ -1,0 +1,159 @@
+"""fusedlm's own models under torch.compile(fullgraph=True): a whole training step in one graph
+(no host read, shapes fixed by the batch's: `unpad_static`), with the eager step's loss and
+gradients."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedlm
+import fusedlm.models as fm
+from fusedlm.ops import pad, unpad, unpad_static
+from conftest import DEVICE, rel_err
+
+BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)
+GPT = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+
+
+def _mask(batch=3, seq=13):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 9:] = 0   # right padding
+    mask[2, :3] = 0   # left padding
+    mask[2, 7:] = 0
+    return mask.to(DEVICE)
+
+
+def _step(name, dropout):
+    """(model, inputs) for one training step of model family `name`, padded batch; a label on a
+    padding position too, which both paths must ignore."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    mask = _mask()
+    if name == "gpt":
+        cfg = fm.GPTConfig(**GPT, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        model = fm.GPTForCausalLM(cfg)
+        ids = torch.randint(0, 97, mask.shape, generator=g).to(DEVICE)
+        return model.to(DEVICE).train(), dict(input_ids=ids, attention_mask=mask, labels=ids.clone())
+    cfg_cls = fm.RobertaConfig if name == "roberta" else fm.BertConfig
+    extra = dict(pad_token_id=1) if name == "roberta" else {}
+    cfg = cfg_cls(**BERT, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                  num_labels=3, **extra)
+    ids = torch.randint(2, 99, mask.shape, generator=g).to(DEVICE)
+    labels = torch.full(mask.shape, -100, device=DEVICE)
+    labels[:, 4] = 7
+    labels[1, 11] = 5  # on padding: ignored
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if name == "bert":
+        model = fm.BertForPreTraining(cfg)
+        kw["next_sentence_label"] = torch.tensor([0, 1, 1], device=DEVICE)
+    elif name == "roberta":
+        model = fm.RobertaForMaskedLM(cfg)
+        kw["input_ids"] = ids.masked_fill(mask == 0, 1)
+    else:
+        model = fm.BertForSequenceClassification(cfg)
+        kw["labels"] = torch.tensor([0, 2, 1], device=DEVICE)
+    return model.to(DEVICE).train(), kw
+
+
+FAMILIES = ["bert", "roberta", "classify", "gpt"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_training_step_compiles_whole_and_matches_eager(name):
+    model, kw = _step(name, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda **k: model(**k).loss, fullgraph=True, backend="aot_eager")
+    loss = compiled(**kw)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    eager = model(**kw).loss
+    eager_grads = torch.autograd.grad(eager, params, allow_unused=True)
+    assert torch.isfinite(loss) and rel_err(loss, eager) < 1e-5
+    scale = max(e.norm() for e in eager_grads if e is not None)
+    for (n, _), got, want in zip(model.named_parameters(), grads, eager_grads):
+        if want is None:
+            assert got is None or got.abs().max() == 0, n
+        elif want.norm() > 1e-6 * scale:  # not the key bias: the softmax ignores it
+            assert rel_err(got, want) < 1e-4, n
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_training_step_with_dropout_compiles_whole(name):
+    model, kw = _step(name, dropout=0.1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda **k: model(**k).loss, fullgraph=True, backend="aot_eager")
+    loss = compiled(**kw)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compiled_outputs_without_labels_match_eager():
+    """Logits at padding are zero in both paths (the compiled one computes padding rows and
+    masks them)."""
+    model, kw = _step("gpt", dropout=0.0)
+    model.eval()
+    del kw["labels"]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda **k: model(**k).logits, fullgraph=True, backend="aot_eager")
+    got, want = compiled(**kw), model(**kw).logits
+    assert torch.equal(got == 0, want == 0) and rel_err(got, want) < 1e-5
+
+
+def test_unpad_static_keeps_every_token_and_separates_real_from_padding():
+    mask = _mask()
+    x = torch.randn(*mask.shape, 5, device=DEVICE)
+    rows, idx, cu, max_len, real = unpad_static(x, mask)
+    assert rows.shape == (mask.numel(), 5) and max_len == mask.shape[1]
+    assert sorted(idx.tolist()) == list(range(mask.numel()))     # a permutation
+    assert torch.equal(pad(rows, idx, *mask.shape), x)          # every token back in place
+    packed, _, cu_eager, _ = unpad(x, mask)
+    assert torch.equal(rows[real], packed)                      # real tokens first, in order
+    assert torch.equal(cu[1::2] - cu[:-1:2], cu_eager.diff())     # real tokens per row
+    assert torch.equal(cu[2::2].long(), torch.arange(1, 4, device=DEVICE) * mask.shape[1])
+
+
+def test_unpad_static_refuses_what_unpad_refuses():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+        unpad_static(x, torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 4\)"):
+        unpad_static(x, torch.ones(2, 5, dtype=torch.long))
+
+
+_FRESH = """
+import os, sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+import fusedlm.models as fm
+name = sys.argv[1]
+mask = torch.ones(2, 12, dtype=torch.long); mask[1, 7:] = 0
+ids = torch.randint(2, 90, (2, 12))
+if name == "gpt":
+    model = fm.GPTForCausalLM(fm.GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    kw = dict(labels=ids)
+else:
+    model = fm.BertForPreTraining(fm.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64))
+    labels = torch.full((2, 12), -100); labels[:, 3] = 5
+    kw = dict(labels=labels, next_sentence_label=torch.tensor([0, 1]))
+step = torch.compile(lambda: model(ids, attention_mask=mask, **kw).loss, fullgraph=True,
+                     backend="aot_eager")
+loss = step()
+loss.backward()
+assert torch.isfinite(loss)
+print("first step compiled whole: ok")
+"""
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_first_step_of_a_fresh_process_compiles_whole(name, tmp_path):
+    """The first call in a process is a compiled training step: deciding backends, importing
+    kernels and drawing seeds must all happen outside the trace or be traceable."""
+    script = tmp_path / "fresh.py"
+    script.write_text(_FRESH)
+    run = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "compiled whole: ok" in run.stdout, run.stderr[-3000:]

@@ -4,6 +4,8 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
     python benchmarks/kernel_facts.py                     # Triton and CUDA C++, sm_90a
     python benchmarks/kernel_facts.py --only triton --json facts.json
     python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
+    python benchmarks/kernel_facts.py --spill-baseline benchmarks/kernel_facts_spills.json
+                                                          # exit 1 on a spill the baseline lacks
 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels and at
@@ -280,6 +282,12 @@ def _table(rows, first):
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+def spills_over(spills, allowed):
+    """The kernel configurations that spill more bytes than `allowed` lets them (0 if absent)."""
+    return [f"{n}: {b} bytes (allowed {allowed.get(n, 0)})" for n, b in spills.items()
+            if b > allowed.get(n, 0)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("triton", "cuda"), help="one kind of kernel only")
@@ -289,6 +297,11 @@ def main(argv=None):
     ap.add_argument("--json", help="write the facts and their provenance here")
     ap.add_argument("--fail-on-spills", action="store_true",
                     help="exit 1 if any kernel listed spills")
+    ap.add_argument("--spill-baseline", metavar="JSON",
+                    help="exit 1 if a kernel spills more than this file allows it (a kernel "
+                         "not in it: 0 bytes): a change may remove spills, never add them")
+    ap.add_argument("--write-spill-baseline", metavar="JSON",
+                    help="write the spills seen now as the baseline")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
@@ -316,12 +329,25 @@ def main(argv=None):
             print(_table([dict(r, config="") for r in rows], "kernel"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    spilled = [f"Triton {r['kernel']} {r['config']}" for r in report["triton"] if r["spill"]]
-    spilled += [f"CUDA C++ {arch} {r['kernel']}" for arch, rows in report["cuda"].items()
-                for r in rows if r["spill"]]
+    spills = {f"Triton {r['kernel']} {r['config']}": r["spill"] for r in report["triton"]}
+    spills.update({f"CUDA C++ {arch} {r['kernel']}": r["spill"]
+                   for arch, rows in report["cuda"].items() for r in rows})
+    spilled = [name for name, b in spills.items() if b]
     print(f"\n{len(spilled)} kernel configuration(s) spill" + (":\n  " + "\n  ".join(spilled)
                                                                 if spilled else ""))
-    return 1 if args.fail_on_spills and spilled else 0
+    if args.write_spill_baseline:
+        Path(args.write_spill_baseline).write_text(json.dumps(
+            {"what": "bytes each kernel configuration may spill (benchmarks/kernel_facts.py "
+                     "--spill-baseline): the known spills, to be removed, never added to",
+             "commit": report["commit"], "triton_version": report.get("triton_version"),
+             "spills": {n: spills[n] for n in spilled}}, indent=1) + "\n")
+    worse = []
+    if args.spill_baseline:
+        allowed = json.loads(Path(args.spill_baseline).read_text())["spills"]
+        worse = spills_over(spills, allowed)
+        print(f"{len(worse)} spill more than {args.spill_baseline} allows" +
+              (":\n  " + "\n  ".join(worse) if worse else ""))
+    return 1 if (args.fail_on_spills and spilled) or worse else 0
 
 
 def _commit():

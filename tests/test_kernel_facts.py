@@ -80,3 +80,18 @@ def test_lm_loss_row_kernel_loads_16_bytes_at_gpt2s_vocabulary(tmp_path):
     for vocab in (30522, 50257):
         row = facts[f"bf16 V={vocab}"]
         assert row["LDG128"] >= 4 and row["spill"] == 0, row
+
+
+def test_spill_baseline_lets_spills_go_never_come():
+    allowed = {"Triton attention dkdv d64": 540, "CUDA C++ sm_90a norm_bwd_kernel<float, 4, 8>": 20}
+    assert kf.spills_over({"Triton attention dkdv d64": 540, "CUDA C++ sm_80 x": 0}, allowed) == []
+    assert kf.spills_over({"Triton attention dkdv d64": 100}, allowed) == []  # fewer: fine
+    assert kf.spills_over({"Triton attention dkdv d64": 541, "CUDA C++ sm_80 y": 8}, allowed) == [
+        "Triton attention dkdv d64: 541 bytes (allowed 540)", "CUDA C++ sm_80 y: 8 bytes (allowed 0)"]
+
+
+def test_committed_spill_baseline_names_kernels_the_script_reports():
+    import json
+    baseline = json.loads((Path(kf.__file__).parent / "kernel_facts_spills.json").read_text())
+    assert baseline["spills"] and all(b > 0 for b in baseline["spills"].values())
+    assert all(n.startswith(("Triton ", "CUDA C++ sm_")) for n in baseline["spills"])

@@ -426,11 +426,9 @@ def _configs(shapes):
             for m, n, w, st in shapes]
 
 
-# Chosen from benchmarks/tune_attention.py on an H100 (bf16, head dims 64 and 128, seq 1024 and
-# 4096; results in benchmarks/results/2026-11-23-h100-s2): the winners there, plus smaller blocks
-# for short packed sequences. The forward's (128, 64, 4, 3) and (128, 32, 4, 4) are back from the
-# first lists: with them the d64 causal seq-512 forward ran in 0.160 ms, without them 0.275 ms
-# (same GPU speed: cuDNN 0.135 against 0.134; that sweep did not cover seq 512).
+# Chosen with benchmarks/tune_attention.py (bf16, head dims 64 and 128; the sweep and its timings:
+# benchmarks/results/2026-11-23-h100-s2): its winners, smaller blocks for short packed sequences,
+# and the forward's (128, 64, 4, 3) and (128, 32, 4, 4), which short causal sequences need.
 _FWD_CONFIGS = _configs(((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
                          (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)))
 _DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
@@ -440,8 +438,8 @@ CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The autotuner's choice per class is kept in Triton's cache directory (keyed by the GPU target,
 # Triton's version, the kernel's source and the config list), so that a machine tunes a class
-# once, not in every process: 4-11 s a class on an H100. Triton before 3.4 has no such option and
-# tunes in every process.
+# once, not in every process (seconds a class). Triton before 3.4 has no such option and tunes in
+# every process.
 _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 _TUNED = {} if _INTERPRETED else {

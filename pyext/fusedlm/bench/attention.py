@@ -59,7 +59,7 @@ def _peers(device_type):
             import torch._dynamo
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             # One compiled kernel per shape: past dynamo's recompile limit (8 by default) flex
-            # falls back to its unfused eager path, which the first H100 run timed by mistake.
+            # falls back to its unfused eager path, which would be timed in its place.
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))

@@ -64,8 +64,8 @@ def _cuda_why_not(case):
     return None
 
 
-# Both kernels passed the GPU suite on an H100; the CUDA C++ one is 15-25x slower there (benchmarks/results/2026-11-23-h100),
-# so it serves only where Triton cannot.
+# Both kernels passed the GPU suite; the CUDA C++ (WMMA) one is far slower (benchmarks/results/
+# 2026-11-23-h100), so it serves only where Triton cannot.
 dispatch.register(dispatch.OpBackends(
     "attention", AttentionCase,
     {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
@@ -335,8 +335,8 @@ def _seed(dropout_p, seed, n_streams):
 
 
 def _key_mask_for(backend, attention_mask):
-    """The padding mask as the kernels take it, nonzero = attend, rebuilt at every call (a cache
-    keyed on the tensor's version counter went stale after writes through numpy or .data). The
+    """The padding mask as the kernels take it, nonzero = attend, rebuilt at every call (nothing
+    is cached on a caller's tensor: writes through numpy or .data leave no trace on it). The
     Triton kernels compare each element with 0 in its own dtype, so they take a bool (as int8)
     or integer mask as it is; the CUDA C++ ones take int8, made by comparing with 0 (a cast
     would turn 256 into 0, "do not attend")."""

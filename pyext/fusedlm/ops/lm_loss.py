@@ -137,8 +137,7 @@ GEMM_ALIGN = 8
 
 
 def _gemm_align(device):
-    # cuBLAS's rule. On a CPU the copy only costs: one smoke run on a 2-core VM (256 tokens,
-    # V = 1001, fp32) took 21.5 ms a step padded against 15.0 unpadded.
+    # cuBLAS's rule for its aligned kernels. A CPU has no such kernels: there the copy only costs.
     return GEMM_ALIGN if device.type == "cuda" else 1
 
 
@@ -179,9 +178,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
     # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
-    # aligned leading dimensions also for a vocabulary like GPT-2's 50257. On an H100, with the
-    # pitch but not yet the padded vocabulary extent, GPT-2's step went only from 36.6 to 34.5 ms
-    # (benchmarks/results/2026-11-23-h100-s2).
+    # aligned leading dimensions for any vocabulary (GPT-2's 50257 included).
     pitch = -(-padded // 64) * 64
     buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :padded] if n else None
     for c0 in range(0, n, chunk):

@@ -151,7 +151,7 @@ def kernel_ms(step):
 
 def autotuner_choices():
     mod = _triton.kernels("attention")
-    tuned = getattr(mod, "_TUNED", {}) if mod is not None else {}
+    tuned = mod.TUNING.tuners if mod is not None else {}
     lines = []
     for name, tuner in tuned.items():
         for key, config in getattr(tuner, "cache", {}).items():

@@ -34,20 +34,12 @@ SPACES = {
 KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 
 
-
-class _ForgetsChoices(dict):
-    """The launchers keep the autotuner's choice per class and skip the autotuner afterwards;
-    the sweep needs it to tune again at every sequence length, so nothing is kept."""
-    def __setitem__(self, key, value):
-        pass
-
-
-K._CHOSEN = _ForgetsChoices()
 wanted = sys.argv[1:] or list(SPACES)
-tuners = {}
-for name in wanted:
-    tuners[name] = triton.autotune(configs(SPACES[name]), key=K._TUNE_KEY + ["seq_q", "seq_k"])(KERNELS[name])
-    K._TUNED[name] = tuners[name]
+tuners = {name: triton.autotune(configs(SPACES[name]), key=K._TUNE_KEY + ["seq_q", "seq_k"])(KERNELS[name])
+          for name in wanted}
+# The sweep tunes again at every sequence length: nothing is remembered between calls; kernels
+# not swept keep their usual tuners.
+K.TUNING = K.Tuning({**K.TUNING.tuners, **tuners}, remember=False)
 
 for d in (64, 128):
     for s in (1024, 4096):

@@ -442,14 +442,23 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # every process.
 _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-_TUNED = {} if _INTERPRETED else {
+class Tuning:
+    """The attention kernels' autotuners and the configuration each chose per class (the
+    autotuner's key: kernel, dtype, flags, sequence-length bucket). A launcher asks the autotuner
+    once per class and launches its choice directly afterwards: the autotuner's own look-up
+    (dicts over ~30 arguments at every call) cost 23 us a launch on a 2-core CPU. A sweep that
+    must tune again at every shape uses remember=False (benchmarks/tune_attention.py)."""
+
+    def __init__(self, tuners, remember=True):
+        self.tuners, self.remember, self.chosen = dict(tuners), remember, {}
+
+
+# The launchers' tuning; replace it (not its parts) to tune with other configurations.
+TUNING = Tuning({} if _INTERPRETED else {
     "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_fwd),
     "dkdv": triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dkdv),
     "dq": triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dq),
-}
-
-
-_CHOSEN = {}  # (kernel name, dtype, flags...) -> the autotuner's config
+})
 
 
 def _pinned_config(name, block, blocks):
@@ -460,29 +469,30 @@ def _pinned_config(name, block, blocks):
                          num_stages=1 if name != "fwd" else 2)
 
 
-def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, blocks=None):
+def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, blocks=None,
+            tuning=None):
     """Runs `kernel` (one program per block of `rows` along grid x), autotuned unless pinned;
     `bucket` (see _seq_bucket) is the kernel's last runtime argument.
     blocks: (BLOCK_M, BLOCK_N) to pin instead of the default (for tests of block edges), or
     {kernel name: triton.Config} to pin the named kernels' whole configuration (the others
-    take the default pinned one)."""
+    take the default pinned one). tuning: a Tuning (default TUNING)."""
+    tuning = tuning or TUNING
     block_d, block = _blocks(head_dim)
     flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
     args = (*args, bucket)
     along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
-    if pinned or blocks is not None or name not in _TUNED:
+    if pinned or blocks is not None or name not in tuning.tuners:
         config = _pinned_config(name, block, blocks)
     else:
-        # The autotuner runs once per class; later calls launch its choice directly, because its
-        # own look-up (dicts over ~30 arguments, every call) cost 23 us a launch on a 2-core CPU.
         # The class is the autotuner's key: the flags, the bucket and the tensors' dtypes, which
         # q's fixes.
         cls = (name, args[0].dtype, bucket, *flags.values())
-        config = _CHOSEN.get(cls)
+        config = tuning.chosen.get(cls)
         if config is None:
-            tuner = _TUNED[name]
+            tuner = tuning.tuners[name]
             tuner[lambda meta: (cdiv(rows, meta[along]), grid_y)](*args, **flags)
-            _CHOSEN[cls] = tuner.best_config
+            if tuning.remember:
+                tuning.chosen[cls] = tuner.best_config
             return
     grid = (cdiv(rows, config.kwargs[along]), grid_y)
     kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,

@@ -659,19 +659,26 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
                 log.append(("direct", grid, kw["CAUSAL"], kw["BLOCK_M"], kw["num_warps"]))
             return run
 
-    monkeypatch.setattr(kern, "_TUNED", {"fwd": Tuner(), "dkdv": Tuner()})
-    monkeypatch.setattr(kern, "_CHOSEN", {})
+    tuning = kern.Tuning({"fwd": Tuner(), "dkdv": Tuner()})
     x16, x32 = torch.empty(1, dtype=torch.float16), torch.empty(1)
     for causal, x, name, bucket in ((False, x16, "fwd", 256), (False, x16, "fwd", 256),
                                     (True, x16, "fwd", 256), (True, x16, "fwd", 256),
                                     (False, x32, "fwd", 256), (False, x16, "fwd", 4096),
                                     (False, x16, "dkdv", 256)):
-        kern._launch(name, Kernel(), 200, 6, False, 64, bucket, (x,), dict(CAUSAL=causal))
+        kern._launch(name, Kernel(), 200, 6, False, 64, bucket, (x,), dict(CAUSAL=causal),
+                     tuning=tuning)
     assert log == [("tuner", (4, 6), False), ("direct", (4, 6), False, 64, 8),
                    ("tuner", (4, 6), True), ("direct", (4, 6), True, 64, 8),
                    ("tuner", (4, 6), False),  # another dtype: another class
                    ("tuner", (4, 6), False),  # another sequence-length bucket
                    ("tuner", (7, 6), False)]  # dK/dV: a program per BLOCK_N keys
     log.clear()
-    kern._launch("fwd", Kernel(), 200, 6, True, 64, 256, (x16,), dict(CAUSAL=False))  # pinned
+    kern._launch("fwd", Kernel(), 200, 6, True, 64, 256, (x16,), dict(CAUSAL=False),
+                 tuning=tuning)  # pinned
     assert log == [("direct", (4, 6), False, 64, 4)]
+    log.clear()
+    forgetful = kern.Tuning({"fwd": Tuner()}, remember=False)  # a sweep: the autotuner each time
+    for _ in range(2):
+        kern._launch("fwd", Kernel(), 200, 6, False, 64, 256, (x16,), dict(CAUSAL=False),
+                     tuning=forgetful)
+    assert log == [("tuner", (4, 6), False)] * 2 and forgetful.chosen == {}

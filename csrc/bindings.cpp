@@ -144,23 +144,25 @@ PYBIND11_MODULE(_C, m) {
       "attn_bwd",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, py::handle cu_q,
          py::handle cu_k, int64_t max_q, int64_t max_k, bool causal, float scale, float dropout_p,
-         uint64_t seed, py::handle dout, py::handle lse, py::handle delta, py::handle dq,
-         py::handle dk, py::handle dv, std::uintptr_t stream, bool wgmma) {
+         uint64_t seed, py::handle out, py::handle dout, py::handle lse, py::handle delta,
+         py::handle dq, py::handle dk, py::handle dv, std::uintptr_t stream, bool wgmma) {
         fusedlm::attention::BackwardArgs a{
             {tensor(q, "q"), tensor(k, "k"), tensor(v, "v"), optional_tensor(key_mask, "key_mask"),
              optional_tensor(cu_q, "cu_seqlens_q"), optional_tensor(cu_k, "cu_seqlens_k"), max_q,
              max_k, causal, scale, dropout_p, seed},
-            tensor(dout, "dout"), tensor(lse, "lse"), tensor(delta, "delta"), tensor(dq, "dq"),
+            tensor(out, "out"), tensor(dout, "dout"), tensor(lse, "lse"), tensor(delta, "delta"),
+            tensor(dq, "dq"),
             tensor(dk, "dk"), tensor(dv, "dv"), wgmma};
         py::gil_scoped_release release;
         return fusedlm::attention::backward(a, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("cu_q"),
       py::arg("cu_k"), py::arg("max_q"), py::arg("max_k"), py::arg("causal"), py::arg("scale"),
-      py::arg("dropout_p"), py::arg("seed"),
+      py::arg("dropout_p"), py::arg("seed"), py::arg("out"),
       py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"),
       py::arg("dv"), py::arg("stream"), py::arg("wgmma") = false,
-      "Attention backward: dq, dk, dv from the saved log-sum-exp and delta = rowsum(dO * O). With "
+      "Attention backward: dq, dk, dv from the forward's output and saved log-sum-exp; delta is "
+      "scratch laid out as lse, where it leaves rowsum(dO * O) (as the Triton backward does). With "
       "wgmma, the Hopper kernels run where they can. Returns the kernels that ran.");
   m.def(
       "philox_uniform",

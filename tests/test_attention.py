@@ -613,11 +613,14 @@ def test_core_attention_varlen_validation():
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         _core._C.attn_fwd(**_attn_args(**base))
     bwd = _attn_args(**base, dout=q, delta=torch.empty(9, 4), dq=q, dk=q, dv=q)
-    del bwd["out"]
     with pytest.raises(ValueError, match="delta must be contiguous float32"):
         _core._C.attn_bwd(**bwd)
     with pytest.raises(ValueError, match="delta must be contiguous float32"):
         _core._C.attn_bwd(**bwd, wgmma=True)
+    # The backward takes the forward's output (it computes delta = rowsum(dO * O) itself).
+    with pytest.raises(ValueError, match=r"out must have q's shape \(9, 4, 32\)"):
+        _core._C.attn_bwd(**_attn_args(**{**base, "out": q[:4]}, dout=q,
+                                       delta=torch.empty(4, 9), dq=q, dk=q, dv=q))
 
 
 @pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "philox_uniform"), reason="fusedlm._C is not built")

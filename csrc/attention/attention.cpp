@@ -127,13 +127,14 @@ std::string forward(const ForwardArgs& a, std::uintptr_t stream) {
 
 std::string backward(const BackwardArgs& a, std::uintptr_t stream) {
   check_problem(a.p);
+  check_like(a.o, a.p.q);
   check_like(a.dout, a.p.q);
   check_like(a.dq, a.p.q);
   check_like(a.dk, a.p.k);
   check_like(a.dv, a.p.v);
   check_lse(a.lse, a.p);
   check_lse(a.delta, a.p);
-  check_devices(a.p, {&a.dout, &a.lse, &a.delta, &a.dq, &a.dk, &a.dv});
+  check_devices(a.p, {&a.o, &a.dout, &a.lse, &a.delta, &a.dq, &a.dk, &a.dv});
   if (a.p.q.shape[0] == 0 && a.p.k.shape[0] == 0) return "none (empty)";
   return launch_backward(a, stream);
 }

@@ -39,9 +39,10 @@ struct ForwardArgs {
 
 struct BackwardArgs {
   Problem p;
+  TensorView o;      // the forward's output, like q
   TensorView dout;   // like q
   TensorView lse;    // from the forward
-  TensorView delta;  // float32, like lse: rowsum(dO * O)
+  TensorView delta;  // float32 scratch, like lse: the backward writes rowsum(dO * O) there
   TensorView dq, dk, dv;
   bool wgmma = false;  // try the Hopper kernels (attention_hopper.cu) first; opt-in until verified
 };

@@ -28,7 +28,7 @@ __device__ __forceinline__ T* rows(const Operand& t, int b, int64_t first, int h
 struct Params {
   Operand q, k, v, o, dout, dq, dk, dv;
   float* lse;
-  const float* delta;
+  float* delta;  // rowsum(dO * O): written by the backward's first kernel, read by the others
   const int8_t* key_mask;
   int64_t mask_b;
   const int *cu_q, *cu_k;

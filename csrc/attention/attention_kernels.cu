@@ -317,6 +317,24 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   store_rows<T, D>(dv, 1.0f, sS, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + warp * 16, s.len_k);
 }
 
+// delta = rowsum(dO * O) for every query row, laid out like the log-sum-exp: what both backward
+// kernels (WMMA and wgmma) read. One warp per (row, head), a lane per D / 32 values.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(Params p) {
+  const int b = blockIdx.z, h = blockIdx.y, lane = threadIdx.x % 32;
+  const int i = blockIdx.x * kWarps + threadIdx.x / 32;
+  const Seq s = seq_of(p, b);
+  if (i >= s.len_q) return;
+  const T* o = rows<const T>(p.o, b, s.q0 + i, h);
+  const T* d = rows<const T>(p.dout, b, s.q0 + i, h);
+  float acc = 0.0f;
+#pragma unroll
+  for (int c = lane; c < D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[b * p.lse_b + h * p.lse_h + s.q0 + i] = acc;
+}
+
 // dQ for one query block of one head: loops over the key blocks it sees. Q, dO, K, V tiles;
 // per warp: fp32 S (also the epilogue's scratch), fp32 dP, dS in the storage dtype.
 template <typename T, int D>
@@ -396,6 +414,16 @@ struct Forward {
   }
 };
 
+struct Delta {
+  template <typename T, int D>
+  static void run(const Problem& pr, const Params& p, cudaStream_t st) {
+    const int hd = pr.cu_q ? 1 : 2;
+    const unsigned row_blocks = static_cast<unsigned>((pr.max_q + kWarps - 1) / kWarps);
+    launch(attention_bwd_delta_kernel<T, D>, dim3(row_blocks, pr.q.shape[hd], batch_of(pr)), 0, p,
+           st);
+  }
+};
+
 struct Backward {
   template <typename T, int D>
   static void run(const Problem& pr, const Params& p, cudaStream_t st) {
@@ -458,9 +486,11 @@ std::string launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
   p.dq = operand(a.dq, varlen);
   p.dk = operand(a.dk, varlen);
   p.dv = operand(a.dv, varlen);
+  p.o = operand(a.o, varlen);
   p.lse = static_cast<float*>(a.lse.data);
-  p.delta = static_cast<const float*>(a.delta.data);
+  p.delta = static_cast<float*>(a.delta.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout);
+  dispatch<Delta>(a.p, p, stream);  // for whichever kernels run next
   return run_preferring_wgmma<Backward>(a.p, p, a.wgmma, stream);
 }
 

@@ -102,17 +102,16 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Scratch for delta = rowsum(dO * O), laid out like lse: each backend's backward fills it
+    # before the kernels that read it (Triton: its dQ kernel; CUDA C++: a pass of its own).
+    delta = torch.empty_like(lse)
     if kernel != "triton":
-        # delta_i = rowsum(dO_i * O_i), laid out like the log-sum-exp.
-        delta = (do.float() * o.float()).sum(-1)
-        delta = delta.t().contiguous() if cu_q is not None else delta.transpose(1, 2).contiguous()
         d = _core.dl
         attention_kernels.last_cuda_backward_kernel = _core._C.attn_bwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
-            dropout_p, seed, d(do), d(lse), d(delta), d(dq), d(dk), d(dv), _core.stream_of(q),
-            kernel == "cuda-wgmma")
+            dropout_p, seed, d(o), d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
+            _core.stream_of(q), kernel == "cuda-wgmma")
     else:
-        delta = torch.empty_like(lse)  # filled by the dQ launch, read by dK/dV's
         _triton.run("attention", "backward", q, k, v, o, do, lse, delta, dq, dk, dv,
                     key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
                     causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, pinned=pinned)

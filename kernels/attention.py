@@ -58,6 +58,24 @@ def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head(X, b, row0, h, s_b, s_s, s_h):
+    """Row `row0` of batch b, head h of a (batch, seq, heads, D) or packed tensor (64-bit
+    offsets: a long pack's rows times its stride pass 2^31)."""
+    return X + b.to(tl.int64) * s_b + row0.to(tl.int64) * s_s + h * s_h
+
+
+@triton.jit
+def _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group, IS_VARLEN: tl.constexpr):
+    """What a program of the forward or dQ kernel owns (axis 1: batch x query heads): its
+    (batch x head) index, batch, head, key head, and its sequence's bounds."""
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    return bh, b, h, h // group, q0, q_len, k0, k_len
+
+
+@triton.jit
 def _tile_mask(rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Which elements of a (rows, BLOCK_D) tile exist: rows before n_rows, columns before
     HEAD_DIM (tested only when the head dim is not a power of two)."""
@@ -178,18 +196,15 @@ def _attn_fwd(
     DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
+                                                        IS_VARLEN)
     if pid_m * BLOCK_M < q_len:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
-        k_ptr = K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
-        v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
+        q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
+        k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
+        v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
         kmask = KMASK + b * s_mb
         q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -207,7 +222,7 @@ def _attn_fwd(
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        o_ptr = O + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh
+        o_ptr = _head(O, b, q0, h, s_ob, s_os, s_oh)
         o_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         tl.store(o_ptr + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=o_mask)
@@ -266,9 +281,9 @@ def _attn_bwd_dkdv(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh, offs_n,
+        k = _load_rows(_head(K, b, k0, hk, s_kb, s_ks, s_kh), offs_n,
                        s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh, offs_n,
+        v = _load_rows(_head(V, b, k0, hk, s_vb, s_vs, s_vh), offs_n,
                        s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -287,8 +302,8 @@ def _attn_bwd_dkdv(
             n_groups = tl.where(tl.max(attended.to(tl.int32)) > 0, group, 0)
         for g in range(0, n_groups):
             h = hk * group + g
-            q_ptr = Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh
-            do_ptr = DO + b.to(tl.int64) * s_dob + q0.to(tl.int64) * s_dos + h * s_doh
+            q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
+            do_ptr = _head(DO, b, q0, h, s_dob, s_dos, s_doh)
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
@@ -344,28 +359,25 @@ def _attn_bwd_dq(
     DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
+                                                        IS_VARLEN)
     if pid_m * BLOCK_M < q_len:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + b.to(tl.int64) * s_qb + q0.to(tl.int64) * s_qs + h * s_qh, offs_m,
+        q = _load_rows(_head(Q, b, q0, h, s_qb, s_qs, s_qh), offs_m,
                        s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO + b.to(tl.int64) * s_dob + q0.to(tl.int64) * s_dos + h * s_doh, offs_m,
+        do = _load_rows(_head(DO, b, q0, h, s_dob, s_dos, s_doh), offs_m,
                         s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        o = _load_rows(O + b.to(tl.int64) * s_ob + q0.to(tl.int64) * s_os + h * s_oh, offs_m,
+        o = _load_rows(_head(O, b, q0, h, s_ob, s_os, s_oh), offs_m,
                        s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
         l_off = b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m
         lse = tl.load(LSE + l_off, mask=offs_m < q_len, other=float("inf"))
         # delta = rowsum(dO * O), fp32: this block's rows, stored for the dK/dV launch after.
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + l_off, delta, mask=offs_m < q_len)
-        k_ptr = K + b.to(tl.int64) * s_kb + k0.to(tl.int64) * s_ks + hk * s_kh
-        v_ptr = V + b.to(tl.int64) * s_vb + k0.to(tl.int64) * s_vs + hk * s_vh
+        k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
+        v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
         kmask = KMASK + b * s_mb
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)

@@ -82,12 +82,25 @@ class Packed(NamedTuple):
             (rows, indices, cu, max_len), real = unpad(x, attention_mask), None
         return rows, Packed(None, indices, cu, max_len, batch, seq, real)
 
+    @staticmethod
+    def given(cu_seqlens, max_seqlen):
+        """A batch the caller packed (fusedlm.packing): rows in order, sequence i is rows
+        cu_seqlens[i]:cu_seqlens[i + 1]; a sequence may be empty (an unused slot)."""
+        return Packed(None, None, cu_seqlens, max_seqlen, cu_seqlens.numel() - 1, 0, None)
+
+    @property
+    def caller_packed(self):
+        return self.indices is None
+
     def with_hidden(self, hidden):
         return self._replace(hidden=hidden)
 
     @property
     def starts(self):
-        """The first row of each batch row's real tokens (its [CLS])."""
+        """The first row of each batch row's real tokens (its [CLS]); an empty slot of a
+        caller-packed batch points at a row that exists (what it reads is never used)."""
+        if self.caller_packed:
+            return self.cu_seqlens[:-1].long().clamp(max=max(self.hidden.shape[0] - 1, 0))
         return (self.cu_seqlens[:-1] if self.real is None else self.cu_seqlens[:-1:2]).long()
 
     @property
@@ -97,19 +110,51 @@ class Packed(NamedTuple):
         return cu.diff() if self.real is None else cu[1::2] - cu[:-1:2]
 
     def padded(self):
-        """(batch, seq, ...): the rows in place, zeros at padding."""
+        """(batch, seq, ...): the rows in place, zeros at padding (a caller-packed batch: the
+        rows as they are)."""
+        if self.caller_packed:
+            return self.hidden
         h = self.hidden if self.real is None else torch.where(
             self.real.view(-1, *([1] * (self.hidden.dim() - 1))), self.hidden, 0)
         return pad(h, self.indices, self.batch, self.seq)
 
     def take(self, t):
-        """The rows' entries of a (batch, seq, ...) tensor."""
+        """The rows' entries of a (batch, seq, ...) tensor (of a caller-packed batch: t)."""
+        if self.caller_packed:
+            return t
         return t.reshape(-1, *t.shape[2:]).index_select(0, self.indices)
 
     def take_labels(self, labels, ignore_index=-100):
         """The rows' labels, ignore_index at padding rows (a label on padding is never used)."""
         y = self.take(labels)
         return y if self.real is None else y.masked_fill(~self.real, ignore_index)
+
+
+def check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen, max_positions,
+                       **per_token):
+    """A caller-packed batch (fusedlm.packing.PackingCollator): input_ids (tokens,), cu_seqlens
+    (sequences + 1,) int32 offsets, max_seqlen an int; every per-token tensor (tokens,). The
+    offsets themselves are checked by attention_varlen, on the device."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask must be None with cu_seqlens: a packed batch has no "
+                         "padding (its sequences are cu_seqlens' ranges)")
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape (tokens,) with cu_seqlens, got {tuple(input_ids.shape)}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor of sequences + 1 offsets")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 < max_seqlen <= max_positions:
+        raise ValueError(f"max_seqlen must be an int in [1, {max_positions}] (the position "
+                         f"embeddings) with cu_seqlens, got {max_seqlen!r}")
+    for name, t in per_token.items():
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+
+
+def packed_positions(cu_seqlens, tokens):
+    """Each row's position within its sequence (0 at each sequence's first row)."""
+    cu = cu_seqlens.long()
+    rows = torch.arange(tokens, device=cu.device)
+    return rows - cu[torch.bucketize(rows, cu[1:], right=True).clamp(max=cu.numel() - 1)]
 
 
 class BertEmbeddings(torch.nn.Module):
@@ -162,9 +207,10 @@ class BertPooler(torch.nn.Module):
     def forward(self, packed: Packed):
         # A sequence with no real token has no [CLS]: its offset is the next sequence's first
         # row (or past the last one), so it must be an error, not another sequence's state.
-        require((packed.lengths > 0).all(),
-                "every row of attention_mask needs a real token (its first, [CLS], feeds the "
-                "pooler); a row is all padding")
+        if not packed.caller_packed:  # a packed batch's empty slots carry no label
+            require((packed.lengths > 0).all(),
+                    "every row of attention_mask needs a real token (its first, [CLS], feeds "
+                    "the pooler); a row is all padding")
         first = packed.hidden.index_select(0, packed.starts)  # each [CLS]
         return torch.tanh(self.dense(first))
 
@@ -181,7 +227,11 @@ class BertModel(torch.nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                cu_seqlens=None, max_seqlen=None):
+        if cu_seqlens is not None:
+            return self._forward_packed(input_ids, attention_mask, token_type_ids, position_ids,
+                                        cu_seqlens, max_seqlen)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -202,6 +252,23 @@ class BertModel(torch.nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         ids, packed = Packed.of(input_ids, attention_mask)
         hidden = self.embeddings(ids, packed.take(token_type_ids), packed.take(position_ids))
+        packed = self.encoder(packed.with_hidden(hidden))
+        pooled = self.pooler(packed) if self.pooler is not None else None
+        return packed, pooled
+
+    def _forward_packed(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
+                        max_seqlen):
+        check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen,
+                           self.config.max_position_embeddings, token_type_ids=token_type_ids,
+                           position_ids=position_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = packed_positions(cu_seqlens, input_ids.numel())
+            if self.config.positions_after_padding:  # as RoBERTa: counted from pad_token_id + 1
+                position_ids = position_ids + self.config.pad_token_id + 1
+        packed = Packed.given(cu_seqlens, max_seqlen)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         packed = self.encoder(packed.with_hidden(hidden))
         pooled = self.pooler(packed) if self.pooler is not None else None
         return packed, pooled
@@ -244,6 +311,16 @@ def _mlm(head: MaskedLMHead, packed: Packed, labels):
     return out.loss, out.accuracy, None
 
 
+def _slot_labels(packed: Packed, labels, ignore_index=-100):
+    """Per-sequence labels; an empty slot of a caller-packed batch is ignored whatever it says."""
+    if not packed.caller_packed:
+        return labels
+    if labels.shape != (packed.batch,):
+        raise ValueError(f"labels must have one entry per sequence slot, ({packed.batch},), with "
+                         f"cu_seqlens, got {tuple(labels.shape)}")
+    return labels.masked_fill(packed.lengths == 0, ignore_index)
+
+
 class BertForPreTraining(torch.nn.Module):
     """BERT with its two pretraining heads: masked LM (decoder tied to the word embeddings) and
     next-sentence prediction. loss = mlm_loss + nsp_loss, as in Hugging Face."""
@@ -256,11 +333,14 @@ class BertForPreTraining(torch.nn.Module):
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, next_sentence_label=None):
-        packed, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, next_sentence_label=None, *, cu_seqlens=None, max_seqlen=None):
+        packed, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         mlm_loss, accuracy, logits = _mlm(self.cls.predictions, packed, labels)
         nsp_logits = self.cls.seq_relationship(pooled)
-        nsp_loss = None if next_sentence_label is None else F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        nsp_loss = None
+        if next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), _slot_labels(packed, next_sentence_label))
         parts = [t for t in (mlm_loss, nsp_loss) if t is not None]
         return BertOutput(loss=sum(parts) if parts else None, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
                           mlm_accuracy=accuracy, prediction_logits=logits,
@@ -276,8 +356,9 @@ class BertForMaskedLM(torch.nn.Module):
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        packed, _ = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, *, cu_seqlens=None, max_seqlen=None):
+        packed, _ = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         loss, accuracy, logits = _mlm(self.cls.predictions, packed, labels)
         return BertOutput(loss=loss, mlm_loss=loss, mlm_accuracy=accuracy, prediction_logits=logits)
 
@@ -295,15 +376,21 @@ class BertForSequenceClassification(torch.nn.Module):
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, *, cu_seqlens=None, max_seqlen=None):
+        packed, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+                err = (logits.squeeze(-1).float() - labels.float()) ** 2
+                if packed.caller_packed:  # empty slots of a packed batch count for nothing
+                    used = packed.lengths > 0
+                    loss = torch.where(used, err, 0).sum() / used.sum().clamp_min(1)
+                else:
+                    loss = err.mean()
             else:
-                loss = F.cross_entropy(logits.float(), labels)
+                loss = F.cross_entropy(logits.float(), _slot_labels(packed, labels))
         return BertOutput(loss=loss, logits=logits)
 
 
@@ -353,7 +440,8 @@ class RobertaForMaskedLM(torch.nn.Module):
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        packed, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, *, cu_seqlens=None, max_seqlen=None):
+        packed, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids,
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         loss, accuracy, logits = _mlm(self.lm_head, packed, labels)
         return BertOutput(loss=loss, mlm_loss=loss, mlm_accuracy=accuracy, prediction_logits=logits)

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..nn import LayerNorm
 from ..nn.layers import Conv1D, DecoderLayer  # noqa: F401 (Conv1D: GPT-2's layout)
 from ..ops import lm_loss
-from .bert import Packed
+from .bert import Packed, check_packed_batch, packed_positions
 from .config import FromHF
 from .init import init_weights
 
@@ -66,8 +66,16 @@ class GPTModel(torch.nn.Module):
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         init_weights(self, config.initializer_range, ("c_proj.weight",), config.n_layer)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> Packed:
-        """Returns the final hidden states of the real tokens (see bert.Packed)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, cu_seqlens=None,
+                max_seqlen=None) -> Packed:
+        """Returns the final hidden states of the real tokens (see bert.Packed). With
+        cu_seqlens, a caller-packed batch (fusedlm.packing): input_ids (tokens,)."""
+        if cu_seqlens is not None:
+            check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen,
+                               self.config.n_positions, position_ids=position_ids)
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.numel())
+            return self._blocks(input_ids, position_ids, Packed.given(cu_seqlens, max_seqlen))
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -81,7 +89,9 @@ class GPTModel(torch.nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         ids, packed = Packed.of(input_ids, attention_mask)
-        pos = packed.take(position_ids)
+        return self._blocks(ids, packed.take(position_ids), packed)
+
+    def _blocks(self, ids, pos, packed):
         residual, delta = self.drop(self.wte(ids) + self.wpe(pos)), None
         for block in self.h:
             delta, residual = block(delta, residual, packed)
@@ -107,8 +117,10 @@ class GPTForCausalLM(torch.nn.Module):
         self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
-        packed = self.transformer(input_ids, attention_mask, position_ids)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, *,
+                cu_seqlens=None, max_seqlen=None):
+        packed = self.transformer(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
         if labels is None:
             return CausalLMOutput(logits=packed.with_hidden(self.lm_head(packed.hidden)).padded())
         if labels.shape != input_ids.shape:

@@ -96,3 +96,33 @@ def test_gradient_accumulation_matches_the_unpatched_model(tmp_path):
     assert len(runs[0]) == 3 and runs[0] == pytest.approx(runs[1], rel=1e-4), runs
     for (n, p), q, p0 in zip(ref.named_parameters(), model.parameters(), start.parameters()):
         assert (p - q).norm() <= 1e-3 * (p - p0).norm() + 1e-7, n
+
+
+def test_trainer_with_packed_steps(tmp_path):
+    """fusedlm.packing under Trainer: a dataset of whole steps, batch size 1, the collator
+    unwrapping each; every step the same shapes."""
+    from fusedlm.packing import PackedBatchSampler, PackedSteps, PackingCollator
+    rows = _MaskedLM()
+    samples = [dict(input_ids=r["input_ids"][r["attention_mask"] == 1],
+                    labels=r["labels"][r["attention_mask"] == 1]) for r in rows]
+    sampler = PackedBatchSampler([len(s["input_ids"]) for s in samples], tokens=96,
+                                 max_sequences=12, max_seqlen=16)
+    collate = PackingCollator(tokens=96, max_sequences=12, max_seqlen=16)
+    shapes = set()
+
+    def collator(batch):
+        out = collate(batch)
+        shapes.add((out["input_ids"].shape, out["cu_seqlens"].shape))
+        return out
+
+    torch.manual_seed(0)
+    model = fm.BertForMaskedLM(fm.BertConfig(**CONFIG))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=1, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, data_collator=collator,
+                                   train_dataset=PackedSteps(samples, sampler))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    assert shapes == {(torch.Size([96]), torch.Size([13]))}

@@ -9,7 +9,9 @@ serves the whole run.
         loss = model(**batch).loss        # fusedlm.models.BertForPreTraining, GPTForCausalLM, ...
 
 `PackedBatchSampler` groups a dataset's samples (by their lengths) into steps that fit the
-budget; `PackingCollator` lays a step out. A sample is a dict: `input_ids` (a list or 1-D
+budget; `PackingCollator` lays a step out. Hugging Face's Trainer batches a dataset itself:
+give it `PackedSteps(dataset, sampler)` (a dataset of whole steps) with
+`per_device_train_batch_size=1` and the collator. A sample is a dict: `input_ids` (a list or 1-D
 tensor); optionally `token_type_ids` and per-token `labels` (masked LM, causal LM: as long as
 input_ids); per-sequence values (`next_sentence_label`, a classification `labels`) as scalars.
 The tokens a step's samples leave unused form filler sequences of `pad_token_id` (each at most
@@ -93,6 +95,21 @@ class PackedBatchSampler(torch.utils.data.Sampler):
         return len(self._steps())
 
 
+class PackedSteps(torch.utils.data.Dataset):
+    """A dataset whose items are whole steps (lists of samples), grouped by `sampler`: for
+    loaders that batch by count, as Hugging Face's Trainer does (batch size 1, the collator
+    unwraps the step). The grouping is the sampler's at construction (its epoch then)."""
+
+    def __init__(self, dataset, sampler: PackedBatchSampler):
+        self.dataset, self.steps = dataset, list(sampler)
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        return [self.dataset[j] for j in self.steps[i]]
+
+
 class PackingCollator:
     """Lays out one step's samples (see the module docstring) as a static-shape packed batch:
     input_ids and token_type_ids (tokens,), cu_seqlens (max_sequences + 1,) int32,
@@ -105,6 +122,8 @@ class PackingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: List[Dict]) -> Dict[str, object]:
+        if len(samples) == 1 and isinstance(samples[0], list):  # one step of PackedSteps
+            samples = samples[0]
         if not samples:
             raise ValueError("samples must hold at least one sample")
         ids = [torch.as_tensor(s["input_ids"], dtype=torch.long).reshape(-1) for s in samples]

@@ -58,8 +58,16 @@ def test_bench_model_writes_json(tmp_path):
     out = tmp_path / "model.json"
     assert main(["bench", "model", "--case", "bert-tiny", "--padding", "0.5", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert {r["impl"] for r in results} >= {"hf eager (sdpa)", "hf patched by fusedlm", "fusedlm model"}
-    assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.5 for r in results)
+    assert {r["impl"] for r in results} == {"hf eager (sdpa)", "hf patched by fusedlm",
+                                            "fusedlm model", "fusedlm model, packed"}
+    assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.5 and r["host_ms"] > 0 for r in results)
+    # Compiled variants (a GPU's default; timing them here would cost minutes of compiling).
+    from fusedlm.bench import model as model_bench
+    impls, _ = model_bench._impls("gpt2", model_bench.CASES["gpt2-tiny"][3], "cpu", compiled=True)
+    assert {name: layout for name, (_, layout) in impls.items()} == {
+        "hf eager (sdpa)": "padded", "hf torch.compile": "padded", "hf patched by fusedlm": "padded",
+        "fusedlm model": "padded", "fusedlm model, packed": "packed",
+        "fusedlm model, compiled": "padded", "fusedlm model, packed, compiled": "packed"}
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):

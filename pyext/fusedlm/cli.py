@@ -121,7 +121,8 @@ def _bench_op(op, args):
         return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
                             widths=args.widths, directions=args.direction)
     if op == "model":
-        return model_bench.run(cases=args.case, paddings=args.padding)
+        return model_bench.run(cases=args.case, paddings=args.padding,
+                               compiled=True if args.compiled else None)
     if op == "attention":
         dtype = _DTYPES[args.dtype[0]]
         return (attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens,
@@ -302,6 +303,8 @@ def _parser():
                    default=["bert-base", "gpt2-small"] if gpu else ["bert-tiny", "gpt2-tiny"])
     b.add_argument("--padding", nargs="+", type=_fraction, default=[0.0, 0.5],
                    help="fraction of each batch that is padding")
+    b.add_argument("--compiled", action="store_true",
+                   help="also the torch.compile variants off a GPU (on a GPU: always)")
     _outputs(b)
     b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
     b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),

@@ -1,12 +1,19 @@
 """Model benchmark: one training step (forward + backward) of BERT masked-LM + NSP pretraining
 and GPT-2 causal-LM training, Hugging Face eager (sdpa attention) against Hugging Face under
 torch.compile, the same model patched by fusedlm, and fusedlm's own model with the same
-weights. Padded batches (a `padding` fraction of each batch is padding) show what skipping
-padding is worth. Reported: ms per step, real tokens per second, peak memory, speed-up over
-Hugging Face eager. bf16 autocast on a GPU, fp32 on a CPU.
+weights: eager on the padded batch, compiled on it, and on the same samples packed
+(fusedlm.packing: no padding, static shapes), eager and compiled (on a GPU with CUDA graphs,
+mode="reduce-overhead"). Padded batches (a `padding` fraction of each batch is padding) show
+what skipping padding is worth. Reported: ms per step (GPU time on a GPU), host ms per step
+(what Python takes to issue it, no synchronization: a step whose host time reaches its GPU
+time is host-bound), real tokens per second, peak memory, speed-up over Hugging Face eager.
+bf16 autocast on a GPU, fp32 on a CPU. The compiled variants run on a GPU, or when asked
+(`compiled=True`).
 """
 import contextlib
 import copy
+import statistics
+import time
 
 import torch
 
@@ -58,17 +65,57 @@ def _batch(family, batch, seq, vocab, padding, device):
     return {k: v.to(device) for k, v in kw.items()}, int(mask.sum())
 
 
-def _impls(family, overrides, device, compile_hf):
+def _packed(kw, max_seqlen):
+    """The padded batch's samples as one packed batch (fusedlm.packing), its token budget the
+    real tokens rounded up to a multiple of 64."""
+    from ..packing import PackingCollator
+    mask = kw["attention_mask"].cpu().bool()
+    samples = []
+    for i in range(mask.shape[0]):
+        s = {k: kw[k][i].cpu()[mask[i]] for k in ("input_ids", "labels")}
+        if "next_sentence_label" in kw:
+            s["next_sentence_label"] = kw["next_sentence_label"][i].cpu()
+        samples.append(s)
+    real = int(mask.sum())
+    tokens = -(-real // 64) * 64
+    slots = len(samples) + -(-tokens // max_seqlen) + 1
+    out = PackingCollator(tokens, slots, max_seqlen)(samples)
+    return {k: v.to(kw["input_ids"].device) if isinstance(v, torch.Tensor) else v
+            for k, v in out.items()}
+
+
+def _impls(family, overrides, device, compiled):
+    """name -> (model, which batch: "padded" or "packed")."""
     import fusedlm
     hf, ours, config = _hf_models(family, overrides)
-    impls = {"hf eager (sdpa)": hf.to(device)}
-    if compile_hf:
-        impls["hf torch.compile"] = torch.compile(copy.deepcopy(hf))
+    impls = {"hf eager (sdpa)": (hf.to(device), "padded")}
+    if compiled:
+        impls["hf torch.compile"] = (torch.compile(copy.deepcopy(hf)), "padded")
     patched = copy.deepcopy(hf)
     fusedlm.patch(patched)
-    impls["hf patched by fusedlm"] = patched
-    impls["fusedlm model"] = ours.to(device)
+    impls["hf patched by fusedlm"] = (patched, "padded")
+    ours = ours.to(device)
+    impls["fusedlm model"] = (ours, "padded")
+    impls["fusedlm model, packed"] = (ours, "packed")
+    if compiled:
+        impls["fusedlm model, compiled"] = (torch.compile(ours), "padded")
+        mode = "reduce-overhead" if device == "cuda" else None  # CUDA graphs on a GPU
+        name = "fusedlm model, packed, compiled" + (" + CUDA graphs" if mode else "")
+        impls[name] = (torch.compile(ours, mode=mode), "packed")
     return impls, config.vocab_size
+
+
+def host_ms(step, rep=20):
+    """Median wall milliseconds for Python to issue one step (no synchronization): on a GPU
+    the time the host needs, whatever the GPU does meanwhile."""
+    samples = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return statistics.median(samples)
 
 
 def _step(model, kw, device):
@@ -76,6 +123,7 @@ def _step(model, kw, device):
                 else contextlib.nullcontext())
 
     def run():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (else a no-op)
         model.zero_grad(set_to_none=True)
         with autocast:
             loss = model(**kw).loss
@@ -83,21 +131,25 @@ def _step(model, kw, device):
     return run
 
 
-def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, log=print):
+def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, compiled=None,
+        log=print):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compiled = device == "cuda" if compiled is None else compiled
     results = []
     for case in cases:
         family, batch, seq, overrides = CASES[case]
-        impls, vocab = _impls(family, overrides, device, compile_hf=device == "cuda")
+        impls, vocab = _impls(family, overrides, device, compiled)
         for padding in paddings:
             kw, tokens = _batch(family, batch, seq, vocab, padding, device)
+            batches = {"padded": kw, "packed": _packed(kw, seq)}
             log(f"  {case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding")
             base = None
-            for name, model in impls.items():
+            for name, (model, layout) in impls.items():
                 model.train()
-                step = _step(model, kw, device)
+                step = _step(model, batches[layout], device)
                 try:
                     ms = time_ms(step, device, warmup=3, rep=30)
+                    host = host_ms(step)
                     peak = None
                     if device == "cuda":
                         torch.cuda.synchronize()
@@ -105,16 +157,16 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, log
                         step()
                         peak = torch.cuda.max_memory_allocated() / 2 ** 20
                 except Exception as e:  # report a peer that fails (e.g. out of memory) and go on
-                    log(f"    {name:<24} failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                    log(f"    {name:<44} failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                     continue
                 base = base or (ms if name.startswith("hf eager") else None)
                 rec = dict(op="model", case=case, padding=padding, batch=batch, seq=seq,
-                           real_tokens=tokens, impl=name, ms=round(ms, 3),
+                           real_tokens=tokens, impl=name, ms=round(ms, 3), host_ms=round(host, 3),
                            tokens_per_s=round(tokens / ms * 1e3),
                            peak_mib=None if peak is None else round(peak, 1),
                            speedup_vs_hf_eager=round(base / ms, 3) if base else None)
                 results.append(rec)
                 mem = "" if peak is None else f" {peak:9.1f} MiB"
-                log(f"    {name:<24} {ms:9.2f} ms {rec['tokens_per_s']:>10} tok/s{mem}  "
-                    f"x{rec['speedup_vs_hf_eager']}")
+                log(f"    {name:<44} {ms:9.2f} ms (host {host:8.2f}) {rec['tokens_per_s']:>10} "
+                    f"tok/s{mem}  x{rec['speedup_vs_hf_eager']}")
     return results

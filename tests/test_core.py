@@ -150,10 +150,11 @@ def test_core_rejects_malformed_views_before_any_launch(case, op):
 
 def test_import_loads_neither_triton_nor_dynamo():
     """A program may choose TRITON_INTERPRET after `import fusedlm` (the `fusedlm` command does):
-    triton must not be loaded before that, directly or through torch._dynamo."""
+    triton must not be loaded before that, directly or through torch._dynamo. Nor transformers
+    (seconds to import): fusedlm registers its attention there only once it is imported."""
     import subprocess
     import sys
-    code = ("import sys, fusedlm; "
-            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    code = ("import sys, fusedlm; print(sorted(m for m in ('triton', 'torch._dynamo', "
+            "'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

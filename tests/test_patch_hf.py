@@ -311,3 +311,70 @@ def test_flattening_collator_loss_is_each_sequences_own():
     sums = [model(input_ids=s[None].to(DEVICE), labels=s[None].to(DEVICE)).loss * (len(s) - 1)
             for s in seqs]
     assert rel_err(packed, sum(sums) / sum(n - 1 for n in lengths)) < 1e-5
+
+
+_ATTN_IMPLEMENTATION = """
+import os, sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
+order = sys.argv[1]
+if order == "transformers first":
+    import transformers.modeling_utils  # noqa: F401
+import fusedlm
+import torch
+import transformers
+cfg = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+           intermediate_size=64, max_position_embeddings=32)
+torch.manual_seed(0)
+ref = transformers.BertModel(transformers.BertConfig(**cfg, attn_implementation="sdpa")).eval()
+ours = transformers.BertModel(transformers.BertConfig(**cfg, attn_implementation="fusedlm")).eval()
+ours.load_state_dict(ref.state_dict())
+assert ours.config._attn_implementation == "fusedlm"
+ids = torch.randint(1, 99, (2, 12))
+mask = torch.ones(2, 12, dtype=torch.long); mask[1, 7:] = 0
+want = ref(ids, attention_mask=mask).last_hidden_state
+got = ours(ids, attention_mask=mask).last_hidden_state
+assert fusedlm.explain("attention") is not None, "fusedlm's attention never ran"
+err = ((got - want)[mask.bool()].norm() / want[mask.bool()].norm()).item()
+assert err < 1e-5, err
+if hasattr(ref, "set_attn_implementation"):
+    ref.set_attn_implementation("fusedlm")
+    assert ref.config._attn_implementation == "fusedlm"
+print("attn_implementation fusedlm: ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["fusedlm first", "transformers first"])
+def test_attn_implementation_fusedlm_without_a_patch(order, tmp_path):
+    """After `import fusedlm` (before or after transformers), attn_implementation="fusedlm"
+    builds a model on fusedlm's attention, padding mask included, equal to sdpa's; `import
+    fusedlm` itself imports no transformers (tests/test_core.py)."""
+    import subprocess
+    import sys
+    script = tmp_path / "attn_impl.py"
+    script.write_text(_ATTN_IMPLEMENTATION)
+    run = subprocess.run([sys.executable, str(script), order], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "fusedlm: ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_import_hook_leaves_the_hooked_module_its_own_loader(tmp_path, monkeypatch):
+    """The hook runs its function after the module executes and leaves nothing of itself
+    behind: the module keeps its own loader (tracebacks, get_source), the hook is gone."""
+    import importlib
+    import sys
+    from fusedlm._after_import import call_after_import, _Hook
+    (tmp_path / "fusedlm_probe_mod.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    call_after_import("fusedlm_probe_mod", lambda: seen.append(sys.modules["fusedlm_probe_mod"].VALUE))
+    def hooked():
+        return [f for f in sys.meta_path if isinstance(f, _Hook) and f.name == "fusedlm_probe_mod"]
+    assert seen == [] and hooked()
+    mod = importlib.import_module("fusedlm_probe_mod")
+    assert seen == [41] and not hooked()
+    assert type(mod.__loader__).__name__ == "SourceFileLoader" and "VALUE" in mod.__loader__.get_source("fusedlm_probe_mod")
+    call_after_import("fusedlm_probe_mod", lambda: seen.append("now"))  # already imported: at once
+    assert seen == [41, "now"]
+    with pytest.warns(RuntimeWarning, match="could not hook into fusedlm_probe_mod"):
+        call_after_import("fusedlm_probe_mod", lambda: 1 / 0)
+    monkeypatch.delitem(sys.modules, "fusedlm_probe_mod")

@@ -21,6 +21,21 @@ def unpatch(model):
     return _unpatch(model)
 
 
+def _register_with_transformers():
+    """`attn_implementation="fusedlm"` in transformers after `import fusedlm`, without importing
+    transformers here (seconds): registered now if its modeling code is loaded, else right after
+    it loads."""
+    from ._after_import import call_after_import
+
+    def register():
+        from .integrations.hf import register as _register
+        _register()
+    call_after_import("transformers.modeling_utils", register)
+
+
+_register_with_transformers()
+
+
 def build_info():
     """How the compiled core was built (CUDA or not, architectures, nvcc version)."""
     from . import _core

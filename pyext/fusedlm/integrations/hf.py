@@ -12,6 +12,9 @@ What `patch(model)` does, each step recorded in the report it returns:
     materializing the logits: the returned output has logits=None. Without labels the
     original forward runs.
 `unpatch(model)` restores the modules, the attention implementation and the forward exactly.
+
+Without a patch, `attn_implementation="fusedlm"` gives a model fusedlm's attention only (see
+`register`); norms and the fused loss stay transformers' own.
 """
 import functools
 import inspect
@@ -138,10 +141,18 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
-def _register():
+def register():
+    """Register "fusedlm" with transformers' AttentionInterface and AttentionMaskInterface, so
+    that `attn_implementation="fusedlm"` (from_pretrained, from_config,
+    set_attn_implementation) runs fusedlm's attention with padding masks intact. `import
+    fusedlm` does this once transformers' modeling code is imported (see
+    fusedlm._after_import); calling it again is harmless."""
     _, masking_utils, AttentionInterface = _transformers()
     AttentionInterface.register(ATTN_NAME, _attention_forward)
     masking_utils.AttentionMaskInterface.register(ATTN_NAME, _padding_mask)
+
+
+_register = register
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,17 @@ def _models():
             vocab_size=101, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=40)),
         "GPT2LMHeadModel": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=101, n_positions=40, n_embd=32,
                                                                   n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        # The Llama family: grouped-query heads (4 query, 2 key/value), RoPE, RMSNorm.
+        "LlamaForCausalLM": lambda: t.LlamaForCausalLM(t.LlamaConfig(**LLAMA)),
+        "MistralForCausalLM": lambda: t.MistralForCausalLM(t.MistralConfig(**LLAMA, sliding_window=None)),
+        "Qwen2ForCausalLM": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**LLAMA)),
+        "Qwen3ForCausalLM": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**LLAMA, head_dim=8)),
     }
+
+
+LLAMA = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=40,
+             bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def _inputs(name):
@@ -35,7 +45,7 @@ def _inputs(name):
     mask[1, 10:] = 0
     mask[2, 4:] = 0
     kw = dict(input_ids=ids, attention_mask=mask)
-    if name == "GPT2LMHeadModel":
+    if name == "GPT2LMHeadModel" or name.endswith("ForCausalLM"):
         kw["labels"] = ids.masked_fill(mask == 0, -100)
     elif name.endswith("MaskedLM") or name == "BertForPreTraining":
         labels = torch.full_like(ids, -100)
@@ -378,3 +388,36 @@ def test_import_hook_leaves_the_hooked_module_its_own_loader(tmp_path, monkeypat
     with pytest.warns(RuntimeWarning, match="could not hook into fusedlm_probe_mod"):
         call_after_import("fusedlm_probe_mod", lambda: 1 / 0)
     monkeypatch.delitem(sys.modules, "fusedlm_probe_mod")
+
+
+@pytest.mark.parametrize("name, norms", [("LlamaForCausalLM", "LlamaRMSNorm: 5 module(s)"),
+                                         ("Qwen3ForCausalLM", "Qwen3RMSNorm: 9 module(s)")])
+def test_llama_family_report_and_exact_unpatch(name, norms):
+    """Attention, every RMSNorm (Qwen3's per-head q/k norms too) and the fused causal-LM loss;
+    unpatch gives back the very modules."""
+    model = _models()[name]().to(DEVICE)
+    before = {n: m for n, m in model.named_modules()}
+    report = fusedlm.patch(model)
+    text = str(report)
+    assert norms in text and "attention:" in text and "loss: fused" in text, text
+    kw, _ = _inputs(name)
+    assert model(**kw).logits is None
+    fusedlm.unpatch(model)
+    assert {n: m for n, m in model.named_modules()} == before  # the same objects
+    assert model(**kw).logits is not None
+
+
+def test_an_rms_norm_that_computes_something_else_is_left_alone():
+    """Gemma's RMSNorm scales by (1 + weight): swapping it for weight * x / rms(x) would be a
+    silent wrong answer, so it stays, named in the report; the patched model still matches."""
+    t = transformers
+    if not hasattr(t, "GemmaForCausalLM"):
+        pytest.skip("this transformers has no Gemma")
+    torch.manual_seed(0)
+    ref = t.GemmaForCausalLM(t.GemmaConfig(**dict(LLAMA, head_dim=8))).to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    report = fusedlm.patch(model)
+    assert any(n == "GemmaRMSNorm" for n, _ in report.left_alone), str(report)
+    assert not any("GemmaRMSNorm" in p for p in report.patched)
+    kw, mask = _inputs("GemmaForCausalLM")
+    assert rel_err(model(**kw).logits[mask], ref(**kw).logits[mask]) < 1e-5

@@ -25,7 +25,8 @@ from typing import List, Tuple
 import torch
 
 from ..nn.lm_head import labelled_rows
-from ..nn.layer_norm import replace_norms
+from ..nn._swap import swap_modules
+from ..nn.layer_norm import RMSNorm, replace_norms
 from ..ops import attention as fused_attention
 from ..ops import attention_varlen
 from ..ops import lm_loss
@@ -156,6 +157,32 @@ _register = register
 
 
 # ---------------------------------------------------------------------------------------------
+# RMSNorm of the Llama family: weight * (x / rms(x)), in float32, back in x's dtype.
+
+_LLAMA_RMS = "return self.weight * hidden_states.to(input_dtype)"
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_rms_norm(cls) -> bool:
+    """Is `cls` a transformers RMSNorm that computes what fusedlm.nn.RMSNorm does (Llama's,
+    Mistral's, Qwen2/3's)? Read from its forward; Gemma's (1 + weight) and others are not."""
+    if not (cls.__name__.endswith("RMSNorm") and cls.__module__.startswith("transformers")):
+        return False
+    try:
+        return _LLAMA_RMS in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _fused_rms_norm(child):
+    """fusedlm.nn.RMSNorm in place of a Llama-style RMSNorm, sharing its weight Parameter."""
+    w = child.weight
+    new = RMSNorm(tuple(w.shape), eps=child.variance_epsilon, device="meta")
+    new.weight = w
+    return new.train(child.training)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loss forwards: base model -> labelled rows -> head transform -> fused loss.
 
 def _base_outputs(model, kwargs):
@@ -241,16 +268,17 @@ def _pretraining_forward(self, input_ids=None, attention_mask=None, labels=None,
 def _causal_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
     if labels is None:
         return self._fusedlm_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+    from transformers import modeling_outputs
     num_items = kwargs.pop("num_items_in_batch", None)  # for the loss, not the base model
+    kwargs.pop("logits_to_keep", None)  # which logits to build: none are
     out = _base_outputs(self, dict(kwargs, input_ids=input_ids, attention_mask=attention_mask))
     hidden = out[0]
     loss = _fused_loss(self, num_items, hidden, self.lm_head.weight, labels.to(hidden.device),
                        self.lm_head.bias, shift=True)
-    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None,
-                                             past_key_values=out.past_key_values,
-                                             hidden_states=out.hidden_states,
-                                             attentions=out.attentions)
+    output = (modeling_outputs.CausalLMOutputWithCrossAttentions
+              if type(self).__name__ == "GPT2LMHeadModel" else modeling_outputs.CausalLMOutputWithPast)
+    return output(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+                  hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 _LOSS_FORWARDS = {
@@ -259,6 +287,11 @@ _LOSS_FORWARDS = {
     "DistilBertForMaskedLM": _mlm_forward,
     "BertForPreTraining": _pretraining_forward,
     "GPT2LMHeadModel": _causal_forward,
+    # The Llama family: RoPE'd, grouped-query attention; RMSNorm; an untied or tied lm_head.
+    "LlamaForCausalLM": _causal_forward,
+    "MistralForCausalLM": _causal_forward,
+    "Qwen2ForCausalLM": _causal_forward,
+    "Qwen3ForCausalLM": _causal_forward,
 }
 
 
@@ -292,16 +325,22 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
         report.left_alone.append(("attention", "attention=False"))
 
     if layer_norm:
+        rms_classes = {type(m) for m in model.modules() if _llama_rms_norm(type(m))}
         originals = [(parent, child_name, child) for parent in model.modules()
                      for child_name, child in parent._modules.items()
-                     if type(child) is torch.nn.LayerNorm]
+                     if type(child) is torch.nn.LayerNorm or type(child) in rms_classes]
         swapped = replace_norms(model, rms=False)
+        swap_modules(model, {cls: _fused_rms_norm for cls in rms_classes})
         state["norms"] = originals
         report.patched.append(f"LayerNorm: {len(swapped)} module(s) -> fusedlm.nn.LayerNorm")
+        for cls in sorted(rms_classes, key=lambda c: c.__name__):
+            n = sum(type(old) is cls for _, _, old in originals)
+            report.patched.append(f"{cls.__name__}: {n} module(s) -> fusedlm.nn.RMSNorm")
         others = {type(m).__name__ for m in model.modules()
                   if "norm" in type(m).__name__.lower() and type(m).__module__.startswith("transformers")}
         for other in sorted(others):
-            report.left_alone.append((other, "not torch.nn.LayerNorm; its forward may differ"))
+            report.left_alone.append((other, "neither torch.nn.LayerNorm nor an RMSNorm computing "
+                                             "weight * x / rms(x); its forward may differ"))
     else:
         report.left_alone.append(("LayerNorm", "layer_norm=False"))
 

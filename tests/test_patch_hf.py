@@ -421,3 +421,15 @@ def test_an_rms_norm_that_computes_something_else_is_left_alone():
     assert not any("GemmaRMSNorm" in p for p in report.patched)
     kw, mask = _inputs("GemmaForCausalLM")
     assert rel_err(model(**kw).logits[mask], ref(**kw).logits[mask]) < 1e-5
+
+
+@pytest.mark.parametrize("version, ok", [("4.55.4", False), ("4.56.0", True), ("5.17.0", True),
+                                         ("5.24.0", True), ("5.30.0.dev0", True), ("6.0.0rc1", False)])
+def test_transformers_versions_outside_the_range_are_refused_by_name(version, ok):
+    from fusedlm.integrations.hf import check_transformers_version
+    if ok:
+        check_transformers_version(version)
+    else:
+        with pytest.raises(RuntimeError, match=rf"transformers >= 4.56 and < 6.0, found {version}"):
+            check_transformers_version(version)
+    check_transformers_version(transformers.__version__)  # the installed one is in the range

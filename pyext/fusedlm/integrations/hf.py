@@ -48,6 +48,29 @@ class PatchReport:
         return "\n".join(lines)
 
 
+# The transformers versions fusedlm's integration supports: from the first with
+# AttentionMaskInterface up to (not including) the next major version, whose internals (forward
+# signatures, output classes, mask functions) this module depends on. Tested: the version CI
+# installs (5.24) and the GPU machine's (5.17).
+TRANSFORMERS_RANGE = ((4, 56), (6, 0))
+
+
+def _version_tuple(version: str):
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit()) or "0"  # "0rc1", "dev0"
+        parts.append(int(digits))
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def check_transformers_version(version: str):
+    lo, hi = TRANSFORMERS_RANGE
+    if not lo <= _version_tuple(version) < hi:
+        raise RuntimeError(f"fusedlm's transformers integration supports transformers >= "
+                           f"{lo[0]}.{lo[1]} and < {hi[0]}.{hi[1]}, found {version}: install a "
+                           "version in that range, or use fusedlm's ops and models directly")
+
+
 def _transformers():
     try:
         import transformers
@@ -56,6 +79,7 @@ def _transformers():
     except ImportError as e:
         raise RuntimeError(f"fusedlm.patch needs transformers >= 4.56 (its AttentionInterface and "
                            f"AttentionMaskInterface); import failed: {e}") from e
+    check_transformers_version(transformers.__version__)
     if not hasattr(masking_utils, "AttentionMaskInterface"):
         raise RuntimeError(f"fusedlm.patch needs transformers >= 4.56 (AttentionMaskInterface); "
                            f"found {transformers.__version__}")

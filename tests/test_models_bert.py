@@ -185,6 +185,30 @@ def test_roberta_masked_lm_matches_hugging_face_with_padding():
     fresh.load_state_dict(ours.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_roberta_classification_matches_hugging_face_with_padding(num_labels):
+    """RobertaForSequenceClassification: the head reads <s> (no pooler), dropout -> dense ->
+    tanh -> dropout -> out_proj; keys load one to one; loss (CE, or MSE for one label) and
+    every gradient equal Hugging Face's."""
+    torch.manual_seed(0)
+    hf_config = transformers.RobertaConfig(**{**CONFIG, "type_vocab_size": 1}, pad_token_id=1,
+                                           num_labels=num_labels, attn_implementation="eager")
+    hf = transformers.RobertaForSequenceClassification(hf_config).to(DEVICE).eval()
+    ours = fm.RobertaForSequenceClassification(fm.RobertaConfig.from_hf(hf_config)).to(DEVICE).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ids, mask, _, _, _ = _batch()
+    ids = torch.where(mask.bool(), ids.clamp_min(2), torch.ones_like(ids))
+    labels = (torch.tensor([0, 2, 1], device=DEVICE) if num_labels > 1
+              else torch.tensor([0.5, -1.0, 2.0], device=DEVICE))
+    theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    mine = ours(ids, mask, labels=labels)
+    assert rel_err(mine.logits, theirs.logits) < 1e-5 and rel_err(mine.loss, theirs.loss) < 1e-5
+    theirs.loss.backward()
+    mine.loss.backward()
+    _assert_grads_match(hf, ours)
+
+
 def test_from_hf_refuses_a_decoder_or_another_model_type():
     for option in ("is_decoder", "add_cross_attention"):
         with pytest.raises(ValueError, match=f"config.{option}=True is not supported by BertConfig"):

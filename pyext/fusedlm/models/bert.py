@@ -321,6 +321,19 @@ def _slot_labels(packed: Packed, labels, ignore_index=-100):
     return labels.masked_fill(packed.lengths == 0, ignore_index)
 
 
+def _classification_loss(config, packed: Packed, logits, labels):
+    """Cross-entropy over the sequences (MSE for num_labels == 1, as Hugging Face's)."""
+    if labels is None:
+        return None
+    if config.num_labels != 1:
+        return F.cross_entropy(logits.float(), _slot_labels(packed, labels))
+    err = (logits.squeeze(-1).float() - labels.float()) ** 2
+    if not packed.caller_packed:
+        return err.mean()
+    used = packed.lengths > 0  # empty slots of a packed batch count for nothing
+    return torch.where(used, err, 0).sum() / used.sum().clamp_min(1)
+
+
 class BertForPreTraining(torch.nn.Module):
     """BERT with its two pretraining heads: masked LM (decoder tied to the word embeddings) and
     next-sentence prediction. loss = mlm_loss + nsp_loss, as in Hugging Face."""
@@ -380,18 +393,7 @@ class BertForSequenceClassification(torch.nn.Module):
         packed, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         logits = self.classifier(self.dropout(pooled))
-        loss = None
-        if labels is not None:
-            if self.config.num_labels == 1:
-                err = (logits.squeeze(-1).float() - labels.float()) ** 2
-                if packed.caller_packed:  # empty slots of a packed batch count for nothing
-                    used = packed.lengths > 0
-                    loss = torch.where(used, err, 0).sum() / used.sum().clamp_min(1)
-                else:
-                    loss = err.mean()
-            else:
-                loss = F.cross_entropy(logits.float(), _slot_labels(packed, labels))
-        return BertOutput(loss=loss, logits=logits)
+        return BertOutput(loss=_classification_loss(self.config, packed, logits, labels), logits=logits)
 
 
 # ---- RoBERTa: BERT's encoder under Hugging Face's RoBERTa names ------------------------------
@@ -445,3 +447,41 @@ class RobertaForMaskedLM(torch.nn.Module):
                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         loss, accuracy, logits = _mlm(self.lm_head, packed, labels)
         return BertOutput(loss=loss, mlm_loss=loss, mlm_accuracy=accuracy, prediction_logits=logits)
+
+
+class RobertaClassificationHead(torch.nn.Module):
+    """RoBERTa's `classifier`: the first token's state -> dropout -> dense -> tanh -> dropout
+    -> out_proj (no pooler)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = torch.nn.Dropout(p)
+        self.out_proj = torch.nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, first):
+        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+
+
+class RobertaForSequenceClassification(torch.nn.Module):
+    """Hugging Face's RobertaForSequenceClassification, keys `roberta.*` and `classifier.*`, on
+    fusedlm's BERT: the classification head reads each sequence's first token (<s>)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = BertModel(config, add_pooling_layer=False)
+        self.classifier = RobertaClassificationHead(config)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, *, cu_seqlens=None, max_seqlen=None):
+        packed, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids,
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if not packed.caller_packed:
+            require((packed.lengths > 0).all(),
+                    "every row of attention_mask needs a real token (its first, <s>, feeds the "
+                    "classifier); a row is all padding")
+        logits = self.classifier(packed.hidden.index_select(0, packed.starts))
+        return BertOutput(loss=_classification_loss(self.config, packed, logits, labels), logits=logits)

@@ -463,6 +463,27 @@ def test_flash_attn_interface_conventions():
             flash_attn_func(q, k, v, **kwargs)
 
 
+def test_flash_attn_packed_variants_equal_the_unpacked_calls():
+    """flash-attn's kv-packed and varlen qkv/kv-packed entry points: the same outputs as the
+    unpacked calls, and gradients reaching the packed tensor."""
+    from fusedlm import flash_attn_interface as fa
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 4, 32, generator=g).to(DEVICE, torch.float16)
+    kv = torch.randn(2, 11, 2, 2, 32, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    out = fa.flash_attn_kvpacked_func(q, kv, causal=True)
+    assert torch.equal(out, fa.flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], causal=True))
+    (grad,) = torch.autograd.grad(out.float().sum(), kv)
+    assert grad.shape == kv.shape and grad.abs().sum() > 0
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(9, 3, 4, 32, generator=g).to(DEVICE, torch.float16)
+    got, lse, _ = fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 5, causal=True, return_attn_probs=True)
+    want = fa.flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, 5, 5, causal=True)
+    assert torch.equal(got, want) and lse.shape == (4, 9)
+    kv2 = torch.randn(9, 2, 2, 32, generator=g).to(DEVICE, torch.float16)
+    got = fa.flash_attn_varlen_kvpacked_func(qkv[:, 0], kv2, cu, cu, 5, 5)
+    assert torch.equal(got, fa.flash_attn_varlen_func(qkv[:, 0], kv2[:, 0], kv2[:, 1], cu, cu, 5, 5))
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_self_attention_module_padded_and_packed_agree(kv_heads):
     torch.manual_seed(0)

@@ -2,6 +2,10 @@
 
     from fusedlm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 
+Also the qkv- and kv-packed variants (flash_attn_qkvpacked_func, flash_attn_kvpacked_func,
+flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func), taking the packed tensor by
+strides.
+
 Same argument names, order, defaults and return conventions as flash-attn 2 for the features
 fusedlm has. Features it does not have (sliding windows, softcapping, ALiBi, paged KV) raise a
 ValueError naming the argument instead of computing something else. fusedlm's kernels use no
@@ -56,3 +60,35 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                 softmax_scale=softmax_scale, return_lse=True,
                                 deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False):
+    """q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim), taken
+    by strides."""
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv (total, 3, nheads, headdim), taken by strides; one cu_seqlens for queries and keys."""
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False):
+    """q (total_q, nheads, headdim), kv (total_k, 2, nheads_k, headdim), taken by strides."""
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)

@@ -308,8 +308,9 @@ def _parser():
     _outputs(b)
     b = ops.add_parser("lm_loss", help="LM loss step (fwd+bwd): time, TFLOP/s, peak memory")
     b.add_argument("--case", nargs="+", choices=sorted(loss_bench.CASES),
-                   default=["bert-mlm", "gpt2", "large-vocab"] if gpu else ["tiny"],
-                   help="tokens x H x V presets (default: the three GPU cases; 'tiny' on a CPU)")
+                   default=["bert-mlm", "bert-large-mlm", "gpt2", "large-vocab", "llama-8k"]
+                   if gpu else ["tiny"],
+                   help="tokens x H x V presets (default: the GPU cases; 'tiny' on a CPU)")
     b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
     _outputs(b)
     b = ops.add_parser("all", help="every op, then the model step, each on its defaults")

@@ -8,8 +8,9 @@ beyond the inputs, and the speed-up over Hugging Face's full-logits path.
 
 Peers: "hf full logits" (what BertForMaskedLM / GPT2LMHeadModel do: project every token, fp32
 logits, F.cross_entropy with ignore_index), "torch.compile(ref)" (the same, compiled, on the
-labelled rows only), Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy on the
-labelled rows when importable. fusedlm is given every token and compacts them itself, so its
+labelled rows only), torch's own fused `F.linear_cross_entropy` where the installed torch has
+it, Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy on the labelled rows when
+importable. fusedlm is given every token and compacts them itself, so its
 time includes finding the labelled rows.
 """
 import torch
@@ -22,7 +23,10 @@ CASES = {
     # name: (tokens, hidden, vocab, labelled fraction)
     "bert-mlm": (32 * 512, 768, 30522, 0.15),
     "gpt2": (16384, 768, 50257, 1.0),
+    "bert-large-mlm": (32 * 512, 1024, 30522, 0.15),
     "large-vocab": (16384, 4096, 128256, 1.0),
+    "llama-8k": (8192, 4096, 128256, 1.0),   # a Llama-3-style step: H 4096, V 128256
+
     "tiny": (512, 64, 1000, 0.15),  # for CPUs and tests
 }
 
@@ -44,6 +48,9 @@ def _peers(device_type):
     peers = {"hf full logits": _hf_full_logits}
     compiled = torch.compile(_labelled_ref, dynamic=False)
     peers["torch.compile(ref)"] = lambda h, w, b, y, idx: compiled(h[idx], w, b, y[idx])
+    if hasattr(F, "linear_cross_entropy"):  # torch's own fused linear cross-entropy
+        peers["torch linear_cross_entropy"] = lambda h, w, b, y, idx: F.linear_cross_entropy(
+            h[idx], w, y[idx], linear_bias=b)
     for be in ("torch", "triton", "cuda"):
         if device_type != "cuda" and be != "torch":
             continue  # interpreted Triton has no speed to show
@@ -126,7 +133,7 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
                 ms = time_ms(step, device, warmup=5, rep=50)
                 peak = _peak_extra_bytes(step, device)
             except Exception as e:  # a peer that fails a case (e.g. out of memory) is reported
-                log(f"    {name:<20} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                log(f"    {name:<28} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -139,7 +146,7 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
                        speedup_vs_hf=round(base / ms, 3) if base else None)
             results.append(rec)
             mem = "" if peak is None else f" {rec['peak_extra_mib']:9.1f} MiB"
-            log(f"    {name:<20} {ms:9.3f} ms {rec['tflops']:8.3f} TFLOP/s{mem}  x{rec['speedup_vs_hf']}")
+            log(f"    {name:<28} {ms:9.3f} ms {rec['tflops']:8.3f} TFLOP/s{mem}  x{rec['speedup_vs_hf']}")
         del h, w, b, y
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -81,6 +81,7 @@ run_step() {
     bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
+    bench-host) cmd=($BENCH host $(files host)) ;;
     ncu-attention) cmd=(ncu --kernel-name regex:attention_ --launch-count 3 --section SpeedOfLight
                         --section Occupancy --section LaunchStats --section WarpStateStats
                         --section MemoryWorkloadAnalysis python3 "$SRC/benchmarks/profile_attention.py" cuda) ;;

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlm.bench as bench
+from conftest import kernel_backends
 
 
 def test_compare_checks_then_times_a_user_layer_norm():
@@ -104,3 +105,21 @@ def test_attention_bench_never_times_wmma_under_the_wgmma_name(monkeypatch):
         rows = attn_bench.run(**opts)
         assert bool(rows) == timed, (kernel, log)
         assert timed or any("n/a (RuntimeError: ran wmma (wgmma declined: head dim 96)" in line for line in log)
+
+
+def test_host_cost_table_covers_every_op_with_launches_stubbed():
+    """`fusedlm bench host`: per op and direction, fusedlm's host time with its launches
+    stubbed beside the torch op's; the stub is undone after."""
+    from fusedlm.bench import host
+    from fusedlm.ops import _triton
+    run_before = _triton.run
+    backends = [b for b in ("triton",) if b in kernel_backends()]
+    rows = host.run(backends=backends, device="cpu", rep=5, log=lambda *a: None)
+    assert _triton.run is run_before
+    got = {(r["op"], r["direction"], r["impl"]) for r in rows}
+    for op in ("layer_norm", "attention", "lm_loss"):
+        for direction in ("fwd", "fwd+bwd"):
+            assert (op, direction, "torch") in got
+            for be in backends:
+                assert (op, direction, f"fusedlm[{be}], launches stubbed") in got
+    assert all(r["host_us"] > 0 for r in rows)

@@ -36,6 +36,7 @@ from fusedlm.bench import attention as attn_bench  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
 from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
 from fusedlm.bench import model as model_bench  # noqa: E402
+from fusedlm.bench import host as host_bench  # noqa: E402
 from fusedlm.ops import dispatch  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -117,6 +118,8 @@ def cmd_check(args):
 
 def _bench_op(op, args):
     gpu = torch.cuda.is_available()
+    if op == "host":
+        return host_bench.run(backends=args.backend)
     if op == "layer_norm":
         return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
                             widths=args.widths, directions=args.direction)
@@ -136,7 +139,8 @@ def cmd_bench(args):
     env = environment()
     _print_env(env)
     payload = {"environment": env, "results": []}
-    ops = ("layer_norm", "attention", "lm_loss", "model") if args.op == "all" else (args.op,)
+    ops = (("layer_norm", "attention", "lm_loss", "model", "host") if args.op == "all"
+           else (args.op,))
     for op in ops:
         print(f"\n== {op}")
         if args.op == "all":  # each op on its own defaults
@@ -282,6 +286,10 @@ def _parser():
     bench = sub.add_parser("bench", help="benchmark an op against its peers")
     ops = bench.add_subparsers(dest="op", required=True)
     gpu = torch.cuda.is_available()
+    b = ops.add_parser("host", help="host us per call of every op, launches stubbed, vs torch's op")
+    b.add_argument("--backend", nargs="+", default=["triton", "cuda"] if gpu else ["triton"],
+                   choices=["triton", "cuda"])
+    _outputs(b)
     b = ops.add_parser("layer_norm", help="layer norm, forward and backward, GB/s")
     b.add_argument("--dtype", nargs="+", default=["bf16", "fp32"] if gpu else ["fp32"], choices=sorted(_DTYPES))
     b.add_argument("--rows", nargs="+", type=_positive(int), default=[16384] if gpu else [2048])

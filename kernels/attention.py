@@ -14,7 +14,9 @@ recompute P = exp2(S - lse) from the saved log-sum-exp: no sequence x sequence m
 dQ runs first and also leaves delta = rowsum(dO * O) of its rows for dK/dV, which needs every
 row's: no launch and no pass over dO of its own.
 
-Masks: causal is aligned bottom-right (query i sees key j iff j <= i + Sk - Sq); the key mask
+Masks: causal is aligned bottom-right (query i sees key j iff j <= i + Sk - Sq); a sliding
+window (WINDOW, flash-attn's window_size) bounds it to i + Sk - Sq - left <= j <= i + Sk - Sq +
+right, every block in the window's range then taking the edge path's tests; the key mask
 (batch, Sk) marks keys to attend with nonzero; the forward and dQ stop after the last attended
 key of the row and dK/dV skip key blocks it hides entirely, so a right-padded batch spends no work
 on its padding keys (its padding queries are still computed: their outputs are defined); a packed
@@ -112,8 +114,9 @@ def _attended_end(KMASK, k_len, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
-            ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr):
+def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win_right,
+            ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
+            WINDOW: tl.constexpr):
     """Scores (queries x keys) in the log2 domain with -inf where a key may not be attended.
     Off the edge (a key block wholly inside the sequence and, when causal, wholly visible to the
     query block) only the padding mask can apply, which spares the bounds and causal tests on
@@ -123,6 +126,9 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2,
         valid = offs_n[None, :] < k_len
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
+        if WINDOW:
+            valid = valid & _in_window(offs_m[:, None], offs_n[None, :], q_len, k_len, win_left,
+                                       win_right)
         if HAS_KMASK:
             valid = valid & _key_mask(KMASK, offs_n, k_len)[None, :]
         s = tl.where(valid, s, float("-inf"))
@@ -158,16 +164,48 @@ def _causal_split(pid_m, q_len, k_len, KMASK, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _in_window(i, j, q_len, k_len, win_left, win_right):
+    """May query i see key j under the sliding window (both bounds finite: the launcher passes a
+    bound past every sequence for an unbounded side)?"""
+    shift = k_len - q_len
+    return (j >= i + shift - win_left) & (j <= i + shift + win_right)
+
+
+@triton.jit
+def _window_keys(pid_m, q_len, k_len, KMASK, win_left, win_right, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """Key range [lo, hi) of a query block under a sliding window (whole key blocks; the
+    causal bound is the window's right side), cut at the last attended key."""
+    shift = k_len - q_len
+    lo = tl.maximum(pid_m * BLOCK_M + shift - win_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + shift + win_right, 0))
+    if HAS_KMASK:
+        hi = tl.minimum(hi, _attended_end(KMASK, k_len, 512))
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Query range [lo, hi) (whole query blocks) that can see a key block under the window."""
+    shift = k_len - q_len
+    lo = tl.maximum(pid_n * BLOCK_N - shift - win_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(q_len, tl.maximum((pid_n + 1) * BLOCK_N - shift + win_left, 0))
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n, offs_d,
-                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k,
+                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-                DROPOUT: tl.constexpr):
+                DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, ON_EDGE, CAUSAL, HAS_KMASK)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if ON_EDGE or HAS_KMASK:  # a row may have seen no key yet: keep exp2's argument finite
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -190,10 +228,10 @@ def _attn_fwd(
     Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, win_left, win_right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -210,15 +248,24 @@ def _attn_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
-                                    offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
-                                    p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
-                                    HAS_KMASK, DROPOUT)
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
-                                    offs_n, offs_d, q_len, k_len, kmask, scale_log2, seed + bh,
-                                    p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                                    HAS_KMASK, DROPOUT)
+        if WINDOW:  # every block of the window's range takes the edge tests
+            lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                  BLOCK_N, HAS_KMASK)
+            acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi,
+                                        offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
+                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True)
+        else:
+            full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
+                                     HAS_KMASK)
+            acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full,
+                                        offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
+                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False)
+            acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi,
+                                        offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
+                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -232,9 +279,10 @@ def _attn_fwd(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                 WINDOW: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
     queries): P^T comes out of the mma as the next mma's operand, with no transpose in between.
     Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys past it or
@@ -247,6 +295,9 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
         if ON_EDGE and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
+        if WINDOW:
+            p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], q_len, k_len, win_left,
+                                      win_right), p_t, 0.0)
         do = _load_rows(do_ptr, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
         delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
@@ -266,10 +317,11 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right,
+    seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -307,15 +359,24 @@ def _attn_bwd_dkdv(
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
-            if CAUSAL:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
-                                      full, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                      True, CAUSAL, DROPOUT)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
-                                  q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                  seed_h, p_drop, seq_k, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                  False, CAUSAL, DROPOUT)
+            if WINDOW:
+                wlo, whi = _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M,
+                                           BLOCK_N)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, wlo,
+                                      whi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                      seed_h, p_drop, seq_k, win_left, win_right, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True)
+            else:
+                if CAUSAL:
+                    dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
+                                          lo, full, offs_n, offs_m0, offs_d, q_len, k_len,
+                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right,
+                                          HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
+                                          False)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
+                                      q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                      seed_h, p_drop, seq_k, win_left, win_right, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             dk = tl.where(attended, dk, 0.0)
@@ -328,16 +389,17 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n0, offs_d,
-               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k,
+               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-               DROPOUT: tl.constexpr):
+               DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n0
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, ON_EDGE, CAUSAL, HAS_KMASK)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
@@ -353,10 +415,11 @@ def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right,
+    seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -380,13 +443,24 @@ def _attn_bwd_dq(
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
         kmask = KMASK + b * s_mb
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m, offs_n0,
-                        offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop, seq_k,
-                        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
-                        offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                        seq_k, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT)
+        if WINDOW:
+            lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                  BLOCK_N, HAS_KMASK)
+            dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m,
+                            offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
+                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, True)
+        else:
+            full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
+                                     HAS_KMASK)
+            dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
+                            offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
+                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                            HAS_KMASK, DROPOUT, False)
+            dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
+                            offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
+                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, False)
         q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
@@ -425,7 +499,7 @@ def _blocks(head_dim):
 # process, see _CACHE_RESULTS). Configs that do not fit the device's shared memory are skipped by
 # the autotuner. The forward and dQ walk keys for a block of queries (large BLOCK_M); dK/dV walk
 # queries for a block of keys (large BLOCK_N).
-_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "seq_bucket"]
+_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "WINDOW", "seq_bucket"]
 
 
 def _seq_bucket(seq_q, seq_k):
@@ -529,9 +603,20 @@ def _common(q, k, lse, key_mask, cu_q, varlen, max_q, max_k):
     return batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb
 
 
+def _window_bounds(window, causal, seq_q, seq_k):
+    """(left, right) as the kernels take them: an unbounded side (-1) becomes a bound past every
+    sequence, and causal bounds the right side at 0 (flash-attn's rule)."""
+    if window is None:
+        return 0, 0
+    far = seq_q + seq_k + 1
+    left, right = (far if w < 0 else w for w in window)
+    return left, 0 if causal else right
+
+
 def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-            seed, pinned=False, blocks=None):
+            seed, window=None, pinned=False, blocks=None):
     """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
+    window: None, or flash-attn's (left, right) sliding window (-1: unbounded side).
     pinned: use the fixed block configuration instead of the autotuned one; blocks: pin this
     (BLOCK_M, BLOCK_N), or per kernel a triton.Config (see `_launch`)."""
     varlen = cu_q is not None
@@ -543,15 +628,16 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     args = (q, k, v, o, lse, key_mask if key_mask is not None else dummy,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p)
+            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p,
+            *_window_bounds(window, causal, seq_q, seq_k))
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
             args, flags, blocks)
 
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
-             causal, scale, dropout_p, seed, pinned=False, blocks=None):
+             causal, scale, dropout_p, seed, window=None, pinned=False, blocks=None):
     """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
     rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
     dO). dq has q's shape; dk and dv k's shape and the same strides as each other (kv heads)."""
@@ -565,11 +651,12 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
         return
     dummy = lse
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None)
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
              cu_k if varlen else dummy)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
-    scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p)
+    scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p,
+               *_window_bounds(window, causal, seq_q, seq_k))
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
     # dQ first: it leaves delta for dK/dV.

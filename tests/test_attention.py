@@ -443,6 +443,72 @@ def test_inf_in_a_key_gives_nan_as_float64_does(backend):
     assert rel_err(out[0, 1::2], ref[0, 1::2]) < TOL[torch.float16]  # -inf: that key is skipped
 
 
+WINDOWS = [(3, 0), (2, 5), (-1, 4), (6, -1), (1, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_sliding_window_dense(backend, causal, window):
+    """window_size (flash-attn's): forward and every gradient against the float64 reference,
+    with GQA, a padding mask, Sq != Sk and lengths off every block size."""
+    dtype = torch.float16
+    q, k, v = make(2, 37, 45, 4, 2, 16, dtype, seed=4)
+    mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window)
+    ref = torch.nan_to_num(ref)  # a query whose window holds only padding: zeros
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, window_size=window,
+                            backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    ref_grads = [torch.nan_to_num(g) for g in torch.autograd.grad(ref, (qs, ks, vs), do)]
+    compare(out, ref, grads, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_skips_blocks_it_cannot_see(backend, causal):
+    """Sequences many blocks long with a narrow window: the kernels visit only the key (query)
+    blocks the window reaches; what they skip must be what the window hides."""
+    dtype = torch.float16
+    q, k, v = make(1, 150, 170, 2, 2, 16, dtype, seed=6)
+    qs, ks, vs = f64(q, k, v)
+    window = (9, 4)
+    ref, _ = reference.attention(qs, ks, vs, causal=causal, window=window)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = fusedlm.attention(q, k, v, causal=causal, window_size=window, backend=backend,
+                            deterministic=True)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(3, 0), (-1, 2)])
+def test_sliding_window_packed_is_each_sequence_alone(backend, window):
+    dtype = torch.float16
+    lens = [5, 19, 1, 33]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
+    q, k, v = make(1, sum(lens), sum(lens), 4, 2, 16, dtype, seed=5, packed=True)
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                   window_size=window, backend=backend)
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention_varlen(qs, ks, vs, cu, cu, causal=True, window=window)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
+
+
+def test_sliding_window_refusals_name_the_argument():
+    q = torch.randn(1, 4, 2, 16)
+    for bad, err in (((3,), TypeError), ((-2, 0), ValueError), ((1.5, 0), ValueError), (7, TypeError)):
+        with pytest.raises(err, match="window_size"):
+            fusedlm.attention(q, q, q, window_size=bad)
+    why = dispatch.why_not("attention", "cuda", ("cuda", torch.float16, 64, True))
+    assert why is not None  # the CUDA C++ kernels have no window (or no CUDA here)
+
+
 def test_flash_attn_interface_conventions():
     from fusedlm.flash_attn_interface import (flash_attn_func, flash_attn_qkvpacked_func,
                                               flash_attn_varlen_func)
@@ -457,7 +523,9 @@ def test_flash_attn_interface_conventions():
     packed = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 12, 12,
                                     causal=True)
     assert rel_err(packed.view(out.shape), out) < 1e-3
-    for kwargs, word in ((dict(window_size=(4, 0)), "window_size"), (dict(softcap=30.0), "softcap"),
+    assert torch.equal(flash_attn_func(q, k, v, causal=True, window_size=(4, 0)),
+                       fusedlm.attention(q, k, v, causal=True, window_size=(4, 0)))
+    for kwargs, word in ((dict(softcap=30.0), "softcap"),
                          (dict(alibi_slopes=torch.ones(4)), "alibi_slopes")):
         with pytest.raises(ValueError, match=word):
             flash_attn_func(q, k, v, **kwargs)
@@ -598,7 +666,7 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
-    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, "cuda")
+    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, "cuda")
 
     def forward():
         if path == "eager":

@@ -124,8 +124,6 @@ def _sliding_and_capped():
     small = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return {
-        "mistral sliding_window=4": (lambda: t.MistralForCausalLM(t.MistralConfig(**small, sliding_window=4)),
-                                     "config.sliding_window=4"),
         "gemma2 softcap": (lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**small, head_dim=8,
                                                                       attn_logit_softcapping=5.0)),
                            "config.attn_logit_softcapping=5.0"),
@@ -146,12 +144,41 @@ def test_attention_it_cannot_serve_is_left_alone_and_reported(case):
     assert rel_err(model(input_ids=ids, use_cache=False).logits, want) < 1e-5
 
 
-def test_attention_refuses_a_window_or_cap_passed_at_the_call():
+def test_attention_refuses_a_cap_passed_at_the_call():
     from fusedlm.integrations.hf import _attention_forward
     q = torch.randn(1, 2, 5, 16, device=DEVICE)
-    for kwarg in ("sliding_window", "softcap"):
+    for kwarg in ("softcap", "s_aux"):
         with pytest.raises(ValueError, match=f"fusedlm attention has no {kwarg}"):
             _attention_forward(torch.nn.Module(), q, q, q, None, **{kwarg: 4})
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_models_are_patched_and_match(family):
+    """Mistral (every layer) and Qwen2 (use_sliding_window: the upper layers) with a window
+    shorter than the batch: fusedlm's windowed attention, padded batch, loss and gradients
+    equal the unpatched model's; greedy generation with a cache too."""
+    t = transformers
+    torch.manual_seed(0)
+    if family == "mistral":
+        ref = t.MistralForCausalLM(t.MistralConfig(**dict(LLAMA, sliding_window=4)))
+    else:
+        ref = t.Qwen2ForCausalLM(t.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=4,
+                                               max_window_layers=1))
+    ref = ref.to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    report = fusedlm.patch(model)
+    assert any(p.startswith("attention") for p in report.patched), str(report)
+    kw, _ = _inputs(f"{family}ForCausalLM")
+    want, got = ref(**kw).loss, model(**kw).loss
+    assert rel_err(got, want) < 1e-5
+    want.backward()
+    got.backward()
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        if p.grad is not None and p.grad.norm() > 1e-7:
+            assert rel_err(q.grad, p.grad) < 1e-4, n
+    ids = kw["input_ids"][:1, :5]
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **gen), ref.generate(ids, **gen))
 
 
 def test_patched_gpt2_generates_what_the_original_does():

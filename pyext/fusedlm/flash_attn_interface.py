@@ -7,8 +7,8 @@ flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func), taking the p
 strides.
 
 Same argument names, order, defaults and return conventions as flash-attn 2 for the features
-fusedlm has. Features it does not have (sliding windows, softcapping, ALiBi, paged KV) raise a
-ValueError naming the argument instead of computing something else. fusedlm's kernels use no
+fusedlm has, sliding windows (window_size) included. Features it does not have (softcapping,
+ALiBi, paged KV) raise a ValueError naming the argument instead of computing something else. fusedlm's kernels use no
 atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). With
 `return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None, and a query
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
@@ -17,10 +17,7 @@ nothing, where flash-attn writes +inf.
 from .ops.attention import attention, attention_varlen
 
 
-def _unsupported(window_size, softcap, alibi_slopes, block_table=None):
-    if tuple(window_size) != (-1, -1):
-        raise ValueError(f"window_size={tuple(window_size)}: fusedlm has no sliding-window attention "
-                         "(only (-1, -1))")
+def _unsupported(softcap, alibi_slopes, block_table=None):
     if softcap:
         raise ValueError(f"softcap={softcap}: fusedlm has no logit softcapping (only 0.0)")
     if alibi_slopes is not None:
@@ -33,9 +30,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) ->
     out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), None)."""
-    _unsupported(window_size, softcap, alibi_slopes)
+    _unsupported(softcap, alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                         return_lse=True, deterministic=deterministic)
+                         return_lse=True, deterministic=deterministic,
+                         window_size=tuple(window_size))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -54,11 +52,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            return_attn_probs=False, block_table=None):
     """q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim), cu_seqlens int32 ->
     out (total_q, nheads, headdim); with return_attn_probs, (out, lse (nheads, total_q), None)."""
-    _unsupported(window_size, softcap, alibi_slopes, block_table)
+    _unsupported(softcap, alibi_slopes, block_table)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                 int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
                                 softmax_scale=softmax_scale, return_lse=True,
-                                deterministic=deterministic)
+                                deterministic=deterministic, window_size=tuple(window_size))
     return (out, lse, None) if return_attn_probs else out
 
 

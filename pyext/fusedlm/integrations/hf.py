@@ -90,7 +90,6 @@ def _transformers():
 # attention does not implement; `patch` leaves the attention of a model whose config sets one
 # alone, and a call that passes one anyway is refused (never run without it).
 _UNSUPPORTED_ATTENTION = {
-    "sliding_window": "sliding_window",        # Mistral, Qwen2, Gemma2/3, ...
     "softcap": "attn_logit_softcapping",       # Gemma2
     "s_aux": None,                             # attention sinks (gpt-oss)
 }
@@ -101,8 +100,7 @@ def _unsupported_attention_config(config):
     why = []
     for kwarg, attr in _UNSUPPORTED_ATTENTION.items():
         value = getattr(config, attr, None) if attr else None
-        if value is not None and not (attr == "sliding_window" and
-                                      getattr(config, "use_sliding_window", True) is False):
+        if value is not None:
             why.append(f"config.{attr}={value!r}: fusedlm attention has no {kwarg}")
     return "; ".join(why) or None
 
@@ -118,16 +116,23 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         if kwargs.get(kwarg) is not None:
             raise ValueError(f"fusedlm attention has no {kwarg} (got {kwarg}={kwargs[kwarg]!r} "
                              "from the model); use another attn_implementation for this model")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    causal = causal and query.shape[2] > 1
+    model_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = model_causal and query.shape[2] > 1  # one query (decoding) sees every cached key
+    # transformers' sliding window W: query i sees keys i - W < j (<= i when causal), i.e.
+    # flash-attn's window_size (W - 1, 0); bottom-right alignment covers a cache's offset.
+    window = (-1, -1)
+    if kwargs.get("sliding_window") is not None:
+        w = int(kwargs["sliding_window"]) - 1
+        window = (w, 0 if model_causal else w)
     packed = _packed_offsets(query, key, attention_mask, kwargs)
     if packed is not None:  # one row of concatenated sequences: none attends across another
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, D)
         out = attention_varlen(q, k, v, *packed, causal=causal, dropout_p=dropout,
-                               softmax_scale=scaling)
+                               softmax_scale=scaling, window_size=window)
         return out[None], None
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
-                          dropout_p=dropout, softmax_scale=scaling, layout="bhsd")
+                          dropout_p=dropout, softmax_scale=scaling, layout="bhsd",
+                          window_size=window)
     return out.transpose(1, 2), None
 
 

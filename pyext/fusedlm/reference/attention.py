@@ -3,7 +3,10 @@
 Layout (batch, seq, heads, head_dim). Keys/values may have fewer heads than queries (grouped /
 multi-query attention: query head h reads key head h // (heads / kv_heads)). Causal masking is
 aligned bottom-right: query i of Sq attends key j of Sk iff j <= i + Sk - Sq (the last query
-sees every key), as in flash-attn >= 2.1. A query row whose keys are all masked gives zeros.
+sees every key), as in flash-attn >= 2.1. A sliding window (left, right) limits query i to keys
+i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1: unbounded on that side), flash-attn's
+window_size; causal bounds the right side at 0. A query row whose keys are all masked gives
+zeros.
 """
 import torch
 
@@ -12,25 +15,33 @@ def _wide(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def allowed_mask(sq, sk, *, causal=False, key_mask=None, lengths=None, device=None):
+def allowed_mask(sq, sk, *, causal=False, key_mask=None, lengths=None, window=(-1, -1),
+                 device=None):
     """(batch or 1, 1, Sq, Sk) bool: True where query i may attend key j.
     lengths: (q_lens, k_lens), (batch,) tensors, for sequences padded on the right to Sq and Sk:
-    the causal mask is then aligned bottom-right of each sequence's own lengths."""
+    the causal mask and the window are then aligned bottom-right of each sequence's own lengths.
+    window: (left, right), see the module docstring."""
     allowed = torch.ones((1, 1, sq, sk), dtype=torch.bool, device=device)
+    left, right = window
     if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0 or left >= 0:
         i = torch.arange(sq, device=device)[:, None]
         j = torch.arange(sk, device=device)[None, :]
         shift = sk - sq if lengths is None else (lengths[1] - lengths[0])[:, None, None, None]
-        allowed = allowed & (j <= i + shift)
+        if right >= 0:
+            allowed = allowed & (j <= i + shift + right)
+        if left >= 0:
+            allowed = allowed & (j >= i + shift - left)
     if key_mask is not None:
         allowed = allowed & key_mask.bool()[:, None, None, :]
     return allowed
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
-              dropout_keep=None, lengths=None):
-    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths: see
-    allowed_mask.
+              dropout_keep=None, lengths=None, window=(-1, -1)):
+    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths and
+    window: see allowed_mask.
     dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
     Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
     b, sq, h, d = q.shape
@@ -43,7 +54,7 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
         vf = vf.repeat_interleave(h // hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
     allowed = allowed_mask(sq, sk, causal=causal, key_mask=key_mask, lengths=lengths,
-                           device=q.device)
+                           window=window, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # Only a row that sees no key (lse = -inf) is shifted by 0, to give zeros; a +inf score
@@ -56,14 +67,16 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
     return out.to(q.dtype), lse
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, softmax_scale=None):
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, softmax_scale=None,
+                     window=(-1, -1)):
     """Packed sequences: q (total_q, H, D), k, v (total_k, Hk, D); sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1]. Returns (out (total_q, H, D), lse (H, total_q))."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         o, l = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
-                         v[None, ck[i]:ck[i + 1]], causal=causal, softmax_scale=softmax_scale)
+                         v[None, ck[i]:ck[i + 1]], causal=causal, softmax_scale=softmax_scale,
+                         window=window)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

@@ -114,14 +114,14 @@ def _attended_end(KMASK, k_len, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win_right,
+def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
             ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-            WINDOW: tl.constexpr):
+            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """Scores (queries x keys) in the log2 domain with -inf where a key may not be attended.
     Off the edge (a key block wholly inside the sequence and, when causal, wholly visible to the
     query block) only the padding mask can apply, which spares the bounds and causal tests on
     most blocks. Query rows past the sequence are never masked: they are not stored."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = _raw_scores(tl.dot(q, tl.trans(k)), scale_log2, cap, SOFTCAP)
     if ON_EDGE:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
@@ -135,6 +135,24 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win
     elif HAS_KMASK:
         s = tl.where(_key_mask(KMASK, offs_n, k_len)[None, :], s, float("-inf"))
     return s
+
+
+@triton.jit
+def _raw_scores(qk, scale_log2, cap, SOFTCAP: tl.constexpr):
+    """q k^T in the log2 domain: scaled, or soft-capped (Gemma 2's logit softcapping, flash-attn's
+    softcap): cap * tanh(qk * scale / softcap) with cap = softcap * log2(e)."""
+    if SOFTCAP:
+        x = qk * (scale_log2 / cap)
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # tanh, finite for any x
+    return qk * scale_log2
+
+
+@triton.jit
+def _capped_grad(s, cap):
+    """d(capped score)/d(scaled score) = 1 - tanh^2 at capped scores s (log2 domain); 0 where s
+    is -inf (a masked entry, whose probability is 0 anyway)."""
+    t = tl.where(s == float("-inf"), 0.0, s / cap)
+    return 1.0 - t * t
 
 
 @triton.jit
@@ -196,16 +214,16 @@ def _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M: tl.conste
 
 @triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n, offs_d,
-                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right,
+                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-                DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
+                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right,
-                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if ON_EDGE or HAS_KMASK:  # a row may have seen no key yet: keep exp2's argument finite
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -228,10 +246,10 @@ def _attn_fwd(
     Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, win_left, win_right, seq_bucket,
+    seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, win_left, win_right, cap, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -253,19 +271,19 @@ def _attn_fwd(
                                   BLOCK_N, HAS_KMASK)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True, SOFTCAP)
         else:
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -279,10 +297,10 @@ def _attn_fwd(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 WINDOW: tl.constexpr):
+                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
     queries): P^T comes out of the mma as the next mma's operand, with no transpose in between.
     Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys past it or
@@ -292,7 +310,8 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
         offs_m = start_m + offs_m0
         q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
         lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
-        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
+        s_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
+        p_t = tl.exp2(s_t - lse[None, :])
         if ON_EDGE and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
         if WINDOW:
@@ -308,6 +327,8 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * _capped_grad(s_t, cap)
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
@@ -317,11 +338,11 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -364,19 +385,19 @@ def _attn_bwd_dkdv(
                                            BLOCK_N)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, wlo,
                                       whi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True)
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True, SOFTCAP)
             else:
                 if CAUSAL:
                     dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
                                           lo, full, offs_n, offs_m0, offs_d, q_len, k_len,
-                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right,
+                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right, cap,
                                           HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
-                                          False)
+                                          False, SOFTCAP)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
                                       q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False)
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False, SOFTCAP)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             dk = tl.where(attended, dk, 0.0)
@@ -389,23 +410,25 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n0, offs_d,
-               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right,
+               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-               DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
+               DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n0
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right,
-                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * _capped_grad(s, cap)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
@@ -415,11 +438,11 @@ def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb,
-    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right,
+    seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -448,19 +471,19 @@ def _attn_bwd_dq(
                                   BLOCK_N, HAS_KMASK)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, True)
+                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, True, SOFTCAP)
         else:
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
-                            HAS_KMASK, DROPOUT, False)
+                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                            HAS_KMASK, DROPOUT, False, SOFTCAP)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, False)
+                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, False, SOFTCAP)
         q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
@@ -499,7 +522,8 @@ def _blocks(head_dim):
 # process, see _CACHE_RESULTS). Configs that do not fit the device's shared memory are skipped by
 # the autotuner. The forward and dQ walk keys for a block of queries (large BLOCK_M); dK/dV walk
 # queries for a block of keys (large BLOCK_N).
-_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "WINDOW", "seq_bucket"]
+_TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "WINDOW", "SOFTCAP",
+             "seq_bucket"]
 
 
 def _seq_bucket(seq_q, seq_k):
@@ -614,9 +638,10 @@ def _window_bounds(window, causal, seq_q, seq_k):
 
 
 def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-            seed, window=None, pinned=False, blocks=None):
+            seed, window=None, softcap=0.0, pinned=False, blocks=None):
     """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
-    window: None, or flash-attn's (left, right) sliding window (-1: unbounded side).
+    window: None, or flash-attn's (left, right) sliding window (-1: unbounded side); softcap:
+    > 0 caps the scaled scores at softcap * tanh(s / softcap) (0: off).
     pinned: use the fixed block configuration instead of the autotuned one; blocks: pin this
     (BLOCK_M, BLOCK_N), or per kernel a triton.Config (see `_launch`)."""
     varlen = cu_q is not None
@@ -629,15 +654,15 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
             s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p,
-            *_window_bounds(window, causal, seq_q, seq_k))
+            *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
             args, flags, blocks)
 
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
-             causal, scale, dropout_p, seed, window=None, pinned=False, blocks=None):
+             causal, scale, dropout_p, seed, window=None, softcap=0.0, pinned=False, blocks=None):
     """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
     rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
     dO). dq has q's shape; dk and dv k's shape and the same strides as each other (kv heads)."""
@@ -651,12 +676,12 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
         return
     dummy = lse
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0)
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
              cu_k if varlen else dummy)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p,
-               *_window_bounds(window, causal, seq_q, seq_k))
+               *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
     # dQ first: it leaves delta for dK/dV.

@@ -500,6 +500,33 @@ def test_sliding_window_packed_is_each_sequence_alone(backend, window):
     compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (5, 0))])
+def test_softcap_forward_and_backward(backend, causal, window):
+    """softcap (Gemma 2's logit softcapping): scores s -> softcap * tanh(s / softcap) before the
+    softmax, its derivative in the backward; with a padding mask, GQA and a window too. A cap of
+    2 with scores of magnitude ~4 makes the tanh bend, not a no-op."""
+    dtype = torch.float16
+    q, k, v = make(2, 37, 45, 4, 2, 16, dtype, seed=8)
+    with torch.no_grad():
+        q *= 2.0  # scaled scores around +-4: well into tanh's curve
+    mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window, softcap=2.0)
+    ref = torch.nan_to_num(ref)
+    uncapped, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window)
+    assert rel_err(torch.nan_to_num(uncapped), ref) > 0.05  # the cap changes the answer
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, window_size=window,
+                            softcap=2.0, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    ref_grads = [torch.nan_to_num(g) for g in torch.autograd.grad(ref, (qs, ks, vs), do)]
+    compare(out, ref, grads, ref_grads, dtype)
+    with pytest.raises(ValueError, match="softcap must be a float >= 0"):
+        fusedlm.attention(q, k, v, softcap=-1.0, backend=backend)
+
+
 def test_sliding_window_refusals_name_the_argument():
     q = torch.randn(1, 4, 2, 16)
     for bad, err in (((3,), TypeError), ((-2, 0), ValueError), ((1.5, 0), ValueError), (7, TypeError)):
@@ -525,8 +552,9 @@ def test_flash_attn_interface_conventions():
     assert rel_err(packed.view(out.shape), out) < 1e-3
     assert torch.equal(flash_attn_func(q, k, v, causal=True, window_size=(4, 0)),
                        fusedlm.attention(q, k, v, causal=True, window_size=(4, 0)))
-    for kwargs, word in ((dict(softcap=30.0), "softcap"),
-                         (dict(alibi_slopes=torch.ones(4)), "alibi_slopes")):
+    assert torch.equal(flash_attn_func(q, k, v, softcap=30.0),
+                       fusedlm.attention(q, k, v, softcap=30.0))
+    for kwargs, word in ((dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),):
         with pytest.raises(ValueError, match=word):
             flash_attn_func(q, k, v, **kwargs)
 
@@ -666,7 +694,7 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
-    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, "cuda")
+    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, "cuda")
 
     def forward():
         if path == "eager":

@@ -119,20 +119,19 @@ def test_pretraining_with_masked_lm_labels_only_is_the_originals():
     assert rel_err(got.prediction_logits, want.prediction_logits) < 1e-5
 
 
-def _sliding_and_capped():
+def _unservable():
     t = transformers
-    small = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return {
-        "gemma2 softcap": (lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**small, head_dim=8,
-                                                                      attn_logit_softcapping=5.0)),
-                           "config.attn_logit_softcapping=5.0"),
-    }
+    if not hasattr(t, "GptOssForCausalLM"):
+        return {}
+    cfg = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+               num_experts_per_tok=1, max_position_embeddings=64)
+    return {"gpt-oss attention sinks": (lambda: t.GptOssForCausalLM(t.GptOssConfig(**cfg)), "s_aux")}
 
 
-@pytest.mark.parametrize("case", list(_sliding_and_capped()))
+@pytest.mark.parametrize("case", list(_unservable()))
 def test_attention_it_cannot_serve_is_left_alone_and_reported(case):
-    make, why = _sliding_and_capped()[case]
+    make, why = _unservable()[case]
     torch.manual_seed(0)
     ref = make().to(DEVICE).eval()
     model = copy.deepcopy(ref)
@@ -144,15 +143,15 @@ def test_attention_it_cannot_serve_is_left_alone_and_reported(case):
     assert rel_err(model(input_ids=ids, use_cache=False).logits, want) < 1e-5
 
 
-def test_attention_refuses_a_cap_passed_at_the_call():
+def test_attention_refuses_sinks_passed_at_the_call():
     from fusedlm.integrations.hf import _attention_forward
     q = torch.randn(1, 2, 5, 16, device=DEVICE)
-    for kwarg in ("softcap", "s_aux"):
+    for kwarg in ("s_aux",):
         with pytest.raises(ValueError, match=f"fusedlm attention has no {kwarg}"):
             _attention_forward(torch.nn.Module(), q, q, q, None, **{kwarg: 4})
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2"])
 def test_sliding_window_models_are_patched_and_match(family):
     """Mistral (every layer) and Qwen2 (use_sliding_window: the upper layers) with a window
     shorter than the batch: fusedlm's windowed attention, padded batch, loss and gradients
@@ -161,9 +160,12 @@ def test_sliding_window_models_are_patched_and_match(family):
     torch.manual_seed(0)
     if family == "mistral":
         ref = t.MistralForCausalLM(t.MistralConfig(**dict(LLAMA, sliding_window=4)))
-    else:
+    elif family == "qwen2":
         ref = t.Qwen2ForCausalLM(t.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=4,
                                                max_window_layers=1))
+    else:  # sliding window on alternate layers, attention logits soft-capped at 5
+        ref = t.Gemma2ForCausalLM(t.Gemma2Config(**LLAMA, head_dim=8, sliding_window=4,
+                                                 attn_logit_softcapping=5.0))
     ref = ref.to(DEVICE).eval()
     model = copy.deepcopy(ref)
     report = fusedlm.patch(model)

@@ -90,18 +90,20 @@ def _transformers():
 # attention does not implement; `patch` leaves the attention of a model whose config sets one
 # alone, and a call that passes one anyway is refused (never run without it).
 _UNSUPPORTED_ATTENTION = {
-    "softcap": "attn_logit_softcapping",       # Gemma2
     "s_aux": None,                             # attention sinks (gpt-oss)
 }
 
 
-def _unsupported_attention_config(config):
-    """Why fusedlm's attention cannot serve this config, or None."""
+def _unsupported_attention_config(config, model=None):
+    """Why fusedlm's attention cannot serve this config (or model), or None."""
     why = []
     for kwarg, attr in _UNSUPPORTED_ATTENTION.items():
         value = getattr(config, attr, None) if attr else None
         if value is not None:
             why.append(f"config.{attr}={value!r}: fusedlm attention has no {kwarg}")
+    if model is not None and any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter)
+                                 for m in model.modules()):
+        why.append("attention sinks (s_aux): fusedlm attention has none")
     return "; ".join(why) or None
 
 
@@ -124,15 +126,16 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     if kwargs.get("sliding_window") is not None:
         w = int(kwargs["sliding_window"]) - 1
         window = (w, 0 if model_causal else w)
+    softcap = float(kwargs.get("softcap") or 0.0)  # Gemma 2's attn_logit_softcapping
     packed = _packed_offsets(query, key, attention_mask, kwargs)
     if packed is not None:  # one row of concatenated sequences: none attends across another
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, D)
         out = attention_varlen(q, k, v, *packed, causal=causal, dropout_p=dropout,
-                               softmax_scale=scaling, window_size=window)
+                               softmax_scale=scaling, window_size=window, softcap=softcap)
         return out[None], None
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
                           dropout_p=dropout, softmax_scale=scaling, layout="bhsd",
-                          window_size=window)
+                          window_size=window, softcap=softcap)
     return out.transpose(1, 2), None
 
 
@@ -338,7 +341,7 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
     report = PatchReport(name)
     state = {"attn": None, "norms": [], "forward": False}
 
-    why_not_attention = _unsupported_attention_config(model.config) if attention else None
+    why_not_attention = _unsupported_attention_config(model.config, model) if attention else None
     if why_not_attention is not None:
         report.left_alone.append(("attention", why_not_attention))
     elif attention:

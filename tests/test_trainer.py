@@ -126,3 +126,46 @@ def test_trainer_with_packed_steps(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
     assert shapes == {(torch.Size([96]), torch.Size([13]))}
+
+
+def test_flattening_collator_with_accumulation_trains_as_padded_batches(tmp_path):
+    """Padding-free training in Hugging Face's Trainer (DataCollatorWithFlattening, gradient
+    accumulation) on a patched GPT-2: the same targets as the padded batches of the same
+    samples (each sequence's tokens after its first), the same num_items_in_batch, so the same
+    losses and the same weights after three optimizer steps; nothing attends across sequences."""
+    gpt2 = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=4,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 101, (int(n),), generator=g).tolist()}
+            for n in torch.randint(3, 14, (24,), generator=g)]
+
+    def padded(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, 0] = -100  # never a target; the flattening collator marks it so, and Trainer
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)  # counts what is marked
+
+    torch.manual_seed(0)
+    start = transformers.GPT2LMHeadModel(gpt2)
+    runs = []
+    for collator in (transformers.DataCollatorWithFlattening(), padded):
+        model = copy.deepcopy(start)
+        fusedlm.patch(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, learning_rate=0.5, lr_scheduler_type="constant",
+            optim="sgd", max_grad_norm=0.0, logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+        trainer = transformers.Trainer(model=model, args=args, data_collator=collator,
+                                       train_dataset=rows)
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], model))
+    (flat_losses, flat), (pad_losses, pad) = runs
+    assert len(flat_losses) == 3 and flat_losses == pytest.approx(pad_losses, rel=1e-4)
+    for (n, p), q, p0 in zip(flat.named_parameters(), pad.parameters(), start.parameters()):
+        assert (p - q).norm() <= 1e-3 * (q - p0).norm() + 1e-6, n

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import HAS_GPU
 from fusedlm.cli import main
@@ -68,6 +69,15 @@ def test_bench_model_writes_json(tmp_path):
         "hf eager (sdpa)": "padded", "hf torch.compile": "padded", "hf patched by fusedlm": "padded",
         "fusedlm model": "padded", "fusedlm model, packed": "packed",
         "fusedlm model, compiled": "padded", "fusedlm model, packed, compiled": "packed"}
+    impls, _ = model_bench._impls("llama", model_bench.CASES["llama-tiny"][3], "cpu", compiled=False)
+    assert {name: layout for name, (_, layout) in impls.items()} == {
+        "hf eager (sdpa)": "padded", "hf patched by fusedlm": "padded",
+        "hf patched, padding-free (flattened)": "flattened"}
+    kw, _ = model_bench._batch("llama", 3, 16, 1000, 0.5, "cpu")
+    flat = model_bench._flattened(kw)
+    real = kw["attention_mask"].bool()
+    assert torch.equal(flat["input_ids"][0], kw["input_ids"][real])
+    assert int((flat["position_ids"][0] == 0).sum()) == 3 == int((flat["labels"][0] == -100).sum())
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):

@@ -308,7 +308,8 @@ def _parser():
     _outputs(b)
     b = ops.add_parser("model", help="training step of BERT / GPT-2: HF vs patched vs fusedlm")
     b.add_argument("--case", nargs="+", choices=sorted(model_bench.CASES),
-                   default=["bert-base", "gpt2-small"] if gpu else ["bert-tiny", "gpt2-tiny"])
+                   default=["bert-base", "gpt2-small", "llama-style"] if gpu
+                   else ["bert-tiny", "gpt2-tiny", "llama-tiny"])
     b.add_argument("--padding", nargs="+", type=_fraction, default=[0.0, 0.5],
                    help="fraction of each batch that is padding")
     b.add_argument("--compiled", action="store_true",

@@ -26,6 +26,15 @@ CASES = {
     "bert-tiny": ("bert", 4, 64, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=128)),
     "gpt2-tiny": ("gpt2", 4, 64, dict(n_embd=64, n_layer=2, n_head=2)),
+    # A Llama-style decoder (fusedlm has no Llama model of its own: Hugging Face's, patched):
+    # a few layers at hidden 2048, grouped-query heads (32 query, 8 key/value), V 128256.
+    "llama-style": ("llama", 4, 2048, dict(hidden_size=2048, intermediate_size=5632,
+                                           num_hidden_layers=4, num_attention_heads=32,
+                                           num_key_value_heads=8, vocab_size=128256,
+                                           max_position_embeddings=2048)),
+    "llama-tiny": ("llama", 4, 64, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=1000, max_position_embeddings=64)),
 }
 
 
@@ -40,10 +49,13 @@ def _hf_models(family, overrides):
         config = t.BertConfig(**overrides, attn_implementation="sdpa")
         hf = t.BertForPreTraining(config)
         ours = fm.BertForPreTraining(fm.BertConfig.from_hf(config))
-    else:
+    elif family == "gpt2":
         config = t.GPT2Config(**overrides, attn_implementation="sdpa")
         hf = t.GPT2LMHeadModel(config)
         ours = fm.GPTForCausalLM(fm.GPTConfig.from_hf(config))
+    else:
+        config = t.LlamaConfig(**overrides, attn_implementation="sdpa")
+        return t.LlamaForCausalLM(config), None, config
     ours.load_state_dict(hf.state_dict())
     return hf, ours, config
 
@@ -84,8 +96,20 @@ def _packed(kw, max_seqlen):
             for k, v in out.items()}
 
 
+def _flattened(kw):
+    """The padded batch's sequences as one padding-free row, as Hugging Face's
+    DataCollatorWithFlattening makes it: position_ids restarting at each sequence, each
+    sequence's first label -100."""
+    mask = kw["attention_mask"].bool()
+    ids = kw["input_ids"][mask][None]
+    positions = (mask.long().cumsum(1) - 1)[mask][None]
+    labels = kw["input_ids"][mask].clone()
+    labels[positions[0] == 0] = -100
+    return dict(input_ids=ids, position_ids=positions, labels=labels[None])
+
+
 def _impls(family, overrides, device, compiled):
-    """name -> (model, which batch: "padded" or "packed")."""
+    """name -> (model, which batch: "padded", "packed" (fusedlm.packing) or "flattened")."""
     import fusedlm
     hf, ours, config = _hf_models(family, overrides)
     impls = {"hf eager (sdpa)": (hf.to(device), "padded")}
@@ -94,6 +118,9 @@ def _impls(family, overrides, device, compiled):
     patched = copy.deepcopy(hf)
     fusedlm.patch(patched)
     impls["hf patched by fusedlm"] = (patched, "padded")
+    if ours is None:  # no model of fusedlm's own: Hugging Face's patched, padding-free too
+        impls["hf patched, padding-free (flattened)"] = (patched, "flattened")
+        return impls, config.vocab_size
     ours = ours.to(device)
     impls["fusedlm model"] = (ours, "padded")
     impls["fusedlm model, packed"] = (ours, "packed")
@@ -141,7 +168,8 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, com
         impls, vocab = _impls(family, overrides, device, compiled)
         for padding in paddings:
             kw, tokens = _batch(family, batch, seq, vocab, padding, device)
-            batches = {"padded": kw, "packed": _packed(kw, seq)}
+            batches = {"padded": kw, "packed": _packed(kw, seq) if family != "llama" else None,
+                       "flattened": _flattened(kw)}
             log(f"  {case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding")
             base = None
             for name, (model, layout) in impls.items():

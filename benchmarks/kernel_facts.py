@@ -202,6 +202,10 @@ def triton_cases():
                          f"w{cfg.num_warps} s{cfg.num_stages}")
                 cases.append((f"attention {name}", label, fn, values, cfg.num_warps,
                               cfg.num_stages))
+                if cfg is A.CONFIGS[name][0]:  # the Gemma-2 / Mistral variant, at one config
+                    variant = dict(values, WINDOW=True, SOFTCAP=True, win_left=4095, cap=72.1)
+                    cases.append((f"attention {name}", label + " window+softcap", fn, variant,
+                                  cfg.num_warps, cfg.num_stages))
     return cases
 
 

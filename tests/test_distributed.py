@@ -33,7 +33,26 @@ def _model():
                                                attention_probs_dropout_prob=0.0))
 
 
-def _loss(model, rank):
+def _packed_step(rank, world=2):
+    """This rank's first step from fusedlm.packing (its share of the steps)."""
+    from fusedlm.packing import PackedBatchSampler, PackingCollator
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(3, 13, (20,), generator=g).tolist()
+    samples = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, 101, (n,), generator=g)
+        labels = torch.full((n,), -100)
+        labels[1::3] = ids[1::3]
+        samples.append(dict(input_ids=ids, labels=labels, next_sentence_label=i % 2))
+    sampler = PackedBatchSampler(lengths, tokens=48, max_sequences=10, max_seqlen=16,
+                                 num_replicas=world, rank=rank, seed=1)
+    step = next(iter(sampler))
+    return PackingCollator(tokens=48, max_sequences=10, max_seqlen=16)([samples[i] for i in step])
+
+
+def _loss(model, rank, layout="padded"):
+    if layout == "packed":
+        return model(**_packed_step(rank)).loss
     ids, mask, labels, nsp = _batch(rank)
     return model(ids, mask, labels=labels, next_sentence_label=nsp).loss
 
@@ -50,14 +69,14 @@ def _wrap(model, how):
     return fully_shard(model, mesh=mesh)
 
 
-def _worker(rank, world, port, out, how):
+def _worker(rank, world, port, out, how, layout):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _wrap(_model(), how)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. FSDP2's warning about view outputs
-            _loss(model, rank).backward()
+            _loss(model, rank, layout).backward()
         grads = {}
         for n, p in model.named_parameters():
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2 shards
@@ -80,16 +99,19 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
-def test_data_parallel_gradients_equal_a_single_process(tmp_path, how):
-    """DistributedDataParallel and FSDP2 (fully_shard per encoder layer) over fusedlm's BERT."""
+@pytest.mark.parametrize("how, layout", [("ddp", "padded"), ("fsdp2", "padded"), ("ddp", "packed"),
+                                         ("fsdp2", "packed")])
+def test_data_parallel_gradients_equal_a_single_process(tmp_path, how, layout):
+    """DistributedDataParallel and FSDP2 (fully_shard per encoder layer) over fusedlm's BERT, on
+    padded batches and on fusedlm.packing's static-shape packed steps (each rank its share)."""
     if how == "fsdp2":
         pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2").fully_shard
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), how), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(out), how, layout), nprocs=2, join=True)
     got = torch.load(out)
     model = _model()
-    ((_loss(model, 0) + _loss(model, 1)) / 2).backward()  # DDP averages the ranks' gradients
+    # DDP averages the ranks' gradients.
+    ((_loss(model, 0, layout) + _loss(model, 1, layout)) / 2).backward()
     for n, p in model.named_parameters():
         scale = p.grad.abs().max().item()
         assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-5 * scale), (n, (got[n] - p.grad).abs().max(), scale)

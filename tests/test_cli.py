@@ -157,3 +157,16 @@ def test_verdict_says_what_failed():
     from fusedlm.cli import _verdict
     line = _verdict(1, dict(curves_agree=False, speedup=0.9, device="cpu"))
     assert "A CORRECTNESS CHECK FAILED" in line and "THE LOSS CURVES DIFFER" in line
+
+
+def test_verdict_reports_the_realistic_step_where_it_ran():
+    from fusedlm.cli import _DEMO_STEP_IMPLS, _verdict
+    from fusedlm.bench import model as model_bench
+    line = _verdict(0, dict(curves_agree=True, speedup=1.1, device="cuda:0",
+                            realistic_step=(1.8, 1.4)))
+    assert "a BERT-base training step runs 1.80x Hugging Face eager's speed" in line
+    assert "compiled: 1.40x" in line
+    # The demo's GPU step times implementations the model benchmark has, on a case it has.
+    impls, _ = model_bench._impls("bert", model_bench.CASES["bert-tiny"][3], "cpu", compiled=True)
+    names = {n.replace(" + CUDA graphs", "") for n in _DEMO_STEP_IMPLS}
+    assert names <= set(impls) and "bert-base-demo" in model_bench.CASES

@@ -23,6 +23,7 @@ CASES = {
     # name: (family, batch, seq, model config overrides)
     "bert-base": ("bert", 32, 512, dict()),
     "gpt2-small": ("gpt2", 8, 1024, dict()),
+    "bert-base-demo": ("bert", 16, 512, dict()),  # fusedlm demo's GPU-size step: a shorter batch
     "bert-tiny": ("bert", 4, 64, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=128)),
     "gpt2-tiny": ("gpt2", 4, 64, dict(n_embd=64, n_layer=2, n_head=2)),
@@ -159,20 +160,22 @@ def _step(model, kw, device):
 
 
 def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, compiled=None,
-        log=print):
+        impls=None, log=print):
+    """impls: time only these implementations (names as in the table; default: all)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     compiled = device == "cuda" if compiled is None else compiled
     results = []
     for case in cases:
         family, batch, seq, overrides = CASES[case]
-        impls, vocab = _impls(family, overrides, device, compiled)
+        available, vocab = _impls(family, overrides, device, compiled)
+        chosen = {k: v for k, v in available.items() if impls is None or k in impls}
         for padding in paddings:
             kw, tokens = _batch(family, batch, seq, vocab, padding, device)
             batches = {"padded": kw, "packed": _packed(kw, seq) if family != "llama" else None,
                        "flattened": _flattened(kw)}
             log(f"  {case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding")
             base = None
-            for name, (model, layout) in impls.items():
+            for name, (model, layout) in chosen.items():
                 model.train()
                 step = _step(model, batches[layout], device)
                 try:

@@ -181,14 +181,15 @@ def triton_cases():
                 values = {p.name: 12 * d for p in fn.params if p.name.startswith("s_")}
                 values.update({p.name: "*bf16" for p in fn.params if p.name.isupper()
                                and not p.is_constexpr})
-                values.update(LSE="*fp32", KMASK="*i8", CU_Q="*i32", CU_K="*i32")
+                values.update(LSE="*fp32", KMASK="*i8", CU_Q="*i32", CU_K="*i32", ALIBI="*fp32")
                 values.update({k: "*fp32" for k in ("DELTA",) if k in fn.arg_names})
                 values.update(s_qs=12 * d, s_qh=d, s_ks=12 * d, s_kh=d, s_vs=12 * d, s_vh=d,
                               s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
                               n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
-                              p_drop=0.0, win_left=0, win_right=0, cap=0.0, seq_bucket=2048, HEAD_DIM=d,
+                              p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0, seq_bucket=2048, HEAD_DIM=d,
                               BLOCK_D=block_d, IS_VARLEN=False, CAUSAL=True, HAS_KMASK=False,
-                              DROPOUT=False, WINDOW=False, SOFTCAP=False, **cfg.kwargs)
+                              DROPOUT=False, WINDOW=False, SOFTCAP=False, HAS_ALIBI=False,
+                              **cfg.kwargs)
                 for s in ("s_qb", "s_kb", "s_vb", "s_ob", "s_dob", "s_dqb", "s_dkb"):
                     if s in values:
                         values[s] = 2048 * 12 * d

@@ -115,13 +115,17 @@ def _attended_end(KMASK, k_len, CHUNK: tl.constexpr):
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
+            slope,
             ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr):
     """Scores (queries x keys) in the log2 domain with -inf where a key may not be attended.
     Off the edge (a key block wholly inside the sequence and, when causal, wholly visible to the
     query block) only the padding mask can apply, which spares the bounds and causal tests on
     most blocks. Query rows past the sequence are never masked: they are not stored."""
     s = _raw_scores(tl.dot(q, tl.trans(k)), scale_log2, cap, SOFTCAP)
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(offs_m[:, None] + (k_len - q_len) - offs_n[None, :]).to(tl.float32)
     if ON_EDGE:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
@@ -145,6 +149,15 @@ def _raw_scores(qk, scale_log2, cap, SOFTCAP: tl.constexpr):
         x = qk * (scale_log2 / cap)
         return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # tanh, finite for any x
     return qk * scale_log2
+
+
+@triton.jit
+def _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in the log2 domain (slopes per head, or per batch and head with
+    s_ab their batch stride); 0 without ALiBi."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + b * s_ab + h) * 1.4426950408889634
+    return scale_log2 * 0.0
 
 
 @triton.jit
@@ -214,16 +227,17 @@ def _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M: tl.conste
 
 @triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n, offs_d,
-                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
+                q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
-                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap, slope,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if ON_EDGE or HAS_KMASK:  # a row may have seen no key yet: keep exp2's argument finite
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -243,13 +257,13 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_fwd(
-    Q, K, V, O, LSE, KMASK, CU_Q, CU_K,
+    Q, K, V, O, LSE, KMASK, CU_Q, CU_K, ALIBI,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_mb,
+    s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, win_left, win_right, cap, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -262,6 +276,7 @@ def _attn_fwd(
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
         kmask = KMASK + b * s_mb
+        slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
         q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -271,19 +286,19 @@ def _attn_fwd(
                                   BLOCK_N, HAS_KMASK)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True, SOFTCAP)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True, SOFTCAP, HAS_ALIBI)
         else:
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -297,10 +312,11 @@ def _attn_fwd(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
     queries): P^T comes out of the mma as the next mma's operand, with no transpose in between.
     Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys past it or
@@ -311,6 +327,9 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
         q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
         lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
         s_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
+        if HAS_ALIBI:
+            s_t = s_t - slope * tl.abs(offs_m[None, :] + (k_len - q_len)
+                                       - offs_n[:, None]).to(tl.float32)
         p_t = tl.exp2(s_t - lse[None, :])
         if ON_EDGE and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
@@ -335,14 +354,14 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K, ALIBI,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
-    s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb,
+    s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -380,24 +399,25 @@ def _attn_bwd_dkdv(
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
+            slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
             if WINDOW:
                 wlo, whi = _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M,
                                            BLOCK_N)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, wlo,
                                       whi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True, SOFTCAP)
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True, SOFTCAP, HAS_ALIBI)
             else:
                 if CAUSAL:
                     dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
                                           lo, full, offs_n, offs_m0, offs_d, q_len, k_len,
-                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right, cap,
+                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
                                           HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
-                                          False, SOFTCAP)
+                                          False, SOFTCAP, HAS_ALIBI)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
                                       q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False, SOFTCAP)
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False, SOFTCAP, HAS_ALIBI)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             dk = tl.where(attended, dk, 0.0)
@@ -410,17 +430,18 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs_n0, offs_d,
-               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
+               q_len, k_len, KMASK, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-               DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+               DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n0
         k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap,
-                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP)
+        s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap, slope,
+                    ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP, HAS_ALIBI)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
@@ -435,14 +456,14 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K, ALIBI,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
-    s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb,
+    s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -465,25 +486,26 @@ def _attn_bwd_dq(
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
         kmask = KMASK + b * s_mb
+        slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if WINDOW:
             lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
                                   BLOCK_N, HAS_KMASK)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, True, SOFTCAP)
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, True, SOFTCAP, HAS_ALIBI)
         else:
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
-                            HAS_KMASK, DROPOUT, False, SOFTCAP)
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                            HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, False, SOFTCAP)
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                            HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
         q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
@@ -523,7 +545,7 @@ def _blocks(head_dim):
 # the autotuner. The forward and dQ walk keys for a block of queries (large BLOCK_M); dK/dV walk
 # queries for a block of keys (large BLOCK_N).
 _TUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "CAUSAL", "HAS_KMASK", "DROPOUT", "WINDOW", "SOFTCAP",
-             "seq_bucket"]
+             "HAS_ALIBI", "seq_bucket"]
 
 
 def _seq_bucket(seq_q, seq_k):
@@ -637,11 +659,17 @@ def _window_bounds(window, causal, seq_q, seq_k):
     return left, 0 if causal else right
 
 
+def _alibi_stride(alibi):
+    return alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
+
+
 def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-            seed, window=None, softcap=0.0, pinned=False, blocks=None):
+            seed, window=None, softcap=0.0, alibi=None, pinned=False, blocks=None):
     """lse: (batch, heads, seq_q) fp32, or (heads, total_q) for packed input; log2 domain.
     window: None, or flash-attn's (left, right) sliding window (-1: unbounded side); softcap:
-    > 0 caps the scaled scores at softcap * tanh(s / softcap) (0: off).
+    > 0 caps the scaled scores at softcap * tanh(s / softcap) (0: off); alibi: None, or fp32
+    slopes (heads,) or (batch, heads), contiguous in heads: -slope * |i + Sk - Sq - j| is
+    added to the scaled scores.
     pinned: use the fixed block configuration instead of the autotuned one; blocks: pin this
     (BLOCK_M, BLOCK_N), or per kernel a triton.Config (see `_launch`)."""
     varlen = cu_q is not None
@@ -652,17 +680,20 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     dummy = lse
     args = (q, k, v, o, lse, key_mask if key_mask is not None else dummy,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
+            alibi if alibi is not None else dummy,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-            s_lb, s_lh, s_mb, seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p,
+            s_lb, s_lh, s_mb, _alibi_stride(alibi), seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p,
             *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0,
+                 HAS_ALIBI=alibi is not None)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
             args, flags, blocks)
 
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
-             causal, scale, dropout_p, seed, window=None, softcap=0.0, pinned=False, blocks=None):
+             causal, scale, dropout_p, seed, window=None, softcap=0.0, alibi=None, pinned=False,
+             blocks=None):
     """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
     rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
     dO). dq has q's shape; dk and dv k's shape and the same strides as each other (kv heads)."""
@@ -676,9 +707,10 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
         return
     dummy = lse
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
-                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0)
+                 DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0,
+                 HAS_ALIBI=alibi is not None)
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
-             cu_k if varlen else dummy)
+             cu_k if varlen else dummy, alibi if alibi is not None else dummy)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p,
                *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
@@ -687,10 +719,10 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     # dQ first: it leaves delta for dK/dV.
     _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dq, o, *masks, *strides, *_strides(dq, varlen),
-             *_strides(o, varlen), s_lb, s_lh, s_mb, *scalars), flags, blocks)
+             *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), flags, blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-             s_lb, s_lh, s_mb, *scalars), flags, blocks)
+             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), flags, blocks)
 
 
 def dropout_mask(out, seed, dropout_p):

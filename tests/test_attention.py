@@ -527,6 +527,60 @@ def test_softcap_forward_and_backward(backend, causal, window):
         fusedlm.attention(q, k, v, softcap=-1.0, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi_forward_and_backward(backend, causal, per_batch):
+    """ALiBi (flash-attn's alibi_slopes): -slope * |i + Sk - Sq - j| added to the scaled scores,
+    slopes per head or per (batch, head); with a mask, GQA, Sq != Sk, and a window."""
+    dtype = torch.float16
+    q, k, v = make(2, 37, 45, 4, 2, 16, dtype, seed=9)
+    mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False
+    slopes = 2.0 ** -torch.arange(1, 5, dtype=torch.float32)  # ALiBi's geometric slopes
+    slopes = (torch.stack([slopes, slopes.flip(0)]) if per_batch else slopes).to(DEVICE)
+    qs, ks, vs = f64(q, k, v)
+    for window in ((-1, -1), (6, 0) if causal else (6, 3)):
+        ref, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window,
+                                     alibi_slopes=slopes)
+        ref = torch.nan_to_num(ref)
+        do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, window_size=window,
+                                alibi_slopes=slopes, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+        ref_grads = [torch.nan_to_num(g) for g in torch.autograd.grad(ref, (qs, ks, vs), do)]
+        compare(out, ref, grads, ref_grads, dtype)
+    plain, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask)
+    assert rel_err(torch.nan_to_num(plain), ref) > 0.01 or window != (-1, -1)  # slopes matter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alibi_packed_is_each_sequence_alone(backend):
+    dtype = torch.float16
+    lens = [5, 19, 1, 33]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
+    q, k, v = make(1, sum(lens), sum(lens), 4, 2, 16, dtype, seed=10, packed=True)
+    slopes = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)  # per sequence
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                   alibi_slopes=slopes, backend=backend)
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention_varlen(qs, ks, vs, cu, cu, causal=True, alibi_slopes=slopes)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
+
+
+def test_alibi_refusals_name_the_argument():
+    q = torch.randn(1, 4, 2, 16)
+    for bad, err, word in ((torch.ones(2, dtype=torch.float64), TypeError, "float32"),
+                           (torch.ones(3), ValueError, r"shape \(2,\) or \(1, 2\)"),
+                           ([0.5, 0.25], TypeError, "torch.Tensor")):
+        with pytest.raises(err, match=word):
+            fusedlm.attention(q, q, q, alibi_slopes=bad)
+    with pytest.raises(ValueError, match="alibi_slopes together with softcap"):
+        fusedlm.attention(q, q, q, alibi_slopes=torch.ones(2), softcap=5.0)
+
+
 def test_sliding_window_refusals_name_the_argument():
     q = torch.randn(1, 4, 2, 16)
     for bad, err in (((3,), TypeError), ((-2, 0), ValueError), ((1.5, 0), ValueError), (7, TypeError)):
@@ -554,9 +608,12 @@ def test_flash_attn_interface_conventions():
                        fusedlm.attention(q, k, v, causal=True, window_size=(4, 0)))
     assert torch.equal(flash_attn_func(q, k, v, softcap=30.0),
                        fusedlm.attention(q, k, v, softcap=30.0))
-    for kwargs, word in ((dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),):
-        with pytest.raises(ValueError, match=word):
-            flash_attn_func(q, k, v, **kwargs)
+    slopes = torch.full((4,), 0.25, device=DEVICE)
+    assert torch.equal(flash_attn_func(q, k, v, alibi_slopes=slopes),
+                       fusedlm.attention(q, k, v, alibi_slopes=slopes))
+    with pytest.raises(ValueError, match="block_table"):
+        flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 12, 12,
+                               block_table=torch.zeros(1, dtype=torch.int32))
 
 
 def test_flash_attn_packed_variants_equal_the_unpacked_calls():
@@ -694,7 +751,7 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
-    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, "cuda")
+    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, None, "cuda")
 
     def forward():
         if path == "eager":

@@ -84,7 +84,7 @@ def test_wgmma_log_sum_exp_gpu(wgmma, d):
     mask = torch.arange(517, device="cuda")[None, :] < torch.tensor([[517], [200]], device="cuda")
     scale = d ** -0.5
     _, lse = _forward(q, k, v, mask.to(torch.int8), None, None, 333, 517, False, scale,
-                               0.0, 0, None, -1, -1, 0.0, attention_kernels.kernel_for("cuda"))
+                               0.0, 0, None, -1, -1, 0.0, None, attention_kernels.kernel_for("cuda"))
     _ran_wgmma()
     _, want = reference.attention(q.double(), k.double(), v.double(), key_mask=mask)
     assert torch.allclose(lse.double() * math.log(2), want, atol=1e-3, rtol=1e-3)

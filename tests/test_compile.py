@@ -132,10 +132,10 @@ def test_attention_custom_ops_pass_opcheck():
     k = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
     v = torch.randn(2, 9, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
     mask = torch.ones(2, 9, dtype=torch.int8, device=DEVICE)
-    torch.library.opcheck(attn_fwd_op, (q, k, v, mask, None, None, 9, 9, True, 0.25, 0.0, torch.tensor(0), False, -1, -1, 0.0, "triton"))
+    torch.library.opcheck(attn_fwd_op, (q, k, v, mask, None, None, 9, 9, True, 0.25, 0.0, torch.tensor(0), False, -1, -1, 0.0, None, "triton"))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
     qp, kp, vp = (t.detach()[0].requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, torch.tensor(3), True, 7, 0, 30.0, "triton"))
+    torch.library.opcheck(attn_fwd_op, (qp, kp, vp, None, cu, cu, 5, 5, False, 0.25, 0.1, torch.tensor(3), True, 7, 0, 30.0, None, "triton"))
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)

@@ -81,9 +81,12 @@ def test_each_op_records_its_own_typed_case():
     q = torch.randn(1, 4, 2, 16)
     fusedlm.attention(q, q, q, dropout_p=0.1)
     case = fusedlm.explain("attention").case
-    assert case == ("cpu", torch.float32, 16, False, False) and case.head_dim == 16  # dropout: no limit
+    assert case == ("cpu", torch.float32, 16, False, False, False) and case.head_dim == 16
+    # (dropout is no limit of any backend: not in the case)
     fusedlm.attention(q, q, q, window_size=(2, 0), softcap=5.0)
-    assert fusedlm.explain("attention").case[3:] == (True, True)
+    assert fusedlm.explain("attention").case[3:] == (True, True, False)
+    fusedlm.attention(q, q, q, alibi_slopes=torch.ones(2))
+    assert fusedlm.explain("attention").case.alibi
     fusedlm.lm_loss(torch.randn(4, 8), torch.randn(11, 8), torch.tensor([1, -100, 3, 4]))
     assert fusedlm.explain("lm_loss").case._fields == ("device_type", "dtype")
 

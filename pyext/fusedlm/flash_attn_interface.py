@@ -7,9 +7,9 @@ flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func), taking the p
 strides.
 
 Same argument names, order, defaults and return conventions as flash-attn 2 for the features
-fusedlm has, sliding windows (window_size) and softcapping (softcap) included. Features it does
-not have (ALiBi, paged KV) raise a ValueError naming the argument instead of computing something
-else. fusedlm's kernels use no
+fusedlm has, sliding windows (window_size), softcapping (softcap) and ALiBi (alibi_slopes)
+included. Features it does not have (paged KV; ALiBi together with softcap) raise a ValueError
+naming the argument instead of computing something else. fusedlm's kernels use no
 atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). With
 `return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None, and a query
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
@@ -18,9 +18,7 @@ nothing, where flash-attn writes +inf.
 from .ops.attention import attention, attention_varlen
 
 
-def _unsupported(alibi_slopes, block_table=None):
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes: fusedlm has no ALiBi (only None)")
+def _unsupported(block_table=None):
     if block_table is not None:
         raise ValueError("block_table: fusedlm has no paged KV cache (only None)")
 
@@ -29,10 +27,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) ->
     out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), None)."""
-    _unsupported(alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                          return_lse=True, deterministic=deterministic,
-                         window_size=tuple(window_size), softcap=softcap)
+                         window_size=tuple(window_size), softcap=softcap,
+                         alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -51,12 +49,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            return_attn_probs=False, block_table=None):
     """q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim), cu_seqlens int32 ->
     out (total_q, nheads, headdim); with return_attn_probs, (out, lse (nheads, total_q), None)."""
-    _unsupported(alibi_slopes, block_table)
+    _unsupported(block_table)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                 int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
                                 softmax_scale=softmax_scale, return_lse=True,
                                 deterministic=deterministic, window_size=tuple(window_size),
-                                softcap=softcap)
+                                softcap=softcap, alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -36,6 +36,7 @@ class AttentionCase(NamedTuple):
     head_dim: int
     window: bool = False  # a sliding window (window_size other than (-1, -1))
     softcap: bool = False  # logit softcapping
+    alibi: bool = False    # ALiBi slopes
 
 
 def _triton_why_not(case):
@@ -55,8 +56,8 @@ def _triton_why_not(case):
 
 def _cuda_why_not(case):
     device, dtype, head_dim = case.device_type, case.dtype, case.head_dim
-    if case.window or case.softcap:
-        return "the CUDA C++ kernels have no sliding window (window_size) or softcap"
+    if case.window or case.softcap or case.alibi:
+        return "the CUDA C++ kernels have no sliding window (window_size), softcap or ALiBi"
     why = _core.device_problem(device)
     if why is not None:
         return why
@@ -88,7 +89,7 @@ def _window(left, right):
 
 
 def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned,
-             window_left, window_right, softcap, kernel):
+             window_left, window_right, softcap, alibi, kernel):
     """-> (out, base-2 log-sum-exp of the scaled scores) from the Triton or CUDA C++ kernel."""
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
@@ -101,12 +102,12 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
         _triton.run("attention", "forward", q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q,
                     cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal, scale=scale,
                     dropout_p=dropout_p, seed=seed, window=_window(window_left, window_right),
-                    softcap=softcap, pinned=pinned)
+                    softcap=softcap, alibi=alibi, pinned=pinned)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-              dropout_p, seed, pinned, window_left, window_right, softcap, kernel):
+              dropout_p, seed, pinned, window_left, window_right, softcap, alibi, kernel):
     do = unit_stride(do)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -124,11 +125,12 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
         _triton.run("attention", "backward", q, k, v, o, do, lse, delta, dq, dk, dv,
                     key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
                     causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-                    window=_window(window_left, window_right), softcap=softcap, pinned=pinned)
+                    window=_window(window_left, window_right), softcap=softcap, alibi=alibi,
+                    pinned=pinned)
     return dq, dk, dv
 
 
-_NO_GRADS = (None,) * 14  # for key_mask ... kernel
+_NO_GRADS = (None,) * 15  # for key_mask ... kernel
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -136,10 +138,10 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                pinned, window_left, window_right, softcap, kernel):
+                pinned, window_left, window_right, softcap, alibi, kernel):
         o, lse = _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-                          seed, pinned, window_left, window_right, softcap, kernel)
-        ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k)
+                          seed, pinned, window_left, window_right, softcap, alibi, kernel)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k, alibi)
         ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, window_left,
                     window_right, softcap, kernel)
         ctx.mark_non_differentiable(lse)
@@ -148,7 +150,8 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     @first_derivative_only("attention")
     def backward(ctx, do, _dlse):
-        return _backward(do, *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+        *saved, alibi = ctx.saved_tensors
+        return _backward(do, *saved, *ctx.meta[:-1], alibi, ctx.meta[-1]) + _NO_GRADS
 
 
 # torch.compile path: the same launchers behind custom ops with fake kernels and autograd. The
@@ -161,14 +164,14 @@ def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int,
                 causal: bool, scale: float, dropout_p: float, seed: Tensor,
                 pinned: bool, window_left: int, window_right: int, softcap: float,
-                kernel: str) -> Tuple[Tensor, Tensor]:
+                alibi: Optional[Tensor], kernel: str) -> Tuple[Tensor, Tensor]:
     return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-                    int(seed), pinned, window_left, window_right, softcap, kernel)
+                    int(seed), pinned, window_left, window_right, softcap, alibi, kernel)
 
 
 @attn_fwd_op.register_fake
 def _(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned,
-      window_left, window_right, softcap, kernel):
+      window_left, window_right, softcap, alibi, kernel):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
 
 
@@ -177,27 +180,31 @@ def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
                 key_mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                 max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float,
                 seed: Tensor, pinned: bool, window_left: int, window_right: int,
-                softcap: float, kernel: str) -> Tuple[Tensor, Tensor, Tensor]:
+                softcap: float, alibi: Optional[Tensor],
+                kernel: str) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                     dropout_p, int(seed), pinned, window_left, window_right, softcap, kernel)
+                     dropout_p, int(seed), pinned, window_left, window_right, softcap, alibi,
+                     kernel)
 
 
 @attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-      pinned, window_left, window_right, softcap, kernel):
+      pinned, window_left, window_right, softcap, alibi, kernel):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, pinned,
-     window_left, window_right, softcap, kernel) = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k)
+     window_left, window_right, softcap, alibi, kernel) = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_mask, cu_q, cu_k, alibi)
     ctx.meta = (max_q, max_k, causal, scale, dropout_p, seed, pinned, window_left, window_right,
                 softcap, kernel)
 
 
 def _op_backward(ctx, do, _dlse):
-    return torch.ops.fusedlm.attn_bwd(do.contiguous(), *ctx.saved_tensors, *ctx.meta) + _NO_GRADS
+    *saved, alibi = ctx.saved_tensors
+    return torch.ops.fusedlm.attn_bwd(do.contiguous(), *saved, *ctx.meta[:-1], alibi,
+                                      ctx.meta[-1]) + _NO_GRADS
 
 
 attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -232,14 +239,15 @@ def _torch_dropout_keep(shape, dropout_p, seed, device):
     return torch.rand(shape, generator=g, device=device) >= dropout_p
 
 
-def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed, window=(-1, -1), softcap=0.0):
+def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed, window=(-1, -1), softcap=0.0,
+                 alibi=None):
     keep = None
     if dropout_p > 0:
         keep = _torch_dropout_keep((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dropout_p,
                                    seed, q.device)
     return reference.attention(q, k, v, causal=causal, key_mask=key_mask, softmax_scale=scale,
                                dropout_p=dropout_p, dropout_keep=keep, window=window,
-                               softcap=softcap)
+                               softcap=softcap, alibi_slopes=alibi)
 
 
 def _packed_rows(cu, total, seq):
@@ -251,7 +259,7 @@ def _packed_rows(cu, total, seq):
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                  window=(-1, -1), softcap=0.0):
+                  window=(-1, -1), softcap=0.0, alibi=None):
     """The reference over packed sequences: each padded on the right to max_seqlen, one dense
     batch with a mask (static shapes: what torch.compile can trace). In eager mode, where that
     padding would multiply the work by more than 4 (one long sequence among short ones), one
@@ -264,7 +272,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, s
         lens_q, lens_k = cu_q.diff().long(), cu_k.diff().long()
         if batch * max_q * max_k > 4 * int((lens_q * lens_k).sum()):
             return _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed, window,
-                                      softcap)
+                                      softcap, alibi)
     idx_q, lens_q = _packed_rows(cu_q, q.shape[0], max_q)
     idx_k, lens_k = _packed_rows(cu_k, k.shape[0], max_k)
     pad_q = pad(q, idx_q, batch, max_q)
@@ -275,18 +283,21 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, s
         keep = _torch_dropout_keep((batch, q.shape[1], max_q, max_k), dropout_p, seed, q.device)
     o, lse = reference.attention(pad_q, pad_k, pad_v, causal=causal, key_mask=key_mask,
                                  softmax_scale=scale, dropout_p=dropout_p, dropout_keep=keep,
-                                 lengths=(lens_q, lens_k), window=window, softcap=softcap)
+                                 lengths=(lens_q, lens_k), window=window, softcap=softcap,
+                                 alibi_slopes=alibi)
     return (o.flatten(0, 1).index_select(0, idx_q),
             lse.transpose(0, 1).flatten(1).index_select(1, idx_q).float())
 
 
-def _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed, window, softcap):
+def _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed, window, softcap,
+                       alibi):
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
         o, l = _torch_dense(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
                             v[None, ck[i]:ck[i + 1]], None, causal, scale, dropout_p, seed + i,
-                            window, softcap)
+                            window, softcap,
+                            alibi[i:i + 1] if alibi is not None and alibi.dim() == 2 else alibi)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=1).float()
@@ -351,6 +362,24 @@ def _check_softcap(softcap):
     return float(softcap)
 
 
+def _check_alibi(alibi_slopes, batch, heads, device, softcap):
+    """flash-attn's alibi_slopes: None, or float32 (heads,) or (batch, heads)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    if softcap > 0:
+        raise ValueError("alibi_slopes together with softcap is not supported (one or the other)")
+    return alibi_slopes.contiguous()
+
+
 def _check_options(dropout_p, softmax_scale, seed):
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
@@ -389,7 +418,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               softmax_scale: Optional[float] = None, layout: str = "bshd",
               seed: Optional[int] = None, return_lse: bool = False,
               deterministic: bool = False, window_size: Tuple[int, int] = (-1, -1),
-              softcap: float = 0.0, backend: Optional[str] = None):
+              softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+              backend: Optional[str] = None):
     """softmax(q k^T * scale + mask) v, fused: the scores are never stored.
 
     layout 'bshd': q (batch, seq_q, heads, D), k and v (batch, seq_k, kv_heads, D); 'bhsd': the
@@ -401,6 +431,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     right side is 0), as flash-attn's; Mistral's sliding_window W is (W - 1, 0).
     `softcap` > 0: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2's logit
     softcapping, flash-attn's softcap).
+    `alibi_slopes`: float32 (heads,) or (batch, heads); -slope * |i + seq_k - seq_q - j| is
+    added to the scaled score of query i and key j (ALiBi, flash-attn's convention).
     `attention_mask`: (batch, seq_k), nonzero/True = attend (Hugging Face's attention_mask).
     A query that sees no key gets zeros. `dropout_p` drops attention probabilities inside the
     kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
@@ -419,6 +451,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _check_options(dropout_p, softmax_scale, seed)
     window, softcap = _check_window(window_size), _check_softcap(softcap)
     batch, seq_q, heads, head_dim = q.shape
+    alibi = _check_alibi(alibi_slopes, batch, heads, q.device, softcap)
     seq_k = k.shape[1]
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
@@ -435,16 +468,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, batch * heads)
     chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, window != (-1, -1),
-                                           softcap > 0), backend)
+                                           softcap > 0, alibi is not None), backend)
     if chosen == "torch":
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed,
-                                window, softcap)
+                                window, softcap, alibi)
         lse = lse.float()
     else:
         key_mask = None if attention_mask is None else _key_mask_for(chosen, attention_mask)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), *window,
-                         softcap, chosen)
+                         softcap, alibi, chosen)
         out, lse = o, (_natural_lse(lse2) if return_lse else None)  # kernel launches: only when asked
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -482,11 +515,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                      seed: Optional[int] = None, return_lse: bool = False,
                      deterministic: bool = False, window_size: Tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0, backend: Optional[str] = None):
+                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                     backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
     sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
-    on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]. window_size and
-    softcap: see `attention` (the window within each sequence)."""
+    on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]. window_size, softcap
+    and alibi_slopes ((heads,) or (sequences, heads)): see `attention`, within each sequence."""
     _check_tensors(q, k, v, "packed")
     _check_qkv(q, k, v, packed=True)
     _check_options(dropout_p, softmax_scale, seed)
@@ -511,18 +545,19 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device, softcap)
     chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, window != (-1, -1),
-                                           softcap > 0), backend)
+                                           softcap > 0, alibi is not None), backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, causal, scale, float(dropout_p), seed, window,
-                                 softcap)
+                                 softcap, alibi)
     else:
         cu_q = cu_seqlens_q.to(torch.int32).contiguous()
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
         out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
                            max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
-                           *window, softcap, chosen)
+                           *window, softcap, alibi, chosen)
         lse = _natural_lse(lse2) if return_lse else None
     return (out, lse) if return_lse else out
 

@@ -39,9 +39,10 @@ def allowed_mask(sq, sk, *, causal=False, key_mask=None, lengths=None, window=(-
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
-              dropout_keep=None, lengths=None, window=(-1, -1), softcap=0.0):
+              dropout_keep=None, lengths=None, window=(-1, -1), softcap=0.0, alibi_slopes=None):
     """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths and
     window: see allowed_mask. softcap > 0: scores s become softcap * tanh(s / softcap).
+    alibi_slopes (H,) or (B, H): -slope * |i + Sk - Sq - j| added to the (capped) scores.
     dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
     Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
     b, sq, h, d = q.shape
@@ -55,6 +56,12 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        shift = sk - sq if lengths is None else (lengths[1] - lengths[0])[:, None, None, None]
+        slopes = alibi_slopes.to(wide).reshape(-1, h)[:, :, None, None]
+        s = s - slopes * (i + shift - j).abs().to(wide)
     allowed = allowed_mask(sq, sk, causal=causal, key_mask=key_mask, lengths=lengths,
                            window=window, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
@@ -70,7 +77,7 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, softmax_scale=None,
-                     window=(-1, -1), softcap=0.0):
+                     window=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Packed sequences: q (total_q, H, D), k, v (total_k, Hk, D); sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1]. Returns (out (total_q, H, D), lse (H, total_q))."""
     outs, lses = [], []
@@ -78,7 +85,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, softm
     for i in range(len(cq) - 1):
         o, l = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
                          v[None, ck[i]:ck[i + 1]], causal=causal, softmax_scale=softmax_scale,
-                         window=window, softcap=softcap)
+                         window=window, softcap=softcap,
+                         alibi_slopes=(alibi_slopes[i] if alibi_slopes is not None and
+                                       alibi_slopes.dim() == 2 else alibi_slopes))
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

@@ -485,16 +485,23 @@ def test_sliding_window_skips_blocks_it_cannot_see(backend, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("window", [(3, 0), (-1, 2)])
-def test_sliding_window_packed_is_each_sequence_alone(backend, window):
+@pytest.mark.parametrize("variant", ["window (3, 0)", "window (-1, 2)", "alibi per sequence"])
+def test_packed_variants_are_each_sequence_alone(backend, variant):
+    """Sliding windows and ALiBi over packed sequences: within each sequence, as if alone."""
     dtype = torch.float16
     lens = [5, 19, 1, 33]
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
     q, k, v = make(1, sum(lens), sum(lens), 4, 2, 16, dtype, seed=5, packed=True)
+    if variant.startswith("window"):
+        window = (3, 0) if "(3, 0)" in variant else (-1, 2)
+        ours, theirs = dict(window_size=window), dict(window=window)
+    else:
+        slopes = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        ours = theirs = dict(alibi_slopes=slopes)
     out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
-                                   window_size=window, backend=backend)
+                                   backend=backend, **ours)
     qs, ks, vs = f64(q, k, v)
-    ref, _ = reference.attention_varlen(qs, ks, vs, cu, cu, causal=True, window=window)
+    ref, _ = reference.attention_varlen(qs, ks, vs, cu, cu, causal=True, **theirs)
     do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
     compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
@@ -552,22 +559,6 @@ def test_alibi_forward_and_backward(backend, causal, per_batch):
         compare(out, ref, grads, ref_grads, dtype)
     plain, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask)
     assert rel_err(torch.nan_to_num(plain), ref) > 0.01 or window != (-1, -1)  # slopes matter
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_alibi_packed_is_each_sequence_alone(backend):
-    dtype = torch.float16
-    lens = [5, 19, 1, 33]
-    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
-    q, k, v = make(1, sum(lens), sum(lens), 4, 2, 16, dtype, seed=10, packed=True)
-    slopes = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)  # per sequence
-    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
-                                   alibi_slopes=slopes, backend=backend)
-    qs, ks, vs = f64(q, k, v)
-    ref, _ = reference.attention_varlen(qs, ks, vs, cu, cu, causal=True, alibi_slopes=slopes)
-    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
-    compare(out, ref, grads, torch.autograd.grad(ref, (qs, ks, vs), do), dtype)
 
 
 def test_alibi_refusals_name_the_argument():

@@ -129,6 +129,40 @@ def test_attention(backend, case):
            theirs=_sdpa(*leaves, do, case["causal"], mask))
 
 
+@st.composite
+def _attention_variant(draw):
+    """flash-attn's extras: a sliding window (each side unbounded or >= 2 keys, so a row keeps
+    a few keys and its gradient is not rounding noise), softcap, ALiBi (not with softcap)."""
+    side = st.sampled_from([-1]) | st.integers(2, 12)
+    softcap = draw(st.sampled_from([0.0, 2.0, 20.0]))
+    alibi = None if softcap else draw(st.sampled_from([None, "per head", "per batch"]))
+    return dict(window=(draw(side), draw(side)), softcap=softcap, alibi=alibi,
+                causal=draw(st.booleans()), sq=draw(st.integers(1, 40)),
+                sk=draw(st.integers(1, 40)), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@given(backend=st.sampled_from(BACKENDS), case=_attention_variant())
+def test_attention_variants(backend, case):
+    b, h, hk, d, dtype, seed = 2, 4, 2, 16, torch.float16, case["seed"]
+    q, k, v = (_randn((b, s, n, d), seed + i, dtype).requires_grad_()
+               for i, (s, n) in enumerate(((case["sq"], h), (case["sk"], hk), (case["sk"], hk))))
+    slopes = None
+    if case["alibi"] is not None:
+        g = torch.Generator().manual_seed(seed)
+        slopes = torch.rand((h,) if case["alibi"] == "per head" else (b, h), generator=g).to(DEVICE)
+    out = fusedlm.attention(q, k, v, causal=case["causal"], window_size=case["window"],
+                            softcap=case["softcap"], alibi_slopes=slopes, backend=backend)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention(*refs, causal=case["causal"], window=case["window"],
+                                 softcap=case["softcap"], alibi_slopes=slopes)
+    do = _randn(ref.shape, seed + 7, dtype)
+    ref_grads = torch.autograd.grad(ref, refs, do.double())
+    # A query that sees no key (Sq > Sk with causal, or a window past the keys) gives zeros.
+    ref, ref_grads = torch.nan_to_num(ref), [torch.nan_to_num(g) for g in ref_grads]
+    _check([out, *torch.autograd.grad(out, (q, k, v), do)], [ref, *ref_grads], dtype,
+           summed=(2, 3))
+
+
 @given(backend=st.sampled_from(BACKENDS), lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
        lens_k=st.none() | st.lists(st.integers(0, 30), min_size=5, max_size=5),
        causal=st.booleans(), seed=st.integers(0, 2 ** 16))

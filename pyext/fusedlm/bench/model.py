@@ -171,8 +171,9 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, com
         chosen = {k: v for k, v in available.items() if impls is None or k in impls}
         for padding in paddings:
             kw, tokens = _batch(family, batch, seq, vocab, padding, device)
-            batches = {"padded": kw, "packed": _packed(kw, seq) if family != "llama" else None,
-                       "flattened": _flattened(kw)}
+            # Only the layouts this family's implementations take (fusedlm has no Llama model).
+            batches = ({"padded": kw, "flattened": _flattened(kw)} if family == "llama"
+                       else {"padded": kw, "packed": _packed(kw, seq)})
             log(f"  {case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding")
             base = None
             for name, (model, layout) in chosen.items():

@@ -185,8 +185,6 @@ def register():
     masking_utils.AttentionMaskInterface.register(ATTN_NAME, _padding_mask)
 
 
-_register = register
-
 
 # ---------------------------------------------------------------------------------------------
 # RMSNorm of the Llama family: weight * (x / rms(x)), in float32, back in x's dtype.
@@ -345,7 +343,7 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
     if why_not_attention is not None:
         report.left_alone.append(("attention", why_not_attention))
     elif attention:
-        _register()
+        register()
         state["attn"] = model.config._attn_implementation
         for m in model.modules():  # every sub-config (encoder, decoder) a module holds
             cfg = getattr(m, "config", None)

@@ -230,8 +230,18 @@ class BertModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 cu_seqlens=None, max_seqlen=None):
         if cu_seqlens is not None:
-            return self._forward_packed(input_ids, attention_mask, token_type_ids, position_ids,
-                                        cu_seqlens, max_seqlen)
+            ids, types, positions, packed = self._packed_inputs(
+                input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        else:
+            ids, types, positions, packed = self._padded_inputs(
+                input_ids, attention_mask, token_type_ids, position_ids)
+        hidden = self.embeddings(ids, types, positions)
+        packed = self.encoder(packed.with_hidden(hidden))
+        pooled = self.pooler(packed) if self.pooler is not None else None
+        return packed, pooled
+
+    def _padded_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
+        """(token ids, token types, positions) of the rows, and the Packed that lays them out."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -251,13 +261,10 @@ class BertModel(torch.nn.Module):
         elif position_ids is None:  # as Hugging Face's BERT: positions count padding too
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         ids, packed = Packed.of(input_ids, attention_mask)
-        hidden = self.embeddings(ids, packed.take(token_type_ids), packed.take(position_ids))
-        packed = self.encoder(packed.with_hidden(hidden))
-        pooled = self.pooler(packed) if self.pooler is not None else None
-        return packed, pooled
+        return ids, packed.take(token_type_ids), packed.take(position_ids), packed
 
-    def _forward_packed(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                        max_seqlen):
+    def _packed_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
+                       max_seqlen):
         check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen,
                            self.config.max_position_embeddings, token_type_ids=token_type_ids,
                            position_ids=position_ids)
@@ -267,11 +274,7 @@ class BertModel(torch.nn.Module):
             position_ids = packed_positions(cu_seqlens, input_ids.numel())
             if self.config.positions_after_padding:  # as RoBERTa: counted from pad_token_id + 1
                 position_ids = position_ids + self.config.pad_token_id + 1
-        packed = Packed.given(cu_seqlens, max_seqlen)
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-        packed = self.encoder(packed.with_hidden(hidden))
-        pooled = self.pooler(packed) if self.pooler is not None else None
-        return packed, pooled
+        return input_ids, token_type_ids, position_ids, Packed.given(cu_seqlens, max_seqlen)
 
 
 class BertOutput(NamedTuple):

@@ -344,6 +344,11 @@ def _check_qkv(q, k, v, packed):
         raise ValueError(f"q must have a head_dim > 0, got shape {tuple(q.shape)}")
 
 
+def _case(q, window, softcap, alibi):
+    """AttentionCase's values (a plain tuple: see dispatch.select)."""
+    return (q.device.type, q.dtype, q.shape[-1], window != (-1, -1), softcap > 0, alibi is not None)
+
+
 def _check_window(window_size):
     """flash-attn's window_size as (left, right) ints, each >= -1 (-1: unbounded)."""
     try:
@@ -467,8 +472,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, batch * heads)
-    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, window != (-1, -1),
-                                           softcap > 0, alibi is not None), backend)
+    chosen = dispatch.select("attention", _case(q, window, softcap, alibi), backend)
     if chosen == "torch":
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed,
                                 window, softcap, alibi)
@@ -546,8 +550,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
     alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device, softcap)
-    chosen = dispatch.select("attention", (q.device.type, q.dtype, head_dim, window != (-1, -1),
-                                           softcap > 0, alibi is not None), backend)
+    chosen = dispatch.select("attention", _case(q, window, softcap, alibi), backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, causal, scale, float(dropout_p), seed, window,

@@ -23,6 +23,46 @@ def test_corpus_is_a_function_of_the_seed():
     assert corpus.generate_documents(20, seed=1) != corpus.generate_documents(20, seed=2)
 
 
+def test_each_topic_writes_in_its_own_style():
+    """The next-sentence signal: frame words that only one topic's templates use."""
+    frames = {t: {w for tpl in tpls for w in tpl.split() if "{" not in w} for t, tpls in corpus.STYLES.items()}
+    for t, words in frames.items():
+        others = set().union(*(w for u, w in frames.items() if u != t))
+        assert len(words - others) >= 5, (t, words - others)
+    rng = __import__("random").Random(0)
+    for topic in corpus.TOPICS:
+        for _ in range(20):
+            words = corpus.sentence(rng, topic).split()
+            assert any(set(words) >= frames[topic] & set(tpl.split()) for tpl in corpus.STYLES[topic])
+
+
+def test_segments_follow_bert_next_sentence_rule():
+    """A is consecutive sentences of one document; B is what follows A in that document (label 0)
+    or a run of another document (label 1); together they fit the length."""
+    import random
+    # token = 1000 * document + 10 * sentence + word: every token says where it came from
+    docs = [[[1000 * d + 10 * s + w for w in range(1 + (d + s) % 4)] for s in range(2 + d % 5)]
+            for d in range(40)]
+    pre = PretrainingBatches(docs, 50_000, 16, seed=0)
+    rng = random.Random(0)
+    labels = []
+    for _ in range(2000):
+        a, b, nsp = pre.segments(rng)
+        sents = lambda seg: sorted({(t // 1000, t % 1000 // 10) for t in seg})  # noqa: E731
+        sa, sb = sents(a), sents(b)
+        assert len({d for d, _ in sa}) == 1 and len({d for d, _ in sb}) == 1
+        assert [s for _, s in sa] == list(range(sa[0][1], sa[-1][1] + 1))  # consecutive
+        assert [s for _, s in sb] == list(range(sb[0][1], sb[-1][1] + 1))
+        if nsp == 0:
+            assert sb[0] == (sa[0][0], sa[-1][1] + 1), (sa, sb)
+        else:
+            assert sb[0][0] != sa[0][0]
+        labels.append(nsp)
+        ids, types, _, _ = pre.example(rng)
+        assert len(ids) <= 16 and len(types) == len(ids)
+    assert 0.45 < sum(labels) / len(labels) < 0.55
+
+
 def test_review_labels_are_polarity_flipped_by_not():
     for text, label in corpus.generate_reviews(400, seed=0):
         words = text.split()

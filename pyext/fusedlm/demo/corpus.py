@@ -1,11 +1,17 @@
 """The demo's built-in text, generated from a seed: a pretraining corpus and a labelled
 sentence-classification task, both with structure a small BERT can learn.
 
-Pretraining corpus: documents, each about one topic. A sentence is drawn from a handful of
-templates (determiners, number agreement, prepositions) filled with that topic's nouns, verbs and
-adjectives, so a masked word is predictable from its sentence (grammar) and from its document
-(topic): masked-LM accuracy climbs far above chance (1 / vocabulary size). Consecutive sentences
-share a topic and random ones usually do not, so next-sentence prediction is learnable too.
+Pretraining corpus: documents, each about one topic and written in that topic's own style, as
+real text is (a recipe does not read like a ship's log). A topic's sentences come from its own
+templates, whose frame words ("until the ... is", "at dawn the ... began to") only that topic
+uses, filled with the topic's nouns, verbs and adjectives. A masked word is predictable from its
+sentence (the frame) and from its document (the topic), so masked-LM accuracy climbs far above
+chance (1 / vocabulary size). Next-sentence prediction is learnable because a document's
+sentences share a style and a topic that a sentence from another document usually does not: the
+frame words occur in every sentence, so a two-layer model picks the topic up within a few
+hundred steps (measured: with topic nouns alone and one template set for all topics it took
+about 1000 steps on the demo's model; with styled topics and BERT's multi-sentence segments,
+see `data.PretrainingBatches`, 85-90% held out at 400).
 
 Classification task: short reviews, "the <noun> was [not] [very] <adjective> .", labelled
 positive or negative. The label is the adjective's polarity, flipped by "not", so a bag of words
@@ -36,21 +42,35 @@ TOPICS = {
 NUMBERS = ["two", "three", "four", "five", "six", "seven"]
 POSITIVE = ["good", "great", "excellent", "wonderful", "pleasant", "delightful", "superb", "lovely"]
 NEGATIVE = ["bad", "awful", "terrible", "dreadful", "poor", "boring", "horrible", "nasty"]
-_TEMPLATES = (
-    "the {adj} {noun} will {verb} the {noun2} .",
-    "a {noun} can {verb} {num} {noun2}s by the {noun3} .",
-    "every day the {noun} and the {noun2} {verb} together .",
-    "one {adj} {noun} was near the {noun2} , and {num} {noun3}s were under it .",
-    "why does the {noun} {verb} the {adj} {noun2} ?",
-    "they {verb} the {noun} with a {adj} {noun2} .",
-)
+# Each topic's style: templates whose frame words no other topic uses.
+STYLES = {
+    "kitchen": ("first , {verb} the {noun} until the {noun2} is {adj} .",
+                "add {num} {noun}s and {verb} the {noun2} slowly .",
+                "serve the {adj} {noun} with the {noun2} ."),
+    "harbor": ("at dawn the {noun} began to {verb} beside the {noun2} .",
+               "by nightfall {num} {noun}s were ready to {verb} .",
+               "aboard , the {adj} {noun} watched the {noun2} ."),
+    "garden": ("in spring we {verb} the {noun} beneath the {noun2} .",
+               "each morning {num} {noun}s {verb} along the {adj} {noun2} .",
+               "our {adj} {noun} grows beside the {noun2} ."),
+    "observatory": ("tonight the {noun} will {verb} the {adj} {noun2} overhead .",
+                    "through the {noun} , {num} {noun2}s appeared far above .",
+                    "we {verb} the {noun} until midnight ."),
+    "workshop": ("use the {noun} to {verb} the {adj} {noun2} .",
+                 "then {verb} {num} {noun}s onto the {noun2} firmly .",
+                 "clamp the {noun} and {verb} it carefully ."),
+    "orchestra": ("during rehearsal the {noun} must {verb} with the {noun2} .",
+                  "on stage {num} {noun}s {verb} a {adj} melody .",
+                  "the audience heard the {adj} {noun} and the {noun2} ."),
+}
+assert STYLES.keys() == TOPICS.keys()
 
 
 def sentence(rng: random.Random, topic: str) -> str:
     nouns, verbs, adjs = TOPICS[topic]
-    n = rng.sample(nouns, 3)
-    return rng.choice(_TEMPLATES).format(adj=rng.choice(adjs), noun=n[0], noun2=n[1], noun3=n[2],
-                                         verb=rng.choice(verbs), num=rng.choice(NUMBERS))
+    noun, noun2 = rng.sample(nouns, 2)
+    return rng.choice(STYLES[topic]).format(adj=rng.choice(adjs), noun=noun, noun2=noun2,
+                                            verb=rng.choice(verbs), num=rng.choice(NUMBERS))
 
 
 def review(rng: random.Random):

@@ -50,32 +50,52 @@ def _pad(rows, device):
 
 
 class PretrainingBatches:
-    """BERT's pretraining examples from encoded documents: [CLS] A [SEP] B [SEP], where B is
-    A's next sentence half of the time (label 0, as Hugging Face) and a sentence of another
-    document otherwise (label 1); 15% of the tokens of A and B are chosen for prediction, of
-    which 80% become [MASK], 10% a random token and 10% stay."""
+    """BERT's pretraining examples from encoded documents: [CLS] A [SEP] B [SEP], where A is a
+    run of consecutive sentences of one document and B is either the run that follows it
+    (label 0, as Hugging Face) or a run from another document (label 1), half of the time
+    each, together filling up to `max_len` as BERT's data pipeline fills its sequences: more
+    text per segment carries more of its document's topic and gives the masked LM more tokens
+    a step. A takes sentences while they fit in half the length (at least one); B takes whole
+    sentences while they fit (at least one); the longer of the two is truncated if one
+    sentence overflows. 15% of the tokens of A and B are chosen for prediction, of which 80%
+    become [MASK], 10% a random token and 10% stay."""
 
     def __init__(self, docs: List[List[List[int]]], vocab_size: int, max_len: int, seed: int,
                  mask_prob: float = 0.15):
         self.docs = [d for d in docs if len(d) >= 2]
         if len(self.docs) < 2:
             raise ValueError("the corpus needs at least two documents of two or more sentences")
+        if max_len < 5:
+            raise ValueError(f"max_len must be at least 5 ([CLS] A [SEP] B [SEP]), got {max_len}")
         self.vocab_size, self.max_len, self.seed, self.mask_prob = vocab_size, max_len, seed, mask_prob
 
-    def example(self, rng: random.Random):
+    def segments(self, rng: random.Random):
+        """(A, B, next-sentence label) as token lists, before truncation."""
+        budget = self.max_len - 3
         d = rng.randrange(len(self.docs))
         doc = self.docs[d]
-        j = rng.randrange(len(doc) - 1)
-        a = doc[j]
+        j = rng.randrange(len(doc) - 1)  # A starts at j and leaves at least one sentence after it
+        a, k = list(doc[j]), j + 1
+        while k < len(doc) - 1 and len(a) + len(doc[k]) <= budget // 2:
+            a += doc[k]
+            k += 1
         if rng.random() < 0.5:
-            b, nsp = doc[j + 1], 0
+            src, start, nsp = doc, k, 0
         else:
             other = rng.randrange(len(self.docs) - 1)
-            other_doc = self.docs[other + (other >= d)]
-            b, nsp = other_doc[rng.randrange(len(other_doc))], 1
-        budget = self.max_len - 3  # truncate the longer of the two, as BERT's data pipeline does
-        a, b = list(a), list(b)
-        while len(a) + len(b) > budget:
+            src = self.docs[other + (other >= d)]
+            start, nsp = rng.randrange(len(src)), 1
+        b = []
+        for sent in src[start:]:
+            if b and len(a) + len(b) + len(sent) > budget:
+                break
+            b += sent
+        return a, b, nsp
+
+    def example(self, rng: random.Random):
+        a, b, nsp = self.segments(rng)
+        budget = self.max_len - 3
+        while len(a) + len(b) > budget:  # one overlong sentence: truncate the longer, as BERT
             (a if len(a) > len(b) else b).pop()
         ids = [CLS] + a + [SEP] + b + [SEP]
         types = [0] * (len(a) + 2) + [1] * (len(b) + 1)

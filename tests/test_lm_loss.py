@@ -51,13 +51,14 @@ def run(fn, h, w, b, cotangent=None):
 
 def check(backend, dtype, tokens, hidden, vocab, *, reduction="mean", chunk_size=None, **kw):
     shape = kw.pop("shape", None)
+    chunk = dict(chunk_size=chunk_size, capacity=kw.pop("capacity", None))  # fusedlm's alone
     h, w, b, labels = make(tokens, hidden, vocab, dtype, bias=kw.pop("bias", True), shape=shape,
                            labelled=kw.pop("labelled", 0.3))
     opts = dict(reduction=reduction, **kw)
-    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=chunk_size,
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], **chunk,
                                                  backend=backend, **opts), h, w, b)
     cot = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], chunk_size=chunk_size,
+    loss, grads = run(lambda *a: fusedlm.lm_loss(*a[:2], labels, a[2], **chunk,
                                                  backend=backend, **opts), h, w, b, cot)
     ref, ref_grads = run(lambda *a: reference.lm_loss(*a[:2], labels, a[2], **opts)[0],
                          f64(h), f64(w), f64(b), cot)
@@ -80,6 +81,62 @@ def test_matches_reference(backend, dtype, reduction):
     # V not a multiple of any tile and more than one kernel tile (4096), several chunks,
     # ~30% of rows labelled.
     check(backend, dtype, 41, 24, 4099, reduction=reduction, chunk_size=4)
+
+
+@pytest.mark.parametrize("backend,dtype", list(backend_dtypes()))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("capacity", [13, 30, 1000])
+def test_capacity_matches_reference(backend, dtype, reduction, capacity):
+    # 13 of the 41 rows are labelled: a capacity equal to the count, one above it (filler rows
+    # that must count for nothing) and one above the number of tokens.
+    h, w, b, labels = make(41, 24, 4099, dtype)
+    assert int((labels != -100).sum()) == 13
+    check(backend, dtype, 41, 24, 4099, reduction=reduction, chunk_size=4, capacity=capacity)
+
+
+def _static_call(backend, capacity, labels, reduction="mean", vocab=30):
+    h, w, b, _ = make(labels.numel(), 8, vocab, torch.float32)
+    return fusedlm.lm_loss(h, w, labels.to(DEVICE), b, reduction=reduction, capacity=capacity,
+                           backend=backend, return_details=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_capacity_overflow_and_bad_labels_give_nan_not_a_wrong_loss(backend, reduction):
+    labels = torch.full((12,), -100)
+    labels[:6] = 3
+    assert torch.isfinite(_static_call(backend, 6, labels, reduction).loss).all()
+    # Seven labelled rows in a capacity of six: one would be left out, silently; NaN instead.
+    labels[6] = 4
+    assert torch.isnan(_static_call(backend, 6, labels, reduction).loss).all()
+    # A label outside [0, V) cannot raise without reading the labels back: NaN instead.
+    labels[6] = 30
+    assert torch.isnan(_static_call(backend, 12, labels, reduction).loss).all()
+    # Eager without a capacity reads the labels and raises, naming them.
+    with pytest.raises(ValueError, match="labels must be in"):
+        _static_call(backend, None, labels, reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_capacity_path_never_reads_back_to_the_host(backend, reduction, monkeypatch):
+    """What would stop a CUDA graph (and wait for the GPU): reading a value back."""
+    h, w, b, labels = make(33, 16, 50, torch.float32)
+    expected = fusedlm.lm_loss(h, w, labels, b, reduction=reduction, backend=backend)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host read-back in the capacity path")
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    out = fusedlm.lm_loss(h, w, labels, b, reduction=reduction, capacity=20, backend=backend,
+                          return_details=True)
+    grads = torch.autograd.grad(out.loss.sum(), (h, w, b))
+    monkeypatch.undo()
+    assert rel_err(out.loss, expected) < 1e-5
+    ref = torch.autograd.grad(expected.sum(), (h, w, b))
+    assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, ref))
+    assert int(out.count) == int((labels != -100).sum())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -341,6 +398,8 @@ def _bad_calls():
         ("smoothing", lambda: fusedlm.lm_loss(h, w, y, label_smoothing=1.5), ValueError, ["label_smoothing"]),
         ("z_loss", lambda: fusedlm.lm_loss(h, w, y, z_loss=-1.0), ValueError, ["z_loss"]),
         ("chunk_size", lambda: fusedlm.lm_loss(h, w, y, chunk_size=0), ValueError, ["chunk_size"]),
+        ("capacity 0", lambda: fusedlm.lm_loss(h, w, y, capacity=0), ValueError, ["capacity", "0"]),
+        ("capacity float", lambda: fusedlm.lm_loss(h, w, y, capacity=0.2), ValueError, ["capacity", "0.2"]),
         ("ignore_index", lambda: fusedlm.lm_loss(h, w, y, ignore_index=1.5), TypeError, ["ignore_index"]),
         ("backend name", lambda: fusedlm.lm_loss(h, w, y, backend="cudnn"), ValueError, ["backend"]),
         ("not a tensor", lambda: fusedlm.lm_loss(h.tolist(), w, y), TypeError, ["hidden"]),

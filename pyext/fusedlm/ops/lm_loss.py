@@ -1,7 +1,9 @@
 """Fused masked-LM / causal-LM loss: vocabulary projection + cross-entropy, logits never whole.
 
 Flow of a call: validate -> shift (causal LM) -> dispatch.select -> the chunked driver:
-  1. compact the labelled rows (MLM: ~15% of tokens), so work scales with predictions;
+  1. compact the labelled rows (MLM: ~15% of tokens), so work scales with predictions:
+     exactly in eager mode (one host sync), or up to a fixed `capacity` with no host sync
+     (always under torch.compile, so a compiled step can be a CUDA graph);
   2. per chunk of C labelled rows: logits = h_c @ W.T + b into one reused (C, V) buffer (cuBLAS,
      the fastest matmul there is), then one cross-entropy kernel per row (the backend's: Triton,
      CUDA C++ or torch) writes loss, log-sum-exp and argmax hit, and overwrites the logits with
@@ -22,7 +24,7 @@ multiple of 16 bytes. The pad columns project to 0 and the cross-entropy kernel 
 them, so their gradient stays 0 and the GEMMs' results are exact.
 
 Eager calls go through an autograd.Function; under torch.compile the same driver runs behind the
-custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`.
+custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`, always with the static selection.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -110,25 +112,64 @@ def _cross_entropy_rows(backend, logits, labels, loss, lse, hit, smoothing, z_lo
                             float(smoothing), float(z_loss), compute_grad, _core.stream_of(logits))
 
 
-def _labelled_rows(labels, ignore_index, vocab):
-    """Indices of the labelled rows (None when every row is labelled) and their labels.
+class _Rows(NamedTuple):
+    """The rows the driver computes and how each counts."""
+    idx: Optional[Tensor]     # rows of h, in order of computation (None: all rows, in order)
+    labels: Tensor            # their labels, each in [0, V): safe to hand to a kernel
+    weight: Optional[Tensor]  # static selection: 1.0 where the row counts, 0.0 at an ignored one
+    count: object             # labelled rows: an int (exact) or an int64 device scalar (static)
+    count_t: Tensor           # the same as an int64 device scalar (no host-to-device copy)
+    poison: Optional[Tensor]  # static selection: True when the result must be NaN (see below)
+
+
+def _exact_rows(labels, ignore_index, vocab):
+    """The labelled rows exactly (None when every row is labelled) and their labels.
     Raises ValueError for a label outside [0, vocab) that is not ignore_index.
 
     One host sync reads the count and the range together; finding the indices costs a second
     one only when some rows are ignored (callers that compacted already pay just the first)."""
     valid = labels != ignore_index
     if labels.numel() == 0:
-        return None, labels
+        return _Rows(None, labels, None, 0, valid.sum(), None)
     big = torch.iinfo(labels.dtype).max
-    count, lo, hi = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
-                                 torch.where(valid, labels, -big).max()]).tolist()
+    facts = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
+                         torch.where(valid, labels, -big).max()])
+    count, lo, hi = facts.tolist()
     if count and (lo < 0 or hi >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
                          f"dimension) or equal ignore_index={ignore_index}, got {lo if lo < 0 else hi}")
     if count == labels.numel():
-        return None, labels
+        return _Rows(None, labels, None, count, facts[0], None)
     idx = valid.nonzero().squeeze(1)
-    return idx, labels.index_select(0, idx)
+    return _Rows(idx, labels.index_select(0, idx), None, count, facts[0], None)
+
+
+def compact_labels(labels: Tensor, capacity: int, ignore_index: int = -100):
+    """The first `capacity` labelled positions of `labels` (1-D) with shapes that do not depend
+    on the data: (idx (min(capacity, len),), their labels, the labelled count as a device
+    scalar). Labelled positions come first, in order, then ignored ones fill the capacity; a
+    count above the capacity means labelled positions were left out (callers turn their result
+    into NaN then). Nothing is read back to the host, so this runs under CUDA graphs."""
+    valid = labels != ignore_index
+    count = valid.sum()
+    if capacity >= labels.numel():
+        return None, labels, count
+    # A stable sort by "is ignored" puts the labelled positions first, in order.
+    idx = torch.argsort((~valid).to(torch.uint8), stable=True)[:capacity]
+    return idx, labels.index_select(0, idx), count
+
+
+def _static_rows(labels, ignore_index, vocab, capacity):
+    """At most `capacity` rows, chosen with no host sync. What eager's exact selection raises
+    for cannot be raised without reading the labels back, so it poisons the result instead
+    (NaN loss): a label outside [0, vocab) that is not ignore_index, or more labelled rows
+    than the capacity holds."""
+    idx, picked, count = compact_labels(labels, capacity, ignore_index)
+    counted = picked != ignore_index
+    in_range = (picked >= 0) & (picked < vocab)
+    poison = (counted & ~in_range).any() | (count > capacity)
+    return _Rows(idx, torch.where(counted & in_range, picked, 0), counted.float(), count, count,
+                 poison)
 
 
 # Elements the GEMMs' vocabulary extent is padded to on a GPU (see the module docstring); 1 turns
@@ -155,21 +196,33 @@ def _gemm_operands(weight, bias):
 
 
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
-             chunk_size, need_dh, need_dw, need_db):
-    """Runs the loss over the labelled rows. grad_scale: None (no gradients), a float (each
-    row's loss scaled alike: 1/count for 'mean', 1 for 'sum') or a (T,) tensor of per-row
-    scales ('none'; the upstream gradient). Returns (loss_rows, lse_rows, hit_rows) of shape
-    (T,) with zeros at ignored rows, the labelled count, and dh (T, H), dw, db or None."""
+             chunk_size, need_dh, need_dw, need_db, capacity=None):
+    """Runs the loss over the labelled rows. grad_scale: None (no gradients), "mean" (each
+    row's loss scaled by 1/count), a float (each row's loss scaled alike: 1 for 'sum') or a (T,)
+    tensor of per-row scales ('none'; the upstream gradient). capacity: None selects the
+    labelled rows exactly (a host sync, label errors raised); an int selects at most that many
+    with no host sync (`_static_rows`). Returns (loss_rows, lse_rows, hit_rows) of shape (T,)
+    with zeros at ignored rows, the labelled count (an int64 device scalar), and dh (T, H), dw,
+    db or None."""
     tokens, hidden = h.shape
     vocab = weight.shape[0]
-    idx, picked = _labelled_rows(labels, ignore_index, vocab)
-    n = picked.numel()
-    if isinstance(grad_scale, str):  # "mean": the count is known only now
-        grad_scale = 1.0 / max(n, 1)
+    sel = (_exact_rows(labels, ignore_index, vocab) if capacity is None else
+           _static_rows(labels, ignore_index, vocab, capacity))
+    idx, picked = sel.idx, sel.labels
+    n = picked.numel()  # rows computed
+    if isinstance(grad_scale, Tensor):
+        grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float()
+    if sel.weight is not None and grad_scale is not None:  # static: every scale per row
+        if isinstance(grad_scale, str):
+            grad_scale = sel.weight / sel.count.clamp_min(1)
+        else:
+            grad_scale = sel.weight * grad_scale
+    elif isinstance(grad_scale, str):  # "mean", exact selection: the count is known now
+        grad_scale = 1.0 / max(sel.count, 1)
+    if isinstance(grad_scale, Tensor):
+        grad_scale = grad_scale.contiguous()
     compute_grad = grad_scale is not None and (need_dh or need_dw or need_db)
     rows = h if idx is None else h.index_select(0, idx)
-    if isinstance(grad_scale, Tensor):
-        grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float().contiguous()
     stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]  # loss, lse, hit
     w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
     padded = w_g.shape[0]
@@ -202,21 +255,27 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
             db += logits.sum(0, dtype=torch.float32)
     if dw is not None:
         dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
+    if sel.weight is not None:  # static: ignored rows count for nothing
+        stats = [t * sel.weight for t in stats]
     if idx is not None:  # back to one entry per token, zero at ignored ones
         stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
+    if sel.poison is not None:  # every row, including any the capacity left out
+        stats[0] = stats[0].masked_fill(sel.poison, float("nan"))
     dh = dh_c
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
     if db is not None and bias is not None:
         db = db.to(bias.dtype)
-    return stats[0], stats[1], stats[2], n, dh, dw, db
+    return stats[0], stats[1], stats[2], sel.count_t, dh, dw, db
 
 
 def _reduce(loss_rows, n, reduction):
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
-    return total / max(n, 1) if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    return total / n.clamp_min(1)
 
 
 def _forward_scale(reduction, wants_grad):
@@ -226,15 +285,14 @@ def _forward_scale(reduction, wants_grad):
 
 
 def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-             chunk_size, need_dh, need_dw, need_db):
+             chunk_size, need_dh, need_dw, need_db, capacity=None):
     """-> (loss, lse, hit, labelled-row count as a tensor, dh, dw, db); with a reduction, the
     gradients the need_* flags ask for come from the same pass (scaled for it), else None."""
     scale = _forward_scale(reduction, need_dh or need_dw or need_db)
     loss_rows, lse, hit, n, dh, dw, db = _chunked(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size,
-        need_dh, need_dw, need_db)
-    return (_reduce(loss_rows, n, reduction), lse, hit,
-            torch.tensor(n, dtype=torch.int64, device=h.device), dh, dw, db)
+        need_dh, need_dw, need_db, capacity)
+    return _reduce(loss_rows, n, reduction), lse, hit, n, dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +301,12 @@ def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
 class _LMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-                chunk_size, need_dh, need_dw, need_db, backend):
+                chunk_size, need_dh, need_dw, need_db, backend, capacity):
         loss, lse, hit, n, dh, dw, db = _forward(
             backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-            chunk_size, need_dh, need_dw, need_db)
+            chunk_size, need_dh, need_dw, need_db, capacity)
         ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh,
-                    need_dw, need_db)
+                    need_dw, need_db, capacity)
         if reduction == "none":
             ctx.save_for_backward(h, weight, bias, labels)
         else:  # the inputs too, only as anchors for first_derivative_only (no copies)
@@ -259,15 +317,16 @@ class _LMLossFunction(torch.autograd.Function):
     @staticmethod
     @first_derivative_only("lm_loss")
     def backward(ctx, grad, _dlse, _dhit, _dn):
-        ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+        (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
+         need_db, capacity) = ctx.meta
         if reduction == "none":
             h, weight, bias, labels = ctx.saved_tensors
             _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index,
                                               smoothing, z_loss, grad, chunk_size, need_dh,
-                                              need_dw, need_db)
+                                              need_dw, need_db, capacity)
         else:
             dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors[:3])
-        return dh, dw, db, None, None, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,10 +336,12 @@ class _LMLossFunction(torch.autograd.Function):
 def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    ignore_index: int, smoothing: float, z_loss: float, reduction: str,
                    chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: str, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The driver with the static row selection (no host sync: a compiled step may be a CUDA
+    graph) of at most `capacity` rows."""
     loss, lse, hit, n, dh, dw, db = _forward(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-        chunk_size or None, need_dh, need_dw, need_db)
+        chunk_size or None, need_dh, need_dw, need_db, capacity)
     empty = h.new_empty(0)
     return (loss, lse, hit, n,
             dh if dh is not None else empty, dw if dw is not None else weight.new_empty(0),
@@ -289,7 +350,7 @@ def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
 
 @lm_loss_fwd_op.register_fake
 def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-      need_dw, need_db, backend):
+      need_dw, need_db, backend, capacity):
     tokens = h.shape[0]
     grads = reduction != "none"
     f32 = dict(dtype=torch.float32)
@@ -306,17 +367,18 @@ def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk
 def lm_loss_bwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    grad_rows: Tensor, ignore_index: int, smoothing: float, z_loss: float,
                    chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   backend: str, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i (reduction 'none'), recomputing the chunks."""
     _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index, smoothing,
-                                      z_loss, grad_rows, chunk_size or None, need_dh, need_dw, need_db)
+                                      z_loss, grad_rows, chunk_size or None, need_dh, need_dw,
+                                      need_db, capacity)
     return (dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
             db if db is not None else h.new_empty(0, dtype=torch.float32))
 
 
 @lm_loss_bwd_op.register_fake
 def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk_size, need_dh,
-      need_dw, need_db, backend):
+      need_dw, need_db, backend, capacity):
     return (h.new_empty(h.shape if need_dh else (0,)),
             weight.new_empty(weight.shape if need_dw else (0,)),
             h.new_empty((weight.shape[0],) if need_db else (0,),
@@ -325,9 +387,9 @@ def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk
 
 def _setup_context(ctx, inputs, output):
     (h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-     need_dw, need_db, backend) = inputs
+     need_dw, need_db, backend, capacity) = inputs
     ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
-                need_db)
+                need_db, capacity)
     if reduction == "none":
         ctx.save_for_backward(h, weight, bias, labels)
     else:
@@ -335,16 +397,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad, _dlse, _dhit, _dn, _ddh, _ddw, _ddb):
-    ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db = ctx.meta
+    (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db,
+     capacity) = ctx.meta
     if reduction == "none":
         h, weight, bias, labels = ctx.saved_tensors
         dh, dw, db = torch.ops.fusedlm.lm_loss_bwd(h, weight, bias, labels, grad.contiguous(),
                                                    ignore_index, smoothing, z_loss, chunk_size,
-                                                   need_dh, need_dw, need_db, backend)
+                                                   need_dh, need_dw, need_db, backend, capacity)
     else:
         dh, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -354,7 +417,7 @@ lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 # Public functional API.
 
 def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
-              chunk_size):
+              chunk_size, capacity):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -400,12 +463,17 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)
+                                 or capacity < 1):
+        raise ValueError(f"capacity must be a positive int (labelled rows computed at most) or "
+                         f"None, got {capacity!r}")
 
 
 def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
             ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
             z_loss: float = 0.0, shift: bool = False, return_details: bool = False,
-            chunk_size: Optional[int] = None, backend: Optional[str] = None):
+            chunk_size: Optional[int] = None, capacity: Optional[int] = None,
+            backend: Optional[str] = None):
     """F.cross_entropy(hidden @ weight.T + bias, labels) without materializing the logits.
 
     hidden: (tokens, H) or (batch, seq, H); weight: (V, H), e.g. the tied embedding; labels:
@@ -416,9 +484,17 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     0 at ignored ones). With `return_details`, returns an LMLossOutput (loss, z_loss, accuracy,
     count) from the same pass. `chunk_size`: labelled rows projected at a time (default: a
     ~256 MiB logits buffer). `backend`: 'torch', 'triton' or 'cuda' (None: dispatch chooses).
+
+    `capacity`: the most labelled rows computed, chosen with no host synchronization (so the
+    call can be captured in a CUDA graph). None: in eager mode the labelled rows exactly (one
+    host sync reads their count; a label out of range raises ValueError); under torch.compile
+    every row (capacity = tokens). With a capacity, and under torch.compile, errors that only the
+    labels' values show cannot be raised: the loss is NaN instead when a label is out of range
+    or more rows are labelled than the capacity holds. For BERT's 15% masking, a capacity of
+    20-25% of the tokens is many standard deviations above the count.
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
-              chunk_size)
+              chunk_size, capacity)
     # Under autocast the projection runs in the autocast dtype, as nn.Linear's would.
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), backend)
@@ -435,15 +511,21 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     needs = (grad_on and h2.requires_grad, grad_on and w.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
+    tokens = y.numel()
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.compiler.is_compiling():
+            cap = min(capacity or tokens, tokens)
             loss, lse, hit, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
-                                                                  chunk_size or 0, *needs, chosen)
-        elif not any(needs):  # inference: the driver alone (autograd's apply costs ~35 us)
-            loss, lse, hit, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size, *needs)
+                                                                  chunk_size or 0, *needs, chosen,
+                                                                  cap)
         else:
-            loss, lse, hit, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size, *needs,
-                                                      chosen)
+            cap = None if capacity is None else min(capacity, tokens)
+            if not any(needs):  # inference: the driver alone (autograd's apply costs ~35 us)
+                loss, lse, hit, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size,
+                                                 *needs, cap)
+            else:
+                loss, lse, hit, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size,
+                                                          *needs, chosen, cap)
     if reduction == "none":
         loss = loss.view(out_shape)
         if shift:

@@ -170,3 +170,11 @@ def test_verdict_reports_the_realistic_step_where_it_ran():
     impls, _ = model_bench._impls("bert", model_bench.CASES["bert-tiny"][3], "cpu", compiled=True)
     names = {n.replace(" + CUDA graphs", "") for n in _DEMO_STEP_IMPLS}
     assert names <= set(impls) and "bert-base-demo" in model_bench.CASES
+    # Compiled, fusedlm's BERT computes a capacity of MLM rows; the benchmark's batches fit it.
+    for name in ("fusedlm model, compiled", "fusedlm model, packed, compiled"):
+        assert impls[name][0]._orig_mod.config.mlm_capacity == model_bench.MLM_CAPACITY
+    assert impls["fusedlm model"][0].config.mlm_capacity is None
+    for case in ("bert-base", "bert-base-demo"):
+        _, batch, seq, _ = model_bench.CASES[case]
+        kw, _ = model_bench._batch("bert", batch, seq, 30522, 0.0, "cpu")
+        assert (kw["labels"] != -100).sum() < model_bench.MLM_CAPACITY * batch * seq * 0.8

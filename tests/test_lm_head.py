@@ -84,6 +84,43 @@ def test_mlm_head_compiles_fullgraph():
     assert rel_err(compiled, eager) < 1e-6
 
 
+@pytest.mark.parametrize("capacity", [0.5, 20, 1.0])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mlm_head_capacity_computes_the_labelled_rows_alone(capacity, compiled):
+    """A capacity (rows, or a fraction of them) gives the exact loss and gradients with
+    shapes fixed by the batch's: the labelled rows first, then filler rows that count for
+    nothing, in eager mode and compiled whole."""
+    head = fusedlm.nn.MaskedLMHead(32, 97).to(DEVICE)
+    capped = fusedlm.nn.MaskedLMHead(32, 97, capacity=capacity).to(DEVICE)
+    capped.load_state_dict(head.state_dict())
+    hidden, labels = _mlm_batch(3)
+    n = int((labels != -100).sum())
+    assert n <= 16  # 0.5 of 33 rows is 17: room for them all
+    params = [hidden] + list(head.parameters())
+    want = head(hidden, labels)
+    want_g = torch.autograd.grad(want, params)
+    torch._dynamo.reset()
+    fn = torch.compile(capped, fullgraph=True, backend="aot_eager") if compiled else capped
+    got = fn(hidden, labels, return_details=True)
+    got_g = torch.autograd.grad(got.loss, [hidden] + list(capped.parameters()))
+    assert rel_err(got.loss, want) < 1e-5 and int(got.count) == n
+    for g, w in zip(got_g, want_g):
+        assert rel_err(g, w) < 1e-5
+    assert torch.equal(got_g[0][labels == -100], torch.zeros_like(got_g[0][labels == -100]))
+
+
+def test_mlm_head_capacity_too_small_is_nan_and_bad_capacity_is_named():
+    hidden, labels = _mlm_batch(3)
+    n = int((labels != -100).sum())
+    head = fusedlm.nn.MaskedLMHead(32, 97, capacity=n - 1).to(DEVICE)
+    assert torch.isnan(head(hidden, labels))  # a labelled row left out: never a smaller loss
+    assert torch.isnan(head(hidden, labels, return_details=True).loss)
+    assert torch.isfinite(fusedlm.nn.MaskedLMHead(32, 97, capacity=n).to(DEVICE)(hidden, labels))
+    for bad in (0, -3, 0.0, 1.5, True, "20%"):
+        with pytest.raises(ValueError, match="capacity must be"):
+            fusedlm.nn.MaskedLMHead(32, 97, capacity=bad)
+
+
 def test_lm_head_is_a_linear_with_a_causal_loss():
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 50, bias=False).to(DEVICE)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..nn import LayerNorm, MaskedLMHead
 from ..nn.layers import EncoderLayer
+from ..nn.lm_head import check_capacity
 from ..ops import pad, unpad, unpad_static
 from ..ops._tensors import require
 from .config import FromHF
@@ -39,6 +40,12 @@ class BertConfig(FromHF):
     initializer_range: float = 0.02
     # RoBERTa numbers positions from pad_token_id + 1, counting real tokens only.
     positions_after_padding: bool = False
+    # The most tokens the masked-LM head computes, as a fraction of the tokens it is given (the
+    # real ones in eager mode, every one under torch.compile) or a count: BERT's
+    # max_predictions_per_seq, per batch. None: the labelled tokens exactly in eager mode
+    # (one host sync), every token under torch.compile. Set (0.2 for 15% masking) to compile the
+    # head with the labelled rows' work and no host sync; a batch labelling more: NaN loss.
+    mlm_capacity: Optional[float] = None
 
     HF_MODEL_TYPES = ("bert",)
     HF_FIXED = {"is_decoder": False, "add_cross_attention": False,
@@ -292,9 +299,11 @@ class BertOnlyMLMHead(torch.nn.Module):
 
     def __init__(self, c: BertConfig, word_embeddings):
         super().__init__()
+        check_capacity(c.mlm_capacity, "config.mlm_capacity")
         self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
                                         layer_norm_eps=c.layer_norm_eps,
-                                        decoder_weight=word_embeddings.weight)
+                                        decoder_weight=word_embeddings.weight,
+                                        capacity=c.mlm_capacity)
 
 
 class BertPreTrainingHeads(BertOnlyMLMHead):

@@ -6,26 +6,54 @@ to the word embeddings, output bias) with parameter names that match Hugging Fac
 `LMHead` is an `nn.Linear` (GPT-2's `lm_head`: same parameters, same state_dict) that, given
 labels, returns the fused causal-LM loss instead of the logits.
 """
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 
 from ..ops import lm_loss
+from ..ops.lm_loss import compact_labels
 from .activations import activation
 from .layer_norm import LayerNorm
 
 
-def labelled_rows(hidden, labels, ignore_index=-100):
+def labelled_rows(hidden, labels, ignore_index=-100, capacity=None):
     """The rows of `hidden` (..., H) whose label (hidden's shape without H) is not
     ignore_index, and those labels: a masked-LM head transforms and projects only these.
-    Under torch.compile all rows are kept (a data-dependent shape would break the graph);
-    the loss ignores the rest anyway."""
+    Returns (rows, labels, overflow): overflow is None, or with a capacity a device bool that
+    is True when more rows are labelled than the capacity holds (the caller's loss is NaN then).
+
+    capacity None: exactly the labelled rows in eager mode (one host sync); under torch.compile
+    every row (a data-dependent shape would break the graph; the loss ignores the rest).
+    capacity: an int (rows) or a float in (0, 1] (a fraction of the rows, rounded up): that many
+    rows, the labelled ones first (`ops.lm_loss.compact_labels`), with no host sync."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(hidden.device)
+    if capacity is not None:
+        rows = capacity_rows(capacity, y.numel())
+        idx, y_c, count = compact_labels(y, rows, ignore_index)
+        return (h, y, None) if idx is None else (h.index_select(0, idx), y_c, count > rows)
     if torch.compiler.is_compiling():
-        return h, y
+        return h, y, None
     idx = (y != ignore_index).nonzero().squeeze(1)
-    return h.index_select(0, idx), y.index_select(0, idx)
+    return h.index_select(0, idx), y.index_select(0, idx), None
+
+
+def capacity_rows(capacity, rows):
+    """`capacity` (an int, or a float in (0, 1]: a fraction of `rows`, rounded up) as rows."""
+    if isinstance(capacity, float):
+        return max(1, math.ceil(capacity * rows))
+    return capacity
+
+
+def check_capacity(capacity, name="capacity"):
+    if capacity is None:
+        return
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or \
+            (isinstance(capacity, int) and capacity < 1) or \
+            (isinstance(capacity, float) and not 0.0 < capacity <= 1.0):
+        raise ValueError(f"{name} must be None, a positive int (rows) or a float in (0, 1] (a "
+                         f"fraction of the rows), got {capacity!r}")
 
 
 class PredictionHeadTransform(torch.nn.Module):
@@ -50,13 +78,18 @@ class MaskedLMHead(torch.nn.Module):
     loss over labelled tokens, computed from the labelled rows only: the transform and the
     projection never see the ~85% of positions whose loss would be thrown away, and the logits
     never exist whole. `return_details=True` gives an LMLossOutput (loss, z_loss, accuracy,
-    count). `decoder_weight` ties the decoder to the word embeddings' weight.
+    count). `decoder_weight` ties the decoder to the word embeddings' weight. `capacity`: the
+    most labelled rows computed (see `labelled_rows`): set it to compile the head with the work
+    of the labelled rows and no host sync; a batch that labels more gives a NaN loss.
     """
 
     def __init__(self, hidden_size, vocab_size, *, hidden_act="gelu", layer_norm_eps=1e-12,
                  decoder_weight: Optional[torch.nn.Parameter] = None, ignore_index=-100,
-                 label_smoothing=0.0, z_loss=0.0, backend: Optional[str] = None):
+                 label_smoothing=0.0, z_loss=0.0, capacity: Union[int, float, None] = None,
+                 backend: Optional[str] = None):
         super().__init__()
+        check_capacity(capacity)
+        self.capacity = capacity
         self.transform = PredictionHeadTransform(hidden_size, hidden_act, layer_norm_eps, backend)
         self.decoder = torch.nn.Linear(hidden_size, vocab_size, bias=False)
         if decoder_weight is not None:
@@ -74,10 +107,16 @@ class MaskedLMHead(torch.nn.Module):
             return self.decoder(self.transform(hidden))
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-        h, y = labelled_rows(hidden, labels, self.ignore_index)
-        return lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
-                       ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                       z_loss=self.z_loss, return_details=return_details, backend=self.backend)
+        h, y, overflow = labelled_rows(hidden, labels, self.ignore_index, self.capacity)
+        out = lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
+                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                      z_loss=self.z_loss, return_details=return_details, backend=self.backend,
+                      capacity=None if self.capacity is None else y.numel())
+        if overflow is None:
+            return out
+        if return_details:
+            return out._replace(loss=out.loss.masked_fill(overflow, float("nan")))
+        return out.masked_fill(overflow, float("nan"))
 
 
 class LMHead(torch.nn.Linear):

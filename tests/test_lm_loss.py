@@ -309,6 +309,16 @@ def test_default_chunk_size_bounds_the_logits_buffer():
     assert default_chunk_size(10 ** 7, torch.float32) == 128  # a floor, for huge vocabularies
 
 
+def test_logits_rows_are_16_byte_aligned_and_contiguous_once_padded():
+    from fusedlm.ops.lm_loss import GEMM_ALIGN, logits_pitch
+    for dtype, size in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+        for vocab in (2, 30522, 50257, 128256):
+            pitch = logits_pitch(vocab, dtype)
+            assert pitch >= vocab and pitch * size % 16 == 0 and pitch - vocab < 16 // size
+            padded = -(-vocab // GEMM_ALIGN) * GEMM_ALIGN  # what a GPU's GEMMs see
+            assert logits_pitch(padded, dtype) == padded  # no gap between rows: contiguous
+
+
 def test_gemm_operands_pad_the_vocabulary_with_zeros(monkeypatch):
     loss_mod = importlib.import_module("fusedlm.ops.lm_loss")
     from fusedlm.ops.lm_loss import GEMM_ALIGN, _gemm_operands

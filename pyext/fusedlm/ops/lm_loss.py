@@ -182,6 +182,16 @@ def _gemm_align(device):
     return GEMM_ALIGN if device.type == "cuda" else 1
 
 
+def logits_pitch(padded, dtype):
+    """The logits buffer's row pitch: the (padded) vocabulary rounded up to 16 bytes, so every
+    row starts 16-byte aligned (the row kernels' vector loads, cuBLAS's aligned kernels) and no
+    more. On a GPU the padded vocabulary already is a multiple of 16 bytes: the buffer is then
+    contiguous, an `out=` that cuBLASLt can write with the bias in its epilogue and whose column
+    sum (d_bias) reads contiguous memory (a wider pitch made it strided)."""
+    row = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-padded // row) * row
+
+
 def _gemm_operands(weight, bias):
     """weight (V, H) and bias (V,) zero-padded to a multiple of _gemm_align rows; the tensors
     themselves when V is one already."""
@@ -228,11 +238,9 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     padded = w_g.shape[0]
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
     dw = torch.zeros_like(w_g) if compute_grad and need_dw else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
+    db = torch.zeros(padded, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
-    # The logits' row pitch is rounded up to 64 elements, so that all three GEMMs get 16-byte
-    # aligned leading dimensions for any vocabulary (GPT-2's 50257 included).
-    pitch = -(-padded // 64) * 64
+    pitch = logits_pitch(padded, h.dtype)
     buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :padded] if n else None
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
@@ -252,7 +260,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         if dw is not None:
             dw.addmm_(logits_g.t(), h_c)
         if db is not None:
-            db += logits.sum(0, dtype=torch.float32)
+            db += logits_g.sum(0, dtype=torch.float32)  # the pad columns' gradient is 0
     if dw is not None:
         dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
     if sel.weight is not None:  # static: ignored rows count for nothing
@@ -265,7 +273,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
     if db is not None and bias is not None:
-        db = db.to(bias.dtype)
+        db = db[:vocab].to(bias.dtype)
     return stats[0], stats[1], stats[2], sel.count_t, dh, dw, db
 
 

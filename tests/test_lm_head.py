@@ -109,12 +109,12 @@ def test_mlm_head_capacity_computes_the_labelled_rows_alone(capacity, compiled):
     assert torch.equal(got_g[0][labels == -100], torch.zeros_like(got_g[0][labels == -100]))
 
 
-def test_mlm_head_capacity_too_small_is_nan_and_bad_capacity_is_named():
+def test_mlm_head_capacity_too_small_is_an_error_and_bad_capacity_is_named():
     hidden, labels = _mlm_batch(3)
     n = int((labels != -100).sum())
     head = fusedlm.nn.MaskedLMHead(32, 97, capacity=n - 1).to(DEVICE)
-    assert torch.isnan(head(hidden, labels))  # a labelled row left out: never a smaller loss
-    assert torch.isnan(head(hidden, labels, return_details=True).loss)
+    with pytest.raises(ValueError, match=f"more labelled rows than capacity={n - 1}"):
+        head(hidden, labels)  # a labelled row left out: never a smaller loss
     assert torch.isfinite(fusedlm.nn.MaskedLMHead(32, 97, capacity=n).to(DEVICE)(hidden, labels))
     for bad in (0, -3, 0.0, 1.5, True, "20%"):
         with pytest.raises(ValueError, match="capacity must be"):

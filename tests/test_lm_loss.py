@@ -102,19 +102,37 @@ def _static_call(backend, capacity, labels, reduction="mean", vocab=30):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_capacity_overflow_and_bad_labels_give_nan_not_a_wrong_loss(backend, reduction):
+def test_capacity_overflow_and_bad_labels_are_errors_not_a_wrong_loss(backend, reduction):
     labels = torch.full((12,), -100)
     labels[:6] = 3
     assert torch.isfinite(_static_call(backend, 6, labels, reduction).loss).all()
-    # Seven labelled rows in a capacity of six: one would be left out, silently; NaN instead.
+    # Seven labelled rows in a capacity of six: one would be left out, silently.
     labels[6] = 4
-    assert torch.isnan(_static_call(backend, 6, labels, reduction).loss).all()
-    # A label outside [0, V) cannot raise without reading the labels back: NaN instead.
-    labels[6] = 30
-    assert torch.isnan(_static_call(backend, 12, labels, reduction).loss).all()
-    # Eager without a capacity reads the labels and raises, naming them.
-    with pytest.raises(ValueError, match="labels must be in"):
-        _static_call(backend, None, labels, reduction)
+    with pytest.raises(ValueError, match="more labelled rows than capacity=6"):
+        _static_call(backend, 6, labels, reduction)
+    labels[6] = 30  # V = 30
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 30\)"):
+        _static_call(backend, 12, labels, reduction)
+
+
+def _checks_as_on_a_gpu(monkeypatch):
+    """`require` as it runs on a GPU or in a compiled graph: a device-side assert, no read."""
+    mod = importlib.import_module("fusedlm.ops.lm_loss")
+    monkeypatch.setattr(mod, "require", lambda ok, message: torch._assert_async(ok, message))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the CPU's reading of the check; a GPU asserts on the device")
+def test_capacity_checks_run_on_the_device_where_reading_would_wait(monkeypatch):
+    """Where the host may not read (a GPU, a compiled graph), the same checks are device-side
+    asserts carrying the message."""
+    seen = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: seen.append(msg))
+    _checks_as_on_a_gpu(monkeypatch)
+    labels = torch.full((12,), -100)
+    labels[:7] = 3
+    _static_call("torch", 6, labels)
+    assert any("more labelled rows than capacity=6" in m for m in seen)
+    assert any("labels must be in [0, 30)" in m for m in seen)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,6 +144,7 @@ def test_capacity_path_never_reads_back_to_the_host(backend, reduction, monkeypa
 
     def forbidden(*a, **k):
         raise AssertionError("host read-back in the capacity path")
+    _checks_as_on_a_gpu(monkeypatch)
     for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "nonzero", forbidden)

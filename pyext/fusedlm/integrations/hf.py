@@ -261,7 +261,7 @@ def _fused_loss(model, num_items, hidden, weight, labels, bias, **options):
 
 def _mlm_loss(model, num_items, hidden, labels):
     transform, decoder = _mlm_head(model)
-    h, y, _ = labelled_rows(hidden, labels)
+    h, y = labelled_rows(hidden, labels)
     return _fused_loss(model, num_items, transform(h), decoder.weight, y, decoder.bias)
 
 

@@ -44,7 +44,7 @@ class BertConfig(FromHF):
     # real ones in eager mode, every one under torch.compile) or a count: BERT's
     # max_predictions_per_seq, per batch. None: the labelled tokens exactly in eager mode
     # (one host sync), every token under torch.compile. Set (0.2 for 15% masking) to compile the
-    # head with the labelled rows' work and no host sync; a batch labelling more: NaN loss.
+    # head with the labelled rows' work and no host sync; a batch labelling more is an error.
     mlm_capacity: Optional[float] = None
 
     HF_MODEL_TYPES = ("bert",)

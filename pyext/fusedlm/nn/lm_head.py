@@ -20,23 +20,21 @@ from .layer_norm import LayerNorm
 def labelled_rows(hidden, labels, ignore_index=-100, capacity=None):
     """The rows of `hidden` (..., H) whose label (hidden's shape without H) is not
     ignore_index, and those labels: a masked-LM head transforms and projects only these.
-    Returns (rows, labels, overflow): overflow is None, or with a capacity a device bool that
-    is True when more rows are labelled than the capacity holds (the caller's loss is NaN then).
 
     capacity None: exactly the labelled rows in eager mode (one host sync); under torch.compile
     every row (a data-dependent shape would break the graph; the loss ignores the rest).
     capacity: an int (rows) or a float in (0, 1] (a fraction of the rows, rounded up): that many
-    rows, the labelled ones first (`ops.lm_loss.compact_labels`), with no host sync."""
+    rows, the labelled ones first, then ignored ones, with no host sync
+    (`ops.lm_loss.compact_labels`: more labelled rows than the capacity is an error)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(hidden.device)
     if capacity is not None:
-        rows = capacity_rows(capacity, y.numel())
-        idx, y_c, count = compact_labels(y, rows, ignore_index)
-        return (h, y, None) if idx is None else (h.index_select(0, idx), y_c, count > rows)
+        idx, y_c, _ = compact_labels(y, capacity_rows(capacity, y.numel()), ignore_index)
+        return (h, y) if idx is None else (h.index_select(0, idx), y_c)
     if torch.compiler.is_compiling():
-        return h, y, None
+        return h, y
     idx = (y != ignore_index).nonzero().squeeze(1)
-    return h.index_select(0, idx), y.index_select(0, idx), None
+    return h.index_select(0, idx), y.index_select(0, idx)
 
 
 def capacity_rows(capacity, rows):
@@ -80,7 +78,7 @@ class MaskedLMHead(torch.nn.Module):
     never exist whole. `return_details=True` gives an LMLossOutput (loss, z_loss, accuracy,
     count). `decoder_weight` ties the decoder to the word embeddings' weight. `capacity`: the
     most labelled rows computed (see `labelled_rows`): set it to compile the head with the work
-    of the labelled rows and no host sync; a batch that labels more gives a NaN loss.
+    of the labelled rows and no host sync; a batch that labels more is an error.
     """
 
     def __init__(self, hidden_size, vocab_size, *, hidden_act="gelu", layer_norm_eps=1e-12,
@@ -107,16 +105,11 @@ class MaskedLMHead(torch.nn.Module):
             return self.decoder(self.transform(hidden))
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-        h, y, overflow = labelled_rows(hidden, labels, self.ignore_index, self.capacity)
-        out = lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
-                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                      z_loss=self.z_loss, return_details=return_details, backend=self.backend,
-                      capacity=None if self.capacity is None else y.numel())
-        if overflow is None:
-            return out
-        if return_details:
-            return out._replace(loss=out.loss.masked_fill(overflow, float("nan")))
-        return out.masked_fill(overflow, float("nan"))
+        h, y = labelled_rows(hidden, labels, self.ignore_index, self.capacity)
+        return lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
+                       ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                       z_loss=self.z_loss, return_details=return_details, backend=self.backend,
+                       capacity=None if self.capacity is None else y.numel())
 
 
 class LMHead(torch.nn.Linear):

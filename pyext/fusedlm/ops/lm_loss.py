@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, dtype_differs, first_derivative_only, unit_stride
+from ._tensors import autocast_inputs, dtype_differs, first_derivative_only, require, unit_stride
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -119,7 +119,6 @@ class _Rows(NamedTuple):
     weight: Optional[Tensor]  # static selection: 1.0 where the row counts, 0.0 at an ignored one
     count: object             # labelled rows: an int (exact) or an int64 device scalar (static)
     count_t: Tensor           # the same as an int64 device scalar (no host-to-device copy)
-    poison: Optional[Tensor]  # static selection: True when the result must be NaN (see below)
 
 
 def _exact_rows(labels, ignore_index, vocab):
@@ -130,7 +129,7 @@ def _exact_rows(labels, ignore_index, vocab):
     one only when some rows are ignored (callers that compacted already pay just the first)."""
     valid = labels != ignore_index
     if labels.numel() == 0:
-        return _Rows(None, labels, None, 0, valid.sum(), None)
+        return _Rows(None, labels, None, 0, valid.sum())
     big = torch.iinfo(labels.dtype).max
     facts = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
                          torch.where(valid, labels, -big).max()])
@@ -139,37 +138,38 @@ def _exact_rows(labels, ignore_index, vocab):
         raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
                          f"dimension) or equal ignore_index={ignore_index}, got {lo if lo < 0 else hi}")
     if count == labels.numel():
-        return _Rows(None, labels, None, count, facts[0], None)
+        return _Rows(None, labels, None, count, facts[0])
     idx = valid.nonzero().squeeze(1)
-    return _Rows(idx, labels.index_select(0, idx), None, count, facts[0], None)
+    return _Rows(idx, labels.index_select(0, idx), None, count, facts[0])
 
 
 def compact_labels(labels: Tensor, capacity: int, ignore_index: int = -100):
     """The first `capacity` labelled positions of `labels` (1-D) with shapes that do not depend
-    on the data: (idx (min(capacity, len),), their labels, the labelled count as a device
-    scalar). Labelled positions come first, in order, then ignored ones fill the capacity; a
-    count above the capacity means labelled positions were left out (callers turn their result
-    into NaN then). Nothing is read back to the host, so this runs under CUDA graphs."""
+    on the data: (idx (capacity,) or None when the capacity holds every position, their labels,
+    the labelled count as a device scalar). Labelled positions come first, in order, then
+    ignored ones fill the capacity. More labelled positions than the capacity is an error
+    (`_tensors.require`: raised on a CPU, a device-side assert on a GPU), never a smaller loss.
+    Nothing is read back to the host on a GPU, so this runs under CUDA graphs."""
     valid = labels != ignore_index
     count = valid.sum()
     if capacity >= labels.numel():
         return None, labels, count
+    require(count <= capacity, f"more labelled rows than capacity={capacity}: raise the capacity "
+                               "(for BERT's 15% masking, 20-25% of the tokens)")
     # A stable sort by "is ignored" puts the labelled positions first, in order.
     idx = torch.argsort((~valid).to(torch.uint8), stable=True)[:capacity]
     return idx, labels.index_select(0, idx), count
 
 
 def _static_rows(labels, ignore_index, vocab, capacity):
-    """At most `capacity` rows, chosen with no host sync. What eager's exact selection raises
-    for cannot be raised without reading the labels back, so it poisons the result instead
-    (NaN loss): a label outside [0, vocab) that is not ignore_index, or more labelled rows
-    than the capacity holds."""
+    """At most `capacity` rows, chosen with no host sync; labels checked on the device."""
     idx, picked, count = compact_labels(labels, capacity, ignore_index)
     counted = picked != ignore_index
     in_range = (picked >= 0) & (picked < vocab)
-    poison = (counted & ~in_range).any() | (count > capacity)
-    return _Rows(idx, torch.where(counted & in_range, picked, 0), counted.float(), count, count,
-                 poison)
+    require((in_range | ~counted).all(),
+            f"labels must be in [0, {vocab}) (the vocabulary size, weight's first dimension) or "
+            f"equal ignore_index={ignore_index}")
+    return _Rows(idx, torch.where(counted & in_range, picked, 0), counted.float(), count, count)
 
 
 # Elements the GEMMs' vocabulary extent is padded to on a GPU (see the module docstring); 1 turns
@@ -211,7 +211,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     row's loss scaled by 1/count), a float (each row's loss scaled alike: 1 for 'sum') or a (T,)
     tensor of per-row scales ('none'; the upstream gradient). capacity: None selects the
     labelled rows exactly (a host sync, label errors raised); an int selects at most that many
-    with no host sync (`_static_rows`). Returns (loss_rows, lse_rows, hit_rows) of shape (T,)
+    with no host sync (`_static_rows`, label errors checked on the device). Returns (loss_rows, lse_rows, hit_rows) of shape (T,)
     with zeros at ignored rows, the labelled count (an int64 device scalar), and dh (T, H), dw,
     db or None."""
     tokens, hidden = h.shape
@@ -267,8 +267,6 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         stats = [t * sel.weight for t in stats]
     if idx is not None:  # back to one entry per token, zero at ignored ones
         stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
-    if sel.poison is not None:  # every row, including any the capacity left out
-        stats[0] = stats[0].masked_fill(sel.poison, float("nan"))
     dh = dh_c
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
@@ -496,10 +494,11 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     `capacity`: the most labelled rows computed, chosen with no host synchronization (so the
     call can be captured in a CUDA graph). None: in eager mode the labelled rows exactly (one
     host sync reads their count; a label out of range raises ValueError); under torch.compile
-    every row (capacity = tokens). With a capacity, and under torch.compile, errors that only the
-    labels' values show cannot be raised: the loss is NaN instead when a label is out of range
-    or more rows are labelled than the capacity holds. For BERT's 15% masking, a capacity of
-    20-25% of the tokens is many standard deviations above the count.
+    every row (capacity = tokens). With a capacity, and under torch.compile, what only the labels'
+    values show (a label out of range, more labelled rows than the capacity) is checked on the
+    device: a ValueError on a CPU, a device-side assert with the message on a GPU (PyTorch's
+    own index checks do the same; the CUDA context is unusable afterwards). For BERT's 15%
+    masking, a capacity of 20-25% of the tokens is many standard deviations above the count.
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
               chunk_size, capacity)

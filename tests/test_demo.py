@@ -18,6 +18,36 @@ def data():
     return tok, PretrainingBatches(enc, tok.get_vocab_size(), 48, seed=5)
 
 
+def test_tokenizer_is_the_same_in_every_process():
+    """The same text gives the same vocabulary and ids in separate processes (the tokenizers
+    library's own trainer did not: its ties fall in a per-process random order)."""
+    import subprocess
+    import sys
+    code = ("from fusedlm.demo import corpus; from fusedlm.demo.data import train_tokenizer; "
+            "docs = corpus.generate_documents(300, seed=3); "
+            "print(train_tokenizer([s for d in docs for s in d], 120).to_str())")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(__import__("os").environ, PYTHONHASHSEED=str(seed))).stdout
+            for seed in (1, 2)]
+    assert outs[0] == outs[1] and len(outs[0]) > 1000
+
+
+def test_tokenizer_keeps_frequent_words_whole_and_never_loses_a_character():
+    docs = corpus.generate_documents(300, seed=3)
+    texts = [s for d in docs for s in d]
+    tok = train_tokenizer(texts, 1000)
+    words = {w for t in texts for w in t.split()}
+    assert tok.get_vocab_size() < 1000 and all(w in tok.get_vocab() for w in words)
+    small = train_tokenizer(texts, 80)  # characters and a few words: the rest in pieces
+    assert small.get_vocab_size() == 80
+    for t in texts[:50]:
+        enc = small.encode(t)
+        assert "[UNK]" not in enc.tokens
+        assert "".join(p.removeprefix("##") for p in enc.tokens) == t.replace(" ", "")
+    with pytest.raises(ValueError, match="vocab_size 20 is too small"):
+        train_tokenizer(texts, 20)
+
+
 def test_corpus_is_a_function_of_the_seed():
     assert corpus.generate_documents(20, seed=1) == corpus.generate_documents(20, seed=1)
     assert corpus.generate_documents(20, seed=1) != corpus.generate_documents(20, seed=2)

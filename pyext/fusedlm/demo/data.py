@@ -1,5 +1,6 @@
-"""Tokenizer and batches for the demo: a WordPiece tokenizer trained on the fly (the `tokenizers`
-library), BERT's masked-LM + next-sentence examples, and classification batches.
+"""Tokenizer and batches for the demo: a WordPiece tokenizer built on the fly (the `tokenizers`
+library's model, a deterministic vocabulary), BERT's masked-LM + next-sentence examples, and
+classification batches.
 
 Every batch is a pure function of (seed, step), so the fused and the reference run see the same
 batches, and under torch.distributed each rank takes its slice of the same global batch.
@@ -14,20 +15,39 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL))
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A lower-casing BERT WordPiece tokenizer trained on `texts`."""
+    """A lower-casing BERT WordPiece tokenizer for `texts`, the same in every process: the
+    special tokens, every character seen (alone and as a "##" continuation, so nothing is ever
+    [UNK]), then the most frequent words whole (ties in alphabetical order) up to
+    `vocab_size`; a rarer word is split greedily into the longest pieces in the vocabulary, as
+    WordPiece does. (The `tokenizers` library's trainer breaks ties between equally frequent
+    merges in a per-process random order, so the same corpus and seed gave different
+    vocabularies, and different results, from run to run.)"""
     try:
-        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     except ImportError as e:  # the demo's dependencies are an extra: say which
         raise RuntimeError("fusedlm pretrain needs the `tokenizers` library: "
                            "pip install 'fusedlm[demo]'") from e
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                             special_tokens=SPECIAL,
-                                                             show_progress=False))
-    if [tok.token_to_id(t) for t in SPECIAL] != list(range(len(SPECIAL))):
-        raise RuntimeError("tokenizer: special tokens did not get ids 0..4")
+    from collections import Counter
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts
+                    for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIAL + chars + ["##" + c for c in chars]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for this text: its special tokens "
+                         f"and characters alone take {len(vocab)}")
+    known = set(vocab)
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) == vocab_size:
+            break
+        if w not in known:
+            vocab.append(w)
+            known.add(w)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     return tok
 
 

@@ -30,12 +30,22 @@ def _models():
         "MistralForCausalLM": lambda: t.MistralForCausalLM(t.MistralConfig(**LLAMA, sliding_window=None)),
         "Qwen2ForCausalLM": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**LLAMA)),
         "Qwen3ForCausalLM": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**LLAMA, head_dim=8)),
+        # ModernBERT: rotary, bias-free LayerNorms, GeGLU; local (sliding-window) layers between
+        # global ones, the window (2 each side) much shorter than the batch's 15 tokens.
+        "ModernBertForMaskedLM": lambda: t.ModernBertForMaskedLM(t.ModernBertConfig(**MODERNBERT)),
+        "ModernBertModel": lambda: t.ModernBertModel(t.ModernBertConfig(**MODERNBERT)),
     }
 
 
 LLAMA = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=40,
              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+MODERNBERT = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, global_attn_every_n_layers=2, local_attention=4,
+                  max_position_embeddings=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2)
 
 
 def _inputs(name):
@@ -92,7 +102,7 @@ def test_patched_model_matches_the_original(name):
 
 
 @pytest.mark.parametrize("name", ["GPT2LMHeadModel", "RobertaForMaskedLM", "BertForMaskedLM",
-                                  "BertForPreTraining"])
+                                  "BertForPreTraining", "ModernBertForMaskedLM"])
 def test_loss_honours_num_items_in_batch_as_the_original_does(name):
     """Trainer passes num_items_in_batch with gradient accumulation: a class whose own loss
     divides the sum by it must get the same from the patch (the others average either way)."""
@@ -313,7 +323,7 @@ def _packed_batch(lengths, seed=3):
     return seqs, ids, positions, cu
 
 
-@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "BertModel"])
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "BertModel", "ModernBertModel"])
 @pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
 def test_packed_row_attends_within_each_sequence(name, given):
     """Padding-free batches (one row of concatenated sequences, as DataCollatorWithFlattening
@@ -332,6 +342,27 @@ def test_packed_row_attends_within_each_sequence(name, given):
     for s, (a, b) in zip(seqs, zip(cu[:-1].tolist(), cu[1:].tolist())):
         alone = hidden(model(input_ids=s[None].to(DEVICE)))[0]
         assert rel_err(packed[a:b], alone) < 1e-5
+
+
+def test_modernbert_report_windows_and_exact_unpatch():
+    """ModernBERT's local layers keep their window under fusedlm's attention (a model with no
+    window differs), its base model gets the boundaries hook, and unpatch removes it."""
+    torch.manual_seed(0)
+    ref = _models()["ModernBertForMaskedLM"]().to(DEVICE).eval()
+    assert [layer.attn.sliding_window for layer in ref.model.layers] == [None, 3, None]
+    model = copy.deepcopy(ref)
+    report = str(fusedlm.patch(model))
+    assert "LayerNorm: 8 module(s)" in report and "loss: fused" in report
+    assert "ModernBertModel: padding-free rows' sequence boundaries" in report
+    kw, mask = _inputs("ModernBertForMaskedLM")
+    kw.pop("labels")
+    got = model(**kw).logits  # no labels: the original forward, on patched modules
+    assert rel_err(got[mask], ref(**kw).logits[mask]) < 1e-5
+    wide = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**dict(MODERNBERT, local_attention=40)))
+    wide.load_state_dict(ref.state_dict())
+    assert rel_err(wide.to(DEVICE).eval()(**kw).logits[mask], got[mask]) > 1e-3  # windows matter
+    fusedlm.unpatch(model)
+    assert not model.model._forward_pre_hooks and model.config._attn_implementation == "sdpa"
 
 
 def test_flattening_collator_loss_is_each_sequences_own():

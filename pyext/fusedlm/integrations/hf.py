@@ -155,13 +155,39 @@ def _packed_offsets(query, key, attention_mask, kwargs):
     total = query.shape[2]
     if positions is None or total == 1 or key.shape[2] != total or positions.numel() != total:
         return None
+    return _offsets_from_positions(positions)
+
+
+def _offsets_from_positions(positions):
+    """(cu, cu, longest, longest) for one row of sequences whose positions restart (at their
+    minimum), or None when they do not start at the row's first token; one host read."""
     positions = positions.reshape(-1)
+    total = positions.numel()
     starts = (positions == positions.min()).nonzero().view(-1).to(torch.int32)
     cu = torch.cat([starts, starts.new_tensor([total])])
     first, longest = torch.stack([cu[0], cu.diff().max()]).tolist()  # one read
     if first != 0:  # not sequences restarting at a common first position
         return None
     return cu, cu, longest, longest
+
+
+# Base models that use position_ids themselves (rotary embeddings) but do not hand them to their
+# attention, which then cannot see a padding-free row's sequence boundaries: `patch` gives them
+# a hook that turns restarting position_ids into the collator's cu_seq_lens_q/k keywords.
+_POSITIONS_NOT_PASSED_DOWN = ("ModernBertModel",)
+
+
+def _offsets_hook(module, args, kwargs):
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    positions = kwargs.get("position_ids")
+    if (getattr(module.config, "_attn_implementation", None) != ATTN_NAME or positions is None
+            or kwargs.get("attention_mask") is not None or any(kwargs.get(n) is not None for n in names)
+            or positions.dim() != 2 or positions.shape[0] != 1 or positions.shape[1] < 2):
+        return None
+    offsets = _offsets_from_positions(positions)
+    if offsets is None:
+        return None
+    return args, dict(kwargs, **dict(zip(names, offsets)))
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -234,6 +260,8 @@ def _mlm_head(model):
         return (lambda x: h.layer_norm(gelu(h.dense(x)))), h.decoder
     if name == "DistilBertForMaskedLM":
         return (lambda x: model.vocab_layer_norm(model.activation(model.vocab_transform(x)))), model.vocab_projector
+    if name == "ModernBertForMaskedLM":  # its sparse_prediction is what the fused loss always does
+        return model.head, model.decoder
     return None
 
 
@@ -315,6 +343,7 @@ _LOSS_FORWARDS = {
     "BertForMaskedLM": _mlm_forward,
     "RobertaForMaskedLM": _mlm_forward,
     "DistilBertForMaskedLM": _mlm_forward,
+    "ModernBertForMaskedLM": _mlm_forward,
     "BertForPreTraining": _pretraining_forward,
     "GPT2LMHeadModel": _causal_forward,
     # The Llama family: RoPE'd, grouped-query attention; RMSNorm; an untied or tied lm_head.
@@ -337,7 +366,7 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
         raise ValueError("model is already patched by fusedlm; call fusedlm.unpatch(model) first")
     name = type(model).__name__
     report = PatchReport(name)
-    state = {"attn": None, "norms": [], "forward": False}
+    state = {"attn": None, "norms": [], "forward": False, "hooks": []}
 
     why_not_attention = _unsupported_attention_config(model.config, model) if attention else None
     if why_not_attention is not None:
@@ -351,6 +380,12 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
                 cfg._attn_implementation = ATTN_NAME
         report.patched.append(f"attention: '{state['attn']}' -> '{ATTN_NAME}' (masks through "
                               "AttentionMaskInterface)")
+        for m in model.modules():
+            if type(m).__name__ in _POSITIONS_NOT_PASSED_DOWN:
+                state["hooks"].append(m.register_forward_pre_hook(_offsets_hook, with_kwargs=True))
+                report.patched.append(f"{type(m).__name__}: padding-free rows' sequence boundaries "
+                                      "from restarting position_ids (it does not pass them to "
+                                      "its attention)")
     else:
         report.left_alone.append(("attention", "attention=False"))
 
@@ -398,6 +433,8 @@ def unpatch(model):
             cfg = getattr(m, "config", None)
             if cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTN_NAME:
                 cfg._attn_implementation = state["attn"]
+    for hook in state["hooks"]:
+        hook.remove()
     if state["forward"]:
         del model.forward
         del model._fusedlm_original_forward

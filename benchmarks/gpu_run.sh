@@ -79,6 +79,10 @@ run_step() {
     some-tests) cmd=("${PYTEST[@]}" --tb=short $(for t in $SOME_TESTS; do echo "$SRC/$t"; done)) ;;
     bench-attention) cmd=($BENCH attention ${ATTN_ARGS:-} $(files attention)) ;;
     bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
+    # The measured dispatch table for this GPU (commit $OUT's measured_dispatch.json as
+    # pyext/fusedlm/ops/measured_dispatch.json once the GPU suite has passed on these kernels).
+    tune-layer_norm) cmd=($BENCH layer_norm --dtype bf16 fp16 fp32 --rows 16384
+                          --tune "$W/measured_dispatch.json" $(files layer_norm-tune)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
     bench-host) cmd=($BENCH host $(files host)) ;;

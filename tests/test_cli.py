@@ -103,6 +103,14 @@ def test_bad_pretrain_and_bench_values_are_a_usage_error(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine with no GPU")
+def test_tune_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "layer_norm", "--tune", str(tmp_path / "t.json")])
+    assert info.value.code == 2 and "--tune measures" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
 TINY = ["--steps", "12", "--finetune-steps", "6", "--batch", "8", "--hidden", "32", "--heads", "2",
         "--docs", "60", "--vocab", "200", "--no-progress"]
 

@@ -116,3 +116,97 @@ def test_renamed_modules_keep_their_old_names_for_a_release(monkeypatch, old, ne
     assert public and all(getattr(alias, n) is getattr(module, n) for n in public)
     with pytest.raises(AttributeError, match="no attribute"):
         alias.not_there
+
+
+# ---- the measured table --------------------------------------------------------------------
+
+def _fake_op():
+    """An op whose every backend serves every case, so the table alone decides (on any machine)."""
+    from typing import NamedTuple
+
+    from fusedlm.ops import dispatch
+
+    class FakeCase(NamedTuple):
+        device_type: str
+        dtype: torch.dtype
+        columns: int
+    return dispatch.register(dispatch.OpBackends(
+        "fake_norm", FakeCase, {b: (lambda case: None) for b in dispatch.BACKENDS},
+        cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
+
+
+def _table(tmp_path, entries):
+    import json
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": entries}))
+    return str(path)
+
+
+def test_measured_table_orders_the_backends_it_covers(tmp_path, monkeypatch):
+    from fusedlm.ops import dispatch
+    _fake_op()
+    entries = [dict(arch="sm_90", op="fake_norm", case=dict(dtype="bfloat16", columns=[1, 2048]),
+                    order=["cuda", "triton"], ms={"cuda": 0.19, "triton": 0.44}, source="a run"),
+               dict(arch="sm_80", op="fake_norm", case=dict(dtype="bfloat16", columns=[1, 9999]),
+                    order=["torch"])]
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, _table(tmp_path, entries))
+    monkeypatch.setattr(dispatch, "_arch", lambda: "sm_90")
+    dispatch.clear_cache()
+    try:
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 768)) == "cuda"
+        d = dispatch.explain("fake_norm")
+        assert "sm_90, dtype bfloat16, columns 1-2048: cuda 0.19 ms, triton 0.44 ms (a run)" in str(d)
+        # Outside the bucket, another dtype, off a GPU: the fixed order, and no table line.
+        for case in (("cuda", torch.bfloat16, 4096), ("cuda", torch.float32, 768)):
+            assert dispatch.select("fake_norm", case) == "triton"
+            assert dispatch.explain("fake_norm").measured is None
+        assert dispatch.select("fake_norm", ("cpu", torch.bfloat16, 768)) == "torch"
+        # Another architecture's entry does not apply here.
+        monkeypatch.setattr(dispatch, "_arch", lambda: "sm_80")
+        dispatch.clear_cache()
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 768)) == "torch"
+        # A per-call backend still wins over the table.
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 768), "triton") == "triton"
+    finally:
+        dispatch._OPS.pop("fake_norm")
+        dispatch.clear_cache()
+
+
+def test_a_bad_measured_table_is_named(tmp_path, monkeypatch):
+    from fusedlm.ops import dispatch
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, _table(tmp_path, [dict(arch="sm_90", op="layer_norm",
+                                                                      case={}, order=["apex"])]))
+    dispatch.clear_cache()
+    with pytest.raises(ValueError, match="order must name backends"):
+        dispatch.table_entries()
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, str(tmp_path / "missing.json"))
+    dispatch.clear_cache()
+    with pytest.raises(ValueError, match="FUSEDLM_DISPATCH_TABLE=.*no such file"):
+        dispatch.table_entries()
+    monkeypatch.delenv(dispatch.TABLE_ENV_VAR)
+    dispatch.clear_cache()
+    assert dispatch.table_entries() == dispatch.check_table(
+        __import__("json").load(open(dispatch.TABLE_PATH)), "shipped")  # the shipped one is valid
+
+
+def test_tune_entries_from_a_layer_norm_run(tmp_path):
+    """`fusedlm bench layer_norm --tune` turns timings into buckets: numbers of the 2026-11-23
+    H100 run (fwd, bwd ms)."""
+    from fusedlm.bench.layer_norm import tune_entries, write_tuned_table
+    from fusedlm.ops import dispatch
+    runs = {768: {"triton": (0.0646, 0.3736), "cuda": (0.0339, 0.1546)},
+            4096: {"triton": (0.1024, 0.30), "cuda": (0.1271, 0.35)}}
+    results = [dict(op="layer_norm", direction=d, dtype="bfloat16", rows=16384, n=n,
+                    impl=f"fusedlm[{b}]", ms=t[i])
+               for n, per in runs.items() for b, t in per.items() for i, d in enumerate(("fwd", "bwd"))]
+    results.append(dict(op="layer_norm", direction="fwd", dtype="bfloat16", rows=16384, n=8192,
+                        impl="fusedlm[cuda]", ms=0.2))  # one direction only: no entry
+    results.append(dict(op="layer_norm", direction="fwd", dtype="bfloat16", rows=16384, n=768,
+                        impl="torch", ms=0.03))  # not a fusedlm backend: not in the order
+    entries = tune_entries(results, "sm_90", "test")
+    assert [(e["case"]["columns"], e["order"]) for e in entries] == [
+        ([1, 768], ["cuda", "triton"]), ([769, 4096], ["triton", "cuda"])]
+    path = str(tmp_path / "t.json")
+    write_tuned_table(path, entries)
+    table = write_tuned_table(path, entries[:1])  # the same bucket again replaces, not repeats
+    assert len(dispatch.check_table(table, path)) == 2

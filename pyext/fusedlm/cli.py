@@ -135,6 +135,21 @@ def _bench_op(op, args):
     return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]])
 
 
+def _tune(path, results, env):
+    from fusedlm.ops.dispatch import _arch
+    source = (f"fusedlm bench layer_norm on {env.get('device', 'a GPU')}, "
+              f"commit {env.get('git_commit', 'unknown')}")
+    entries = ln_bench.tune_entries(results, _arch(), source)
+    if not entries:
+        raise SystemExit("--tune: no width with fusedlm's backends timed in both directions")
+    ln_bench.write_tuned_table(path, entries)
+    print(f"\nmeasured dispatch ({len(entries)} entries) written to {path}:")
+    for e in entries:
+        c = e["case"]
+        print(f"  {e['arch']} {c['dtype']} columns {c['columns'][0]}-{c['columns'][1]}: "
+              + " < ".join(f"{b} ({e['ms'][b]:.4g} ms)" for b in e["order"]))
+
+
 def cmd_bench(args):
     env = environment()
     _print_env(env)
@@ -151,6 +166,8 @@ def cmd_bench(args):
         if op == "layer_norm":
             print("\nhost cost per call:")
             payload["overhead"] = ln_bench.dispatch_overhead()
+            if getattr(args, "tune", None):
+                _tune(args.tune, payload["results"], env)
     print("\n" + table(payload["results"]))
     if args.out:
         write_json(args.out, payload)
@@ -324,6 +341,10 @@ def _parser():
     b.add_argument("--rows", nargs="+", type=_positive(int), default=[16384] if gpu else [2048])
     b.add_argument("--widths", nargs="+", type=_positive(int), default=list(ln_bench.WIDTHS))
     b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    b.add_argument("--tune", metavar="FILE",
+                   help="write the measured backend order per dtype and width for this GPU into "
+                        "FILE, a dispatch table (commit it as fusedlm/ops/measured_dispatch.json, "
+                        "or point FUSEDLM_DISPATCH_TABLE at it); needs a GPU")
     _outputs(b)
     b = ops.add_parser("attention", help="attention fwd and fwd+bwd TFLOP/s vs SDPA backends")
     b.add_argument("--seq", nargs="+", type=_positive(int), default=[512, 1024, 2048, 4096, 8192] if gpu else [64])
@@ -368,6 +389,8 @@ def main(argv=None):
             p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
         if args.corpus and not os.path.isfile(args.corpus):
             p.error(f"--corpus {args.corpus}: no such file")
+    if getattr(args, "tune", None) and not torch.cuda.is_available():
+        p.error("--tune measures fusedlm's backends on a GPU, and there is none here")
     handlers = {"check": cmd_check, "bench": cmd_bench, "info": cmd_info,
                 "pretrain": cmd_pretrain, "demo": cmd_demo}
     try:

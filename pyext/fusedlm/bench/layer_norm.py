@@ -107,3 +107,49 @@ def dispatch_overhead(device=None, log=print):
                         us=round(us, 2)))
         log(f"  {name:<36} {us:8.2f} us/call")
     return out
+
+
+def tune_entries(results, arch, source):
+    """Measured-dispatch entries (see fusedlm.ops.dispatch) from this benchmark's results: per
+    dtype and measured width, fusedlm's backends in order of forward + backward time. A width's
+    entry covers the widths above the previous measured one up to it (from 1 for the first);
+    wider rows than the widest measured keep the fixed order. Only widths where every backend
+    has both directions count."""
+    times = {}  # (dtype, n) -> backend -> {direction: ms}
+    for r in results:
+        impl = r.get("impl", "")
+        if r.get("op") != "layer_norm" or not impl.startswith("fusedlm[") or "ms" not in r:
+            continue
+        backend = impl[len("fusedlm["):-1]
+        times.setdefault((r["dtype"], r["n"]), {}).setdefault(backend, {})[r["direction"]] = r["ms"]
+    entries = []
+    for dtype in sorted({d for d, _ in times}):
+        lo = 1
+        for n in sorted(n for d, n in times if d == dtype):
+            per = {b: t["fwd"] + t["bwd"] for b, t in times[(dtype, n)].items() if {"fwd", "bwd"} <= set(t)}
+            if per:
+                order = sorted(per, key=per.get)
+                entries.append(dict(arch=arch, op="layer_norm", case=dict(dtype=dtype, columns=[lo, n]),
+                                    order=order, ms={b: round(per[b], 5) for b in order},
+                                    source=source))
+            lo = n + 1
+    return entries
+
+
+def write_tuned_table(path, entries):
+    """Merge `entries` into the measured table at `path` (created if missing): an entry for the
+    same architecture, op and case replaces the old one."""
+    import json
+    import os
+    table = {"about": "fusedlm measured dispatch table (see fusedlm/ops/dispatch.py)", "entries": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+        dispatch.check_table(table, path)
+    key = lambda e: (e["arch"], e["op"], json.dumps(e["case"], sort_keys=True))  # noqa: E731
+    new = {key(e) for e in entries}
+    table["entries"] = [e for e in table["entries"] if key(e) not in new] + list(entries)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    return table

@@ -7,7 +7,10 @@ Three ways to choose, strongest first:
     serve a case, the call falls back to the automatic choice and the decision records why.
   * automatic: the first backend in the op's order of preference that serves the case and is
     verified for that device (a CUDA C++ kernel is not chosen automatically until the GPU suite
-    has passed for it).
+    has passed for it). On a GPU, a measured table (`measured_dispatch.json` beside this file,
+    or the file FUSEDLM_DISPATCH_TABLE names) may put another order first for a GPU
+    architecture, op and case bucket: written by `fusedlm bench layer_norm --tune FILE` from
+    timings on that GPU; the fixed order is the fallback for every case it does not cover.
 
 A case is each op's own NamedTuple (`NormCase`, `LossCase`, `AttentionCase`, defined beside
 the op): the facts its backends' limits depend on, starting with the device type; callers pass
@@ -15,12 +18,15 @@ its values as a plain tuple (see `select`). Every decision
 is cached per case so that the eager hot path pays a dict look-up, and the last decision per op
 is kept for `fusedlm.explain`.
 """
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FUSEDLM_BACKEND"
+TABLE_ENV_VAR = "FUSEDLM_DISPATCH_TABLE"
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_dispatch.json")
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,12 @@ class Decision:
     source: str  # "argument", "FUSEDLM_BACKEND" or "auto"
     skipped: Tuple[Tuple[str, str], ...] = ()  # (backend, why it was not used)
     case: Optional[tuple] = field(default=None, compare=False)
+    measured: Optional[str] = None  # the measured-table entry that ordered the choice
 
     def __str__(self):
         lines = [f"{self.op}: ran on '{self.backend}' (chosen by {self.source})"]
+        if self.measured:
+            lines.append(f"  order from the measured table: {self.measured}")
         lines += [f"  '{b}' not used: {why}" for b, why in self.skipped]
         return "\n".join(lines)
 
@@ -82,8 +91,84 @@ def _check_name(name, what):
         raise ValueError(f"{what} must be one of {', '.join(BACKENDS)} or None, got {name!r}")
 
 
+# ---- the measured table -----------------------------------------------------------------------
+
+def _matches(entry_case: dict, case) -> bool:
+    """An entry's case: field -> a value (equal, dtypes by name) or [lo, hi] (inclusive)."""
+    for name, want in entry_case.items():
+        got = getattr(case, name)
+        got = str(got).replace("torch.", "") if not isinstance(got, (int, float, str)) else got
+        if isinstance(want, list):
+            if not (isinstance(got, (int, float)) and want[0] <= got <= want[1]):
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+def check_table(table: dict, where: str) -> List[dict]:
+    """The entries of a measured table, or ValueError naming what is wrong with it."""
+    entries = table.get("entries") if isinstance(table, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: a measured dispatch table is a JSON object with a list "
+                         "'entries'")
+    for i, e in enumerate(entries):
+        keys = {"arch", "op", "case", "order"}
+        if not isinstance(e, dict) or not keys <= set(e) or not isinstance(e["case"], dict):
+            raise ValueError(f"{where}: entry {i} needs {sorted(keys)} with 'case' an object")
+        if not e["order"] or any(b not in BACKENDS for b in e["order"]):
+            raise ValueError(f"{where}: entry {i}'s order must name backends of {BACKENDS}, "
+                             f"got {e['order']!r}")
+    return entries
+
+
+_TABLE: Optional[List[dict]] = None
+
+
+def table_entries() -> List[dict]:
+    """The measured table in force (read once per process; clear_cache() rereads it)."""
+    global _TABLE
+    if _TABLE is None:
+        path = os.environ.get(TABLE_ENV_VAR) or TABLE_PATH
+        if not os.path.exists(path):
+            if path != TABLE_PATH:
+                raise ValueError(f"{TABLE_ENV_VAR}={path}: no such file")
+            _TABLE = []
+        else:
+            with open(path) as f:
+                _TABLE = check_table(json.load(f), path)
+    return _TABLE
+
+
+def _arch() -> str:
+    import torch
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def _measured_order(op_name, case):
+    """(order, description) of the first table entry for this GPU, op and case, or (None, None)."""
+    entries = [e for e in table_entries() if e["op"] == op_name]
+    if not entries:
+        return None, None
+    arch = _arch()
+    for e in entries:
+        if e["arch"] == arch and _matches(e["case"], case):
+            times = ", ".join(f"{b} {ms:.4g} ms" for b, ms in e.get("ms", {}).items())
+            bucket = ", ".join(f"{k} {v[0]}-{v[1]}" if isinstance(v, list) else f"{k} {v}"
+                               for k, v in e["case"].items())
+            return tuple(e["order"]), (f"{arch}, {bucket}" + (f": {times}" if times else "")
+                                       + (f" ({e['source']})" if e.get("source") else ""))
+    return None, None
+
+
 def _auto(op: OpBackends, case, skipped):
-    for b in op.cuda_order:  # ends with "torch", which serves every case (see register)
+    order, measured = (None, None)
+    if case.device_type == "cuda":
+        order, measured = _measured_order(op.name, case)
+    if order is not None:  # the table's order first, then the fixed order for what it omits
+        order = tuple(order) + tuple(b for b in op.cuda_order if b not in order)
+    for b in order or op.cuda_order:  # ends with "torch", which serves every case (see register)
         why = op.why_not(b, case)
         if why is None and b != "torch":
             if case.device_type != "cuda":
@@ -91,7 +176,7 @@ def _auto(op: OpBackends, case, skipped):
             elif b not in op.gpu_verified:
                 why = f"not yet verified on a GPU, so never chosen automatically; pass backend='{b}'"
         if why is None:
-            return b
+            return b, measured
         skipped.append((b, why))
     raise RuntimeError(f"{op.name}: no backend serves this case: {skipped}")
 
@@ -139,9 +224,9 @@ def _decide(op, case, backend, env):
         if why is None:
             return Decision(op.name, env, ENV_VAR, (), case)
         skipped.append((env, why))
-    chosen = _auto(op, case, skipped)
+    chosen, measured = _auto(op, case, skipped)
     return Decision(op.name, chosen, ENV_VAR if env and chosen == env else "auto",
-                    tuple(s for s in skipped if s[0] != chosen), case)
+                    tuple(s for s in skipped if s[0] != chosen), case, measured)
 
 
 def explain(op_name: Optional[str] = None):
@@ -154,6 +239,9 @@ def explain(op_name: Optional[str] = None):
 
 
 def clear_cache():
+    """Forget every decision and the measured table (reread at the next decision)."""
+    global _TABLE
     for op in _OPS.values():
         op._cache.clear()
     _LAST.clear()
+    _TABLE = None

@@ -581,6 +581,41 @@ def test_sliding_window_refusals_name_the_argument():
     assert why is not None  # the CUDA C++ kernels have no window (or no CUDA here)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attn_return_attn_probs_encodes_the_dropout_pattern(backend, monkeypatch):
+    """flash-attn's S_dmask: the probabilities, a dropped one negated; its sign is the keep
+    mask the call drew (the output is the reference's with that mask) for the backend that ran."""
+    from fusedlm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    dispatch.clear_cache()
+    p = 0.25
+    q, k, v = make(2, 20, 24, 4, 2, 32, torch.float16)  # Sq < Sk: every query sees a key
+    torch.manual_seed(0)
+    out, lse, s_dmask = flash_attn_func(q, k, v, dropout_p=p, causal=True, window_size=(6, 0),
+                                        return_attn_probs=True)
+    assert fusedlm.explain("attention").backend == backend
+    assert s_dmask.shape == (2, 4, 20, 24) and s_dmask.dtype == torch.float32
+    keep = s_dmask >= 0
+    qs, ks, vs = f64(q, k, v)
+    ref, _ = reference.attention(qs, ks, vs, causal=True, window=(6, 0), dropout_p=p,
+                                 dropout_keep=keep)
+    assert rel_err(out, ref) < TOL[torch.float16]
+    # The magnitudes are the probabilities: rows sum to 1.
+    assert torch.allclose(s_dmask.abs().sum(-1), torch.ones(2, 4, 20, device=DEVICE), atol=1e-5)
+    seen = s_dmask != 0
+    rate = keep[seen].float().mean().item()
+    assert abs(rate - (1 - p)) < 0.08, rate
+    # Another draw, another pattern; no dropout, no S_dmask (flash-attn's convention).
+    assert not torch.equal(flash_attn_func(q, k, v, dropout_p=p, causal=True, window_size=(6, 0),
+                                           return_attn_probs=True)[2] >= 0, keep)
+    assert flash_attn_func(q, k, v, return_attn_probs=True)[2] is None
+    cu = torch.tensor([0, 20, 40], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="return_attn_probs"):
+        flash_attn_varlen_func(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu, cu, 20, 20,
+                               dropout_p=p, return_attn_probs=True)
+    dispatch.clear_cache()
+
+
 def test_flash_attn_interface_conventions():
     from fusedlm.flash_attn_interface import (flash_attn_func, flash_attn_qkvpacked_func,
                                               flash_attn_varlen_func)

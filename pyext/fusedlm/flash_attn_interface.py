@@ -10,12 +10,22 @@ Same argument names, order, defaults and return conventions as flash-attn 2 for 
 fusedlm has, sliding windows (window_size), softcapping (softcap) and ALiBi (alibi_slopes)
 included. Features it does not have (paged KV; ALiBi together with softcap) raise a ValueError
 naming the argument instead of computing something else. fusedlm's kernels use no
-atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). With
-`return_attn_probs=True` the third value (flash-attn's debugging S_dmask) is None, and a query
+atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). A query
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
 nothing, where flash-attn writes +inf.
+
+`return_attn_probs=True` with dropout returns flash-attn's debugging S_dmask as the third
+value, in its sign encoding: the attention probabilities (batch, nheads, seqlen_q, seqlen_k),
+float32, each dropped one negated, so `S_dmask >= 0` is the keep mask the call drew (computed
+beside the kernel with the reference math: memory grows with seqlen_q x seqlen_k, as
+flash-attn's does; for tests, not training). Without dropout it is None, as flash-attn's; the
+varlen functions refuse it with dropout (their packed streams draw another layout).
 """
-from .ops.attention import attention, attention_varlen
+import torch
+
+from . import reference
+from .ops import dispatch
+from .ops.attention import _seed, attention, attention_varlen, dropout_mask
 
 
 def _unsupported(block_table=None):
@@ -26,12 +36,26 @@ def _unsupported(block_table=None):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) ->
-    out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), None)."""
+    out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), S_dmask or
+    None: see the module docstring)."""
+    seed = None
+    if return_attn_probs and dropout_p > 0:  # the seed the S_dmask must reproduce
+        seed = _seed(dropout_p, None, q.shape[0] * q.shape[2])
     out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                          return_lse=True, deterministic=deterministic,
                          window_size=tuple(window_size), softcap=softcap,
-                         alibi_slopes=alibi_slopes)
-    return (out, lse, None) if return_attn_probs else out
+                         alibi_slopes=alibi_slopes, seed=seed)
+    if not return_attn_probs:
+        return out
+    if seed is None:
+        return out, lse, None
+    p, _ = reference.attention_probabilities(q.detach(), k.detach(), causal=causal,
+                                             softmax_scale=softmax_scale,
+                                             window=tuple(window_size), softcap=softcap,
+                                             alibi_slopes=alibi_slopes)
+    keep = dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, seed,
+                        q.device, backend=dispatch.explain("attention").backend)
+    return out, lse, torch.where(keep, p, -p).float()
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -48,8 +72,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softcap=0.0, alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, block_table=None):
     """q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim), cu_seqlens int32 ->
-    out (total_q, nheads, headdim); with return_attn_probs, (out, lse (nheads, total_q), None)."""
+    out (total_q, nheads, headdim); with return_attn_probs (no dropout), (out, lse (nheads,
+    total_q), None)."""
     _unsupported(block_table)
+    if return_attn_probs and dropout_p > 0:
+        raise ValueError("return_attn_probs: fusedlm returns the dropout pattern (S_dmask) for "
+                         "flash_attn_func and its packed forms, not for the varlen functions; "
+                         "pass dropout_p=0 or return_attn_probs=False")
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                 int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
                                 softmax_scale=softmax_scale, return_lse=True,

@@ -565,9 +565,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     return (out, lse) if return_lse else out
 
 
-def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda"):
-    """The keep-mask (batch, heads, seq_q, seq_k) bool that the Triton kernels draw for a dense
-    call with this seed (exposed so that tests can feed it to the reference)."""
+def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda", backend="triton"):
+    """The keep-mask (batch, heads, seq_q, seq_k) bool that `backend` draws for a dense call with
+    this seed (for tests to feed the reference, and flash_attn_interface's S_dmask). The CUDA
+    C++ kernels have no dropout: dispatch sends dropout to Triton."""
+    seed = _seed(dropout_p, seed, batch * heads)
+    if backend == "torch":
+        return _torch_dropout_keep((batch, heads, seq_q, seq_k), dropout_p, seed, device)
     out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
     _triton.run("attention", "dropout_mask", out, seed, dropout_p)
     return out.bool()

@@ -2,7 +2,7 @@
 import torch
 
 from .layer_norm import norm_forward, norm_backward, layer_norm, rms_norm, rounded_sum
-from .attention import allowed_mask, attention, attention_varlen
+from .attention import allowed_mask, attention, attention_probabilities, attention_varlen
 from .lm_loss import lm_loss, ce_rows, shift_labels
 
 # How far an implementation may be from these references run in float64, by the relative norm
@@ -11,5 +11,5 @@ from .lm_loss import lm_loss, ce_rows, shift_labels
 # be twice as far. The test suite and `fusedlm check` both judge by this one table.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-__all__ = ["TOLERANCE", "allowed_mask", "attention", "attention_varlen", "norm_forward", "norm_backward", "layer_norm", "rms_norm", "rounded_sum",
+__all__ = ["TOLERANCE", "allowed_mask", "attention", "attention_probabilities", "attention_varlen", "norm_forward", "norm_backward", "layer_norm", "rms_norm", "rounded_sum",
            "lm_loss", "ce_rows", "shift_labels"]

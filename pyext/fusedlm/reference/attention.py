@@ -38,21 +38,18 @@ def allowed_mask(sq, sk, *, causal=False, key_mask=None, lengths=None, window=(-
     return allowed
 
 
-def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
-              dropout_keep=None, lengths=None, window=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths and
-    window: see allowed_mask. softcap > 0: scores s become softcap * tanh(s / softcap).
-    alibi_slopes (H,) or (B, H): -slope * |i + Sk - Sq - j| added to the (capped) scores.
-    dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
-    Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
+def attention_probabilities(q, k, *, causal=False, key_mask=None, softmax_scale=None,
+                            lengths=None, window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """The attention probabilities before dropout: (p (B, H, Sq, Sk), lse (B, H, Sq)) in float32
+    (float64 for float64 input); arguments as `attention`'s. A row that sees no key is zeros
+    with lse -inf."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     wide = _wide(q.dtype)
-    qf, kf, vf = q.to(wide), k.to(wide), v.to(wide)
+    qf, kf = q.to(wide), k.to(wide)
     if hk != h:
         kf = kf.repeat_interleave(h // hk, dim=2)
-        vf = vf.repeat_interleave(h // hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -69,7 +66,23 @@ def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropo
     # Only a row that sees no key (lse = -inf) is shifted by 0, to give zeros; a +inf score
     # gives NaN (inf - inf), as float64 math and SDPA do.
     p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
-    p = p.masked_fill(~allowed, 0.0)
+    return p.masked_fill(~allowed, 0.0), lse
+
+
+def attention(q, k, v, *, causal=False, key_mask=None, softmax_scale=None, dropout_p=0.0,
+              dropout_keep=None, lengths=None, window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """q: (B, Sq, H, D); k, v: (B, Sk, Hk, D); key_mask: (B, Sk), True = attend; lengths and
+    window: see allowed_mask. softcap > 0: scores s become softcap * tanh(s / softcap).
+    alibi_slopes (H,) or (B, H): -slope * |i + Sk - Sq - j| added to the (capped) scores.
+    dropout_keep: (B, H, Sq, Sk) bool, the kept attention probabilities (scaled by 1/(1-p)).
+    Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) natural log, -inf for empty rows)."""
+    h, hk = q.shape[2], v.shape[2]
+    p, lse = attention_probabilities(q, k, causal=causal, key_mask=key_mask,
+                                     softmax_scale=softmax_scale, lengths=lengths, window=window,
+                                     softcap=softcap, alibi_slopes=alibi_slopes)
+    vf = v.to(p.dtype)
+    if hk != h:
+        vf = vf.repeat_interleave(h // hk, dim=2)
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p, vf)

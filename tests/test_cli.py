@@ -135,6 +135,29 @@ def test_pretrain_fused_and_reference_side_by_side(tmp_path, capsys):
     assert "masked-LM accuracy" in text and "the same curve" in text
 
 
+def test_pretrain_compiled_is_one_graph_on_the_same_curve(tmp_path, capsys, monkeypatch):
+    """--compile: fusedlm's side compiled whole (fullgraph: a graph break fails), batches padded
+    to one shape, the MLM head at a fixed capacity; its curve is the reference's. aot_eager
+    stands in for inductor, whose CPU compile would take a minute here."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    compiles, real_compile = [], torch.compile
+
+    def compile_(model, **kw):
+        compiles.append(kw)
+        return real_compile(model, fullgraph=kw["fullgraph"], backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    assert main(["pretrain", "--compile", *TINY, "--out", str(out)]) == 0
+    assert [c["fullgraph"] for c in compiles] == [True, True]  # pretraining and fine-tuning
+    report = json.loads((out / "metrics.json").read_text())
+    fused, ref = report["results"]["fused"], report["results"]["reference"]
+    for a, b in zip(fused["curve"], ref["curve"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"], (a, b)
+    assert report["settings"]["compile"] and "fusedlm, compiled" in capsys.readouterr().out
+
+
 def test_pretrain_on_a_corpus_file(tmp_path):
     pytest.importorskip("tokenizers")
     corpus = tmp_path / "corpus.txt"

@@ -189,7 +189,7 @@ def _settings(args):
                     max_len=args.max_len, hidden=args.hidden, layers=args.layers, heads=args.heads,
                     vocab=args.vocab, lr=args.lr, finetune_lr=args.finetune_lr,
                     dropout=args.dropout, docs=args.docs, corpus=args.corpus, seed=args.seed,
-                    dtype=args.dtype, impls=impls[args.impl], out=args.out,
+                    dtype=args.dtype, impls=impls[args.impl], out=args.out, compile=args.compile,
                     progress=not args.no_progress)
 
 
@@ -317,6 +317,8 @@ def _pretrain_args(b):
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    b.add_argument("--compile", action="store_true",
+                   help="fusedlm's side as one compiled graph (static shapes, CUDA graphs on a GPU)")
     b.add_argument("--impl", default="both", choices=["both", "fused", "reference"],
                    help="fused: fusedlm's BERT; reference: Hugging Face's (%(default)s)")
     b.add_argument("--out", default=d.out, help="directory for metrics.json, tokenizer.json, "

@@ -30,6 +30,14 @@ export PYTHONUNBUFFERED=1
 # `bench-attention` 184 s, `bench-model` more than 80 s: a second call can take
 # STEPS='tests:300 bench-layer_norm:90 bench-model:150'.
 STEPS=${STEPS-"gpu-tests:180 bench-attention:200 bench-lm_loss:60 demo:100"}  # STEPS="": install only
+# STEPS=scoreboard: a GPU session's first call (about 8 minutes of steps): the GPU suite, the
+# model step (BERT-base at 0% and 50% padding, GPT-2 small), the LM loss, an attention subset,
+# layer norm at 16k rows, and the smoke run of the Hopper kernels that have never run.
+if [ "$STEPS" = scoreboard ]; then
+  STEPS="gpu-tests:120 bench-model:180 bench-lm_loss:50 bench-attention:60 bench-layer_norm:30 wgmma-smoke:40"
+  ATTN_ARGS=${ATTN_ARGS:-"--seq 512 2048 --head-dim 64 128 --impl sdpa[cudnn] fusedlm[triton]"}
+  LN_ROWS=${LN_ROWS:-16384}
+fi
 log() { echo "== $*" | tee -a "$W/summary.txt"; }
 pack() { cp "$W/summary.txt" "$OUT/" 2>/dev/null; tar czf "$OUT/gpu_run.tar.gz" -C "$W" . ; }
 trap pack EXIT
@@ -78,7 +86,7 @@ run_step() {
     tests) cmd=("${PYTEST[@]}" -n 8 --durations=15 "$SRC/tests") ;;
     some-tests) cmd=("${PYTEST[@]}" --tb=short $(for t in $SOME_TESTS; do echo "$SRC/$t"; done)) ;;
     bench-attention) cmd=($BENCH attention ${ATTN_ARGS:-} $(files attention)) ;;
-    bench-layer_norm) cmd=($BENCH layer_norm --rows 16384 65536 $(files layer_norm)) ;;
+    bench-layer_norm) cmd=($BENCH layer_norm --rows ${LN_ROWS:-16384 65536} $(files layer_norm)) ;;
     # The measured dispatch table for this GPU (commit $OUT's measured_dispatch.json as
     # pyext/fusedlm/ops/measured_dispatch.json once the GPU suite has passed on these kernels).
     tune-layer_norm) cmd=($BENCH layer_norm --dtype bf16 fp16 fp32 --rows 16384

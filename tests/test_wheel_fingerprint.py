@@ -124,3 +124,16 @@ def test_gpu_run_builds_from_source_rather_than_run_a_wheel_of_another_tree(tmp_
     assert "NOT installing the carried wheel" in summary and "building from source" in summary
     assert "built (sm_90a)" in summary
     assert len(pip) == 1 and WHEEL not in pip[0] and pip[0].split()[-1] == "."
+
+
+def test_gpu_run_scoreboard_names_known_steps_within_8_minutes():
+    """STEPS=scoreboard, a GPU session's first call: every step it names exists in run_step,
+    and their limits sum to at most 8 minutes (the call's limit is 10)."""
+    import re
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    steps = re.search(r'if \[ "\$STEPS" = scoreboard \]; then\n  STEPS="([^"]+)"', script).group(1)
+    known = set(re.findall(r"^    ([a-z_-]+)\) cmd=", script, re.M))
+    items = [s.split(":") for s in steps.split()]
+    assert {name for name, _ in items} <= known, {name for name, _ in items} - known
+    assert sum(int(limit) for _, limit in items) <= 480
+    assert {"gpu-tests", "bench-model", "bench-lm_loss", "bench-attention", "bench-layer_norm"} <= {n for n, _ in items}

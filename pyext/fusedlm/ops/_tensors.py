@@ -1,4 +1,5 @@
 """Small tensor helpers shared by the ops."""
+import contextlib
 import functools
 
 import torch
@@ -16,6 +17,14 @@ def dtype_differs(t, like):
     return t.dtype != like.dtype and not (
         t.is_floating_point() and torch.amp.is_autocast_available(like.device.type)
         and torch.is_autocast_enabled(like.device.type))
+
+
+def autocast_off(device_type):
+    """A context with autocast off for `device_type`: torch.autocast(enabled=False) when autocast
+    is on, else a no-op (entering torch.autocast costs several microseconds a call)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def autocast_inputs(*tensors):

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .. import _core, reference
 from . import _triton, dispatch
-from ._tensors import autocast_inputs, dtype_differs, first_derivative_only, require, unit_stride
+from ._tensors import (autocast_inputs, autocast_off, dtype_differs, first_derivative_only,
+                       require, unit_stride)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -87,7 +88,7 @@ dispatch.register(dispatch.OpBackends(
 
 def default_chunk_size(vocab, dtype):
     """Rows per chunk: a power of two with chunk * vocab * itemsize about _CHUNK_BYTES."""
-    rows = max(_CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()), 128)
+    rows = max(_CHUNK_BYTES // (vocab * dtype.itemsize), 128)
     return 1 << (rows.bit_length() - 1)
 
 
@@ -130,9 +131,8 @@ def _exact_rows(labels, ignore_index, vocab):
     valid = labels != ignore_index
     if labels.numel() == 0:
         return _Rows(None, labels, None, 0, valid.sum())
-    big = torch.iinfo(labels.dtype).max
-    facts = torch.stack([valid.sum(), torch.where(valid, labels, big).min(),
-                         torch.where(valid, labels, -big).max()])
+    # The range of the labelled entries: the ignored ones read as 0, which is in range.
+    facts = torch.stack([valid.sum(), *torch.aminmax(labels.masked_fill(~valid, 0))])
     count, lo, hi = facts.tolist()
     if count and (lo < 0 or hi >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
@@ -188,7 +188,7 @@ def logits_pitch(padded, dtype):
     more. On a GPU the padded vocabulary already is a multiple of 16 bytes: the buffer is then
     contiguous, an `out=` that cuBLASLt can write with the bias in its epilogue and whose column
     sum (d_bias) reads contiguous memory (a wider pitch made it strided)."""
-    row = 16 // torch.empty((), dtype=dtype).element_size()
+    row = 16 // dtype.itemsize
     return -(-padded // row) * row
 
 
@@ -211,9 +211,9 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     row's loss scaled by 1/count), a float (each row's loss scaled alike: 1 for 'sum') or a (T,)
     tensor of per-row scales ('none'; the upstream gradient). capacity: None selects the
     labelled rows exactly (a host sync, label errors raised); an int selects at most that many
-    with no host sync (`_static_rows`, label errors checked on the device). Returns (loss_rows, lse_rows, hit_rows) of shape (T,)
-    with zeros at ignored rows, the labelled count (an int64 device scalar), and dh (T, H), dw,
-    db or None."""
+    with no host sync (`_static_rows`, label errors checked on the device). Returns (loss_rows,
+    lse_rows, hit_rows) of shape (T,) with zeros at ignored rows, the labelled count (an int64
+    device scalar), and dh (T, H), dw, db or None."""
     tokens, hidden = h.shape
     vocab = weight.shape[0]
     sel = (_exact_rows(labels, ignore_index, vocab) if capacity is None else
@@ -233,7 +233,8 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         grad_scale = grad_scale.contiguous()
     compute_grad = grad_scale is not None and (need_dh or need_dw or need_db)
     rows = h if idx is None else h.index_select(0, idx)
-    stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]  # loss, lse, hit
+    # loss, lse, hit: three tensors, not views of one (the custom op's outputs may not alias)
+    stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]
     w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
     padded = w_g.shape[0]
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
@@ -519,7 +520,7 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
              grad_on and bias is not None and bias.requires_grad)
     args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
     tokens = y.numel()
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         if torch.compiler.is_compiling():
             cap = min(capacity or tokens, tokens)
             loss, lse, hit, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,

@@ -14,11 +14,10 @@ importable. fusedlm is given every token and compacts them itself, so its
 time includes finding the labelled rows: exactly (one host sync), and, as
 "fusedlm[...], capacity", up to a fixed capacity with no host sync (a compiled step's path).
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..nn.lm_head import capacity_rows
 from ..ops import dispatch, lm_loss
 from .harness import time_ms
 
@@ -41,7 +40,7 @@ CAPACITY = 0.2
 
 def _capacity(tokens, labelled):
     """A causal LM labels every token: its capacity is the token count (known from shapes)."""
-    return tokens if labelled == tokens else max(1, math.ceil(CAPACITY * tokens))
+    return tokens if labelled == tokens else capacity_rows(CAPACITY, tokens)
 
 
 def _hf_full_logits(h, w, b, y, idx):

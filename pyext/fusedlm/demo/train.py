@@ -142,6 +142,10 @@ class _Reference:
         out = model(**b)
         return out.loss, out.logits
 
+    @staticmethod
+    def compiled(model):
+        return model  # Hugging Face's side runs eager, as users run it today
+
 
 # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -380,7 +384,7 @@ def _train(impls, s, init, head, pre, cls_train, cls_test, dist, dtype):
     for impl in impls:
         model = impl.pretraining_model()
         model.load_state_dict(init)
-        runs[impl.name] = _Trainer(model, s.lr, s.steps, dist, dtype, getattr(impl, "compiled", lambda m: m))
+        runs[impl.name] = _Trainer(model, s.lr, s.steps, dist, dtype, impl.compiled)
     bar = _Progress(s.steps, "pretrain", s.progress and dist.main)
     for step in range(s.steps):
         b = pre.batch(step, s.batch, device, dist.rank, world)
@@ -410,7 +414,7 @@ def _train(impls, s, init, head, pre, cls_train, cls_test, dist, dtype):
         if missing or unexpected:
             raise RuntimeError(f"fine-tuning model: missing {missing}, unexpected {unexpected}")
         tuned[impl.name] = _Trainer(clf, s.finetune_lr, s.finetune_steps, dist, dtype,
-                                    getattr(impl, "compiled", lambda m: m))
+                                    impl.compiled)
     bar = _Progress(s.finetune_steps, "fine-tune", s.progress and dist.main)
     for step in range(s.finetune_steps):
         b = cls_train.batch(step, s.batch, device, dist.rank, world)

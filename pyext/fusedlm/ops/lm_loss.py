@@ -118,8 +118,8 @@ class _Rows(NamedTuple):
     idx: Optional[Tensor]     # rows of h, in order of computation (None: all rows, in order)
     labels: Tensor            # their labels, each in [0, V): safe to hand to a kernel
     weight: Optional[Tensor]  # static selection: 1.0 where the row counts, 0.0 at an ignored one
-    count: object             # labelled rows: an int (exact) or an int64 device scalar (static)
-    count_t: Tensor           # the same as an int64 device scalar (no host-to-device copy)
+    count: Optional[int]      # labelled rows, read on the host (exact selection), else None
+    count_t: Tensor           # labelled rows as an int64 device scalar (no host-to-device copy)
 
 
 def _exact_rows(labels, ignore_index, vocab):
@@ -169,7 +169,7 @@ def _static_rows(labels, ignore_index, vocab, capacity):
     require((in_range | ~counted).all(),
             f"labels must be in [0, {vocab}) (the vocabulary size, weight's first dimension) or "
             f"equal ignore_index={ignore_index}")
-    return _Rows(idx, torch.where(counted & in_range, picked, 0), counted.float(), count, count)
+    return _Rows(idx, torch.where(counted & in_range, picked, 0), counted.float(), None, count)
 
 
 # Elements the GEMMs' vocabulary extent is padded to on a GPU (see the module docstring); 1 turns
@@ -224,7 +224,7 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         grad_scale = (grad_scale if idx is None else grad_scale.index_select(0, idx)).float()
     if sel.weight is not None and grad_scale is not None:  # static: every scale per row
         if isinstance(grad_scale, str):
-            grad_scale = sel.weight / sel.count.clamp_min(1)
+            grad_scale = sel.weight / sel.count_t.clamp_min(1)
         else:
             grad_scale = sel.weight * grad_scale
     elif isinstance(grad_scale, str):  # "mean", exact selection: the count is known now

@@ -1,16 +1,19 @@
 """What the GPU code compiles to, on a machine with no GPU: per kernel and configuration, the
 registers, spill bytes, shared memory and the instructions that decide speed on Hopper.
 
-    python benchmarks/kernel_facts.py                     # Triton and CUDA C++, sm_90a
+    python benchmarks/kernel_facts.py                     # Triton (sm_90a) and CUDA C++ (the
+                                                          # build's architectures: sm_80, sm_90a)
     python benchmarks/kernel_facts.py --only triton --json facts.json
     python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
     python benchmarks/kernel_facts.py --spill-baseline benchmarks/kernel_facts_spills.json
                                                           # exit 1 on a spill the baseline lacks
 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
-ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels and at
-the configurations fusedlm's launchers pick for the shapes of BERT-base and GPT-2 (the
-launchers' own block-size rules are called, not copied). An integer argument gets Triton's
+ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
+dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
+candidate the window + softcap and grouped-query variants) and at the configurations fusedlm's
+launchers pick for the shapes of BERT-base and GPT-2 (the launchers' own block-size rules are
+called, not copied). An integer argument gets Triton's
 divisible-by-16 specialization exactly when its value here is a multiple of 16, as at run time,
 so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
 nvcc (-Xptxas -v) with the build's own flags.
@@ -33,6 +36,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD_DIMS = (64, 128, 256)  # the attention head dims compiled
 
 SASS_COUNTS = ("HGMMA", "UTMALDG", "LDG128", "LDG64", "LDG32", "LDG16", "LDGSTS", "SETMAXNREG")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -172,41 +176,38 @@ def triton_cases():
                       BLOCK_V=block)
         cases.append(("lm_loss ce_rows", f"bf16 V={vocab}", C._ce_rows_kernel, values,
                       8 if block >= 2048 else 4, 3))
-    # Attention: every autotuning candidate, bf16, head dims 64 and 128, causal, BERT-like
-    # contiguous (batch, seq, heads, D) strides at 12 heads.
+    # Attention: every autotuning candidate at its head dims, bf16, causal, BERT-like contiguous
+    # (batch, seq, heads, D) strides at 12 heads; at the first candidate, also the Gemma-2 /
+    # Mistral variant (window + softcap) and grouped-query heads (4 query heads a key head).
     for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
-        for d in (64, 128):
+        for d in HEAD_DIMS:
             block_d = max(next_power_of_2(d), 16)
-            for cfg in A.CONFIGS[name]:
-                values = {p.name: 12 * d for p in fn.params if p.name.startswith("s_")}
-                values.update({p.name: "*bf16" for p in fn.params if p.name.isupper()
-                               and not p.is_constexpr})
-                values.update(LSE="*fp32", KMASK="*i8", CU_Q="*i32", CU_K="*i32", ALIBI="*fp32")
-                values.update({k: "*fp32" for k in ("DELTA",) if k in fn.arg_names})
-                values.update(s_qs=12 * d, s_qh=d, s_ks=12 * d, s_kh=d, s_vs=12 * d, s_vh=d,
-                              s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
+            pinned = A._pinned_config(name, A._blocks(d)[1], None)  # reproducible runs'
+            for i, cfg in enumerate([*A.configs(name, block_d), pinned]):
+                values = {p.name: "*bf16" for p in fn.params if p.name.isupper()
+                          and not p.is_constexpr}
+                values.update(LSE="*fp32", DELTA="*fp32", KMASK="*i8", CU_Q="*i32",
+                              CU_K="*i32", ALIBI="*fp32")
+                values.update(s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
                               n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
-                              p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0, seq_bucket=2048, HEAD_DIM=d,
-                              BLOCK_D=block_d, IS_VARLEN=False, CAUSAL=True, HAS_KMASK=False,
-                              DROPOUT=False, WINDOW=False, SOFTCAP=False, HAS_ALIBI=False,
-                              **cfg.kwargs)
-                for s in ("s_qb", "s_kb", "s_vb", "s_ob", "s_dob", "s_dqb", "s_dkb"):
-                    if s in values:
-                        values[s] = 2048 * 12 * d
-                for s in ("s_os", "s_dos", "s_dqs", "s_dks"):
-                    if s in values:
-                        values[s] = 12 * d
-                for s in ("s_oh", "s_doh", "s_dqh", "s_dkh"):
-                    if s in values:
-                        values[s] = d
+                              p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0,
+                              seq_bucket=2048, HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=False,
+                              CAUSAL=True, HAS_KMASK=False, DROPOUT=False, WINDOW=False,
+                              SOFTCAP=False, HAS_ALIBI=False, GROUPED=False, **cfg.kwargs)
+                for p in fn.params:  # (batch, seq, heads, D) strides: s_?b, s_?s, s_?h
+                    if p.name.startswith("s_") and p.name not in values:
+                        values[p.name] = {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[p.name[-1]]
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
-                         f"w{cfg.num_warps} s{cfg.num_stages}")
-                cases.append((f"attention {name}", label, fn, values, cfg.num_warps,
-                              cfg.num_stages))
-                if cfg is A.CONFIGS[name][0]:  # the Gemma-2 / Mistral variant, at one config
-                    variant = dict(values, WINDOW=True, SOFTCAP=True, win_left=4095, cap=72.1)
-                    cases.append((f"attention {name}", label + " window+softcap", fn, variant,
-                                  cfg.num_warps, cfg.num_stages))
+                         f"w{cfg.num_warps} s{cfg.num_stages}" + (" pinned" if cfg is pinned else ""))
+                variants = [("", values)]
+                if i == 0:
+                    variants.append((" window+softcap", dict(values, WINDOW=True, SOFTCAP=True,
+                                                             win_left=4095, cap=72.1)))
+                    if name == "dkdv":
+                        variants.append((" gqa", dict(values, group=4, GROUPED=True)))
+                for suffix, v in variants:
+                    cases.append((f"attention {name}", label + suffix, fn, v, cfg.num_warps,
+                                  cfg.num_stages))
     return cases
 
 
@@ -233,6 +234,12 @@ def cuda_facts(arch, nvcc):
                                  regs=regs, spill=spill, smem=smem,
                                  **sass.get(mangled, dict.fromkeys(SASS_COUNTS, 0))))
     return rows
+
+
+def default_archs():
+    """The architectures the default build compiles for (CMakeLists.txt's FUSEDLM_CUDA_ARCHS)."""
+    m = re.search(r'set\(FUSEDLM_CUDA_ARCHS "([^"]+)"', (ROOT / "CMakeLists.txt").read_text())
+    return [f"sm_{a}" for a in m.group(1).split(";")]
 
 
 def _parse_ptxas(text):
@@ -296,7 +303,9 @@ def spills_over(spills, allowed):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("triton", "cuda"), help="one kind of kernel only")
-    ap.add_argument("--archs", nargs="+", default=["sm_90a"], help="CUDA C++ targets")
+    ap.add_argument("--archs", nargs="+", default=default_archs(),
+                    help="CUDA C++ targets (default: the build's, CMakeLists.txt's "
+                         "FUSEDLM_CUDA_ARCHS)")
     ap.add_argument("--match", default="", help="Triton: only the cases whose 'kernel config' "
                     "contains this text")
     ap.add_argument("--json", help="write the facts and their provenance here")

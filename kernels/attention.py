@@ -311,44 +311,58 @@ def _attn_fwd(
 
 
 @triton.jit
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m, offs_n, offs_m0,
+                offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
+                slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ON_EDGE: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """dK, dV of one key block updated with the query block at start_m, in the transposed form
+    (keys x queries): P^T comes out of the mma as the next mma's operand, with no transpose in
+    between. Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys
+    past it or under the padding mask only touch their own rows of dK, dV, which the caller
+    drops."""
+    offs_m = start_m + offs_m0
+    q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
+    s_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
+    if HAS_ALIBI:
+        s_t = s_t - slope * tl.abs(offs_m[None, :] + (k_len - q_len)
+                                   - offs_n[:, None]).to(tl.float32)
+    p_t = tl.exp2(s_t - lse[None, :])
+    if ON_EDGE and CAUSAL:
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
+    if WINDOW:
+        p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], q_len, k_len, win_left,
+                                  win_right), p_t, 0.0)
+    do = _load_rows(do_ptr, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
+    delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+    dp_t = tl.dot(v, tl.trans(do))
+    if DROPOUT:
+        keep = _keep(seed, offs_m, offs_n, seq_k, p_drop, True)
+        dv = tl.dot(tl.where(keep, p_t / (1.0 - p_drop), 0.0).to(do.dtype), do, dv)
+        dp_t = tl.where(keep, dp_t / (1.0 - p_drop), 0.0)
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * _capped_grad(s_t, cap)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
+                 slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr):
-    """dK, dV of one key block over query blocks [lo, hi), in the transposed form (keys x
-    queries): P^T comes out of the mma as the next mma's operand, with no transpose in between.
-    Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys past it or
-    under the padding mask only touch their own rows of dK, dV, which the caller drops."""
+                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """dK, dV of one key block over one query head's query blocks [lo, hi)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + offs_m0
-        q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
-        s_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
-        if HAS_ALIBI:
-            s_t = s_t - slope * tl.abs(offs_m[None, :] + (k_len - q_len)
-                                       - offs_n[:, None]).to(tl.float32)
-        p_t = tl.exp2(s_t - lse[None, :])
-        if ON_EDGE and CAUSAL:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
-        if WINDOW:
-            p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], q_len, k_len, win_left,
-                                      win_right), p_t, 0.0)
-        do = _load_rows(do_ptr, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
-        dp_t = tl.dot(v, tl.trans(do))
-        if DROPOUT:
-            keep = _keep(seed, offs_m, offs_n, seq_k, p_drop, True)
-            dv = tl.dot(tl.where(keep, p_t / (1.0 - p_drop), 0.0).to(do.dtype), do, dv)
-            dp_t = tl.where(keep, dp_t / (1.0 - p_drop), 0.0)
-        else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * _capped_grad(s_t, cap)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
+                             offs_n, offs_m0, offs_d, q_len, k_len, scale_log2, seed, p_drop,
+                             seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, ON_EDGE,
+                             CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI)
     return dk, dv
 
 
@@ -362,6 +376,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -379,45 +394,61 @@ def _attn_bwd_dkdv(
                        s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        # Causal: query blocks before `lo` never see this key block, those in [lo, full) see
-        # part of it (the diagonal), those from `full` on see all of it.
+        # The query blocks [lo, hi) that see this key block: under a window, those of its range;
+        # causal, from the first diagonal one (those in [lo, full) see part of the key block, those
+        # from `full` on all of it); a key block the padding mask hides entirely gets none.
         lo = 0
         full = 0
-        if CAUSAL:
+        hi = q_len
+        if WINDOW:
+            lo, hi = _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M, BLOCK_N)
+        elif CAUSAL:
             shift = k_len - q_len
             lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
             full = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
             full = tl.minimum(full, q_len)
-        n_groups = group
-        if HAS_KMASK:  # a key block the mask hides entirely gets zeros without any work
+        if HAS_KMASK:
             attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
-            n_groups = tl.where(tl.max(attended.to(tl.int32)) > 0, group, 0)
-        for g in range(0, n_groups):
-            h = hk * group + g
+            hi = tl.where(tl.max(attended.to(tl.int32)) > 0, hi, 0)
+        if GROUPED:
+            # Every query head of the group, in one loop over (head, query block) pairs, every
+            # block taking the causal test: a loop over heads around the query loops costs
+            # registers that the pipelined inner loops then spill (benchmarks/kernel_facts.py:
+            # 72-1920 bytes at head dim 128 on Triton 3.6).
+            n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+            for t in range(0, group * n_blocks):
+                h = hk * group + t // n_blocks
+                start_m = tl.multiple_of(lo + t % n_blocks * BLOCK_M, BLOCK_M)
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, _head(Q, b, q0, h, s_qb, s_qs, s_qh),
+                    _head(DO, b, q0, h, s_dob, s_dos, s_doh),
+                    LSE + b.to(tl.int64) * s_lb + h * s_lh + q0,
+                    DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0, s_qs, s_dos, start_m, offs_n,
+                    offs_m0, offs_d, q_len, k_len, scale_log2, seed + b * n_heads + h, p_drop,
+                    seq_k, win_left, win_right, cap,
+                    _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI), HEAD_DIM, BLOCK_D,
+                    True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI)
+        else:  # one query head: the diagonal blocks take the causal test, the others none
+            h = hk
             q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
             do_ptr = _head(DO, b, q0, h, s_dob, s_dos, s_doh)
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
             slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
-            if WINDOW:
-                wlo, whi = _window_queries(pid_n, q_len, k_len, win_left, win_right, BLOCK_M,
-                                           BLOCK_N)
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, wlo,
-                                      whi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True, SOFTCAP, HAS_ALIBI)
-            else:
-                if CAUSAL:
-                    dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
-                                          lo, full, offs_n, offs_m0, offs_d, q_len, k_len,
-                                          scale_log2, seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
-                                          HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
-                                          False, SOFTCAP, HAS_ALIBI)
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, full,
-                                      q_len, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False, SOFTCAP, HAS_ALIBI)
+            if WINDOW or CAUSAL:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
+                                      tl.minimum(full, hi) if CAUSAL and not WINDOW else hi,
+                                      offs_n, offs_m0, offs_d, q_len, k_len, scale_log2, seed_h,
+                                      p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, WINDOW, SOFTCAP,
+                                      HAS_ALIBI)
+            if not WINDOW:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
+                                      full, hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False,
+                                      SOFTCAP, HAS_ALIBI)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             dk = tl.where(attended, dk, 0.0)
@@ -553,20 +584,56 @@ def _seq_bucket(seq_q, seq_k):
     return min(max(next_power_of_2(max(seq_q, seq_k)), 128), 4096)
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in shapes]
+# Autotuning candidates, (BLOCK_M, BLOCK_N, warps, stages), per BLOCK_D (head dims up to 64,
+# 128, 256). Drawn from benchmarks/tune_attention.py's sweeps (timings: benchmarks/results/
+# 2026-11-23-h100-s2) among the configurations that compile for sm_90a without register spills
+# on Triton 3.6 and 3.9 (benchmarks/kernel_facts.py; CI fails on a spill): a candidate that
+# spills at one head dim is left out there, not everywhere. Short causal sequences need the
+# forward's (128, 32, 4, 4). At head dim 256, dK/dV's one spill-free block (16 x 32, 4 warps)
+# is too small for wgmma and runs on mma.sync: every larger one spills (its dK and dV
+# accumulators alone, 2 x BLOCK_N x 256 fp32, fill a thread's registers).
+CANDIDATES = {
+    "fwd": {64: ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3),
+                 (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)),
+            128: ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3),
+                  (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)),
+            256: ((128, 32, 8, 3), (64, 32, 4, 2))},
+    "dkdv": {64: ((32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
+                  (32, 64, 4, 2)),
+             128: ((32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)),
+             256: ((16, 32, 4, 2),)},
+    "dq": {64: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)),
+           128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
+           256: ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2))},
+}
+# One triton.Config per distinct candidate: the autotuner holds them all and keeps, per call,
+# those of the call's BLOCK_D (_candidates_of).
+_CONFIG = {shape: triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]}, num_warps=shape[2],
+                                num_stages=shape[3])
+           for by_dim in CANDIDATES.values() for shapes in by_dim.values() for shape in shapes}
 
 
-# Chosen with benchmarks/tune_attention.py (bf16, head dims 64 and 128; the sweep and its timings:
-# benchmarks/results/2026-11-23-h100-s2): its winners, smaller blocks for short packed sequences,
-# and the forward's (128, 64, 4, 3) and (128, 32, 4, 4), which short causal sequences need.
-_FWD_CONFIGS = _configs(((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
-                         (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)))
-_DKDV_CONFIGS = _configs(((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
-                          (32, 64, 4, 2)))
-_DQ_CONFIGS = _configs(((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)))
-CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+def configs(name, block_d):
+    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq") at BLOCK_D block_d."""
+    dims = CANDIDATES[name]
+    return [_CONFIG[shape] for shape in dims[min(d for d in dims if d >= block_d)]]
+
+
+def _all_configs(name):
+    return list(dict.fromkeys(c for block_d in CANDIDATES[name] for c in configs(name, block_d)))
+
+
+def _candidates_of(name):
+    """The autotuner's early_config_prune: the candidates of the call's BLOCK_D."""
+    return lambda all_configs, named_args, **kwargs: configs(name, kwargs["BLOCK_D"])
+
+
+def _tuner(name, kernel, key):
+    return triton.autotune(_all_configs(name), key=key,
+                           prune_configs_by={"early_config_prune": _candidates_of(name)},
+                           **_CACHE_RESULTS)(kernel)
+
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The autotuner's choice per class is kept in Triton's cache directory (keyed by the GPU target,
 # Triton's version, the kernel's source and the config list), so that a machine tunes a class
@@ -574,6 +641,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # every process.
 _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
+
 class Tuning:
     """The attention kernels' autotuners and the configuration each chose per class (the
     autotuner's key: kernel, dtype, flags, sequence-length bucket). A launcher asks the autotuner
@@ -587,9 +656,9 @@ class Tuning:
 
 # The launchers' tuning; replace it (not its parts) to tune with other configurations.
 TUNING = Tuning({} if _INTERPRETED else {
-    "fwd": triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_fwd),
-    "dkdv": triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dkdv),
-    "dq": triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, **_CACHE_RESULTS)(_attn_bwd_dq),
+    "fwd": _tuner("fwd", _attn_fwd, _TUNE_KEY),
+    "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED"]),
+    "dq": _tuner("dq", _attn_bwd_dq, _TUNE_KEY),
 })
 
 
@@ -597,8 +666,10 @@ def _pinned_config(name, block, blocks):
     if isinstance(blocks, dict) and blocks.get(name) is not None:
         return blocks[name]
     block_m, block_n = blocks if isinstance(blocks, tuple) else (block, block)
+    # Stages chosen to compile without spills on Triton 3.6 and 3.9 (kernel_facts.py): at head
+    # dim 128, 3.9 spilled dQ at one stage and dK/dV at two.
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4,
-                         num_stages=1 if name != "fwd" else 2)
+                         num_stages=1 if name == "dkdv" else 2)
 
 
 def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, blocks=None,
@@ -722,7 +793,8 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
              *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), flags, blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), flags, blocks)
+             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), dict(flags, GROUPED=group > 1),
+            blocks)
 
 
 def dropout_mask(out, seed, dropout_p):

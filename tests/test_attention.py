@@ -291,9 +291,10 @@ def test_unpad_pad_round_trip():
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_dropout_matches_reference_given_the_keep_mask(backend):
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+def test_dropout_matches_reference_given_the_keep_mask(backend, kv_heads):
     b, s, h, d, p = 2, 40, 2, 32, 0.3
-    q, k, v = make(b, s, s, h, h, d, torch.float16)
+    q, k, v = make(b, s, s, h, kv_heads, d, torch.float16)
     out = fusedlm.attention(q, k, v, dropout_p=p, seed=123, backend=backend)
     keep = dropout_mask(b, h, s, s, p, 123, device=DEVICE)
     qs, ks, vs = f64(q, k, v)

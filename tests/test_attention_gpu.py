@@ -175,14 +175,15 @@ def test_every_autotuning_candidate_gpu(name, d):
     mask[0, 250:] = False  # right padding: the forward and dQ stop at the last attended key
     mask[1, 64:192] = False  # hidden key blocks: dK/dV skip them
     mask = mask.cuda()
-    # Two classes per candidate (each a compile): every mask kind's code runs in one of them;
-    # the plain dense class is what the other tests' autotuned runs cover.
-    cases = [("causal sq<sk + mask", _qkv(2, 201, 4, 2, d, dtype, 333),
+    # Two classes per candidate (each a compile): every mask kind's code runs in one of them, and
+    # dK/dV's two head loops (grouped-query heads, one query head a key head); the plain dense
+    # class is what the other tests' autotuned runs cover.
+    cases = [("causal sq<sk + mask, grouped heads", _qkv(2, 201, 4, 2, d, dtype, 333),
               dict(causal=True, key_mask=mask)),
-             ("packed causal", [t[0] for t in _qkv(1, sum(lens), 4, 2, d, dtype)],
+             ("packed causal", [t[0] for t in _qkv(1, sum(lens), 4, 4, d, dtype)],
               dict(causal=True, cu=cu, max_len=max(lens)))]
     ran = 0
-    for config in kern.CONFIGS[name]:
+    for config in kern.configs(name, d):
         for what, (q, k, v), opts in cases:
             q, k, v = q.detach(), k.detach(), v.detach()
             do = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(dtype)

@@ -37,7 +37,9 @@ struct Params {
   int heads, group;      // query heads, and query heads per key/value head
   bool causal;
   float scale, scale2;   // softmax scale, and scale * log2(e)
-  float p_drop, keep;    // dropout probability, and 1 - p_drop
+  float p_drop;          // dropout probability
+  float keep_scale;      // 1 / (1 - p_drop): a kept probability's scale (a product: a division
+                         // calls a slow-path routine, whose saved registers spill)
   uint64_t seed;
   bool vec;              // every operand 16-byte aligned (pointer and strides): cp.async tiles
 };
@@ -102,7 +104,7 @@ inline Params params_of(const Problem& pr) {
   p.heads = static_cast<int>(heads);
   p.group = static_cast<int>(heads / pr.k.shape[hd]);
   p.p_drop = pr.dropout_p;
-  p.keep = 1.0f - pr.dropout_p;
+  p.keep_scale = 1.0f / (1.0f - pr.dropout_p);
   p.seed = pr.seed;
   p.seq_q = static_cast<int>(pr.max_q);
   p.seq_k = static_cast<int>(pr.max_k);

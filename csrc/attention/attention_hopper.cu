@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int r = acc_half(i);
       float pr = m_i[r] == -INFINITY ? 0.0f : exp2f(sc[i] - m_i[r]);
       l_i[r] += pr;  // the normalizer sums every probability, dropped or not
-      if (p.p_drop > 0.0f) pr = kept(p, bh, qi[r], n0 + acc_col(i, lane)) ? pr / p.keep : 0.0f;
+      if (p.p_drop > 0.0f) pr = kept(p, bh, qi[r], n0 + acc_col(i, lane)) ? pr * p.keep_scale : 0.0f;
       sc[i] = pr;
     }
     uint32_t pa[kKeys / 16][4];
@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_i[r]);
-    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gives zeros
+    inv[r] = l > 0.0f ? __fdividef(1.0f, l) : 0.0f;  // zeros for a row that saw no key; l >= 1
     // +inf for a row that saw no key, as the other kernels write it: exp2(s - lse) is then 0.
     if (lane % 4 == 0 && qi[r] < s.len_q)
       p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi[r]] = l > 0.0f ? m_i[r] + log2f(l) : INFINITY;
@@ -593,8 +593,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float dp = dpt[i], pk = pr;
       if (p.p_drop > 0.0f) {
         const bool keep = kept(p, bh, qj, kj[r]);
-        pk = keep ? pr / p.keep : 0.0f;
-        dp = keep ? dp / p.keep : 0.0f;
+        pk = keep ? pr * p.keep_scale : 0.0f;
+        dp = keep ? dp * p.keep_scale : 0.0f;
       }
       pt[i] = pk;
       dpt[i] = pr * (dp - dl);  // dS^T
@@ -681,7 +681,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int kj = n0 + acc_col(i, lane), r = acc_half(i);
       const float pr = (!edge || allowed(p, b, s, qi[r], kj)) ? exp2f(sc[i] * p.scale2 - lse[r]) : 0.0f;
       float d = dp[i];
-      if (p.p_drop > 0.0f) d = kept(p, bh, qi[r], kj) ? d / p.keep : 0.0f;
+      if (p.p_drop > 0.0f) d = kept(p, bh, qi[r], kj) ? d * p.keep_scale : 0.0f;
       sc[i] = pr * (d - delta[r]);  // dS
     }
     uint32_t da[kKeys / 16][4];

@@ -32,6 +32,9 @@ using math::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
+// Kernels are declared __launch_bounds__(kThreads, 1): their 40-110 KB of shared memory allows
+// only 1-3 CTAs an SM, and without the bound ptxas spilled to reach register counts (56-168)
+// meant for an occupancy the shared memory rules out (nvcc -Xptxas -v).
 constexpr int kBlock = 64;  // rows of a query or key block (both)
 constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
 
@@ -86,11 +89,13 @@ using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // out (16 x N, fp32, pitch ldo) = A (16 x K rows of a, pitch lda) times B, where B is
-// (K x N): kTransB ? b holds B^T row-major (N x K, pitch ldb) : b holds B row-major.
+// (K x N): kTransB ? b holds B^T row-major (N x K, pitch ldb) : b holds B row-major. One output
+// tile at a time (the n loop is not unrolled): unrolled, its fragment loads were all hoisted
+// and spilled (nvcc -Xptxas -v).
 template <typename T, int K, int N, bool kTransB>
 __device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int ldb, float* out, int ldo) {
   using Layout = typename std::conditional<kTransB, wmma::col_major, wmma::row_major>::type;
-#pragma unroll
+#pragma unroll 1
   for (int n = 0; n < N / 16; ++n) {
     FragC acc;
     wmma::fill_fragment(acc, 0.0f);
@@ -106,16 +111,17 @@ __device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int l
   }
 }
 
-// acc[n] += A (16 x K) times B (K x N, row-major in b): accumulators kept in registers.
+// acc[n] += A (16 x K) times B (K x N, row-major in b): accumulators kept in registers. One A
+// fragment at a time (the k loop is not unrolled), reused across the N / 16 products.
 template <typename T, int K, int N>
 __device__ __forceinline__ void warp_gemm_acc(const T* a, int lda, const T* b, int ldb, FragC (&acc)[N / 16]) {
+#pragma unroll 1
+  for (int k = 0; k < K / 16; ++k) {
+    FragA<T> fa;
+    wmma::load_matrix_sync(fa, a + k * 16, lda);
 #pragma unroll
-  for (int n = 0; n < N / 16; ++n) {
-#pragma unroll
-    for (int k = 0; k < K / 16; ++k) {
-      FragA<T> fa;
+    for (int n = 0; n < N / 16; ++n) {
       FragB<T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, a + k * 16, lda);
       wmma::load_matrix_sync(fb, b + k * 16 * ldb + n * 16, ldb);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
@@ -164,7 +170,7 @@ template <typename T, int D>
 using FwdSmem = Smem<T, D, 3, 0, D>;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   using L = FwdSmem<T, D>;
   constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -213,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
       const float pv = m_new == -INFINITY ? 0.0f : exp2f(sS[r * LDF + c] - m_new);
       sum += pv;  // the normalizer sums every probability, dropped or not
       const bool drop = p.p_drop > 0.0f && !kept(p, b * p.heads + h, qi, n0 + c);
-      sP[r * LDP + c] = from_float<T>(drop ? 0.0f : pv / p.keep);
+      sP[r * LDP + c] = from_float<T>(drop ? 0.0f : pv * p.keep_scale);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l_i = l_i * alpha + sum;
@@ -229,7 +235,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   }
   tile_wait();  // the Q copy, when no key block was visited
   if (qi < s.len_q) {
-    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;  // a row that saw no key gives zeros
+    // A row that saw no key gives zeros. l_i >= 1 (the row max contributes 1): the fast
+    // reciprocal is exact enough and calls no slow-path routine.
+    const float inv = l_i > 0.0f ? __fdividef(1.0f, l_i) : 0.0f;
     for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
       o[qi * p.o.s + c] = from_float<T>(sO[r * D + c] * inv);
     // +inf for a row that saw no key, as the Triton kernel writes it: exp2(s - lse) is then 0.
@@ -245,7 +253,7 @@ using DkdvSmem = Smem<T, D, 4, 2 * kBlock, kBlock>;
 // dK, dV for one key block of one key/value head: loops over the query heads of its group and
 // over the query blocks that can see it.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params p) {
   using L = DkdvSmem<T, D>;
   constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -287,6 +295,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
       warp_gemm<T, D, kBlock, true>(sK + warp * 16 * LD, LD, sQ, LD, sS, LDF);   // S^T = K Q^T
       warp_gemm<T, D, kBlock, true>(sV + warp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
       __syncwarp();
+#pragma unroll 1  // unrolled, its loads hoisted past dK and dV's 128 registers and spilled
       for (int j = 0; j < kBlock / 2; ++j) {
         const int c = column<kBlock / 2>(half, r, j);
         const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != INFINITY;
@@ -294,8 +303,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
         float dp = sdP[r * kBlock + c], pt_kept = pt;
         if (p.p_drop > 0.0f) {
           const bool keep = kept(p, b * p.heads + h, m0 + c, kj);
-          pt_kept = keep ? pt / p.keep : 0.0f;
-          dp = keep ? dp / p.keep : 0.0f;
+          pt_kept = keep ? pt * p.keep_scale : 0.0f;
+          dp = keep ? dp * p.keep_scale : 0.0f;
         }
         sPT[r * LDP + c] = from_float<T>(pt_kept);
         sdP[r * kBlock + c] = pt * (dp - sDelta[c]);  // dS^T, in place
@@ -303,6 +312,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
       __syncwarp();
       warp_gemm_acc<T, kBlock, D>(sPT, LDP, sdO, LD, dv);  // dV += P^T dO
       __syncwarp();
+#pragma unroll 1
       for (int j = 0; j < kBlock / 2; ++j) {
         const int c = column<kBlock / 2>(half, r, j);
         sPT[r * LDP + c] = from_float<T>(sdP[r * kBlock + c]);
@@ -320,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
 // delta = rowsum(dO * O) for every query row, laid out like the log-sum-exp: what both backward
 // kernels (WMMA and wgmma) read. One warp per (row, head), a lane per D / 32 values.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_delta_kernel(Params p) {
   const int b = blockIdx.z, h = blockIdx.y, lane = threadIdx.x % 32;
   const int i = blockIdx.x * kWarps + threadIdx.x / 32;
   const Seq s = seq_of(p, b);
@@ -341,7 +351,7 @@ template <typename T, int D>
 using DqSmem = Smem<T, D, 4, 0, kBlock>;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p) {
   using L = DqSmem<T, D>;
   constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -381,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
       const bool ok = allowed(p, b, s, qi, n0 + c) && lse != INFINITY;
       const float pv = ok ? exp2f(sS[r * LDF + c] * p.scale2 - lse) : 0.0f;
       float dp = sdP[r * kBlock + c];
-      if (p.p_drop > 0.0f) dp = kept(p, b * p.heads + h, qi, n0 + c) ? dp / p.keep : 0.0f;
+      if (p.p_drop > 0.0f) dp = kept(p, b * p.heads + h, qi, n0 + c) ? dp * p.keep_scale : 0.0f;
       sdS[r * LDP + c] = from_float<T>(pv * (dp - delta));
     }
     __syncwarp();

@@ -36,8 +36,11 @@ struct BackwardArgs {
   bool rms = false;
 };
 
-// Largest hidden size the kernels hold in registers.
-constexpr int64_t kMaxColumns = 16384;
+// Largest hidden size the kernels hold in registers: 16 values a thread at 512 threads. At 32
+// values the backward's per-column dweight/dbias sums alone take 64 of a thread's 128 registers
+// and every such instantiation spilled 20-500 bytes (nvcc -Xptxas -v, sm_80 and sm_90a); wider
+// rows are the Triton kernel's, whose launch cost no longer matters at that size.
+constexpr int64_t kMaxColumns = 8192;
 
 void forward(const ForwardArgs& a, std::uintptr_t stream);
 void backward(const BackwardArgs& a, std::uintptr_t stream);

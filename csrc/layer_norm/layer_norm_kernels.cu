@@ -26,6 +26,10 @@ using math::store;
 using math::to_float;
 
 constexpr int kMaxThreads = 512;
+constexpr int kMaxValues = 16;  // of a row, per thread
+static_assert(kMaxColumns == kMaxValues * kMaxThreads, "the widest row fits one block");
+// Kernels are declared __launch_bounds__(kMaxThreads, 1): 128 registers a thread. Without the
+// 1, ptxas aimed at two 512-thread blocks an SM (64 registers) and spilled (nvcc -Xptxas -v).
 
 // Parameters are in the input's dtype or float32.
 template <typename T>
@@ -89,7 +93,7 @@ struct FwdParams {
 };
 
 template <typename T, int kVec, int kIters>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(FwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(FwdParams p) {
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.sx;
   const T* res = p.res ? static_cast<const T*>(p.res) + row * p.sres : nullptr;
@@ -207,13 +211,12 @@ __device__ __forceinline__ void load_weights(const BwdParams& p, int64_t c, floa
 }
 
 template <typename T, int kVec, int kIters>
-__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(BwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_kernel(BwdParams p) {
   // Up to 8 values a thread keeps its row share (xhat, wdy) and the weights in registers
-  // between the two passes over the row. Past that, five arrays of 16-32 floats need more than
-  // the 128 registers 512 threads leave each (nvcc -Xptxas -v, sm_90a: 0.9-1.9 KB of spills at
-  // 32 values, and keeping them at 16 spills once the code is shared): the second pass re-reads
-  // dy, z and w (the first read left them in cache) and only the dw/db sums stay in registers.
-  // At 32 values 12-180 bytes still spill (benchmarks/kernel_facts.py).
+  // between the two passes over the row. Past that, five arrays of 16 floats need more than the
+  // 128 registers 512 threads leave each (nvcc -Xptxas -v, sm_90a: spills once the code is
+  // shared): the second pass re-reads dy, z and w (the first read left them in cache) and only
+  // the dw/db sums stay in registers.
   constexpr bool kKeep = kVec * kIters <= 8;
   constexpr int kHeld = kKeep ? kIters : 1;
   float w[kHeld][kVec], dw[kIters][kVec], db[kIters][kVec];
@@ -296,7 +299,7 @@ struct Shape {
 };
 
 // Smallest kIters in {1, 2, 4, ...} with ceil(vectors / kIters) <= kMaxThreads; kVec * kIters
-// is capped at 32 values of the row per thread, enough for kMaxColumns at kVec = 1.
+// is capped at kMaxValues of the row per thread, enough for kMaxColumns at kVec = 1.
 Shape pick_shape(int64_t n, int vec) {
   const int64_t vectors = (n + vec - 1) / vec;
   int iters = 1;
@@ -308,12 +311,11 @@ Shape pick_shape(int64_t n, int vec) {
 // Calls f.template run<T, kVec, kIters>() for the compile-time shape matching (vec, iters).
 template <typename T, int kVec, typename F>
 void by_iters(int iters, const F& f) {
-  if constexpr (kVec * 1 <= 32) if (iters == 1) return f.template run<T, kVec, 1>();
-  if constexpr (kVec * 2 <= 32) if (iters == 2) return f.template run<T, kVec, 2>();
-  if constexpr (kVec * 4 <= 32) if (iters == 4) return f.template run<T, kVec, 4>();
-  if constexpr (kVec * 8 <= 32) if (iters == 8) return f.template run<T, kVec, 8>();
-  if constexpr (kVec * 16 <= 32) if (iters == 16) return f.template run<T, kVec, 16>();
-  if constexpr (kVec * 32 <= 32) if (iters == 32) return f.template run<T, kVec, 32>();
+  if constexpr (kVec * 1 <= kMaxValues) if (iters == 1) return f.template run<T, kVec, 1>();
+  if constexpr (kVec * 2 <= kMaxValues) if (iters == 2) return f.template run<T, kVec, 2>();
+  if constexpr (kVec * 4 <= kMaxValues) if (iters == 4) return f.template run<T, kVec, 4>();
+  if constexpr (kVec * 8 <= kMaxValues) if (iters == 8) return f.template run<T, kVec, 8>();
+  if constexpr (kVec * 16 <= kMaxValues) if (iters == 16) return f.template run<T, kVec, 16>();
   throw ArgError("hidden size too large for the CUDA layer-norm kernel");
 }
 

@@ -11,7 +11,8 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
-candidate the window + softcap and grouped-query variants) and at the configurations fusedlm's
+candidate the window + softcap and grouped-query variants; the forward's opt-in TMA +
+warp-specialized path at every one) and at the configurations fusedlm's
 launchers pick for the shapes of BERT-base and GPT-2 (the launchers' own block-size rules are
 called, not copied). An integer argument gets Triton's
 divisible-by-16 specialization exactly when its value here is a multiple of 16, as at run time,
@@ -193,13 +194,16 @@ def triton_cases():
                               p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0,
                               seq_bucket=2048, HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=False,
                               CAUSAL=True, HAS_KMASK=False, DROPOUT=False, WINDOW=False,
-                              SOFTCAP=False, HAS_ALIBI=False, GROUPED=False, **cfg.kwargs)
+                              SOFTCAP=False, HAS_ALIBI=False, GROUPED=False, TMA=False,
+                              **cfg.kwargs)
                 for p in fn.params:  # (batch, seq, heads, D) strides: s_?b, s_?s, s_?h
                     if p.name.startswith("s_") and p.name not in values:
                         values[p.name] = {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[p.name[-1]]
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
                          f"w{cfg.num_warps} s{cfg.num_stages}" + (" pinned" if cfg is pinned else ""))
                 variants = [("", values)]
+                if name == "fwd":  # the opt-in Hopper path (FUSEDLM_TRITON_TMA), every candidate
+                    variants.append((" tma", dict(values, TMA=True)))
                 if i == 0:
                     variants.append((" window+softcap", dict(values, WINDOW=True, SOFTCAP=True,
                                                              win_left=4095, cap=72.1)))

@@ -95,6 +95,18 @@ def _load_rows(ptr, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _load_block(src, row0, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The (rows, BLOCK_D) tile starting at row0: through a tensor descriptor (a TMA copy on
+    Hopper; rows past the descriptor's shape read as zeros) or through masked loads."""
+    if TMA:
+        tile = src.load([row0, 0])
+    else:  # (not an early return: Triton compiles the code after one, a descriptor there fails)
+        tile = _load_rows(src, rows, stride, n_rows, offs_d, HEAD_DIM, BLOCK_D)
+    return tile
+
+
+@triton.jit
 def _key_mask(KMASK, offs_n, k_len):
     return tl.load(KMASK + offs_n, mask=offs_n < k_len, other=0) != 0
 
@@ -231,11 +243,13 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
                 DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
+                HAS_ALIBI: tl.constexpr, TMA: tl.constexpr):
+    """k_ptr, v_ptr: the key head's rows, or (TMA) tensor descriptors over them; with TMA the
+    loop is warp-specialized (Triton's producer/consumer warpgroups on Hopper)."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=TMA):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n
-        k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        k = _load_block(k_ptr, start_n, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
         s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap, slope,
                     ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -249,7 +263,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
         if DROPOUT:
             keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
             p = tl.where(keep, p / (1.0 - p_drop), 0.0)
-        v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_block(v_ptr, start_n, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
@@ -264,6 +278,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -275,37 +290,61 @@ def _attn_fwd(
         q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
+        if TMA:  # descriptors over this sequence's rows of the head: the rest reads as zeros
+            q_ptr = tl.make_tensor_descriptor(q_ptr, shape=[q_len, HEAD_DIM], strides=[s_qs, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[k_len, HEAD_DIM], strides=[s_ks, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[k_len, HEAD_DIM], strides=[s_vs, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
         kmask = KMASK + b * s_mb
         slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
-        q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        q = _load_block(q_ptr, pid_m * BLOCK_M, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D,
+                        TMA)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if WINDOW:  # every block of the window's range takes the edge tests
-            lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
-                                  BLOCK_N, HAS_KMASK)
+        if WINDOW or TMA:
+            # One loop, every block taking the edge tests: the blocks of a window's range, or
+            # (TMA) every block up to the last visible key, as Triton's warp specializer takes
+            # only a kernel's single loop (two in a row failed to compile, Triton 3.6 and 3.9).
+            if WINDOW:
+                lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                      BLOCK_N, HAS_KMASK)
+            else:
+                lo = 0
+                hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
+                                   HAS_KMASK)[1]
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, True, SOFTCAP, HAS_ALIBI)
-        else:
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap,
+                                        slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                                        HAS_KMASK, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, TMA)
+        else:  # keys [0, full) need no bounds or causal test, [full, hi) do
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, 0, full,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap,
+                                        slope, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
+                                        HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI, False)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, full, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
-                                        seed + bh, p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                        BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
+                                        seed + bh, p_drop, seq_k, win_left, win_right, cap,
+                                        slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                                        HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI, False)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         o_ptr = _head(O, b, q0, h, s_ob, s_os, s_oh)
-        o_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
-        tl.store(o_ptr + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=o_mask)
+        if TMA:
+            tl.make_tensor_descriptor(o_ptr, shape=[q_len, HEAD_DIM], strides=[s_os, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).store(
+                [pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
+        else:
+            o_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
+            tl.store(o_ptr + offs_m[:, None] * s_os + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=o_mask)
         l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
         tl.store(l_ptr + offs_m, lse, mask=offs_m < q_len)
 
@@ -656,7 +695,7 @@ class Tuning:
 
 # The launchers' tuning; replace it (not its parts) to tune with other configurations.
 TUNING = Tuning({} if _INTERPRETED else {
-    "fwd": _tuner("fwd", _attn_fwd, _TUNE_KEY),
+    "fwd": _tuner("fwd", _attn_fwd, [*_TUNE_KEY, "TMA"]),
     "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED"]),
     "dq": _tuner("dq", _attn_bwd_dq, _TUNE_KEY),
 })
@@ -700,6 +739,46 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, b
     grid = (cdiv(rows, config.kwargs[along]), grid_y)
     kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                  num_stages=config.num_stages)
+
+
+# Hopper's paths in the forward: K and V (and Q, O) through tensor descriptors, made on the device
+# (TMA copies; rows past a sequence read as zeros), and the key loop warp-specialized (a
+# producer warpgroup feeding consumer ones). Opt-in, FUSEDLM_TRITON_TMA=1, until a GPU run has
+# passed the suite with it and timed it against the default path (benchmarks/results/README.md);
+# what it compiles to: benchmarks/results/kernel-facts/.
+TMA = os.environ.get("FUSEDLM_TRITON_TMA", "0") == "1"
+
+
+def _tma_ok(*tensors):
+    """Can tensor descriptors cover these (batch, seq, heads, D) or packed (total, heads, D)
+    tensors: a 16-byte aligned start, unit stride on D, every other stride and a row of D a
+    multiple of 16 bytes (so that every head's and sequence's first row is aligned too)?"""
+    for t in tensors:
+        size = t.element_size()
+        if (t.data_ptr() % 16 or t.stride(-1) != 1 or t.shape[-1] * size % 16
+                or any(st * size % 16 for st in t.stride()[:-1])):
+            return False
+    return True
+
+
+def _has_tma(device):
+    """Hopper (sm_90) or later: TMA copies and warpgroup register reallocation."""
+    import torch
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _set_tma_allocator():
+    """Descriptors made on the device need scratch memory from Triton's allocator hook: torch's
+    caching allocator serves it (set once per process; it replaces any hook set before)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        import torch
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                         device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+_ALLOCATOR_SET = False
 
 
 def _strides(t, varlen):
@@ -758,8 +837,11 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0,
                  HAS_ALIBI=alibi is not None)
+    tma = TMA and _tma_ok(q, k, v, o) and (_INTERPRETED or _has_tma(q.device))
+    if tma and not _INTERPRETED:
+        _set_tma_allocator()
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
-            args, flags, blocks)
+            args, dict(flags, TMA=tma), blocks)
 
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,

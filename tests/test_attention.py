@@ -886,3 +886,46 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
         kern._launch("fwd", Kernel(), 200, 6, False, 64, 256, (x16,), dict(CAUSAL=False),
                      tuning=forgetful)
     assert log == [("tuner", (4, 6), False)] * 2 and forgetful.chosen == {}
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("case", ["causal sq<sk", "padding mask, grouped heads", "head dim 24",
+                                  "packed"])
+def test_tma_forward_path(case, monkeypatch):
+    """The opt-in Hopper forward (FUSEDLM_TRITON_TMA: tensor descriptors, warp-specialized key
+    loop), run here by the interpreter: the rows past a sequence (a block's tail, the next
+    packed sequence) and the columns past an unaligned head dim read as zeros, as the masked
+    loads' do; forward and gradients against float64."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    monkeypatch.setattr(kern, "TMA", True)
+    launched = []
+    real = kern._launch
+
+    def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
+        if name == "fwd":
+            launched.append(flags["TMA"])
+        return real(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
+    monkeypatch.setattr(kern, "_launch", spy)
+    dtype = torch.float16
+    if case == "packed":
+        lens = [5, 37, 20]
+        cu = torch.tensor([0, 5, 42, 62], dtype=torch.int32, device=DEVICE)
+        q, k, v = (t[0] for t in make(1, 62, 62, 2, 2, 32, dtype, seed=6))
+        out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                       backend="triton")
+        outs = []
+        for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+            o, _ = reference.attention(*(t.detach().double()[None, a:b] for t in (q, k, v)),
+                                       causal=True)
+            outs.append(o[0])
+        assert rel_err(out, torch.cat(outs)) < TOL[dtype]
+    elif case == "causal sq<sk":
+        run_dense("triton", dtype, 2, 37, 45, 2, 2, 32, causal=True)
+    elif case == "padding mask, grouped heads":
+        mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+        mask[1, 30:] = False
+        run_dense("triton", dtype, 2, 29, 45, 4, 2, 64, mask=mask)
+    else:
+        run_dense("triton", dtype, 2, 37, 37, 2, 2, 24)
+    assert launched and all(launched), launched

@@ -6,9 +6,10 @@ at each sequence length (B = 16384 / S), bf16, head dim 64 and 128, causal and n
 case is a padded batch (32 x 512, a random half of each sequence's tail is padding):
 fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
 
-`fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU) is timed only when
-named in `peers` (`--impl`): those kernels have not yet run on a GPU, and a default run must not
-stake its time on them.
+`fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU) and
+`fusedlm[triton-tma]` (the Triton forward's opt-in Hopper path: TMA copies, warp-specialized key
+loop; FUSEDLM_TRITON_TMA) are timed only when named in `peers` (`--impl`): neither has run on a
+GPU yet, and a default run must not stake its time on them.
 """
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,23 @@ from ..ops import attention_kernels
 from .harness import time_ms
 
 WGMMA = "fusedlm[cuda-wgmma]"
-OPT_IN = {WGMMA}  # timed only when asked for by name
+TRITON_TMA = "fusedlm[triton-tma]"
+OPT_IN = {WGMMA, TRITON_TMA}  # timed only when asked for by name
+
+
+def _on_tma(fn):
+    """fn, with the Triton attention forward on its opt-in Hopper path (its backward is the
+    usual one)."""
+    from ..ops import _triton
+    kern = _triton.kernels("attention")
+
+    def wrapped(*args, **kwargs):
+        before, kern.TMA = kern.TMA, True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            kern.TMA = before
+    return wrapped
 
 
 def _on_wgmma(fn):
@@ -89,6 +106,8 @@ def _peers(device_type):
                 peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
         if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
             peers[WGMMA] = _on_wgmma(peers["fusedlm[cuda]"])
+        if "fusedlm[triton]" in peers and torch.cuda.get_device_capability()[0] >= 9:
+            peers[TRITON_TMA] = _on_tma(peers["fusedlm[triton]"])
     else:
         peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
     return peers

@@ -504,12 +504,15 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr):
+               HAS_ALIBI: tl.constexpr, TMA: tl.constexpr):
+    """k_ptr, v_ptr: the key head's rows, or (TMA) tensor descriptors over them, as in
+    _fwd_blocks. Not warp-specialized: Triton's pass failed on this loop (3.6 and 3.9, an MLIR
+    assertion), so the TMA copies run under the software pipeliner."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kn = start_n + offs_n0
-        k = _load_rows(k_ptr, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_ptr, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D)
+        k = _load_block(k_ptr, start_n, kn, s_ks, k_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
+        v = _load_block(v_ptr, start_n, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
         s = _scores(q, k, offs_m, kn, q_len, k_len, KMASK, scale_log2, win_left, win_right, cap, slope,
                     ON_EDGE, CAUSAL, HAS_KMASK, WINDOW, SOFTCAP, HAS_ALIBI)
         p = tl.exp2(s - lse[:, None])
@@ -534,6 +537,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
@@ -555,27 +559,37 @@ def _attn_bwd_dq(
         tl.store(DELTA + l_off, delta, mask=offs_m < q_len)
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
+        if TMA:  # as in the forward
+            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[k_len, HEAD_DIM], strides=[s_ks, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[k_len, HEAD_DIM], strides=[s_vs, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
         kmask = KMASK + b * s_mb
         slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if WINDOW:
-            lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
-                                  BLOCK_N, HAS_KMASK)
+        if WINDOW or TMA:  # one loop, every block taking the edge tests (see _attn_fwd)
+            if WINDOW:
+                lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                      BLOCK_N, HAS_KMASK)
+            else:
+                lo = 0
+                hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
+                                   HAS_KMASK)[1]
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, True, SOFTCAP, HAS_ALIBI)
-        else:
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            True, CAUSAL, HAS_KMASK, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, TMA)
+        else:  # keys [0, full) need no bounds or causal test, [full, hi) do
             full, hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
                                      HAS_KMASK)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, 0, full, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL,
-                            HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            False, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI, False)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, full, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
-                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
-                            HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI)
+                            seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            True, CAUSAL, HAS_KMASK, DROPOUT, False, SOFTCAP, HAS_ALIBI, False)
         q_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
         dq_off = (b.to(tl.int64) * s_dqb + q0.to(tl.int64) * s_dqs + h * s_dqh
                   + offs_m[:, None] * s_dqs + offs_d[None, :])
@@ -697,7 +711,7 @@ class Tuning:
 TUNING = Tuning({} if _INTERPRETED else {
     "fwd": _tuner("fwd", _attn_fwd, [*_TUNE_KEY, "TMA"]),
     "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED"]),
-    "dq": _tuner("dq", _attn_bwd_dq, _TUNE_KEY),
+    "dq": _tuner("dq", _attn_bwd_dq, [*_TUNE_KEY, "TMA"]),
 })
 
 
@@ -741,11 +755,12 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, b
                  num_stages=config.num_stages)
 
 
-# Hopper's paths in the forward: K and V (and Q, O) through tensor descriptors, made on the device
-# (TMA copies; rows past a sequence read as zeros), and the key loop warp-specialized (a
-# producer warpgroup feeding consumer ones). Opt-in, FUSEDLM_TRITON_TMA=1, until a GPU run has
-# passed the suite with it and timed it against the default path (benchmarks/results/README.md);
-# what it compiles to: benchmarks/results/kernel-facts/.
+# Hopper's paths in the forward and dQ kernels: K and V (and the forward's Q, O) through tensor
+# descriptors, made on the device (TMA copies; rows past a sequence read as zeros), and the key
+# loop warp-specialized (a producer warpgroup feeding consumer ones). Opt-in,
+# FUSEDLM_TRITON_TMA=1, until a GPU run has passed the suite with it and timed it against the
+# default path (benchmarks/results/README.md); what it compiles to:
+# benchmarks/results/kernel-facts/.
 TMA = os.environ.get("FUSEDLM_TRITON_TMA", "0") == "1"
 
 
@@ -758,6 +773,18 @@ def _tma_ok(*tensors):
         if (t.data_ptr() % 16 or t.stride(-1) != 1 or t.shape[-1] * size % 16
                 or any(st * size % 16 for st in t.stride()[:-1])):
             return False
+    return True
+
+
+def _use_tma(q, *tensors):
+    """Whether this call takes the TMA path (the forward and dQ kernels): asked for, operands
+    aligned for descriptors, a Hopper or later GPU (or the interpreter)."""
+    if not (TMA and _tma_ok(q, *tensors)):
+        return False
+    if not _INTERPRETED:
+        if not _has_tma(q.device):
+            return False
+        _set_tma_allocator()
     return True
 
 
@@ -837,9 +864,7 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0,
                  HAS_ALIBI=alibi is not None)
-    tma = TMA and _tma_ok(q, k, v, o) and (_INTERPRETED or _has_tma(q.device))
-    if tma and not _INTERPRETED:
-        _set_tma_allocator()
+    tma = _use_tma(q, k, v, o)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
             args, dict(flags, TMA=tma), blocks)
 
@@ -870,9 +895,11 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
     # dQ first: it leaves delta for dK/dV.
+    tma = _use_tma(q, k, v)
     _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dq, o, *masks, *strides, *_strides(dq, varlen),
-             *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), flags, blocks)
+             *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
+            dict(flags, TMA=tma), blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
              s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), dict(flags, GROUPED=group > 1),

@@ -891,11 +891,11 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask, grouped heads", "head dim 24",
                                   "packed"])
-def test_tma_forward_path(case, monkeypatch):
-    """The opt-in Hopper forward (FUSEDLM_TRITON_TMA: tensor descriptors, warp-specialized key
-    loop), run here by the interpreter: the rows past a sequence (a block's tail, the next
-    packed sequence) and the columns past an unaligned head dim read as zeros, as the masked
-    loads' do; forward and gradients against float64."""
+def test_tma_path(case, monkeypatch):
+    """The opt-in Hopper path of the forward and dQ kernels (FUSEDLM_TRITON_TMA: tensor
+    descriptors; the forward's key loop warp-specialized), run here by the interpreter: the rows
+    past a sequence (a block's tail, the next packed sequence) and the columns past an unaligned
+    head dim read as zeros, as the masked loads' do; forward and gradients against float64."""
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
     monkeypatch.setattr(kern, "TMA", True)
@@ -903,8 +903,8 @@ def test_tma_forward_path(case, monkeypatch):
     real = kern._launch
 
     def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
-        if name == "fwd":
-            launched.append(flags["TMA"])
+        if name in ("fwd", "dq"):
+            launched.append((name, flags["TMA"]))
         return real(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
     monkeypatch.setattr(kern, "_launch", spy)
     dtype = torch.float16
@@ -914,12 +914,15 @@ def test_tma_forward_path(case, monkeypatch):
         q, k, v = (t[0] for t in make(1, 62, 62, 2, 2, 32, dtype, seed=6))
         out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
                                        backend="triton")
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
         outs = []
         for a, b in zip(cu.tolist(), cu.tolist()[1:]):
-            o, _ = reference.attention(*(t.detach().double()[None, a:b] for t in (q, k, v)),
-                                       causal=True)
+            o, _ = reference.attention(*(t[None, a:b] for t in f64), causal=True)
             outs.append(o[0])
-        assert rel_err(out, torch.cat(outs)) < TOL[dtype]
+        ref = torch.cat(outs)
+        compare(out, ref, grads, torch.autograd.grad(ref, f64, do.double()), dtype)
     elif case == "causal sq<sk":
         run_dense("triton", dtype, 2, 37, 45, 2, 2, 32, causal=True)
     elif case == "padding mask, grouped heads":
@@ -928,4 +931,5 @@ def test_tma_forward_path(case, monkeypatch):
         run_dense("triton", dtype, 2, 29, 45, 4, 2, 64, mask=mask)
     else:
         run_dense("triton", dtype, 2, 37, 37, 2, 2, 24)
-    assert launched and all(launched), launched
+    assert {name for name, _ in launched} == {"fwd", "dq"}, launched
+    assert all(tma for _, tma in launched), launched

@@ -217,10 +217,11 @@ def test_every_autotuning_candidate_gpu(name, d):
                     reason="needs the Triton kernels on a Hopper GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask", "packed"])
-def test_tma_forward_gpu(d, case, monkeypatch):
-    """The Triton forward's opt-in Hopper path (FUSEDLM_TRITON_TMA: TMA copies through tensor
-    descriptors made on the device, the key loop warp-specialized), autotuned, against float64
-    and 2x SDPA's error; it must have run (every candidate of the class takes it)."""
+def test_tma_path_gpu(d, case, monkeypatch):
+    """The opt-in Hopper path of the Triton forward and dQ kernels (FUSEDLM_TRITON_TMA: TMA copies
+    through tensor descriptors made on the device; the forward's key loop warp-specialized),
+    autotuned, against float64 with 2x SDPA's error, forward and gradients; both kernels must
+    have taken it."""
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
     monkeypatch.setattr(kern, "TMA", True)
@@ -228,31 +229,49 @@ def test_tma_forward_gpu(d, case, monkeypatch):
     real = kern._launch
 
     def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
-        if name == "fwd":
-            seen.append(flags["TMA"])
+        if name in ("fwd", "dq"):
+            seen.append((name, flags["TMA"]))
         return real(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
     monkeypatch.setattr(kern, "_launch", spy)
     dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def check(out, ref, grads, ref_grads, theirs, their_grads):
+        assert rel_err(out, ref) < max(TOL[dtype], 2 * rel_err(theirs, ref))
+        for a, r, t in zip(grads, ref_grads, their_grads):
+            assert rel_err(a, r) < max(TOL[dtype], 2 * rel_err(t, r))
+
     if case == "packed":
         lens = [1, 77, 300, 129]
         cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-        q, k, v = (t[0].detach() for t in _qkv(1, sum(lens), 4, 2, d, dtype))
+        q, k, v = (t[0].detach().requires_grad_() for t in _qkv(1, sum(lens), 4, 2, d, dtype))
         out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
                                        backend="triton")
+        do = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), do)
         offs = cu.tolist()
-        for a, b in zip(offs, offs[1:]):
-            part = [t[None, a:b] for t in (q, k, v)]
-            ref, _ = reference.attention(*(t.double() for t in part), causal=True)
+        for a, b in zip(offs, offs[1:]):  # each sequence alone: its rows of out, dq; its dk, dv
+            part = [t.detach()[None, a:b].requires_grad_() for t in (q, k, v)]
+            f64 = [t.detach().double().requires_grad_() for t in part]
+            ref, _ = reference.attention(*f64, causal=True)
             theirs = _sdpa(*part, True)
-            assert rel_err(out[None, a:b], ref) < max(TOL[dtype], 2 * rel_err(theirs, ref)), (a, b)
+            d_part = do[None, a:b]
+            check(out[None, a:b], ref, [t[None, a:b] for t in grads],
+                  torch.autograd.grad(ref, f64, d_part.double()), theirs,
+                  torch.autograd.grad(theirs, part, d_part))
     else:
         causal = case == "causal sq<sk"
-        q, k, v = (t.detach() for t in _qkv(2, 300 if causal else 512, 4, 2, d, dtype, 700 if causal else 512))
+        sq, sk = (300, 700) if causal else (512, 512)
+        q, k, v = _qkv(2, sq, 4, 2, d, dtype, sk)
         mask = None
         if not causal:
             mask = torch.arange(512, device="cuda")[None, :] < torch.tensor([[200], [512]], device="cuda")
         out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, backend="triton")
-        ref, _ = reference.attention(*(t.double() for t in (q, k, v)), causal=causal, key_mask=mask)
+        do = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, _ = reference.attention(*f64, causal=causal, key_mask=mask)
         theirs = _sdpa(q, k, v, causal, mask)
-        assert rel_err(out, ref) < max(TOL[dtype], 2 * rel_err(theirs, ref))
-    assert seen and all(seen), seen
+        check(out, ref, grads, torch.autograd.grad(ref, f64, do.double()), theirs,
+              torch.autograd.grad(theirs, (q, k, v), do))
+    assert {name for name, _ in seen} == {"fwd", "dq"} and all(t for _, t in seen), seen

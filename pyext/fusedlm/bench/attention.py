@@ -7,10 +7,13 @@ case is a padded batch (32 x 512, a random half of each sequence's tail is paddi
 fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
 
 `fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU) and
-`fusedlm[triton-tma]` (the Triton forward's opt-in Hopper path: TMA copies, warp-specialized key
-loop; FUSEDLM_TRITON_TMA) are timed only when named in `peers` (`--impl`): neither has run on a
-GPU yet, and a default run must not stake its time on them.
+`fusedlm[triton-tma]` (the Triton kernels' opt-in Hopper path: TMA copies in the forward and dQ,
+the forward's key loop warp-specialized; FUSEDLM_TRITON_TMA) are timed only when named in
+`peers` (`--impl`): neither has run on a GPU yet, and a default run must not stake its time on
+them.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -24,17 +27,22 @@ OPT_IN = {WGMMA, TRITON_TMA}  # timed only when asked for by name
 
 
 def _on_tma(fn):
-    """fn, with the Triton attention forward on its opt-in Hopper path (its backward is the
-    usual one)."""
+    """fn, timed with the Triton attention kernels on their opt-in Hopper path (the forward and
+    dQ; dK/dV as usual): `_time` runs the whole step, backward included, under its `context`."""
     from ..ops import _triton
     kern = _triton.kernels("attention")
 
-    def wrapped(*args, **kwargs):
+    @contextlib.contextmanager
+    def tma():
         before, kern.TMA = kern.TMA, True
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             kern.TMA = before
+
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs)
+    wrapped.context = tma
     return wrapped
 
 
@@ -114,15 +122,16 @@ def _peers(device_type):
 
 
 def _time(fn, args, direction, device):
-    if direction == "fwd":
-        return time_ms(lambda: fn(*args), device)
-    leaves = [t.detach().requires_grad_() for t in args[:3]]
-    do = torch.randn_like(args[0])
+    with getattr(fn, "context", contextlib.nullcontext)():  # e.g. _on_tma's
+        if direction == "fwd":
+            return time_ms(lambda: fn(*args), device)
+        leaves = [t.detach().requires_grad_() for t in args[:3]]
+        do = torch.randn_like(args[0])
 
-    def step():
-        out = fn(*leaves, *args[3:])
-        torch.autograd.grad(out, leaves, do)
-    return time_ms(step, device)
+        def step():
+            out = fn(*leaves, *args[3:])
+            torch.autograd.grad(out, leaves, do)
+        return time_ms(step, device)
 
 
 def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384,

@@ -207,6 +207,30 @@ def _causal_split(pid_m, q_len, k_len, KMASK, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _one_loop_keys(pid_m, q_len, k_len, KMASK, win_left, win_right, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
+                   WINDOW: tl.constexpr):
+    """Key range [lo, hi) of a query block walked in one loop whose every block takes the edge
+    tests: a window's range, or every key up to the last one visible."""
+    if WINDOW:
+        lo, hi = _window_keys(pid_m, q_len, k_len, KMASK, win_left, win_right, BLOCK_M, BLOCK_N,
+                              HAS_KMASK)
+    else:
+        lo = 0
+        hi = _causal_split(pid_m, q_len, k_len, KMASK, BLOCK_M, BLOCK_N, CAUSAL, HAS_KMASK)[1]
+    return lo, hi
+
+
+@triton.jit
+def _rows_descriptor(ptr, n_rows, stride, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """A tensor descriptor (TMA on Hopper) over one sequence's rows of one head: rows past
+    n_rows and columns past HEAD_DIM read as zeros and are not written."""
+    return tl.make_tensor_descriptor(ptr, shape=[n_rows, HEAD_DIM], strides=[stride, 1],
+                                     block_shape=[BLOCK_R, BLOCK_D])
+
+
+@triton.jit
 def _in_window(i, j, q_len, k_len, win_left, win_right):
     """May query i see key j under the sliding window (both bounds finite: the launcher passes a
     bound past every sequence for an unbounded side)?"""
@@ -290,13 +314,10 @@ def _attn_fwd(
         q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
-        if TMA:  # descriptors over this sequence's rows of the head: the rest reads as zeros
-            q_ptr = tl.make_tensor_descriptor(q_ptr, shape=[q_len, HEAD_DIM], strides=[s_qs, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[k_len, HEAD_DIM], strides=[s_ks, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[k_len, HEAD_DIM], strides=[s_vs, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
+        if TMA:
+            q_ptr = _rows_descriptor(q_ptr, q_len, s_qs, HEAD_DIM, BLOCK_M, BLOCK_D)
+            k_ptr = _rows_descriptor(k_ptr, k_len, s_ks, HEAD_DIM, BLOCK_N, BLOCK_D)
+            v_ptr = _rows_descriptor(v_ptr, k_len, s_vs, HEAD_DIM, BLOCK_N, BLOCK_D)
         kmask = KMASK + b * s_mb
         slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
         q = _load_block(q_ptr, pid_m * BLOCK_M, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D,
@@ -308,13 +329,8 @@ def _attn_fwd(
             # One loop, every block taking the edge tests: the blocks of a window's range, or
             # (TMA) every block up to the last visible key, as Triton's warp specializer takes
             # only a kernel's single loop (two in a row failed to compile, Triton 3.6 and 3.9).
-            if WINDOW:
-                lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
-                                      BLOCK_N, HAS_KMASK)
-            else:
-                lo = 0
-                hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
-                                   HAS_KMASK)[1]
+            lo, hi = _one_loop_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                    BLOCK_N, CAUSAL, HAS_KMASK, WINDOW)
             acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi,
                                         offs_m, offs_n, offs_d, q_len, k_len, kmask, scale_log2,
                                         seed + bh, p_drop, seq_k, win_left, win_right, cap,
@@ -338,8 +354,7 @@ def _attn_fwd(
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         o_ptr = _head(O, b, q0, h, s_ob, s_os, s_oh)
         if TMA:
-            tl.make_tensor_descriptor(o_ptr, shape=[q_len, HEAD_DIM], strides=[s_os, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).store(
+            _rows_descriptor(o_ptr, q_len, s_os, HEAD_DIM, BLOCK_M, BLOCK_D).store(
                 [pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
         else:
             o_mask = _tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D)
@@ -559,22 +574,15 @@ def _attn_bwd_dq(
         tl.store(DELTA + l_off, delta, mask=offs_m < q_len)
         k_ptr = _head(K, b, k0, hk, s_kb, s_ks, s_kh)
         v_ptr = _head(V, b, k0, hk, s_vb, s_vs, s_vh)
-        if TMA:  # as in the forward
-            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[k_len, HEAD_DIM], strides=[s_ks, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[k_len, HEAD_DIM], strides=[s_vs, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
+        if TMA:
+            k_ptr = _rows_descriptor(k_ptr, k_len, s_ks, HEAD_DIM, BLOCK_N, BLOCK_D)
+            v_ptr = _rows_descriptor(v_ptr, k_len, s_vs, HEAD_DIM, BLOCK_N, BLOCK_D)
         kmask = KMASK + b * s_mb
         slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if WINDOW or TMA:  # one loop, every block taking the edge tests (see _attn_fwd)
-            if WINDOW:
-                lo, hi = _window_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
-                                      BLOCK_N, HAS_KMASK)
-            else:
-                lo = 0
-                hi = _causal_split(pid_m, q_len, k_len, kmask, BLOCK_M, BLOCK_N, CAUSAL,
-                                   HAS_KMASK)[1]
+            lo, hi = _one_loop_keys(pid_m, q_len, k_len, kmask, win_left, win_right, BLOCK_M,
+                                    BLOCK_N, CAUSAL, HAS_KMASK, WINDOW)
             dq = _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m,
                             offs_n0, offs_d, q_len, k_len, kmask, scale_log2, seed + bh, p_drop,
                             seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_N,

@@ -52,3 +52,19 @@ def rel_err(out, ref):
 
 # Relative norm error against a float64 reference: the table `fusedlm check` uses too.
 TOL = fusedlm.reference.TOLERANCE
+
+
+def tma_launches(monkeypatch):
+    """Turns the Triton attention kernels' opt-in TMA path on (FUSEDLM_TRITON_TMA) for a test;
+    returns the list that collects (kernel, took the path) for each forward and dQ launch."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    monkeypatch.setattr(kern, "TMA", True)
+    seen, launch = [], kern._launch
+
+    def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
+        if name in ("fwd", "dq"):
+            seen.append((name, flags["TMA"]))
+        return launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
+    monkeypatch.setattr(kern, "_launch", spy)
+    return seen

@@ -8,7 +8,7 @@ from fusedlm import reference
 from fusedlm.ops import dispatch
 from fusedlm.ops import attention_kernels
 from fusedlm.ops.attention import _fused, dropout_mask
-from conftest import DEVICE, HAS_GPU, TOL, rel_err
+from conftest import DEVICE, HAS_GPU, TOL, rel_err, tma_launches
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 BACKENDS = ["torch"] + [b for b in ("triton",)
@@ -896,17 +896,7 @@ def test_tma_path(case, monkeypatch):
     descriptors; the forward's key loop warp-specialized), run here by the interpreter: the rows
     past a sequence (a block's tail, the next packed sequence) and the columns past an unaligned
     head dim read as zeros, as the masked loads' do; forward and gradients against float64."""
-    from fusedlm.ops import _triton
-    kern = _triton.kernels("attention")
-    monkeypatch.setattr(kern, "TMA", True)
-    launched = []
-    real = kern._launch
-
-    def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
-        if name in ("fwd", "dq"):
-            launched.append((name, flags["TMA"]))
-        return real(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
-    monkeypatch.setattr(kern, "_launch", spy)
+    launched = tma_launches(monkeypatch)
     dtype = torch.float16
     if case == "packed":
         lens = [5, 37, 20]

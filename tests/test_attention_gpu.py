@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import HAS_GPU, TOL, rel_err
+from conftest import HAS_GPU, TOL, rel_err, tma_launches
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
@@ -222,17 +222,7 @@ def test_tma_path_gpu(d, case, monkeypatch):
     through tensor descriptors made on the device; the forward's key loop warp-specialized),
     autotuned, against float64 with 2x SDPA's error, forward and gradients; both kernels must
     have taken it."""
-    from fusedlm.ops import _triton
-    kern = _triton.kernels("attention")
-    monkeypatch.setattr(kern, "TMA", True)
-    seen = []
-    real = kern._launch
-
-    def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
-        if name in ("fwd", "dq"):
-            seen.append((name, flags["TMA"]))
-        return real(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
-    monkeypatch.setattr(kern, "_launch", spy)
+    seen = tma_launches(monkeypatch)
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(3)
 

@@ -23,6 +23,10 @@ on its padding keys (its padding queries are still computed: their outputs are d
 batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when a Philox draw
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
+
+On Hopper, FUSEDLM_TRITON_TMA=1 (opt-in until it has run on a GPU) moves the forward's and
+dQ's tiles through tensor descriptors (TMA) and warp-specializes the forward's key loop; see TMA
+below.
 """
 import inspect
 import os

@@ -654,7 +654,9 @@ def _seq_bucket(seq_q, seq_k):
 # 2026-11-23-h100-s2) among the configurations that compile for sm_90a without register spills
 # on Triton 3.6 and 3.9 (benchmarks/kernel_facts.py; CI fails on a spill): a candidate that
 # spills at one head dim is left out there, not everywhere. Short causal sequences need the
-# forward's (128, 32, 4, 4). At head dim 256, dK/dV's one spill-free block (16 x 32, 4 warps)
+# forward's (128, 32, 4, 4). At d128 dK/dV, (64, 64, 8, 3) stands in for the sweep's winners
+# (64, 64, 4, 2) and (64, 128, 8, 3), which spill: same query and key blocks, twice the warps
+# (unmeasured). At head dim 256, dK/dV's one spill-free block (16 x 32, 4 warps)
 # is too small for wgmma and runs on mma.sync: every larger one spills (its dK and dV
 # accumulators alone, 2 x BLOCK_N x 256 fp32, fill a thread's registers).
 CANDIDATES = {
@@ -665,7 +667,8 @@ CANDIDATES = {
             256: ((128, 32, 8, 3), (64, 32, 4, 2))},
     "dkdv": {64: ((32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2),
                   (32, 64, 4, 2)),
-             128: ((32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)),
+             128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2),
+                   (16, 64, 4, 3)),
              256: ((16, 32, 4, 2),)},
     "dq": {64: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)),
            128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),

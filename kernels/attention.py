@@ -229,9 +229,11 @@ def _one_loop_keys(pid_m, q_len, k_len, KMASK, win_left, win_right, BLOCK_M: tl.
 def _rows_descriptor(ptr, n_rows, stride, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """A tensor descriptor (TMA on Hopper) over one sequence's rows of one head: rows past
-    n_rows and columns past HEAD_DIM read as zeros and are not written."""
-    return tl.make_tensor_descriptor(ptr, shape=[n_rows, HEAD_DIM], strides=[stride, 1],
-                                     block_shape=[BLOCK_R, BLOCK_D])
+    n_rows and columns past HEAD_DIM read as zeros and are not written. An empty sequence (a
+    packed batch's key sequence of length 0) still gets one row: a TMA descriptor's extents must
+    be positive, and no block of it is read (its key range is empty)."""
+    return tl.make_tensor_descriptor(ptr, shape=[tl.maximum(n_rows, 1), HEAD_DIM],
+                                     strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_D])
 
 
 @triton.jit

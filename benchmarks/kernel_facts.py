@@ -12,11 +12,10 @@ Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Tri
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
 candidate the window + softcap and grouped-query variants; the forward's and dQ's opt-in TMA
-path at every one) and at the configurations fusedlm's
-launchers pick for the shapes of BERT-base and GPT-2 (the launchers' own block-size rules are
-called, not copied). An integer argument gets Triton's
-divisible-by-16 specialization exactly when its value here is a multiple of 16, as at run time,
-so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
+path at every one) and at the configurations fusedlm's launchers pick for the shapes of
+BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
+argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
+of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
 nvcc (-Xptxas -v) with the build's own flags.
 
 Columns: regs (per thread), spill (bytes stored + loaded to local memory per thread), smem
@@ -200,7 +199,7 @@ def triton_cases():
                     if p.name.startswith("s_") and p.name not in values:
                         values[p.name] = {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[p.name[-1]]
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
-                         f"w{cfg.num_warps} s{cfg.num_stages}" + (" pinned" if cfg is pinned else ""))
+                         f"w{cfg.num_warps} s{cfg.num_stages}{' pinned' if cfg is pinned else ''}")
                 variants = [("", values)]
                 if name in ("fwd", "dq"):  # the opt-in TMA path (FUSEDLM_TRITON_TMA), each one
                     variants.append((" tma", dict(values, TMA=True)))

@@ -496,14 +496,20 @@ def _attn_bwd_dkdv(
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
             slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
-            if WINDOW or CAUSAL:
+            if WINDOW:  # every block of the window's range takes the edge tests
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
-                                      tl.minimum(full, hi) if CAUSAL and not WINDOW else hi,
-                                      offs_n, offs_m0, offs_d, q_len, k_len, scale_log2, seed_h,
-                                      p_drop, seq_k, win_left, win_right, cap, slope, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, WINDOW, SOFTCAP,
-                                      HAS_ALIBI)
-            if not WINDOW:
+                                      hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
+                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True,
+                                      SOFTCAP, HAS_ALIBI)
+            else:
+                if CAUSAL:
+                    dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
+                                          lo, tl.minimum(full, hi), offs_n, offs_m0, offs_d,
+                                          q_len, k_len, scale_log2, seed_h, p_drop, seq_k,
+                                          win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D,
+                                          BLOCK_M, True, CAUSAL, DROPOUT, False, SOFTCAP,
+                                          HAS_ALIBI)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
                                       full, hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                       seed_h, p_drop, seq_k, win_left, win_right, cap, slope,

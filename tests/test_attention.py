@@ -575,18 +575,25 @@ def test_alibi_refusals_name_the_argument():
 
 def test_sliding_window_refusals_name_the_argument():
     q = torch.randn(1, 4, 2, 16)
-    for bad, err in (((3,), TypeError), ((-2, 0), ValueError), ((1.5, 0), ValueError), (7, TypeError)):
+    for bad, err in (((3,), TypeError), ((-2, 0), ValueError), ((1.5, 0), ValueError), (7, TypeError),
+                     ((True, 0), ValueError), ((torch.tensor(True), 0), ValueError),
+                     ((torch.tensor(1.0), 0), ValueError)):
         with pytest.raises(err, match="window_size"):
             fusedlm.attention(q, q, q, window_size=bad)
+    # Integers of any kind, as flash-attn takes them (its tests pass a tensor of two ints).
+    assert torch.equal(fusedlm.attention(q, q, q, window_size=torch.tensor([2, 1])),
+                       fusedlm.attention(q, q, q, window_size=(2, 1)))
     why = dispatch.why_not("attention", "cuda", ("cuda", torch.float16, 64, True))
     assert why is not None  # the CUDA C++ kernels have no window (or no CUDA here)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flash_attn_return_attn_probs_encodes_the_dropout_pattern(backend, monkeypatch):
-    """flash-attn's S_dmask: the probabilities, a dropped one negated; its sign is the keep
-    mask the call drew (the output is the reference's with that mask) for the backend that ran."""
-    from fusedlm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+    """flash-attn's S_dmask: exp(score - running max), a dropped one negated; its sign is the
+    keep mask the call drew (the output is the reference's with that mask) for the backend that
+    ran, and with `_get_block_size_n`'s blocks its magnitudes decode to the probabilities."""
+    from fusedlm.flash_attn_interface import (_get_block_size_n, flash_attn_func,
+                                              flash_attn_varlen_func)
     monkeypatch.setenv("FUSEDLM_BACKEND", backend)
     dispatch.clear_cache()
     p = 0.25
@@ -601,8 +608,16 @@ def test_flash_attn_return_attn_probs_encodes_the_dropout_pattern(backend, monke
     ref, _ = reference.attention(qs, ks, vs, causal=True, window=(6, 0), dropout_p=p,
                                  dropout_keep=keep)
     assert rel_err(out, ref) < TOL[torch.float16]
-    # The magnitudes are the probabilities: rows sum to 1.
-    assert torch.allclose(s_dmask.abs().sum(-1), torch.ones(2, 4, 20, device=DEVICE), atol=1e-5)
+    # Decoded as flash-attn's tests do: each key block's magnitudes times exp(running max -
+    # lse), the running max taken over the blocks from the last one back.
+    probs, lse_ref = reference.attention_probabilities(qs, ks, causal=True, window=(6, 0))
+    s = torch.log(probs) + lse_ref[..., None]  # the scores (-inf where masked)
+    block = _get_block_size_n(q.device, 32, True, True)
+    maxes = torch.stack([b.amax(-1) for b in s.split(block, dim=-1)], -1)
+    running = torch.cummax(maxes.flip(-1), -1).values.flip(-1)
+    decoded = torch.cat([m.abs() * torch.exp(r[..., None] - lse_ref[..., None]) for m, r in
+                         zip(s_dmask.double().split(block, dim=-1), running.unbind(-1))], -1)
+    assert torch.allclose(decoded, probs, atol=1e-6)
     seen = s_dmask != 0
     rate = keep[seen].float().mean().item()
     assert abs(rate - (1 - p)) < 0.08, rate

@@ -15,17 +15,27 @@ that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log
 nothing, where flash-attn writes +inf.
 
 `return_attn_probs=True` with dropout returns flash-attn's debugging S_dmask as the third
-value, in its sign encoding: the attention probabilities (batch, nheads, seqlen_q, seqlen_k),
-float32, each dropped one negated, so `S_dmask >= 0` is the keep mask the call drew (computed
-beside the kernel with the reference math: memory grows with seqlen_q x seqlen_k, as
-flash-attn's does; for tests, not training). Without dropout it is None, as flash-attn's; the
-varlen functions refuse it with dropout (their packed streams draw another layout).
+value, in its encoding: (batch, nheads, seqlen_q, seqlen_k) float32, the unnormalized
+probabilities exp(score - running max) with each dropped one negated, so `S_dmask >= 0` is the
+keep mask the call drew. flash-attn's running max is over the key blocks it has walked
+(`_get_block_size_n` gives the block); fusedlm's S_dmask is one block, so the max is the row's
+and `S_dmask.abs() * exp(rowmax - lse)` are the probabilities: flash-attn's own tests decode it
+with this module's `_get_block_size_n`. Computed beside the kernel with the reference math
+(memory grows with seqlen_q x seqlen_k, as flash-attn's does; for tests, not training). Without
+dropout it is None, as flash-attn's; the varlen functions refuse it with dropout (their packed
+streams draw another layout).
 """
 import torch
 
 from . import reference
 from .ops import dispatch
 from .ops.attention import _seed, attention, attention_varlen, dropout_mask
+
+
+def _get_block_size_n(device, head_dim, is_dropout, is_causal):
+    """The key-block width of S_dmask's encoding (flash-attn's helper of the same name, which
+    its tests call to decode S_dmask): fusedlm's S_dmask is one block over every key."""
+    return 2 ** 31 - 1
 
 
 def _unsupported(block_table=None):
@@ -55,6 +65,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                              alibi_slopes=alibi_slopes)
     keep = dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, seed,
                         q.device, backend=dispatch.explain("attention").backend)
+    # One block: exp(s - rowmax) = p / max(p); a row that sees no key stays zeros.
+    p = p / p.amax(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     return out, lse, torch.where(keep, p, -p).float()
 
 

@@ -350,15 +350,24 @@ def _case(q, window, softcap, alibi):
 
 
 def _check_window(window_size):
-    """flash-attn's window_size as (left, right) ints, each >= -1 (-1: unbounded)."""
+    """flash-attn's window_size as (left, right) ints, each >= -1 (-1: unbounded). Integers of
+    any kind (a 0-d integer tensor, as flash-attn's own tests pass) are taken; floats and bools
+    are refused, never rounded."""
     try:
         left, right = window_size
     except (TypeError, ValueError):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    sides = []
     for side in (left, right):
-        if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+        try:
+            boolean = isinstance(side, bool) or (isinstance(side, Tensor) and side.dtype == torch.bool)
+            side = None if boolean else operator.index(side)
+        except TypeError:
+            side = None
+        if side is None or side < -1:
             raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
-    return left, right
+        sides.append(side)
+    return tuple(sides)
 
 
 def _check_softcap(softcap):

@@ -625,10 +625,23 @@ def test_flash_attn_return_attn_probs_encodes_the_dropout_pattern(backend, monke
     assert not torch.equal(flash_attn_func(q, k, v, dropout_p=p, causal=True, window_size=(6, 0),
                                            return_attn_probs=True)[2] >= 0, keep)
     assert flash_attn_func(q, k, v, return_attn_probs=True)[2] is None
-    cu = torch.tensor([0, 20, 40], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="return_attn_probs"):
-        flash_attn_varlen_func(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu, cu, 20, 20,
-                               dropout_p=p, return_attn_probs=True)
+    # Packed: sequence i's pattern at [i, :, :len_q, :len_k], zeros elsewhere.
+    qp = torch.cat([q[0, :20], q[1, :13]]).detach()
+    kp, vp = (torch.cat([t[0, :24], t[1, :9]]).detach() for t in (k, v))
+    cu_q = torch.tensor([0, 20, 33], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 24, 33], dtype=torch.int32, device=DEVICE)
+    out, _, s_dmask = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 20, 24, dropout_p=p,
+                                             causal=True, return_attn_probs=True)
+    assert s_dmask.shape == (2, 4, 20, 24)
+    assert not s_dmask[1, :, 13:].any() and not s_dmask[1, :, :, 9:].any()
+    keep = s_dmask >= 0
+    for i, (c0, c1, k0, k1) in enumerate(((0, 20, 0, 24), (20, 33, 24, 33))):
+        qs, ks, vs = f64(qp[None, c0:c1], kp[None, k0:k1], vp[None, k0:k1])
+        ref, _ = reference.attention(qs, ks, vs, causal=True, dropout_p=p,
+                                     dropout_keep=keep[i:i + 1, :, :c1 - c0, :k1 - k0])
+        assert rel_err(out[c0:c1], ref[0]) < TOL[torch.float16], i
+    seen = s_dmask != 0
+    assert abs(keep[seen].float().mean().item() - (1 - p)) < 0.08
     dispatch.clear_cache()
 
 

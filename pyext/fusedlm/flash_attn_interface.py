@@ -22,14 +22,15 @@ keep mask the call drew. flash-attn's running max is over the key blocks it has 
 and `S_dmask.abs() * exp(rowmax - lse)` are the probabilities: flash-attn's own tests decode it
 with this module's `_get_block_size_n`. Computed beside the kernel with the reference math
 (memory grows with seqlen_q x seqlen_k, as flash-attn's does; for tests, not training). Without
-dropout it is None, as flash-attn's; the varlen functions refuse it with dropout (their packed
-streams draw another layout).
+dropout it is None, as flash-attn's. The varlen functions lay sequence i out at
+[i, :, :len_q, :len_k] of (batch, nheads, max_seqlen_q, max_seqlen_k), zeros elsewhere.
 """
 import torch
 
 from . import reference
 from .ops import dispatch
-from .ops.attention import _seed, attention, attention_varlen, dropout_mask
+from .ops.attention import _packed_rows, _seed, attention, attention_varlen, dropout_mask
+from .ops.padding import pad
 
 
 def _get_block_size_n(device, head_dim, is_dropout, is_causal):
@@ -65,9 +66,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                              alibi_slopes=alibi_slopes)
     keep = dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, seed,
                         q.device, backend=dispatch.explain("attention").backend)
-    # One block: exp(s - rowmax) = p / max(p); a row that sees no key stays zeros.
+    return out, lse, _signed_blocks(p, keep)
+
+
+def _signed_blocks(p, keep):
+    """S_dmask from the probabilities and the keep mask: one block, so exp(s - rowmax) =
+    p / max(p), negated where dropped; a row that sees no key stays zeros."""
     p = p / p.amax(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    return out, lse, torch.where(keep, p, -p).float()
+    return torch.where(keep, p, -p).float()
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -84,19 +90,38 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softcap=0.0, alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, block_table=None):
     """q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim), cu_seqlens int32 ->
-    out (total_q, nheads, headdim); with return_attn_probs (no dropout), (out, lse (nheads,
-    total_q), None)."""
+    out (total_q, nheads, headdim); with return_attn_probs, (out, lse (nheads, total_q),
+    S_dmask or None: see the module docstring)."""
     _unsupported(block_table)
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    seed = None
     if return_attn_probs and dropout_p > 0:
-        raise ValueError("return_attn_probs: fusedlm returns the dropout pattern (S_dmask) for "
-                         "flash_attn_func and its packed forms, not for the varlen functions; "
-                         "pass dropout_p=0 or return_attn_probs=False")
-    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                int(max_seqlen_k), causal=causal, dropout_p=dropout_p,
-                                softmax_scale=softmax_scale, return_lse=True,
-                                deterministic=deterministic, window_size=tuple(window_size),
-                                softcap=softcap, alibi_slopes=alibi_slopes)
-    return (out, lse, None) if return_attn_probs else out
+        seed = _seed(dropout_p, None, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                                causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                                return_lse=True, deterministic=deterministic,
+                                window_size=tuple(window_size), softcap=softcap,
+                                alibi_slopes=alibi_slopes, seed=seed)
+    if not return_attn_probs:
+        return out
+    if seed is None:
+        return out, lse, None
+    # Sequence i at [i, :, :len_q, :len_k] of (batch, nheads, max_seqlen_q, max_seqlen_k), as
+    # flash-attn lays it out; zeros elsewhere.
+    batch = cu_seqlens_q.numel() - 1
+    lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
+    idx_q, _ = _packed_rows(cu_seqlens_q, q.shape[0], max_q)
+    idx_k, _ = _packed_rows(cu_seqlens_k, k.shape[0], max_k)
+    p, _ = reference.attention_probabilities(
+        pad(q.detach(), idx_q, batch, max_q), pad(k.detach(), idx_k, batch, max_k),
+        causal=causal, key_mask=torch.arange(max_k, device=q.device) < lens_k[:, None],
+        softmax_scale=softmax_scale, lengths=(lens_q, lens_k), window=tuple(window_size),
+        softcap=softcap, alibi_slopes=alibi_slopes)
+    p = p.masked_fill((torch.arange(max_q, device=q.device) >= lens_q[:, None])[:, None, :, None], 0)
+    keep = dropout_mask(batch, q.shape[1], max_q, max_k, dropout_p, seed, q.device,
+                        backend=dispatch.explain("attention").backend,
+                        cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
+    return out, lse, _signed_blocks(p, keep)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,

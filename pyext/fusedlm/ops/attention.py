@@ -280,13 +280,27 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, s
     key_mask = torch.arange(max_k, device=q.device) < lens_k[:, None]
     keep = None
     if dropout_p > 0:
-        keep = _torch_dropout_keep((batch, q.shape[1], max_q, max_k), dropout_p, seed, q.device)
+        keep = _torch_varlen_keep(cu_q, cu_k, q.shape[1], max_q, max_k, dropout_p, seed, q.device)
     o, lse = reference.attention(pad_q, pad_k, pad_v, causal=causal, key_mask=key_mask,
                                  softmax_scale=scale, dropout_p=dropout_p, dropout_keep=keep,
                                  lengths=(lens_q, lens_k), window=window, softcap=softcap,
                                  alibi_slopes=alibi)
     return (o.flatten(0, 1).index_select(0, idx_q),
             lse.transpose(0, 1).flatten(1).index_select(1, idx_q).float())
+
+
+def _torch_varlen_keep(cu_q, cu_k, heads, max_q, max_k, dropout_p, seed, device):
+    """The torch backend's keep-mask for packed sequences, (batch, heads, max_q, max_k): sequence
+    i draws (heads, len_q, len_k) from seed + i, as the one-call-per-sequence path does, so both
+    paths (and flash_attn_interface's S_dmask) see the same pattern. Under torch.compile the seed
+    is a tensor and one dense draw from the default generator serves (nothing is read back)."""
+    batch = cu_q.numel() - 1
+    if isinstance(seed, Tensor):
+        return _torch_dropout_keep((batch, heads, max_q, max_k), dropout_p, seed, device)
+    keep = torch.zeros((batch, heads, max_q, max_k), dtype=torch.bool, device=device)
+    for i, (lq, lk) in enumerate(zip(cu_q.diff().tolist(), cu_k.diff().tolist())):
+        keep[i, :, :lq, :lk] = _torch_dropout_keep((1, heads, lq, lk), dropout_p, seed + i, device)[0]
+    return keep
 
 
 def _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed, window, softcap,
@@ -574,13 +588,20 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     return (out, lse) if return_lse else out
 
 
-def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda", backend="triton"):
+def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda", backend="triton",
+                 cu_seqlens=None):
     """The keep-mask (batch, heads, seq_q, seq_k) bool that `backend` draws for a dense call with
-    this seed (for tests to feed the reference, and flash_attn_interface's S_dmask). The CUDA
-    C++ kernels have no dropout: dispatch sends dropout to Triton."""
+    this seed (for tests to feed the reference, and flash_attn_interface's S_dmask), or, with
+    cu_seqlens=(cu_q, cu_k), for a packed call with max_seqlen seq_q, seq_k: sequence i's draws
+    at [i, :, :len_q, :len_k]. The CUDA C++ kernels have no dropout: dispatch sends dropout to
+    Triton."""
     seed = _seed(dropout_p, seed, batch * heads)
     if backend == "torch":
+        if cu_seqlens is not None:
+            return _torch_varlen_keep(*cu_seqlens, heads, seq_q, seq_k, dropout_p, seed, device)
         return _torch_dropout_keep((batch, heads, seq_q, seq_k), dropout_p, seed, device)
+    # The Triton kernels draw sequence i's (query, key) from the stream of batch row i with the
+    # dense layout's offsets (query * max_seqlen_k + key): one mask serves both.
     out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
     _triton.run("attention", "dropout_mask", out, seed, dropout_p)
     return out.bool()

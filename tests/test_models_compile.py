@@ -132,14 +132,47 @@ def test_compiled_outputs_without_labels_match_eager():
 def test_unpad_static_keeps_every_token_and_separates_real_from_padding():
     mask = _mask()
     x = torch.randn(*mask.shape, 5, device=DEVICE)
-    rows, idx, cu, max_len, real = unpad_static(x, mask)
+    rows, idx, cu, cu_k, max_len, real = unpad_static(x, mask)
     assert rows.shape == (mask.numel(), 5) and max_len == mask.shape[1]
     assert sorted(idx.tolist()) == list(range(mask.numel()))     # a permutation
     assert torch.equal(pad(rows, idx, *mask.shape), x)          # every token back in place
     packed, _, cu_eager, _ = unpad(x, mask)
-    assert torch.equal(rows[real], packed)                      # real tokens first, in order
-    assert torch.equal(cu[1::2] - cu[:-1:2], cu_eager.diff())     # real tokens per row
-    assert torch.equal(cu[2::2].long(), torch.arange(1, 4, device=DEVICE) * mask.shape[1])
+    batch, real_rows = mask.shape[0], packed.shape[0]
+    assert torch.equal(rows[real], packed) and real[:real_rows].all() and not real[real_rows:].any()
+    # The real tokens are sequences 0..batch-1, as unpad's; each row's padding follows as a
+    # sequence of queries with no keys.
+    assert torch.equal(cu[:batch + 1], cu_eager) and torch.equal(cu_k[:batch + 1], cu_eager)
+    assert (cu[batch + 1:].diff(prepend=cu[batch:batch + 1]) == (mask == 0).sum(1)).all()
+    assert cu[-1] == mask.numel() and (cu_k[batch:] == real_rows).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unpad_static_spends_no_attention_on_padding(backend):
+    """Packed by unpad_static, a padded batch's real rows attend as unpad's do, each padding
+    row sees no key (output 0) and the padding's keys get gradient 0; the key rows past the
+    last key sequence are read by no kernel (their values do not matter)."""
+    mask = _mask()
+    q, k, v = (torch.randn(*mask.shape, 2, 16, device=DEVICE, dtype=torch.float16,
+                           requires_grad=True) for _ in range(3))
+    rows_q, idx, cu, cu_k, max_len, real = unpad_static(q, mask)
+    rows_k, rows_v = (unpad_static(t, mask)[0] for t in (k, v))
+    out = fusedlm.attention_varlen(rows_q, rows_k, rows_v, cu, cu_k, max_len, max_len, causal=True,
+                                   backend=backend)
+    packed_q, _, cu_eager, max_eager = unpad(q, mask)
+    ref = fusedlm.attention_varlen(packed_q, unpad(k, mask)[0], unpad(v, mask)[0], cu_eager,
+                                   cu_eager, max_eager, max_eager, causal=True, backend=backend)
+    assert torch.equal(out[real], ref) and not out[~real].any()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g.masked_fill(~real[:, None, None], 0))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g[real])
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    # Garbage in the key rows past cu_k[-1] changes nothing.
+    poisoned_k = rows_k.detach().clone()
+    poisoned_k[~real] = float("nan")
+    again = fusedlm.attention_varlen(rows_q, poisoned_k, rows_v, cu, cu_k, max_len, max_len,
+                                     causal=True, backend=backend)
+    assert torch.equal(again, out)
 
 
 def test_unpad_static_refuses_what_unpad_refuses():

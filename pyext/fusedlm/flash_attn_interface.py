@@ -29,8 +29,7 @@ import torch
 
 from . import reference
 from .ops import dispatch
-from .ops.attention import _packed_rows, _seed, attention, attention_varlen, dropout_mask
-from .ops.padding import pad
+from .ops.attention import _seed, attention, attention_varlen, dropout_mask, padded_rows
 
 
 def _get_block_size_n(device, head_dim, is_dropout, is_causal):
@@ -110,10 +109,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # flash-attn lays it out; zeros elsewhere.
     batch = cu_seqlens_q.numel() - 1
     lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
-    idx_q, _ = _packed_rows(cu_seqlens_q, q.shape[0], max_q)
-    idx_k, _ = _packed_rows(cu_seqlens_k, k.shape[0], max_k)
     p, _ = reference.attention_probabilities(
-        pad(q.detach(), idx_q, batch, max_q), pad(k.detach(), idx_k, batch, max_k),
+        padded_rows(q.detach(), cu_seqlens_q, max_q), padded_rows(k.detach(), cu_seqlens_k, max_k),
         causal=causal, key_mask=torch.arange(max_k, device=q.device) < lens_k[:, None],
         softmax_scale=softmax_scale, lengths=(lens_q, lens_k), window=tuple(window_size),
         softcap=softcap, alibi_slopes=alibi_slopes)

@@ -69,8 +69,9 @@ class RobertaConfig(BertConfig):
 class Packed(NamedTuple):
     """A padded batch as packed rows. Eager: the real tokens only (`unpad`), one sequence per
     batch row. Under torch.compile: every token (`unpad_static`: shapes fixed by the batch's, so
-    one graph serves every mask), each batch row's real tokens and its padding as two sequences,
-    `real` marking the real rows; what the model returns is the same either way."""
+    one graph serves every mask), the batch rows' real tokens as sequences 0..batch-1, then
+    their padding as sequences with no keys (`cu_seqlens_k`), `real` marking the real rows; what
+    the model returns is the same either way."""
     hidden: Tensor       # (rows, H)
     indices: Tensor      # (rows,) positions in the flattened (batch * seq) batch
     cu_seqlens: Tensor   # (batch + 1,) int32, or (2 * batch + 1,) with `real`
@@ -78,16 +79,17 @@ class Packed(NamedTuple):
     batch: int
     seq: int
     real: Optional[Tensor] = None  # (rows,) bool: real tokens; None when every row is one
+    cu_seqlens_k: Optional[Tensor] = None  # the keys' offsets, where not cu_seqlens
 
     @staticmethod
     def of(x, attention_mask):
         """(rows of x, Packed without hidden) for a (batch, seq) x and its mask."""
         batch, seq = attention_mask.shape
         if torch.compiler.is_compiling():
-            rows, indices, cu, max_len, real = unpad_static(x, attention_mask)
+            rows, indices, cu, cu_k, max_len, real = unpad_static(x, attention_mask)
         else:
-            (rows, indices, cu, max_len), real = unpad(x, attention_mask), None
-        return rows, Packed(None, indices, cu, max_len, batch, seq, real)
+            (rows, indices, cu, max_len), real, cu_k = unpad(x, attention_mask), None, None
+        return rows, Packed(None, indices, cu, max_len, batch, seq, real, cu_k)
 
     @staticmethod
     def given(cu_seqlens, max_seqlen):
@@ -108,13 +110,12 @@ class Packed(NamedTuple):
         caller-packed batch points at a row that exists (what it reads is never used)."""
         if self.caller_packed:
             return self.cu_seqlens[:-1].long().clamp(max=max(self.hidden.shape[0] - 1, 0))
-        return (self.cu_seqlens[:-1] if self.real is None else self.cu_seqlens[:-1:2]).long()
+        return self.cu_seqlens[:self.batch].long()
 
     @property
     def lengths(self):
         """Real tokens per batch row."""
-        cu = self.cu_seqlens
-        return cu.diff() if self.real is None else cu[1::2] - cu[:-1:2]
+        return self.cu_seqlens[:self.batch + 1].diff()
 
     def padded(self):
         """(batch, seq, ...): the rows in place, zeros at padding (a caller-packed batch: the
@@ -192,7 +193,8 @@ class BertLayer(EncoderLayer):
                          activation=c.hidden_act, eps=c.layer_norm_eps)
 
     def forward(self, packed: Packed):
-        return packed.with_hidden(self.forward_packed(packed.hidden, packed.cu_seqlens, packed.max_seqlen))
+        return packed.with_hidden(self.forward_packed(packed.hidden, packed.cu_seqlens,
+                                                      packed.max_seqlen, packed.cu_seqlens_k))
 
 
 class BertEncoder(torch.nn.Module):

@@ -52,7 +52,8 @@ class GPTBlock(DecoderLayer):
                          eps=c.layer_norm_epsilon)
 
     def forward(self, delta, residual, packed: Packed):
-        return self.forward_fused(delta, residual, packed.cu_seqlens, packed.max_seqlen)
+        return self.forward_fused(delta, residual, packed.cu_seqlens, packed.max_seqlen,
+                                  packed.cu_seqlens_k)
 
 
 class GPTModel(torch.nn.Module):

@@ -37,6 +37,11 @@ def _packed(x, attention_mask, cu_seqlens, max_seqlen):
     return rows, cu, max_len, lambda y: pad(y, idx, batch, seq)
 
 
+def _keys(cu_seqlens, cu_seqlens_k):
+    """The keys' offsets: their own where given, else the queries' (self-attention)."""
+    return cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+
+
 def _heads(hidden_size, num_heads):
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
@@ -54,10 +59,10 @@ class EncoderSelfAttention(torch.nn.Module):
         self.value = torch.nn.Linear(hidden_size, hidden_size)
         self.dropout_p = attention_dropout
 
-    def forward(self, x, cu_seqlens, max_seqlen):
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
         q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
-        o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                             dropout_p=self.dropout_p if self.training else 0.0)
+        o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
+                             max_seqlen, dropout_p=self.dropout_p if self.training else 0.0)
         return o.flatten(-2)
 
 
@@ -82,8 +87,8 @@ class EncoderAttention(torch.nn.Module):
         self.self = EncoderSelfAttention(hidden_size, num_heads, attention_dropout)
         self.output = ResidualOutput(hidden_size, hidden_size, dropout, eps)
 
-    def forward(self, x, cu_seqlens, max_seqlen):
-        return self.output(self.self(x, cu_seqlens, max_seqlen), x)
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+        return self.output(self.self(x, cu_seqlens, max_seqlen, cu_seqlens_k), x)
 
 
 class Intermediate(torch.nn.Module):
@@ -112,8 +117,10 @@ class EncoderLayer(torch.nn.Module):
         self.intermediate = Intermediate(hidden_size, intermediate_size, activation)
         self.output = ResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
-    def forward_packed(self, x, cu_seqlens, max_seqlen):
-        h = self.attention(x, cu_seqlens, max_seqlen)
+    def forward_packed(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+        """On packed rows; cu_seqlens_k: the keys' own offsets where they differ from the
+        queries' (fusedlm.ops.unpad_static's padding rows have no keys), else None."""
+        h = self.attention(x, cu_seqlens, max_seqlen, cu_seqlens_k)
         return self.output(self.intermediate(h), h)
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
@@ -145,9 +152,10 @@ class DecoderAttention(torch.nn.Module):
         self.attn_pdrop = attention_dropout
         self.resid_dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x, cu_seqlens, max_seqlen):
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
         q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
-        o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+        o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
+                             max_seqlen, causal=True,
                              dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_dropout(self.c_proj(o.flatten(-2)))
 
@@ -182,15 +190,16 @@ class DecoderLayer(torch.nn.Module):
         self.ln_2 = LayerNorm(hidden_size, eps=eps)
         self.mlp = DecoderMLP(hidden_size, intermediate_size or 4 * hidden_size, dropout, activation)
 
-    def forward_fused(self, delta, residual, cu_seqlens, max_seqlen):
+    def forward_fused(self, delta, residual, cu_seqlens, max_seqlen, cu_seqlens_k=None):
         """`delta` is the previous layer's MLP output (None for the first layer), added to the
         residual stream inside ln_1; returns this layer's MLP output and the residual stream it
-        has not yet been added to."""
+        has not yet been added to. cu_seqlens_k: as in EncoderLayer.forward_packed."""
         if delta is None:
             y = self.ln_1(residual)
         else:
             y, residual = self.ln_1(delta, residual=residual)
-        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen), residual=residual)
+        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen, cu_seqlens_k),
+                                residual=residual)
         return self.mlp(y), residual
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):

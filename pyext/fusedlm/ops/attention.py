@@ -110,8 +110,10 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
               dropout_p, seed, pinned, window_left, window_right, softcap, alibi, kernel):
     do = unit_stride(do)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Packed key rows after the last sequence are written by no kernel: their gradient is 0.
+    grad_kv = torch.empty if cu_k is None else torch.zeros
+    dk = grad_kv(k.shape, dtype=k.dtype, device=k.device)
+    dv = grad_kv(v.shape, dtype=v.dtype, device=v.device)
     # Scratch for delta = rowsum(dO * O), laid out like lse: each backend's backward fills it
     # before the kernels that read it (Triton: its dQ kernel; CUDA C++: a pass of its own).
     delta = torch.empty_like(lse)
@@ -274,9 +276,9 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, s
             return _torch_varlen_loop(q, k, v, cu_q, cu_k, causal, scale, dropout_p, seed, window,
                                       softcap, alibi)
     idx_q, lens_q = _packed_rows(cu_q, q.shape[0], max_q)
-    idx_k, lens_k = _packed_rows(cu_k, k.shape[0], max_k)
+    lens_k = cu_k.diff()
     pad_q = pad(q, idx_q, batch, max_q)
-    pad_k, pad_v = (pad(t, idx_k, batch, max_k) for t in (k, v))
+    pad_k, pad_v = (padded_rows(t, cu_k, max_k) for t in (k, v))
     key_mask = torch.arange(max_k, device=q.device) < lens_k[:, None]
     keep = None
     if dropout_p > 0:
@@ -287,6 +289,16 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, s
                                  alibi_slopes=alibi)
     return (o.flatten(0, 1).index_select(0, idx_q),
             lse.transpose(0, 1).flatten(1).index_select(1, idx_q).float())
+
+
+def padded_rows(t, cu, seq):
+    """Packed rows (total, ...) -> (sequences, seq, ...), each sequence right-padded with zeros;
+    rows after the last sequence are dropped (through a spare slot: no host read)."""
+    batch = cu.numel() - 1
+    idx, _ = _packed_rows(cu, t.shape[0], seq)
+    spare = batch * seq
+    out = t.new_zeros((spare + 1, *t.shape[1:])).index_copy(0, idx.clamp(max=spare), t)
+    return out[:spare].view(batch, seq, *t.shape[1:])
 
 
 def _torch_varlen_keep(cu_q, cu_k, heads, max_q, max_k, dropout_p, seed, device):
@@ -524,17 +536,17 @@ def _max_seqlen(name, mx):
     return mx
 
 
-def _check_offsets(name, cu, total, mx):
-    """cu must rise from 0 to `total` (the packed rows) with no sequence longer than `mx`: a
-    kernel trusting bad offsets reads and writes out of bounds, or leaves rows unwritten.
-    Checked at every call (a check cached on the tensor missed writes through numpy or .data);
-    on a GPU or compiled, on the device (see `require`)."""
-    ok = (cu[0] == 0) & (cu[-1] == total)
+def _check_offsets(name, cu, total, mx, to_the_end=True):
+    """cu must rise from 0 to `total` (the packed rows; with to_the_end=False, to at most
+    `total`) with no sequence longer than `mx`: a kernel trusting bad offsets reads and writes
+    out of bounds, or leaves rows unwritten. Checked at every call (a check cached on the tensor
+    missed writes through numpy or .data); on a GPU or compiled, on the device (see `require`)."""
+    ok = (cu[0] == 0) & ((cu[-1] == total) if to_the_end else (cu[-1] <= total))
     lens = cu.diff()
     if lens.numel():
         ok = ok & (lens.min() >= 0) & (lens.max() <= mx)
-    require(ok, f"{name} must rise from 0 to {total} (the packed rows) with no sequence longer "
-                f"than max_seqlen={mx}")
+    require(ok, f"{name} must rise from 0 to {'' if to_the_end else 'at most '}{total} (the "
+                f"packed rows) with no sequence longer than max_seqlen={mx}")
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -546,8 +558,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
     sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
-    on padding. Returns out (total_q, heads, D) [and lse (heads, total_q)]. window_size, softcap
-    and alibi_slopes ((heads,) or (sequences, heads)): see `attention`, within each sequence."""
+    on padding. Every query row belongs to a sequence (cu_seqlens_q ends at total_q); key rows
+    after cu_seqlens_k[-1] belong to none, are read by no query and get gradient 0 (how
+    `unpad_static` gives padding rows no keys). Returns out (total_q, heads, D) [and lse
+    (heads, total_q)]. window_size, softcap and alibi_slopes ((heads,) or (sequences, heads)):
+    see `attention`, within each sequence."""
     _check_tensors(q, k, v, "packed")
     _check_qkv(q, k, v, packed=True)
     _check_options(dropout_p, softmax_scale, seed)
@@ -567,7 +582,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     if (cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]
             or max_seqlen_k != max_seqlen_q):  # self-attention passes one tensor twice: once
-        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, to_the_end=False)
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5

@@ -34,25 +34,29 @@ def _check_mask(x, attention_mask):
 
 
 def unpad_static(x: Tensor, attention_mask: Tensor):
-    """`unpad` with shapes that do not depend on the mask: every token is a row, each batch
-    row's real tokens first (in order), then its padding, and each row's padding is a sequence
-    of its own, so attention never mixes the two. Returns (x_rows (batch * seq, ...), indices
-    (batch * seq,), cu_seqlens int32 (2 * batch + 1,): real and padding sequences alternating,
-    max_seqlen = seq, real (batch * seq,) bool: which rows are real tokens). Rows of padding cost
-    work (their attention only among themselves); nothing is read back to the host."""
+    """`unpad` with shapes that do not depend on the mask: every token is a row, the real tokens
+    of all batch rows first (in order), then each batch row's padding, and no work is spent on
+    padding in attention: each batch row's padding is a sequence of queries with no keys.
+    Returns (x_rows (batch * seq, ...), indices (batch * seq,), cu_seqlens_q and cu_seqlens_k
+    int32 (2 * batch + 1,): the batch rows' real tokens as sequences 0..batch-1, their padding
+    as sequences batch..2*batch-1 (with no keys: cu_seqlens_k stops at the real rows), max_seqlen
+    = seq, real (batch * seq,) bool: which rows are real tokens). A padding row's attention
+    output is 0 (a query that sees no key); nothing is read back to the host."""
     _check_mask(x, attention_mask)
     batch, seq = attention_mask.shape
-    keep = attention_mask != 0
-    # A stable sort of each row by "is padding" puts its real tokens first, in order.
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
-    base = torch.arange(batch, device=x.device)[:, None] * seq
-    indices = (order + base).reshape(-1)
-    lens = keep.sum(1, dtype=torch.int32)
-    cu = torch.zeros(2 * batch + 1, dtype=torch.int32, device=x.device)
-    cu[1::2] = (base[:, 0] + lens).to(torch.int32)
-    cu[2::2] = (base[:, 0] + seq).to(torch.int32)
-    real = (torch.arange(seq, device=x.device) < lens[:, None]).reshape(-1)
-    return x.reshape(-1, *x.shape[2:]).index_select(0, indices), indices, cu, seq, real
+    keep = (attention_mask != 0).reshape(-1)
+    # A stable sort of every position by "is padding" puts the real tokens first, in order,
+    # then the padding, batch row by batch row.
+    indices = torch.argsort((~keep).to(torch.uint8), stable=True)
+    lens = (attention_mask != 0).sum(1, dtype=torch.int32)
+    real_rows = lens.sum(dtype=torch.int32)
+    cu_q = torch.zeros(2 * batch + 1, dtype=torch.int32, device=x.device)
+    cu_q[1:batch + 1] = lens.cumsum(0, dtype=torch.int32)
+    cu_q[batch + 1:] = real_rows + (seq - lens).cumsum(0, dtype=torch.int32)
+    cu_k = cu_q.clone()
+    cu_k[batch + 1:] = real_rows
+    real = torch.arange(batch * seq, device=x.device) < real_rows
+    return x.reshape(-1, *x.shape[2:]).index_select(0, indices), indices, cu_q, cu_k, seq, real
 
 
 def pad(x_packed: Tensor, indices: Tensor, batch: int, seq: int):

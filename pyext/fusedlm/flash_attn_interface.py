@@ -48,24 +48,34 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) ->
     out like q; with return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q), S_dmask or
     None: see the module docstring)."""
-    seed = None
-    if return_attn_probs and dropout_p > 0:  # the seed the S_dmask must reproduce
-        seed = _seed(dropout_p, None, q.shape[0] * q.shape[2])
+    seed = _probs_seed(return_attn_probs, dropout_p, q.shape[0] * q.shape[2])
     out, lse = attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                          return_lse=True, deterministic=deterministic,
                          window_size=tuple(window_size), softcap=softcap,
                          alibi_slopes=alibi_slopes, seed=seed)
+
+    def s_dmask():
+        p, _ = reference.attention_probabilities(q.detach(), k.detach(), causal=causal,
+                                                 softmax_scale=softmax_scale,
+                                                 window=tuple(window_size), softcap=softcap,
+                                                 alibi_slopes=alibi_slopes)
+        keep = dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, seed,
+                            q.device, backend=dispatch.explain("attention").backend)
+        return _signed_blocks(p, keep)
+    return _returned(out, lse, return_attn_probs, s_dmask if seed is not None else None)
+
+
+def _probs_seed(return_attn_probs, dropout_p, streams):
+    """The dropout seed S_dmask must reproduce, drawn here and handed to the kernel; None when
+    no S_dmask is asked for (the kernel then draws its own)."""
+    return _seed(dropout_p, None, streams) if return_attn_probs and dropout_p > 0 else None
+
+
+def _returned(out, lse, return_attn_probs, s_dmask):
+    """flash-attn's return convention; s_dmask makes S_dmask, None without dropout."""
     if not return_attn_probs:
         return out
-    if seed is None:
-        return out, lse, None
-    p, _ = reference.attention_probabilities(q.detach(), k.detach(), causal=causal,
-                                             softmax_scale=softmax_scale,
-                                             window=tuple(window_size), softcap=softcap,
-                                             alibi_slopes=alibi_slopes)
-    keep = dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, seed,
-                        q.device, backend=dispatch.explain("attention").backend)
-    return out, lse, _signed_blocks(p, keep)
+    return out, lse, None if s_dmask is None else s_dmask()
 
 
 def _signed_blocks(p, keep):
@@ -93,32 +103,29 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     S_dmask or None: see the module docstring)."""
     _unsupported(block_table)
     max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
-    seed = None
-    if return_attn_probs and dropout_p > 0:
-        seed = _seed(dropout_p, None, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    seed = _probs_seed(return_attn_probs, dropout_p, (cu_seqlens_q.numel() - 1) * q.shape[1])
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                                 causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                                 return_lse=True, deterministic=deterministic,
                                 window_size=tuple(window_size), softcap=softcap,
                                 alibi_slopes=alibi_slopes, seed=seed)
-    if not return_attn_probs:
-        return out
-    if seed is None:
-        return out, lse, None
-    # Sequence i at [i, :, :len_q, :len_k] of (batch, nheads, max_seqlen_q, max_seqlen_k), as
-    # flash-attn lays it out; zeros elsewhere.
-    batch = cu_seqlens_q.numel() - 1
-    lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
-    p, _ = reference.attention_probabilities(
-        padded_rows(q.detach(), cu_seqlens_q, max_q), padded_rows(k.detach(), cu_seqlens_k, max_k),
-        causal=causal, key_mask=torch.arange(max_k, device=q.device) < lens_k[:, None],
-        softmax_scale=softmax_scale, lengths=(lens_q, lens_k), window=tuple(window_size),
-        softcap=softcap, alibi_slopes=alibi_slopes)
-    p = p.masked_fill((torch.arange(max_q, device=q.device) >= lens_q[:, None])[:, None, :, None], 0)
-    keep = dropout_mask(batch, q.shape[1], max_q, max_k, dropout_p, seed, q.device,
-                        backend=dispatch.explain("attention").backend,
-                        cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
-    return out, lse, _signed_blocks(p, keep)
+
+    def s_dmask():
+        # Sequence i at [i, :, :len_q, :len_k] of (batch, nheads, max_seqlen_q, max_seqlen_k),
+        # as flash-attn lays it out; zeros elsewhere.
+        batch = cu_seqlens_q.numel() - 1
+        lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
+        p, _ = reference.attention_probabilities(
+            padded_rows(q.detach(), cu_seqlens_q, max_q), padded_rows(k.detach(), cu_seqlens_k, max_k),
+            causal=causal, key_mask=torch.arange(max_k, device=q.device) < lens_k[:, None],
+            softmax_scale=softmax_scale, lengths=(lens_q, lens_k), window=tuple(window_size),
+            softcap=softcap, alibi_slopes=alibi_slopes)
+        queries = torch.arange(max_q, device=q.device) < lens_q[:, None]
+        keep = dropout_mask(batch, q.shape[1], max_q, max_k, dropout_p, seed, q.device,
+                            backend=dispatch.explain("attention").backend,
+                            cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
+        return _signed_blocks(p.masked_fill(~queries[:, None, :, None], 0), keep)
+    return _returned(out, lse, return_attn_probs, s_dmask if seed is not None else None)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,

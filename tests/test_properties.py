@@ -165,25 +165,69 @@ def test_attention_variants(backend, case):
 
 @given(backend=st.sampled_from(BACKENDS), lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
        lens_k=st.none() | st.lists(st.integers(0, 30), min_size=5, max_size=5),
-       causal=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_attention_varlen(backend, lens, lens_k, causal, seed):
+       spare=st.integers(0, 3), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_attention_varlen(backend, lens, lens_k, spare, causal, seed):
+    """`spare` key rows past the last key sequence hold NaN: no query may read them, and their
+    gradient is 0."""
     lens_k = lens if lens_k is None else lens_k[:len(lens)]
     cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32,
                                device=DEVICE) for n in (lens, lens_k))
     dtype = torch.float16
     q = _randn((sum(lens), 2, 32), seed, dtype).requires_grad_()
-    k, v = (_randn((sum(lens_k), 1, 32), seed + i, dtype).requires_grad_() for i in (1, 2))
+    nan = torch.full((spare, 1, 32), float("nan"), dtype=dtype, device=DEVICE)
+    k, v = (torch.cat([_randn((sum(lens_k), 1, 32), seed + i, dtype), nan]).requires_grad_()
+            for i in (1, 2))
     out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens_k), causal=causal,
                                    backend=backend)
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    real = sum(lens_k)
+    refs = [t.detach()[:real if t is not q else None].double().requires_grad_() for t in (q, k, v)]
     ref, _ = reference.attention_varlen(*refs, cu_q, cu_k, causal=causal) if sum(lens) else (refs[0] * 0, None)
     assert out.shape == q.shape
     if sum(lens) == 0 or sum(lens_k) == 0:
         assert not out.abs().sum()
         return
     do = _randn(ref.shape, seed + 3, dtype)
-    _check([out, *torch.autograd.grad(out, (q, k, v), do)],
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert not dk[real:].any() and not dv[real:].any()
+    _check([out, dq, dk[:real], dv[:real]],
            [ref, *torch.autograd.grad(ref, refs, do.double())], dtype, summed=(2, 3))
+
+
+@given(backend=st.sampled_from(BACKENDS), batch=st.integers(1, 3), seq=st.integers(1, 24),
+       pattern=st.sampled_from(["random", "right", "left", "empty row", "full"]),
+       causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_unpad_static_attention(backend, batch, seq, pattern, causal, seed):
+    """A padded batch packed by unpad_static (what a compiled model runs): its real rows attend
+    as the reference with the padding mask does (bottom-right causal within the real tokens),
+    its padding rows give 0, and gradients flow to the real rows only."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, seq, generator=g) < 0.6
+    lens = torch.randint(0, seq + 1, (batch, 1), generator=g)
+    pos = torch.arange(seq)
+    keep = {"random": keep, "right": pos < lens, "left": pos >= seq - lens,
+            "empty row": keep.index_fill(0, torch.tensor([0]), False),
+            "full": torch.ones(batch, seq, dtype=torch.bool)}[pattern].to(DEVICE)
+    dtype = torch.float16
+    q, k, v = (_randn((batch, seq, 2, 16), seed + i, dtype).requires_grad_() for i in range(3))
+    (rq, idx, cu_q, cu_k, max_len, real), rk, rv = (
+        fusedlm.ops.unpad_static(q, keep), fusedlm.ops.unpad_static(k, keep)[0],
+        fusedlm.ops.unpad_static(v, keep)[0])
+    out = fusedlm.attention_varlen(rq, rk, rv, cu_q, cu_k, max_len, max_len, causal=causal,
+                                   backend=backend)
+    assert not out[~real].any()
+    # The reference: each batch row's real tokens alone (its padding removed), in order.
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    packed = [fusedlm.ops.unpad(t, keep)[0] for t in refs]
+    n = int(real.sum())
+    ref, _ = (reference.attention_varlen(*packed, cu_q[:batch + 1], cu_q[:batch + 1], causal=causal)
+              if n else (packed[0], None))
+    do = _randn(out.shape, seed + 5, dtype).masked_fill(~real[:, None, None], 0)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    if n == 0:
+        assert not any(t.any() for t in grads)
+        return
+    ref_grads = torch.autograd.grad(ref, refs, do[real].double())
+    _check([out[real], *grads], [ref, *ref_grads], dtype, summed=(2, 3))
 
 
 @given(backend=st.sampled_from(BACKENDS), dtype=st.sampled_from(DTYPES),

@@ -11,7 +11,7 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
-candidate the window + softcap and grouped-query variants; the forward's and dQ's opt-in TMA
+candidate the window + softcap + ALiBi and grouped-query variants; the forward's and dQ's opt-in TMA
 path at every one) and at the configurations fusedlm's launchers pick for the shapes of
 BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
 argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
@@ -178,7 +178,8 @@ def triton_cases():
                       8 if block >= 2048 else 4, 3))
     # Attention: every autotuning candidate at its head dims, bf16, causal, BERT-like contiguous
     # (batch, seq, heads, D) strides at 12 heads; at the first candidate, also the Gemma-2 /
-    # Mistral variant (window + softcap) and grouped-query heads (4 query heads a key head).
+    # Mistral variant (window + softcap, with ALiBi too) and grouped-query heads (4 query heads a
+    # key head).
     for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
         for d in HEAD_DIMS:
             block_d = max(next_power_of_2(d), 16)
@@ -203,9 +204,10 @@ def triton_cases():
                 variants = [("", values)]
                 if name in ("fwd", "dq"):  # the opt-in TMA path (FUSEDLM_TRITON_TMA), each one
                     variants.append((" tma", dict(values, TMA=True)))
-                if i == 0:
-                    variants.append((" window+softcap", dict(values, WINDOW=True, SOFTCAP=True,
-                                                             win_left=4095, cap=72.1)))
+                if i == 0:  # every flash-attn extra at once: the most registers they take
+                    variants.append((" window+softcap+alibi", dict(values, WINDOW=True,
+                                                                   SOFTCAP=True, HAS_ALIBI=True,
+                                                                   win_left=4095, cap=72.1)))
                     if name == "dkdv":
                         variants.append((" gqa", dict(values, group=4, GROUPED=True)))
                 for suffix, v in variants:

@@ -141,7 +141,7 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, KMASK, scale_log2, win_left, win
     most blocks. Query rows past the sequence are never masked: they are not stored."""
     s = _raw_scores(tl.dot(q, tl.trans(k)), scale_log2, cap, SOFTCAP)
     if HAS_ALIBI:
-        s = s - slope * tl.abs(offs_m[:, None] + (k_len - q_len) - offs_n[None, :]).to(tl.float32)
+        s = s - _alibi_penalty(slope, offs_m[:, None], offs_n[None, :], q_len, k_len)
     if ON_EDGE:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
@@ -165,6 +165,14 @@ def _raw_scores(qk, scale_log2, cap, SOFTCAP: tl.constexpr):
         x = qk * (scale_log2 / cap)
         return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # tanh, finite for any x
     return qk * scale_log2
+
+
+@triton.jit
+def _alibi_penalty(slope, rows_q, cols_k, q_len, k_len):
+    """ALiBi's -bias: slope * |i + Sk - Sq - j| for query positions rows_q and key positions
+    cols_k (broadcast against each other: either orientation), subtracted from the (capped)
+    scores."""
+    return slope * tl.abs(rows_q + (k_len - q_len) - cols_k).to(tl.float32)
 
 
 @triton.jit
@@ -384,10 +392,10 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
     offs_m = start_m + offs_m0
     q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
     lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
-    s_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
+    capped_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
+    s_t = capped_t
     if HAS_ALIBI:
-        s_t = s_t - slope * tl.abs(offs_m[None, :] + (k_len - q_len)
-                                   - offs_n[:, None]).to(tl.float32)
+        s_t = capped_t - _alibi_penalty(slope, offs_m[None, :], offs_n[:, None], q_len, k_len)
     p_t = tl.exp2(s_t - lse[None, :])
     if ON_EDGE and CAUSAL:
         p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
@@ -404,8 +412,8 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
     else:
         dv = tl.dot(p_t.to(do.dtype), do, dv)
     ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:
-        ds_t = ds_t * _capped_grad(s_t, cap)
+    if SOFTCAP:  # tanh's derivative at the capped score, before ALiBi's bias
+        ds_t = ds_t * _capped_grad(capped_t, cap)
     dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
@@ -548,8 +556,11 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
             keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * _capped_grad(s, cap)
+        if SOFTCAP:  # tanh's derivative at the capped score, before ALiBi's bias
+            capped = s
+            if HAS_ALIBI:
+                capped = s + _alibi_penalty(slope, offs_m[:, None], kn[None, :], q_len, k_len)
+            ds = ds * _capped_grad(capped, cap)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 

@@ -509,11 +509,15 @@ def test_packed_variants_are_each_sequence_alone(backend, variant):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (5, 0))])
-def test_softcap_forward_and_backward(backend, causal, window):
+@pytest.mark.parametrize("causal, window, alibi", [(False, (-1, -1), False), (True, (-1, -1), False),
+                                                   (True, (5, 0), False), (False, (-1, -1), True),
+                                                   (True, (5, 0), True)])
+def test_softcap_forward_and_backward(backend, causal, window, alibi):
     """softcap (Gemma 2's logit softcapping): scores s -> softcap * tanh(s / softcap) before the
-    softmax, its derivative in the backward; with a padding mask, GQA and a window too. A cap of
-    2 with scores of magnitude ~4 makes the tanh bend, not a no-op."""
+    softmax, its derivative in the backward; with a padding mask, GQA and a window too, and
+    ALiBi's bias added after the cap (flash-attn's order: the backward takes tanh's derivative
+    at the capped score, not at the biased one). A cap of 2 with scores of magnitude ~4 makes
+    the tanh bend, not a no-op."""
     dtype = torch.float16
     q, k, v = make(2, 37, 45, 4, 2, 16, dtype, seed=8)
     with torch.no_grad():
@@ -521,13 +525,20 @@ def test_softcap_forward_and_backward(backend, causal, window):
     mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
     mask[1, 30:] = False
     qs, ks, vs = f64(q, k, v)
-    ref, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window, softcap=2.0)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 1.0], device=DEVICE) if alibi else None
+    ref, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window,
+                                 softcap=2.0, alibi_slopes=slopes)
     ref = torch.nan_to_num(ref)
-    uncapped, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window)
+    uncapped, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window,
+                                      alibi_slopes=slopes)
     assert rel_err(torch.nan_to_num(uncapped), ref) > 0.05  # the cap changes the answer
+    if alibi:
+        unbiased, _ = reference.attention(qs, ks, vs, causal=causal, key_mask=mask, window=window,
+                                          softcap=2.0)
+        assert rel_err(torch.nan_to_num(unbiased), ref) > 0.05  # so do the slopes
     do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask, window_size=window,
-                            softcap=2.0, backend=backend)
+                            softcap=2.0, alibi_slopes=slopes, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
     ref_grads = [torch.nan_to_num(g) for g in torch.autograd.grad(ref, (qs, ks, vs), do)]
     compare(out, ref, grads, ref_grads, dtype)
@@ -569,8 +580,6 @@ def test_alibi_refusals_name_the_argument():
                            ([0.5, 0.25], TypeError, "torch.Tensor")):
         with pytest.raises(err, match=word):
             fusedlm.attention(q, q, q, alibi_slopes=bad)
-    with pytest.raises(ValueError, match="alibi_slopes together with softcap"):
-        fusedlm.attention(q, q, q, alibi_slopes=torch.ones(2), softcap=5.0)
 
 
 def test_sliding_window_refusals_name_the_argument():

@@ -8,7 +8,7 @@ strides.
 
 Same argument names, order, defaults and return conventions as flash-attn 2 for the features
 fusedlm has, sliding windows (window_size), softcapping (softcap) and ALiBi (alibi_slopes)
-included. Features it does not have (paged KV; ALiBi together with softcap) raise a ValueError
+included. Features it does not have (paged KV, KV-cache decoding) raise a ValueError
 naming the argument instead of computing something else. fusedlm's kernels use no
 atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). A query
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of

@@ -18,7 +18,8 @@ it (the CPU reference and interpreter are slow there). Each case ends as one of:
   failed   -- an assertion of the suite (accuracy, determinism, dropout rate) or any other
               exception: a bug in fusedlm or in the shim.
 The summary (counts, each refusal message with its count, each failure) is printed and, with
---json, written. Exit status 1 when anything failed.
+--json, written after every case ("finished": false until the run ends). Exit status 1 when
+anything failed.
 
     python tests/flash_attn_suite/run.py --suite /path/to/flash-attention/tests/test_flash_attn.py \\
         --per-test 20 --max-seqlen 512 --json summary.json
@@ -114,8 +115,10 @@ INTERNAL = {
 
 
 class Plugin:
-    def __init__(self, per_test, max_seqlen, seed, keyword_seqlens=("seqlen", "seqlen_q", "seqlen_k")):
+    def __init__(self, per_test, max_seqlen, seed, keyword_seqlens=("seqlen", "seqlen_q", "seqlen_k"),
+                 progress=None):
         self.per_test, self.max_seqlen, self.seed = per_test, max_seqlen, seed
+        self.progress = progress  # a function given the summary after every case (a run cut short keeps it)
         self.keyword_seqlens = keyword_seqlens
         self.outcomes = collections.Counter()
         self.refusals = collections.Counter()
@@ -162,6 +165,8 @@ class Plugin:
             report.longrepr = (str(item.path), item.location[1] or 0, f"refused by fusedlm: {why}")
         else:
             self._fail(item, call)
+        if self.progress is not None and call.when == "teardown":
+            self.progress(self.summary())
 
     def _fail(self, item, call):
         self.outcomes["failed"] += 1
@@ -192,23 +197,26 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before fusedlm imports triton
     sys.path.insert(0, SHIM)
     import fusedlm  # noqa: F401  (the shim's target; imported before the mode is on)
-    plugin = Plugin(args.per_test, args.max_seqlen, args.seed)
     suite = os.path.abspath(args.suite)
+    about = dict(device=device, suite=suite, per_test=args.per_test, max_seqlen=args.max_seqlen,
+                 seed=args.seed, fusedlm=fusedlm.__version__, torch=torch.__version__)
+
+    def write(summary, finished=False):
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(summary, **about, finished=finished), fh, indent=1)
+    plugin = Plugin(args.per_test, args.max_seqlen, args.seed, progress=write)
     # -c /dev/null: none of this repository's pytest settings; -p no:cacheprovider: no cache
     # written next to the suite's file.
     pytest_args = [suite, "-q", "-p", "no:cacheprovider", "-c", os.devnull,
                    "--rootdir", os.path.dirname(suite), *args.pytest_args]
     with _CudaOnCpu() if device == "cpu" else contextlib.nullcontext():
         pytest.main(pytest_args, plugins=[plugin])
-    summary = dict(plugin.summary(), device=device, suite=suite, per_test=args.per_test,
-                   max_seqlen=args.max_seqlen, seed=args.seed,
-                   fusedlm=fusedlm.__version__, torch=torch.__version__)
+    summary = plugin.summary()
+    write(summary, finished=True)
     print(json.dumps({k: summary[k] for k in ("collected", "outcomes", "refusals")}, indent=1))
     for f in summary["failures"]:
         print(f"FAILED {f['test']} ({f['when']}): {f['error']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1)
     return 1 if summary["failures"] else 0
 
 

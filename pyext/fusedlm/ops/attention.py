@@ -402,7 +402,7 @@ def _check_softcap(softcap):
     return float(softcap)
 
 
-def _check_alibi(alibi_slopes, batch, heads, device, softcap):
+def _check_alibi(alibi_slopes, batch, heads, device):
     """flash-attn's alibi_slopes: None, or float32 (heads,) or (batch, heads)."""
     if alibi_slopes is None:
         return None
@@ -415,8 +415,6 @@ def _check_alibi(alibi_slopes, batch, heads, device, softcap):
                          f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
-    if softcap > 0:
-        raise ValueError("alibi_slopes together with softcap is not supported (one or the other)")
     return alibi_slopes.contiguous()
 
 
@@ -491,7 +489,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _check_options(dropout_p, softmax_scale, seed)
     window, softcap = _check_window(window_size), _check_softcap(softcap)
     batch, seq_q, heads, head_dim = q.shape
-    alibi = _check_alibi(alibi_slopes, batch, heads, q.device, softcap)
+    alibi = _check_alibi(alibi_slopes, batch, heads, q.device)
     seq_k = k.shape[1]
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
@@ -587,7 +585,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
-    alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device, softcap)
+    alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     chosen = dispatch.select("attention", _case(q, window, softcap, alibi), backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -16,7 +16,9 @@ it (the CPU reference and interpreter are slow there). Each case ends as one of:
               (reported as a skip with the message: the contract is "a clear error, never a
               different answer");
   failed   -- an assertion of the suite (accuracy, determinism, dropout rate) or any other
-              exception: a bug in fusedlm or in the shim.
+              exception: a bug in fusedlm or in the shim;
+  not applicable -- tests of flash-attn's internals (its C++ entry points), and on a CPU its
+              GPU race hunt (INTERNAL, INTERNAL_ON_CPU below).
 The summary (counts, each refusal message with its count, each failure) is printed and, with
 --json, written after every case ("finished": false until the run ends). Exit status 1 when
 anything failed.
@@ -114,10 +116,17 @@ INTERNAL = {
 }
 
 
+# On a CPU only: a GPU race hunt (nothing races on a CPU, and the interpreter would take hours).
+INTERNAL_ON_CPU = {
+    "test_flash_attn_race_condition": "repeats a batch-60 call 250 times to catch GPU races",
+}
+
+
 class Plugin:
     def __init__(self, per_test, max_seqlen, seed, keyword_seqlens=("seqlen", "seqlen_q", "seqlen_k"),
-                 progress=None):
+                 progress=None, internal=INTERNAL):
         self.per_test, self.max_seqlen, self.seed = per_test, max_seqlen, seed
+        self.internal = internal
         self.progress = progress  # a function given the summary after every case (a run cut short keeps it)
         self.keyword_seqlens = keyword_seqlens
         self.outcomes = collections.Counter()
@@ -129,8 +138,9 @@ class Plugin:
         self.collected = len(items)
         by_function = collections.defaultdict(list)
         for item in items:
-            if item.originalname in INTERNAL:
-                item.add_marker(pytest.mark.skip(reason=f"not applicable: {INTERNAL[item.originalname]}"))
+            if item.originalname in self.internal:
+                why = self.internal[item.originalname]
+                item.add_marker(pytest.mark.skip(reason=f"not applicable: {why}"))
                 by_function[item.originalname].append(item)
                 continue
             params = getattr(getattr(item, "callspec", None), "params", {})
@@ -153,7 +163,7 @@ class Plugin:
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
         if report.skipped:  # the suite's own skips (pytest.skip in a test counts here too)
-            internal = item.originalname in INTERNAL
+            internal = item.originalname in self.internal
             self.outcomes["not applicable" if internal else "skipped by the suite"] += 1
         elif report.passed:
             self.outcomes["passed"] += call.when == "call"
@@ -205,7 +215,8 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(dict(summary, **about, finished=finished), fh, indent=1)
-    plugin = Plugin(args.per_test, args.max_seqlen, args.seed, progress=write)
+    internal = dict(INTERNAL, **(INTERNAL_ON_CPU if device == "cpu" else {}))
+    plugin = Plugin(args.per_test, args.max_seqlen, args.seed, progress=write, internal=internal)
     # -c /dev/null: none of this repository's pytest settings; -p no:cacheprovider: no cache
     # written next to the suite's file.
     pytest_args = [suite, "-q", "-p", "no:cacheprovider", "-c", os.devnull,

@@ -108,6 +108,12 @@ run_step() {
     wgmma-sanitize) cmd=(python3 "$SRC/benchmarks/attention_wgmma_smoke.py" --no-time --case-timeout 120
                          --wrap "compute-sanitizer --tool memcheck --error-exitcode 7") ;;
     hopper-tests) cmd=("${PYTEST[@]}" -n 4 "$SRC/tests/test_attention_hopper_gpu.py") ;;
+    # flash-attention's own test suite against fusedlm.flash_attn_interface: needs a copy of its
+    # tests/test_flash_attn.py in flash_attn_tests/ (ignored: carry=[".whl", "flash_attn_tests"])
+    # and einops' wheel in .whl (installed with the peers).
+    flash-attn-suite) cmd=(python3 "$SRC/tests/flash_attn_suite/run.py" --device cuda
+                           --suite "$SRC/flash_attn_tests/test_flash_attn.py"
+                           --per-test "${FA_PER_TEST:-40}" --json "$W/flash_attn_suite.json") ;;
     # On the time limit's SIGTERM the demo prints every thread's stack (where it was stuck).
     demo) cmd=(python3 -c "import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM);
 from fusedlm.cli import main; sys.exit(main(sys.argv[1:]))" demo --out "$W/pretrain" --no-progress) ;;

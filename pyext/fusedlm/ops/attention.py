@@ -110,8 +110,10 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
               dropout_p, seed, pinned, window_left, window_right, softcap, alibi, kernel):
     do = unit_stride(do)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # Packed key rows after the last sequence are written by no kernel: their gradient is 0.
-    grad_kv = torch.empty if cu_k is None else torch.zeros
+    # Packed key rows after the last key sequence are written by no kernel: their gradient is
+    # 0. There are none when the queries' offsets, which end at the last row, serve the keys.
+    every_key_row = cu_k is None or (cu_k is cu_q and k.shape[0] == q.shape[0])
+    grad_kv = torch.empty if every_key_row else torch.zeros
     dk = grad_kv(k.shape, dtype=k.dtype, device=k.device)
     dv = grad_kv(v.shape, dtype=v.dtype, device=v.device)
     # Scratch for delta = rowsum(dO * O), laid out like lse: each backend's backward fills it

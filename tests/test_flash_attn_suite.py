@@ -33,6 +33,12 @@ SUITE = textwrap.dedent('''
             *(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=causal).transpose(1, 2)
         assert (out.float() - ref).abs().max().item() < 2e-3
 
+    def test_backend_that_ran():
+        import os, fusedlm
+        q = torch.randn(1, 8, 2, 16, device="cuda", dtype=torch.float16)
+        flash_attn_func(q, q, q)
+        assert fusedlm.explain("attention").backend == os.environ["FUSEDLM_BACKEND"]
+
     def test_where_tensors_live():
         assert is_sm90
         assert torch.randn(2, device="cuda").device.type == "cpu"
@@ -73,13 +79,15 @@ def test_runner_on_a_suite_written_like_flash_attentions(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the runner sets it for a CPU run
     run = subprocess.run([sys.executable, RUNNER, "--suite", str(suite), "--per-test", "5",
-                          "--max-seqlen", "64", "--json", str(summary_file), "--device", "cpu"],
+                          "--max-seqlen", "64", "--json", str(summary_file), "--device", "cpu",
+                          "--backend", "triton"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr  # two failures
     summary = json.loads(summary_file.read_text())
-    # test_output: 8 cases, the two at seqlen 4096 over --max-seqlen, 5 of the other 6 sampled.
-    assert summary["collected"] == 15
-    assert summary["outcomes"] == {"passed": 7, "refused": 2, "failed": 2,
+    # test_output: 8 cases, the two at seqlen 4096 over --max-seqlen, 5 of the other 6 sampled;
+    # the Triton kernels ran them (test_backend_that_ran), under the interpreter.
+    assert summary["collected"] == 16 and summary["finished"] and summary["backend"] == "triton"
+    assert summary["outcomes"] == {"passed": 8, "refused": 2, "failed": 2,
                                    "skipped by the suite": 1}, summary
     refusals = summary["refusals"]
     assert any(m.startswith("ValueError: flash_attn_with_kvcache") for m in refusals)

@@ -5,10 +5,11 @@ copy of the version you want to check against) import `flash_attn`; this runner 
 in ./shim first on sys.path, so they call fusedlm. On a machine without a GPU every tensor the
 tests place on "cuda" is made on the CPU instead (a torch function mode rewrites the device) and
 the CUDA queries they make at import answer as an H100/H200 would; fusedlm's dispatch then runs
-its CPU paths (the Triton kernels under TRITON_INTERPRET=1 for float16, the torch backend for
-bfloat16). With --device cuda nothing is rewritten.
+its CPU paths: the reference (torch backend), or with --backend triton the Triton kernels
+under the interpreter (float16; bfloat16 has no interpreter and takes the reference). With
+--device cuda nothing is rewritten.
 
-The full grid is tens of thousands of cases; --per-test N runs a seeded random sample of N cases
+The full grid is about half a million cases; --per-test N runs a seeded random sample of N cases
 of each test function (0: all), --max-seqlen skips cases whose sequence-length parameters exceed
 it (the CPU reference and interpreter are slow there). Each case ends as one of:
   passed;
@@ -197,6 +198,10 @@ def main(argv=None):
     ap.add_argument("--per-test", type=int, default=20, help="cases sampled per test function (0: all)")
     ap.add_argument("--max-seqlen", type=int, default=0, help="skip cases with a longer sequence (0: none)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the case sample")
+    ap.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+                    help="fusedlm's backend (FUSEDLM_BACKEND): auto runs the reference off a GPU; "
+                         "triton there runs the Triton kernels in the interpreter (float16; "
+                         "bfloat16 falls back to the reference)")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (after --), e.g. -k output")
     args = ap.parse_args(argv)
@@ -205,10 +210,13 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before fusedlm imports triton
+    if args.backend != "auto":
+        os.environ["FUSEDLM_BACKEND"] = args.backend
     sys.path.insert(0, SHIM)
     import fusedlm  # noqa: F401  (the shim's target; imported before the mode is on)
     suite = os.path.abspath(args.suite)
-    about = dict(device=device, suite=suite, per_test=args.per_test, max_seqlen=args.max_seqlen,
+    about = dict(device=device, backend=args.backend, suite=suite, per_test=args.per_test,
+                 max_seqlen=args.max_seqlen,
                  seed=args.seed, fusedlm=fusedlm.__version__, torch=torch.__version__)
 
     def write(summary, finished=False):

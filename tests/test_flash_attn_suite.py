@@ -89,6 +89,8 @@ def test_runner_on_a_suite_written_like_flash_attentions(tmp_path):
     assert summary["collected"] == 16 and summary["finished"] and summary["backend"] == "triton"
     assert summary["outcomes"] == {"passed": 8, "refused": 2, "failed": 2,
                                    "skipped by the suite": 1}, summary
+    assert summary["per_function"]["test_output"] == {"passed": 5}
+    assert summary["per_function"]["test_kvcache"] == {"refused": 1}
     refusals = summary["refusals"]
     assert any(m.startswith("ValueError: flash_attn_with_kvcache") for m in refusals)
     assert any("window_size" in m for m in refusals)

@@ -131,6 +131,7 @@ class Plugin:
         self.progress = progress  # a function given the summary after every case (a run cut short keeps it)
         self.keyword_seqlens = keyword_seqlens
         self.outcomes = collections.Counter()
+        self.per_function = collections.defaultdict(collections.Counter)
         self.refusals = collections.Counter()
         self.failures = []
         self.collected = 0
@@ -163,30 +164,34 @@ class Plugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
+        outcome = None
         if report.skipped:  # the suite's own skips (pytest.skip in a test counts here too)
-            internal = item.originalname in self.internal
-            self.outcomes["not applicable" if internal else "skipped by the suite"] += 1
+            outcome = "not applicable" if item.originalname in self.internal else "skipped by the suite"
         elif report.passed:
-            self.outcomes["passed"] += call.when == "call"
+            outcome = "passed" if call.when == "call" else None
         elif call.when == "call" and _fusedlm_refusal(call.excinfo) is not None:
             why = _fusedlm_refusal(call.excinfo)
-            self.outcomes["refused"] += 1
+            outcome = "refused"
             self.refusals[why.splitlines()[0]] += 1
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, f"refused by fusedlm: {why}")
         else:
+            outcome = "failed"
             self._fail(item, call)
+        if outcome is not None:
+            self.outcomes[outcome] += 1
+            self.per_function[item.originalname][outcome] += 1
         if self.progress is not None and call.when == "teardown":
             self.progress(self.summary())
 
     def _fail(self, item, call):
-        self.outcomes["failed"] += 1
         text = call.excinfo.exconly() if call.excinfo else "failed"
         self.failures.append({"test": item.nodeid.split("::", 1)[-1], "when": call.when,
                               "error": text.splitlines()[0][:400]})
 
     def summary(self):
         return {"collected": self.collected, "outcomes": dict(self.outcomes),
+                "per_function": {k: dict(v) for k, v in sorted(self.per_function.items())},
                 "refusals": dict(self.refusals.most_common()), "failures": self.failures}
 
 

@@ -75,6 +75,35 @@ def test_padded_bert_batch_and_varlen_gpu(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_unpad_static_packing_gpu(backend, causal):
+    """What a compiled BERT/GPT step runs on a padded batch (`unpad_static`): the real tokens'
+    sequences as unpad's, each row's padding as queries with no keys (output 0), key rows past
+    cu_seqlens_k[-1] (NaN here) never read, their gradient 0."""
+    q, k, v = _qkv(8, 512, 12, 12, 64, torch.bfloat16)
+    lens = torch.randint(1, 513, (8,), generator=torch.Generator().manual_seed(2))
+    lens[3] = 0  # a row of padding only
+    mask = (torch.arange(512)[None, :] < lens[:, None]).cuda()
+    rq, idx, cu, cu_k, max_len, real = fusedlm.ops.unpad_static(q.detach(), mask)
+    rk, rv = (fusedlm.ops.unpad_static(t.detach(), mask)[0] for t in (k, v))
+    rk = rk.masked_fill(~real[:, None, None], float("nan")).requires_grad_()
+    rq, rv = rq.requires_grad_(), rv.requires_grad_()
+    out = fusedlm.attention_varlen(rq, rk, rv, cu, cu_k, max_len, max_len, causal=causal,
+                                   backend=backend, deterministic=True)
+    assert not out[~real].any() and torch.isfinite(out).all()
+    packed = [fusedlm.unpad(t.detach(), mask) for t in (q, k, v)]
+    _, _, cu_real, max_real = packed[0]
+    alone = fusedlm.attention_varlen(packed[0][0], packed[1][0], packed[2][0], cu_real, cu_real,
+                                     max_real, max_real, causal=causal, backend=backend,
+                                     deterministic=True)
+    assert rel_err(out[real], alone) < 1e-3
+    do = torch.randn_like(out).masked_fill(~real[:, None, None], 0)
+    dq, dk, dv = torch.autograd.grad(out, (rq, rk, rv), do)
+    assert not dk[~real].any() and not dv[~real].any() and not dq[~real].any()
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence_16k_gpu(backend):
     q, k, v = _qkv(1, 16384, 4, 4, 128, torch.bfloat16)
     out = fusedlm.attention(q, k, v, causal=True, backend=backend)

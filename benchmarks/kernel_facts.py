@@ -11,8 +11,8 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
-candidate the window + softcap + ALiBi and grouped-query variants; the forward's and dQ's opt-in TMA
-path at every one) and at the configurations fusedlm's launchers pick for the shapes of
+candidate the window + softcap + ALiBi and grouped-query variants; the three kernels' opt-in
+TMA path at every one) and at the configurations fusedlm's launchers pick for the shapes of
 BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
 argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
 of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
@@ -202,8 +202,8 @@ def triton_cases():
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
                          f"w{cfg.num_warps} s{cfg.num_stages}{' pinned' if cfg is pinned else ''}")
                 variants = [("", values)]
-                if name in ("fwd", "dq"):  # the opt-in TMA path (FUSEDLM_TRITON_TMA), each one
-                    variants.append((" tma", dict(values, TMA=True)))
+                # The opt-in TMA path (FUSEDLM_TRITON_TMA) of each kernel (dK/dV's: one head).
+                variants.append((" tma", dict(values, TMA=True)))
                 if i == 0:  # every flash-attn extra at once: the most registers they take
                     variants.append((" window+softcap+alibi", dict(values, WINDOW=True,
                                                                    SOFTCAP=True, HAS_ALIBI=True,

@@ -24,8 +24,8 @@ batch gives each sequence's rows through cu_seqlens, so no work is spent on padd
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
 
-On Hopper, FUSEDLM_TRITON_TMA=1 (opt-in until it has run on a GPU) moves the forward's and
-dQ's tiles through tensor descriptors (TMA) and warp-specializes the forward's key loop; see TMA
+On Hopper, FUSEDLM_TRITON_TMA=1 (opt-in until it has run on a GPU) moves the three kernels'
+tiles through tensor descriptors (TMA) and warp-specializes the forward's key loop; see TMA
 below.
 """
 import inspect
@@ -383,14 +383,14 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
                 slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ON_EDGE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
-                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of one key block updated with the query block at start_m, in the transposed form
     (keys x queries): P^T comes out of the mma as the next mma's operand, with no transpose in
     between. Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys
     past it or under the padding mask only touch their own rows of dK, dV, which the caller
-    drops."""
+    drops. q_ptr, do_ptr: the query head's rows, or (TMA) tensor descriptors over them."""
     offs_m = start_m + offs_m0
-    q = _load_rows(q_ptr, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D)
+    q = _load_block(q_ptr, start_m, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
     lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
     capped_t = _raw_scores(tl.dot(k, tl.trans(q)), scale_log2, cap, SOFTCAP)
     s_t = capped_t
@@ -402,7 +402,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
     if WINDOW:
         p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], q_len, k_len, win_left,
                                   win_right), p_t, 0.0)
-    do = _load_rows(do_ptr, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
+    do = _load_block(do_ptr, start_m, offs_m, s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
     delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
     dp_t = tl.dot(v, tl.trans(do))
     if DROPOUT:
@@ -423,14 +423,15 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi,
                  offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
                  slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 TMA: tl.constexpr):
     """dK, dV of one key block over one query head's query blocks [lo, hi)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
                              offs_n, offs_m0, offs_d, q_len, k_len, scale_log2, seed, p_drop,
                              seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, ON_EDGE,
-                             CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI)
+                             CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, TMA)
     return dk, dv
 
 
@@ -444,7 +445,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -495,11 +496,14 @@ def _attn_bwd_dkdv(
                     offs_m0, offs_d, q_len, k_len, scale_log2, seed + b * n_heads + h, p_drop,
                     seq_k, win_left, win_right, cap,
                     _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI), HEAD_DIM, BLOCK_D,
-                    True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI)
+                    True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, False)
         else:  # one query head: the diagonal blocks take the causal test, the others none
             h = hk
             q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
             do_ptr = _head(DO, b, q0, h, s_dob, s_dos, s_doh)
+            if TMA:  # one head's rows: one descriptor each for the whole program
+                q_ptr = _rows_descriptor(q_ptr, q_len, s_qs, HEAD_DIM, BLOCK_M, BLOCK_D)
+                do_ptr = _rows_descriptor(do_ptr, q_len, s_dos, HEAD_DIM, BLOCK_M, BLOCK_D)
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
             seed_h = seed + b * n_heads + h
@@ -509,7 +513,7 @@ def _attn_bwd_dkdv(
                                       hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                       seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True,
-                                      SOFTCAP, HAS_ALIBI)
+                                      SOFTCAP, HAS_ALIBI, TMA)
             else:
                 if CAUSAL:
                     dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
@@ -517,12 +521,12 @@ def _attn_bwd_dkdv(
                                           q_len, k_len, scale_log2, seed_h, p_drop, seq_k,
                                           win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D,
                                           BLOCK_M, True, CAUSAL, DROPOUT, False, SOFTCAP,
-                                          HAS_ALIBI)
+                                          HAS_ALIBI, TMA)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
                                       full, hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
                                       seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False,
-                                      SOFTCAP, HAS_ALIBI)
+                                      SOFTCAP, HAS_ALIBI, TMA)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
             dk = tl.where(attended, dk, 0.0)
@@ -744,7 +748,7 @@ class Tuning:
 # The launchers' tuning; replace it (not its parts) to tune with other configurations.
 TUNING = Tuning({} if _INTERPRETED else {
     "fwd": _tuner("fwd", _attn_fwd, [*_TUNE_KEY, "TMA"]),
-    "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED"]),
+    "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED", "TMA"]),
     "dq": _tuner("dq", _attn_bwd_dq, [*_TUNE_KEY, "TMA"]),
 })
 
@@ -789,9 +793,10 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, b
                  num_stages=config.num_stages)
 
 
-# Hopper's paths in the forward and dQ kernels: K and V (and the forward's Q, O) through tensor
-# descriptors, made on the device (TMA copies; rows past a sequence read as zeros), and the key
-# loop warp-specialized (a producer warpgroup feeding consumer ones). Opt-in,
+# Hopper's paths in the three kernels: K and V (and the forward's Q, O; dK/dV's Q and dO, one
+# query head a key head) through tensor descriptors, made on the device (TMA copies; rows past
+# a sequence read as zeros), and the forward's key loop warp-specialized (a producer warpgroup
+# feeding consumer ones). Opt-in,
 # FUSEDLM_TRITON_TMA=1, until a GPU run has passed the suite with it and timed it against the
 # default path (benchmarks/results/README.md); what it compiles to:
 # benchmarks/results/kernel-facts/.
@@ -811,8 +816,9 @@ def _tma_ok(*tensors):
 
 
 def _use_tma(q, *tensors):
-    """Whether this call takes the TMA path (the forward and dQ kernels): asked for, operands
-    aligned for descriptors, a Hopper or later GPU (or the interpreter)."""
+    """Whether this call takes the TMA path (the forward, dQ and, with one query head a key head,
+    dK/dV kernels): asked for, operands aligned for descriptors, a Hopper or later GPU (or the
+    interpreter)."""
     if not (TMA and _tma_ok(q, *tensors)):
         return False
     if not _INTERPRETED:
@@ -930,14 +936,17 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     bucket = _seq_bucket(seq_q, seq_k)
     # dQ first: it leaves delta for dK/dV.
     tma = _use_tma(q, k, v)
+    # dK/dV reads Q and dO through descriptors with one query head a key head (a grouped
+    # program walks several heads' rows).
+    tma_dkdv = tma and group == 1 and _tma_ok(do)
     _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dq, o, *masks, *strides, *_strides(dq, varlen),
              *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
             dict(flags, TMA=tma), blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars), dict(flags, GROUPED=group > 1),
-            blocks)
+             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
+            dict(flags, GROUPED=group > 1, TMA=tma_dkdv), blocks)
 
 
 def dropout_mask(out, seed, dropout_p):

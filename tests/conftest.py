@@ -56,15 +56,14 @@ TOL = fusedlm.reference.TOLERANCE
 
 def tma_launches(monkeypatch):
     """Turns the Triton attention kernels' opt-in TMA path on (FUSEDLM_TRITON_TMA) for a test;
-    returns the list that collects (kernel, took the path) for each forward and dQ launch."""
+    returns the list that collects (kernel, took the path) for each launch of the three kernels."""
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
     monkeypatch.setattr(kern, "TMA", True)
     seen, launch = [], kern._launch
 
     def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):
-        if name in ("fwd", "dq"):
-            seen.append((name, flags["TMA"]))
+        seen.append((name, flags["TMA"]))
         return launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
     monkeypatch.setattr(kern, "_launch", spy)
     return seen

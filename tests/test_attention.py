@@ -929,10 +929,11 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask, grouped heads", "head dim 24",
                                   "packed"])
 def test_tma_path(case, monkeypatch):
-    """The opt-in Hopper path of the forward and dQ kernels (FUSEDLM_TRITON_TMA: tensor
-    descriptors; the forward's key loop warp-specialized), run here by the interpreter: the rows
-    past a sequence (a block's tail, the next packed sequence) and the columns past an unaligned
-    head dim read as zeros, as the masked loads' do; forward and gradients against float64."""
+    """The opt-in Hopper path of the three kernels (FUSEDLM_TRITON_TMA: tensor descriptors; the
+    forward's key loop warp-specialized; dK/dV's with one query head a key head), run here by
+    the interpreter: the rows past a sequence (a block's tail, the next packed sequence) and the
+    columns past an unaligned head dim read as zeros, as the masked loads' do; forward and
+    gradients against float64."""
     launched = tma_launches(monkeypatch)
     dtype = torch.float16
     if case == "packed":
@@ -959,5 +960,6 @@ def test_tma_path(case, monkeypatch):
         run_dense("triton", dtype, 2, 29, 45, 4, 2, 64, mask=mask)
     else:
         run_dense("triton", dtype, 2, 37, 37, 2, 2, 24)
-    assert {name for name, _ in launched} == {"fwd", "dq"}, launched
-    assert all(tma for _, tma in launched), launched
+    assert {name for name, _ in launched} == {"fwd", "dq", "dkdv"}, launched
+    grouped = case == "padding mask, grouped heads"  # dK/dV keeps its loads there
+    assert all(tma != (grouped and name == "dkdv") for name, tma in launched), launched

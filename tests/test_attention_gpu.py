@@ -246,11 +246,12 @@ def test_every_autotuning_candidate_gpu(name, d):
                     reason="needs the Triton kernels on a Hopper GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask", "packed"])
-def test_tma_path_gpu(d, case, monkeypatch):
-    """The opt-in Hopper path of the Triton forward and dQ kernels (FUSEDLM_TRITON_TMA: TMA copies
-    through tensor descriptors made on the device; the forward's key loop warp-specialized),
-    autotuned, against float64 with 2x SDPA's error, forward and gradients; both kernels must
-    have taken it."""
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
+    """The opt-in Hopper path of the Triton kernels (FUSEDLM_TRITON_TMA: TMA copies through
+    tensor descriptors made on the device; the forward's key loop warp-specialized), autotuned,
+    against float64 with 2x SDPA's error, forward and gradients; the forward and dQ must have
+    taken it, dK/dV too with one query head a key head (4 of 4)."""
     seen = tma_launches(monkeypatch)
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -263,7 +264,7 @@ def test_tma_path_gpu(d, case, monkeypatch):
     if case == "packed":
         lens = [1, 77, 300, 129]
         cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-        q, k, v = (t[0].detach().requires_grad_() for t in _qkv(1, sum(lens), 4, 2, d, dtype))
+        q, k, v = (t[0].detach().requires_grad_() for t in _qkv(1, sum(lens), 4, kv_heads, d, dtype))
         out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
                                        backend="triton")
         do = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
@@ -281,7 +282,7 @@ def test_tma_path_gpu(d, case, monkeypatch):
     else:
         causal = case == "causal sq<sk"
         sq, sk = (300, 700) if causal else (512, 512)
-        q, k, v = _qkv(2, sq, 4, 2, d, dtype, sk)
+        q, k, v = _qkv(2, sq, 4, kv_heads, d, dtype, sk)
         mask = None
         if not causal:
             mask = torch.arange(512, device="cuda")[None, :] < torch.tensor([[200], [512]], device="cuda")
@@ -293,4 +294,5 @@ def test_tma_path_gpu(d, case, monkeypatch):
         theirs = _sdpa(q, k, v, causal, mask)
         check(out, ref, grads, torch.autograd.grad(ref, f64, do.double()), theirs,
               torch.autograd.grad(theirs, (q, k, v), do))
-    assert {name for name, _ in seen} == {"fwd", "dq"} and all(t for _, t in seen), seen
+    assert {name for name, _ in seen} == {"fwd", "dq", "dkdv"}, seen
+    assert all(t == (name != "dkdv" or kv_heads == 4) for name, t in seen), seen

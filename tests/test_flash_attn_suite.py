@@ -67,6 +67,10 @@ SUITE = textwrap.dedent('''
     def test_suite_own_error():
         raise ValueError("a ValueError in the suite's code is a failure, not a refusal")
 
+    @pytest.mark.parametrize("d", [16, 256])
+    def test_headdim(d):
+        assert d == 16
+
     def test_skipped_by_suite():
         pytest.skip("too big for this device")
 ''')
@@ -79,15 +83,16 @@ def test_runner_on_a_suite_written_like_flash_attentions(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the runner sets it for a CPU run
     run = subprocess.run([sys.executable, RUNNER, "--suite", str(suite), "--per-test", "5",
-                          "--max-seqlen", "64", "--json", str(summary_file), "--device", "cpu",
-                          "--backend", "triton"],
+                          "--max-seqlen", "64", "--max-headdim", "64", "--json", str(summary_file),
+                          "--device", "cpu", "--backend", "triton"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr  # two failures
     summary = json.loads(summary_file.read_text())
     # test_output: 8 cases, the two at seqlen 4096 over --max-seqlen, 5 of the other 6 sampled;
     # the Triton kernels ran them (test_backend_that_ran), under the interpreter.
-    assert summary["collected"] == 16 and summary["finished"] and summary["backend"] == "triton"
-    assert summary["outcomes"] == {"passed": 8, "refused": 2, "failed": 2,
+    # test_headdim: its d=256 case over --max-headdim (it would fail).
+    assert summary["collected"] == 18 and summary["finished"] and summary["backend"] == "triton"
+    assert summary["outcomes"] == {"passed": 9, "refused": 2, "failed": 2,
                                    "skipped by the suite": 1}, summary
     assert summary["per_function"]["test_output"] == {"passed": 5}
     assert summary["per_function"]["test_kvcache"] == {"refused": 1}

@@ -10,8 +10,8 @@ under the interpreter (float16; bfloat16 has no interpreter and takes the refere
 --device cuda nothing is rewritten.
 
 The full grid is about half a million cases; --per-test N runs a seeded random sample of N cases
-of each test function (0: all), --max-seqlen skips cases whose sequence-length parameters exceed
-it (the CPU reference and interpreter are slow there). Each case ends as one of:
+of each test function (0: all), --max-seqlen and --max-headdim skip cases whose sequence-length
+or head-dim parameters exceed them (the CPU reference and the interpreter are slow there). Each case ends as one of:
   passed;
   refused  -- fusedlm raised its own ValueError/TypeError naming a feature it does not have
               (reported as a skip with the message: the contract is "a clear error, never a
@@ -125,8 +125,9 @@ INTERNAL_ON_CPU = {
 
 class Plugin:
     def __init__(self, per_test, max_seqlen, seed, keyword_seqlens=("seqlen", "seqlen_q", "seqlen_k"),
-                 progress=None, internal=INTERNAL):
+                 progress=None, internal=INTERNAL, max_headdim=0):
         self.per_test, self.max_seqlen, self.seed = per_test, max_seqlen, seed
+        self.max_headdim = max_headdim
         self.internal = internal
         self.progress = progress  # a function given the summary after every case (a run cut short keeps it)
         self.keyword_seqlens = keyword_seqlens
@@ -148,6 +149,8 @@ class Plugin:
             params = getattr(getattr(item, "callspec", None), "params", {})
             lengths = [v for k, v in params.items() if k in self.keyword_seqlens]
             if self.max_seqlen and any(n > self.max_seqlen for n in lengths):
+                continue
+            if self.max_headdim and params.get("d", 0) > self.max_headdim:
                 continue
             by_function[item.originalname].append(item)
         rng = random.Random(self.seed)
@@ -202,6 +205,7 @@ def main(argv=None):
                     help="where the suite's 'cuda' tensors live (default: cuda if present)")
     ap.add_argument("--per-test", type=int, default=20, help="cases sampled per test function (0: all)")
     ap.add_argument("--max-seqlen", type=int, default=0, help="skip cases with a longer sequence (0: none)")
+    ap.add_argument("--max-headdim", type=int, default=0, help="skip cases with a larger head dim (0: none)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the case sample")
     ap.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                     help="fusedlm's backend (FUSEDLM_BACKEND): auto runs the reference off a GPU; "
@@ -221,7 +225,7 @@ def main(argv=None):
     import fusedlm  # noqa: F401  (the shim's target; imported before the mode is on)
     suite = os.path.abspath(args.suite)
     about = dict(device=device, backend=args.backend, suite=suite, per_test=args.per_test,
-                 max_seqlen=args.max_seqlen,
+                 max_seqlen=args.max_seqlen, max_headdim=args.max_headdim,
                  seed=args.seed, fusedlm=fusedlm.__version__, torch=torch.__version__)
 
     def write(summary, finished=False):
@@ -229,7 +233,8 @@ def main(argv=None):
             with open(args.json, "w") as fh:
                 json.dump(dict(summary, **about, finished=finished), fh, indent=1)
     internal = dict(INTERNAL, **(INTERNAL_ON_CPU if device == "cpu" else {}))
-    plugin = Plugin(args.per_test, args.max_seqlen, args.seed, progress=write, internal=internal)
+    plugin = Plugin(args.per_test, args.max_seqlen, args.seed, progress=write, internal=internal,
+                    max_headdim=args.max_headdim)
     # -c /dev/null: none of this repository's pytest settings; -p no:cacheprovider: no cache
     # written next to the suite's file.
     pytest_args = [suite, "-q", "-p", "no:cacheprovider", "-c", os.devnull,

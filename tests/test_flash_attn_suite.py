@@ -92,6 +92,7 @@ def test_runner_on_a_suite_written_like_flash_attentions(tmp_path):
     # the Triton kernels ran them (test_backend_that_ran), under the interpreter.
     # test_headdim: its d=256 case over --max-headdim (it would fail).
     assert summary["collected"] == 18 and summary["finished"] and summary["backend"] == "triton"
+    assert summary["running"] is None
     assert summary["outcomes"] == {"passed": 9, "refused": 2, "failed": 2,
                                    "skipped by the suite": 1}, summary
     assert summary["per_function"]["test_output"] == {"passed": 5}

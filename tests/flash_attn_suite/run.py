@@ -136,6 +136,7 @@ class Plugin:
         self.refusals = collections.Counter()
         self.failures = []
         self.collected = 0
+        self.running = None
 
     def pytest_collection_modifyitems(self, session, config, items):
         self.collected = len(items)
@@ -187,13 +188,19 @@ class Plugin:
         if self.progress is not None and call.when == "teardown":
             self.progress(self.summary())
 
+    def pytest_runtest_logstart(self, nodeid, location):
+        # Written before each case: a run cut short by a time limit says which case it was in.
+        self.running = nodeid.split("::", 1)[-1]
+        if self.progress is not None:
+            self.progress(self.summary())
+
     def _fail(self, item, call):
         text = call.excinfo.exconly() if call.excinfo else "failed"
         self.failures.append({"test": item.nodeid.split("::", 1)[-1], "when": call.when,
                               "error": text.splitlines()[0][:400]})
 
     def summary(self):
-        return {"collected": self.collected, "outcomes": dict(self.outcomes),
+        return {"collected": self.collected, "running": self.running, "outcomes": dict(self.outcomes),
                 "per_function": {k: dict(v) for k, v in sorted(self.per_function.items())},
                 "refusals": dict(self.refusals.most_common()), "failures": self.failures}
 
@@ -241,6 +248,7 @@ def main(argv=None):
                    "--rootdir", os.path.dirname(suite), *args.pytest_args]
     with _CudaOnCpu() if device == "cpu" else contextlib.nullcontext():
         pytest.main(pytest_args, plugins=[plugin])
+    plugin.running = None
     summary = plugin.summary()
     write(summary, finished=True)
     print(json.dumps({k: summary[k] for k in ("collected", "outcomes", "refusals")}, indent=1))

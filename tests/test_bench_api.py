@@ -123,3 +123,21 @@ def test_host_cost_table_covers_every_op_with_launches_stubbed():
             for be in backends:
                 assert (op, direction, f"fusedlm[{be}], launches stubbed") in got
     assert all(r["host_us"] > 0 for r in rows)
+    assert all(r["triton_calls"] >= 1 for r in rows if r["impl"].startswith("fusedlm[triton]"))
+    assert all(r["triton_calls"] == 0 and r["launches"] >= 1 for r in rows if r["impl"] == "torch")
+
+
+def test_launch_and_sync_counts():
+    """What `bench host` counts beside the time: kernels a call would launch on a GPU (not
+    allocations or views), fusedlm's stubbed Triton calls, and reads back to the host."""
+    from fusedlm.bench import host
+    x = torch.randn(4, 6)
+    assert host.count_launches(lambda: x.view(-1).unsqueeze(0).t()) == (0, 0, 0)
+    assert host.count_launches(lambda: torch.empty(3)) == (0, 0, 0)
+    assert host.count_launches(lambda: (x + 1).sum().item()) == (2, 0, 1)
+    assert host.count_launches(lambda: x.nonzero().tolist()) == (1, 0, 2)
+    assert host.count_launches(lambda: bool((x > 0).any())) == (2, 0, 1)
+    with host.launches_stubbed():
+        from fusedlm.ops import _triton
+        assert host.count_launches(lambda: _triton.run("attention", "forward")) == (0, 1, 0)
+    assert host.count_launches(lambda: None) == (0, 0, 0)  # nothing left counting after

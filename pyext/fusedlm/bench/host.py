@@ -4,26 +4,91 @@ own dispatch). A step is host-bound when these, summed over the step's calls, re
 time for it; the graph-step issue's target is a few microseconds of the torch op per call.
 
 `fusedlm bench host` prints the table; with launches stubbed it runs the same on a CPU as on a
-GPU machine (the outputs are left unwritten: the numbers are of time, not of values).
+GPU machine (the outputs are left unwritten: the numbers are of time, not of values). Beside
+the time, counts that do not depend on the machine, for one call (backward included): `launches`,
+the aten ops that would launch a kernel on a GPU (not allocations or views; counted below
+autograd, as this device decomposes them), `triton_calls`, fusedlm's Triton launcher calls (each
+one kernel or more: attention's backward launches two), and `syncs`, the values read back to the
+host (`item`, `tolist`, `nonzero`, a tensor's truth or number value), each of which makes the
+host wait for the GPU. On a GPU a launch costs the host a few microseconds.
 """
 import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .harness import time_ms
 
 
+class _Counter:
+    triton = 0
+
+
 @contextlib.contextmanager
 def launches_stubbed():
-    """Within the block, the Triton launchers do nothing."""
+    """Within the block, the Triton launchers do nothing (each call counted)."""
     from ..ops import _triton
     saved = _triton.run
-    _triton.run = lambda name, launcher, *args, **kwargs: None
+
+    def stub(name, launcher, *args, **kwargs):
+        _Counter.triton += 1
+    _triton.run = stub
     try:
         yield
     finally:
         _triton.run = saved
+
+
+# aten ops that launch no kernel on a GPU: allocations, views and metadata.
+_NO_LAUNCH = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "as_strided",
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "alias", "t", "transpose", "permute",
+    "slice", "select", "unsqueeze", "squeeze", "expand", "detach", "unbind", "split",
+    "split_with_sizes", "chunk", "narrow", "unflatten", "flatten", "view_as", "lift_fresh",
+    "resolve_conj", "resolve_neg", "is_nonzero", "sym_size", "sym_stride",
+    "_local_scalar_dense",  # a read back to the host: counted as a sync
+}
+# Tensor methods that read a value back to the host (and so wait for the GPU).
+_SYNCS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
+
+
+class _Launches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _syncs_counted(counter):
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNCS}
+
+    def counting(method):
+        def wrapper(*args, **kwargs):
+            counter[0] += 1
+            return method(*args, **kwargs)
+        return wrapper
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counting(method))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def count_launches(fn):
+    """(aten kernel launches, Triton launcher calls, host reads) of one call of fn; Triton
+    launcher calls are counted while stubbed (launches_stubbed)."""
+    before, syncs = _Counter.triton, [0]
+    with _syncs_counted(syncs), _Launches() as mode:
+        fn()
+    return mode.launches, _Counter.triton - before, syncs[0]
 
 
 def _cases(device):
@@ -62,17 +127,28 @@ def _cases(device):
     }
 
 
-def _per_call_us(fn, backward, rep):
+def _per_call(fn, backward, rep):
+    """(host µs, (launches, Triton calls, syncs)) of one call: forward, and backward from a
+    gradient of ones when asked (made outside the count)."""
     def call():
         out = fn()
         if backward:
             out.float().sum().backward()
-    return time_ms(call, "cpu", rep=rep) * 1e3
+
+    grad = torch.ones_like(fn()) if backward else None
+
+    def counted():
+        out = fn()
+        if backward:
+            out.backward(grad)
+    counts = count_launches(counted)
+    return time_ms(call, "cpu", rep=rep) * 1e3, counts
 
 
 def run(backends=("triton",), device=None, rep=200, log=print):
     """Host µs per call, forward and forward + backward, for each op: fusedlm on `backends`
-    (launches stubbed) and the torch op (run for real)."""
+    (launches stubbed) and the torch op (run for real); with each, the kernel launches and host
+    reads of one call (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ..ops import dispatch
     results = []
@@ -92,10 +168,12 @@ def run(backends=("triton",), device=None, rep=200, log=print):
                 # into the core: a few us, part of what that backend costs the host).
                 label = "launches stubbed" if be == "triton" else "launches real"
                 with launches_stubbed():
-                    rows[(f"fusedlm[{be}], {label}", direction)] = _per_call_us(
+                    rows[(f"fusedlm[{be}], {label}", direction)] = _per_call(
                         lambda: ours(*args, be), backward, rep)
-            rows[("torch", direction)] = _per_call_us(lambda: theirs(*args), backward, rep)
-        for (impl, direction), us in rows.items():
-            results.append(dict(op=op, direction=direction, impl=impl, host_us=round(us, 2)))
-            log(f"  {op:<10} {direction:<8} {impl:<34} {us:9.2f} us/call")
+            rows[("torch", direction)] = _per_call(lambda: theirs(*args), backward, rep)
+        for (impl, direction), (us, (launches, triton_calls, syncs)) in rows.items():
+            results.append(dict(op=op, direction=direction, impl=impl, host_us=round(us, 2),
+                                launches=launches, triton_calls=triton_calls, syncs=syncs))
+            log(f"  {op:<10} {direction:<8} {impl:<34} {us:9.2f} us/call  {launches:3d} aten "
+                f"launches  {triton_calls} Triton calls  {syncs} host reads")
     return results

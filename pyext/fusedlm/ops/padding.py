@@ -44,11 +44,11 @@ def unpad_static(x: Tensor, attention_mask: Tensor):
     output is 0 (a query that sees no key); nothing is read back to the host."""
     _check_mask(x, attention_mask)
     batch, seq = attention_mask.shape
-    keep = (attention_mask != 0).reshape(-1)
+    keep = attention_mask != 0
     # A stable sort of every position by "is padding" puts the real tokens first, in order,
     # then the padding, batch row by batch row.
-    indices = torch.argsort((~keep).to(torch.uint8), stable=True)
-    lens = (attention_mask != 0).sum(1, dtype=torch.int32)
+    indices = torch.argsort((~keep).reshape(-1).to(torch.uint8), stable=True)
+    lens = keep.sum(1, dtype=torch.int32)
     real_rows = lens.sum(dtype=torch.int32)
     cu_q = torch.zeros(2 * batch + 1, dtype=torch.int32, device=x.device)
     cu_q[1:batch + 1] = lens.cumsum(0, dtype=torch.int32)

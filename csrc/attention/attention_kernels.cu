@@ -276,7 +276,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params 
   const int r = lane / 2, half = lane % 2;
   const int kj = n0 + warp * 16 + r;  // this lane's key
   const int m_start = first_query(p, s, n0, kBlock);
-  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+  // Counted from 0, not from hk * group: at bf16 and head dim 128 (255 registers) ptxas then
+  // keeps this counter in a register at sm_90a; counted from hk * group it spilled (16 B, one
+  // store and load per query head). At sm_80 it still spills (12 B), outside the inner loops.
+  for (int g = 0; g < p.group; ++g) {
+    const int h = hk * p.group + g;
     const T* q = rows<const T>(p.q, b, s.q0, h);
     const T* dout = rows<const T>(p.dout, b, s.q0, h);
     const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;

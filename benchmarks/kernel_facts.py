@@ -167,13 +167,19 @@ def triton_cases():
                    stride_dz=n, n_rows=16384, N=n, rows_per_program=64, IS_RMS=False, HAS_W=True,
                    HAS_B=True, HAS_DZ_EXTRA=True, NEED_DW=True, BLOCK_N=block)
         cases.append(("layer_norm bwd", f"bf16 N={n}", L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
-    # The LM loss row kernel at BERT's, GPT-2's (raw and padded to 64) and Llama 3's vocabularies.
-    for vocab, pitch in ((30522, 30528), (50257, 50304), (50304, 50304), (128256, 128256)):
+    # The LM loss row kernel at BERT's, GPT-2's (raw, and padded to 50304 by the model) and
+    # Llama 3's vocabularies, with the row pitch the driver gives the logits buffer on a GPU.
+    import importlib
+    import torch
+    D = importlib.import_module("fusedlm.ops.lm_loss")  # the module (the package exports the function)
+    for vocab in (30522, 50257, 50304, 128256):
+        padded = -(-vocab // D.GEMM_ALIGN) * D.GEMM_ALIGN
+        pitch = D.logits_pitch(padded, torch.bfloat16)
         block = min(next_power_of_2(vocab), 4096)
         values = dict(LOGITS="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", HIT="*fp32",
-                      ROW_SCALE="*fp32", stride_row=pitch, V=vocab, smoothing=0.0, z_loss=0.0,
-                      grad_scale=1.0, COMPUTE_GRAD=True, HAS_ROW_SCALE=False, SMOOTH=False,
-                      BLOCK_V=block)
+                      ROW_SCALE="*fp32", stride_vecs=pitch // 8, V=vocab, smoothing=0.0,
+                      z_loss=0.0, grad_scale=1.0, COMPUTE_GRAD=True, HAS_ROW_SCALE=False,
+                      SMOOTH=False, BLOCK_V=block, VEC=8)
         cases.append(("lm_loss ce_rows", f"bf16 V={vocab}", C._ce_rows_kernel, values,
                       8 if block >= 2048 else 4, 3))
     # Attention: every autotuning candidate at its head dims, bf16, causal, BERT-like contiguous

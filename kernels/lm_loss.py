@@ -20,22 +20,24 @@ from ._host import next_power_of_2
 
 
 @triton.jit
-def _load_tile(base, cols, V, other, MASKED: tl.constexpr):
-    # Whole tiles load unmasked: with the row 16-byte aligned (the driver pads the row pitch),
-    # they compile to 16-byte loads at any V. The mask `cols < V` on every tile made them 2-byte
-    # loads whenever V was not a multiple of 16 (BERT's 30522, GPT-2's 50257).
+def _load_tile(base, cols, V, other, MASKED: tl.constexpr, VEC: tl.constexpr):
+    # Whole tiles load unmasked and the last tile up to V rounded up to whole VEC-element
+    # vectors (readable: the host checked the row pitch): a mask constant over every vector keeps
+    # 16-byte loads at any V; the columns past V are replaced after the load. The mask `cols < V`
+    # made them 2-byte loads whenever V was not a multiple of 16 (BERT's 30522, GPT-2's 50257).
     if MASKED:
-        return tl.load(base + cols, mask=cols < V, other=other).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < tl.cdiv(V, VEC) * VEC, other=other)
+        return tl.where(cols < V, x.to(tl.float32), other)
     else:
         return tl.load(base + cols).to(tl.float32)
 
 
 @triton.jit
 def _stats_tile(base, start, offs, V, m, s, total, best, MASKED: tl.constexpr,
-                SMOOTH: tl.constexpr):
+                SMOOTH: tl.constexpr, VEC: tl.constexpr):
     """The online statistics of the row, updated with the tile at `start`."""
     cols = start + offs
-    x = _load_tile(base, cols, V, -float("inf"), MASKED)
+    x = _load_tile(base, cols, V, -float("inf"), MASKED, VEC)
     tile_max = tl.max(x, axis=0)
     # The first maximal column wins, as in torch.argmax: a later tile only on a strict rise.
     best = tl.where(tile_max > m, start + tl.argmax(x, axis=0), best)
@@ -51,10 +53,10 @@ def _stats_tile(base, start, offs, V, m, s, total, best, MASKED: tl.constexpr,
 
 @triton.jit
 def _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing,
-               MASKED: tl.constexpr, SMOOTH: tl.constexpr):
-    """Overwrites the tile at `start` with its gradient."""
+               MASKED: tl.constexpr, SMOOTH: tl.constexpr, VEC: tl.constexpr):
+    """Overwrites the tile at `start` with its gradient (columns past V untouched)."""
     cols = start + offs
-    x = _load_tile(base, cols, V, 0.0, MASKED)
+    x = _load_tile(base, cols, V, 0.0, MASKED, VEC)
     g = tl.exp(x - lse) * p_scale
     g -= tl.where(cols == label, (1.0 - smoothing) * scale, 0.0)
     if SMOOTH:
@@ -69,24 +71,29 @@ def _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing,
 @triton.jit
 def _ce_rows_kernel(
     LOGITS, LABELS, LOSS, LSE, HIT, ROW_SCALE,
-    stride_row, V, smoothing, z_loss, grad_scale,
+    stride_vecs, V, smoothing, z_loss, grad_scale,
     COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SMOOTH: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    base = LOGITS + row.to(tl.int64) * stride_row
+    # The pitch in VEC-element vectors, so that the compiler knows every row 16-byte aligned
+    # whatever the pitch's value (Triton's own hint needs a multiple of 16 elements: GPT-2's
+    # padded 50264 is not, and its rows compiled to 2-byte loads throughout).
+    base = LOGITS + row.to(tl.int64) * stride_vecs * VEC
     label = tl.load(LABELS + row)
     offs = tl.arange(0, BLOCK_V)
-    whole = V - V % BLOCK_V  # the columns in whole tiles; a masked tile takes the rest
+    whole = V // BLOCK_V * BLOCK_V  # the columns in whole tiles; a masked tile takes the rest
 
     m = -float("inf")
     s = 0.0
     total = 0.0
     best = 0
     for start in range(0, whole, BLOCK_V):
-        m, s, total, best = _stats_tile(base, start, offs, V, m, s, total, best, False, SMOOTH)
+        m, s, total, best = _stats_tile(base, start, offs, V, m, s, total, best, False, SMOOTH,
+                                        VEC)
     if whole < V:
-        m, s, total, best = _stats_tile(base, whole, offs, V, m, s, total, best, True, SMOOTH)
+        m, s, total, best = _stats_tile(base, whole, offs, V, m, s, total, best, True, SMOOTH,
+                                        VEC)
     lse = m + tl.log(s)
     # An out-of-range label (rejected by the Python API before launch) reads nothing: NaN loss.
     x_label = tl.load(base + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
@@ -105,9 +112,11 @@ def _ce_rows_kernel(
             scale = grad_scale
         p_scale = scale * (1.0 + 2.0 * z_loss * lse)
         for start in range(0, whole, BLOCK_V):
-            _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing, False, SMOOTH)
+            _grad_tile(base, start, offs, V, label, lse, p_scale, scale, smoothing, False, SMOOTH,
+                       VEC)
         if whole < V:
-            _grad_tile(base, whole, offs, V, label, lse, p_scale, scale, smoothing, True, SMOOTH)
+            _grad_tile(base, whole, offs, V, label, lse, p_scale, scale, smoothing, True, SMOOTH,
+                       VEC)
 
 
 def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, row_scale, scale,
@@ -119,10 +128,24 @@ def ce_rows(logits, labels, loss, lse, hit, *, label_smoothing, z_loss, row_scal
     if rows == 0:
         return
     block_v = min(next_power_of_2(vocab), 4096)
+    vec = _vector_width(logits)
     _ce_rows_kernel[(rows,)](
         logits, labels, loss, lse, hit, row_scale if row_scale is not None else loss,
-        logits.stride(0), vocab, float(label_smoothing), float(z_loss), float(scale),
+        logits.stride(0) // vec, vocab, float(label_smoothing), float(z_loss), float(scale),
         COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
-        SMOOTH=label_smoothing != 0.0, BLOCK_V=block_v,
+        SMOOTH=label_smoothing != 0.0, BLOCK_V=block_v, VEC=vec,
         num_warps=8 if block_v >= 2048 else 4,
     )
+
+
+def _vector_width(logits):
+    """Elements in 16 bytes when every row starts 16-byte aligned and may be read up to V rounded
+    up to whole 16-byte vectors (the last row included: within the storage); else 1. The LM-loss
+    driver's logits buffer always qualifies (lm_loss.logits_pitch)."""
+    rows, vocab = logits.shape
+    vec = 16 // logits.element_size()
+    readable = logits.storage_offset() + (rows - 1) * logits.stride(0) + -(-vocab // vec) * vec
+    if (logits.data_ptr() % 16 or logits.stride(0) % vec
+            or readable * logits.element_size() > logits.untyped_storage().nbytes()):
+        return 1
+    return vec

@@ -54,20 +54,22 @@ def test_integer_arguments_get_tritons_divisibility_only_where_it_would():
     from fusedlm.kernels import lm_loss
     fn = JITFunction(lm_loss._ce_rows_kernel.fn)  # compiled, not interpreted as in this suite
     values = dict(LOGITS="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", HIT="*fp32",
-                  ROW_SCALE="*fp32", stride_row=50304, V=50257, smoothing=0.0, z_loss=0.0,
+                  ROW_SCALE="*fp32", stride_vecs=6288, V=50257, smoothing=0.0, z_loss=0.0,
                   grad_scale=1.0, COMPUTE_GRAD=True, HAS_ROW_SCALE=False, SMOOTH=False,
-                  BLOCK_V=4096)
+                  BLOCK_V=4096, VEC=8)
     sig, const, attrs = kf._signature(fn, values)
     index = {p.name: i for i, p in enumerate(fn.params)}
     assert sig["V"] == "i32" and sig["smoothing"] == "fp32" and sig["LOGITS"] == "*bf16"
-    assert (index["V"],) not in attrs and (index["stride_row"],) in attrs
-    assert (index["LOGITS"],) in attrs and const["BLOCK_V"] == 4096
+    assert (index["V"],) not in attrs and (index["stride_vecs"],) in attrs
+    assert (index["LOGITS"],) in attrs and const["BLOCK_V"] == 4096 and const["VEC"] == 8
 
 
 def test_lm_loss_row_kernel_loads_16_bytes_at_gpt2s_vocabulary(tmp_path):
     """Compiled for sm_90a (no GPU needed; in a process of its own, since this suite runs the
-    Triton interpreter): whole vocabulary tiles load 16 bytes at a time at V = 50257 and 30522,
-    and only the last, partial tile loads element by element."""
+    Triton interpreter), with the row pitch the driver gives its buffer on a GPU: every tile,
+    the last partial one included, loads 16 bytes at a time at V = 50257 and 30522; the one
+    2-byte load left is the label's logit. (At GPT-2's padded pitch, 50264, not a multiple of 16
+    elements, the rows once compiled to 2-byte loads throughout.)"""
     import json
     import subprocess
     import sys
@@ -79,7 +81,7 @@ def test_lm_loss_row_kernel_loads_16_bytes_at_gpt2s_vocabulary(tmp_path):
     facts = {r["config"]: r for r in json.loads(out.read_text())["triton"]}
     for vocab in (30522, 50257):
         row = facts[f"bf16 V={vocab}"]
-        assert row["LDG128"] >= 4 and row["spill"] == 0, row
+        assert row["LDG128"] >= 8 and row["LDG16"] <= 1 and row["spill"] == 0, row
 
 
 def test_spill_baseline_lets_spills_go_never_come():

@@ -20,8 +20,9 @@ fp32 inside cuBLAS); an fp32 accumulator would cost 2x the gradient's memory for
 On a GPU, a vocabulary that is not a multiple of 8 (GPT-2's 50257, BERT's 30522) is zero-padded
 to one for the GEMMs (a copy of the weight, and of the bias, per call): the vocabulary is the contiguous
 extent of the logits, and cuBLAS's vectorized tensor-core kernels need that extent to be a
-multiple of 16 bytes. The pad columns project to 0 and the cross-entropy kernel never touches
-them, so their gradient stays 0 and the GEMMs' results are exact.
+multiple of 16 bytes. The pad columns project to 0 and the cross-entropy kernel never writes
+them (its 16-byte loads may read them, and ignore what they read), so their gradient stays 0 and
+the GEMMs' results are exact.
 
 Eager calls go through an autograd.Function; under torch.compile the same driver runs behind the
 custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`, always with the static selection.

@@ -92,9 +92,9 @@ def test_lm_loss_custom_ops_pass_opcheck(backend, reduction):
     y = torch.randint(0, 30, (7,), device=DEVICE)
     y[::3] = -100
     torch.library.opcheck(lm_loss_fwd_op,
-                          (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend, 5))
+                          (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend, 5, True))
     torch.library.opcheck(lm_loss_fwd_op,
-                          (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend, 7))
+                          (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend, 7, False))
     g = torch.randn(7, device=DEVICE)
     torch.library.opcheck(lm_loss_bwd_op,
                           (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend, 5))

@@ -360,6 +360,27 @@ def test_no_grad_and_retain_graph(backend):
         assert torch.equal(a, c)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="counts the Triton path's launches")
+@pytest.mark.parametrize("labelled, fwd, fwd_bwd, reads", [(1.1, 7, 11, 1), (0.3, 10, 16, 2)])
+def test_eager_call_launches_only_what_it_needs(labelled, fwd, fwd_bwd, reads):
+    """An eager call's host cost on a GPU is mostly its launches (a few microseconds each), so
+    they are counted (aten ops that launch a kernel, with the row kernel's launcher stubbed): at
+    most today's numbers (they were 13 / 24 and 22 / 35 before the driver stopped zero-filling
+    what its kernels write and scattering back per-token statistics nobody asked for), and
+    exactly one host read when every row is labelled, two when some are not (the count and the
+    labels' range together, then the labelled rows' indices)."""
+    from fusedlm.bench import host
+    h, w, _, labels = make(16, 32, 64, torch.float32, bias=False, labelled=labelled)
+    one = torch.ones((), device=DEVICE)
+    with host.launches_stubbed():
+        with torch.no_grad():
+            no_grad = host.count_launches(lambda: fusedlm.lm_loss(h, w, labels, backend="triton"))
+        both = host.count_launches(
+            lambda: fusedlm.lm_loss(h, w, labels, backend="triton").backward(one))
+    assert no_grad[0] <= fwd and both[0] <= fwd_bwd, (no_grad, both)
+    assert no_grad[1:] == (1, reads) and both[1:] == (1, reads), (no_grad, both)
+
+
 def test_default_chunk_size_bounds_the_logits_buffer():
     from fusedlm.ops.lm_loss import default_chunk_size
     for vocab, dtype in ((30522, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.float32)):

@@ -2,7 +2,8 @@
 
 Flow of a call: validate -> shift (causal LM) -> dispatch.select -> the chunked driver:
   1. compact the labelled rows (MLM: ~15% of tokens), so work scales with predictions:
-     exactly in eager mode (one host sync), or up to a fixed `capacity` with no host sync
+     exactly in eager mode (the host reads the count, and the indices when some rows are
+     ignored), or up to a fixed `capacity` with no host sync
      (always under torch.compile, so a compiled step can be a CUDA graph);
   2. per chunk of C labelled rows: logits = h_c @ W.T + b into one reused (C, V) buffer (cuBLAS,
      the fastest matmul there is), then one cross-entropy kernel per row (the backend's: Triton,
@@ -133,7 +134,7 @@ def _exact_rows(labels, ignore_index, vocab):
     if labels.numel() == 0:
         return _Rows(None, labels, None, 0, valid.sum())
     # The range of the labelled entries: the ignored ones read as 0, which is in range.
-    facts = torch.stack([valid.sum(), *torch.aminmax(labels.masked_fill(~valid, 0))])
+    facts = torch.stack([valid.sum(), *torch.aminmax(labels * valid)])
     count, lo, hi = facts.tolist()
     if count and (lo < 0 or hi >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary size, weight's first "
@@ -212,9 +213,13 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     row's loss scaled by 1/count), a float (each row's loss scaled alike: 1 for 'sum') or a (T,)
     tensor of per-row scales ('none'; the upstream gradient). capacity: None selects the
     labelled rows exactly (a host sync, label errors raised); an int selects at most that many
-    with no host sync (`_static_rows`, label errors checked on the device). Returns (loss_rows,
-    lse_rows, hit_rows) of shape (T,) with zeros at ignored rows, the labelled count (an int64
-    device scalar), and dh (T, H), dw, db or None."""
+    with no host sync (`_static_rows`, label errors checked on the device). Returns the rows'
+    (loss, lse, hit), each (n,) in the order of `sel.idx` (at a static selection's filler rows:
+    finite values that `sel.weight` zeroes), the selection `sel`, and dh (T, H), dw, db or None.
+
+    Every aten op here is a kernel launch on a GPU, a few microseconds of host time each: what
+    the kernels write whole is allocated empty, a first chunk writes its sums instead of adding
+    to zeros, and nothing is scattered back to the tokens that the caller does not need."""
     tokens, hidden = h.shape
     vocab = weight.shape[0]
     sel = (_exact_rows(labels, ignore_index, vocab) if capacity is None else
@@ -234,12 +239,13 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         grad_scale = grad_scale.contiguous()
     compute_grad = grad_scale is not None and (need_dh or need_dw or need_db)
     rows = h if idx is None else h.index_select(0, idx)
-    # loss, lse, hit: three tensors, not views of one (the custom op's outputs may not alias)
-    stats = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(3)]
+    # loss, lse, hit: the row kernels write every row
+    stats = torch.empty((3, n), dtype=torch.float32, device=h.device)
     w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
     padded = w_g.shape[0]
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
-    dw = torch.zeros_like(w_g) if compute_grad and need_dw else None
+    # The first chunk writes d_weight and d_bias; with no rows at all they are zeros.
+    dw = (torch.empty_like if n else torch.zeros_like)(w_g) if compute_grad and need_dw else None
     db = torch.zeros(padded, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
     pitch = logits_pitch(padded, h.dtype)
@@ -260,30 +266,46 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         if dh_c is not None:
             torch.mm(logits_g, w_g, out=dh_c[c0:c1])
         if dw is not None:
-            dw.addmm_(logits_g.t(), h_c)
+            if c0 == 0:
+                torch.mm(logits_g.t(), h_c, out=dw)
+            else:
+                dw.addmm_(logits_g.t(), h_c)
         if db is not None:
-            db += logits_g.sum(0, dtype=torch.float32)  # the pad columns' gradient is 0
+            if c0 == 0:
+                torch.sum(logits_g, 0, dtype=torch.float32, out=db)  # the pad columns' is 0
+            else:
+                db += logits_g.sum(0, dtype=torch.float32)
     if dw is not None:
         dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
-    if sel.weight is not None:  # static: ignored rows count for nothing
-        stats = [t * sel.weight for t in stats]
-    if idx is not None:  # back to one entry per token, zero at ignored ones
-        stats = [t.new_zeros(tokens).index_copy_(0, idx, t) for t in stats]
     dh = dh_c
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
     if db is not None and bias is not None:
         db = db[:vocab].to(bias.dtype)
-    return stats[0], stats[1], stats[2], sel.count_t, dh, dw, db
+    return stats[0], stats[1], stats[2], sel, dh, dw, db
 
 
-def _reduce(loss_rows, n, reduction):
+def _reduce(loss_rows, sel, tokens, reduction):
+    """The loss of the computed rows, reduced; 'none': one entry per token, 0 at ignored ones."""
+    weight = sel.weight  # static selection: 0.0 at filler rows, which count for nothing
     if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    if reduction == "sum":
+        if weight is not None:
+            loss_rows = loss_rows * weight
+        if sel.idx is None:
+            return loss_rows
+        return loss_rows.new_zeros(tokens).index_copy_(0, sel.idx, loss_rows)
+    if reduction == "mean" and sel.count:  # exact selection: the computed rows are the labelled
+        return loss_rows.mean()
+    total = loss_rows.sum() if weight is None else torch.dot(loss_rows, weight)
+    if reduction == "sum" or sel.count == 0:  # no labelled row: 0, not torch's NaN
         return total
-    return total / n.clamp_min(1)
+    return total / sel.count_t.clamp_min(1)
+
+
+def _detail_sums(lse, hit, sel):
+    """(2,) float32: the sum of lse^2 and the number of argmax hits over the labelled rows."""
+    both = torch.stack([lse * lse, hit])
+    return both.sum(1) if sel.weight is None else torch.mv(both, sel.weight)
 
 
 def _forward_scale(reduction, wants_grad):
@@ -293,14 +315,16 @@ def _forward_scale(reduction, wants_grad):
 
 
 def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-             chunk_size, need_dh, need_dw, need_db, capacity=None):
-    """-> (loss, lse, hit, labelled-row count as a tensor, dh, dw, db); with a reduction, the
-    gradients the need_* flags ask for come from the same pass (scaled for it), else None."""
+             chunk_size, need_dh, need_dw, need_db, capacity=None, details=False):
+    """-> (loss, detail sums or None, labelled-row count as a tensor, dh, dw, db); with a
+    reduction, the gradients the need_* flags ask for come from the same pass (scaled for it),
+    else None. The detail sums (`_detail_sums`) only when `details`."""
     scale = _forward_scale(reduction, need_dh or need_dw or need_db)
-    loss_rows, lse, hit, n, dh, dw, db = _chunked(
+    loss_rows, lse, hit, sel, dh, dw, db = _chunked(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size,
         need_dh, need_dw, need_db, capacity)
-    return _reduce(loss_rows, n, reduction), lse, hit, n, dh, dw, db
+    sums = _detail_sums(lse, hit, sel) if details else None
+    return _reduce(loss_rows, sel, labels.numel(), reduction), sums, sel.count_t, dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,32 +333,38 @@ def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
 class _LMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-                chunk_size, need_dh, need_dw, need_db, backend, capacity):
-        loss, lse, hit, n, dh, dw, db = _forward(
+                chunk_size, need_dh, need_dw, need_db, backend, capacity, details):
+        loss, sums, n, dh, dw, db = _forward(
             backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-            chunk_size, need_dh, need_dw, need_db, capacity)
+            chunk_size, need_dh, need_dw, need_db, capacity, details)
         ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh,
                     need_dw, need_db, capacity)
         if reduction == "none":
             ctx.save_for_backward(h, weight, bias, labels)
         else:  # the inputs too, only as anchors for first_derivative_only (no copies)
             ctx.save_for_backward(dh, dw, db, h, weight, bias)
-        ctx.mark_non_differentiable(lse, hit)
-        return loss, lse, hit, n
+        if sums is not None:
+            ctx.mark_non_differentiable(sums)
+        # No zero gradients made for the outputs that have none (three launches a backward).
+        ctx.set_materialize_grads(False)
+        return loss, sums, n
 
     @staticmethod
     @first_derivative_only("lm_loss")
-    def backward(ctx, grad, _dlse, _dhit, _dn):
+    def backward(ctx, grad, _dsums, _dn):
         (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
          need_db, capacity) = ctx.meta
-        if reduction == "none":
+        if grad is None:
+            dh = dw = db = None
+        elif reduction == "none":
             h, weight, bias, labels = ctx.saved_tensors
             _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index,
                                               smoothing, z_loss, grad, chunk_size, need_dh,
                                               need_dw, need_db, capacity)
         else:
-            dh, dw, db = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors[:3])
-        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+            # A 0-dim float32 factor keeps the gradient's dtype (type promotion) in one launch.
+            dh, dw, db = (None if t is None else t * grad for t in ctx.saved_tensors[:3])
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,26 +374,27 @@ class _LMLossFunction(torch.autograd.Function):
 def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    ignore_index: int, smoothing: float, z_loss: float, reduction: str,
                    chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-                   backend: str, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: str, capacity: int, details: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The driver with the static row selection (no host sync: a compiled step may be a CUDA
-    graph) of at most `capacity` rows."""
-    loss, lse, hit, n, dh, dw, db = _forward(
+    graph) of at most `capacity` rows. Returns (loss, detail sums ((2,), or (0,) unless
+    `details`), labelled count, dh, dw, db), a (0,) tensor for each gradient not computed."""
+    loss, sums, n, dh, dw, db = _forward(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-        chunk_size or None, need_dh, need_dw, need_db, capacity)
-    empty = h.new_empty(0)
-    return (loss, lse, hit, n,
-            dh if dh is not None else empty, dw if dw is not None else weight.new_empty(0),
-            db if db is not None else lse.new_empty(0) if bias is None else bias.new_empty(0))
+        chunk_size or None, need_dh, need_dw, need_db, capacity, details)
+    f32_empty = lambda: h.new_empty(0, dtype=torch.float32)  # one each: outputs may not alias
+    return (loss, sums if sums is not None else f32_empty(), n,
+            dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
+            db if db is not None else f32_empty() if bias is None else bias.new_empty(0))
 
 
 @lm_loss_fwd_op.register_fake
 def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-      need_dw, need_db, backend, capacity):
+      need_dw, need_db, backend, capacity, details):
     tokens = h.shape[0]
     grads = reduction != "none"
     f32 = dict(dtype=torch.float32)
     return (h.new_empty((tokens,) if reduction == "none" else (), **f32),
-            h.new_empty((tokens,), **f32), h.new_empty((tokens,), **f32),
+            h.new_empty((2,) if details else (0,), **f32),
             h.new_empty((), dtype=torch.int64),
             h.new_empty(h.shape if grads and need_dh else (0,)),
             weight.new_empty(weight.shape if grads and need_dw else (0,)),
@@ -395,16 +426,16 @@ def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk
 
 def _setup_context(ctx, inputs, output):
     (h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-     need_dw, need_db, backend, capacity) = inputs
+     need_dw, need_db, backend, capacity, _details) = inputs
     ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
                 need_db, capacity)
     if reduction == "none":
         ctx.save_for_backward(h, weight, bias, labels)
     else:
-        ctx.save_for_backward(*output[4:])
+        ctx.save_for_backward(*output[3:])
 
 
-def _op_backward(ctx, grad, _dlse, _dhit, _dn, _ddh, _ddw, _ddb):
+def _op_backward(ctx, grad, _dsums, _dn, _ddh, _ddw, _ddb):
     (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db,
      capacity) = ctx.meta
     if reduction == "none":
@@ -413,9 +444,9 @@ def _op_backward(ctx, grad, _dlse, _dhit, _dn, _ddh, _ddw, _ddb):
                                                    ignore_index, smoothing, z_loss, chunk_size,
                                                    need_dh, need_dw, need_db, backend, capacity)
     else:
-        dh, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
+        dh, dw, db = (t * grad for t in ctx.saved_tensors)  # a 0-dim factor keeps their dtype
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -521,26 +552,26 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
              grad_on and bias is not None and bias.requires_grad)
     args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
     tokens = y.numel()
+    details = bool(return_details)
     with autocast_off(hidden.device.type):
         if torch.compiler.is_compiling():
             cap = min(capacity or tokens, tokens)
-            loss, lse, hit, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
-                                                                  chunk_size or 0, *needs, chosen,
-                                                                  cap)
+            loss, sums, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
+                                                              chunk_size or 0, *needs, chosen,
+                                                              cap, details)
         else:
             cap = None if capacity is None else min(capacity, tokens)
             if not any(needs):  # inference: the driver alone (autograd's apply costs ~35 us)
-                loss, lse, hit, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size,
-                                                 *needs, cap)
+                loss, sums, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size, *needs,
+                                             cap, details)
             else:
-                loss, lse, hit, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size,
-                                                          *needs, chosen, cap)
+                loss, sums, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size, *needs,
+                                                      chosen, cap, details)
     if reduction == "none":
         loss = loss.view(out_shape)
         if shift:
             loss = loss[..., :-1]
-    if not return_details:
+    if not details:
         return loss
-    denominator = n.clamp_min(1)
-    return LMLossOutput(loss, (z_loss * (lse * lse).sum() / denominator).detach(),
-                        (hit.sum() / denominator).detach(), n)
+    per_row = sums / n.clamp_min(1)  # (mean lse^2, accuracy) over the labelled rows
+    return LMLossOutput(loss, (z_loss * per_row[0]).detach(), per_row[1].detach(), n)

@@ -147,8 +147,8 @@ def _per_call(fn, backward, rep):
 
 def run(backends=("triton",), device=None, rep=200, log=print):
     """Host µs per call, forward and forward + backward, for each op: fusedlm on `backends`
-    (launches stubbed) and the torch op (run for real); with each, the kernel launches and host
-    reads of one call (see the module docstring)."""
+    (Triton's launches stubbed; on a GPU also real) and the torch op (run for real); with each,
+    the kernel launches and host reads of one call (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ..ops import dispatch
     results = []
@@ -169,6 +169,12 @@ def run(backends=("triton",), device=None, rep=200, log=print):
                 label = "launches stubbed" if be == "triton" else "launches real"
                 with launches_stubbed():
                     rows[(f"fusedlm[{be}], {label}", direction)] = _per_call(
+                        lambda: ours(*args, be), backward, rep)
+                if be == "triton" and device == "cuda":
+                    # On a GPU also with Triton's own launcher (argument binding, its cache
+                    # lookup, the launch): the host cost to set beside torch's, which launches
+                    # for real too.
+                    rows[(f"fusedlm[{be}], launches real", direction)] = _per_call(
                         lambda: ours(*args, be), backward, rep)
             rows[("torch", direction)] = _per_call(lambda: theirs(*args), backward, rep)
         for (impl, direction), (us, (launches, triton_calls, syncs)) in rows.items():

@@ -158,3 +158,14 @@ def test_import_loads_neither_triton_nor_dynamo():
             "'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.gpu
+def test_stream_of_is_the_current_stream_of_the_tensors_device():
+    """The core launches on the handle stream_of gives: it must be torch's current stream on the
+    tensor's device, a side stream included (a wrong one races with torch's own kernels)."""
+    x = torch.empty(1, device="cuda")
+    assert _core.stream_of(x) == torch.cuda.current_stream(x.device).cuda_stream
+    side = torch.cuda.Stream(x.device)
+    with torch.cuda.stream(side):
+        assert _core.stream_of(x) == side.cuda_stream != torch.cuda.default_stream(x.device).cuda_stream

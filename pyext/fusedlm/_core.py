@@ -32,11 +32,20 @@ def device_problem(device_type):
 
 
 def dl(t):
-    """A DLPack capsule borrowing `t` (None stays None)."""
-    return None if t is None else to_dlpack(t.detach())
+    """A DLPack capsule borrowing `t` (None stays None). Detached only when it requires grad
+    (a detach costs about as much as the export itself, on every tensor of every launch)."""
+    return None if t is None else to_dlpack(t.detach() if t.requires_grad else t)
+
+
+# The current stream's raw handle by device index, as Triton's own launcher reads it: no
+# torch.cuda.Stream object made per launch. Absent from CPU-only torch builds.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def stream_of(t):
+    """The current CUDA stream of t's device, as the integer handle the core launches on."""
+    if _raw_stream is not None:
+        return _raw_stream(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
 
 

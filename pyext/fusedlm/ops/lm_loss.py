@@ -331,9 +331,11 @@ def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
 # Eager path.
 
 class _LMLossFunction(torch.autograd.Function):
+    # The settings come as one tuple: apply costs about 0.2 us per argument.
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-                chunk_size, need_dh, need_dw, need_db, backend, capacity, details):
+    def forward(ctx, h, weight, bias, labels, settings):
+        (ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh, need_dw, need_db,
+         backend, capacity, details) = settings
         loss, sums, n, dh, dw, db = _forward(
             backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
             chunk_size, need_dh, need_dw, need_db, capacity, details)
@@ -364,7 +366,7 @@ class _LMLossFunction(torch.autograd.Function):
         else:
             # A 0-dim float32 factor keeps the gradient's dtype (type promotion) in one launch.
             dh, dw, db = (None if t is None else t * grad for t in ctx.saved_tensors[:3])
-        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +567,8 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
                 loss, sums, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size, *needs,
                                              cap, details)
             else:
-                loss, sums, n = _LMLossFunction.apply(h2, w, bias, y, *args, chunk_size, *needs,
-                                                      chosen, cap, details)
+                loss, sums, n = _LMLossFunction.apply(
+                    h2, w, bias, y, (*args, chunk_size, *needs, chosen, cap, details))
     if reduction == "none":
         loss = loss.view(out_shape)
         if shift:

@@ -404,6 +404,24 @@ def test_mask_written_through_numpy_is_read_again(backend):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+def test_check_offsets_false_skips_only_the_offsets_values(monkeypatch):
+    """check_offsets=False (for offsets already checked, or made by fusedlm) skips the check of
+    the offsets' values, and only that: their dtype and shape are still checked."""
+    import importlib
+    ops = importlib.import_module("fusedlm.ops.attention")
+    calls = []
+    real = ops.check_varlen_offsets
+    monkeypatch.setattr(ops, "check_varlen_offsets", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    fusedlm.attention_varlen(q, q, q, cu, cu, 6, 6)
+    assert calls == ["cu_seqlens_q"]  # one tensor passed twice: checked once
+    fusedlm.attention_varlen(q, q, q, cu, cu, 6, 6, check_offsets=False)
+    assert calls == ["cu_seqlens_q"]
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
+        fusedlm.attention_varlen(q, q, q, cu.float(), cu, 6, 6, check_offsets=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_offsets_written_through_numpy_are_checked_again(backend):
     q = torch.randn(10, 2, 16, device=DEVICE, dtype=torch.float16)

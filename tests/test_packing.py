@@ -165,6 +165,48 @@ def test_packed_input_errors_name_the_argument():
         model(ids, token_type_ids=torch.zeros(9, dtype=torch.long), cu_seqlens=cu, max_seqlen=8)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+@pytest.mark.parametrize("bad", [[0, 4, 11], [1, 4, 10], [0, 6, 4, 10], [0, 9, 10]])
+def test_a_packed_batchs_bad_offsets_are_an_error_from_the_model(family, bad):
+    """The model checks a caller's offsets once for all its layers (which then skip the check):
+    offsets that do not rise from 0 to the tokens, or a sequence longer than max_seqlen, are a
+    ValueError naming cu_seqlens, never a kernel reading out of bounds."""
+    # On the CPU: a GPU checks on the device (an assert that ends the process's CUDA context).
+    model = (fm.BertForMaskedLM(fm.BertConfig(**BERT)) if family == "bert"
+             else fm.GPTForCausalLM(fm.GPTConfig(**GPT)))
+    ids, cu = torch.randint(2, 90, (10,)), torch.tensor(bad, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to 10 .* max_seqlen=8"):
+        model(ids, cu_seqlens=cu, max_seqlen=8)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_offsets_are_checked_once_a_forward_not_once_a_layer(family, packed, monkeypatch):
+    """Each check of the offsets is about ten small kernels on a GPU: a caller's are checked
+    once a forward whatever the depth, and those the model makes from an attention mask
+    (unpad) not at all."""
+    import importlib
+    attention_ops = importlib.import_module("fusedlm.ops.attention")
+    bert_mod = importlib.import_module("fusedlm.models.bert")
+    calls = []
+    real = attention_ops.check_varlen_offsets
+    spy = lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1]
+    monkeypatch.setattr(attention_ops, "check_varlen_offsets", spy)
+    monkeypatch.setattr(bert_mod, "check_varlen_offsets", spy)
+    deep = dict(BERT, num_hidden_layers=4) if family == "bert" else dict(GPT, n_layer=4)
+    model = (fm.BertForMaskedLM(fm.BertConfig(**deep)) if family == "bert"
+             else fm.GPTForCausalLM(fm.GPTConfig(**deep))).to(DEVICE)
+    ids = torch.randint(2, 90, (10,), device=DEVICE)
+    if packed:
+        model(ids, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE),
+              max_seqlen=8)
+        assert calls == ["cu_seqlens"]
+    else:
+        mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], device=DEVICE)
+        model(ids.view(2, 5), attention_mask=mask)
+        assert calls == []
+
+
 def test_packed_steps_compile_once_for_the_whole_run():
     """Two steps with different samples: the same shapes, so the compiled step is not traced
     again (dynamo's recompilation would raise here)."""

@@ -16,6 +16,7 @@ from ..nn import LayerNorm, MaskedLMHead
 from ..nn.layers import EncoderLayer
 from ..nn.lm_head import check_capacity
 from ..ops import pad, unpad, unpad_static
+from ..ops.attention import check_varlen_offsets
 from ..ops._tensors import require
 from .config import FromHF
 from .init import init_weights
@@ -142,7 +143,8 @@ def check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen, max_po
                        **per_token):
     """A caller-packed batch (fusedlm.packing.PackingCollator): input_ids (tokens,), cu_seqlens
     (sequences + 1,) int32 offsets, max_seqlen an int; every per-token tensor (tokens,). The
-    offsets themselves are checked by attention_varlen, on the device."""
+    offsets' values are checked here, on the device, once for every layer (which then skip
+    attention_varlen's own check)."""
     if attention_mask is not None:
         raise ValueError("attention_mask must be None with cu_seqlens: a packed batch has no "
                          "padding (its sequences are cu_seqlens' ranges)")
@@ -156,6 +158,10 @@ def check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen, max_po
     for name, t in per_token.items():
         if t is not None and t.shape != input_ids.shape:
             raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != input_ids.device:
+        raise ValueError(f"cu_seqlens must be int32 or int64 on input_ids' device {input_ids.device}, "
+                         f"got {cu_seqlens.dtype} on {cu_seqlens.device}")
+    check_varlen_offsets("cu_seqlens", cu_seqlens, input_ids.numel(), max_seqlen)
 
 
 def packed_positions(cu_seqlens, tokens):
@@ -193,8 +199,11 @@ class BertLayer(EncoderLayer):
                          activation=c.hidden_act, eps=c.layer_norm_eps)
 
     def forward(self, packed: Packed):
+        # The offsets were checked once for the whole stack (check_packed_batch), or made by
+        # unpad / unpad_static.
         return packed.with_hidden(self.forward_packed(packed.hidden, packed.cu_seqlens,
-                                                      packed.max_seqlen, packed.cu_seqlens_k))
+                                                      packed.max_seqlen, packed.cu_seqlens_k,
+                                                      check_offsets=False))
 
 
 class BertEncoder(torch.nn.Module):

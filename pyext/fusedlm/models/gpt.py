@@ -52,8 +52,10 @@ class GPTBlock(DecoderLayer):
                          eps=c.layer_norm_epsilon)
 
     def forward(self, delta, residual, packed: Packed):
+        # The offsets were checked once for the whole stack (check_packed_batch), or made by
+        # unpad / unpad_static.
         return self.forward_fused(delta, residual, packed.cu_seqlens, packed.max_seqlen,
-                                  packed.cu_seqlens_k)
+                                  packed.cu_seqlens_k, check_offsets=False)
 
 
 class GPTModel(torch.nn.Module):

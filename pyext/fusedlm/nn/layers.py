@@ -8,7 +8,8 @@
 Both take a padded batch, forward(x (batch, seq, hidden), attention_mask=None), which they unpad
 around the attention, or packed sequences, forward(x (total, hidden), cu_seqlens=,
 max_seqlen=), which spend no work on padding. Residual adds are fused into the LayerNorms.
-fusedlm.models builds BERT and GPT from these same modules.
+fusedlm.models builds BERT and GPT from these same modules; a stack checks a caller's offsets
+once and passes check_offsets=False to each layer (see ops.attention_varlen).
 """
 from typing import Optional
 
@@ -20,21 +21,22 @@ from .layer_norm import LayerNorm
 
 
 def _packed(x, attention_mask, cu_seqlens, max_seqlen):
-    """-> (rows (total, hidden), cu_seqlens, max_seqlen, how to restore x's layout)."""
+    """-> (rows (total, hidden), cu_seqlens, max_seqlen, how to restore x's layout, whether the
+    offsets need checking: a caller's do, those made here do not)."""
     if cu_seqlens is not None:
         if attention_mask is not None:
             raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed), not both")
         if x.dim() != 2 or max_seqlen is None:
             raise ValueError("packed input: x must be (total, hidden) and max_seqlen given with cu_seqlens")
-        return x, cu_seqlens, int(max_seqlen), lambda y: y
+        return x, cu_seqlens, int(max_seqlen), lambda y: y, True
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, seq, hidden), or (total, hidden) with cu_seqlens; got {tuple(x.shape)}")
     batch, seq = x.shape[:2]
     if attention_mask is None:
         cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=x.device)
-        return x.reshape(batch * seq, -1), cu, seq, lambda y: y.view(batch, seq, -1)
+        return x.reshape(batch * seq, -1), cu, seq, lambda y: y.view(batch, seq, -1), False
     rows, idx, cu, max_len = unpad(x, attention_mask)
-    return rows, cu, max_len, lambda y: pad(y, idx, batch, seq)
+    return rows, cu, max_len, lambda y: pad(y, idx, batch, seq), False
 
 
 def _keys(cu_seqlens, cu_seqlens_k):
@@ -59,10 +61,11 @@ class EncoderSelfAttention(torch.nn.Module):
         self.value = torch.nn.Linear(hidden_size, hidden_size)
         self.dropout_p = attention_dropout
 
-    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
         q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
         o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
-                             max_seqlen, dropout_p=self.dropout_p if self.training else 0.0)
+                             max_seqlen, dropout_p=self.dropout_p if self.training else 0.0,
+                             check_offsets=check_offsets)
         return o.flatten(-2)
 
 
@@ -87,8 +90,8 @@ class EncoderAttention(torch.nn.Module):
         self.self = EncoderSelfAttention(hidden_size, num_heads, attention_dropout)
         self.output = ResidualOutput(hidden_size, hidden_size, dropout, eps)
 
-    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
-        return self.output(self.self(x, cu_seqlens, max_seqlen, cu_seqlens_k), x)
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
+        return self.output(self.self(x, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets), x)
 
 
 class Intermediate(torch.nn.Module):
@@ -117,15 +120,15 @@ class EncoderLayer(torch.nn.Module):
         self.intermediate = Intermediate(hidden_size, intermediate_size, activation)
         self.output = ResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
-    def forward_packed(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+    def forward_packed(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
         """On packed rows; cu_seqlens_k: the keys' own offsets where they differ from the
         queries' (fusedlm.ops.unpad_static's padding rows have no keys), else None."""
-        h = self.attention(x, cu_seqlens, max_seqlen, cu_seqlens_k)
+        h = self.attention(x, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets)
         return self.output(self.intermediate(h), h)
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
-        rows, cu, max_len, restore = _packed(x, attention_mask, cu_seqlens, max_seqlen)
-        return restore(self.forward_packed(rows, cu, max_len))
+        rows, cu, max_len, restore, check = _packed(x, attention_mask, cu_seqlens, max_seqlen)
+        return restore(self.forward_packed(rows, cu, max_len, check_offsets=check))
 
 
 # ---- the decoder (GPT-2) --------------------------------------------------------------------
@@ -152,11 +155,12 @@ class DecoderAttention(torch.nn.Module):
         self.attn_pdrop = attention_dropout
         self.resid_dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
         q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
         o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
                              max_seqlen, causal=True,
-                             dropout_p=self.attn_pdrop if self.training else 0.0)
+                             dropout_p=self.attn_pdrop if self.training else 0.0,
+                             check_offsets=check_offsets)
         return self.resid_dropout(self.c_proj(o.flatten(-2)))
 
 
@@ -190,7 +194,8 @@ class DecoderLayer(torch.nn.Module):
         self.ln_2 = LayerNorm(hidden_size, eps=eps)
         self.mlp = DecoderMLP(hidden_size, intermediate_size or 4 * hidden_size, dropout, activation)
 
-    def forward_fused(self, delta, residual, cu_seqlens, max_seqlen, cu_seqlens_k=None):
+    def forward_fused(self, delta, residual, cu_seqlens, max_seqlen, cu_seqlens_k=None,
+                      check_offsets=True):
         """`delta` is the previous layer's MLP output (None for the first layer), added to the
         residual stream inside ln_1; returns this layer's MLP output and the residual stream it
         has not yet been added to. cu_seqlens_k: as in EncoderLayer.forward_packed."""
@@ -198,11 +203,11 @@ class DecoderLayer(torch.nn.Module):
             y = self.ln_1(residual)
         else:
             y, residual = self.ln_1(delta, residual=residual)
-        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen, cu_seqlens_k),
+        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets),
                                 residual=residual)
         return self.mlp(y), residual
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
-        rows, cu, max_len, restore = _packed(x, attention_mask, cu_seqlens, max_seqlen)
-        delta, residual = self.forward_fused(None, rows, cu, max_len)
+        rows, cu, max_len, restore, check = _packed(x, attention_mask, cu_seqlens, max_seqlen)
+        delta, residual = self.forward_fused(None, rows, cu, max_len, check_offsets=check)
         return restore(delta + residual)

@@ -533,11 +533,13 @@ def _max_seqlen(name, mx):
     return mx
 
 
-def _check_offsets(name, cu, total, mx, to_the_end=True):
+def check_varlen_offsets(name, cu, total, mx, to_the_end=True):
     """cu must rise from 0 to `total` (the packed rows; with to_the_end=False, to at most
     `total`) with no sequence longer than `mx`: a kernel trusting bad offsets reads and writes
-    out of bounds, or leaves rows unwritten. Checked at every call (a check cached on the tensor
-    missed writes through numpy or .data); on a GPU or compiled, on the device (see `require`)."""
+    out of bounds, or leaves rows unwritten. attention_varlen checks at every call unless told
+    not to (a check cached on the tensor missed writes through numpy or .data); on a GPU or
+    compiled, on the device (see `require`): about ten small kernels. fusedlm's models check a
+    caller's offsets once a forward with this, not once a layer."""
     ok = (cu[0] == 0) & ((cu[-1] == total) if to_the_end else (cu[-1] <= total))
     lens = cu.diff()
     if lens.numel():
@@ -552,14 +554,18 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      seed: Optional[int] = None, return_lse: bool = False,
                      deterministic: bool = False, window_size: Tuple[int, int] = (-1, -1),
                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None, check_offsets: bool = True):
     """Attention over packed sequences: q (total_q, heads, D), k and v (total_k, kv_heads, D);
     sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, starting at 0). No work is spent
     on padding. Every query row belongs to a sequence (cu_seqlens_q ends at total_q); key rows
     after cu_seqlens_k[-1] belong to none, are read by no query and get gradient 0 (how
     `unpad_static` gives padding rows no keys). Returns out (total_q, heads, D) [and lse
     (heads, total_q)]. window_size, softcap and alibi_slopes ((heads,) or (sequences, heads)):
-    see `attention`, within each sequence."""
+    see `attention`, within each sequence.
+    `check_offsets=False` skips the check of the offsets' values (a few small kernels a call,
+    run on the device): only for offsets already checked (`ops.attention.check_varlen_offsets`)
+    or made by fusedlm (`unpad`, `unpad_static`); bad offsets make the kernels read and write out
+    of bounds. Their dtype, shape and device are checked either way."""
     _check_tensors(q, k, v, "packed")
     _check_qkv(q, k, v, packed=True)
     _check_options(dropout_p, softmax_scale, seed)
@@ -576,10 +582,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
     max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
-    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-    if (cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]
-            or max_seqlen_k != max_seqlen_q):  # self-attention passes one tensor twice: once
-        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, to_the_end=False)
+    if check_offsets:
+        check_varlen_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if (cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]
+                or max_seqlen_k != max_seqlen_q):  # self-attention passes one tensor twice: once
+            check_varlen_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k,
+                                 to_the_end=False)
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5

@@ -10,7 +10,9 @@ the aten ops that would launch a kernel on a GPU (not allocations or views; coun
 autograd, as this device decomposes them), `triton_calls`, fusedlm's Triton launcher calls (each
 one kernel or more: attention's backward launches two), and `syncs`, the values read back to the
 host (`item`, `tolist`, `nonzero`, a tensor's truth or number value), each of which makes the
-host wait for the GPU. On a GPU a launch costs the host a few microseconds.
+host wait for the GPU. On a GPU a launch costs the host a few microseconds. Beside the ops, a
+whole BERT pretraining step (`bert_step`: the demo's model, every op on the backend named)
+against Hugging Face's, whose small GPU steps are bound by exactly these costs.
 """
 import contextlib
 
@@ -91,9 +93,82 @@ def count_launches(fn):
     return mode.launches, _Counter.triton - before, syncs[0]
 
 
+# The demo's pretraining model (fusedlm.demo): small enough that a GPU step is host-bound.
+STEP_CONFIG = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+
+
+def _bert_step(device):
+    """(inputs maker, fusedlm step, Hugging Face step or None without transformers): BERT
+    pretraining (MLM + NSP) on a padded 32 x 64 batch (4 x 64 on a CPU, whose fp16 matmuls are
+    slow: the counts do not depend on the batch), fp16 (the kernels' path on a GPU and in the
+    interpreter), both models with the same weights; a step returns its loss."""
+    from .. import models as fm
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    g = torch.Generator().manual_seed(0)
+    batch, seq, vocab = 32 if device == "cuda" else 4, 64, STEP_CONFIG["vocab_size"]
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    lens = torch.randint(seq // 3, seq + 1, (batch,), generator=g)
+    mask = (torch.arange(seq)[None] < lens[:, None]).long()
+    labels = torch.full((batch, seq), -100)
+    pick = (torch.rand(batch, seq, generator=g) < 0.15) & (mask > 0)
+    labels[pick] = ids[pick]
+    nsp = torch.randint(0, 2, (batch,), generator=g)
+    ids, mask, labels, nsp = (t.to(device) for t in (ids, mask, labels, nsp))
+    types = torch.zeros_like(ids)
+    models = {}
+
+    def inputs():
+        if not models:
+            torch.manual_seed(0)
+            models["ours"] = fm.BertForPreTraining(fm.BertConfig(**STEP_CONFIG)).to(device, torch.float16)
+            if transformers is not None:
+                hf = transformers.BertForPreTraining(transformers.BertConfig(
+                    **STEP_CONFIG, attn_implementation="sdpa")).to(device, torch.float16)
+                hf.load_state_dict(models["ours"].state_dict())
+                models["theirs"] = hf
+        return ()
+
+    # Gradients set to None before each step, as a training loop's zero_grad does: every step
+    # then launches alike (accumulating into existing gradients would add launches).
+    def ours(be):
+        models["ours"].zero_grad(set_to_none=True)
+        with _backend(be):
+            return models["ours"](input_ids=ids, attention_mask=mask, token_type_ids=types,
+                                  labels=labels, next_sentence_label=nsp).loss
+
+    def theirs():
+        models["theirs"].zero_grad(set_to_none=True)
+        out = models["theirs"](input_ids=ids, attention_mask=mask, token_type_ids=types)
+        logits = out.prediction_logits
+        return (F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1))
+                + F.cross_entropy(out.seq_relationship_logits.float(), nsp))
+    return inputs, ours, (theirs if transformers is not None else None)
+
+
+@contextlib.contextmanager
+def _backend(name):
+    """Every op of the model on backend `name` (FUSEDLM_BACKEND), as a GPU would run it."""
+    import os
+    from ..ops import dispatch
+    saved = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[dispatch.ENV_VAR]
+        else:
+            os.environ[dispatch.ENV_VAR] = saved
+
+
 def _cases(device):
-    """op -> (inputs maker, fusedlm call, torch call); each call does forward + backward when
-    its inputs require grad."""
+    """op -> (inputs maker, fusedlm call, torch call, the torch call's label); each call does
+    forward + backward when its inputs require grad."""
     import fusedlm
     half = torch.float16
 
@@ -113,17 +188,21 @@ def _cases(device):
         y = torch.randint(0, 64, (16,), device=device)
         return h, w, y
 
+    step_inputs, step_ours, step_theirs = _bert_step(device)
     return {
         "layer_norm": (ln_inputs,
                        lambda x, w, b, be: fusedlm.layer_norm(x, w, b, backend=be),
-                       lambda x, w, b: F.layer_norm(x, (768,), w, b)),
+                       lambda x, w, b: F.layer_norm(x, (768,), w, b), "torch"),
         "attention": (attn_inputs,
                       lambda q, k, v, be: fusedlm.attention(q, k, v, causal=True, backend=be),
                       lambda q, k, v: F.scaled_dot_product_attention(
-                          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)),
+                          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
+                      "torch"),
         "lm_loss": (loss_inputs,
                     lambda h, w, y, be: fusedlm.lm_loss(h, w, y, backend=be),
-                    lambda h, w, y: F.cross_entropy(h @ w.t(), y)),
+                    lambda h, w, y: F.cross_entropy(h @ w.t(), y), "torch"),
+        # A whole training step, forward only or with its backward: what the demo runs.
+        "bert_step": (step_inputs, lambda be: step_ours(be), step_theirs, "Hugging Face (sdpa)"),
     }
 
 
@@ -152,15 +231,17 @@ def run(backends=("triton",), device=None, rep=200, log=print):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ..ops import dispatch
     results = []
-    for op, (inputs, ours, theirs) in _cases(device).items():
+    for op, (inputs, ours, theirs, their_label) in _cases(device).items():
         args = inputs()
-        case = (device, args[0].dtype, 64) if op == "attention" else (
-            (device, args[0].dtype, 768, args[1].dtype) if op == "layer_norm" else (device, args[0].dtype))
+        dtype = args[0].dtype if args else torch.float16
+        case = (device, dtype, 64) if op in ("attention", "bert_step") else (
+            (device, dtype, 768, args[1].dtype) if op == "layer_norm" else (device, dtype))
         rows = {}
         for backward in (False, True):
             direction = "fwd+bwd" if backward else "fwd"
             for be in backends:
-                why = dispatch.why_not(op, be, case)
+                # A model step runs every op there; its attention (fp16, head dim 64) decides.
+                why = dispatch.why_not("attention" if op == "bert_step" else op, be, case)
                 if why is not None:
                     log(f"  {op} fusedlm[{be}]: not run ({why})")
                     continue
@@ -176,7 +257,8 @@ def run(backends=("triton",), device=None, rep=200, log=print):
                     # for real too.
                     rows[(f"fusedlm[{be}], launches real", direction)] = _per_call(
                         lambda: ours(*args, be), backward, rep)
-            rows[("torch", direction)] = _per_call(lambda: theirs(*args), backward, rep)
+            if theirs is not None:
+                rows[(their_label, direction)] = _per_call(lambda: theirs(*args), backward, rep)
         for (impl, direction), (us, (launches, triton_calls, syncs)) in rows.items():
             results.append(dict(op=op, direction=direction, impl=impl, host_us=round(us, 2),
                                 launches=launches, triton_calls=triton_calls, syncs=syncs))

@@ -12,12 +12,15 @@ def unpad(x: Tensor, attention_mask: Tensor):
     """x (batch, seq, ...) and its (batch, seq) mask (nonzero = a real token) ->
     (x_packed (total, ...), indices (total,), cu_seqlens int32 (batch + 1,), max_seqlen)."""
     _check_mask(x, attention_mask)
-    keep = attention_mask.reshape(-1) != 0
-    indices = keep.nonzero().squeeze(1)
-    lens = (attention_mask != 0).sum(1, dtype=torch.int32)
+    keep = attention_mask != 0
+    lens = keep.sum(1, dtype=torch.int32)
+    longest = lens.max() if lens.numel() else None
+    # nonzero waits for the GPU; the longest length, queued before it, is then read at once.
+    indices = keep.reshape(-1).nonzero().squeeze(1)
     cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=x.device)
     cu[1:] = lens.cumsum(0)
-    return x.reshape(-1, *x.shape[2:]).index_select(0, indices), indices, cu, int(lens.max()) if lens.numel() else 0
+    max_len = int(longest) if longest is not None else 0
+    return x.reshape(-1, *x.shape[2:]).index_select(0, indices), indices, cu, max_len
 
 
 def _check_mask(x, attention_mask):

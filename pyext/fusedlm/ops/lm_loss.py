@@ -246,7 +246,8 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
     # The first chunk writes d_weight and d_bias; with no rows at all they are zeros.
     dw = (torch.empty_like if n else torch.zeros_like)(w_g) if compute_grad and need_dw else None
-    db = torch.zeros(padded, dtype=torch.float32, device=h.device) if compute_grad and need_db else None
+    db = ((torch.empty if n else torch.zeros)(padded, dtype=torch.float32, device=h.device)
+          if compute_grad and need_db else None)
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
     pitch = logits_pitch(padded, h.dtype)
     buf = torch.empty((chunk, pitch), dtype=h.dtype, device=h.device)[:, :padded] if n else None

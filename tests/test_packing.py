@@ -163,6 +163,8 @@ def test_packed_input_errors_name_the_argument():
         model(ids, cu_seqlens=cu, max_seqlen=None)
     with pytest.raises(ValueError, match="token_type_ids must have input_ids' shape"):
         model(ids, token_type_ids=torch.zeros(9, dtype=torch.long), cu_seqlens=cu, max_seqlen=8)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64, got torch.float32"):
+        model(ids, cu_seqlens=cu.float(), max_seqlen=8)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])

@@ -158,9 +158,10 @@ def check_packed_batch(input_ids, attention_mask, cu_seqlens, max_seqlen, max_po
     for name, t in per_token.items():
         if t is not None and t.shape != input_ids.shape:
             raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != input_ids.device:
-        raise ValueError(f"cu_seqlens must be int32 or int64 on input_ids' device {input_ids.device}, "
-                         f"got {cu_seqlens.dtype} on {cu_seqlens.device}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != input_ids.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {input_ids.device}")
     check_varlen_offsets("cu_seqlens", cu_seqlens, input_ids.numel(), max_seqlen)
 
 

@@ -93,24 +93,23 @@ def count_launches(fn):
     return mode.launches, _Counter.triton - before, syncs[0]
 
 
-# The demo's pretraining model (fusedlm.demo): small enough that a GPU step is host-bound.
-STEP_CONFIG = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0)
-
-
 def _bert_step(device):
     """(inputs maker, fusedlm step, Hugging Face step or None without transformers): BERT
     pretraining (MLM + NSP) on a padded 32 x 64 batch (4 x 64 on a CPU, whose fp16 matmuls are
     slow: the counts do not depend on the batch), fp16 (the kernels' path on a GPU and in the
     interpreter), both models with the same weights; a step returns its loss."""
     from .. import models as fm
+    from ..demo.train import Settings, model_config
     try:
         import transformers
     except ImportError:
         transformers = None
+    # The demo's pretraining model at its default settings: small enough that a GPU step is
+    # host-bound.
+    settings = Settings()
+    config = model_config(settings, settings.vocab)
     g = torch.Generator().manual_seed(0)
-    batch, seq, vocab = 32 if device == "cuda" else 4, 64, STEP_CONFIG["vocab_size"]
+    batch, seq, vocab = settings.batch if device == "cuda" else 4, settings.max_len, settings.vocab
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
     lens = torch.randint(seq // 3, seq + 1, (batch,), generator=g)
     mask = (torch.arange(seq)[None] < lens[:, None]).long()
@@ -125,10 +124,10 @@ def _bert_step(device):
     def inputs():
         if not models:
             torch.manual_seed(0)
-            models["ours"] = fm.BertForPreTraining(fm.BertConfig(**STEP_CONFIG)).to(device, torch.float16)
+            models["ours"] = fm.BertForPreTraining(fm.BertConfig(**config)).to(device, torch.float16)
             if transformers is not None:
                 hf = transformers.BertForPreTraining(transformers.BertConfig(
-                    **STEP_CONFIG, attn_implementation="sdpa")).to(device, torch.float16)
+                    **config, attn_implementation="sdpa")).to(device, torch.float16)
                 hf.load_state_dict(models["ours"].state_dict())
                 models["theirs"] = hf
         return ()

@@ -54,6 +54,15 @@ class Settings:
     curve_tolerance: Dict[str, float] = field(default_factory=lambda: {"fp32": 0.05, "bf16": 0.15})
 
 
+def model_config(s: Settings, vocab: int) -> dict:
+    """The BERT both implementations build (Hugging Face's BertConfig fields), for a vocabulary
+    of `vocab` words; `fusedlm bench host` times a step of it."""
+    return dict(vocab_size=vocab, hidden_size=s.hidden, num_hidden_layers=s.layers,
+                num_attention_heads=s.heads, intermediate_size=4 * s.hidden,
+                max_position_embeddings=s.max_len, hidden_dropout_prob=s.dropout,
+                attention_probs_dropout_prob=s.dropout, num_labels=2)
+
+
 # ---- the two implementations ------------------------------------------------------------------
 
 class PretrainStep(NamedTuple):
@@ -292,10 +301,7 @@ def run(s: Settings, device=None, log=print) -> dict:
     cls_test = ClassificationBatches(encode(tok, [t for t, _ in test_set]),
                                      [y for _, y in test_set], s.max_len, seed=s.seed)
 
-    cfg = dict(vocab_size=vocab, hidden_size=s.hidden, num_hidden_layers=s.layers,
-               num_attention_heads=s.heads, intermediate_size=4 * s.hidden,
-               max_position_embeddings=s.max_len, hidden_dropout_prob=s.dropout,
-               attention_probs_dropout_prob=s.dropout, num_labels=2)
+    cfg = model_config(s, vocab)
     impls = []
     for name in s.impls:
         if name == "reference":

@@ -67,3 +67,33 @@ def tma_launches(monkeypatch):
         return launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw)
     monkeypatch.setattr(kern, "_launch", spy)
     return seen
+
+
+def check_row_kernel_ignores_past_v(backend, dtype, layout, vocab, pitch=None):
+    """The LM-loss row kernel of `backend` on 3 rows of `vocab` logits laid out in a NaN-filled
+    storage (`layout`: 'pitched', 'storage_ends_at_v' (the last row's storage ends at V),
+    'unaligned' (rows 2 bytes off 16-byte alignment), 'contiguous'; `pitch` defaults to V rounded
+    up to 16): against the float64 reference, gradient in place, and nothing past V written."""
+    import importlib
+    ops = importlib.import_module("fusedlm.ops.lm_loss")
+    rows = 3
+    pitch = pitch or -(-vocab // 16) * 16
+    size = {"pitched": rows * pitch, "storage_ends_at_v": (rows - 1) * pitch + vocab,
+            "unaligned": rows * pitch + 1, "contiguous": rows * vocab}[layout]
+    store = torch.full((size,), float("nan"), dtype=dtype, device=DEVICE)
+    logits = (store.view(rows, vocab) if layout == "contiguous" else
+              store.as_strided((rows, vocab), (pitch, 1), int(layout == "unaligned")))
+    x = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    logits.copy_(x)
+    outside = torch.isnan(store).clone()
+    labels = torch.tensor([0, vocab - 1, vocab // 2], device=DEVICE)
+    stats = [torch.empty(rows, device=DEVICE) for _ in range(3)]
+    ops._cross_entropy_rows(backend, logits, labels, *stats, 0.1, 1e-3, 0.5, True)
+    want = x.double().to(DEVICE)  # the same rounded inputs, in float64
+    ref = fusedlm.reference.ce_rows(want, labels, label_smoothing=0.1, z_loss=1e-3,
+                                    grad_scale=0.5, compute_grad=True)
+    for got, exp in zip(stats[:2], ref[:2]):
+        assert rel_err(got, exp) < 1e-5
+    assert torch.equal(stats[2], ref[2].float())
+    assert rel_err(logits, want) < TOL[dtype]
+    assert torch.isnan(store[outside]).all()  # nothing past V written

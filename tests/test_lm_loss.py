@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import DEVICE, HAS_GPU, TOL, rel_err
+from conftest import DEVICE, HAS_GPU, TOL, check_row_kernel_ignores_past_v, rel_err
 
 BACKENDS = ["torch"] + [b for b in ("triton", "cuda")
                         if dispatch.why_not("lm_loss", b, (DEVICE, torch.float32)) is None]
@@ -281,17 +281,6 @@ def test_a_vocabulary_tile_of_minus_inf_logits(backend):
     assert torch.equal(grads[2][:4099], torch.zeros_like(grads[2][:4099]))
 
 
-def _logits_view(layout, rows, vocab, dtype):
-    """A (rows, vocab) view of a NaN-filled storage, laid out as `layout` says."""
-    pitch = -(-vocab // 16) * 16
-    size = {"pitched": rows * pitch, "storage_ends_at_v": (rows - 1) * pitch + vocab,
-            "unaligned": rows * pitch + 1, "contiguous": rows * vocab}[layout]
-    store = torch.full((size,), float("nan"), dtype=dtype, device=DEVICE)
-    if layout == "contiguous":
-        return store, store.view(rows, vocab)
-    return store, store.as_strided((rows, vocab), (pitch, 1), int(layout == "unaligned"))
-
-
 @pytest.mark.parametrize("backend,dtype", list(backend_dtypes()))
 @pytest.mark.parametrize("layout", ["pitched", "storage_ends_at_v", "unaligned", "contiguous"])
 @pytest.mark.parametrize("vocab", [37, 4096 + 37])
@@ -301,25 +290,7 @@ def test_row_kernel_loads_past_v_but_never_uses_or_writes_it(backend, dtype, lay
     nothing and stay as it was; a row whose storage ends at V (the last), or rows that are not
     16-byte aligned, must be served too (element by element). The kernel against its float64
     reference, gradient in place."""
-    ops = importlib.import_module("fusedlm.ops.lm_loss")
-    rows = 3
-    store, logits = _logits_view(layout, rows, vocab, dtype)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, vocab, generator=g) * 3
-    logits.copy_(x.to(dtype))
-    outside = torch.isnan(store).clone()
-    labels = torch.tensor([0, vocab - 1, vocab // 2], device=DEVICE)
-    stats = [torch.empty(rows, device=DEVICE) for _ in range(3)]
-    ops._cross_entropy_rows(backend, logits, labels, *stats, 0.1, 1e-3, 0.5, True)
-    want = logits.detach().double().clone()  # the same rounded inputs, in float64
-    want.copy_(x.to(dtype).double())
-    ref = reference.ce_rows(want, labels, label_smoothing=0.1, z_loss=1e-3, grad_scale=0.5,
-                            compute_grad=True)
-    for got, exp in zip(stats[:2], ref[:2]):
-        assert rel_err(got, exp) < 1e-5
-    assert torch.equal(stats[2], ref[2].float())
-    assert rel_err(logits, want) < TOL[dtype]
-    assert torch.isnan(store[outside]).all()  # nothing past V written
+    check_row_kernel_ignores_past_v(backend, dtype, layout, vocab)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -101,3 +101,21 @@ def test_peak_memory_is_bounded_by_the_chunk_gpu():
     full_logits = tokens * vocab * 4
     assert extra < grads_bytes + 2 * chunk_bytes + (64 << 20), (extra, grads_bytes, chunk_bytes)
     assert extra < full_logits / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_weight_gradient_accumulates_in_fp32_across_chunks(dtype):
+    """The fp32 accumulation of an fp32 weight's gradient (autocast): through addmm with an fp32
+    output where this torch has it (then nothing is rounded between chunks), else each chunk's
+    product rounded once at its own magnitude. Either way: the fp32 sum of the products."""
+    from fusedlm.ops.lm_loss import _weight_grad_gemm, _wide_addmm
+    g = torch.Generator(device="cuda").manual_seed(0)
+    parts = [(torch.randn(50264, 512, device="cuda", generator=g).to(dtype),
+              torch.randn(512, 768, device="cuda", generator=g).to(dtype)) for _ in range(4)]
+    dw = torch.full((50264, 768), float("nan"), device="cuda")  # the first chunk ignores it
+    for i, (a, b) in enumerate(parts):
+        _weight_grad_gemm(dw, a, b, i == 0)
+    want = sum(a.double() @ b.double() for a, b in parts)
+    wide = _wide_addmm(dw.device)
+    print(f"addmm into fp32 for {dtype} inputs: {wide}")
+    assert rel_err(dw, want) < (1e-5 if wide else TOL[dtype] / 4), rel_err(dw, want)

@@ -15,8 +15,14 @@ once, not twice) and the backward only scales them by the incoming scalar. For '
 backward recomputes the chunks with the incoming per-row scales. Memory beyond the inputs and
 the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
 
-d_weight accumulates across chunks in the weight's dtype (each chunk's product accumulates in
-fp32 inside cuBLAS); an fp32 accumulator would cost 2x the gradient's memory for a bf16 weight.
+d_weight: each chunk's product accumulates in fp32 inside the GEMM; across chunks the sum is
+kept in the weight's dtype, so a bf16 weight's gradient is rounded once per chunk (with 32
+chunks about 2x the error of one unchunked GEMM's, measured on CPU): an fp32 accumulator would
+cost twice the gradient's memory. Under autocast the weight is usually fp32 (mixed-precision
+training's master weight): then its gradient is fp32 anyway, so the chunks accumulate into it in
+fp32 at no extra memory, and it comes back with a single rounding (none at all where torch's
+addmm takes an fp32 output for half inputs, CUDA in recent torch), not the rounding per chunk
+plus the cast that an autocast cast of the weight ahead of the op would give.
 
 On a GPU, a vocabulary that is not a multiple of 8 (GPT-2's 50257, BERT's 30522) is zero-padded
 to one for the GEMMs (a copy of the weight, and of the bias, per call): the vocabulary is the contiguous
@@ -31,7 +37,6 @@ custom ops `fusedlm::lm_loss_fwd` / `fusedlm::lm_loss_bwd`, always with the stat
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _core, reference
@@ -194,17 +199,63 @@ def logits_pitch(padded, dtype):
     return -(-padded // row) * row
 
 
-def _gemm_operands(weight, bias):
-    """weight (V, H) and bias (V,) zero-padded to a multiple of _gemm_align rows; the tensors
-    themselves when V is one already."""
-    vocab = weight.shape[0]
+def _gemm_operands(weight, bias, dtype):
+    """weight (V, H) and bias (V,) in `dtype` (the projection's: autocast may hand over an fp32
+    weight with half hidden states), zero-padded to a multiple of _gemm_align rows: one copy
+    for both, and none when neither is needed."""
+    vocab, hidden = weight.shape
     align = _gemm_align(weight.device)
     padded = -(-vocab // align) * align
     if padded == vocab:
-        return weight, bias
-    extra = padded - vocab
-    return (F.pad(weight, (0, 0, 0, extra)),
-            None if bias is None else F.pad(bias, (0, extra)))
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    def pad(t, shape):
+        out = t.new_empty(shape, dtype=dtype)
+        out[:vocab].copy_(t)
+        out[vocab:].zero_()
+        return out
+    return pad(weight, (padded, hidden)), None if bias is None else pad(bias, (padded,))
+
+
+_WIDE_ADDMM = {}  # device -> whether torch.addmm adds half products into an fp32 out
+
+
+def _wide_addmm(device):
+    """Whether torch.addmm(out_dtype=float32) accumulates half-precision products into an fp32
+    tensor in place on `device` (CUDA in recent torch; not on CPU, and earlier releases wanted
+    the added tensor in the inputs' dtype). Probed once per device on 2x2 tensors, the result
+    checked; never during a CUDA-graph capture (the check reads a value back)."""
+    if device.type != "cuda":
+        return False
+    if device not in _WIDE_ADDMM:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+            out = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            ok = bool((out == 2.5).all())
+        except (RuntimeError, TypeError):
+            ok = False
+        _WIDE_ADDMM[device] = ok
+    return _WIDE_ADDMM[device]
+
+
+def _weight_grad_gemm(dw, a, b, first):
+    """dw = a @ b (first chunk) or dw += a @ b. dw is in a's dtype, or fp32 (`_chunked`'s wide
+    accumulation): then the sum across chunks is exact in fp32 and each product is rounded at
+    most once, at its own magnitude (where addmm cannot write fp32, the product in a's dtype)."""
+    if dw.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=dw)
+        else:
+            dw.addmm_(a, b)
+    elif _wide_addmm(dw.device):
+        torch.addmm(dw, a, b, beta=0 if first else 1, out_dtype=torch.float32, out=dw)
+    elif first:
+        dw.copy_(torch.mm(a, b))
+    else:
+        dw.add_(torch.mm(a, b))
 
 
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
@@ -241,11 +292,15 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     rows = h if idx is None else h.index_select(0, idx)
     # loss, lse, hit: the row kernels write every row
     stats = torch.empty((3, n), dtype=torch.float32, device=h.device)
-    w_g, b_g = _gemm_operands(weight, bias) if n else (weight, bias)
+    w_g, b_g = _gemm_operands(weight, bias, h.dtype) if n else (weight, bias)
     padded = w_g.shape[0]
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
-    # The first chunk writes d_weight and d_bias; with no rows at all they are zeros.
-    dw = (torch.empty_like if n else torch.zeros_like)(w_g) if compute_grad and need_dw else None
+    # The first chunk writes d_weight and d_bias; with no rows at all they are zeros. A weight
+    # wider than the projection's dtype (autocast's fp32 master weight) gets an fp32 gradient,
+    # accumulated in fp32 (`_weight_grad_gemm`).
+    dw_dtype = torch.float32 if weight.dtype != h.dtype else h.dtype
+    dw = ((torch.empty if n else torch.zeros)((padded, hidden), dtype=dw_dtype, device=h.device)
+          if compute_grad and need_dw else None)
     db = ((torch.empty if n else torch.zeros)(padded, dtype=torch.float32, device=h.device)
           if compute_grad and need_db else None)
     chunk = min(chunk_size or default_chunk_size(vocab, h.dtype), max(n, 1))
@@ -267,17 +322,15 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
         if dh_c is not None:
             torch.mm(logits_g, w_g, out=dh_c[c0:c1])
         if dw is not None:
-            if c0 == 0:
-                torch.mm(logits_g.t(), h_c, out=dw)
-            else:
-                dw.addmm_(logits_g.t(), h_c)
+            _weight_grad_gemm(dw, logits_g.t(), h_c, c0 == 0)
         if db is not None:
             if c0 == 0:
                 torch.sum(logits_g, 0, dtype=torch.float32, out=db)  # the pad columns' is 0
             else:
                 db += logits_g.sum(0, dtype=torch.float32)
     if dw is not None:
-        dw = dw[:vocab]  # a contiguous view: the pad rows' gradient is 0 and is dropped
+        # A contiguous view (the pad rows' gradient is 0 and is dropped), in the weight's dtype.
+        dw = dw[:vocab].to(weight.dtype)
     dh = dh_c
     if dh_c is not None and idx is not None:
         dh = torch.zeros_like(h).index_copy_(0, idx, dh_c)
@@ -538,8 +591,10 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
               chunk_size, capacity)
-    # Under autocast the projection runs in the autocast dtype, as nn.Linear's would.
-    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    # Under autocast the projection runs in the autocast dtype, as nn.Linear's would; the weight
+    # and bias are cast inside (`_gemm_operands`), so that an fp32 weight's gradient accumulates
+    # in fp32 and comes back fp32 directly (see the module docstring).
+    hidden, = autocast_inputs(hidden)
     chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), backend)
     if shift:
         # Position t predicts t + 1; the last position of each sequence predicts nothing.

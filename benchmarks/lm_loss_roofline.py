@@ -42,7 +42,7 @@ def stages(tokens, hidden, vocab, labelled, dtype=torch.bfloat16, strided=False,
     if labelled < 1:
         out.append(("select labelled rows (+1 host sync)", 0, tokens * 8 + 2 * n * hidden * e, 3))
     if vp != vocab:
-        out.append(("pad weight and bias to V % 8 == 0", 0, (vocab + vp) * (hidden + 1) * e, 2))
+        out.append(("pad weight and bias to V % 8 == 0", 0, (vocab + vp) * (hidden + bias) * e, 1 + bias))
     pitch = -(-vp // 64) * 64 if strided else logits_pitch(vp, dtype)
     gemm = 2 * n * hidden * vp
     w_bytes = k * vp * hidden * e  # the weight, read once per chunk
@@ -61,9 +61,11 @@ def stages(tokens, hidden, vocab, labelled, dtype=torch.bfloat16, strided=False,
     return out, n, chunk
 
 
-def predict(case, tflops, tbps, dtype=torch.bfloat16, strided=False):
-    tokens, hidden, vocab, labelled = CASES[case]
-    rows, n, chunk = stages(tokens, hidden, vocab, labelled, dtype, strided)
+def predict(case, tflops, tbps, dtype=torch.bfloat16, strided=False, bias=None):
+    """bias: None takes the case's (the bench's: BERT's MLM head has one, GPT-2 and Llama none)."""
+    tokens, hidden, vocab, labelled, case_bias = CASES[case]
+    rows, n, chunk = stages(tokens, hidden, vocab, labelled, dtype, strided,
+                            case_bias if bias is None else bias)
     table = []
     for name, flops, nbytes, kernels in rows:
         t_f, t_b = flops / (tflops * 1e12), nbytes / (tbps * 1e12)
@@ -83,8 +85,9 @@ def main():
     print(f"LM loss, bf16, forward + backward, predicted at {a.tflops:g} TFLOP/s and {a.tbps:g} TB/s\n")
     for case in a.case:
         now, before = (predict(case, a.tflops, a.tbps, strided=s) for s in (False, True))
-        tokens, hidden, vocab, _ = CASES[case]
-        print(f"{case}: {tokens} tokens, {now['n']} labelled, H {hidden}, V {vocab}; "
+        tokens, hidden, vocab, _, bias = CASES[case]
+        print(f"{case}: {tokens} tokens, {now['n']} labelled, H {hidden}, V {vocab}"
+              f"{' + bias' if bias else ', no bias'}; "
               f"chunks of {now['chunk']} rows ({math.ceil(now['n'] / now['chunk'])})")
         print(f"  {'stage':<44}{'ms':>8}  bound    kernels")
         for name, ms, bound, kernels in now["table"]:

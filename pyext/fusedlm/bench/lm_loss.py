@@ -1,7 +1,8 @@
 """LM-loss benchmark: fusedlm's backends against their peers in the same process.
 
-Each case is one loss step, forward + backward (d_hidden, d_weight, d_bias), on `tokens` rows of
-which a fraction carries a label (MLM: 15%; causal LM: all). Reported per implementation:
+Each case is one loss step, forward + backward (d_hidden, d_weight, and d_bias where the model's
+decoder has a bias: BERT's MLM head does, GPT-2's and Llama's lm_head do not), on `tokens` rows
+of which a fraction carries a label (MLM: 15%; causal LM: all). Reported per implementation:
 median time, TFLOP/s of the projection (6 * labelled * H * V flops: the forward matmul and the
 two backward ones, on the labelled rows: the work a masked-LM head must do), peak memory
 beyond the inputs, and the speed-up over Hugging Face's full-logits path.
@@ -14,6 +15,8 @@ importable. fusedlm is given every token and compacts them itself, so its
 time includes finding the labelled rows: exactly (one host sync), and, as
 "fusedlm[...], capacity", up to a fixed capacity with no host sync (a compiled step's path).
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -21,15 +24,22 @@ from ..nn.lm_head import capacity_rows
 from ..ops import dispatch, lm_loss
 from .harness import time_ms
 
-CASES = {
-    # name: (tokens, hidden, vocab, labelled fraction)
-    "bert-mlm": (32 * 512, 768, 30522, 0.15),
-    "gpt2": (16384, 768, 50257, 1.0),
-    "bert-large-mlm": (32 * 512, 1024, 30522, 0.15),
-    "large-vocab": (16384, 4096, 128256, 1.0),
-    "llama-8k": (8192, 4096, 128256, 1.0),   # a Llama-3-style step: H 4096, V 128256
+class Case(NamedTuple):
+    tokens: int
+    hidden: int
+    vocab: int
+    labelled: float  # the fraction of tokens with a label
+    bias: bool       # whether the decoder has a bias (and so a d_bias to compute)
 
-    "tiny": (512, 64, 1000, 0.15),  # for CPUs and tests
+
+CASES = {
+    "bert-mlm": Case(32 * 512, 768, 30522, 0.15, True),
+    "gpt2": Case(16384, 768, 50257, 1.0, False),
+    "bert-large-mlm": Case(32 * 512, 1024, 30522, 0.15, True),
+    "large-vocab": Case(16384, 4096, 128256, 1.0, False),
+    "llama-8k": Case(8192, 4096, 128256, 1.0, False),  # a Llama-3-style step: H 4096, V 128256
+
+    "tiny": Case(512, 64, 1000, 0.15, True),  # for CPUs and tests
 }
 
 
@@ -96,22 +106,22 @@ def _peers(device_type):
     return peers
 
 
-def _inputs(tokens, hidden, vocab, labelled, dtype, device):
+def _inputs(tokens, hidden, vocab, labelled, dtype, device, bias=True):
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
     w = (torch.randn(vocab, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
-    b = torch.zeros(vocab, device=device, dtype=dtype)
+    b = torch.zeros(vocab, device=device, dtype=dtype) if bias else None
     y = torch.randint(0, vocab, (tokens,), device=device, generator=g)
     y[torch.rand(tokens, device=device, generator=g) >= labelled] = -100
     return h, w, b, y
 
 
 def _step(fn, h, w, b, y, idx):
-    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (h, w, b)]
 
     def run():
         loss = fn(*leaves, y, idx)
-        return torch.autograd.grad(loss, leaves)
+        return torch.autograd.grad(loss, [t for t in leaves if t is not None])
     return run
 
 
@@ -137,13 +147,14 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
     impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
     results = []
     for case in cases:
-        tokens, hidden, vocab, labelled = CASES[case]
-        h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device)
+        tokens, hidden, vocab, labelled, bias = CASES[case]
+        h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device, bias)
         idx = (y != -100).nonzero().squeeze(1)
         n = idx.numel()
         flops = 6 * n * hidden * vocab
         base = None
-        log(f"  {case}: {tokens} tokens ({n} labelled) x H={hidden} x V={vocab}, {str(dtype).split('.')[-1]}")
+        log(f"  {case}: {tokens} tokens ({n} labelled) x H={hidden} x V={vocab}"
+            f"{' + bias' if bias else ''}, {str(dtype).split('.')[-1]}")
         for name, fn in impls.items():
             step = _step(fn, h, w, b, y, idx)
             try:
@@ -157,7 +168,7 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
             if name == "hf full logits":
                 base = ms
             rec = dict(op="lm_loss", case=case, dtype=str(dtype).split(".")[-1], tokens=tokens,
-                       labelled=n, hidden=hidden, vocab=vocab, impl=name, ms=round(ms, 4),
+                       labelled=n, hidden=hidden, vocab=vocab, bias=bias, impl=name, ms=round(ms, 4),
                        tflops=round(flops / ms / 1e9, 3),
                        peak_extra_mib=None if peak is None else round(peak / 2 ** 20, 1),
                        speedup_vs_hf=round(base / ms, 3) if base else None)

@@ -50,24 +50,25 @@ def test_custom_ops_pass_opcheck(backend, rms):
 
 
 class MLMHeadLoss(torch.nn.Module):
-    def __init__(self, backend, reduction):
+    def __init__(self, backend, reduction, accum_dtype=None):
         super().__init__()
         self.dense = torch.nn.Linear(16, 16)
         self.decoder = torch.nn.Linear(16, 50)
-        self.backend, self.reduction = backend, reduction
+        self.backend, self.reduction, self.accum_dtype = backend, reduction, accum_dtype
 
     def forward(self, x, labels):
         loss = fusedlm.lm_loss(torch.tanh(self.dense(x)), self.decoder.weight, labels,
                                self.decoder.bias, reduction=self.reduction, z_loss=1e-4,
-                               chunk_size=3, backend=self.backend)
+                               chunk_size=3, accum_dtype=self.accum_dtype, backend=self.backend)
         return loss.sum()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_lm_loss_fullgraph_compile(backend, reduction):
+@pytest.mark.parametrize("reduction,accum_dtype", [("mean", None), ("none", None),
+                                                   ("none", torch.float32)])
+def test_lm_loss_fullgraph_compile(backend, reduction, accum_dtype):
     torch.manual_seed(0)
-    model = MLMHeadLoss(backend, reduction).to(DEVICE)
+    model = MLMHeadLoss(backend, reduction, accum_dtype).to(DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9), device=DEVICE)
     labels[:, ::2] = -100
@@ -92,12 +93,16 @@ def test_lm_loss_custom_ops_pass_opcheck(backend, reduction):
     y = torch.randint(0, 30, (7,), device=DEVICE)
     y[::3] = -100
     torch.library.opcheck(lm_loss_fwd_op,
-                          (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend, 5, True))
+                          (h, w, b, y, -100, 0.1, 1e-4, reduction, 2, True, True, True, backend, 5, True, False))
     torch.library.opcheck(lm_loss_fwd_op,
-                          (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend, 7, False))
+                          (h, w, None, y, -100, 0.0, 0.0, reduction, 0, True, False, False, backend, 7, False, True))
+    # As autocast hands them over: half hidden states, the fp32 weight and bias (fp32 gradients).
+    torch.library.opcheck(lm_loss_fwd_op,
+                          (h.detach().half().requires_grad_(), w, b, y, -100, 0.0, 0.0, reduction, 2,
+                           True, True, True, backend, 7, False, False))
     g = torch.randn(7, device=DEVICE)
     torch.library.opcheck(lm_loss_bwd_op,
-                          (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend, 5))
+                          (h.detach(), w.detach(), b.detach(), y, g, -100, 0.1, 0.0, 2, True, True, True, backend, 5, True))
 
 
 ATTN_BACKENDS = ["torch"] + [b for b in ("triton",) if fusedlm.ops.dispatch.why_not("attention", b, (DEVICE, torch.float16, 32)) is None]

@@ -18,7 +18,7 @@ the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
 d_weight: each chunk's product accumulates in fp32 inside the GEMM; across chunks the sum is
 kept in the weight's dtype, so a bf16 weight's gradient is rounded once per chunk (with 32
 chunks about 2x the error of one unchunked GEMM's, measured on CPU): an fp32 accumulator would
-cost twice the gradient's memory. Under autocast the weight is usually fp32 (mixed-precision
+cost twice the gradient's memory, so it is opt-in (`accum_dtype=torch.float32`). Under autocast the weight is usually fp32 (mixed-precision
 training's master weight): then its gradient is fp32 anyway, so the chunks accumulate into it in
 fp32 at no extra memory, and it comes back with a single rounding (none at all where torch's
 addmm takes an fp32 output for half inputs, CUDA in recent torch), not the rounding per chunk
@@ -259,7 +259,7 @@ def _weight_grad_gemm(dw, a, b, first):
 
 
 def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, grad_scale,
-             chunk_size, need_dh, need_dw, need_db, capacity=None):
+             chunk_size, need_dh, need_dw, need_db, capacity=None, fp32_accum=False):
     """Runs the loss over the labelled rows. grad_scale: None (no gradients), "mean" (each
     row's loss scaled by 1/count), a float (each row's loss scaled alike: 1 for 'sum') or a (T,)
     tensor of per-row scales ('none'; the upstream gradient). capacity: None selects the
@@ -297,8 +297,8 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     dh_c = torch.empty((n, hidden), dtype=h.dtype, device=h.device) if compute_grad and need_dh else None
     # The first chunk writes d_weight and d_bias; with no rows at all they are zeros. A weight
     # wider than the projection's dtype (autocast's fp32 master weight) gets an fp32 gradient,
-    # accumulated in fp32 (`_weight_grad_gemm`).
-    dw_dtype = torch.float32 if weight.dtype != h.dtype else h.dtype
+    # accumulated in fp32 (`_weight_grad_gemm`); `fp32_accum` asks the same for a half weight.
+    dw_dtype = torch.float32 if fp32_accum or weight.dtype != h.dtype else h.dtype
     dw = ((torch.empty if n else torch.zeros)((padded, hidden), dtype=dw_dtype, device=h.device)
           if compute_grad and need_dw else None)
     db = ((torch.empty if n else torch.zeros)(padded, dtype=torch.float32, device=h.device)
@@ -369,14 +369,15 @@ def _forward_scale(reduction, wants_grad):
 
 
 def _forward(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-             chunk_size, need_dh, need_dw, need_db, capacity=None, details=False):
+             chunk_size, need_dh, need_dw, need_db, capacity=None, details=False,
+             fp32_accum=False):
     """-> (loss, detail sums or None, labelled-row count as a tensor, dh, dw, db); with a
     reduction, the gradients the need_* flags ask for come from the same pass (scaled for it),
     else None. The detail sums (`_detail_sums`) only when `details`."""
     scale = _forward_scale(reduction, need_dh or need_dw or need_db)
     loss_rows, lse, hit, sel, dh, dw, db = _chunked(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, scale, chunk_size,
-        need_dh, need_dw, need_db, capacity)
+        need_dh, need_dw, need_db, capacity, fp32_accum)
     sums = _detail_sums(lse, hit, sel) if details else None
     return _reduce(loss_rows, sel, labels.numel(), reduction), sums, sel.count_t, dh, dw, db
 
@@ -389,12 +390,12 @@ class _LMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, settings):
         (ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh, need_dw, need_db,
-         backend, capacity, details) = settings
+         backend, capacity, details, fp32_accum) = settings
         loss, sums, n, dh, dw, db = _forward(
             backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-            chunk_size, need_dh, need_dw, need_db, capacity, details)
+            chunk_size, need_dh, need_dw, need_db, capacity, details, fp32_accum)
         ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh,
-                    need_dw, need_db, capacity)
+                    need_dw, need_db, capacity, fp32_accum)
         if reduction == "none":
             ctx.save_for_backward(h, weight, bias, labels)
         else:  # the inputs too, only as anchors for first_derivative_only (no copies)
@@ -409,14 +410,14 @@ class _LMLossFunction(torch.autograd.Function):
     @first_derivative_only("lm_loss")
     def backward(ctx, grad, _dsums, _dn):
         (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
-         need_db, capacity) = ctx.meta
+         need_db, capacity, fp32_accum) = ctx.meta
         if grad is None:
             dh = dw = db = None
         elif reduction == "none":
             h, weight, bias, labels = ctx.saved_tensors
             _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index,
                                               smoothing, z_loss, grad, chunk_size, need_dh,
-                                              need_dw, need_db, capacity)
+                                              need_dw, need_db, capacity, fp32_accum)
         else:
             # A 0-dim float32 factor keeps the gradient's dtype (type promotion) in one launch.
             dh, dw, db = (None if t is None else t * grad for t in ctx.saved_tensors[:3])
@@ -430,13 +431,14 @@ class _LMLossFunction(torch.autograd.Function):
 def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    ignore_index: int, smoothing: float, z_loss: float, reduction: str,
                    chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-                   backend: str, capacity: int, details: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: str, capacity: int, details: bool,
+                   fp32_accum: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The driver with the static row selection (no host sync: a compiled step may be a CUDA
     graph) of at most `capacity` rows. Returns (loss, detail sums ((2,), or (0,) unless
     `details`), labelled count, dh, dw, db), a (0,) tensor for each gradient not computed."""
     loss, sums, n, dh, dw, db = _forward(
         backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction,
-        chunk_size or None, need_dh, need_dw, need_db, capacity, details)
+        chunk_size or None, need_dh, need_dw, need_db, capacity, details, fp32_accum)
     f32_empty = lambda: h.new_empty(0, dtype=torch.float32)  # one each: outputs may not alias
     return (loss, sums if sums is not None else f32_empty(), n,
             dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
@@ -445,7 +447,7 @@ def lm_loss_fwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
 
 @lm_loss_fwd_op.register_fake
 def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-      need_dw, need_db, backend, capacity, details):
+      need_dw, need_db, backend, capacity, details, fp32_accum):
     tokens = h.shape[0]
     grads = reduction != "none"
     f32 = dict(dtype=torch.float32)
@@ -462,18 +464,18 @@ def _(h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk
 def lm_loss_bwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    grad_rows: Tensor, ignore_index: int, smoothing: float, z_loss: float,
                    chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-                   backend: str, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
+                   backend: str, capacity: int, fp32_accum: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i (reduction 'none'), recomputing the chunks."""
     _, _, _, _, dh, dw, db = _chunked(backend, h, weight, bias, labels, ignore_index, smoothing,
                                       z_loss, grad_rows, chunk_size or None, need_dh, need_dw,
-                                      need_db, capacity)
+                                      need_db, capacity, fp32_accum)
     return (dh if dh is not None else h.new_empty(0), dw if dw is not None else weight.new_empty(0),
             db if db is not None else h.new_empty(0, dtype=torch.float32))
 
 
 @lm_loss_bwd_op.register_fake
 def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk_size, need_dh,
-      need_dw, need_db, backend, capacity):
+      need_dw, need_db, backend, capacity, fp32_accum):
     return (h.new_empty(h.shape if need_dh else (0,)),
             weight.new_empty(weight.shape if need_dw else (0,)),
             h.new_empty((weight.shape[0],) if need_db else (0,),
@@ -482,9 +484,9 @@ def _(h, weight, bias, labels, grad_rows, ignore_index, smoothing, z_loss, chunk
 
 def _setup_context(ctx, inputs, output):
     (h, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, chunk_size, need_dh,
-     need_dw, need_db, backend, capacity, _details) = inputs
+     need_dw, need_db, backend, capacity, _details, fp32_accum) = inputs
     ctx.meta = (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw,
-                need_db, capacity)
+                need_db, capacity, fp32_accum)
     if reduction == "none":
         ctx.save_for_backward(h, weight, bias, labels)
     else:
@@ -493,16 +495,17 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad, _dsums, _dn, _ddh, _ddw, _ddb):
     (ignore_index, smoothing, z_loss, reduction, chunk_size, backend, need_dh, need_dw, need_db,
-     capacity) = ctx.meta
+     capacity, fp32_accum) = ctx.meta
     if reduction == "none":
         h, weight, bias, labels = ctx.saved_tensors
         dh, dw, db = torch.ops.fusedlm.lm_loss_bwd(h, weight, bias, labels, grad.contiguous(),
                                                    ignore_index, smoothing, z_loss, chunk_size,
-                                                   need_dh, need_dw, need_db, backend, capacity)
+                                                   need_dh, need_dw, need_db, backend, capacity,
+                                                   fp32_accum)
     else:
         dh, dw, db = (t * grad for t in ctx.saved_tensors)  # a 0-dim factor keeps their dtype
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -512,7 +515,7 @@ lm_loss_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 # Public functional API.
 
 def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
-              chunk_size, capacity):
+              chunk_size, capacity, accum_dtype):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -562,13 +565,16 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
                                  or capacity < 1):
         raise ValueError(f"capacity must be a positive int (labelled rows computed at most) or "
                          f"None, got {capacity!r}")
+    if accum_dtype not in (None, torch.float32):
+        raise ValueError(f"accum_dtype must be None or torch.float32 (the dtype the weight's "
+                         f"gradient is summed in across chunks), got {accum_dtype!r}")
 
 
 def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
             ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
             z_loss: float = 0.0, shift: bool = False, return_details: bool = False,
             chunk_size: Optional[int] = None, capacity: Optional[int] = None,
-            backend: Optional[str] = None):
+            accum_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
     """F.cross_entropy(hidden @ weight.T + bias, labels) without materializing the logits.
 
     hidden: (tokens, H) or (batch, seq, H); weight: (V, H), e.g. the tied embedding; labels:
@@ -588,9 +594,15 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     device: a ValueError on a CPU, a device-side assert with the message on a GPU (PyTorch's
     own index checks do the same; the CUDA context is unusable afterwards). For BERT's 15%
     masking, a capacity of 20-25% of the tokens is many standard deviations above the count.
+
+    `accum_dtype`: the dtype the weight's gradient is summed in across chunks. None: fp32 for
+    an fp32 weight under autocast (mixed-precision training; it is the gradient's own dtype),
+    else the weight's dtype (a bf16 weight's gradient is then rounded once per chunk: about 2x
+    one GEMM's error at 32 chunks). torch.float32 sums every weight's in fp32, rounded once at
+    the end, for an fp32 buffer of the weight's size (twice a bf16 gradient's memory).
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
-              chunk_size, capacity)
+              chunk_size, capacity, accum_dtype)
     # Under autocast the projection runs in the autocast dtype, as nn.Linear's would; the weight
     # and bias are cast inside (`_gemm_operands`), so that an fp32 weight's gradient accumulates
     # in fp32 and comes back fp32 directly (see the module docstring).
@@ -611,20 +623,21 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     args = (ignore_index, float(label_smoothing), float(z_loss), reduction)
     tokens = y.numel()
     details = bool(return_details)
+    wide = accum_dtype is not None  # validated: torch.float32
     with autocast_off(hidden.device.type):
         if torch.compiler.is_compiling():
             cap = min(capacity or tokens, tokens)
             loss, sums, n, *_ = torch.ops.fusedlm.lm_loss_fwd(h2, w, bias, y, *args,
                                                               chunk_size or 0, *needs, chosen,
-                                                              cap, details)
+                                                              cap, details, wide)
         else:
             cap = None if capacity is None else min(capacity, tokens)
             if not any(needs):  # inference: the driver alone (autograd's apply costs ~35 us)
                 loss, sums, n, *_ = _forward(chosen, h2, w, bias, y, *args, chunk_size, *needs,
-                                             cap, details)
+                                             cap, details, wide)
             else:
                 loss, sums, n = _LMLossFunction.apply(
-                    h2, w, bias, y, (*args, chunk_size, *needs, chosen, cap, details))
+                    h2, w, bias, y, (*args, chunk_size, *needs, chosen, cap, details, wide))
     if reduction == "none":
         loss = loss.view(out_shape)
         if shift:

@@ -18,11 +18,12 @@ the gradients: the (C, V) buffer, C chosen so that it is about 256 MiB.
 d_weight: each chunk's product accumulates in fp32 inside the GEMM; across chunks the sum is
 kept in the weight's dtype, so a bf16 weight's gradient is rounded once per chunk (with 32
 chunks about 2x the error of one unchunked GEMM's, measured on CPU): an fp32 accumulator would
-cost twice the gradient's memory, so it is opt-in (`accum_dtype=torch.float32`). Under autocast the weight is usually fp32 (mixed-precision
-training's master weight): then its gradient is fp32 anyway, so the chunks accumulate into it in
-fp32 at no extra memory, and it comes back with a single rounding (none at all where torch's
-addmm takes an fp32 output for half inputs, CUDA in recent torch), not the rounding per chunk
-plus the cast that an autocast cast of the weight ahead of the op would give.
+cost twice the gradient's memory, so it is opt-in (`accum_dtype=torch.float32`). Under autocast
+the weight is usually fp32 (mixed-precision training's master weight): then its gradient is
+fp32 anyway, so the chunks accumulate into it in fp32 at no extra memory, with each chunk's
+product rounded at most once (not at all where torch's addmm takes an fp32 output for half
+inputs: CUDA in recent torch), instead of the rounding of the running sum per chunk plus the
+cast that casting the weight ahead of the op gave.
 
 On a GPU, a vocabulary that is not a multiple of 8 (GPT-2's 50257, BERT's 30522) is zero-padded
 to one for the GEMMs (a copy of the weight, and of the bias, per call): the vocabulary is the contiguous

@@ -469,6 +469,14 @@ def test_accum_dtype_float32_sums_a_half_weights_gradient_in_fp32(backend, dtype
     assert rel_err(default, want) > 2 * rel_err(theirs, want)  # what the option is for
 
 
+def test_accum_dtype_float32_never_narrows_a_wider_projection():
+    h, w, b, labels = make(40, 8, 30, torch.float64, labelled=1.0)
+    grad = lambda **kw: torch.autograd.grad(
+        fusedlm.lm_loss(h, w, labels, b, chunk_size=4, backend="torch", **kw), [w])[0]
+    wide = grad(accum_dtype=torch.float32)
+    assert wide.dtype == torch.float64 and torch.equal(wide, grad())
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU fallback")
 def test_auto_dispatch_off_gpu_runs_torch_and_explains():
     h, w, b, labels = make(5, 8, 10, torch.float32)

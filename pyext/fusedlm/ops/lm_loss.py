@@ -299,7 +299,9 @@ def _chunked(backend, h, weight, bias, labels, ignore_index, smoothing, z_loss, 
     # The first chunk writes d_weight and d_bias; with no rows at all they are zeros. A weight
     # wider than the projection's dtype (autocast's fp32 master weight) gets an fp32 gradient,
     # accumulated in fp32 (`_weight_grad_gemm`); `fp32_accum` asks the same for a half weight.
-    dw_dtype = torch.float32 if fp32_accum or weight.dtype != h.dtype else h.dtype
+    # A projection in fp32 or fp64 accumulates in its own dtype, never narrower.
+    half = h.dtype in (torch.float16, torch.bfloat16)
+    dw_dtype = torch.float32 if half and (fp32_accum or weight.dtype != h.dtype) else h.dtype
     dw = ((torch.empty if n else torch.zeros)((padded, hidden), dtype=dw_dtype, device=h.device)
           if compute_grad and need_dw else None)
     db = ((torch.empty if n else torch.zeros)(padded, dtype=torch.float32, device=h.device)
@@ -599,8 +601,9 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     `accum_dtype`: the dtype the weight's gradient is summed in across chunks. None: fp32 for
     an fp32 weight under autocast (mixed-precision training; it is the gradient's own dtype),
     else the weight's dtype (a bf16 weight's gradient is then rounded once per chunk: about 2x
-    one GEMM's error at 32 chunks). torch.float32 sums every weight's in fp32, rounded once at
-    the end, for an fp32 buffer of the weight's size (twice a bf16 gradient's memory).
+    one GEMM's error at 32 chunks). torch.float32 sums a half weight's in fp32 too, rounded once
+    at the end, for an fp32 buffer of the weight's size (twice a bf16 gradient's memory); fp32
+    and fp64 projections always sum in their own dtype.
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
               chunk_size, capacity, accum_dtype)

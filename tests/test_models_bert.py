@@ -185,6 +185,28 @@ def test_roberta_masked_lm_matches_hugging_face_with_padding():
     fresh.load_state_dict(ours.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("cls", [fm.BertForMaskedLM, fm.RobertaForMaskedLM])
+def test_masked_lm_models_honour_mlm_capacity(cls):
+    """config.mlm_capacity reaches the head of every masked-LM model (RoBERTa's ignored it):
+    the same loss at a capacity above the labelled count, an error below it."""
+    import dataclasses
+    config = (fm.RobertaConfig if cls is fm.RobertaForMaskedLM else fm.BertConfig)(**CONFIG)
+    ids, mask, _, labels, _ = _batch()
+    ids = ids.clamp_min(2)  # RoBERTa's padding index is 1; the mask marks the padding
+    n = int((labels != -100).sum())
+    torch.manual_seed(0)
+    model = cls(config).to(DEVICE).eval()  # no dropout: the two calls compare
+    want = model(ids, mask, labels=labels).loss
+    for capacity, error in ((n, None), (n - 1, "more labelled rows than capacity")):
+        capped = cls(dataclasses.replace(config, mlm_capacity=capacity)).to(DEVICE).eval()
+        capped.load_state_dict(model.state_dict())
+        if error:
+            with pytest.raises(ValueError, match=error):
+                capped(ids, mask, labels=labels)
+        else:
+            assert rel_err(capped(ids, mask, labels=labels).loss, want) < 1e-6
+
+
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_roberta_classification_matches_hugging_face_with_padding(num_labels):
     """RobertaForSequenceClassification: the head reads <s> (no pooler), dropout -> dense ->

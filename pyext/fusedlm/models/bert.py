@@ -460,9 +460,11 @@ class RobertaForMaskedLM(torch.nn.Module):
         super().__init__()
         self.config = config
         self.roberta = BertModel(config, add_pooling_layer=False)
+        check_capacity(config.mlm_capacity, "config.mlm_capacity")
         self.lm_head = RobertaLMHead(config.hidden_size, config.vocab_size, hidden_act=config.hidden_act,
                                      layer_norm_eps=config.layer_norm_eps,
-                                     decoder_weight=self.roberta.embeddings.word_embeddings.weight)
+                                     decoder_weight=self.roberta.embeddings.word_embeddings.weight,
+                                     capacity=config.mlm_capacity)
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,

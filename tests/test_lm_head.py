@@ -140,3 +140,68 @@ def test_lm_head_is_a_linear_with_a_causal_loss():
     assert rel_err(g, r) < 1e-5
     per_token = head(hidden, labels, reduction="none")
     assert per_token.shape == (2, 8)
+
+
+def _bf16_heads_and_models():
+    """(name, build(accum_dtype) -> module, inputs(module) -> loss, the decoder weight's name)."""
+    import fusedlm.models as fm
+    bert = dict(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    gpt = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=1, n_head=4, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = torch.randint(1, 97, (4, 48), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    labels = ids.clone()  # every token labelled: 192 rows, 48 chunks of 4
+    hidden = torch.randn(4, 48, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    return [
+        ("MaskedLMHead", lambda a: fusedlm.nn.MaskedLMHead(32, 97, accum_dtype=a),
+         lambda m: m(hidden.bfloat16(), labels), "decoder.weight"),
+        ("LMHead", lambda a: fusedlm.nn.LMHead(32, 97, accum_dtype=a),
+         lambda m: m(hidden.bfloat16(), labels), "weight"),
+        ("BertForPreTraining", lambda a: fm.BertForPreTraining(fm.BertConfig(**bert, lm_loss_accum_dtype=a)),
+         lambda m: m(ids, labels=labels).mlm_loss, "cls.predictions.decoder.weight"),
+        ("RobertaForMaskedLM", lambda a: fm.RobertaForMaskedLM(fm.RobertaConfig(**bert, lm_loss_accum_dtype=a)),
+         lambda m: m(ids, labels=labels).loss, "lm_head.decoder.weight"),
+        ("GPTForCausalLM", lambda a: fm.GPTForCausalLM(fm.GPTConfig(**gpt, lm_loss_accum_dtype=a)),
+         lambda m: m(ids, labels=labels).loss, "lm_head.weight"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _bf16_heads_and_models()])
+def test_accum_dtype_reaches_the_loss_from_every_head_and_model(case, monkeypatch):
+    """accum_dtype=torch.float32 on a bf16 head (a module argument, or the model config's
+    lm_loss_accum_dtype) changes exactly the decoder weight's gradient (summed in fp32 across
+    the loss's chunks; forced to 4 rows here) and nothing else; a bad value is named."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("fusedlm.ops.lm_loss"), "default_chunk_size",
+                        lambda vocab, dtype: 4)
+    name, build, loss_of, decoder = _bf16_heads_and_models()[case]
+
+    def grads(accum_dtype):
+        torch.manual_seed(0)
+        model = build(accum_dtype).to(DEVICE, torch.bfloat16)
+        loss_of(model).backward()
+        tied = model.get_parameter(decoder)  # named once, under another name where tied
+        return tied.grad, [p.grad for p in model.parameters() if p is not tied and p.grad is not None]
+
+    (wide, wide_rest), (default, default_rest) = grads(torch.float32), grads(None)
+    assert wide.dtype == torch.bfloat16 and not torch.equal(wide, default)
+    assert len(wide_rest) == len(default_rest)
+    assert all(torch.equal(a, b) for a, b in zip(wide_rest, default_rest))
+    with pytest.raises(ValueError, match="accum_dtype must be None or torch.float32"):
+        build(torch.bfloat16)
+
+
+def test_lm_head_with_accum_dtype_is_lm_loss_with_it(monkeypatch):
+    """The head's loss and gradients are lm_loss's with the same option, bit for bit."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("fusedlm.ops.lm_loss"), "default_chunk_size",
+                        lambda vocab, dtype: 4)
+    torch.manual_seed(0)
+    head = fusedlm.nn.LMHead(32, 97, accum_dtype=torch.float32).to(DEVICE, torch.bfloat16)
+    hidden = torch.randn(4, 48, 32, device=DEVICE, dtype=torch.bfloat16)
+    labels = torch.randint(0, 97, (4, 48), device=DEVICE)
+    got = torch.autograd.grad(head(hidden, labels), [head.weight])[0]
+    want = torch.autograd.grad(fusedlm.lm_loss(hidden, head.weight, labels, shift=True,
+                                               accum_dtype=torch.float32), [head.weight])[0]
+    assert torch.equal(got, want)

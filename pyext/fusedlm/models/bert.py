@@ -17,6 +17,7 @@ from ..nn.layers import EncoderLayer
 from ..nn.lm_head import check_capacity
 from ..ops import pad, unpad, unpad_static
 from ..ops.attention import check_varlen_offsets
+from ..ops.lm_loss import check_accum_dtype
 from ..ops._tensors import require
 from .config import FromHF
 from .init import init_weights
@@ -47,6 +48,9 @@ class BertConfig(FromHF):
     # (one host sync), every token under torch.compile. Set (0.2 for 15% masking) to compile the
     # head with the labelled rows' work and no host sync; a batch labelling more is an error.
     mlm_capacity: Optional[float] = None
+    # torch.float32: the tied decoder weight's gradient summed in fp32 across the masked-LM
+    # loss's chunks when the model's weights are bf16/fp16 (fusedlm.lm_loss's accum_dtype).
+    lm_loss_accum_dtype: Optional[torch.dtype] = None
 
     HF_MODEL_TYPES = ("bert",)
     HF_FIXED = {"is_decoder": False, "add_cross_attention": False,
@@ -312,10 +316,12 @@ class BertOnlyMLMHead(torch.nn.Module):
     def __init__(self, c: BertConfig, word_embeddings):
         super().__init__()
         check_capacity(c.mlm_capacity, "config.mlm_capacity")
+        check_accum_dtype(c.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
         self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
                                         layer_norm_eps=c.layer_norm_eps,
                                         decoder_weight=word_embeddings.weight,
-                                        capacity=c.mlm_capacity)
+                                        capacity=c.mlm_capacity,
+                                        accum_dtype=c.lm_loss_accum_dtype)
 
 
 class BertPreTrainingHeads(BertOnlyMLMHead):
@@ -461,10 +467,12 @@ class RobertaForMaskedLM(torch.nn.Module):
         self.config = config
         self.roberta = BertModel(config, add_pooling_layer=False)
         check_capacity(config.mlm_capacity, "config.mlm_capacity")
+        check_accum_dtype(config.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
         self.lm_head = RobertaLMHead(config.hidden_size, config.vocab_size, hidden_act=config.hidden_act,
                                      layer_norm_eps=config.layer_norm_eps,
                                      decoder_weight=self.roberta.embeddings.word_embeddings.weight,
-                                     capacity=config.mlm_capacity)
+                                     capacity=config.mlm_capacity,
+                                     accum_dtype=config.lm_loss_accum_dtype)
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..nn import LayerNorm
 from ..nn.layers import Conv1D, DecoderLayer  # noqa: F401 (Conv1D: GPT-2's layout)
 from ..ops import lm_loss
+from ..ops.lm_loss import check_accum_dtype
 from .bert import Packed, check_packed_batch, packed_positions
 from .config import FromHF
 from .init import init_weights
@@ -34,6 +35,9 @@ class GPTConfig(FromHF):
     attn_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
+    # torch.float32: the tied lm_head weight's gradient summed in fp32 across the loss's chunks
+    # when the model's weights are bf16/fp16 (fusedlm.lm_loss's accum_dtype).
+    lm_loss_accum_dtype: Optional[torch.dtype] = None
 
     HF_MODEL_TYPES = ("gpt2",)
     HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -115,6 +119,7 @@ class GPTForCausalLM(torch.nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        check_accum_dtype(config.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
         self.config = config
         self.transformer = GPTModel(config)
         self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -137,5 +142,6 @@ class GPTForCausalLM(torch.nn.Module):
         shifted = torch.cat([y[1:], y.new_full((2,), -100)])
         ends = packed.cu_seqlens[1:].long() - 1
         shifted = shifted.index_fill(0, torch.where(ends >= 0, ends, rows), -100)[:rows]
-        out = lm_loss(packed.hidden, self.lm_head.weight, shifted, return_details=True)
+        out = lm_loss(packed.hidden, self.lm_head.weight, shifted, return_details=True,
+                      accum_dtype=self.config.lm_loss_accum_dtype)
         return CausalLMOutput(loss=out.loss, accuracy=out.accuracy)

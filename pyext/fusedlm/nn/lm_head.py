@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ..ops import lm_loss
-from ..ops.lm_loss import compact_labels
+from ..ops.lm_loss import check_accum_dtype, compact_labels
 from .activations import activation
 from .layer_norm import LayerNorm
 
@@ -79,14 +79,17 @@ class MaskedLMHead(torch.nn.Module):
     count). `decoder_weight` ties the decoder to the word embeddings' weight. `capacity`: the
     most labelled rows computed (see `labelled_rows`): set it to compile the head with the work
     of the labelled rows and no host sync; a batch that labels more is an error.
+    `accum_dtype=torch.float32` sums a half decoder weight's gradient in fp32 across the loss's
+    chunks (see `fusedlm.lm_loss`).
     """
 
     def __init__(self, hidden_size, vocab_size, *, hidden_act="gelu", layer_norm_eps=1e-12,
                  decoder_weight: Optional[torch.nn.Parameter] = None, ignore_index=-100,
                  label_smoothing=0.0, z_loss=0.0, capacity: Union[int, float, None] = None,
-                 backend: Optional[str] = None):
+                 accum_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
         super().__init__()
         check_capacity(capacity)
+        check_accum_dtype(accum_dtype)
         self.capacity = capacity
         self.transform = PredictionHeadTransform(hidden_size, hidden_act, layer_norm_eps, backend)
         self.decoder = torch.nn.Linear(hidden_size, vocab_size, bias=False)
@@ -98,7 +101,7 @@ class MaskedLMHead(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(vocab_size))
         self.decoder.bias = self.bias  # one parameter under both names, as in Hugging Face
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
-        self.backend = backend
+        self.accum_dtype, self.backend = accum_dtype, backend
 
     def forward(self, hidden, labels=None, *, return_details=False):
         if labels is None:
@@ -109,7 +112,8 @@ class MaskedLMHead(torch.nn.Module):
         return lm_loss(self.transform(h), self.decoder.weight, y, self.bias,
                        ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                        z_loss=self.z_loss, return_details=return_details, backend=self.backend,
-                       capacity=None if self.capacity is None else y.numel())
+                       capacity=None if self.capacity is None else y.numel(),
+                       accum_dtype=self.accum_dtype)
 
 
 class LMHead(torch.nn.Linear):
@@ -119,14 +123,18 @@ class LMHead(torch.nn.Linear):
     causal-LM loss (`shift=True`: position t predicts labels[..., t + 1], as GPT-2's
     LMHeadModel computes it) or, with shift=False, the loss of already-aligned labels.
     Swapping it for an existing nn.Linear keeps the same Parameters (see `from_linear`).
+    `accum_dtype=torch.float32` sums a half weight's gradient in fp32 across the loss's chunks
+    (see `fusedlm.lm_loss`).
     """
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, *,
                  shift=True, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                 backend: Optional[str] = None):
+                 accum_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
         super().__init__(in_features, out_features, bias, device, dtype)
+        check_accum_dtype(accum_dtype)
         self.shift, self.ignore_index = shift, ignore_index
         self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
+        self.accum_dtype = accum_dtype
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **kwargs):
@@ -142,4 +150,4 @@ class LMHead(torch.nn.Linear):
         return lm_loss(hidden, self.weight, labels, self.bias, ignore_index=self.ignore_index,
                        reduction=reduction, label_smoothing=self.label_smoothing,
                        z_loss=self.z_loss, shift=self.shift, return_details=return_details,
-                       backend=self.backend)
+                       accum_dtype=self.accum_dtype, backend=self.backend)

@@ -568,8 +568,14 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
                                  or capacity < 1):
         raise ValueError(f"capacity must be a positive int (labelled rows computed at most) or "
                          f"None, got {capacity!r}")
+    check_accum_dtype(accum_dtype)
+
+
+def check_accum_dtype(accum_dtype, name="accum_dtype"):
+    """lm_loss's `accum_dtype` check, also run by the modules and model configs that pass one on
+    (at construction, where a wrong value is the caller's)."""
     if accum_dtype not in (None, torch.float32):
-        raise ValueError(f"accum_dtype must be None or torch.float32 (the dtype the weight's "
+        raise ValueError(f"{name} must be None or torch.float32 (the dtype the weight's "
                          f"gradient is summed in across chunks), got {accum_dtype!r}")
 
 

@@ -344,6 +344,67 @@ def test_packed_row_attends_within_each_sequence(name, given):
         assert rel_err(packed[a:b], alone) < 1e-5
 
 
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
+def test_packed_row_offsets_are_made_once_a_forward_not_once_a_layer(given, monkeypatch):
+    """A padding-free row's offsets: made from position_ids (a host read) or checked (given)
+    by the first layer, reused by the others: a patched forward reads the host as often at
+    depth 4 as at depth 2 (1-1.5 more reads a layer before), and launches fewer kernels a layer
+    than a forward in which every layer makes and checks its own. Counted on the Triton
+    backend with its launches stubbed, as a GPU would run it (the torch backend's varlen
+    emulation reads the offsets itself)."""
+    from fusedlm.bench.host import count_launches, launches_stubbed
+    from fusedlm.integrations import hf
+    from fusedlm.ops import dispatch
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    lengths = [5, 9, 3]
+    _, ids, positions, cu = _packed_batch(lengths)
+    kw = dict(input_ids=ids, position_ids=positions)
+    if given == "cu_seq_lens":
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    counts = {}
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        model = transformers.BertModel(transformers.BertConfig(**dict(
+            SMALL, hidden_size=64, intermediate_size=64, num_hidden_layers=layers)))  # head dim 16
+        fusedlm.patch(model.to(DEVICE, torch.float16).eval())  # the Triton attention's dtypes
+        with launches_stubbed(), torch.no_grad():
+            counts[layers] = count_launches(lambda: model(**kw))
+            # The same forward with every layer on its own (outside a patched forward's scope).
+            scope = model._forward_pre_hooks.copy()
+            model._forward_pre_hooks.clear()
+            try:
+                hf._offsets_scope = None
+                counts[layers, "each"] = count_launches(lambda: model(**kw))
+            finally:
+                model._forward_pre_hooks.update(scope)
+    assert counts[4][2] == counts[2][2], counts  # host reads
+    per_layer = (counts[4][0] - counts[2][0]) / 2
+    each = (counts[4, "each"][0] - counts[2, "each"][0]) / 2
+    assert per_layer < each - 4, counts
+
+
+def test_packed_row_offsets_are_checked_again_in_the_next_forward():
+    """Offsets are reused within one forward only: offsets written between two forwards
+    through numpy (no version counter change) are checked and used afresh, whether they reach
+    the kernels as they are (int32) or converted (int64)."""
+    torch.manual_seed(0)
+    model = _models()["BertModel"]().eval()
+    fusedlm.patch(model)
+    _, ids, positions, _ = _packed_batch([5, 9, 3])
+    ids, positions = ids.cpu(), positions.cpu()
+    run = lambda cu: model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                           max_length_q=9, max_length_k=9).last_hidden_state
+    for dtype in (torch.int32, torch.int64):
+        offsets = torch.tensor([0, 5, 14, 17], dtype=dtype)
+        first = run(offsets)
+        offsets.numpy()[1] = 12  # a sequence of 12 rows, longer than max_length 9
+        with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0 to 17"):
+            run(offsets)
+        offsets.numpy()[1] = 8  # [0, 8, 14, 17]: valid, other sequences
+        moved = run(offsets)
+        assert torch.equal(moved, run(offsets.clone())) and not torch.equal(moved[0, :5], first[0, :5])
+
+
 def test_modernbert_report_windows_and_exact_unpatch():
     """ModernBERT's local layers keep their window under fusedlm's attention (a model with no
     window differs), its base model gets the boundaries hook, and unpatch removes it."""

@@ -19,6 +19,7 @@ Without a patch, `attn_implementation="fusedlm"` gives a model fusedlm's attenti
 import functools
 import inspect
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -129,9 +130,12 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     softcap = float(kwargs.get("softcap") or 0.0)  # Gemma 2's attn_logit_softcapping
     packed = _packed_offsets(query, key, attention_mask, kwargs)
     if packed is not None:  # one row of concatenated sequences: none attends across another
+        offsets, checked, source = packed
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, D)
-        out = attention_varlen(q, k, v, *packed, causal=causal, dropout_p=dropout,
-                               softmax_scale=scaling, window_size=window, softcap=softcap)
+        out = attention_varlen(q, k, v, *offsets, causal=causal, dropout_p=dropout,
+                               softmax_scale=scaling, window_size=window, softcap=softcap,
+                               check_offsets=not checked)
+        _remember_offsets(source, offsets)  # after the check: only offsets that passed it
         return out[None], None
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
                           dropout_p=dropout, softmax_scale=scaling, layout="bhsd",
@@ -140,22 +144,79 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
 
 
 def _packed_offsets(query, key, attention_mask, kwargs):
-    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when the batch is one row of packed sequences
-    (Hugging Face's padding-free training, e.g. DataCollatorWithFlattening), else None. Taken
-    from the collator's cu_seq_lens_q/k and max_length_q/k when given, else from position_ids
-    restarting (at their minimum: RoBERTa's start past the padding index), as transformers'
-    flash-attention integration does; that reads the positions on the host, once per layer."""
+    """((cu_seqlens_q, cu_seqlens_k, max_q, max_k), checked, source) when the batch is one row
+    of packed sequences (Hugging Face's padding-free training, e.g. DataCollatorWithFlattening),
+    else None. The offsets are the collator's cu_seq_lens_q/k and max_length_q/k when given,
+    else made from position_ids restarting (at their minimum: RoBERTa's start past the padding
+    index), as transformers' flash-attention integration does. `checked`: whether their values
+    need no check (made here, valid by construction, or already checked); `source`: what they
+    came from, for `_remember_offsets`. Every layer is handed the same tensors: the first makes
+    or checks the offsets, the others reuse them (see `_remembered`)."""
     if attention_mask is not None or query.shape[0] != 1:
         return None
     names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    rows = (query.shape[2], key.shape[2])  # what the offsets were checked against
     if all(kwargs.get(n) is not None for n in names):
-        cu_q, cu_k, max_q, max_k = (kwargs[n] for n in names)
-        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+        cu_q, cu_k, max_q, max_k = given = tuple(kwargs[n] for n in names)
+        source = given + rows
+        offsets = _remembered(source)
+        if offsets is not None:
+            return offsets, True, source
+        return (cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)), False, source
     positions = kwargs.get("position_ids")
     total = query.shape[2]
     if positions is None or total == 1 or key.shape[2] != total or positions.numel() != total:
         return None
-    return _offsets_from_positions(positions)
+    source = (positions,) + rows
+    offsets = _remembered(source) or _offsets_from_positions(positions)
+    return None if offsets is None else (offsets, True, source)
+
+
+# Within one forward of a patched model every layer is handed the same position_ids /
+# cu_seq_lens tensors: the first layer makes or checks the offsets, the others reuse them (one
+# host read and one check of the values a forward, not one per layer: about 6 and 10 small
+# launches a layer). The reuse is scoped to the forward (patch's hooks open and close it), when
+# no caller code can write to those tensors (a write through numpy or .data would not show in
+# their version counter). Outside a patched model's forward (attn_implementation="fusedlm"
+# alone, gradient checkpointing's recomputation), under torch.compile (it traces instead) and
+# for inference tensors (no version counter), every layer makes and checks its own.
+_offsets_scope = None  # None, or [the last (source refs, versions, other values, offsets)]
+
+
+def _open_offsets_scope(module, args):
+    global _offsets_scope
+    _offsets_scope = [None]
+
+
+def _close_offsets_scope(module, args, output):
+    global _offsets_scope
+    _offsets_scope = None
+
+
+def _offsets_key(source):
+    """(tensors, the rest) of what offsets came from, or None where reuse is not allowed."""
+    tensors = tuple(t for t in source if torch.is_tensor(t))
+    if _offsets_scope is None or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None
+    return tensors, tuple(v for v in source if not torch.is_tensor(v))
+
+
+def _remembered(source):
+    key, scope = _offsets_key(source), _offsets_scope
+    if key is None or scope[0] is None:
+        return None
+    (tensors, rest), (refs, versions, last_rest, offsets) = key, scope[0]
+    same = (len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
+            and versions == tuple(t._version for t in tensors) and rest == last_rest)
+    return offsets if same else None
+
+
+def _remember_offsets(source, offsets):
+    key, scope = _offsets_key(source), _offsets_scope
+    if key is not None:
+        tensors, rest = key
+        scope[0] = (tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
+                    rest, offsets)
 
 
 def _offsets_from_positions(positions):
@@ -380,6 +441,8 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
                 cfg._attn_implementation = ATTN_NAME
         report.patched.append(f"attention: '{state['attn']}' -> '{ATTN_NAME}' (masks through "
                               "AttentionMaskInterface)")
+        state["hooks"] += [model.register_forward_pre_hook(_open_offsets_scope),
+                           model.register_forward_hook(_close_offsets_scope, always_call=True)]
         for m in model.modules():
             if type(m).__name__ in _POSITIONS_NOT_PASSED_DOWN:
                 state["hooks"].append(m.register_forward_pre_hook(_offsets_hook, with_kwargs=True))

@@ -104,9 +104,10 @@ def test_bad_pretrain_and_bench_values_are_a_usage_error(argv, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine with no GPU")
-def test_tune_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("op", ["layer_norm", "lm_loss"])
+def test_tune_without_a_gpu_is_a_usage_error(op, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["bench", "layer_norm", "--tune", str(tmp_path / "t.json")])
+        main(["bench", op, "--tune", str(tmp_path / "t.json")])
     assert info.value.code == 2 and "--tune measures" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
 

@@ -88,7 +88,8 @@ def test_each_op_records_its_own_typed_case():
     fusedlm.attention(q, q, q, alibi_slopes=torch.ones(2))
     assert fusedlm.explain("attention").case.alibi
     fusedlm.lm_loss(torch.randn(4, 8), torch.randn(11, 8), torch.tensor([1, -100, 3, 4]))
-    assert fusedlm.explain("lm_loss").case._fields == ("device_type", "dtype")
+    case = fusedlm.explain("lm_loss").case
+    assert case == ("cpu", torch.float32, 11) and case.vocab == 11  # the table's size bucket
 
 
 def test_registering_an_op_without_the_reference_last_is_refused():
@@ -192,7 +193,8 @@ def test_a_bad_measured_table_is_named(tmp_path, monkeypatch):
 def test_tune_entries_from_a_layer_norm_run(tmp_path):
     """`fusedlm bench layer_norm --tune` turns timings into buckets: numbers of the 2026-11-23
     H100 run (fwd, bwd ms)."""
-    from fusedlm.bench.layer_norm import tune_entries, write_tuned_table
+    from fusedlm.bench.layer_norm import tune_entries
+    from fusedlm.bench.tune import write_table
     from fusedlm.ops import dispatch
     runs = {768: {"triton": (0.0646, 0.3736), "cuda": (0.0339, 0.1546)},
             4096: {"triton": (0.1024, 0.30), "cuda": (0.1271, 0.35)}}
@@ -207,6 +209,52 @@ def test_tune_entries_from_a_layer_norm_run(tmp_path):
     assert [(e["case"]["columns"], e["order"]) for e in entries] == [
         ([1, 768], ["cuda", "triton"]), ([769, 4096], ["triton", "cuda"])]
     path = str(tmp_path / "t.json")
-    write_tuned_table(path, entries)
-    table = write_tuned_table(path, entries[:1])  # the same bucket again replaces, not repeats
+    write_table(path, entries)
+    table = write_table(path, entries[:1])  # the same bucket again replaces, not repeats
     assert len(dispatch.check_table(table, path)) == 2
+
+
+def test_tune_entries_from_an_lm_loss_run(tmp_path, monkeypatch):
+    """`fusedlm bench lm_loss --tune`: per dtype and vocabulary, fusedlm's backends ordered by
+    their time summed over the cases of that vocabulary (a backend that missed one is left
+    out; peers and the capacity variant never enter); the entries join a table holding
+    another op's, and dispatch then follows them on that GPU."""
+    from fusedlm.bench.lm_loss import tune_entries
+    from fusedlm.bench.tune import write_table
+    from fusedlm.ops import dispatch
+    runs = {("bert-mlm", 30522): {"triton": 1.0, "cuda": 0.8},
+            ("bert-large-mlm", 30522): {"triton": 1.2, "cuda": 1.3},  # sums: cuda 2.1 < triton 2.2
+            ("gpt2", 50257): {"triton": 6.0, "cuda": 6.5},
+            ("large-vocab", 128256): {"triton": 70.0}}  # cuda failed the case: left out
+    results = [dict(op="lm_loss", case=c, dtype="bfloat16", vocab=v, impl=f"fusedlm[{b}]", ms=ms)
+               for (c, v), per in runs.items() for b, ms in per.items()]
+    results += [dict(op="lm_loss", case="gpt2", dtype="bfloat16", vocab=50257, impl=name, ms=0.1)
+                for name in ("fusedlm[cuda], capacity", "liger", "torch.compile(ref)")]
+    entries = tune_entries(results, "sm_90", "test")
+    assert [(e["case"], e["order"]) for e in entries] == [
+        ({"dtype": "bfloat16", "vocab": [1, 30522]}, ["cuda", "triton"]),
+        ({"dtype": "bfloat16", "vocab": [30523, 50257]}, ["triton", "cuda"]),
+        ({"dtype": "bfloat16", "vocab": [50258, 128256]}, ["triton"])]
+    assert entries[0]["ms"] == {"cuda": 2.1, "triton": 2.2}
+    path = str(tmp_path / "t.json")
+    write_table(path, [dict(arch="sm_90", op="layer_norm", case=dict(dtype="bfloat16", columns=[1, 768]),
+                            order=["cuda", "triton"])])
+    table = write_table(path, entries)
+    assert [e["op"] for e in dispatch.check_table(table, path)] == ["layer_norm"] + ["lm_loss"] * 3
+    # Dispatch on that GPU follows the lm_loss entries by vocabulary.
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, path)
+    monkeypatch.setattr(dispatch, "_arch", lambda: "sm_90")
+    dispatch.clear_cache()
+    try:
+        assert dispatch._measured_order("lm_loss", _loss_case("cuda", torch.bfloat16, 30522))[0] == ("cuda", "triton")
+        assert dispatch._measured_order("lm_loss", _loss_case("cuda", torch.bfloat16, 50257))[0] == ("triton", "cuda")
+        assert dispatch._measured_order("lm_loss", _loss_case("cuda", torch.bfloat16, 200000)) == (None, None)
+        assert dispatch._measured_order("lm_loss", _loss_case("cuda", torch.float16, 30522)) == (None, None)
+    finally:
+        monkeypatch.delenv(dispatch.TABLE_ENV_VAR)
+        dispatch.clear_cache()
+
+
+def _loss_case(*values):
+    from fusedlm.ops.lm_loss import LossCase
+    return LossCase(*values)

@@ -10,7 +10,7 @@ from fusedlm.ops import dispatch
 from conftest import HAS_GPU, TOL, check_row_kernel_ignores_past_v, rel_err
 
 pytestmark = pytest.mark.gpu
-BACKENDS = ([b for b in ("triton", "cuda") if dispatch.why_not("lm_loss", b, ("cuda", torch.bfloat16)) is None]
+BACKENDS = ([b for b in ("triton", "cuda") if dispatch.why_not("lm_loss", b, ("cuda", torch.bfloat16, 50257)) is None]
             if HAS_GPU else [])
 
 

@@ -70,7 +70,7 @@ def _fusedlm_impl(op, backend):
 _CHECKS = {
     "layer_norm": ("layer_norm(x + residual), 37 x 1000", lambda d, t: (d, t, 1000, t),
                    dict(residual=True)),
-    "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t), {}),
+    "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t, 4099), {}),
     "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64), {}),
 }
 
@@ -135,18 +135,26 @@ def _bench_op(op, args):
     return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]])
 
 
-def _tune(path, results, env):
+# Ops whose benchmark can write measured-dispatch entries: op -> (its entries maker, the size
+# field of its case, what that size is).
+_TUNABLE = {"layer_norm": (ln_bench.tune_entries, "columns", "columns"),
+            "lm_loss": (loss_bench.tune_entries, "vocab", "vocabulary")}
+
+
+def _tune(op, path, results, env):
+    from fusedlm.bench import tune
     from fusedlm.ops.dispatch import _arch
-    source = (f"fusedlm bench layer_norm on {env.get('device', 'a GPU')}, "
+    make, field, what = _TUNABLE[op]
+    source = (f"fusedlm bench {op} on {env.get('device', 'a GPU')}, "
               f"commit {env.get('git_commit', 'unknown')}")
-    entries = ln_bench.tune_entries(results, _arch(), source)
+    entries = make(results, _arch(), source)
     if not entries:
-        raise SystemExit("--tune: no width with fusedlm's backends timed in both directions")
-    ln_bench.write_tuned_table(path, entries)
+        raise SystemExit(f"--tune: no {what} with fusedlm's backends timed")
+    tune.write_table(path, entries)
     print(f"\nmeasured dispatch ({len(entries)} entries) written to {path}:")
     for e in entries:
         c = e["case"]
-        print(f"  {e['arch']} {c['dtype']} columns {c['columns'][0]}-{c['columns'][1]}: "
+        print(f"  {e['arch']} {op} {c['dtype']} {what} {c[field][0]}-{c[field][1]}: "
               + " < ".join(f"{b} ({e['ms'][b]:.4g} ms)" for b in e["order"]))
 
 
@@ -166,8 +174,8 @@ def cmd_bench(args):
         if op == "layer_norm":
             print("\nhost cost per call:")
             payload["overhead"] = ln_bench.dispatch_overhead()
-            if getattr(args, "tune", None):
-                _tune(args.tune, payload["results"], env)
+        if getattr(args, "tune", None):
+            _tune(op, args.tune, payload["results"], env)
     print("\n" + table(payload["results"]))
     if args.out:
         write_json(args.out, payload)
@@ -326,6 +334,14 @@ def _pretrain_args(b):
     b.add_argument("--no-progress", action="store_true", help="no progress bar or step lines")
 
 
+def _tune_arg(b, size):
+    b.add_argument("--tune", metavar="FILE",
+                   help=f"write the measured backend order per dtype and {size} for this GPU into "
+                        "FILE, a dispatch table (commit it as fusedlm/ops/measured_dispatch.json, "
+                        "or point FUSEDLM_DISPATCH_TABLE at it; entries of other ops and GPUs in "
+                        "FILE stay); needs a GPU")
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="fusedlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,10 +359,7 @@ def _parser():
     b.add_argument("--rows", nargs="+", type=_positive(int), default=[16384] if gpu else [2048])
     b.add_argument("--widths", nargs="+", type=_positive(int), default=list(ln_bench.WIDTHS))
     b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
-    b.add_argument("--tune", metavar="FILE",
-                   help="write the measured backend order per dtype and width for this GPU into "
-                        "FILE, a dispatch table (commit it as fusedlm/ops/measured_dispatch.json, "
-                        "or point FUSEDLM_DISPATCH_TABLE at it); needs a GPU")
+    _tune_arg(b, "width")
     _outputs(b)
     b = ops.add_parser("attention", help="attention fwd and fwd+bwd TFLOP/s vs SDPA backends")
     b.add_argument("--seq", nargs="+", type=_positive(int), default=[512, 1024, 2048, 4096, 8192] if gpu else [64])
@@ -373,6 +386,7 @@ def _parser():
                    if gpu else ["tiny"],
                    help="tokens x H x V presets (default: the GPU cases; 'tiny' on a CPU)")
     b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    _tune_arg(b, "vocabulary")
     _outputs(b)
     b = ops.add_parser("all", help="every op, then the model step, each on its defaults")
     _outputs(b)

@@ -11,7 +11,9 @@ import torch
 from .. import layer_norm
 from ..ops import dispatch
 from ..reference import layer_norm as reference_layer_norm
+from . import tune
 from .harness import time_ms
+from .tune import fusedlm_backend
 
 WIDTHS = (768, 1024, 2048, 4096, 8192)
 
@@ -110,46 +112,15 @@ def dispatch_overhead(device=None, log=print):
 
 
 def tune_entries(results, arch, source):
-    """Measured-dispatch entries (see fusedlm.ops.dispatch) from this benchmark's results: per
-    dtype and measured width, fusedlm's backends in order of forward + backward time. A width's
-    entry covers the widths above the previous measured one up to it (from 1 for the first);
-    wider rows than the widest measured keep the fixed order. Only widths where every backend
-    has both directions count."""
+    """Measured-dispatch entries (see `tune`) from this benchmark's results: per dtype and
+    measured width, fusedlm's backends in order of forward + backward time (a backend timed in
+    one direction only is left out of that width's order)."""
     times = {}  # (dtype, n) -> backend -> {direction: ms}
     for r in results:
-        impl = r.get("impl", "")
-        if r.get("op") != "layer_norm" or not impl.startswith("fusedlm[") or "ms" not in r:
+        backend = fusedlm_backend(r.get("impl", ""))
+        if r.get("op") != "layer_norm" or backend is None or "ms" not in r:
             continue
-        backend = impl[len("fusedlm["):-1]
         times.setdefault((r["dtype"], r["n"]), {}).setdefault(backend, {})[r["direction"]] = r["ms"]
-    entries = []
-    for dtype in sorted({d for d, _ in times}):
-        lo = 1
-        for n in sorted(n for d, n in times if d == dtype):
-            per = {b: t["fwd"] + t["bwd"] for b, t in times[(dtype, n)].items() if {"fwd", "bwd"} <= set(t)}
-            if per:
-                order = sorted(per, key=per.get)
-                entries.append(dict(arch=arch, op="layer_norm", case=dict(dtype=dtype, columns=[lo, n]),
-                                    order=order, ms={b: round(per[b], 5) for b in order},
-                                    source=source))
-            lo = n + 1
-    return entries
-
-
-def write_tuned_table(path, entries):
-    """Merge `entries` into the measured table at `path` (created if missing): an entry for the
-    same architecture, op and case replaces the old one."""
-    import json
-    import os
-    table = {"about": "fusedlm measured dispatch table (see fusedlm/ops/dispatch.py)", "entries": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            table = json.load(f)
-        dispatch.check_table(table, path)
-    key = lambda e: (e["arch"], e["op"], json.dumps(e["case"], sort_keys=True))  # noqa: E731
-    new = {key(e) for e in entries}
-    table["entries"] = [e for e in table["entries"] if key(e) not in new] + list(entries)
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
-    return table
+    timings = {key: {b: t["fwd"] + t["bwd"] for b, t in per.items() if {"fwd", "bwd"} <= set(t)}
+               for key, per in times.items()}
+    return tune.entries("layer_norm", "columns", timings, arch, source)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ..nn.lm_head import capacity_rows
 from ..ops import dispatch, lm_loss
+from . import tune
 from .harness import time_ms
+from .tune import fusedlm_backend
 
 class Case(NamedTuple):
     tokens: int
@@ -65,8 +67,9 @@ def _labelled_ref(h, w, b, y):
     return F.cross_entropy(logits.float(), y)
 
 
-def _peers(device_type):
-    """name -> fn(h, w, b, labels, idx) returning the mean loss over labelled rows."""
+def _peers(device_type, vocab, dtype):
+    """name -> fn(h, w, b, labels, idx) returning the mean loss over labelled rows (fusedlm's
+    backends: those dispatch allows for this case)."""
     peers = {"hf full logits": _hf_full_logits}
     compiled = torch.compile(_labelled_ref, dynamic=False)
     peers["torch.compile(ref)"] = lambda h, w, b, y, idx: compiled(h[idx], w, b, y[idx])
@@ -76,11 +79,11 @@ def _peers(device_type):
     for be in ("torch", "triton", "cuda"):
         if device_type != "cuda" and be != "torch":
             continue  # interpreted Triton has no speed to show
-        if dispatch.why_not("lm_loss", be, (device_type, torch.bfloat16)) is None:
+        if dispatch.why_not("lm_loss", be, (device_type, dtype, vocab)) is None:
             peers[f"fusedlm[{be}]"] = lambda h, w, b, y, idx, be=be: lm_loss(h, w, y, b, backend=be)
     # The selection with no host sync (what a compiled step or a CUDA graph runs), on the
     # backend dispatch picks.
-    be = dispatch.select("lm_loss", (device_type, torch.bfloat16))
+    be = dispatch.select("lm_loss", (device_type, dtype, vocab))
     peers[f"fusedlm[{be}], capacity"] = lambda h, w, b, y, idx, be=be: lm_loss(
         h, w, y, b, backend=be, capacity=_capacity(y.numel(), idx.numel()))
     try:
@@ -141,13 +144,13 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
     """extra: more implementations, name -> fn(hidden, weight, bias, labels) -> the mean loss
     over labelled rows, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    impls = _peers(device)
-    if peers is not None:
-        impls = {k: v for k, v in impls.items() if k in peers or k == "hf full logits"}
-    impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
     results = []
     for case in cases:
         tokens, hidden, vocab, labelled, bias = CASES[case]
+        impls = _peers(device, vocab, dtype)  # per case: dispatch's choice may depend on V
+        if peers is not None:
+            impls = {k: v for k, v in impls.items() if k in peers or k == "hf full logits"}
+        impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
         h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device, bias)
         idx = (y != -100).nonzero().squeeze(1)
         n = idx.numel()
@@ -179,3 +182,20 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
         if device == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def tune_entries(results, arch, source):
+    """Measured-dispatch entries (see `tune`) from this benchmark's results: per dtype and
+    measured vocabulary, fusedlm's backends in order of their forward + backward time summed
+    over the cases of that vocabulary (a backend missing from one of them is left out)."""
+    timings, cases = {}, {}  # (dtype, vocab) -> backend -> ms; (dtype, vocab) -> cases
+    for r in results:
+        backend = fusedlm_backend(r.get("impl", ""))
+        if r.get("op") != "lm_loss" or backend is None or "ms" not in r:
+            continue
+        key = (r["dtype"], r["vocab"])
+        cases.setdefault(key, set()).add(r["case"])
+        timings.setdefault(key, {}).setdefault(backend, {})[r["case"]] = r["ms"]
+    summed = {key: {b: sum(ms.values()) for b, ms in per.items() if set(ms) == cases[key]}
+              for key, per in timings.items()}
+    return tune.entries("lm_loss", "vocab", summed, arch, source)

@@ -9,7 +9,8 @@ Three ways to choose, strongest first:
     verified for that device (a CUDA C++ kernel is not chosen automatically until the GPU suite
     has passed for it). On a GPU, a measured table (`measured_dispatch.json` beside this file,
     or the file FUSEDLM_DISPATCH_TABLE names) may put another order first for a GPU
-    architecture, op and case bucket: written by `fusedlm bench layer_norm --tune FILE` from
+    architecture, op and case bucket: written by `fusedlm bench layer_norm --tune FILE` (per
+    dtype and width) and `fusedlm bench lm_loss --tune FILE` (per dtype and vocabulary) from
     timings on that GPU; the fixed order is the fallback for every case it does not cover.
 
 A case is each op's own NamedTuple (`NormCase`, `LossCase`, `AttentionCase`, defined beside

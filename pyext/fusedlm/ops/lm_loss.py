@@ -65,6 +65,7 @@ class LossCase(NamedTuple):
     """The dispatch case of lm_loss."""
     device_type: str
     dtype: torch.dtype  # hidden's (and weight's)
+    vocab: int          # weight's rows: the measured table's size bucket
 
 def _dtype_problem(dtype, what):
     if dtype not in _FLOATS:
@@ -85,7 +86,8 @@ def _cuda_why_not(case):
 
 
 # Both row kernels passed the GPU suite on an H100 and ran at the same speed there
-# (benchmarks/results/2026-11-23-h100); Triton first, CUDA C++ where Triton cannot serve.
+# (benchmarks/results/2026-11-23-h100); Triton first, CUDA C++ where Triton cannot serve, unless
+# the measured table orders them for the GPU, dtype and vocabulary (`fusedlm bench lm_loss --tune`).
 dispatch.register(dispatch.OpBackends(
     "lm_loss", LossCase, {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},
     cuda_order=("triton", "cuda", "torch"), gpu_verified=("torch", "triton", "cuda")))
@@ -617,7 +619,7 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
     # and bias are cast inside (`_gemm_operands`), so that an fp32 weight's gradient accumulates
     # in fp32 and comes back fp32 directly (see the module docstring).
     hidden, = autocast_inputs(hidden)
-    chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype), backend)
+    chosen = dispatch.select("lm_loss", (hidden.device.type, hidden.dtype, weight.shape[0]), backend)
     if shift:
         # Position t predicts t + 1; the last position of each sequence predicts nothing.
         pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)

@@ -13,7 +13,7 @@ def test_bench_lm_loss_writes_json(tmp_path, capsys):
     assert main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     impls = {r["impl"] for r in payload["results"]}
-    assert {"hf full logits", "fusedlm[torch]", "fusedlm[torch], capacity"} <= impls
+    assert {"hf full logits", "fusedlm[torch]", "fusedlm[torch], capacity", "fusedlm[torch], fp32 accum"} <= impls
     assert all(r["labelled"] > 0 and r["ms"] > 0 for r in payload["results"])
     assert payload["environment"]["git_commit"]
     assert "TFLOP/s" in capsys.readouterr().out

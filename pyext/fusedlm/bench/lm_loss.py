@@ -14,6 +14,8 @@ it, Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy on the label
 importable. fusedlm is given every token and compacts them itself, so its
 time includes finding the labelled rows: exactly (one host sync), and, as
 "fusedlm[...], capacity", up to a fixed capacity with no host sync (a compiled step's path).
+"fusedlm[...], fp32 accum" sums the weight's gradient over the chunks in fp32
+(`accum_dtype=torch.float32`, what an fp32 master weight under autocast gets).
 """
 from typing import NamedTuple
 
@@ -86,6 +88,10 @@ def _peers(device_type, vocab, dtype):
     be = dispatch.select("lm_loss", (device_type, dtype, vocab))
     peers[f"fusedlm[{be}], capacity"] = lambda h, w, b, y, idx, be=be: lm_loss(
         h, w, y, b, backend=be, capacity=_capacity(y.numel(), idx.numel()))
+    # The weight's gradient summed over the chunks in fp32 (what an fp32 master weight under
+    # autocast gets): its cost beside the default's.
+    peers[f"fusedlm[{be}], fp32 accum"] = lambda h, w, b, y, idx, be=be: lm_loss(
+        h, w, y, b, backend=be, accum_dtype=torch.float32)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()

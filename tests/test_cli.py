@@ -103,6 +103,31 @@ def test_bad_pretrain_and_bench_values_are_a_usage_error(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_bench_out_holds_what_was_measured_before_a_cut(tmp_path, monkeypatch):
+    """--out is rewritten as each result comes (complete: false), so a bench stopped by a time
+    limit (gpu_run.sh's steps) leaves what it measured; the finished run says complete: true."""
+    from fusedlm.bench import lm_loss as loss_bench
+    out = tmp_path / "lm_loss.json"
+    seen = []
+    real = loss_bench.time_ms
+
+    def cut_after_two(*a, **k):
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what the time limit's signal does mid-run
+        seen.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(loss_bench, "time_ms", cut_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is False and len(payload["results"]) == 2
+    assert payload["environment"]["git_commit"]
+    monkeypatch.setattr(loss_bench, "time_ms", real)
+    assert main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True and len(payload["results"]) > 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine with no GPU")
 @pytest.mark.parametrize("op", ["layer_norm", "lm_loss"])
 def test_tune_without_a_gpu_is_a_usage_error(op, tmp_path, capsys):

@@ -116,23 +116,24 @@ def cmd_check(args):
     return 0 if ok else 1
 
 
-def _bench_op(op, args):
+def _bench_op(op, args, on_result):
+    """Runs one op's benchmark, handing each result to on_result as it is measured."""
     gpu = torch.cuda.is_available()
     if op == "host":
-        return host_bench.run(backends=args.backend)
+        return host_bench.run(backends=args.backend, on_result=on_result)
     if op == "layer_norm":
         return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
-                            widths=args.widths, directions=args.direction)
+                            widths=args.widths, directions=args.direction, on_result=on_result)
     if op == "model":
         return model_bench.run(cases=args.case, paddings=args.padding,
-                               compiled=True if args.compiled else None)
+                               compiled=True if args.compiled else None, on_result=on_result)
     if op == "attention":
         dtype = _DTYPES[args.dtype[0]]
-        return (attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens,
-                               dtype=dtype, peers=args.impl)
-                + attn_bench.run_padded_bert(dtype=dtype, peers=args.impl,
-                                             **({} if gpu else dict(batch=2, seq=64, heads=2))))
-    return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]])
+        attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens, dtype=dtype,
+                       peers=args.impl, on_result=on_result)
+        return attn_bench.run_padded_bert(dtype=dtype, peers=args.impl, on_result=on_result,
+                                          **({} if gpu else dict(batch=2, seq=64, heads=2)))
+    return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], on_result=on_result)
 
 
 # Ops whose benchmark can write measured-dispatch entries: op -> (its entries maker, the size
@@ -164,13 +165,17 @@ def cmd_bench(args):
     payload = {"environment": env, "results": []}
     ops = (("layer_norm", "attention", "lm_loss", "model", "host") if args.op == "all"
            else (args.op,))
+
+    def measured(rec):
+        # --out is rewritten as each result comes: a run cut short (gpu_run.sh gives each step a
+        # time limit) leaves the results it measured, marked incomplete until the end.
+        payload["results"].append(rec)
+        if args.out:
+            write_json(args.out, dict(payload, complete=False))
     for op in ops:
         print(f"\n== {op}")
-        if args.op == "all":  # each op on its own defaults
-            sub = _parser().parse_args(["bench", op])
-            payload["results"] += _bench_op(op, sub)
-        else:
-            payload["results"] += _bench_op(op, args)
+        sub = _parser().parse_args(["bench", op]) if args.op == "all" else args  # each op on its defaults
+        _bench_op(op, sub, measured)
         if op == "layer_norm":
             print("\nhost cost per call:")
             payload["overhead"] = ln_bench.dispatch_overhead()
@@ -178,7 +183,7 @@ def cmd_bench(args):
             _tune(op, args.tune, payload["results"], env)
     print("\n" + table(payload["results"]))
     if args.out:
-        write_json(args.out, payload)
+        write_json(args.out, dict(payload, complete=True))
         print(f"wrote {args.out}")
     if args.csv:
         write_csv(args.csv, payload["results"])

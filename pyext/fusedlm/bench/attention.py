@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
 from ..ops import attention_kernels
-from .harness import time_ms
+from .harness import collect, time_ms
 
 WGMMA = "fusedlm[cuda-wgmma]"
 TRITON_TMA = "fusedlm[triton-tma]"
@@ -136,7 +136,7 @@ def _time(fn, args, direction, device):
 
 def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384,
         dtype=torch.bfloat16, causal=(False, True), directions=("fwd", "fwd+bwd"), device=None,
-        peers=None, extra=None, log=print):
+        peers=None, extra=None, log=print, on_result=None):
     """extra: more implementations, name -> fn(q, k, v, causal) on (batch, seq, heads, D)
     tensors, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,13 +175,13 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
                         log(f"  {direction:<8} d={d:<4} s={s:<5} causal={c!s:<5} {r['impl']:<18} "
                             f"{r['ms']:9.3f} ms {r['tflops']:8.2f} TFLOP/s  "
                             f"x{r['speedup_vs_best_sdpa']} vs best SDPA")
-                    results += rows
+                    collect(results, rows, on_result)
             del q, k, v
     return results
 
 
 def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype=torch.bfloat16,
-                    device=None, peers=None, log=print):
+                    device=None, peers=None, log=print, on_result=None):
     """BERT-shaped padded batch: fusedlm's packed path vs SDPA on the padded batch + mask.
     peers: time only these implementations (names as in `run`, e.g. 'sdpa[cudnn]')."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,5 +235,5 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
             r["speedup_vs_best_sdpa"] = round(best / r["ms"], 3) if best else None
             log(f"  bert-padded {direction:<8} {r['impl']:<30} {r['ms']:9.3f} ms "
                 f"{r['tflops_real']:8.2f} TFLOP/s (real tokens)  x{r['speedup_vs_best_sdpa']}")
-        results += rows
+        collect(results, rows, on_result)
     return results

@@ -73,8 +73,21 @@ def time_ms(fn, device_type, warmup=25, rep=100):
     return statistics.median(samples)
 
 
+def collect(results, records, on_result=None):
+    """Append `records` to `results` and hand each to `on_result`: a caller that saves as it goes
+    (`fusedlm bench --out`) keeps what a run measured before a time limit cut it short."""
+    for r in records:
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+
+
 def write_json(path, payload):
+    """Written whole or not at all (a temporary file renamed over it): a run killed while
+    writing leaves the previous version, never half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .harness import time_ms
+from .harness import collect, time_ms
 
 
 class _Counter:
@@ -223,7 +223,7 @@ def _per_call(fn, backward, rep):
     return time_ms(call, "cpu", rep=rep) * 1e3, counts
 
 
-def run(backends=("triton",), device=None, rep=200, log=print):
+def run(backends=("triton",), device=None, rep=200, log=print, on_result=None):
     """Host µs per call, forward and forward + backward, for each op: fusedlm on `backends`
     (Triton's launches stubbed; on a GPU also real) and the torch op (run for real); with each,
     the kernel launches and host reads of one call (see the module docstring)."""
@@ -259,8 +259,9 @@ def run(backends=("triton",), device=None, rep=200, log=print):
             if theirs is not None:
                 rows[(their_label, direction)] = _per_call(lambda: theirs(*args), backward, rep)
         for (impl, direction), (us, (launches, triton_calls, syncs)) in rows.items():
-            results.append(dict(op=op, direction=direction, impl=impl, host_us=round(us, 2),
-                                launches=launches, triton_calls=triton_calls, syncs=syncs))
+            collect(results, [dict(op=op, direction=direction, impl=impl, host_us=round(us, 2),
+                                   launches=launches, triton_calls=triton_calls, syncs=syncs)],
+                    on_result)
             log(f"  {op:<10} {direction:<8} {impl:<34} {us:9.2f} us/call  {launches:3d} aten "
                 f"launches  {triton_calls} Triton calls  {syncs} host reads")
     return results

@@ -12,7 +12,7 @@ from .. import layer_norm
 from ..ops import dispatch
 from ..reference import layer_norm as reference_layer_norm
 from . import tune
-from .harness import time_ms
+from .harness import collect, time_ms
 from .tune import fusedlm_backend
 
 WIDTHS = (768, 1024, 2048, 4096, 8192)
@@ -42,7 +42,7 @@ def _peers(device_type):
 
 
 def run(dtypes=(torch.bfloat16, torch.float32), rows=(16384,), widths=WIDTHS,
-        directions=("fwd", "bwd"), device=None, peers=None, extra=None, log=print):
+        directions=("fwd", "bwd"), device=None, peers=None, extra=None, log=print, on_result=None):
     """extra: more implementations, name -> fn(x, weight, bias) -> y, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
@@ -74,7 +74,7 @@ def run(dtypes=(torch.bfloat16, torch.float32), rows=(16384,), widths=WIDTHS,
                         if name == "torch":
                             base = ms
                         rec["speedup_vs_torch"] = round(base / ms, 3) if base else None
-                        results.append(rec)
+                        collect(results, [rec], on_result)
                         log(f"  {direction} {rec['dtype']:>8} {m:>6}x{n:<5} {name:<20} "
                             f"{ms:8.4f} ms {rec['gbps']:8.1f} GB/s  x{rec['speedup_vs_torch']}")
                 del x, w, b, dy

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..nn.lm_head import capacity_rows
 from ..ops import dispatch, lm_loss
 from . import tune
-from .harness import time_ms
+from .harness import collect, time_ms
 from .tune import fusedlm_backend
 
 class Case(NamedTuple):
@@ -146,7 +146,7 @@ def _peak_extra_bytes(run, device):
 
 
 def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=None,
-        peers=None, extra=None, log=print):
+        peers=None, extra=None, log=print, on_result=None):
     """extra: more implementations, name -> fn(hidden, weight, bias, labels) -> the mean loss
     over labelled rows, timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +181,7 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
                        tflops=round(flops / ms / 1e9, 3),
                        peak_extra_mib=None if peak is None else round(peak / 2 ** 20, 1),
                        speedup_vs_hf=round(base / ms, 3) if base else None)
-            results.append(rec)
+            collect(results, [rec], on_result)
             mem = "" if peak is None else f" {rec['peak_extra_mib']:9.1f} MiB"
             log(f"    {name:<28} {ms:9.3f} ms {rec['tflops']:8.3f} TFLOP/s{mem}  x{rec['speedup_vs_hf']}")
         del h, w, b, y

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .harness import time_ms
+from .harness import collect, time_ms
 
 CASES = {
     # name: (family, batch, seq, model config overrides)
@@ -177,7 +177,7 @@ def _step(model, kw, device):
 
 
 def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, compiled=None,
-        impls=None, log=print):
+        impls=None, log=print, on_result=None):
     """impls: time only these implementations (names as in the table; default: all)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     compiled = device == "cuda" if compiled is None else compiled
@@ -214,7 +214,7 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, com
                            tokens_per_s=round(tokens / ms * 1e3),
                            peak_mib=None if peak is None else round(peak, 1),
                            speedup_vs_hf_eager=round(base / ms, 3) if base else None)
-                results.append(rec)
+                collect(results, [rec], on_result)
                 mem = "" if peak is None else f" {peak:9.1f} MiB"
                 log(f"    {name:<44} {ms:9.2f} ms (host {host:8.2f}) {rec['tokens_per_s']:>10} "
                     f"tok/s{mem}  x{rec['speedup_vs_hf_eager']}")

@@ -164,6 +164,25 @@ def test_no_keys_at_all_gives_zeros_forward_and_backward(backend, packed):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="the Triton kernels cannot run here")
+@pytest.mark.skipif(not KERNELS, reason="needs the Triton kernels (GPU or interpreter)")
+@pytest.mark.parametrize("packed", [False, True])
+def test_eager_backward_launches_nothing_beside_the_kernels(packed):
+    """An eager forward + backward (launches stubbed) adds no aten kernel to its Triton calls on
+    the padded or packed path when every key row belongs to a sequence: no zero gradient is
+    made for the log-sum-exp, which has none (autograd materialized one a backward before)."""
+    from fusedlm.bench import host
+    q, k, v = make(2, 24, 24, 2, 2, 64, torch.float16, packed=packed)
+    do = torch.ones_like(q)
+    cu = torch.tensor([0, 24, 48], dtype=torch.int32, device=DEVICE)
+    call = ((lambda: fusedlm.attention_varlen(q, k, v, cu, cu, 24, 24, backend="triton",
+                                              check_offsets=False))
+            if packed else (lambda: fusedlm.attention(q, k, v, backend="triton")))
+    with host.launches_stubbed():
+        launches, triton_calls, reads = host.count_launches(
+            lambda: torch.autograd.grad(call(), (q, k, v), do))
+    assert (launches, triton_calls, reads) == (0, 2, 0)
+
+
 def test_backward_launcher_fills_every_gradient_when_there_are_no_keys():
     """The launchers' contract: dq, dk, dv come back filled, whatever they held (the backward
     returned early without touching dq when seq_k = 0, and torch.empty's memory leaked out)."""

@@ -144,6 +144,9 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_q, cu_k, alibi)
         ctx.meta = settings
         ctx.mark_non_differentiable(lse)
+        # No zero gradient made for lse, which has none (a memset of batch x heads x seq floats
+        # a backward, per layer); do always comes, o being the only differentiable output.
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod

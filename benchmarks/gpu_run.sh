@@ -94,8 +94,10 @@ run_step() {
     # pyext/fusedlm/ops/measured_dispatch.json once the GPU suite has passed on these kernels).
     tune-layer_norm) cmd=($BENCH layer_norm --dtype bf16 fp16 fp32 --rows 16384
                           --tune "$W/measured_dispatch.json" $(files layer_norm-tune)) ;;
-    # The LM loss's entries (per dtype and vocabulary) into the same table.
-    tune-lm_loss) cmd=($BENCH lm_loss --tune "$W/measured_dispatch.json" $(files lm_loss-tune)) ;;
+    # The LM loss's entries (per dtype and vocabulary) into the same table: fusedlm's backends
+    # alone (and the full-logits base), every default case.
+    tune-lm_loss) cmd=($BENCH lm_loss --impl "fusedlm[triton]" "fusedlm[cuda]"
+                       --tune "$W/measured_dispatch.json" $(files lm_loss-tune)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss ${LOSS_ARGS:-} $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
     bench-host) cmd=($BENCH host $(files host)) ;;

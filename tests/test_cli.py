@@ -103,6 +103,26 @@ def test_bad_pretrain_and_bench_values_are_a_usage_error(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("op", ["lm_loss", "attention", "layer_norm"])
+def test_bench_impl_that_is_not_available_is_named_not_skipped(op, capsys):
+    """A name --impl (the API's peers) does not know is an error listing what is available
+    here: a typo must not leave a table of the baseline alone (the tune steps read it)."""
+    from fusedlm.bench import attention as attn_bench, layer_norm as ln_bench, lm_loss as loss_bench
+    if op == "lm_loss":
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--impl", "fusedlm[trtion]"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "fusedlm[trtion] not available here" in err and "fusedlm[torch]" in err
+        return
+    run = {"attention": lambda: attn_bench.run(seqlens=(16,), head_dims=(16,), tokens=32, device="cpu",
+                                               peers=["sdpa[nope]"], log=lambda *a: None),
+           "layer_norm": lambda: ln_bench.run(dtypes=(torch.float32,), rows=(8,), widths=(64,),
+                                              device="cpu", peers=["liger[x]"], log=lambda *a: None)}[op]
+    with pytest.raises(ValueError, match=r"peers \(--impl\): .* not available here; available: "):
+        run()
+
+
 def test_bench_out_holds_what_was_measured_before_a_cut(tmp_path, monkeypatch):
     """--out is rewritten as each result comes (complete: false), so a bench stopped by a time
     limit (gpu_run.sh's steps) leaves what it measured; the finished run says complete: true."""

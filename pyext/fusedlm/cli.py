@@ -103,8 +103,9 @@ def cmd_check(args):
 
     if device == "cuda":
         print("\nbenchmark (bf16, 16384 rows; speed-up over torch eager):")
-        ln_bench.run(dtypes=(torch.bfloat16,), rows=(16384,), widths=(1024, 4096),
-                     peers=("fusedlm[triton]", "fusedlm[cuda]"))
+        kernels = [f"fusedlm[{b}]" for b in ("triton", "cuda")  # CUDA C++: only where built
+                   if dispatch.why_not("layer_norm", b, ("cuda", torch.bfloat16, 1024, None)) is None]
+        ln_bench.run(dtypes=(torch.bfloat16,), rows=(16384,), widths=(1024, 4096), peers=kernels)
         print("\nbenchmark: BERT-base masked-LM loss step, fwd+bwd (speed-up over the full-logits path):")
         loss_bench.run(cases=("bert-mlm",), peers=("fusedlm[triton]",))
     else:
@@ -133,7 +134,8 @@ def _bench_op(op, args, on_result):
                        peers=args.impl, on_result=on_result)
         return attn_bench.run_padded_bert(dtype=dtype, peers=args.impl, on_result=on_result,
                                           **({} if gpu else dict(batch=2, seq=64, heads=2)))
-    return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], on_result=on_result)
+    return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], peers=args.impl,
+                          on_result=on_result)
 
 
 # Ops whose benchmark can write measured-dispatch entries: op -> (its entries maker, the size
@@ -391,6 +393,9 @@ def _parser():
                    if gpu else ["tiny"],
                    help="tokens x H x V presets (default: the GPU cases; 'tiny' on a CPU)")
     b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    b.add_argument("--impl", nargs="+", metavar="NAME",
+                   help="time only these implementations (e.g. fusedlm[triton] fusedlm[cuda]) and "
+                        "the full-logits path, the speed-ups' base (default: every one available)")
     _tune_arg(b, "vocabulary")
     _outputs(b)
     b = ops.add_parser("all", help="every op, then the model step, each on its defaults")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
 from ..ops import attention_kernels
-from .harness import collect, time_ms
+from .harness import chosen, collect, time_ms
 
 WGMMA = "fusedlm[cuda-wgmma]"
 TRITON_TMA = "fusedlm[triton-tma]"
@@ -142,7 +142,7 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
     if peers is not None:
-        impls = {k: v for k, v in impls.items() if k in peers}
+        impls = chosen(impls, peers)
     else:
         impls = {k: v for k, v in impls.items() if k not in OPT_IN}
     peers = {**impls, **(extra or {})}

@@ -73,6 +73,19 @@ def time_ms(fn, device_type, warmup=25, rep=100):
     return statistics.median(samples)
 
 
+def chosen(available, names, base=None):
+    """`available` (name -> implementation) cut to `names` (None: all of them) and the `base`
+    every speed-up is measured against; a name not available here is a ValueError (a typo
+    must not time nothing)."""
+    if names is None:
+        return available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"peers (--impl): {', '.join(unknown)} not available here; available: "
+                         f"{', '.join(available)}")
+    return {k: v for k, v in available.items() if k in names or k == base}
+
+
 def collect(results, records, on_result=None):
     """Append `records` to `results` and hand each to `on_result`: a caller that saves as it goes
     (`fusedlm bench --out`) keeps what a run measured before a time limit cut it short."""

@@ -12,7 +12,7 @@ from .. import layer_norm
 from ..ops import dispatch
 from ..reference import layer_norm as reference_layer_norm
 from . import tune
-from .harness import collect, time_ms
+from .harness import chosen, collect, time_ms
 from .tune import fusedlm_backend
 
 WIDTHS = (768, 1024, 2048, 4096, 8192)
@@ -47,7 +47,7 @@ def run(dtypes=(torch.bfloat16, torch.float32), rows=(16384,), widths=WIDTHS,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
     if peers is not None:
-        impls = {k: v for k, v in impls.items() if k in peers or k == "torch"}
+        impls = chosen(impls, peers, base="torch")
     impls.update(extra or {})
     results = []
     for dtype in dtypes:

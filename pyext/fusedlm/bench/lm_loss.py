@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..nn.lm_head import capacity_rows
 from ..ops import dispatch, lm_loss
 from . import tune
-from .harness import collect, time_ms
+from .harness import chosen, collect, time_ms
 from .tune import fusedlm_backend
 
 class Case(NamedTuple):
@@ -155,7 +155,7 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
         tokens, hidden, vocab, labelled, bias = CASES[case]
         impls = _peers(device, vocab, dtype)  # per case: dispatch's choice may depend on V
         if peers is not None:
-            impls = {k: v for k, v in impls.items() if k in peers or k == "hf full logits"}
+            impls = chosen(impls, peers, base="hf full logits")
         impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
         h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device, bias)
         idx = (y != -100).nonzero().squeeze(1)

@@ -80,6 +80,39 @@ def test_bench_model_writes_json(tmp_path):
     assert int((flat["position_ids"][0] == 0).sum()) == 3 == int((flat["labels"][0] == -100).sum())
 
 
+def test_bench_model_times_every_eager_row_before_any_compile(monkeypatch):
+    """Compiles take most of a fresh GPU machine's time: every case's eager implementations
+    run before the first compiled one, so a run cut by its time limit keeps them, and each
+    compiled row still gets its case's Hugging Face baseline."""
+    from fusedlm.bench import model as model_bench
+
+    class Fake:
+        def __init__(self, name, compiled):
+            self.name = name
+            if compiled:
+                self._orig_mod = self
+
+        def train(self):
+            pass
+    fakes = {"hf eager (sdpa)": False, "hf torch.compile": True, "fusedlm model": False,
+             "fusedlm model, compiled": True}
+    monkeypatch.setattr(model_bench, "_impls", lambda family, overrides, device, compiled: (
+        {n: (Fake(n, c), "padded") for n, c in fakes.items()}, 100))
+    monkeypatch.setattr(model_bench, "_batch", lambda family, b, s, v, padding, device: ({}, b * s))
+    monkeypatch.setattr(model_bench, "_packed", lambda kw, seq: {})
+    order = []
+    monkeypatch.setattr(model_bench, "_step", lambda model, kw, device: lambda: order.append(model.name))
+    monkeypatch.setattr(model_bench, "time_ms", lambda step, device, **k: step() or 2.0)
+    monkeypatch.setattr(model_bench, "host_ms", lambda step: 0.1)
+    rows = model_bench.run(cases=("bert-tiny", "gpt2-tiny"), paddings=(0.0, 0.5), device="cpu",
+                           compiled=True, log=lambda *a: None)
+    phases = ["compiled" if "compile" in r["impl"] else "eager" for r in rows]
+    assert phases == ["eager"] * 8 + ["compiled"] * 8
+    assert [(r["case"], r["padding"]) for r in rows[8::2]] == [
+        ("bert-tiny", 0.0), ("bert-tiny", 0.5), ("gpt2-tiny", 0.0), ("gpt2-tiny", 0.5)]
+    assert all(r["speedup_vs_hf_eager"] == 1.0 for r in rows)
+
+
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     csv_path, png = tmp_path / "ln.csv", tmp_path / "ln.png"

@@ -383,6 +383,32 @@ def test_packed_row_offsets_are_made_once_a_forward_not_once_a_layer(given, monk
     assert per_layer < each - 4, counts
 
 
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "GPT2LMHeadModel"])
+def test_padding_free_step_with_the_collators_offsets_compiles_whole(name):
+    """A padding-free batch with DataCollatorWithFlattening's cu_seq_lens/max_length
+    (return_flash_attn_kwargs=True) traces into one graph under torch.compile(fullgraph=True),
+    loss and gradients as in eager mode (position_ids alone give the boundaries only through a
+    data-dependent size: that batch breaks the graph, as with transformers' flash attention)."""
+    torch.manual_seed(0)
+    model = _models()[name]().to(DEVICE).eval()  # eval: no dropout, so the two runs compare
+    fusedlm.patch(model)
+    seqs, _, _, _ = _packed_batch([6, 11, 4], seed=2)
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s.tolist(), "labels": s.tolist()} for s in seqs])
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = model(**batch).loss
+    want = torch.autograd.grad(eager, params, allow_unused=True)
+    torch._dynamo.reset()
+    loss = torch.compile(lambda **k: model(**k).loss, fullgraph=True, backend="aot_eager")(**batch)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    assert rel_err(loss, eager) < 1e-5
+    scale = max(w.norm() for w in want if w is not None)
+    for g, w in zip(got, want):
+        if w is not None and w.norm() > 1e-6 * scale:
+            assert rel_err(g, w) < 1e-4
+
+
 def test_packed_row_offsets_are_checked_again_in_the_next_forward():
     """Offsets are reused within one forward only: offsets written between two forwards
     through numpy (no version counter change) are checked and used afresh, whether they reach

@@ -68,8 +68,16 @@ if [ -n "${SKIP_INSTALL:-}" ]; then
 elif [ -n "$wheel" ]; then
   python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheel" > "$W/build.log" 2>&1 \
     || { log "WHEEL INSTALL FAILED"; tail -20 "$W/build.log"; exit 1; }
-  log "installed the carried wheel (built from this tree) in $(( $(date +%s) - start )) s"
-else
+  # Built on another machine's image: its compiled core may not load against this one's system
+  # libraries (libstdc++, glibc). Then build here rather than lose the call.
+  if ! (cd /tmp && python3 -c "import fusedlm._C") > "$W/wheel_import.log" 2>&1; then
+    log "the carried wheel's compiled core does not load here ($(tail -n 1 "$W/wheel_import.log" | cut -c1-160)); building from source"
+    wheel=
+  else
+    log "installed the carried wheel (built from this tree) in $(( $(date +%s) - start )) s"
+  fi
+fi
+if [ -z "${SKIP_INSTALL:-}" ] && [ -z "$wheel" ]; then
   FUSEDLM_CUDA=ON FUSEDLM_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -q . \
     > "$W/build.log" 2>&1 || { log "BUILD FAILED"; tail -50 "$W/build.log"; exit 1; }
   log "built (sm_90a) in $(( $(date +%s) - start )) s"

@@ -77,9 +77,10 @@ def test_check_accepts_only_the_tree_the_fingerprint_was_taken_from(tmp_path):
     assert wf.main(["--check", str(record), str(root)]) == 1
 
 
-def _gpu_run(tmp_path, root):
+def _gpu_run(tmp_path, root, core_loads=True):
     """benchmarks/gpu_run.sh with no steps in `root`, with stand-ins for nvidia-smi and for pip
-    (which records what it was asked to install); -> (summary, pip's calls)."""
+    (which records what it was asked to install), and for the check that the installed
+    compiled core loads (`core_loads`); -> (summary, pip's calls)."""
     (root / "benchmarks").mkdir()
     for name in ("gpu_run.sh", "wheel_fingerprint.py"):
         shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks" / name)
@@ -88,8 +89,10 @@ def _gpu_run(tmp_path, root):
     pip_log = tmp_path / "pip.log"
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, stand-in'\n")
     # python3 -m pip ...: recorded, not run; anything else: this interpreter.
+    load = "exit 0" if core_loads else "echo 'ImportError: GLIBCXX_3.4.32 not found' >&2; exit 1"
     (bin_dir / "python3").write_text(
         f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$@" >> {pip_log}; exit 0; fi\n'
+        f'if [ "$2" = "import fusedlm._C" ]; then {load}; fi\n'
         f'exec {sys.executable} "$@"\n')
     for exe in bin_dir.iterdir():
         exe.chmod(0o755)
@@ -110,6 +113,19 @@ def test_gpu_run_installs_a_wheel_built_from_its_own_tree(tmp_path):
     assert "installed the carried wheel (built from this tree)" in summary
     assert f"source fingerprint {wf.fingerprint(root)}" in summary
     assert len(pip) == 1 and pip[0].endswith(f".whl/{WHEEL}")
+
+
+def test_gpu_run_builds_from_source_when_the_carried_wheel_does_not_load(tmp_path):
+    """A wheel built here may not load against the GPU machine's system libraries: the script
+    says so and builds there instead of running every step on a broken install."""
+    root = _tree(tmp_path)
+    (root / ".whl").mkdir()
+    (root / ".whl" / WHEEL).write_bytes(b"stand-in")
+    (root / ".whl" / "fusedlm.fingerprint").write_text(wf.fingerprint(root) + "\n")
+    summary, pip = _gpu_run(tmp_path, root, core_loads=False)
+    assert "compiled core does not load here (ImportError: GLIBCXX_3.4.32 not found)" in summary
+    assert "built (sm_90a)" in summary and "installed the carried wheel" not in summary
+    assert len(pip) == 2 and pip[0].endswith(f".whl/{WHEEL}") and pip[1].split()[-1] == "."
 
 
 @pytest.mark.parametrize("record", ["stale", "missing"])

@@ -130,12 +130,13 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     softcap = float(kwargs.get("softcap") or 0.0)  # Gemma 2's attn_logit_softcapping
     packed = _packed_offsets(query, key, attention_mask, kwargs)
     if packed is not None:  # one row of concatenated sequences: none attends across another
-        offsets, checked, source = packed
+        offsets, checked, new_source = packed
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, D)
         out = attention_varlen(q, k, v, *offsets, causal=causal, dropout_p=dropout,
                                softmax_scale=scaling, window_size=window, softcap=softcap,
                                check_offsets=not checked)
-        _remember_offsets(source, offsets)  # after the check: only offsets that passed it
+        if new_source is not None:  # after the check: only offsets that passed it
+            _remember_offsets(new_source, offsets)
         return out[None], None
     out = fused_attention(query, key, value, causal=causal, attention_mask=attention_mask,
                           dropout_p=dropout, softmax_scale=scaling, layout="bhsd",
@@ -144,14 +145,15 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
 
 
 def _packed_offsets(query, key, attention_mask, kwargs):
-    """((cu_seqlens_q, cu_seqlens_k, max_q, max_k), checked, source) when the batch is one row
-    of packed sequences (Hugging Face's padding-free training, e.g. DataCollatorWithFlattening),
-    else None. The offsets are the collator's cu_seq_lens_q/k and max_length_q/k when given,
-    else made from position_ids restarting (at their minimum: RoBERTa's start past the padding
-    index), as transformers' flash-attention integration does. `checked`: whether their values
-    need no check (made here, valid by construction, or already checked); `source`: what they
-    came from, for `_remember_offsets`. Every layer is handed the same tensors: the first makes
-    or checks the offsets, the others reuse them (see `_remembered`)."""
+    """((cu_seqlens_q, cu_seqlens_k, max_q, max_k), checked, new_source) when the batch is one
+    row of packed sequences (Hugging Face's padding-free training, e.g.
+    DataCollatorWithFlattening), else None. The offsets are the collator's cu_seq_lens_q/k and
+    max_length_q/k when given, else made from position_ids restarting (at their minimum:
+    RoBERTa's start past the padding index), as transformers' flash-attention integration does.
+    `checked`: whether their values need no check (made here, valid by construction, or already
+    checked); `new_source`: what newly made or given offsets came from, for
+    `_remember_offsets` (None when reused). Every layer is handed the same tensors: the first
+    makes or checks the offsets, the others reuse them (see `_remembered`)."""
     if attention_mask is not None or query.shape[0] != 1:
         return None
     names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -161,14 +163,17 @@ def _packed_offsets(query, key, attention_mask, kwargs):
         source = given + rows
         offsets = _remembered(source)
         if offsets is not None:
-            return offsets, True, source
+            return offsets, True, None
         return (cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)), False, source
     positions = kwargs.get("position_ids")
     total = query.shape[2]
     if positions is None or total == 1 or key.shape[2] != total or positions.numel() != total:
         return None
     source = (positions,) + rows
-    offsets = _remembered(source) or _offsets_from_positions(positions)
+    offsets = _remembered(source)
+    if offsets is not None:
+        return offsets, True, None
+    offsets = _offsets_from_positions(positions)
     return None if offsets is None else (offsets, True, source)
 
 

@@ -310,18 +310,21 @@ class BertOutput(NamedTuple):
     logits: Optional[Tensor] = None               # sequence classification
 
 
+def _mlm_options(c: BertConfig) -> dict:
+    """The masked-LM head's options from the config, checked under the config's names."""
+    check_capacity(c.mlm_capacity, "config.mlm_capacity")
+    check_accum_dtype(c.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
+    return dict(capacity=c.mlm_capacity, accum_dtype=c.lm_loss_accum_dtype)
+
+
 class BertOnlyMLMHead(torch.nn.Module):
     """`cls` of BertForMaskedLM: the masked-LM head, decoder tied to the word embeddings."""
 
     def __init__(self, c: BertConfig, word_embeddings):
         super().__init__()
-        check_capacity(c.mlm_capacity, "config.mlm_capacity")
-        check_accum_dtype(c.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
         self.predictions = MaskedLMHead(c.hidden_size, c.vocab_size, hidden_act=c.hidden_act,
                                         layer_norm_eps=c.layer_norm_eps,
-                                        decoder_weight=word_embeddings.weight,
-                                        capacity=c.mlm_capacity,
-                                        accum_dtype=c.lm_loss_accum_dtype)
+                                        decoder_weight=word_embeddings.weight, **_mlm_options(c))
 
 
 class BertPreTrainingHeads(BertOnlyMLMHead):
@@ -466,13 +469,10 @@ class RobertaForMaskedLM(torch.nn.Module):
         super().__init__()
         self.config = config
         self.roberta = BertModel(config, add_pooling_layer=False)
-        check_capacity(config.mlm_capacity, "config.mlm_capacity")
-        check_accum_dtype(config.lm_loss_accum_dtype, "config.lm_loss_accum_dtype")
         self.lm_head = RobertaLMHead(config.hidden_size, config.vocab_size, hidden_act=config.hidden_act,
                                      layer_norm_eps=config.layer_norm_eps,
                                      decoder_weight=self.roberta.embeddings.word_embeddings.weight,
-                                     capacity=config.mlm_capacity,
-                                     accum_dtype=config.lm_loss_accum_dtype)
+                                     **_mlm_options(config))
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,

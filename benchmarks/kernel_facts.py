@@ -5,8 +5,9 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
                                                           # build's architectures: sm_80, sm_90a)
     python benchmarks/kernel_facts.py --only triton --json facts.json
     python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
-    python benchmarks/kernel_facts.py --spill-baseline benchmarks/kernel_facts_spills.json
-                                                          # exit 1 on a spill the baseline lacks
+    python benchmarks/kernel_facts.py --spill-baseline known.json
+                                                          # exit 1 on a spill known.json (from
+                                                          # --write-spill-baseline) lacks
 
 Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Triton ships
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head

@@ -38,7 +38,13 @@ std::optional<TensorView> optional_tensor(const py::handle& h, const char* name)
 
 py::dict build_info() {
   py::dict d;
+#ifdef FUSEDLM_EMULATED
+  d["cuda"] = false;  // the kernels are built, for the CPU emulator: not for a GPU
+  d["emulated"] = true;
+#else
   d["cuda"] = fusedlm::built_with_cuda();
+  d["emulated"] = false;
+#endif
   d["cuda_mode"] = FUSEDLM_CUDA_MODE;
   d["cuda_archs"] = FUSEDLM_CUDA_ARCHS;
   d["cuda_compiler"] = FUSEDLM_CUDA_COMPILER_VERSION;
@@ -51,6 +57,13 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedlm's compiled core: CUDA C++ kernels behind DLPack, no libtorch";
+  // The CPU emulator's build (FUSEDLM_CUDA=EMU): the kernels take CPU tensors. A constant, so
+  // that asking touches no GPU.
+#ifdef FUSEDLM_EMULATED
+  m.attr("EMULATED") = true;
+#else
+  m.attr("EMULATED") = false;
+#endif
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

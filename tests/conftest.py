@@ -13,6 +13,11 @@ import fusedlm  # noqa: E402
 from fusedlm.ops import dispatch  # noqa: E402
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
+# A core built for the CPU emulator (FUSEDLM_CUDA=EMU: tests/test_cuda_emulated.py) runs its
+# CUDA C++ kernels on CPU tensors: every suite here then runs them wherever it names the 'cuda'
+# backend. What only a real build does (refusing CPU tensors) is skipped there.
+EMULATED = fusedlm._core.EMULATED
+not_emulated = pytest.mark.skipif(EMULATED, reason="fusedlm._C emulates its CUDA kernels: CPU tensors are its device")
 
 
 def kernel_backends():

@@ -8,7 +8,7 @@ from fusedlm import reference
 from fusedlm.ops import dispatch
 from fusedlm.ops import attention_kernels
 from fusedlm.ops.attention import _fused, dropout_mask
-from conftest import DEVICE, HAS_GPU, TOL, rel_err, tma_launches
+from conftest import DEVICE, EMULATED, HAS_GPU, TOL, not_emulated, rel_err, tma_launches
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 BACKENDS = ["torch"] + [b for b in ("triton",)
@@ -390,7 +390,9 @@ def _bad_calls():
         (lambda: fusedlm.attention(q, k, k, dropout_p=1.0), ValueError, ["dropout_p"]),
         (lambda: fusedlm.attention(q, k, k, layout="sbhd"), ValueError, ["layout"]),
         (lambda: fusedlm.attention(q, k, k, seed=-1), ValueError, ["seed"]),
-        (lambda: fusedlm.attention(q.cpu(), k.cpu(), k.cpu(), backend="cuda"), ValueError, ["backend='cuda'", "CUDA tensors"]),
+        # (The emulated core takes CPU tensors, and then refuses the head dim.)
+        (lambda: fusedlm.attention(q.cpu(), k.cpu(), k.cpu(), backend="cuda"), ValueError,
+         ["backend='cuda'", "head dims" if EMULATED else "CUDA tensors"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu - torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), cu, 8, 8), ValueError, ["cu_seqlens_q", "from 0 to 8"]),
         (lambda: fusedlm.attention_varlen(q[0], k[0], k[0], cu, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE), 8, 8), ValueError, ["same length"]),
         (lambda: fusedlm.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE), 4, 8), ValueError, ["max_seqlen"]),
@@ -765,12 +767,14 @@ from fusedlm import _core  # noqa: E402
 def test_cuda_backend_states_what_it_serves():
     def why(backend, case):
         return dispatch.why_not("attention", backend, case)
-    assert "CUDA tensors" in why("cuda", ("cpu", torch.float16, 64))
+    # The emulated core (tests/test_cuda_emulated.py) takes CPU tensors instead of CUDA ones.
+    dev, other = ("cpu", "cuda") if _core.EMULATED else ("cuda", "cpu")
+    assert ("CPU tensors" if _core.EMULATED else "CUDA tensors") in why("cuda", (other, torch.float16, 64))
     if _core.cuda_unavailable_reason() is not None:
         pytest.skip(_core.cuda_unavailable_reason())
-    assert "head dims (32, 64, 96, 128)" in why("cuda", ("cuda", torch.float16, 80))
-    assert "float16 or bfloat16" in why("cuda", ("cuda", torch.float32, 64))
-    assert why("cuda", ("cuda", torch.bfloat16, 128)) is None
+    assert "head dims (32, 64, 96, 128)" in why("cuda", (dev, torch.float16, 80))
+    assert "float16 or bfloat16" in why("cuda", (dev, torch.float32, 64))
+    assert why("cuda", (dev, torch.bfloat16, 128)) is None
 
 
 def _attn_args(**override):
@@ -798,10 +802,10 @@ def _attn_args(**override):
     (dict(max_q=4), ValueError, "max_seqlen must equal"),
     (dict(cu_q=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "go together"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
-    ({}, ValueError, "q must be a CUDA tensor"),
+    pytest.param({}, ValueError, "q must be a CUDA tensor", marks=not_emulated),
     # Asking for the Hopper kernel changes nothing about what is validated, or in what order.
     (dict(wgmma=True, q=torch.randn(2, 5, 4, 64)), TypeError, "q must be float16 or bfloat16"),
-    (dict(wgmma=True), ValueError, "q must be a CUDA tensor"),
+    pytest.param(dict(wgmma=True), ValueError, "q must be a CUDA tensor", marks=not_emulated),
 ])
 def test_core_attention_validation(override, error, match):
     with pytest.raises(error, match=match):
@@ -885,8 +889,9 @@ def test_core_attention_varlen_validation():
         _core._C.attn_fwd(**_attn_args(**{**base, "cu_k": torch.tensor([0, 9], dtype=torch.int32)}))
     with pytest.raises(ValueError, match="key_mask is for dense batches"):
         _core._C.attn_fwd(**_attn_args(**{**base, "key_mask": torch.ones(2, 5, dtype=torch.int8)}))
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
-        _core._C.attn_fwd(**_attn_args(**base))
+    if not _core.EMULATED:  # the emulated core runs CPU tensors
+        with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+            _core._C.attn_fwd(**_attn_args(**base))
     bwd = _attn_args(**base, dout=q, delta=torch.empty(9, 4), dq=q, dk=q, dv=q)
     with pytest.raises(ValueError, match="delta must be contiguous float32"):
         _core._C.attn_bwd(**bwd)

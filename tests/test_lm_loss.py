@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import DEVICE, HAS_GPU, TOL, check_row_kernel_ignores_past_v, rel_err
+from conftest import DEVICE, HAS_GPU, TOL, check_row_kernel_ignores_past_v, not_emulated, rel_err
 
 BACKENDS = ["torch"] + [b for b in ("triton", "cuda")
                         if dispatch.why_not("lm_loss", b, (DEVICE, torch.float32, 1000)) is None]
@@ -535,6 +535,7 @@ def test_bad_input_names_the_argument(case):
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks a CPU-only machine")
+@not_emulated
 def test_cuda_backend_on_cpu_is_a_clear_error():
     h, w, b, labels = make(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="backend='cuda'"):
@@ -561,7 +562,7 @@ def _core_args(**override):
     (dict(loss=torch.empty(4, dtype=torch.float16)), TypeError, "loss must be float32"),
     (dict(hit=torch.empty(3)), ValueError, r"hit must have shape \(4,\)"),
     (dict(row_scale=torch.empty(2)), ValueError, r"row_scale must have shape \(4,\)"),
-    ({}, ValueError, "logits must be a CUDA tensor"),
+    pytest.param({}, ValueError, "logits must be a CUDA tensor", marks=not_emulated),
 ])
 def test_core_row_kernel_validation(override, error, match):
     with pytest.raises(error, match=match):

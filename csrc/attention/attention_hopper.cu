@@ -33,6 +33,7 @@
 
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
+#include "../common/launch.cuh"
 #include "attention.h"
 #include "attention_device.cuh"
 
@@ -787,8 +788,7 @@ void run_forward(const Problem& pr, const Params& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.z == 0) return;
   const auto kernel = attention_fwd_wgmma_kernel<T, D>;
   allow_smem(kernel, FwdRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention forward)");
-  kernel<<<grid, kThreads, FwdRing<D>::kBytes, stream>>>(mq, mk, mv, p);
-  cuda_check(cudaGetLastError(), "wgmma attention forward launch");
+  launch_kernel(kernel, grid, kThreads, FwdRing<D>::kBytes, stream, "wgmma attention forward launch", mq, mk, mv, p);
 }
 
 template <typename T, int D>
@@ -805,8 +805,8 @@ void run_backward(const Problem& pr, const Params& p, cudaStream_t stream) {
     const auto kernel = attention_bwd_dkdv_wgmma_kernel<T, D>;
     if (grid.x > 0) {
       allow_smem(kernel, DkdvRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention dK/dV)");
-      kernel<<<grid, kThreads, DkdvRing<D>::kBytes, stream>>>(mq, mk, mv, mdo, p);
-      cuda_check(cudaGetLastError(), "wgmma attention dK/dV launch");
+      launch_kernel(kernel, grid, kThreads, DkdvRing<D>::kBytes, stream, "wgmma attention dK/dV launch", mq, mk,
+                    mv, mdo, p);
     }
   }
   {
@@ -816,8 +816,8 @@ void run_backward(const Problem& pr, const Params& p, cudaStream_t stream) {
     const auto kernel = attention_bwd_dq_wgmma_kernel<T, D>;
     if (grid.x > 0) {
       allow_smem(kernel, DqRing<D>::kBytes, "cudaFuncSetAttribute (wgmma attention dQ)");
-      kernel<<<grid, kThreads, DqRing<D>::kBytes, stream>>>(mq, mk, mv, mdo, p);
-      cuda_check(cudaGetLastError(), "wgmma attention dQ launch");
+      launch_kernel(kernel, grid, kThreads, DqRing<D>::kBytes, stream, "wgmma attention dQ launch", mq, mk, mv,
+                    mdo, p);
     }
   }
 }

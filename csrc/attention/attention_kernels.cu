@@ -1,8 +1,9 @@
 // Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
 // fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
 // later (sm_90a included, through the same mma instructions; the Hopper kernels with wgmma and
-// TMA are attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block; each warp owns 16 of its rows. Tiles
-// come in through 16-byte cp.async copies when the operands are 16-byte aligned.
+// TMA are attention_hopper.cu, opt-in). One CTA owns a 64-row block: four warps, each owning 16
+// of its rows (eight for dK/dV, two per 16 rows). Tiles come in through 16-byte cp.async copies
+// when the operands are 16-byte aligned.
 //
 // Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
 // the online softmax in base 2 (two lanes per row), P rounded to the storage dtype, O += P V,
@@ -19,6 +20,7 @@
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
+#include "../common/launch.cuh"
 #include "attention.h"
 #include "attention_device.cuh"
 
@@ -39,18 +41,19 @@ constexpr int kBlock = 64;  // rows of a query or key block (both)
 constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
 
 // rows [r0, r0 + kBlock) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
-// zeros past its end. With `vec`, 16-byte cp.async copies (all in flight at once, zero-filled
-// past the end; the caller waits with tile_wait); else one element per load.
-template <typename T, int D>
+// zeros past its end, by a CTA of kCta threads. With `vec`, 16-byte cp.async copies (all in
+// flight at once, zero-filled past the end; the caller waits with tile_wait); else one element
+// per load.
+template <typename T, int D, int kCta = kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len,
                                           bool vec) {
 #if __CUDA_ARCH__ >= 800
   if (vec) {
     constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec;
-    static_assert(kBlock * kPerRow % kThreads == 0, "tile chunks must split evenly over the CTA");
+    static_assert(kBlock * kPerRow % kCta == 0, "tile chunks must split evenly over the CTA");
 #pragma unroll
-    for (int it = 0; it < kBlock * kPerRow / kThreads; ++it) {
-      const int i = it * kThreads + threadIdx.x;
+    for (int it = 0; it < kBlock * kPerRow / kCta; ++it) {
+      const int i = it * kCta + threadIdx.x;
       const int r = i / kPerRow, c = i % kPerRow * kVec;
       const bool in = r0 + r < len;
       const T* g = in ? src + (r0 + r) * row_stride + c : src;  // a valid address even when unread
@@ -61,7 +64,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
     return;
   }
 #endif
-  for (int i = threadIdx.x; i < kBlock * D; i += kThreads) {
+  for (int i = threadIdx.x; i < kBlock * D; i += kCta) {
     const int r = i / D, c = i % D;
     dst[r * (D + kPad) + c] = r0 + r < len ? src[(r0 + r) * row_stride + c] : from_float<T>(0.0f);
   }
@@ -128,40 +131,42 @@ __device__ __forceinline__ void warp_gemm_acc(const T* a, int lda, const T* b, i
   }
 }
 
-// Writes a warp's 16 x D accumulators (times `mul`) to rows [r0, r0 + 16) of out, through a
-// 16 x D fp32 scratch; rows at or past `len` are skipped.
-template <typename T, int D>
-__device__ __forceinline__ void store_rows(FragC (&acc)[D / 16], float mul, float* scratch, T* out,
-                                           int64_t row_stride, int r0, int len) {
+// Writes a warp's 16 x N accumulators (times `mul`) to rows [r0, r0 + 16), columns [c0, c0 + N)
+// of out, through columns [c0, c0 + N) of a 16-row fp32 scratch of pitch ld; rows at or past
+// `len` are skipped.
+template <typename T, int N>
+__device__ __forceinline__ void store_rows(FragC (&acc)[N / 16], float mul, float* scratch, int ld, T* out,
+                                           int64_t row_stride, int r0, int c0, int len) {
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(scratch + n * 16, acc[n], D, wmma::mem_row_major);
+  for (int n = 0; n < N / 16; ++n) wmma::store_matrix_sync(scratch + c0 + n * 16, acc[n], ld, wmma::mem_row_major);
   __syncwarp();
   const int lane = threadIdx.x % 32;
-  for (int i = lane; i < 16 * D; i += 32) {
-    const int r = i / D, c = i % D;
-    if (r0 + r < len) out[(r0 + r) * row_stride + c] = from_float<T>(scratch[i] * mul);
+  for (int i = lane; i < 16 * N; i += 32) {
+    const int r = i / N, c = c0 + i % N;
+    if (r0 + r < len) out[(r0 + r) * row_stride + c] = from_float<T>(scratch[r * ld + c] * mul);
   }
   __syncwarp();
 }
 
 // Shared memory of a kernel: kTiles (64 x D) tiles in the storage dtype, kExtra floats, then per
-// warp a 16 x max(D, 64) fp32 scratch, a 16 x kSecond fp32 one, and a 16 x 64 tile in the
-// storage dtype. Every region starts 32-byte aligned, as WMMA loads and stores need.
-template <typename T, int D, int kTiles, int kExtra, int kSecond>
+// 16-row group of the block (kWarps of them) a 16 x max(D, 64) fp32 scratch, a 16 x kSecond fp32
+// one, and kLow 16 x 64 tiles in the storage dtype. Every region starts 32-byte aligned, as
+// WMMA loads and stores need.
+template <typename T, int D, int kTiles, int kExtra, int kSecond, int kLow = 1>
 struct Smem {
   static constexpr int LD = D + kPad, LDP = kBlock + kPad, LDF = D > kBlock ? D : kBlock;
   static constexpr int kBytes = kTiles * kBlock * LD * int(sizeof(T)) +
                                 (kExtra + kWarps * 16 * (LDF + kSecond)) * 4 +
-                                kWarps * 16 * LDP * int(sizeof(T));
+                                kLow * kWarps * 16 * LDP * int(sizeof(T));
   unsigned char* base;
   __device__ T* tile(int i) const { return reinterpret_cast<T*>(base) + i * kBlock * LD; }
   __device__ float* extra() const { return reinterpret_cast<float*>(tile(kTiles)); }
-  __device__ float* scratch(int warp) const { return extra() + kExtra + warp * 16 * LDF; }
-  __device__ float* second(int warp) const {
-    return extra() + kExtra + kWarps * 16 * LDF + warp * 16 * kSecond;
+  __device__ float* scratch(int group) const { return extra() + kExtra + group * 16 * LDF; }
+  __device__ float* second(int group) const {
+    return extra() + kExtra + kWarps * 16 * LDF + group * 16 * kSecond;
   }
-  __device__ T* low(int warp) const {
-    return reinterpret_cast<T*>(extra() + kExtra + kWarps * 16 * (LDF + kSecond)) + warp * 16 * LDP;
+  __device__ T* low(int group, int i = 0) const {
+    return reinterpret_cast<T*>(extra() + kExtra + kWarps * 16 * (LDF + kSecond)) + (i * kWarps + group) * 16 * LDP;
   }
 };
 
@@ -173,8 +178,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   using L = FwdSmem<T, D>;
   constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const L sm{smem};
+  const L sm{dynamic_smem()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T *sQ = sm.tile(0), *sK = sm.tile(1), *sV = sm.tile(2), *sP = sm.low(warp);
   float *sS = sm.scratch(warp), *sO = sm.second(warp);
@@ -245,40 +249,48 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   }
 }
 
-// K, V, Q, dO tiles; a query block's log-sum-exp and delta; per warp: fp32 S^T (also the
-// epilogue's 16 x D scratch), fp32 dP^T (then dS^T), and P^T / dS^T in the storage dtype.
+// dK/dV give each 16 key rows two warps (8 in all): one computes S^T, the other dP^T, and each
+// accumulates half of dK's and dV's columns. A warp holding all D columns of both needs 2 D fp32
+// registers for them alone: at D = 128 that left ptxas too few and it spilled (sm_80).
+constexpr int kDkdvWarps = 2 * kWarps;
+constexpr int kDkdvThreads = 32 * kDkdvWarps;
+
+// K, V, Q, dO tiles; a query block's log-sum-exp and delta; per 16 key rows: fp32 S^T (also the
+// epilogue's 16 x D scratch), fp32 dP^T, then P^T and dS^T in the storage dtype.
 template <typename T, int D>
-using DkdvSmem = Smem<T, D, 4, 2 * kBlock, kBlock>;
+using DkdvSmem = Smem<T, D, 4, 2 * kBlock, kBlock, 2>;
 
 // dK, dV for one key block of one key/value head: loops over the query heads of its group and
 // over the query blocks that can see it.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params p) {
+__global__ void __launch_bounds__(kDkdvThreads, 1) attention_bwd_dkdv_kernel(Params p) {
   using L = DkdvSmem<T, D>;
-  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const L sm{smem};
+  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF, kHalf = D / 2;
+  static_assert(kHalf % 16 == 0, "each warp of a pair takes whole 16-column tiles");
+  const L sm{dynamic_smem()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T *sK = sm.tile(0), *sV = sm.tile(1), *sQ = sm.tile(2), *sdO = sm.tile(3), *sPT = sm.low(warp);
-  float *sL = sm.extra(), *sDelta = sm.extra() + kBlock, *sS = sm.scratch(warp), *sdP = sm.second(warp);
+  // Key rows [16 grp, + 16) of the block; `part` 0 computes S^T, 1 dP^T; accumulator columns
+  // [part * D / 2, + D / 2).
+  const int grp = warp % kWarps, part = warp / kWarps, c_acc = part * kHalf;
+  T *sK = sm.tile(0), *sV = sm.tile(1), *sQ = sm.tile(2), *sdO = sm.tile(3);
+  T *sPT = sm.low(grp, 0), *sdST = sm.low(grp, 1);
+  float *sL = sm.extra(), *sDelta = sm.extra() + kBlock, *sS = sm.scratch(grp), *sdP = sm.second(grp);
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlock;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
-  load_tile<T, D>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k, p.vec);
-  load_tile<T, D>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k, p.vec);
-  FragC dk[D / 16], dv[D / 16];
+  load_tile<T, D, kDkdvThreads>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k, p.vec);
+  load_tile<T, D, kDkdvThreads>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k, p.vec);
+  FragC dk[kHalf / 16], dv[kHalf / 16];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
+  for (int n = 0; n < kHalf / 16; ++n) {
     wmma::fill_fragment(dk[n], 0.0f);
     wmma::fill_fragment(dv[n], 0.0f);
   }
-  const int r = lane / 2, half = lane % 2;
-  const int kj = n0 + warp * 16 + r;  // this lane's key
+  // The pointwise pass: lane (r, h) of warp `part` takes row r, 16 of the 64 query columns.
+  const int r = lane / 2, half = lane % 2, c_pw = part * (kBlock / 2) + half * (kBlock / 4);
+  const int kj = n0 + grp * 16 + r;  // this lane's key
   const int m_start = first_query(p, s, n0, kBlock);
-  // Counted from 0, not from hk * group: at bf16 and head dim 128 (255 registers) ptxas then
-  // keeps this counter in a register at sm_90a; counted from hk * group it spilled (16 B, one
-  // store and load per query head). At sm_80 it still spills (12 B), outside the inner loops.
   for (int g = 0; g < p.group; ++g) {
     const int h = hk * p.group + g;
     const T* q = rows<const T>(p.q, b, s.q0, h);
@@ -286,22 +298,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params 
     const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
     const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
     for (int m0 = m_start; m0 < s.len_q; m0 += kBlock) {
-      __syncthreads();  // the previous Q and dO tiles are consumed
-      load_tile<T, D>(sQ, q, p.q.s, m0, s.len_q, p.vec);
-      load_tile<T, D>(sdO, dout, p.dout.s, m0, s.len_q, p.vec);
-      for (int i = threadIdx.x; i < kBlock; i += kThreads) {
+      __syncthreads();  // the previous Q and dO tiles, P^T and dS^T are consumed
+      load_tile<T, D, kDkdvThreads>(sQ, q, p.q.s, m0, s.len_q, p.vec);
+      load_tile<T, D, kDkdvThreads>(sdO, dout, p.dout.s, m0, s.len_q, p.vec);
+      for (int i = threadIdx.x; i < kBlock; i += kDkdvThreads) {
         const bool in = m0 + i < s.len_q;
         sL[i] = in ? lse[m0 + i] : INFINITY;
         sDelta[i] = in ? delta[m0 + i] : 0.0f;
       }
       tile_wait();  // also the K and V tiles, on the first pass
       __syncthreads();
-      warp_gemm<T, D, kBlock, true>(sK + warp * 16 * LD, LD, sQ, LD, sS, LDF);   // S^T = K Q^T
-      warp_gemm<T, D, kBlock, true>(sV + warp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
-      __syncwarp();
-#pragma unroll 1  // unrolled, its loads hoisted past dK and dV's 128 registers and spilled
-      for (int j = 0; j < kBlock / 2; ++j) {
-        const int c = column<kBlock / 2>(half, r, j);
+      if (part == 0)
+        warp_gemm<T, D, kBlock, true>(sK + grp * 16 * LD, LD, sQ, LD, sS, LDF);  // S^T = K Q^T
+      else
+        warp_gemm<T, D, kBlock, true>(sV + grp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
+      __syncthreads();  // both products of the group are in shared memory
+#pragma unroll 1  // unrolled, its loads were hoisted past the accumulators' registers and spilled
+      for (int j = 0; j < kBlock / 4; ++j) {
+        const int c = c_pw + (j + r) % (kBlock / 4);  // lanes start apart: different banks
         const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != INFINITY;
         const float pt = ok ? exp2f(sS[r * LDF + c] * p.scale2 - sL[c]) : 0.0f;
         float dp = sdP[r * kBlock + c], pt_kept = pt;
@@ -311,24 +325,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params 
           dp = keep ? dp * p.keep_scale : 0.0f;
         }
         sPT[r * LDP + c] = from_float<T>(pt_kept);
-        sdP[r * kBlock + c] = pt * (dp - sDelta[c]);  // dS^T, in place
+        sdST[r * LDP + c] = from_float<T>(pt * (dp - sDelta[c]));
       }
-      __syncwarp();
-      warp_gemm_acc<T, kBlock, D>(sPT, LDP, sdO, LD, dv);  // dV += P^T dO
-      __syncwarp();
-#pragma unroll 1
-      for (int j = 0; j < kBlock / 2; ++j) {
-        const int c = column<kBlock / 2>(half, r, j);
-        sPT[r * LDP + c] = from_float<T>(sdP[r * kBlock + c]);
-      }
-      __syncwarp();
-      warp_gemm_acc<T, kBlock, D>(sPT, LDP, sQ, LD, dk);  // dK += dS^T Q
+      __syncthreads();  // the group's P^T and dS^T are whole
+      warp_gemm_acc<T, kBlock, kHalf>(sPT, LDP, sdO + c_acc, LD, dv);  // dV += P^T dO
+      warp_gemm_acc<T, kBlock, kHalf>(sdST, LDP, sQ + c_acc, LD, dk);  // dK += dS^T Q
     }
   }
   tile_wait();  // the K and V copies, when no query block was visited
-  __syncwarp();
-  store_rows<T, D>(dk, p.scale, sS, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + warp * 16, s.len_k);
-  store_rows<T, D>(dv, 1.0f, sS, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + warp * 16, s.len_k);
+  __syncthreads();  // the scratch (S^T) is read by both warps of a group before it is reused
+  T* out_k = rows<T>(p.dk, b, s.k0, hk);
+  T* out_v = rows<T>(p.dv, b, s.k0, hk);
+  store_rows<T, kHalf>(dk, p.scale, sS, LDF, out_k, p.dk.s, n0 + grp * 16, c_acc, s.len_k);
+  store_rows<T, kHalf>(dv, 1.0f, sS, LDF, out_v, p.dv.s, n0 + grp * 16, c_acc, s.len_k);
 }
 
 // delta = rowsum(dO * O) for every query row, laid out like the log-sum-exp: what both backward
@@ -358,8 +367,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p) {
   using L = DqSmem<T, D>;
   constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const L sm{smem};
+  const L sm{dynamic_smem()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T *sQ = sm.tile(0), *sdO = sm.tile(1), *sK = sm.tile(2), *sV = sm.tile(3), *sdS = sm.low(warp);
   float *sS = sm.scratch(warp), *sdP = sm.second(warp);
@@ -403,18 +411,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p)
   }
   tile_wait();  // the Q and dO copies, when no key block was visited
   __syncwarp();
-  store_rows<T, D>(dq, p.scale, sS, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, s.len_q);
+  store_rows<T, D>(dq, p.scale, sS, LDF, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, 0, s.len_q);
 }
 
 // ---- host side ----------------------------------------------------------------------------
 
 template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream) {
+void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream, int threads = kThreads) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute (attention shared memory)");
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  cuda_check(cudaGetLastError(), "attention kernel launch");
+  launch_kernel(kernel, grid, threads, smem, stream, "attention kernel launch", p);
 }
 
 unsigned blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
@@ -443,7 +450,7 @@ struct Backward {
   static void run(const Problem& pr, const Params& p, cudaStream_t st) {
     const int hd = pr.cu_q ? 1 : 2;
     launch(attention_bwd_dkdv_kernel<T, D>, dim3(blocks(pr.max_k), pr.k.shape[hd], batch_of(pr)),
-           DkdvSmem<T, D>::kBytes, p, st);
+           DkdvSmem<T, D>::kBytes, p, st, kDkdvThreads);
     launch(attention_bwd_dq_kernel<T, D>, dim3(blocks(pr.max_q), pr.q.shape[hd], batch_of(pr)),
            DqSmem<T, D>::kBytes, p, st);
   }

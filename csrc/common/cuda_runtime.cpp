@@ -8,7 +8,12 @@ void throw_built_without_cuda() {
   throw std::runtime_error("fusedlm._C was built without CUDA: the 'cuda' backend is unavailable");
 }
 
-#ifdef FUSEDLM_WITH_CUDA
+#if defined(FUSEDLM_EMULATED)
+// The kernels are built, for the CPU emulator (csrc/emu): no GPU is used, whatever the machine has.
+bool built_with_cuda() { return true; }
+int cuda_device_count() { return 0; }
+std::string cuda_status() { return "no GPU used: fusedlm._C emulates its CUDA kernels on the CPU (FUSEDLM_CUDA=EMU)"; }
+#elif defined(FUSEDLM_WITH_CUDA)
 bool built_with_cuda() { return true; }
 
 int cuda_device_count() {

@@ -6,6 +6,7 @@
 
 namespace fusedlm {
 
+// Are the kernels built (for a GPU, or for the CPU emulator: FUSEDLM_EMULATED)?
 bool built_with_cuda();
 // Number of visible GPUs; 0 (never an exception) when there is no driver or no device.
 int cuda_device_count();

@@ -88,9 +88,15 @@ void check_vector(const TensorView& t, int64_t n) {
 }
 
 void check_same_device(const TensorView& t, const TensorView& ref) {
+#ifdef FUSEDLM_EMULATED
+  if (ref.device_type != dlpack::kCPU)
+    throw ArgError(std::string(ref.name) + " must be a CPU tensor: this core emulates its CUDA kernels on the "
+                   "CPU (DLPack device type " + std::to_string(ref.device_type) + ")");
+#else
   if (ref.device_type != dlpack::kCUDA)
     throw ArgError(std::string(ref.name) + " must be a CUDA tensor (DLPack device type " +
                    std::to_string(ref.device_type) + ")");
+#endif
   if (t.device_type != ref.device_type || t.device_id != ref.device_id)
     throw ArgError(std::string(t.name) + " must be on the same device as " + ref.name);
 }

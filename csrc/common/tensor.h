@@ -70,6 +70,6 @@ void check_dtype(const TensorView& t, DType want);
 void check_float_dtype(const TensorView& t);  // float32, float16 or bfloat16
 void check_matrix(const TensorView& t, int64_t rows, int64_t cols);  // 2-D, unit column stride
 void check_vector(const TensorView& t, int64_t n);                   // 1-D, contiguous
-void check_same_device(const TensorView& t, const TensorView& ref);  // also: ref is on CUDA
+void check_same_device(const TensorView& t, const TensorView& ref);  // also: ref is on CUDA (emulated: CPU)
 
 }  // namespace fusedlm

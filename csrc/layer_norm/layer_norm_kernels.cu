@@ -15,6 +15,7 @@
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
+#include "../common/launch.cuh"
 #include "layer_norm.h"
 
 namespace fusedlm::layer_norm {
@@ -355,7 +356,9 @@ struct FwdLaunch {
   int threads;
   cudaStream_t stream;
   template <typename T, int kVec, int kIters, bool kRms>
-  void run() const { norm_fwd_kernel<T, kVec, kIters, kRms><<<blocks, threads, 0, stream>>>(p); }
+  void run() const {
+    launch_kernel(norm_fwd_kernel<T, kVec, kIters, kRms>, blocks, threads, 0, stream, "layer_norm forward launch", p);
+  }
 };
 
 struct BwdLaunch {
@@ -364,7 +367,9 @@ struct BwdLaunch {
   int threads;
   cudaStream_t stream;
   template <typename T, int kVec, int kIters, bool kRms>
-  void run() const { norm_bwd_kernel<T, kVec, kIters, kRms><<<blocks, threads, 0, stream>>>(p); }
+  void run() const {
+    launch_kernel(norm_bwd_kernel<T, kVec, kIters, kRms>, blocks, threads, 0, stream, "layer_norm backward launch", p);
+  }
 };
 
 void column_sum(const float* part, int64_t parts, int64_t n, const TensorView& out,
@@ -372,9 +377,9 @@ void column_sum(const float* part, int64_t parts, int64_t n, const TensorView& o
   const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
   with_float_type(out.dtype, out.name, [&](auto t) {
     using T = decltype(t);
-    column_sum_kernel<<<blocks, 256, 0, stream>>>(part, parts, n, static_cast<T*>(out.data));
+    launch_kernel(column_sum_kernel<T>, blocks, 256, 0, stream, "layer_norm column-sum launch", part, parts, n,
+                  static_cast<T*>(out.data));
   });
-  cuda_check(cudaGetLastError(), "layer_norm column-sum launch");
 }
 
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -395,7 +400,6 @@ void launch_forward(const ForwardArgs& a, int vec, std::uintptr_t stream) {
   const Shape s = pick_shape(p.n, vec);
   by_kind(a.x.dtype, a.rms, vec, s.iters,
            FwdLaunch{p, static_cast<unsigned>(a.x.shape[0]), s.threads, as_stream(stream)});
-  cuda_check(cudaGetLastError(), "layer_norm forward launch");
 }
 
 void launch_backward(const BackwardArgs& a, int vec, std::uintptr_t stream) {
@@ -416,7 +420,6 @@ void launch_backward(const BackwardArgs& a, int vec, std::uintptr_t stream) {
   cudaStream_t st = as_stream(stream);
   by_kind(a.dy.dtype, a.rms, vec, s.iters,
            BwdLaunch{p, static_cast<unsigned>(programs), s.threads, st});
-  cuda_check(cudaGetLastError(), "layer_norm backward launch");
   if (p.dw_part) column_sum(p.dw_part, programs, n, *a.dweight, st);
   if (p.db_part) column_sum(p.db_part, programs, n, *a.dbias, st);
 }

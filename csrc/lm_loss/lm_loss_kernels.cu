@@ -16,6 +16,7 @@
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
+#include "../common/launch.cuh"
 #include "lm_loss.h"
 
 namespace fusedlm::lm_loss {
@@ -167,7 +168,9 @@ struct Launch {
   int threads;
   cudaStream_t stream;
   template <typename T, int kVec>
-  void run() const { ce_rows_kernel<T, kVec><<<blocks, threads, 0, stream>>>(p); }
+  void run() const {
+    launch_kernel(ce_rows_kernel<T, kVec>, blocks, threads, 0, stream, "lm_loss cross-entropy launch", p);
+  }
 };
 
 template <typename T, typename F>
@@ -200,7 +203,6 @@ void launch_cross_entropy_rows(const CrossEntropyRowsArgs& a, int vec, std::uint
   by_dtype(a.logits.dtype, vec,
            Launch{p, static_cast<unsigned>(a.logits.shape[0]), threads,
                   reinterpret_cast<cudaStream_t>(stream)});
-  cuda_check(cudaGetLastError(), "lm_loss cross-entropy launch");
 }
 
 }  // namespace fusedlm::lm_loss

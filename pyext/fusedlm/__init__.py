@@ -37,7 +37,8 @@ _register_with_transformers()
 
 
 def build_info():
-    """How the compiled core was built (CUDA or not, architectures, nvcc version)."""
+    """How the compiled core was built (CUDA, the CPU emulator or neither; architectures, nvcc
+    version) and which GPUs it sees."""
     from . import _core
     if _core._C is None:
         return {"compiled_core": False, "error": _core.IMPORT_ERROR}

@@ -1,0 +1,290 @@
+// The CPU emulator's scheduler and runtime (see emu.h): fibers on ucontext, one block at a time.
+#include "emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fusedlm::emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxThreads = 1024;
+constexpr int kDefaultSmem = 48 * 1024;
+constexpr int kMaxSmem = 166912;  // an A100's opt-in limit per block: the sm_80 code paths run here
+
+enum class Wait { kRunnable, kBlock, kWarp, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  void* stack = nullptr;
+  ThreadState st;
+  int linear = 0, warp = 0, lane = 0;
+  Wait wait = Wait::kRunnable;
+  int line = 0;
+};
+
+struct Warp {
+  int size = 0, waiting = 0, done = 0;
+  uint64_t slot[32] = {};
+};
+
+// The block being run.
+struct Block {
+  std::vector<Fiber> fibers;  // in thread order
+  std::vector<Warp> warps;
+  std::vector<int> order;     // scheduling order: thread order or its reverse
+  int waiting = 0, done = 0;
+  size_t cursor = 0;          // position in `order` the scheduler resumes from
+  Fiber* running = nullptr;
+  ucontext_t scheduler;
+  const std::function<void()>* body = nullptr;
+  std::vector<unsigned char> smem;
+};
+
+Block* g_block = nullptr;
+cudaError_t g_last_error = cudaSuccess;
+std::map<const void*, int> g_smem_limit;  // per kernel, as cudaFuncSetAttribute set it
+std::vector<void*> g_stacks;              // reused across launches
+
+void* stack_at(size_t i) {
+  while (g_stacks.size() <= i) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("fusedlm emulator: cannot map a fiber stack");
+    g_stacks.push_back(p);
+  }
+  return g_stacks[i];
+}
+
+// Wakes the threads waiting at the block's barrier, or at warp `warp`'s; the next phase starts
+// again from the first of them in scheduling order.
+void release_block(Block& b) {
+  for (Fiber& o : b.fibers)
+    if (o.wait == Wait::kBlock) o.wait = Wait::kRunnable;
+  b.waiting = 0;
+  b.cursor = 0;
+}
+
+void release_warp(Block& b, int warp) {
+  bool first = true;
+  for (size_t k = 0; k < b.order.size(); ++k) {
+    Fiber& o = b.fibers[b.order[k]];
+    if (o.warp == warp && o.wait == Wait::kWarp) {
+      o.wait = Wait::kRunnable;
+      if (first) b.cursor = k;
+      first = false;
+    }
+  }
+  b.warps[warp].waiting = 0;
+}
+
+// A barrier opens when every thread of its scope has arrived or finished (a finished thread
+// counts as arrived, as on a GPU).
+void maybe_release(Block& b, int warp) {
+  const Warp& w = b.warps[warp];
+  if (w.waiting > 0 && w.waiting + w.done == w.size) release_warp(b, warp);
+  if (b.waiting > 0 && b.waiting + b.done == static_cast<int>(b.fibers.size())) release_block(b);
+}
+
+void fiber_main() {
+  Block& b = *g_block;
+  (*b.body)();
+  Fiber& f = *b.running;
+  f.wait = Wait::kDone;
+  ++b.done;
+  ++b.warps[f.warp].done;
+  maybe_release(b, f.warp);
+  // Returning resumes the scheduler (uc_link).
+}
+
+// Back to the scheduler until this fiber may run again.
+void yield_until_released() {
+  Block& b = *g_block;
+  Fiber& f = *b.running;
+  swapcontext(&f.ctx, &b.scheduler);
+}
+
+std::string describe_deadlock(const Block& b) {
+  std::map<std::string, int> where;
+  for (const Fiber& f : b.fibers) {
+    if (f.wait == Wait::kBlock) ++where["__syncthreads at line " + std::to_string(f.line)];
+    if (f.wait == Wait::kWarp) ++where["a warp barrier (__syncwarp or a shuffle) at line " + std::to_string(f.line)];
+  }
+  std::string s;
+  for (const auto& [what, n] : where) s += (s.empty() ? "" : "; ") + std::to_string(n) + " thread(s) wait at " + what;
+  return s;
+}
+
+void run_block(Block& b) {
+  const size_t n = b.fibers.size();
+  while (b.done < static_cast<int>(n)) {
+    // The next runnable fiber from the cursor, in scheduling order.
+    Fiber* next = nullptr;
+    for (size_t k = 0; k < n && !next; ++k) {
+      Fiber& f = b.fibers[b.order[(b.cursor + k) % n]];
+      if (f.wait == Wait::kRunnable) {
+        next = &f;
+        b.cursor = (b.cursor + k) % n;
+      }
+    }
+    if (!next) {
+      const ThreadState& s = b.fibers[0].st;
+      throw std::runtime_error("fusedlm emulator: deadlock in block (" + std::to_string(s.block_idx.x) + ", " +
+                               std::to_string(s.block_idx.y) + ", " + std::to_string(s.block_idx.z) +
+                               "): " + describe_deadlock(b));
+    }
+    b.running = next;
+    swapcontext(&b.scheduler, &next->ctx);
+    b.running = nullptr;
+  }
+}
+
+bool reverse_order() {
+  const char* v = std::getenv("FUSEDLM_EMU_ORDER");
+  if (!v || !*v || std::string(v) == "forward") return false;
+  if (std::string(v) == "reverse") return true;
+  throw std::runtime_error(std::string("FUSEDLM_EMU_ORDER must be 'forward' or 'reverse', got '") + v + "'");
+}
+
+}  // namespace
+
+const ThreadState& current() { return g_block->running->st; }
+int lane() { return g_block->running->lane; }
+unsigned char* dynamic_smem() { return g_block->smem.data(); }
+
+void sync_block(int line) {
+  Block& b = *g_block;
+  Fiber& f = *b.running;
+  f.wait = Wait::kBlock;
+  f.line = line;
+  ++b.waiting;
+  maybe_release(b, f.warp);
+  yield_until_released();
+}
+
+void sync_warp(int line) {
+  Block& b = *g_block;
+  Fiber& f = *b.running;
+  f.wait = Wait::kWarp;
+  f.line = line;
+  ++b.warps[f.warp].waiting;
+  maybe_release(b, f.warp);
+  yield_until_released();
+}
+
+uint64_t exchange(uint64_t bits, int src, int line) {
+  Block& b = *g_block;
+  Fiber& f = *b.running;
+  Warp& w = b.warps[f.warp];
+  w.slot[f.lane] = bits;
+  sync_warp(line);  // every lane has put
+  const uint64_t got = src >= 0 && src < w.size ? w.slot[src] : bits;
+  sync_warp(line);  // every lane has read before a next exchange overwrites the slots
+  return got;
+}
+
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const long long threads = 1LL * block.x * block.y * block.z;
+  if (threads < 1 || threads > kMaxThreads || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
+      grid.y > 65535 || grid.z > 65535) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  const auto limit = g_smem_limit.find(kernel);
+  if (smem > static_cast<size_t>(limit == g_smem_limit.end() ? kDefaultSmem : limit->second)) {
+    g_last_error = cudaErrorInvalidValue;  // what a GPU reports for too much dynamic shared memory
+    return;
+  }
+  const bool reverse = reverse_order();
+  Block b;
+  b.body = &body;
+  b.fibers.resize(static_cast<size_t>(threads));
+  b.warps.resize(static_cast<size_t>((threads + 31) / 32));
+  for (size_t i = 0; i < b.warps.size(); ++i)
+    b.warps[i].size = static_cast<int>(std::min<long long>(32, threads - 32 * static_cast<long long>(i)));
+  for (long long i = 0; i < threads; ++i) b.order.push_back(static_cast<int>(reverse ? threads - 1 - i : i));
+  Block* saved = g_block;
+  g_block = &b;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          b.smem.assign(smem, 0xff);  // NaN in fp32, fp16 and bf16: reading before writing shows
+          b.waiting = b.done = 0;
+          b.cursor = 0;
+          for (Warp& w : b.warps) w.waiting = w.done = 0;
+          for (long long i = 0; i < threads; ++i) {
+            Fiber& f = b.fibers[static_cast<size_t>(i)];
+            f.linear = static_cast<int>(i);
+            f.warp = static_cast<int>(i / 32);
+            f.lane = static_cast<int>(i % 32);
+            f.wait = Wait::kRunnable;
+            f.st.thread_idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
+                               static_cast<unsigned>(i / (1LL * block.x * block.y))};
+            f.st.block_idx = {x, y, z};
+            f.st.block_dim = block;
+            f.st.grid_dim = grid;
+            f.stack = stack_at(static_cast<size_t>(i));
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack;
+            f.ctx.uc_stack.ss_size = kStackBytes;
+            f.ctx.uc_link = &b.scheduler;
+            makecontext(&f.ctx, fiber_main, 0);
+          }
+          run_block(b);
+        }
+  } catch (...) {
+    g_block = saved;
+    throw;
+  }
+  g_block = saved;
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kMaxSmem) return g_last_error = cudaErrorInvalidValue;
+  g_smem_limit[kernel] = bytes;
+  return cudaSuccess;
+}
+
+}  // namespace fusedlm::emu
+
+// ---- the runtime API's stand-ins (cuda_runtime_api.h) ---------------------------------------
+
+const char* cudaGetErrorString(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = fusedlm::emu::g_last_error;
+  fusedlm::emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+// One emulated device, of compute capability 8.0 (the code paths that run are sm_80's).
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
+  return cudaSuccess;
+}

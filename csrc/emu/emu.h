@@ -1,0 +1,97 @@
+// CUDA's execution model on the CPU: fusedlm's CUDA C++ kernels (all but the sm_90a wgmma ones)
+// run on host memory, so that their logic is checked against the references on a machine with
+// no GPU (FUSEDLM_CUDA=EMU builds the core this way; tests/test_cuda_emulated.py). The build
+// force-includes this header into every .cu file, compiled as C++.
+//
+// Each CUDA thread is a fiber with its own stack. A block's fibers run one at a time, each from
+// one barrier (__syncthreads, __syncwarp, a warp shuffle) to its next, in thread order or in
+// reverse (FUSEDLM_EMU_ORDER=reverse). A thread that reads what another thread wrote without a
+// barrier between them reads it too early in one of the two orders, so the tests run both:
+// a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
+// an error naming the lines they wait at. Dynamic shared memory starts each block filled with
+// NaNs; a launch that asks for more than its kernel's dynamic shared memory limit fails as on
+// a GPU. What it cannot show: speed, registers, the paths compiled only for __CUDA_ARCH__ >= 800
+// (16-byte cp.async tiles; the scalar ones run here), reads outside a tensor's memory.
+#pragma once
+#include <math.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "include/cuda_runtime_api.h"
+
+namespace fusedlm::emu {
+
+struct ThreadState {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+
+// The running thread's indices and the launch's dimensions.
+const ThreadState& current();
+// The running thread's lane within its warp.
+int lane();
+// The block's dynamic shared memory.
+unsigned char* dynamic_smem();
+// Barriers: every (live) thread of the block, or of the warp.
+void sync_block(int line);
+void sync_warp(int line);
+// A warp exchange: every lane puts `bits`, then reads lane `src`'s (its own where src is out of
+// the warp).
+uint64_t exchange(uint64_t bits, int src, int line);
+
+// Runs `body` as the kernel of every thread of the grid; throws std::runtime_error for a
+// deadlock, sets the launch error (cudaGetLastError) for a bad configuration.
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  // A launch copies its arguments once; every thread then reads the same values.
+  const std::tuple<std::decay_t<Params>...> packed(std::forward<Args>(args)...);
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, packed); });
+}
+
+}  // namespace fusedlm::emu
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// A block's shared variables: one per kernel instantiation, shared by its threads (the
+// emulator runs one block at a time).
+#define __shared__ static
+
+#define threadIdx (::fusedlm::emu::current().thread_idx)
+#define blockIdx (::fusedlm::emu::current().block_idx)
+#define blockDim (::fusedlm::emu::current().block_dim)
+#define gridDim (::fusedlm::emu::current().grid_dim)
+
+inline void __syncthreads(int line = __builtin_LINE()) { ::fusedlm::emu::sync_block(line); }
+inline void __syncwarp(unsigned = 0xffffffffu, int line = __builtin_LINE()) { ::fusedlm::emu::sync_warp(line); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32, int line = __builtin_LINE()) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move 8 bytes at most");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = ::fusedlm::emu::exchange(bits, ::fusedlm::emu::lane() ^ lane_mask, line);
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+inline float __expf(float x) { return expf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }

@@ -1,0 +1,136 @@
+"""The CUDA C++ kernels on the CPU emulator (csrc/emu): their logic against the float64
+references, with no GPU. Skipped unless fusedlm._C was built for it:
+
+    FUSEDLM_CUDA=EMU pip install --no-build-isolation -e .   (CI: the last step of .ci/run)
+
+Every test runs in both of the emulator's scheduling orders (FUSEDLM_EMU_ORDER): a thread that
+reads what another wrote without a barrier between them reads too early in one of the two. The
+other CPU suites run the emulated kernels as well, wherever they name the 'cuda' backend (layer
+norm and the LM-loss row kernel at every shape they test); this file adds what they leave out,
+the attention kernels' cases: every head dim, grouped heads, packed sequences, key masks,
+dropout. The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
+
+What the emulator cannot check is in csrc/emu/emu.h: speed, registers, the 16-byte cp.async
+paths (sm_80 code only; the scalar tile loads run here), reads outside a tensor's memory."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm import _core, reference
+from conftest import EMULATED, TOL, rel_err
+
+pytestmark = pytest.mark.skipif(not EMULATED, reason="needs fusedlm._C built for the CPU emulator (FUSEDLM_CUDA=EMU)")
+
+
+@pytest.fixture(params=["forward", "reverse"], autouse=True)
+def order(request, monkeypatch):
+    monkeypatch.setenv("FUSEDLM_EMU_ORDER", request.param)
+    return request.param
+
+
+def _qkv(b, s, h, hk, d, dtype, sk=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    return mk(b, s, h, d), mk(b, sk or s, hk, d), mk(b, sk or s, hk, d)
+
+
+def _sdpa(q, k, v, causal, mask=None):
+    """PyTorch's own attention in this precision: the bound for ours."""
+    h, hk = q.shape[2], k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if hk != h:
+        kt, vt = (t.repeat_interleave(h // hk, dim=1) for t in (kt, vt))
+    attn_mask = None
+    if causal or mask is not None:
+        attn_mask = reference.allowed_mask(q.shape[1], k.shape[1], causal=causal, key_mask=mask)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
+
+
+def _check(out, grads, q, k, v, do, causal, mask=None):
+    f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention(*f64, causal=causal, key_mask=mask)
+    want = torch.autograd.grad(ref, f64, do.double())
+    theirs = _sdpa(q, k, v, causal, mask)
+    theirs_g = torch.autograd.grad(theirs, (q, k, v), do)
+    dtype = q.dtype
+    assert rel_err(out, ref) < max(TOL[dtype], 2 * rel_err(theirs, ref))
+    for name, a, r, t in zip("qkv", grads, want, theirs_g):
+        assert rel_err(a, r) < max(TOL[dtype], 2 * rel_err(t, r)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s,sk,h,hk", [(130, 130, 2, 2), (70, 150, 4, 2)])
+def test_attention_emulated(dtype, d, causal, s, sk, h, hk):
+    """Forward and backward at every head dim the kernels are built for; blocks cut by the
+    sequence ends, queries fewer and more than keys, grouped query heads."""
+    q, k, v = _qkv(2, s, h, hk, d, dtype, sk)
+    out = fusedlm.attention(q, k, v, causal=causal, backend="cuda")
+    do = torch.randn_like(out)
+    _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_sequences_and_key_masks_emulated(causal):
+    """attention_varlen on three packed sequences (one shorter than a block, one spanning three)
+    against each sequence on its own; a padded batch's key mask against the reference."""
+    lens = [5, 140, 64]
+    q, k, v = _qkv(1, sum(lens), 4, 2, 64, torch.float16)
+    q, k, v = (t.detach()[0].requires_grad_() for t in (q, k, v))
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal, backend="cuda")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for i, n in enumerate(lens):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        one = [t.detach()[rows][None].requires_grad_() for t in (q, k, v)]
+        _check(out[rows][None], [g[rows][None] for g in grads], *one, do[rows][None], causal)
+
+    q, k, v = _qkv(3, 100, 2, 2, 128, torch.bfloat16, seed=1)
+    mask = torch.ones(3, 100, dtype=torch.bool)  # padding at the end, as a tokenizer pads
+    mask[1, 37:] = False
+    mask[2, 90:] = False
+    out = fusedlm.attention(q, k, v, attention_mask=mask, causal=causal, backend="cuda")
+    do = torch.randn_like(out)
+    _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal, mask)
+
+
+def test_empty_rows_and_determinism_emulated():
+    """A sequence whose keys are all masked gives zeros and finite gradients; two backward passes
+    are bitwise equal (no atomics)."""
+    q, k, v = _qkv(2, 80, 2, 2, 64, torch.float16)
+    mask = torch.ones(2, 80, dtype=torch.bool)
+    mask[1] = False
+    out = fusedlm.attention(q, k, v, attention_mask=mask, backend="cuda")
+    assert torch.all(out[1] == 0)
+    do = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.isfinite(g).all() and torch.equal(a, g) for a, g in zip(first, second))
+
+
+@pytest.mark.parametrize("hk", [4, 2])
+def test_dropout_matches_triton_emulated(hk):
+    """The CUDA kernels draw Triton's dropout stream: with the same seed both backends drop the
+    same probabilities, forward and backward (Triton under its interpreter)."""
+    if fusedlm.ops.dispatch.why_not("attention", "triton", ("cpu", torch.float16, 64)) is not None:
+        pytest.skip("needs the Triton interpreter")
+    q, k, v = _qkv(2, 100, 4, hk, 64, torch.float16)
+    outs = [fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, seed=7, backend=b) for b in ("triton", "cuda")]
+    assert rel_err(outs[1], outs[0]) < 2 * TOL[torch.float16]
+    do = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
+    for a, c in zip(*grads):
+        assert rel_err(c, a) < 4 * TOL[torch.float16]
+
+
+def test_emulator_refuses_cuda_tensors_and_says_so():
+    assert _core._C.build_info()["emulated"] and not _core._C.build_info()["cuda"]
+    why = fusedlm.ops.dispatch.why_not("attention", "cuda", ("cuda", torch.float16, 64))
+    assert "emulates" in why and "CPU tensors" in why
+    # Automatic dispatch never picks the emulator: off a CUDA device it runs the reference.
+    q, k, v = _qkv(1, 8, 1, 1, 64, torch.float16)
+    fusedlm.attention(q, k, v)
+    assert fusedlm.explain("attention").backend == "torch"

@@ -14,6 +14,9 @@
 #include "attention/attention.h"
 #include "layer_norm/layer_norm.h"
 #include "lm_loss/lm_loss.h"
+#ifdef FUSEDLM_EMULATED
+#include "emu/selftest.h"
+#endif
 
 namespace py = pybind11;
 using fusedlm::TensorView;
@@ -61,6 +64,13 @@ PYBIND11_MODULE(_C, m) {
   // that asking touches no GPU.
 #ifdef FUSEDLM_EMULATED
   m.attr("EMULATED") = true;
+  m.def("emu_selftest_reverse", &fusedlm::emu::selftest_reverse, py::arg("values"), py::arg("barrier"),
+        py::arg("extra_smem") = 0,
+        "The values reversed through shared memory, with or without the barrier between.");
+  m.def("emu_selftest_fragment", &fusedlm::emu::selftest_fragment, py::arg("values"), py::arg("barrier"),
+        "A 16 x 16 tile through a WMMA fragment and shared memory, read back reversed.");
+  m.def("emu_selftest_divergent", &fusedlm::emu::selftest_divergent,
+        "Runs a kernel whose barriers never open: raises the emulator's deadlock error.");
 #else
   m.attr("EMULATED") = false;
 #endif

@@ -134,3 +134,34 @@ def test_emulator_refuses_cuda_tensors_and_says_so():
     q, k, v = _qkv(1, 8, 1, 1, 64, torch.float16)
     fusedlm.attention(q, k, v)
     assert fusedlm.explain("attention").backend == "torch"
+
+
+# The emulator itself, on kernels that are wrong on purpose (csrc/emu/selftest.cu): what it
+# says it finds, it finds, in either scheduling order.
+
+def test_emulator_finds_a_missing_block_barrier():
+    values = [float(i) for i in range(70)]  # three warps, the last one partial
+    assert _core._C.emu_selftest_reverse(values, True) == values[::-1]
+    raced = torch.tensor(_core._C.emu_selftest_reverse(values, False))
+    assert torch.isnan(raced).any()  # read before written: the NaNs shared memory starts with
+
+
+def test_emulator_finds_a_lane_reading_another_lanes_fragment_early():
+    values = [float(i) for i in range(256)]
+    assert _core._C.emu_selftest_fragment(values, True) == values[::-1]
+    assert torch.isnan(torch.tensor(_core._C.emu_selftest_fragment(values, False))).any()
+
+
+def test_emulator_reports_barriers_that_never_open():
+    with pytest.raises(RuntimeError, match=r"deadlock in block \(0, 0, 0\): 32 thread\(s\) wait at "
+                                           r"__syncthreads at line \d+; 32 thread\(s\) wait at a warp barrier"):
+        _core._C.emu_selftest_divergent()
+    # The process goes on: the next launch runs.
+    assert _core._C.emu_selftest_reverse([1.0, 2.0], True) == [2.0, 1.0]
+
+
+def test_emulator_refuses_too_much_shared_memory():
+    """A kernel asking for more dynamic shared memory than its limit (48 KB unless raised) fails
+    its launch as on a GPU, naming the launch."""
+    with pytest.raises(RuntimeError, match="selftest reverse launch: invalid argument"):
+        _core._C.emu_selftest_reverse([0.0] * 32, True, extra_smem=48 * 1024)

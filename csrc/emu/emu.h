@@ -9,9 +9,11 @@
 // barrier between them reads it too early in one of the two orders, so the tests run both:
 // a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
 // an error naming the lines they wait at. Dynamic shared memory starts each block filled with
-// NaNs; a launch that asks for more than its kernel's dynamic shared memory limit fails as on
-// a GPU. What it cannot show: speed, registers, the paths compiled only for __CUDA_ARCH__ >= 800
-// (16-byte cp.async tiles; the scalar ones run here), reads outside a tensor's memory.
+// NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more
+// than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
+// emulator to these. What it cannot show: speed, registers, the paths compiled only for
+// __CUDA_ARCH__ >= 800 (16-byte cp.async tiles; the scalar ones run here), reads outside a
+// tensor's memory.
 #pragma once
 #include <math.h>
 

@@ -1,0 +1,64 @@
+// Kernels that are wrong on purpose, for tests/test_cuda_emulated.py to hold the emulator to
+// what emu.h says it finds (built in FUSEDLM_CUDA=EMU cores only; bindings.cpp exposes them).
+#include <mma.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "../common/launch.cuh"
+#include "selftest.h"
+
+namespace fusedlm::emu {
+namespace {
+
+// Reverses n values through shared memory; without `barrier` a thread may read its mirror
+// before the mirror's thread wrote it.
+__global__ void reverse_kernel(const float* in, float* out, int n, bool barrier) {
+  float* buf = reinterpret_cast<float*>(dynamic_smem());
+  const int i = threadIdx.x;
+  if (i < n) buf[i] = in[i];
+  if (barrier) __syncthreads();
+  if (i < n) out[i] = buf[n - 1 - i];
+}
+
+// One warp stores a 16 x 16 tile from its WMMA fragment (each lane its part) and reads it back
+// upside down; without `barrier` (a __syncwarp) a lane may read a part not yet stored.
+__global__ void fragment_kernel(const float* in, float* out, bool barrier) {
+  using namespace nvcuda;
+  float* tile = reinterpret_cast<float*>(dynamic_smem());
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(acc, in, 16, wmma::mem_row_major);
+  wmma::store_matrix_sync(tile, acc, 16, wmma::mem_row_major);
+  if (barrier) __syncwarp();
+  for (int i = threadIdx.x; i < 256; i += 32) out[i] = tile[255 - i];
+}
+
+// Half of each warp waits at the block's barrier, the other half at the warp's: neither opens.
+__global__ void divergent_kernel() {
+  if (threadIdx.x % 32 < 16)
+    __syncthreads();
+  else
+    __syncwarp();
+}
+
+}  // namespace
+
+std::vector<float> selftest_reverse(const std::vector<float>& in, bool barrier, size_t extra_smem) {
+  const int n = static_cast<int>(in.size());
+  std::vector<float> out(in.size());
+  launch_kernel(reverse_kernel, 1, n, n * sizeof(float) + extra_smem, nullptr, "selftest reverse launch",
+                in.data(), out.data(), n, barrier);
+  return out;
+}
+
+std::vector<float> selftest_fragment(const std::vector<float>& in, bool barrier) {
+  if (in.size() != 256) throw std::invalid_argument("selftest_fragment takes 256 values");
+  std::vector<float> out(256);
+  launch_kernel(fragment_kernel, 1, 32, 256 * sizeof(float), nullptr, "selftest fragment launch", in.data(),
+                out.data(), barrier);
+  return out;
+}
+
+void selftest_divergent() { launch_kernel(divergent_kernel, 1, 64, 0, nullptr, "selftest divergent launch"); }
+
+}  // namespace fusedlm::emu

@@ -69,6 +69,8 @@ PYBIND11_MODULE(_C, m) {
         "The values reversed through shared memory, with or without the barrier between.");
   m.def("emu_selftest_fragment", &fusedlm::emu::selftest_fragment, py::arg("values"), py::arg("barrier"),
         "A 16 x 16 tile through a WMMA fragment and shared memory, read back reversed.");
+  m.def("emu_selftest_to_half", &fusedlm::emu::selftest_to_half, py::arg("values"), py::arg("bf16"));
+  m.def("emu_selftest_from_half", &fusedlm::emu::selftest_from_half, py::arg("bits"), py::arg("bf16"));
   m.def("emu_selftest_divergent", &fusedlm::emu::selftest_divergent,
         "Runs a kernel whose barriers never open: raises the emulator's deadlock error.");
 #else

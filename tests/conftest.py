@@ -55,6 +55,33 @@ def rel_err(out, ref):
     return diff / denom if denom > 0 else diff
 
 
+def sdpa(q, k, v, causal, mask=None):
+    """PyTorch's own attention on (batch, seq, heads, head_dim) tensors in their precision: the
+    bound the attention suites hold ours to (2x its error against float64)."""
+    import torch.nn.functional as F
+    h, hk = q.shape[2], k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if hk != h:
+        kt, vt = (t.repeat_interleave(h // hk, dim=1) for t in (kt, vt))
+    attn_mask = None
+    if causal or mask is not None:
+        attn_mask = fusedlm.reference.allowed_mask(q.shape[1], k.shape[1], causal=causal, key_mask=mask,
+                                                   device=q.device)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
+
+
+def check_cuda_drops_as_triton(q, k, v):
+    """The CUDA C++ attention draws Triton's dropout stream: with one seed both backends drop the
+    same probabilities, so outputs and gradients agree to rounding."""
+    tol = TOL[q.dtype]
+    outs = [fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, seed=7, backend=b) for b in ("triton", "cuda")]
+    assert rel_err(outs[1], outs[0]) < 2 * tol
+    do = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
+    for a, c in zip(*grads):
+        assert rel_err(c, a) < 4 * tol
+
+
 # Relative norm error against a float64 reference: the table `fusedlm check` uses too.
 TOL = fusedlm.reference.TOLERANCE
 

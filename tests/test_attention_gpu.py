@@ -4,12 +4,11 @@ reference with the error bounded by 2x PyTorch's own (SDPA) error in the same pr
 The evidence a backend needs before automatic dispatch may choose it (see README)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import HAS_GPU, TOL, rel_err, tma_launches
+from conftest import HAS_GPU, TOL, check_cuda_drops_as_triton, rel_err, sdpa, tma_launches
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
@@ -25,18 +24,6 @@ def _qkv(b, s, h, hk, d, dtype, sk=None):
     return mk(b, s, h, d), mk(b, sk, hk, d), mk(b, sk, hk, d)
 
 
-def _sdpa(q, k, v, causal, mask=None):
-    """PyTorch's own attention in this precision, as the bound for ours."""
-    h, hk = q.shape[2], k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    if hk != h:
-        kt, vt = (t.repeat_interleave(h // hk, dim=1) for t in (kt, vt))
-    attn_mask = None
-    if causal or mask is not None:
-        attn_mask = reference.allowed_mask(q.shape[1], k.shape[1], causal=causal, key_mask=mask, device="cuda")
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
@@ -50,7 +37,7 @@ def test_attention_gpu(backend, dtype, d, causal, s, sk):
     f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, _ = reference.attention(*f64, causal=causal)
     want = torch.autograd.grad(ref, f64, do.double())
-    theirs = _sdpa(q, k, v, causal)
+    theirs = sdpa(q, k, v, causal)
     theirs_g = torch.autograd.grad(theirs, (q, k, v), do)
     assert rel_err(out, ref) < max(TOL[dtype], 2 * rel_err(theirs, ref))
     for a, r, t in zip(got, want, theirs_g):
@@ -64,7 +51,7 @@ def test_padded_bert_batch_and_varlen_gpu(backend):
     mask = torch.arange(512)[None, :] < lens[:, None]
     mask = mask.cuda()
     out = fusedlm.attention(q, k, v, attention_mask=mask, backend=backend)
-    theirs = _sdpa(q, k, v, False, mask)
+    theirs = sdpa(q, k, v, False, mask)
     ref, _ = reference.attention(*(t.detach().double() for t in (q, k, v)), key_mask=mask)
     assert rel_err(out[mask], ref[mask]) < max(TOL[torch.bfloat16], 2 * rel_err(theirs[mask], ref[mask]))
     packed = [fusedlm.unpad(t.detach(), mask) for t in (q, k, v)]
@@ -108,7 +95,7 @@ def test_long_sequence_16k_gpu(backend):
     q, k, v = _qkv(1, 16384, 4, 4, 128, torch.bfloat16)
     out = fusedlm.attention(q, k, v, causal=True, backend=backend)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    theirs = _sdpa(q, k, v, True)
+    theirs = sdpa(q, k, v, True)
     assert rel_err(out, theirs.detach()) < 2e-2
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -161,13 +148,7 @@ def test_dropout_gpu(backend):
 
 @pytest.mark.skipif(set(BACKENDS) != {"triton", "cuda"}, reason="needs both kernels")
 def test_cuda_and_triton_drop_the_same_probabilities_gpu():
-    q, k, v = _qkv(2, 300, 4, 2, 64, torch.bfloat16)
-    outs = [fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, seed=7, backend=b) for b in ("triton", "cuda")]
-    assert rel_err(outs[1], outs[0]) < 2 * TOL[torch.bfloat16]
-    do = torch.randn_like(outs[0])
-    grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
-    for a, c in zip(*grads):
-        assert rel_err(c, a) < 4 * TOL[torch.bfloat16]
+    check_cuda_drops_as_triton(*_qkv(2, 300, 4, 2, 64, torch.bfloat16))
 
 
 def _run_pinned(kern, pin, q, k, v, do, *, causal, key_mask=None, cu=None, max_len=None):
@@ -274,7 +255,7 @@ def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
             part = [t.detach()[None, a:b].requires_grad_() for t in (q, k, v)]
             f64 = [t.detach().double().requires_grad_() for t in part]
             ref, _ = reference.attention(*f64, causal=True)
-            theirs = _sdpa(*part, True)
+            theirs = sdpa(*part, True)
             d_part = do[None, a:b]
             check(out[None, a:b], ref, [t[None, a:b] for t in grads],
                   torch.autograd.grad(ref, f64, d_part.double()), theirs,
@@ -291,7 +272,7 @@ def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
         grads = torch.autograd.grad(out, (q, k, v), do)
         f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
         ref, _ = reference.attention(*f64, causal=causal, key_mask=mask)
-        theirs = _sdpa(q, k, v, causal, mask)
+        theirs = sdpa(q, k, v, causal, mask)
         check(out, ref, grads, torch.autograd.grad(ref, f64, do.double()), theirs,
               torch.autograd.grad(theirs, (q, k, v), do))
     assert {name for name, _ in seen} == {"fwd", "dq", "dkdv"}, seen

@@ -14,11 +14,10 @@ What the emulator cannot check is in csrc/emu/emu.h: speed, registers, the 16-by
 paths (sm_80 code only; the scalar tile loads run here), reads outside a tensor's memory."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fusedlm
 from fusedlm import _core, reference
-from conftest import EMULATED, TOL, rel_err
+from conftest import EMULATED, TOL, check_cuda_drops_as_triton, rel_err, sdpa
 
 pytestmark = pytest.mark.skipif(not EMULATED, reason="needs fusedlm._C built for the CPU emulator (FUSEDLM_CUDA=EMU)")
 
@@ -35,23 +34,11 @@ def _qkv(b, s, h, hk, d, dtype, sk=None, seed=0):
     return mk(b, s, h, d), mk(b, sk or s, hk, d), mk(b, sk or s, hk, d)
 
 
-def _sdpa(q, k, v, causal, mask=None):
-    """PyTorch's own attention in this precision: the bound for ours."""
-    h, hk = q.shape[2], k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    if hk != h:
-        kt, vt = (t.repeat_interleave(h // hk, dim=1) for t in (kt, vt))
-    attn_mask = None
-    if causal or mask is not None:
-        attn_mask = reference.allowed_mask(q.shape[1], k.shape[1], causal=causal, key_mask=mask)
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
-
-
 def _check(out, grads, q, k, v, do, causal, mask=None):
     f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, _ = reference.attention(*f64, causal=causal, key_mask=mask)
     want = torch.autograd.grad(ref, f64, do.double())
-    theirs = _sdpa(q, k, v, causal, mask)
+    theirs = sdpa(q, k, v, causal, mask)
     theirs_g = torch.autograd.grad(theirs, (q, k, v), do)
     dtype = q.dtype
     assert rel_err(out, ref) < max(TOL[dtype], 2 * rel_err(theirs, ref))
@@ -117,13 +104,7 @@ def test_dropout_matches_triton_emulated(hk):
     same probabilities, forward and backward (Triton under its interpreter)."""
     if fusedlm.ops.dispatch.why_not("attention", "triton", ("cpu", torch.float16, 64)) is not None:
         pytest.skip("needs the Triton interpreter")
-    q, k, v = _qkv(2, 100, 4, hk, 64, torch.float16)
-    outs = [fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, seed=7, backend=b) for b in ("triton", "cuda")]
-    assert rel_err(outs[1], outs[0]) < 2 * TOL[torch.float16]
-    do = torch.randn_like(outs[0])
-    grads = [torch.autograd.grad(o, (q, k, v), do) for o in outs]
-    for a, c in zip(*grads):
-        assert rel_err(c, a) < 4 * TOL[torch.float16]
+    check_cuda_drops_as_triton(*_qkv(2, 100, 4, hk, 64, torch.float16))
 
 
 def test_emulator_refuses_cuda_tensors_and_says_so():
@@ -165,3 +146,30 @@ def test_emulator_refuses_too_much_shared_memory():
     its launch as on a GPU, naming the launch."""
     with pytest.raises(RuntimeError, match="selftest reverse launch: invalid argument"):
         _core._C.emu_selftest_reverse([0.0] * 32, True, extra_smem=48 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_half_conversions_match_torch(dtype):
+    """The stand-in fp16/bf16 types convert as torch (and the GPU) do: every bit pattern to
+    float exactly, and floats to the nearest, ties to even, at subnormals, halfway points,
+    overflow, infinities and NaN."""
+    bf16 = dtype == torch.bfloat16
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    got = torch.tensor(_core._C.emu_selftest_from_half(list(range(65536)), bf16))
+    want = bits.float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+    # Floats: every half value and the midpoints between neighbours (ties), nudged both ways,
+    # plus random ones over the whole range.
+    finite = want[torch.isfinite(want)].unique()
+    mids = (finite[:-1].double() + finite[1:].double()) / 2
+    nudged = torch.cat([mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)]).float()
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(20000, generator=g) * torch.exp2(torch.randint(-30, 30, (20000,), generator=g).float())
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 65504.0, 65519.9, 65520.0, 1e30, -1e-30,
+                            2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26])
+    values = torch.cat([finite, nudged, rand, special])
+    got = torch.tensor(_core._C.emu_selftest_to_half(values.tolist(), bf16), dtype=torch.int32).to(torch.int16)
+    assert torch.equal(got, values.to(dtype).view(torch.int16))
+    nan = _core._C.emu_selftest_to_half([float("nan")], bf16)
+    assert torch.isnan(torch.tensor(nan, dtype=torch.int32).to(torch.int16).view(dtype)).all()

@@ -59,6 +59,18 @@ std::vector<float> selftest_fragment(const std::vector<float>& in, bool barrier)
   return out;
 }
 
+std::vector<uint16_t> selftest_to_half(const std::vector<float>& in, bool bf16) {
+  std::vector<uint16_t> out;
+  for (float f : in) out.push_back(bf16 ? __float2bfloat16_rn(f).bits : __float2half_rn(f).bits);
+  return out;
+}
+
+std::vector<float> selftest_from_half(const std::vector<uint16_t>& in, bool bf16) {
+  std::vector<float> out;
+  for (uint16_t b : in) out.push_back(bf16 ? __bfloat162float({b}) : __half2float({b}));
+  return out;
+}
+
 void selftest_divergent() { launch_kernel(divergent_kernel, 1, 64, 0, nullptr, "selftest divergent launch"); }
 
 }  // namespace fusedlm::emu

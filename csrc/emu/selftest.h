@@ -1,6 +1,7 @@
 // The emulator's self-tests (selftest.cu): wrong kernels whose faults it must report.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace fusedlm::emu {
@@ -11,6 +12,9 @@ std::vector<float> selftest_reverse(const std::vector<float>& in, bool barrier, 
 // A 16 x 16 tile (256 values, row-major) through a WMMA fragment and shared memory, read back
 // reversed, with or without the __syncwarp between storing and reading.
 std::vector<float> selftest_fragment(const std::vector<float>& in, bool barrier);
+// The stand-in fp16 (or bf16) conversions: floats to bits, bits to floats.
+std::vector<uint16_t> selftest_to_half(const std::vector<float>& in, bool bf16);
+std::vector<float> selftest_from_half(const std::vector<uint16_t>& in, bool bf16);
 // Barriers that never open: throws the emulator's deadlock error.
 void selftest_divergent();
 

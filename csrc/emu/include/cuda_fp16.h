@@ -3,7 +3,8 @@
 // GPU's do.
 #pragma once
 #include <cstdint>
-#include <cstring>
+
+#include "emu_bits.h"
 
 struct __half {
   uint16_t bits;
@@ -20,27 +21,20 @@ inline float __half2float(__half h) {
   } else if (mant == 0) {
     out = sign;
   } else {  // subnormal: mant * 2^-24, exact in fp32
-    float f = static_cast<float>(mant) * 5.9604644775390625e-08f;
-    std::memcpy(&out, &f, 4);
-    out |= sign;
+    out = sign | fusedlm::emu::bits_of(static_cast<float>(mant) * 5.9604644775390625e-08f);
   }
-  float f;
-  std::memcpy(&f, &out, 4);
-  return f;
+  return fusedlm::emu::float_of(out);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  const uint32_t x = fusedlm::emu::bits_of(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u)  // inf stays inf, nan stays a (quiet) nan
     return {static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u))};
   if (ax >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds past 65504
   if (ax < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), mant * 2^-24
-    float a;
-    std::memcpy(&a, &ax, 4);
-    const float scaled = a * 16777216.0f;  // exact: a power of two
+    const float scaled = fusedlm::emu::float_of(ax) * 16777216.0f;  // exact: a power of two
     // Round half to even on the integer multiple of 2^-24.
     const float fl = static_cast<float>(static_cast<uint32_t>(scaled));
     const float rem = scaled - fl;

@@ -226,8 +226,9 @@ def triton_cases():
 # --- CUDA C++ -----------------------------------------------------------------------------
 
 def cuda_facts(arch, nvcc):
-    """Per kernel of every csrc/*.cu: registers, spills, smem and SASS counts at `arch`."""
-    cu_files = sorted((ROOT / "csrc").rglob("*.cu"))
+    """Per kernel of every csrc/*.cu a CUDA build compiles: registers, spills, smem and SASS
+    counts at `arch` (csrc/emu/, the CPU emulator's, is never compiled by nvcc)."""
+    cu_files = sorted(p for p in (ROOT / "csrc").rglob("*.cu") if "emu" not in p.relative_to(ROOT / "csrc").parts)
     defines = ["-DFUSEDLM_WITH_CUDA=1"] + (["-DFUSEDLM_HAS_SM90A=1"] if arch == "sm_90a" else [])
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -173,3 +173,29 @@ def test_emulated_half_conversions_match_torch(dtype):
     assert torch.equal(got, values.to(dtype).view(torch.int16))
     nan = _core._C.emu_selftest_to_half([float("nan")], bf16)
     assert torch.isnan(torch.tensor(nan, dtype=torch.int32).to(torch.int16).view(dtype)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [4097, 6001, 8192])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_wide_norm_rows_emulated(dtype, n, aligned, rms):
+    """Rows past 4096 columns, up to the CUDA kernel's 8192: the backward re-reads dy, z and w in
+    a second pass past 8 values a thread, which the CPU suites' widths never reach (only the GPU
+    suite ran it). Unaligned storage takes one-value loads, 16 values a thread at 8192."""
+    g = torch.Generator().manual_seed(n)
+    rows, off = 3, 0 if aligned else 1
+    x = (torch.randn(rows * n + off, generator=g) * 2 + 0.5).to(dtype)[off:].view(rows, n).requires_grad_()
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype).requires_grad_()
+    b = None if rms else (0.5 * torch.randn(n, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(rows, n, generator=g).to(dtype)
+    assert (x.data_ptr() % 16 == 0) == aligned
+    y = fusedlm.rms_norm(x, w, 1e-6, backend="cuda") if rms else fusedlm.layer_norm(x, w, b, 1e-5, backend="cuda")
+    leaves = [t for t in (x, w, b) if t is not None]
+    f64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.rms_norm(*f64, 1e-6)[0] if rms else reference.layer_norm(*f64, 1e-5)[0]
+    assert rel_err(y, ref) < TOL[dtype]
+    got = torch.autograd.grad(y, leaves, dy)
+    want = torch.autograd.grad(ref, f64, dy.double())
+    for name, a, r in zip("xwb", got, want):
+        assert rel_err(a, r) < TOL[dtype] * (1 if name == "x" else 2), name

@@ -13,8 +13,8 @@ from fusedlm import reference
 from fusedlm.ops import dispatch
 from fusedlm.ops import attention_kernels
 from fusedlm.ops.attention import _forward
-from conftest import HAS_GPU, TOL, rel_err
-from test_attention_gpu import _qkv, _sdpa
+from conftest import HAS_GPU, TOL, rel_err, sdpa
+from test_attention_gpu import _qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -61,7 +61,7 @@ def _check_fwd_bwd(q, k, v, **kw):
     mask = kw.get("attention_mask")
     ref, _ = reference.attention(*f64, causal=kw.get("causal", False), key_mask=mask)
     want = torch.autograd.grad(ref, f64, do.double())
-    theirs = _sdpa(q, k, v, kw.get("causal", False), mask)
+    theirs = sdpa(q, k, v, kw.get("causal", False), mask)
     theirs_g = torch.autograd.grad(theirs, (q, k, v), do)
     tol = TOL[q.dtype]
     assert rel_err(out, ref) < max(tol, 2 * rel_err(theirs, ref))
@@ -150,7 +150,7 @@ def test_wgmma_long_sequence_gpu(wgmma):
     q, k, v = (t.detach() for t in _qkv(1, 16384, 4, 4, 128, torch.bfloat16))
     out = fusedlm.attention(q, k, v, causal=True, backend="cuda")
     _ran_wgmma()
-    assert rel_err(out, _sdpa(q, k, v, True)) < 2e-2
+    assert rel_err(out, sdpa(q, k, v, True)) < 2e-2
 
 
 def test_wgmma_dropout_gpu(wgmma, monkeypatch):

@@ -44,6 +44,7 @@ py::dict build_info() {
 #ifdef FUSEDLM_EMULATED
   d["cuda"] = false;  // the kernels are built, for the CPU emulator: not for a GPU
   d["emulated"] = true;
+  d["emu_sanitize"] = FUSEDLM_EMU_SANITIZE;
 #else
   d["cuda"] = fusedlm::built_with_cuda();
   d["emulated"] = false;
@@ -71,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
         "A 16 x 16 tile through a WMMA fragment and shared memory, read back reversed.");
   m.def("emu_selftest_to_half", &fusedlm::emu::selftest_to_half, py::arg("values"), py::arg("bf16"));
   m.def("emu_selftest_from_half", &fusedlm::emu::selftest_from_half, py::arg("bits"), py::arg("bf16"));
+  m.def("emu_selftest_read_past_end", &fusedlm::emu::selftest_read_past_end, py::arg("values"));
   m.def("emu_selftest_divergent", &fusedlm::emu::selftest_divergent,
         "Runs a kernel whose barriers never open: raises the emulator's deadlock error.");
 #else

@@ -11,7 +11,8 @@ the attention kernels' cases: every head dim, grouped heads, packed sequences, k
 dropout. The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
 
 What the emulator cannot check is in csrc/emu/emu.h: speed, registers, the 16-byte cp.async
-paths (sm_80 code only; the scalar tile loads run here), reads outside a tensor's memory."""
+paths (sm_80 code only; the scalar tile loads run here). Accesses outside a tensor's memory it
+reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the last test checks that)."""
 import pytest
 import torch
 
@@ -199,3 +200,16 @@ def test_wide_norm_rows_emulated(dtype, n, aligned, rms):
     want = torch.autograd.grad(ref, f64, dy.double())
     for name, a, r in zip("xwb", got, want):
         assert rel_err(a, r) < TOL[dtype] * (1 if name == "x" else 2), name
+
+
+def test_sanitized_emulator_reports_a_read_past_a_buffer():
+    """In an address-sanitized emulated core (FUSEDLM_EMU_SANITIZE=address, CI's) a kernel's read
+    outside its memory ends the process with the sanitizer's report naming the kernel's line."""
+    import subprocess
+    import sys
+    if fusedlm.build_info().get("emu_sanitize") != "address":
+        pytest.skip("fusedlm._C was built without FUSEDLM_EMU_SANITIZE=address")
+    code = "from fusedlm import _core; _core._C.emu_selftest_read_past_end([1.0] * 40)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "heap-buffer-overflow" in run.stderr and "selftest.cu" in run.stderr, run.stderr[-2000:]

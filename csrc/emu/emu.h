@@ -11,9 +11,9 @@
 // an error naming the lines they wait at. Dynamic shared memory starts each block filled with
 // NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more
 // than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
-// emulator to these. What it cannot show: speed, registers, the paths compiled only for
-// __CUDA_ARCH__ >= 800 (16-byte cp.async tiles; the scalar ones run here), reads outside a
-// tensor's memory.
+// emulator to these. Built with FUSEDLM_EMU_SANITIZE=address, accesses outside a tensor's memory
+// are reported too. What it cannot show: speed, registers, the paths compiled only for
+// __CUDA_ARCH__ >= 800 (16-byte cp.async tiles; the scalar ones run here).
 #pragma once
 #include <math.h>
 

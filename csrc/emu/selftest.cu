@@ -33,6 +33,12 @@ __global__ void fragment_kernel(const float* in, float* out, bool barrier) {
   for (int i = threadIdx.x; i < 256; i += 32) out[i] = tile[255 - i];
 }
 
+// Thread i copies in[i + 1]: the last thread reads one past the end.
+__global__ void shift_kernel(const float* in, float* out, int n) {
+  const int i = threadIdx.x;
+  if (i < n) out[i] = in[i + 1];
+}
+
 // Half of each warp waits at the block's barrier, the other half at the warp's: neither opens.
 __global__ void divergent_kernel() {
   if (threadIdx.x % 32 < 16)
@@ -68,6 +74,13 @@ std::vector<uint16_t> selftest_to_half(const std::vector<float>& in, bool bf16) 
 std::vector<float> selftest_from_half(const std::vector<uint16_t>& in, bool bf16) {
   std::vector<float> out;
   for (uint16_t b : in) out.push_back(bf16 ? __bfloat162float({b}) : __half2float({b}));
+  return out;
+}
+
+std::vector<float> selftest_read_past_end(const std::vector<float>& in) {
+  std::vector<float> out(in.size());
+  const int n = static_cast<int>(in.size());
+  launch_kernel(shift_kernel, 1, n, 0, nullptr, "selftest shift launch", in.data(), out.data(), n);
   return out;
 }
 

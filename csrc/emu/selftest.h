@@ -15,6 +15,9 @@ std::vector<float> selftest_fragment(const std::vector<float>& in, bool barrier)
 // The stand-in fp16 (or bf16) conversions: floats to bits, bits to floats.
 std::vector<uint16_t> selftest_to_half(const std::vector<float>& in, bool bf16);
 std::vector<float> selftest_from_half(const std::vector<uint16_t>& in, bool bf16);
+// A kernel reading one element past `in`'s end: in an address-sanitized build
+// (FUSEDLM_EMU_SANITIZE=address) the sanitizer reports it and ends the process.
+std::vector<float> selftest_read_past_end(const std::vector<float>& in);
 // Barriers that never open: throws the emulator's deadlock error.
 void selftest_divergent();
 

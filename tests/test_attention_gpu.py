@@ -8,7 +8,7 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import HAS_GPU, TOL, check_cuda_drops_as_triton, rel_err, sdpa, tma_launches
+from conftest import HAS_GPU, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, rel_err, sdpa, tma_launches
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
@@ -120,19 +120,7 @@ def test_empty_rows_and_determinism_gpu(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unaligned_views_gpu(backend):
-    """Views whose rows are not 16-byte aligned (the CUDA kernel then loads element by element
-    instead of with 16-byte copies) give the same result as contiguous tensors."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    wide = [torch.randn(2, 200, 4, 65, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
-    q, k, v = (t[..., 1:] for t in wide)
-    assert q.stride(1) % 8 != 0 and q.data_ptr() % 16 != 0
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # contiguous copies
-    views = [t.detach().requires_grad_() for t in (q, k, v)]
-    outs = [fusedlm.attention(*ts, causal=True, backend=backend) for ts in (views, leaves)]
-    assert torch.equal(outs[0], outs[1])
-    do = torch.randn_like(outs[0])
-    for a, c in zip(torch.autograd.grad(outs[0], views, do), torch.autograd.grad(outs[1], leaves, do)):
-        assert torch.equal(a, c)
+    check_unaligned_views_match(backend, "cuda", torch.bfloat16, seq=200)
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)

@@ -10,15 +10,17 @@ norm and the LM-loss row kernel at every shape they test); this file adds what t
 the attention kernels' cases: every head dim, grouped heads, packed sequences, key masks,
 dropout. The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
 
-What the emulator cannot check is in csrc/emu/emu.h: speed, registers, the 16-byte cp.async
-paths (sm_80 code only; the scalar tile loads run here). Accesses outside a tensor's memory it
-reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the last test checks that)."""
+Aligned operands take the kernels' 16-byte cp.async tile loads (each copy lands at its
+thread's wait, not before), unaligned views the scalar ones. What the emulator cannot check is
+in csrc/emu/emu.h: speed, registers, memory ordering finer than its barriers. Accesses outside
+a tensor's memory it reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the
+last test checks that)."""
 import pytest
 import torch
 
 import fusedlm
 from fusedlm import _core, reference
-from conftest import EMULATED, TOL, check_cuda_drops_as_triton, rel_err, sdpa
+from conftest import EMULATED, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, rel_err, sdpa
 
 pytestmark = pytest.mark.skipif(not EMULATED, reason="needs fusedlm._C built for the CPU emulator (FUSEDLM_CUDA=EMU)")
 
@@ -83,6 +85,12 @@ def test_packed_sequences_and_key_masks_emulated(causal):
     out = fusedlm.attention(q, k, v, attention_mask=mask, causal=causal, backend="cuda")
     do = torch.randn_like(out)
     _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_unaligned_views_emulated(dtype):
+    """The scalar tile loads (unaligned rows) against the cp.async ones (contiguous copies)."""
+    check_unaligned_views_match("cuda", "cpu", dtype, seq=100)
 
 
 def test_empty_rows_and_determinism_emulated():

@@ -17,6 +17,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../common/async_copy.cuh"
 #include "../common/cuda_math.cuh"
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
@@ -47,7 +48,7 @@ constexpr int kPad = 8;     // elements of padding per shared-memory row (bank s
 template <typename T, int D, int kCta = kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len,
                                           bool vec) {
-#if __CUDA_ARCH__ >= 800
+#ifdef FUSEDLM_CP_ASYNC
   if (vec) {
     constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec;
     static_assert(kBlock * kPerRow % kCta == 0, "tile chunks must split evenly over the CTA");
@@ -57,10 +58,9 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
       const int r = i / kPerRow, c = i % kPerRow * kVec;
       const bool in = r0 + r < len;
       const T* g = in ? src + (r0 + r) * row_stride + c : src;  // a valid address even when unread
-      const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst + r * (D + kPad) + c));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(in ? 16 : 0));
+      cp_async_16(dst + r * (D + kPad) + c, g, in);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
     return;
   }
 #endif
@@ -72,8 +72,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
 
 // Waits for this thread's cp.async copies; a __syncthreads must follow before others read.
 __device__ __forceinline__ void tile_wait() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::);
+#ifdef FUSEDLM_CP_ASYNC
+  cp_async_wait_all();
 #endif
 }
 

@@ -22,6 +22,12 @@ constexpr int kMaxSmem = 166912;  // an A100's opt-in limit per block: the sm_80
 
 enum class Wait { kRunnable, kBlock, kWarp, kDone };
 
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+
 struct Fiber {
   ucontext_t ctx;
   void* stack = nullptr;
@@ -29,6 +35,7 @@ struct Fiber {
   int linear = 0, warp = 0, lane = 0;
   Wait wait = Wait::kRunnable;
   int line = 0;
+  std::vector<Copy> copies;  // cp.async copies issued and not yet waited for
 };
 
 struct Warp {
@@ -190,6 +197,18 @@ uint64_t exchange(uint64_t bits, int src, int line) {
   return got;
 }
 
+void cp_async(void* dst, const void* src, int bytes) {
+  g_block->running->copies.push_back({dst, src, bytes});
+}
+
+void cp_async_wait_all() {
+  for (const Copy& c : g_block->running->copies) {
+    std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+    std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+  }
+  g_block->running->copies.clear();
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   const long long threads = 1LL * block.x * block.y * block.z;
   if (threads < 1 || threads > kMaxThreads || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
@@ -226,6 +245,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
             f.warp = static_cast<int>(i / 32);
             f.lane = static_cast<int>(i % 32);
             f.wait = Wait::kRunnable;
+            f.copies.clear();  // a copy never waited for never lands
             f.st.thread_idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                                static_cast<unsigned>(i / (1LL * block.x * block.y))};
             f.st.block_idx = {x, y, z};

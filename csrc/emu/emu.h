@@ -8,12 +8,13 @@
 // reverse (FUSEDLM_EMU_ORDER=reverse). A thread that reads what another thread wrote without a
 // barrier between them reads it too early in one of the two orders, so the tests run both:
 // a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
-// an error naming the lines they wait at. Dynamic shared memory starts each block filled with
+// an error naming the lines they wait at. A cp.async copy lands at its thread's wait, so a tile
+// read before the wait is stale too. Dynamic shared memory starts each block filled with
 // NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more
 // than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
 // emulator to these. Built with FUSEDLM_EMU_SANITIZE=address, accesses outside a tensor's memory
-// are reported too. What it cannot show: speed, registers, the paths compiled only for
-// __CUDA_ARCH__ >= 800 (16-byte cp.async tiles; the scalar ones run here).
+// are reported too. What it cannot show: speed, registers, memory ordering finer than its
+// barriers, anything of the sm_90a kernels (wgmma, TMA, mbarriers).
 #pragma once
 #include <math.h>
 
@@ -46,6 +47,10 @@ void sync_warp(int line);
 // A warp exchange: every lane puts `bits`, then reads lane `src`'s (its own where src is out of
 // the warp).
 uint64_t exchange(uint64_t bits, int src, int line);
+// cp.async: `bytes` (16 or 0: zero-fill) from src to dst, 16 bytes written, done at the
+// thread's next cp_async_wait_all and not before.
+void cp_async(void* dst, const void* src, int bytes);
+void cp_async_wait_all();
 
 // Runs `body` as the kernel of every thread of the grid; throws std::runtime_error for a
 // deadlock, sets the launch error (cudaGetLastError) for a bad configuration.

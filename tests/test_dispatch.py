@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fusedlm
-from conftest import DEVICE, HAS_GPU, kernel_backends
+from conftest import DEVICE, HAS_GPU, kernel_backends, not_emulated
 
 
 def test_auto_on_cpu_is_reference_and_says_why_not_the_others():
@@ -23,6 +23,7 @@ def test_per_call_backend_is_used_and_recorded():
     assert (d.backend, d.source) == ("triton", "argument")
 
 
+@not_emulated
 def test_per_call_backend_that_cannot_serve_raises_naming_backend():
     x = torch.randn(3, 8)  # CPU: the CUDA C++ kernel cannot serve it
     with pytest.raises(ValueError, match=r"backend='cuda'"):
@@ -34,6 +35,7 @@ def test_unknown_backend_name_raises():
         fusedlm.layer_norm(torch.randn(2, 4), backend="apex")
 
 
+@not_emulated
 def test_env_preference_falls_back_and_records_why(monkeypatch):
     monkeypatch.setenv("FUSEDLM_BACKEND", "cuda")
     y = fusedlm.layer_norm(torch.randn(3, 8))

@@ -232,3 +232,15 @@ def test_sanitized_emulator_reports_a_read_past_a_buffer():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "heap-buffer-overflow" in run.stderr and "selftest.cu" in run.stderr, run.stderr[-2000:]
+
+
+def test_empty_packed_batch_emulated():
+    """A pack with no query rows (every sequence empty) gives an empty output and zero key
+    gradients; the log-sum-exp's strides of an empty tensor are not an error (they were)."""
+    q = torch.zeros(0, 2, 32, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(5, 1, 32).half().requires_grad_() for _ in range(2))
+    cu_q, cu_k = torch.tensor([0, 0, 0], dtype=torch.int32), torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, 0, 3, backend="cuda")
+    assert out.shape == q.shape
+    dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
+    assert dk is not None and not dk.any() and not dv.any()

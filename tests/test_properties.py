@@ -107,6 +107,8 @@ def _attention_case(draw):
 @given(backend=st.sampled_from(BACKENDS), case=_attention_case())
 def test_attention(backend, case):
     b, sq, sk, h, hk, d = (case[k] for k in ("batch", "sq", "sk", "heads", "kv_heads", "head_dim"))
+    if backend == "cuda":  # the CUDA C++ kernels are built for head dims 32, 64, 96 and 128
+        d = max(d, 32)
     dtype, seed = torch.float16, case["seed"]
     q, k, v = (_randn((b, s, n, d), seed + i, dtype) for i, (s, n) in enumerate(((sq, h), (sk, hk), (sk, hk))))
     mask = None
@@ -141,7 +143,8 @@ def _attention_variant(draw):
                 sk=draw(st.integers(1, 40)), seed=draw(st.integers(0, 2 ** 16)))
 
 
-@given(backend=st.sampled_from(BACKENDS), case=_attention_variant())
+# The CUDA C++ kernels have none of these variants (dispatch says so: test_attention.py).
+@given(backend=st.sampled_from([b for b in BACKENDS if b != "cuda"]), case=_attention_variant())
 def test_attention_variants(backend, case):
     b, h, hk, d, dtype, seed = 2, 4, 2, 16, torch.float16, case["seed"]
     q, k, v = (_randn((b, s, n, d), seed + i, dtype).requires_grad_()
@@ -208,7 +211,7 @@ def test_unpad_static_attention(backend, batch, seq, pattern, causal, seed):
             "empty row": keep.index_fill(0, torch.tensor([0]), False),
             "full": torch.ones(batch, seq, dtype=torch.bool)}[pattern].to(DEVICE)
     dtype = torch.float16
-    q, k, v = (_randn((batch, seq, 2, 16), seed + i, dtype).requires_grad_() for i in range(3))
+    q, k, v = (_randn((batch, seq, 2, 32), seed + i, dtype).requires_grad_() for i in range(3))
     (rq, idx, cu_q, cu_k, max_len, real), rk, rv = (
         fusedlm.ops.unpad_static(q, keep), fusedlm.ops.unpad_static(k, keep)[0],
         fusedlm.ops.unpad_static(v, keep)[0])

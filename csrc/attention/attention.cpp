@@ -25,7 +25,7 @@ void check_like(const TensorView& t, const TensorView& ref) {
     throw ArgError(std::string(t.name) + " must have " + ref.name + "'s shape " + shape_of(ref) +
                    " and dtype " + dtype_name(ref.dtype) + ", got " + shape_of(t) + " " +
                    dtype_name(t.dtype));
-  if (t.stride[t.ndim - 1] != 1 && t.shape[t.ndim - 1] > 1)
+  if (!empty(t) && t.stride[t.ndim - 1] != 1 && t.shape[t.ndim - 1] > 1)
     throw ArgError(std::string(t.name) + " must have unit stride along its last dimension");
 }
 
@@ -47,7 +47,7 @@ void check_problem(const Problem& p) {
       throw DTypeError(std::string(t->name) + " must be float16 or bfloat16, got " +
                        dtype_name(t->dtype));
     if (t->dtype != p.q.dtype) throw DTypeError(std::string(t->name) + " must have q's dtype");
-    if (t->stride[want - 1] != 1)
+    if (!empty(*t) && t->stride[want - 1] != 1)
       throw ArgError(std::string(t->name) + " must have unit stride along its last dimension");
   }
   const int64_t d = p.q.shape[want - 1], heads = p.q.shape[want - 2];
@@ -94,11 +94,13 @@ void check_lse(const TensorView& lse, const Problem& p) {
   const bool varlen = p.cu_q.has_value();
   const int h = varlen ? 1 : 2;
   const int64_t heads = p.q.shape[h];
-  bool ok = varlen ? (lse.ndim == 2 && lse.shape[0] == heads && lse.shape[1] == p.q.shape[0] &&
-                      (lse.shape[1] <= 1 || lse.stride[1] == 1) && lse.stride[0] == lse.shape[1])
-                   : (lse.ndim == 3 && lse.shape[0] == p.q.shape[0] && lse.shape[1] == heads &&
-                      lse.shape[2] == p.q.shape[1] && (lse.shape[2] <= 1 || lse.stride[2] == 1) &&
-                      lse.stride[1] == lse.shape[2] && lse.stride[0] == heads * lse.shape[2]);
+  const bool shaped = varlen ? lse.ndim == 2 && lse.shape[0] == heads && lse.shape[1] == p.q.shape[0]
+                             : lse.ndim == 3 && lse.shape[0] == p.q.shape[0] && lse.shape[1] == heads &&
+                                   lse.shape[2] == p.q.shape[1];
+  const bool ok = shaped && (empty(lse) || (varlen ? (lse.shape[1] <= 1 || lse.stride[1] == 1) && lse.stride[0] == lse.shape[1]
+                                              : (lse.shape[2] <= 1 || lse.stride[2] == 1) &&
+                                                    lse.stride[1] == lse.shape[2] &&
+                                                    lse.stride[0] == heads * lse.shape[2]));
   if (!ok)
     throw ArgError(std::string(lse.name) + " must be contiguous float32 " +
                    (varlen ? "(heads, total_q)" : "(batch, heads, seq_q)") + ", got " + shape_of(lse));

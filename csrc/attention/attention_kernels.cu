@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
     __syncwarp();
   }
   tile_wait();  // the Q copy, when no key block was visited
+  __syncwarp();  // ... and O's zeros, which other lanes wrote, when no key block was visited
   if (qi < s.len_q) {
     // A row that saw no key gives zeros. l_i >= 1 (the row max contributes 1): the fast
     // reciprocal is exact enough and calls no slow-path routine.

@@ -56,6 +56,13 @@ struct TensorView {
   int device_id = 0;
 };
 
+// Has it no elements? Such a view addresses no memory, so its strides are never checked.
+inline bool empty(const TensorView& t) {
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] == 0) return true;
+  return false;
+}
+
 inline std::string str(const TensorView& t) {
   std::string s = "(";
   for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);

@@ -68,11 +68,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_selftest_reverse", &fusedlm::emu::selftest_reverse, py::arg("values"), py::arg("barrier"),
         py::arg("extra_smem") = 0,
         "The values reversed through shared memory, with or without the barrier between.");
-  m.def("emu_selftest_fragment", &fusedlm::emu::selftest_fragment, py::arg("values"), py::arg("barrier"),
-        "A 16 x 16 tile through a WMMA fragment and shared memory, read back reversed.");
+  m.def("emu_selftest_mma", &fusedlm::emu::selftest_mma, py::arg("a"), py::arg("b"), py::arg("bf16"),
+        py::arg("trans"), py::arg("barrier"),
+        "A B (16 x 16 each, row-major) through shared memory, ldmatrix and mma.sync.");
   m.def("emu_selftest_to_half", &fusedlm::emu::selftest_to_half, py::arg("values"), py::arg("bf16"));
   m.def("emu_selftest_from_half", &fusedlm::emu::selftest_from_half, py::arg("bits"), py::arg("bf16"));
   m.def("emu_selftest_read_past_end", &fusedlm::emu::selftest_read_past_end, py::arg("values"));
+  m.def("emu_selftest_partial_warp", &fusedlm::emu::selftest_partial_warp,
+        "Runs an ldmatrix that one lane has left: raises the emulator's error for it.");
   m.def("emu_selftest_divergent", &fusedlm::emu::selftest_divergent,
         "Runs a kernel whose barriers never open: raises the emulator's deadlock error.");
 #else

@@ -146,10 +146,27 @@ def test_emulator_finds_a_missing_block_barrier():
     assert torch.isnan(raced).any()  # read before written: the NaNs shared memory starts with
 
 
-def test_emulator_finds_a_lane_reading_another_lanes_fragment_early():
-    values = [float(i) for i in range(256)]
-    assert _core._C.emu_selftest_fragment(values, True) == values[::-1]
-    assert torch.isnan(torch.tensor(_core._C.emu_selftest_fragment(values, False))).any()
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("trans", [False, True], ids=["b-rows", "b-transposed"])
+def test_emulator_mma_sync_multiplies_matrices(bf16, trans):
+    """ldmatrix (both ways) and mma.sync, each lane holding what PTX's fragment layouts say, give
+    the matrix product: integers, exact in both dtypes and in fp32 accumulation."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(-8, 9, (16, 16), generator=g).float() for _ in range(2))
+    d = torch.tensor(_core._C.emu_selftest_mma(a.flatten().tolist(), b.flatten().tolist(), bf16, trans, True))
+    assert d.view(16, 16).equal(a @ b)
+
+
+def test_emulator_finds_a_lane_reading_another_lanes_row_early():
+    a = [float(i % 7) for i in range(256)]
+    d = torch.tensor(_core._C.emu_selftest_mma(a, a, True, False, False))
+    assert torch.isnan(d).any()  # an ldmatrix read rows before the lanes that write them did
+
+
+def test_emulator_reports_a_matrix_instruction_without_its_whole_warp():
+    with pytest.raises(RuntimeError, match=r"warp-collective matrix instruction at line \d+ ran with 31 of 32 lanes"):
+        _core._C.emu_selftest_partial_warp()
+    assert _core._C.emu_selftest_reverse([1.0, 2.0], True) == [2.0, 1.0]  # the process goes on
 
 
 def test_emulator_reports_barriers_that_never_open():

@@ -1,6 +1,6 @@
 // 16-byte asynchronous copies from global to shared memory (cp.async, sm_80 and later): issue
-// with cp_async_16, then cp_async_commit, and cp_async_wait_all before a __syncthreads lets
-// anyone read the tile. The CPU emulator's build (csrc/emu) completes a thread's copies at its
+// with cp_async_16, then cp_async_commit, and cp_async_wait_all (or cp_async_wait_group, to
+// leave later groups in flight) before a __syncthreads lets anyone read the tile. The CPU emulator's build (csrc/emu) completes a thread's copies at its
 // wait and not before, so a tile read before the wait shows the NaNs shared memory starts with.
 #pragma once
 #include <cstdint>
@@ -25,8 +25,21 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool ful
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef FUSEDLM_EMULATED
+#ifdef FUSEDLM_EMULATED
+  emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits for this thread's committed copies but the kPending most recent groups (a prefetch
+// stays in flight).
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+#ifdef FUSEDLM_EMULATED
+  emu::cp_async_wait_group(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
 }
 

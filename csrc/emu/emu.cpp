@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <exception>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,7 @@ struct Copy {
   void* dst;
   const void* src;
   int bytes;
+  long group;  // the commit group it belongs to (the fiber's `committed` count when issued)
 };
 
 struct Fiber {
@@ -38,11 +40,19 @@ struct Fiber {
   Wait wait = Wait::kRunnable;
   int line = 0;
   std::vector<Copy> copies;  // cp.async copies issued and not yet waited for
+  long committed = 0;        // cp.async groups committed so far
+  long collectives = 0;      // warp collectives so far: picks the bank
 };
 
+// What one lane puts into a warp-collective operation (a shuffle, ldmatrix, mma.sync).
+
+// Two banks, used by turns: a lane cannot put into a bank again before every lane has read it,
+// since between the two it passes the barrier of the collective in the other bank, which no
+// lane reaches before reading. So each collective needs one barrier, not two.
 struct Warp {
   int size = 0, waiting = 0, done = 0;
-  uint64_t slot[32] = {};
+  int opened_with = 0;  // how many lanes had arrived when its barrier last opened
+  unsigned char slot[2][32][kSlotBytes] = {};
 };
 
 // The block being run.
@@ -55,6 +65,7 @@ struct Block {
   Fiber* running = nullptr;
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
+  std::exception_ptr error;  // thrown in a fiber: ends the block, rethrown by the scheduler
   std::vector<unsigned char> smem;
 };
 
@@ -93,6 +104,7 @@ void release_warp(Block& b, int warp) {
       first = false;
     }
   }
+  b.warps[warp].opened_with = b.warps[warp].waiting;
   b.warps[warp].waiting = 0;
 }
 
@@ -106,7 +118,11 @@ void maybe_release(Block& b, int warp) {
 
 void fiber_main() {
   Block& b = *g_block;
-  (*b.body)();
+  try {  // an exception cannot leave a fiber: the scheduler rethrows it
+    (*b.body)();
+  } catch (...) {
+    b.error = std::current_exception();
+  }
   Fiber& f = *b.running;
   f.wait = Wait::kDone;
   ++b.done;
@@ -154,6 +170,7 @@ void run_block(Block& b) {
     b.running = next;
     swapcontext(&b.scheduler, &next->ctx);
     b.running = nullptr;
+    if (b.error) std::rethrow_exception(b.error);
   }
 }
 
@@ -190,27 +207,50 @@ void sync_warp(int line) {
   yield_until_released();
 }
 
-uint64_t exchange(uint64_t bits, int src, int line) {
+const unsigned char* collective(const void* mine, size_t bytes, bool full_warp, int line) {
+  if (bytes > kSlotBytes) throw std::runtime_error("fusedlm emulator: a lane puts at most 64 bytes into a collective");
   Block& b = *g_block;
   Fiber& f = *b.running;
   Warp& w = b.warps[f.warp];
-  w.slot[f.lane] = bits;
+  unsigned char(&bank)[32][kSlotBytes] = w.slot[f.collectives++ % 2];
+  std::memcpy(bank[f.lane], mine, bytes);
   sync_warp(line);  // every lane has put
-  const uint64_t got = src >= 0 && src < w.size ? w.slot[src] : bits;
-  sync_warp(line);  // every lane has read before a next exchange overwrites the slots
-  return got;
+  if (full_warp && w.opened_with < 32)
+    throw std::runtime_error("fusedlm emulator: a warp-collective matrix instruction at line " + std::to_string(line) +
+                             " ran with " + std::to_string(w.opened_with) + " of 32 lanes (it needs all 32)");
+  return bank[0];
+}
+
+uint64_t exchange(uint64_t bits, int src, int line) {
+  const unsigned char* slots = collective(&bits, sizeof bits, false, line);
+  if (src >= 0 && src < g_block->warps[g_block->running->warp].size) std::memcpy(&bits, slots + src * kSlotBytes, 8);
+  return bits;
 }
 
 void cp_async(void* dst, const void* src, int bytes) {
-  g_block->running->copies.push_back({dst, src, bytes});
+  Fiber& f = *g_block->running;
+  f.copies.push_back({dst, src, bytes, f.committed});
+}
+
+void cp_async_commit() { ++g_block->running->committed; }
+
+void cp_async_wait_group(int pending) {
+  Fiber& f = *g_block->running;
+  std::vector<Copy> left;
+  for (const Copy& c : f.copies) {
+    if (c.group < f.committed - pending) {
+      std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+      std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+    } else {
+      left.push_back(c);
+    }
+  }
+  f.copies.swap(left);
 }
 
 void cp_async_wait_all() {
-  for (const Copy& c : g_block->running->copies) {
-    std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
-    std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
-  }
-  g_block->running->copies.clear();
+  cp_async_commit();  // as PTX defines cp.async.wait_all: commit, then wait for every group
+  cp_async_wait_group(0);
 }
 
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
@@ -242,6 +282,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
           b.smem.assign(smem, 0xff);  // NaN in fp32, fp16 and bf16: reading before writing shows
           b.waiting = b.done = 0;
           b.cursor = 0;
+          b.error = nullptr;
           for (Warp& w : b.warps) w.waiting = w.done = 0;
           for (long long i = 0; i < threads; ++i) {
             Fiber& f = b.fibers[static_cast<size_t>(i)];
@@ -249,6 +290,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
             f.lane = static_cast<int>(i % 32);
             f.wait = Wait::kRunnable;
             f.copies.clear();  // a copy never waited for never lands
+            f.committed = 0;
+            f.collectives = 0;
             f.st.thread_idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                                static_cast<unsigned>(i / (1LL * block.x * block.y))};
             f.st.block_idx = {x, y, z};

@@ -4,12 +4,14 @@
 // force-includes this header into every .cu file, compiled as C++.
 //
 // Each CUDA thread is a fiber with its own stack. A block's fibers run one at a time, each from
-// one barrier (__syncthreads, __syncwarp, a warp shuffle) to its next, in thread order or in
+// one barrier (__syncthreads, __syncwarp, a warp shuffle, ldmatrix, mma.sync) to its next, in thread order or in
 // reverse (FUSEDLM_EMU_ORDER=reverse). A thread that reads what another thread wrote without a
 // barrier between them reads it too early in one of the two orders, so the tests run both:
 // a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
-// an error naming the lines they wait at. A cp.async copy lands at its thread's wait, so a tile
-// read before the wait is stale too. Dynamic shared memory starts each block filled with
+// an error naming the lines they wait at. A cp.async copy lands at its thread's wait for its
+// group, so a tile read before the wait is stale too. ldmatrix and mma.sync follow the PTX
+// fragment layouts lane by lane (csrc/common/warp_mma.cuh); ldmatrix reads each row when the
+// lane that addresses it arrives, so a row written by another lane without a __syncwarp is stale. Dynamic shared memory starts each block filled with
 // NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more
 // than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
 // emulator to these. Built with FUSEDLM_EMU_SANITIZE=address, accesses outside a tensor's memory
@@ -44,12 +46,20 @@ unsigned char* dynamic_smem();
 // Barriers: every (live) thread of the block, or of the warp.
 void sync_block(int line);
 void sync_warp(int line);
+// A warp collective: every lane puts `bytes` (at most kSlotBytes) from `mine`; returns the
+// warp's slots, lane l's at l * kSlotBytes, readable until this lane's next collective. With
+// `full_warp`, an error unless all 32 lanes are live (ldmatrix and mma.sync need them all).
+constexpr size_t kSlotBytes = 64;
+const unsigned char* collective(const void* mine, size_t bytes, bool full_warp, int line);
 // A warp exchange: every lane puts `bits`, then reads lane `src`'s (its own where src is out of
 // the warp).
 uint64_t exchange(uint64_t bits, int src, int line);
-// cp.async: `bytes` (16 or 0: zero-fill) from src to dst, 16 bytes written, done at the
-// thread's next cp_async_wait_all and not before.
+// cp.async: `bytes` (16 or 0: zero-fill) from src to dst, 16 bytes written, done when the
+// thread waits for its commit group and not before. wait_group(n): every group but the n
+// most recently committed; wait_all: every copy.
 void cp_async(void* dst, const void* src, int bytes);
+void cp_async_commit();
+void cp_async_wait_group(int pending);
 void cp_async_wait_all();
 
 // Runs `body` as the kernel of every thread of the grid; throws std::runtime_error for a

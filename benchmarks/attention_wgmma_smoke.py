@@ -17,7 +17,7 @@ next case: one broken case costs seconds, not the whole run.
 
 Then, if every case passed, forward and forward+backward times (ms, and TFLOP/s counting
 4 b h s^2 d forward flops, halved for causal, and 2.5x that for the backward) for the wgmma
-kernels beside the WMMA ones, the Triton kernels and cuDNN's SDPA, at a few BERT/GPT shapes.
+kernels beside the mma.sync ones, the Triton kernels and cuDNN's SDPA, at a few BERT/GPT shapes.
 
     python benchmarks/attention_wgmma_smoke.py [--no-time] [--wrap "compute-sanitizer --tool memcheck"]
 """
@@ -236,7 +236,7 @@ def timing():
         do = torch.randn_like(q)
         flops = 4 * b * h * s * s * d / (2 if causal else 1)  # forward; the backward is 2.5x
         impls = {}
-        for kern in ("wgmma", "wmma"):
+        for kern in ("wgmma", "mma"):
             def run(kern=kern):
                 with attention_kernels.using_cuda_kernels(kern):
                     return fusedlm.attention(q, k, v, causal=causal, backend="cuda")

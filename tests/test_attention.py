@@ -813,18 +813,18 @@ def test_core_attention_validation(override, error, match):
 
 
 def test_cuda_forward_kernel_setting(monkeypatch):
-    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "mma")
     assert attention_kernels.wgmma_requested() is False
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "wgmma")
     assert attention_kernels.wgmma_requested() is True
-    with attention_kernels.using_cuda_kernels("wmma"):
+    with attention_kernels.using_cuda_kernels("mma"):
         assert attention_kernels.wgmma_requested() is False
     assert attention_kernels.cuda_kernels == "wgmma"  # restored
     with pytest.raises(ValueError, match="name must be one of"):
         with attention_kernels.using_cuda_kernels("hopper"):
             pass
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "hopper")
-    with pytest.raises(ValueError, match=r"FUSEDLM_CUDA_ATTENTION .* must be one of \('wmma', 'wgmma'\), got 'hopper'"):
+    with pytest.raises(ValueError, match=r"FUSEDLM_CUDA_ATTENTION .* must be one of \('mma', 'wgmma'\), got 'hopper'"):
         attention_kernels.wgmma_requested()
 
 
@@ -837,7 +837,7 @@ class _RecordingCore:
 
     def _call(self, direction, wgmma):
         self.asked.append((direction, wgmma))
-        return "wgmma" if wgmma else "wmma"
+        return "wgmma" if wgmma else "mma"
 
     def attn_fwd(self, *args):
         return self._call("fwd", args[-1])
@@ -854,7 +854,7 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "_C", core)
     monkeypatch.setattr(_core, "dl", lambda t: t)
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
-    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "mma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
     args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, None, "cuda")
 
@@ -871,7 +871,7 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     with attention_kernels.using_cuda_kernels("wgmma"):
         torch.autograd.grad(out, q, torch.ones_like(out))
     assert core.asked == [("fwd", True), ("bwd", True), ("fwd", False), ("bwd", False)]
-    assert attention_kernels.last_cuda_backward_kernel == "wmma"
+    assert attention_kernels.last_cuda_backward_kernel == "mma"
     # Other backends pass through untouched, whatever the setting.
     with attention_kernels.using_cuda_kernels("wgmma"):
         assert attention_kernels.kernel_for("triton") == "triton"

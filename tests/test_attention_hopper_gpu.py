@@ -1,7 +1,7 @@
 """GPU suite for the Hopper CUDA C++ kernels (csrc/attention/attention_hopper.cu: wgmma + TMA,
 forward and backward, head dims 64 and 128), which run only when asked for
 (FUSEDLM_CUDA_ATTENTION=wgmma) until they have passed here. Every test checks which kernels ran,
-so a silent fallback to the WMMA ones cannot pass for the wgmma ones; errors are bounded as in
+so a silent fallback to the mma.sync ones cannot pass for the wgmma ones; errors are bounded as in
 test_attention_gpu.py (float64 reference, 2x PyTorch's own error in the same precision)."""
 import math
 
@@ -154,8 +154,8 @@ def test_wgmma_long_sequence_gpu(wgmma):
 
 
 def test_wgmma_dropout_gpu(wgmma, monkeypatch):
-    """The wgmma kernels drop what the reference drops given the same keep-mask (the WMMA and
-    Triton kernels' draws), forward and backward, and agree with the WMMA kernels."""
+    """The wgmma kernels drop what the reference drops given the same keep-mask (the mma.sync and
+    Triton kernels' draws), forward and backward, and agree with the mma.sync kernels."""
     from fusedlm.ops.attention import dropout_mask
     q, k, v = _qkv(2, 257, 4, 4, 64, torch.bfloat16)
     out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
@@ -169,18 +169,18 @@ def test_wgmma_dropout_gpu(wgmma, monkeypatch):
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
     for a, r in zip(got, want):
         assert rel_err(a, r) < 2 * TOL[torch.bfloat16]
-    monkeypatch.setattr(attention_kernels, "cuda_kernels", "wmma")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", "mma")
     other = fusedlm.attention(q, k, v, causal=True, dropout_p=0.1, seed=11, backend="cuda")
-    assert attention_kernels.last_cuda_forward_kernel == "wmma"
+    assert attention_kernels.last_cuda_forward_kernel == "mma"
     assert rel_err(out, other) < 2 * TOL[torch.bfloat16]
 
 
 def test_wgmma_declines_what_it_does_not_cover_gpu(wgmma):
-    """Head dims other than 64 and 128, and rows that are not 16-byte aligned, go to the WMMA
+    """Head dims other than 64 and 128, and rows that are not 16-byte aligned, go to the mma.sync
     kernel, which says why."""
     q, k, v = (t.detach() for t in _qkv(2, 100, 4, 4, 96, torch.bfloat16))
     out = fusedlm.attention(q, k, v, backend="cuda")
-    assert attention_kernels.last_cuda_forward_kernel.startswith("wmma (wgmma declined: head dim 96")
+    assert attention_kernels.last_cuda_forward_kernel.startswith("mma (wgmma declined: head dim 96")
     ref, _ = reference.attention(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     wide = torch.randn(2, 100, 4, 65, device="cuda").to(torch.bfloat16)

@@ -83,9 +83,9 @@ def test_attention_bench_times_the_unverified_kernels_only_when_named(monkeypatc
     assert called and set(called) == {"wgmma"} and {r["impl"] for r in rows} == {attn_bench.WGMMA}
 
 
-def test_attention_bench_never_times_wmma_under_the_wgmma_name(monkeypatch):
+def test_attention_bench_never_times_mma_under_the_wgmma_name(monkeypatch):
     """Where the wgmma kernels decline a call (no sm_90a code, an unaligned operand...), the
-    WMMA kernels serve it; the benchmark reports the case as not run rather than time them as
+    mma.sync kernels serve it; the benchmark reports the case as not run rather than time them as
     fusedlm[cuda-wgmma]."""
     from fusedlm.bench import attention as attn_bench
     from fusedlm.ops import attention_kernels
@@ -100,13 +100,13 @@ def test_attention_bench_never_times_wmma_under_the_wgmma_name(monkeypatch):
     log = []
     opts = dict(seqlens=(16,), head_dims=(16,), tokens=32, causal=(False,), directions=("fwd",),
                 device="cpu", peers=[attn_bench.WGMMA], log=log.append)
-    for kernel, timed in (("wmma (wgmma declined: head dim 96)", False), ("wgmma", True)):
+    for kernel, timed in (("mma (wgmma declined: head dim 96)", False), ("wgmma", True)):
         monkeypatch.setattr(attn_bench, "_peers", lambda device, k=kernel: {
             attn_bench.WGMMA: attn_bench._on_wgmma(serves(k))})
         log.clear()
         rows = attn_bench.run(**opts)
         assert bool(rows) == timed, (kernel, log)
-        assert timed or any("n/a (RuntimeError: ran wmma (wgmma declined: head dim 96)" in line for line in log)
+        assert timed or any("n/a (RuntimeError: ran mma (wgmma declined: head dim 96)" in line for line in log)
 
 
 def test_host_cost_table_covers_every_op_with_launches_stubbed():

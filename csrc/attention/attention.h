@@ -1,4 +1,4 @@
-// Flash attention on tensor cores (WMMA, sm_80 and later), forward and backward, for the
+// Flash attention on tensor cores (mma.sync, sm_80 and later), forward and backward, for the
 // cases BERT and GPT training need: a padding mask over keys (Hugging Face's attention_mask),
 // packed variable-length batches (cu_seqlens), causal masking aligned bottom-right, grouped /
 // multi-query heads. The math is the Triton kernels' (kernels/attention.py): scores in base 2
@@ -47,7 +47,7 @@ struct BackwardArgs {
   bool wgmma = false;  // try the Hopper kernels (attention_hopper.cu) first; opt-in until verified
 };
 
-// Returns the kernel that ran: "wgmma", "wmma", or "wmma (wgmma declined: <why>)".
+// Returns the kernel that ran: "wgmma", "mma", or "mma (wgmma declined: <why>)".
 std::string forward(const ForwardArgs& a, std::uintptr_t stream);
 std::string backward(const BackwardArgs& a, std::uintptr_t stream);
 

@@ -1,4 +1,4 @@
-// What both CUDA attention kernels (attention_kernels.cu: WMMA, sm_80 and later;
+// What both CUDA attention kernels (attention_kernels.cu: mma.sync, sm_80 and later;
 // attention_hopper.cu: wgmma + TMA, sm_90a) share: the kernel parameters, the mask rules
 // (`allowed`), the dropout draw (`kept`) and the host-side translation of a Problem.
 #pragma once
@@ -42,6 +42,7 @@ struct Params {
                          // calls a slow-path routine, whose saved registers spill)
   uint64_t seed;
   bool vec;              // every operand 16-byte aligned (pointer and strides): cp.async tiles
+  bool vec_out;          // every output (o; dq, dk, dv) 16-byte aligned: 16-byte stores
 };
 
 // Is dropout's draw for probability (i, j) of stream bh a keep? (Only called with p_drop > 0.)

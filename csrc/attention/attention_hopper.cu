@@ -1,6 +1,6 @@
 // Attention for Hopper (sm_90a), forward and backward: wgmma tensor-core matrix products and the
 // bulk tensor copy engine (TMA), in the FlashAttention-3 arrangement. The same algorithm and
-// results as the WMMA kernels (attention_kernels.cu): base-2 online softmax, the base-2
+// results as the mma.sync kernels (attention_kernels.cu): base-2 online softmax, the base-2
 // log-sum-exp saved for the backward, the same masks and dropout draws, and the same atomic-free
 // backward (dK/dV per key block, dQ per query block).
 //
@@ -18,7 +18,7 @@
 // wide, TMA's 128-byte swizzle; a head dim of 128 is two such slabs side by side.
 //
 // Covers head dims 64 and 128, fp16 and bf16, 16-byte aligned operands; wgmma_unavailable says
-// why it declines anything else, and the WMMA kernels serve it.
+// why it declines anything else, and the mma.sync kernels serve it.
 #include <cuda.h>          // CUtensorMap and its enums (types only: no link to the driver)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>

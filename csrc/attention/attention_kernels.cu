@@ -1,17 +1,15 @@
-// Flash attention forward and backward on tensor cores through WMMA (16x16x16 fp16/bf16 tiles,
-// fp32 accumulation), templated over the storage dtype and the head dim. Runs on sm_80 and
-// later (sm_90a included, through the same mma instructions; the Hopper kernels with wgmma and
-// TMA are attention_hopper.cu, opt-in). One CTA owns a 64-row block: four warps, each owning 16
-// of its rows (eight for dK/dV, two per 16 rows). Tiles come in through 16-byte cp.async copies
-// when the operands are 16-byte aligned.
+// Flash attention forward and backward on tensor cores through mma.sync (m16n8k16 fp16/bf16 in,
+// fp32 accumulation; ../common/warp_mma.cuh), templated over the storage dtype and the head dim.
+// Runs on sm_80 and later (sm_90a included; the Hopper kernels with wgmma and TMA are
+// attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block, each warp 16 of its
+// rows, with everything of its rows in registers, FlashAttention-2's arrangement: S = Q K^T
+// accumulates in registers, the online softmax (base 2) runs there, and P becomes the A operand
+// of P V without leaving them. Tiles come in through 16-byte cp.async copies when the operands
+// are 16-byte aligned, the next key (or query) block's while this one's products run.
 //
-// Forward (per query block): for each key block, S = Q K^T on tensor cores into shared memory,
-// the online softmax in base 2 (two lanes per row), P rounded to the storage dtype, O += P V,
-// with O kept in fp32 shared memory so that it can be rescaled row by row.
-// Backward: dK/dV per key block (looping over the group's query heads and the query blocks; the
-// accumulators stay in registers) and dQ per query block. No atomics: results are deterministic.
-#include <mma.h>
-
+// Forward: per query block, over the key blocks it sees. Backward: dK/dV per key block (over
+// the group's query heads and the query blocks that see it) and dQ per query block (over the
+// key blocks), each accumulating in registers: no atomics, deterministic results.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -22,327 +20,424 @@
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
 #include "../common/launch.cuh"
+#include "../common/warp_mma.cuh"
 #include "attention.h"
 #include "attention_device.cuh"
 
 namespace fusedlm::attention {
 namespace {
 
-using namespace nvcuda;
 using namespace detail;
 using math::from_float;
 using math::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-// Kernels are declared __launch_bounds__(kThreads, 1): their 40-110 KB of shared memory allows
-// only 1-3 CTAs an SM, and without the bound ptxas spilled to reach register counts (56-168)
-// meant for an occupancy the shared memory rules out (nvcc -Xptxas -v).
+// Kernels are declared __launch_bounds__(kThreads, 1), which lets ptxas use up to 255 registers a
+// thread: each warp holds a 16-row strip of S (and dP) beside its accumulators, 150-255
+// registers with no spill (benchmarks/kernel_facts.py). Registers and 26-105 KB of shared memory
+// then allow 1-3 CTAs an SM.
 constexpr int kBlock = 64;  // rows of a query or key block (both)
 constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
 
-// rows [r0, r0 + kBlock) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
+// rows [r0, r0 + kRows) of a sequence's (len, D) matrix into shared memory (pitch D + kPad),
 // zeros past its end, by a CTA of kCta threads. With `vec`, 16-byte cp.async copies (all in
-// flight at once, zero-filled past the end; the caller waits with tile_wait); else one element
-// per load.
-template <typename T, int D, int kCta = kThreads>
+// flight at once, zero-filled past the end; the caller commits them with tile_commit and waits
+// with tile_wait); else one element per load.
+template <typename T, int D, int kRows = kBlock, int kCta = kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int r0, int len,
                                           bool vec) {
 #ifdef FUSEDLM_CP_ASYNC
   if (vec) {
     constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec;
-    static_assert(kBlock * kPerRow % kCta == 0, "tile chunks must split evenly over the CTA");
+    static_assert(kRows * kPerRow % kCta == 0, "tile chunks must split evenly over the CTA");
 #pragma unroll
-    for (int it = 0; it < kBlock * kPerRow / kCta; ++it) {
+    for (int it = 0; it < kRows * kPerRow / kCta; ++it) {
       const int i = it * kCta + threadIdx.x;
       const int r = i / kPerRow, c = i % kPerRow * kVec;
       const bool in = r0 + r < len;
       const T* g = in ? src + (r0 + r) * row_stride + c : src;  // a valid address even when unread
       cp_async_16(dst + r * (D + kPad) + c, g, in);
     }
-    cp_async_commit();
     return;
   }
 #endif
-  for (int i = threadIdx.x; i < kBlock * D; i += kCta) {
+  for (int i = threadIdx.x; i < kRows * D; i += kCta) {
     const int r = i / D, c = i % D;
     dst[r * (D + kPad) + c] = r0 + r < len ? src[(r0 + r) * row_stride + c] : from_float<T>(0.0f);
   }
 }
 
-// Waits for this thread's cp.async copies; a __syncthreads must follow before others read.
-__device__ __forceinline__ void tile_wait() {
+// Closes a group of tile copies (a no-op for element loads, which are done when issued).
+__device__ __forceinline__ void tile_commit() {
 #ifdef FUSEDLM_CP_ASYNC
-  cp_async_wait_all();
+  cp_async_commit();
 #endif
 }
 
-// The per-row loops below give two lanes one row (lane 2r + h: row r, columns [h W, h W + W)).
-// Lane (r, h) visits its columns starting at offset r + 16 h: with fp32 rows whose pitch is a
-// multiple of 32 words, the 32 lanes then touch 32 different banks at each step instead of one.
-template <int W>
-__device__ __forceinline__ int column(int half, int r, int j) {
-  return half * W + (j + r + 16 * half) % W;
+// Waits for this thread's committed tile copies but the kPending most recent groups; a
+// __syncthreads must follow before others read them.
+template <int kPending = 0>
+__device__ __forceinline__ void tile_wait() {
+#ifdef FUSEDLM_CP_ASYNC
+  cp_async_wait_group<kPending>();
+#endif
 }
 
-template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T, typename Layout>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+// ---- register-tile products (mma.sync; warp_mma.cuh gives the fragment layouts) ------------
+// A warp's 16 rows: an fp32 accumulator of N columns is float[N / 8][4] (tile j, entry e: row
+// g + 8 (e / 2), column 8 j + 2 t + e % 2, for the lane's quad g and position t); an A operand
+// of K columns is uint32_t[K / 16][4].
 
-// out (16 x N, fp32, pitch ldo) = A (16 x K rows of a, pitch lda) times B, where B is
-// (K x N): kTransB ? b holds B^T row-major (N x K, pitch ldb) : b holds B row-major. One output
-// tile at a time (the n loop is not unrolled): unrolled, its fragment loads were all hoisted
-// and spilled (nvcc -Xptxas -v).
-template <typename T, int K, int N, bool kTransB>
-__device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int ldb, float* out, int ldo) {
-  using Layout = typename std::conditional<kTransB, wmma::col_major, wmma::row_major>::type;
-#pragma unroll 1
-  for (int n = 0; n < N / 16; ++n) {
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-    for (int k = 0; k < K / 16; ++k) {
-      FragA<T> fa;
-      FragB<T, Layout> fb;
-      wmma::load_matrix_sync(fa, a + k * 16, lda);
-      wmma::load_matrix_sync(fb, kTransB ? b + n * 16 * ldb + k * 16 : b + k * 16 * ldb + n * 16, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
-  }
-}
-
-// acc[n] += A (16 x K) times B (K x N, row-major in b): accumulators kept in registers. One A
-// fragment at a time (the k loop is not unrolled), reused across the N / 16 products.
-template <typename T, int K, int N>
-__device__ __forceinline__ void warp_gemm_acc(const T* a, int lda, const T* b, int ldb, FragC (&acc)[N / 16]) {
-#pragma unroll 1
-  for (int k = 0; k < K / 16; ++k) {
-    FragA<T> fa;
-    wmma::load_matrix_sync(fa, a + k * 16, lda);
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n) {
-      FragB<T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, b + k * 16 * ldb + n * 16, ldb);
-      wmma::mma_sync(acc[n], fa, fb, acc[n]);
-    }
-  }
-}
-
-// Writes a warp's 16 x N accumulators (times `mul`) to rows [r0, r0 + 16), columns [c0, c0 + N)
-// of out, through columns [c0, c0 + N) of a 16-row fp32 scratch of pitch ld; rows at or past
-// `len` are skipped.
-template <typename T, int N>
-__device__ __forceinline__ void store_rows(FragC (&acc)[N / 16], float mul, float* scratch, int ld, T* out,
-                                           int64_t row_stride, int r0, int c0, int len) {
-#pragma unroll
-  for (int n = 0; n < N / 16; ++n) wmma::store_matrix_sync(scratch + c0 + n * 16, acc[n], ld, wmma::mem_row_major);
-  __syncwarp();
+// a = rows [0, 16) of a shared-memory tile (pitch ld), columns [0, K).
+template <typename T, int K>
+__device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* tile, int ld) {
   const int lane = threadIdx.x % 32;
-  for (int i = lane; i < 16 * N; i += 32) {
-    const int r = i / N, c = c0 + i % N;
-    if (r0 + r < len) out[(r0 + r) * row_stride + c] = from_float<T>(scratch[r * ld + c] * mul);
-  }
-  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) mma::ldmatrix_x4<false>(a[kk], tile + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
 }
 
-// Shared memory of a kernel: kTiles (64 x D) tiles in the storage dtype, kExtra floats, then per
-// 16-row group of the block (kWarps of them) a 16 x max(D, 64) fp32 scratch, a 16 x kSecond fp32
-// one, and kLow 16 x 64 tiles in the storage dtype. Every region starts 32-byte aligned, as
-// WMMA loads and stores need.
-template <typename T, int D, int kTiles, int kExtra, int kSecond, int kLow = 1>
-struct Smem {
-  static constexpr int LD = D + kPad, LDP = kBlock + kPad, LDF = D > kBlock ? D : kBlock;
-  static constexpr int kBytes = kTiles * kBlock * LD * int(sizeof(T)) +
-                                (kExtra + kWarps * 16 * (LDF + kSecond)) * 4 +
-                                kLow * kWarps * 16 * LDP * int(sizeof(T));
-  unsigned char* base;
-  __device__ T* tile(int i) const { return reinterpret_cast<T*>(base) + i * kBlock * LD; }
-  __device__ float* extra() const { return reinterpret_cast<float*>(tile(kTiles)); }
-  __device__ float* scratch(int group) const { return extra() + kExtra + group * 16 * LDF; }
-  __device__ float* second(int group) const {
-    return extra() + kExtra + kWarps * 16 * LDF + group * 16 * kSecond;
-  }
-  __device__ T* low(int group, int i = 0) const {
-    return reinterpret_cast<T*>(extra() + kExtra + kWarps * 16 * (LDF + kSecond)) + (i * kWarps + group) * 16 * LDP;
+// Where a product's A operand (16 x K) comes from: registers loaded once (RegsA), or 16 rows of
+// a shared-memory tile read at each use (SmemA: no registers held across products).
+template <int K>
+struct RegsA {
+  const uint32_t (&x)[K / 16][4];
+  __device__ __forceinline__ void frag(int kk, uint32_t (&r)[4]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = x[kk][i];
   }
 };
 
-// Q, K, V tiles; per warp: the fp32 scratch (S, then P V), fp32 O, P in the storage dtype.
-template <typename T, int D>
-using FwdSmem = Smem<T, D, 3, 0, D>;
+template <typename T>
+struct SmemA {
+  const T* tile;
+  int ld;
+  __device__ __forceinline__ void frag(int kk, uint32_t (&r)[4]) const {
+    const int lane = threadIdx.x % 32;
+    mma::ldmatrix_x4<false>(r, tile + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
+  }
+};
 
+// acc (16 x N) += a (16 x K) times bt^T, where bt holds N rows of K columns (pitch ld): S = Q K^T.
+template <typename T, int K, int N, typename A>
+__device__ __forceinline__ void gemm_bt(float (&acc)[N / 8][4], const A& a, const T* bt, int ld) {
+  static_assert(K % 32 == 0, "an ldmatrix .x4 covers 32 columns of one 8-row tile");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < K / 32; ++kk) {
+    uint32_t a0[4], a1[4];
+    a.frag(2 * kk, a0);
+    a.frag(2 * kk + 1, a1);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      uint32_t r[4];
+      mma::ldmatrix_x4<false>(r, bt + (8 * j + lane % 8) * ld + kk * 32 + lane / 8 * 8);
+      mma::mma_16816<T>(acc[j], a0, {r[0], r[1]});
+      mma::mma_16816<T>(acc[j], a1, {r[2], r[3]});
+    }
+  }
+}
+
+// acc (16 x N) += a (16 x K) times b, where b holds K rows of N columns (pitch ld): O += P V.
+template <typename T, int K, int N>
+__device__ __forceinline__ void gemm_b(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* b, int ld) {
+  static_assert(N % 16 == 0, "a transposed ldmatrix .x4 covers 16 columns");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) {
+      uint32_t r[4];
+      mma::ldmatrix_x4<true>(r, b + (16 * kk + lane % 16) * ld + 16 * j + lane / 16 * 8);
+      mma::mma_16816<T>(acc[2 * j], a[kk], {r[0], r[1]});
+      mma::mma_16816<T>(acc[2 * j + 1], a[kk], {r[2], r[3]});
+    }
+}
+
+// The accumulator, rounded to T, as the A operand of the next product (P for P V): the two
+// layouts put the same elements in the same lanes.
+template <typename T, int N>
+__device__ __forceinline__ void to_a(uint32_t (&a)[N / 16][4], const float (&acc)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = mma::pack<T>(acc[2 * kk][0], acc[2 * kk][1]);
+    a[kk][1] = mma::pack<T>(acc[2 * kk][2], acc[2 * kk][3]);
+    a[kk][2] = mma::pack<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[kk][3] = mma::pack<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  }
+}
+
+// Writes a warp's 16 x N accumulator (times `mul`) to rows [r0, r0 + 16) of out, through its 16
+// rows of a shared-memory tile (pitch ld, this warp's alone) so that each row leaves in 16-byte
+// stores (with `vec`, else one element at a time); rows at or past `len` are skipped.
+template <typename T, int N>
+__device__ __forceinline__ void store_acc(const float (&acc)[N / 8][4], float mul, T* stage, int ld, T* out,
+                                          int64_t row_stride, int r0, int len, bool vec) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) stage[(g + 8 * (e / 2)) * ld + 8 * j + 2 * t + e % 2] = from_float<T>(acc[j][e] * mul);
+  __syncwarp();
+  constexpr int kVec = 16 / sizeof(T);
+  using Chunk = math::Pack<T, kVec>;
+  if (vec) {
+    for (int i = lane; i < 16 * N / kVec; i += 32) {
+      const int r = i / (N / kVec), c = i % (N / kVec) * kVec;
+      if (r0 + r < len)
+        *reinterpret_cast<Chunk*>(out + (r0 + r) * row_stride + c) = *reinterpret_cast<const Chunk*>(stage + r * ld + c);
+    }
+  } else {
+    for (int i = lane; i < 16 * N; i += 32) {
+      const int r = i / N, c = i % N;
+      if (r0 + r < len) out[(r0 + r) * row_stride + c] = stage[r * ld + c];
+    }
+  }
+  __syncwarp();
+}
+
+// kTiles (64 x D) tiles of the storage dtype, pitch D + kPad (ldmatrix's eight 16-byte rows
+// then fall in eight different bank groups).
+template <typename T, int D, int kTiles>
+struct Tiles {
+  static constexpr int LD = D + kPad;
+  static constexpr int kBytes = kTiles * kBlock * LD * int(sizeof(T));
+  unsigned char* base;
+  __device__ T* tile(int i) const { return reinterpret_cast<T*>(base) + i * kBlock * LD; }
+};
+
+// Does key block [n0, n0 + kKeys) need the mask rules for query rows from m0 on? Not
+// when every pair is allowed: no key mask, all keys inside the sequence, and (causal) the
+// block's last key at or below the first row's diagonal. (Rows past the sequence's end are
+// computed from zeros and never stored.)
+template <int kKeys = kBlock>
+__device__ __forceinline__ bool partial_block(const Params& p, const Seq& s, int m0, int n0) {
+  return p.key_mask || n0 + kKeys > s.len_k || (p.causal && n0 + kKeys - 1 > m0 + (s.len_k - s.len_q));
+}
+
+// Q, then K and V twice over: the next key block's copies are in flight while this one's
+// products run.
+template <typename T, int D>
+using FwdSmem = Tiles<T, D, 5>;
+
+// One CTA per (64-row query block, head, batch): each warp owns 16 rows, its Q fragments, S,
+// P and O in registers. The online softmax works in base 2 on rows spread over the lane quads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   using L = FwdSmem<T, D>;
-  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
+  constexpr int LD = L::LD;
   const L sm{dynamic_smem()};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T *sQ = sm.tile(0), *sK = sm.tile(1), *sV = sm.tile(2), *sP = sm.low(warp);
-  float *sS = sm.scratch(warp), *sO = sm.second(warp);
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
   const int hk = h / p.group;
   const T* k = rows<const T>(p.k, b, s.k0, hk);
   const T* v = rows<const T>(p.v, b, s.k0, hk);
-  T* o = rows<T>(p.o, b, s.q0, h);
+  T* sQ = sm.tile(0);
+  const int n_blocks = (keys_end(p, s, m0, kBlock) + kBlock - 1) / kBlock;
 
   load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
-  for (int i = lane; i < 16 * D; i += 32) sO[i] = 0.0f;
-  // Lanes 2r and 2r + 1 own row r of the warp's 16: columns [0, 32) and [32, 64) of a block.
-  const int r = lane / 2, half = lane % 2;
-  const int qi = m0 + warp * 16 + r;
-  float m_i = -INFINITY, l_i = 0.0f;
-  const int n_end = keys_end(p, s, m0, kBlock);
-  for (int n0 = 0; n0 < n_end; n0 += kBlock) {
-    __syncthreads();  // the previous K and V tiles are consumed
-    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);
-    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k, p.vec);
-    tile_wait();
+  tile_commit();
+  if (n_blocks > 0) {
+    load_tile<T, D>(sm.tile(1), k, p.k.s, 0, s.len_k, p.vec);
+    load_tile<T, D>(sm.tile(2), v, p.v.s, 0, s.len_k, p.vec);
+  }
+  tile_commit();
+  tile_wait<1>();  // Q
+  __syncthreads();
+  // Q is read from shared memory at each product: held in registers, its 2 D of them left
+  // ptxas too few at D = 128 (sm_90a spilled).
+  const SmemA<T> qa{sQ + warp * 16 * LD, LD};
+
+  float o[D / 8][4] = {};
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};  // rows g and g + 8; l: this lane's share
+  const int row0 = m0 + warp * 16 + g;
+  for (int it = 0; it < n_blocks; ++it) {
+    const int n0 = it * kBlock;
+    const T *sK = sm.tile(1 + 2 * (it % 2)), *sV = sm.tile(2 + 2 * (it % 2));
+    __syncthreads();  // the other buffer, read in the previous iteration, is free
+    if (it + 1 < n_blocks) {
+      load_tile<T, D>(sm.tile(1 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kBlock, s.len_k, p.vec);
+      load_tile<T, D>(sm.tile(2 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kBlock, s.len_k, p.vec);
+      tile_commit();
+      tile_wait<1>();  // this block's K and V, leaving the next block's in flight
+    } else {
+      tile_wait<0>();
+    }
     __syncthreads();
-    warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);
-    __syncwarp();
-    float mx = -INFINITY;
-    for (int j = 0; j < kBlock / 2; ++j) {
-      const int c = column<kBlock / 2>(half, r, j);
-      const float x = allowed(p, b, s, qi, n0 + c) ? sS[r * LDF + c] * p.scale2 : -INFINITY;
-      sS[r * LDF + c] = x;
-      mx = fmaxf(mx, x);
+    float sc[kBlock / 8][4] = {};
+    gemm_bt<T, D, kBlock>(sc, qa, sK, LD);  // S = Q K^T
+
+    const bool partial = partial_block(p, s, m0, n0);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kBlock / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n0 + 8 * j + 2 * t + e % 2;
+        const bool ok = !partial || allowed(p, b, s, row0 + 8 * (e / 2), col);
+        sc[j][e] = ok ? sc[j][e] * p.scale2 : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
+      }
+    float alpha[2], m_new[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the row's max over its quad
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      m_new[r] = fmaxf(m_i[r], mx[r]);
+      // Nothing allowed yet: keep m at -inf, add zeros (no inf - inf).
+      alpha[r] = m_new[r] == -INFINITY ? 1.0f : exp2f(m_i[r] - m_new[r]);
+      m_i[r] = m_new[r];
+      l_i[r] *= alpha[r];
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);
-    // Nothing allowed yet: keep m at -inf, add zeros (no inf - inf).
-    const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_i - m_new);
-    float sum = 0.0f;
-    for (int j = 0; j < kBlock / 2; ++j) {
-      const int c = column<kBlock / 2>(half, r, j);
-      const float pv = m_new == -INFINITY ? 0.0f : exp2f(sS[r * LDF + c] - m_new);
-      sum += pv;  // the normalizer sums every probability, dropped or not
-      const bool drop = p.p_drop > 0.0f && !kept(p, b * p.heads + h, qi, n0 + c);
-      sP[r * LDP + c] = from_float<T>(drop ? 0.0f : pv * p.keep_scale);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l_i = l_i * alpha + sum;
-    m_i = m_new;
-    __syncwarp();
-    warp_gemm<T, kBlock, D, false>(sP, LDP, sV, LD, sS, LDF);  // P V into the scratch
-    __syncwarp();
-    for (int j = 0; j < D / 2; ++j) {
-      const int c = column<D / 2>(half, r, j);
-      sO[r * D + c] = sO[r * D + c] * alpha + sS[r * LDF + c];
-    }
-    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < kBlock / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const float pv = m_new[r] == -INFINITY ? 0.0f : exp2f(sc[j][e] - m_new[r]);
+        l_i[r] += pv;  // the normalizer sums every probability, dropped or not
+        float kept_pv = pv;
+        if (p.p_drop > 0.0f)
+          kept_pv = kept(p, b * p.heads + h, row0 + 8 * r, n0 + 8 * j + 2 * t + e % 2) ? pv * p.keep_scale : 0.0f;
+        sc[j][e] = kept_pv;
+      }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+    uint32_t pa[kBlock / 16][4];
+    to_a<T, kBlock>(pa, sc);
+    gemm_b<T, kBlock, D>(o, pa, sV, LD);  // O += P V
   }
-  tile_wait();  // the Q copy, when no key block was visited
-  __syncwarp();  // ... and O's zeros, which other lanes wrote, when no key block was visited
-  if (qi < s.len_q) {
-    // A row that saw no key gives zeros. l_i >= 1 (the row max contributes 1): the fast
-    // reciprocal is exact enough and calls no slow-path routine.
-    const float inv = l_i > 0.0f ? __fdividef(1.0f, l_i) : 0.0f;
-    for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
-      o[qi * p.o.s + c] = from_float<T>(sO[r * D + c] * inv);
-    // +inf for a row that saw no key, as the Triton kernel writes it: exp2(s - lse) is then 0.
-    if (half == 0) p.lse[b * p.lse_b + h * p.lse_h + s.q0 + qi] = l_i > 0.0f ? m_i + log2f(l_i) : INFINITY;
+  tile_wait<0>();  // the (empty) copies, when no key block was visited
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // the row's normalizer over its quad
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
   }
+  // A row that saw no key gives zeros. l_i >= 1 (the row max contributes 1): the fast
+  // reciprocal is exact enough and calls no slow-path routine.
+  const float inv[2] = {l_i[0] > 0.0f ? __fdividef(1.0f, l_i[0]) : 0.0f, l_i[1] > 0.0f ? __fdividef(1.0f, l_i[1]) : 0.0f};
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] *= inv[e / 2];
+  // Through this warp's own rows of the Q tile, which only it read.
+  store_acc<T, D>(o, 1.0f, sQ + warp * 16 * LD, LD, rows<T>(p.o, b, s.q0, h), p.o.s, m0 + warp * 16, s.len_q,
+                  p.vec_out);
+  // +inf for a row that saw no key, as the Triton kernel writes it: exp2(s - lse) is then 0.
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (t == 0 && row0 + 8 * r < s.len_q)
+      p.lse[b * p.lse_b + h * p.lse_h + s.q0 + row0 + 8 * r] = l_i[r] > 0.0f ? m_i[r] + log2f(l_i[r]) : INFINITY;
 }
 
-// dK/dV give each 16 key rows two warps (8 in all): one computes S^T, the other dP^T, and each
-// accumulates half of dK's and dV's columns. A warp holding all D columns of both needs 2 D fp32
-// registers for them alone: at D = 128 that left ptxas too few and it spilled (sm_80).
-constexpr int kDkdvWarps = 2 * kWarps;
-constexpr int kDkdvThreads = 32 * kDkdvWarps;
+// The backward kernels step through the other operand kStep rows at a time (queries for dK/dV,
+// keys for dQ), half the forward's: with 64, the S and dP tiles beside a 16 x D accumulator
+// left ptxas too few registers and it spilled at D >= 64. dK/dV, with two accumulators, take
+// 16 at D = 128 (32 spilled 72 bytes there).
+constexpr int kStep = 32;
+template <int D>
+constexpr int kDkdvStep = D > 96 ? 16 : kStep;
 
-// K, V, Q, dO tiles; a query block's log-sum-exp and delta; per 16 key rows: fp32 S^T (also the
-// epilogue's 16 x D scratch), fp32 dP^T, then P^T and dS^T in the storage dtype.
+// K, V; Q and dO twice over (kDkdvStep of each tile's rows used), as the forward's K and V; then
+// the log-sum-exp and delta of the query rows in them.
 template <typename T, int D>
-using DkdvSmem = Smem<T, D, 4, 2 * kBlock, kBlock, 2>;
+struct DkdvSmem : Tiles<T, D, 6> {
+  static constexpr int kBytes = Tiles<T, D, 6>::kBytes + 2 * 2 * kDkdvStep<D> * 4;
+  __device__ float* lse(int buf) const { return reinterpret_cast<float*>(this->tile(6)) + buf * kDkdvStep<D>; }
+  __device__ float* delta(int buf) const { return lse(2) + buf * kDkdvStep<D>; }
+};
 
-// dK, dV for one key block of one key/value head: loops over the query heads of its group and
-// over the query blocks that can see it.
+// dK, dV for one 64-key block of one key/value head: loops over the query heads of its group and
+// over the kDkdvStep-row query blocks that can see it. Each warp owns 16 keys: S^T and dP^T, P^T and dS^T,
+// and its dK and dV accumulators, all in registers; K and V are read from shared memory at each
+// product (held in registers too, they would not leave ptxas enough at D = 128).
 template <typename T, int D>
-__global__ void __launch_bounds__(kDkdvThreads, 1) attention_bwd_dkdv_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params p) {
   using L = DkdvSmem<T, D>;
-  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF, kHalf = D / 2;
-  static_assert(kHalf % 16 == 0, "each warp of a pair takes whole 16-column tiles");
+  constexpr int LD = L::LD, kStep = kDkdvStep<D>;
   const L sm{dynamic_smem()};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // Key rows [16 grp, + 16) of the block; `part` 0 computes S^T, 1 dP^T; accumulator columns
-  // [part * D / 2, + D / 2).
-  const int grp = warp % kWarps, part = warp / kWarps, c_acc = part * kHalf;
-  T *sK = sm.tile(0), *sV = sm.tile(1), *sQ = sm.tile(2), *sdO = sm.tile(3);
-  T *sPT = sm.low(grp, 0), *sdST = sm.low(grp, 1);
-  float *sL = sm.extra(), *sDelta = sm.extra() + kBlock, *sS = sm.scratch(grp), *sdP = sm.second(grp);
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlock;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
-  load_tile<T, D, kDkdvThreads>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k, p.vec);
-  load_tile<T, D, kDkdvThreads>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k, p.vec);
-  FragC dk[kHalf / 16], dv[kHalf / 16];
+  T *sK = sm.tile(0), *sV = sm.tile(1);
+  const int m_start = first_query(p, s, n0, kStep);
+  const int m_blocks = (s.len_q - m_start + kStep - 1) / kStep, steps = p.group * m_blocks;
+  // Step i: query head hk * group + i / m_blocks, block m_start + (i % m_blocks) * kStep, into
+  // buffer i % 2 (Q: tile 2 + buf, dO: tile 4 + buf).
+  auto load_step = [&](int i) {
+    const int h = hk * p.group + i / m_blocks, m0 = m_start + i % m_blocks * kStep, buf = i % 2;
+    load_tile<T, D, kStep>(sm.tile(2 + buf), rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
+    load_tile<T, D, kStep>(sm.tile(4 + buf), rows<const T>(p.dout, b, s.q0, h), p.dout.s, m0, s.len_q, p.vec);
+    const int64_t at = b * p.lse_b + h * p.lse_h + s.q0;
+    for (int c = threadIdx.x; c < kStep; c += kThreads) {
+      const bool in = m0 + c < s.len_q;
+      sm.lse(buf)[c] = in ? p.lse[at + m0 + c] : INFINITY;
+      sm.delta(buf)[c] = in ? p.delta[at + m0 + c] : 0.0f;
+    }
+  };
+  load_tile<T, D>(sK, rows<const T>(p.k, b, s.k0, hk), p.k.s, n0, s.len_k, p.vec);
+  load_tile<T, D>(sV, rows<const T>(p.v, b, s.k0, hk), p.v.s, n0, s.len_k, p.vec);
+  if (steps > 0) load_step(0);
+  tile_commit();
+
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const SmemA<T> ka{sK + warp * 16 * LD, LD}, va{sV + warp * 16 * LD, LD};
+  const int key0 = n0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
+  for (int i = 0; i < steps; ++i) {
+    const int h = hk * p.group + i / m_blocks, m0 = m_start + i % m_blocks * kStep, buf = i % 2;
+    const T *sQ = sm.tile(2 + buf), *sdO = sm.tile(4 + buf);
+    const float *sL = sm.lse(buf), *sDelta = sm.delta(buf);
+    __syncthreads();  // the other buffers, read in the previous step, are free
+    if (i + 1 < steps) {
+      load_step(i + 1);
+      tile_commit();
+      tile_wait<1>();
+    } else {
+      tile_wait<0>();
+    }
+    __syncthreads();
+    float st[kStep / 8][4] = {}, dpt[kStep / 8][4] = {};
+    gemm_bt<T, D, kStep>(st, ka, sQ, LD);    // S^T = K Q^T
+    gemm_bt<T, D, kStep>(dpt, va, sdO, LD);  // dP^T = V dO^T
+    const bool partial = partial_block(p, s, m0, n0);
 #pragma unroll
-  for (int n = 0; n < kHalf / 16; ++n) {
-    wmma::fill_fragment(dk[n], 0.0f);
-    wmma::fill_fragment(dv[n], 0.0f);
-  }
-  // The pointwise pass: lane (r, h) of warp `part` takes row r, 16 of the 64 query columns.
-  const int r = lane / 2, half = lane % 2, c_pw = part * (kBlock / 2) + half * (kBlock / 4);
-  const int kj = n0 + grp * 16 + r;  // this lane's key
-  const int m_start = first_query(p, s, n0, kBlock);
-  for (int g = 0; g < p.group; ++g) {
-    const int h = hk * p.group + g;
-    const T* q = rows<const T>(p.q, b, s.q0, h);
-    const T* dout = rows<const T>(p.dout, b, s.q0, h);
-    const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
-    const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
-    for (int m0 = m_start; m0 < s.len_q; m0 += kBlock) {
-      __syncthreads();  // the previous Q and dO tiles, P^T and dS^T are consumed
-      load_tile<T, D, kDkdvThreads>(sQ, q, p.q.s, m0, s.len_q, p.vec);
-      load_tile<T, D, kDkdvThreads>(sdO, dout, p.dout.s, m0, s.len_q, p.vec);
-      for (int i = threadIdx.x; i < kBlock; i += kDkdvThreads) {
-        const bool in = m0 + i < s.len_q;
-        sL[i] = in ? lse[m0 + i] : INFINITY;
-        sDelta[i] = in ? delta[m0 + i] : 0.0f;
-      }
-      tile_wait();  // also the K and V tiles, on the first pass
-      __syncthreads();
-      if (part == 0)
-        warp_gemm<T, D, kBlock, true>(sK + grp * 16 * LD, LD, sQ, LD, sS, LDF);  // S^T = K Q^T
-      else
-        warp_gemm<T, D, kBlock, true>(sV + grp * 16 * LD, LD, sdO, LD, sdP, kBlock);  // dP^T = V dO^T
-      __syncthreads();  // both products of the group are in shared memory
-#pragma unroll 1  // unrolled, its loads were hoisted past the accumulators' registers and spilled
-      for (int j = 0; j < kBlock / 4; ++j) {
-        const int c = c_pw + (j + r) % (kBlock / 4);  // lanes start apart: different banks
-        const bool ok = allowed(p, b, s, m0 + c, kj) && sL[c] != INFINITY;
-        const float pt = ok ? exp2f(sS[r * LDF + c] * p.scale2 - sL[c]) : 0.0f;
-        float dp = sdP[r * kBlock + c], pt_kept = pt;
+    for (int j = 0; j < kStep / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + 2 * t + e % 2, kj = key0 + 8 * (e / 2);  // query m0 + c, key kj
+        const bool ok = (!partial || allowed(p, b, s, m0 + c, kj)) && sL[c] != INFINITY;
+        const float pt = ok ? exp2f(st[j][e] * p.scale2 - sL[c]) : 0.0f;
+        float dp = dpt[j][e], pt_kept = pt;
         if (p.p_drop > 0.0f) {
           const bool keep = kept(p, b * p.heads + h, m0 + c, kj);
           pt_kept = keep ? pt * p.keep_scale : 0.0f;
           dp = keep ? dp * p.keep_scale : 0.0f;
         }
-        sPT[r * LDP + c] = from_float<T>(pt_kept);
-        sdST[r * LDP + c] = from_float<T>(pt * (dp - sDelta[c]));
+        st[j][e] = pt_kept;
+        dpt[j][e] = pt * (dp - sDelta[c]);  // dS^T
       }
-      __syncthreads();  // the group's P^T and dS^T are whole
-      warp_gemm_acc<T, kBlock, kHalf>(sPT, LDP, sdO + c_acc, LD, dv);  // dV += P^T dO
-      warp_gemm_acc<T, kBlock, kHalf>(sdST, LDP, sQ + c_acc, LD, dk);  // dK += dS^T Q
-    }
+    uint32_t pa[kStep / 16][4], dsa[kStep / 16][4];
+    to_a<T, kStep>(pa, st);
+    to_a<T, kStep>(dsa, dpt);
+    gemm_b<T, kStep, D>(dv, pa, sdO, LD);  // dV += P^T dO
+    gemm_b<T, kStep, D>(dk, dsa, sQ, LD);  // dK += dS^T Q
   }
-  tile_wait();  // the K and V copies, when no query block was visited
-  __syncthreads();  // the scratch (S^T) is read by both warps of a group before it is reused
-  T* out_k = rows<T>(p.dk, b, s.k0, hk);
-  T* out_v = rows<T>(p.dv, b, s.k0, hk);
-  store_rows<T, kHalf>(dk, p.scale, sS, LDF, out_k, p.dk.s, n0 + grp * 16, c_acc, s.len_k);
-  store_rows<T, kHalf>(dv, 1.0f, sS, LDF, out_v, p.dv.s, n0 + grp * 16, c_acc, s.len_k);
+  tile_wait<0>();  // the K and V copies, when no query block was visited
+  __syncthreads();  // ... which every warp must see landed before its own rows are overwritten
+  // Through this warp's own rows of the K and V tiles, which only it read.
+  store_acc<T, D>(dk, p.scale, sK + warp * 16 * LD, LD, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + warp * 16, s.len_k,
+                  p.vec_out);
+  store_acc<T, D>(dv, 1.0f, sV + warp * 16 * LD, LD, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + warp * 16, s.len_k,
+                  p.vec_out);
 }
 
 // delta = rowsum(dO * O) for every query row, laid out like the log-sum-exp: what both backward
-// kernels (WMMA and wgmma) read. One warp per (row, head), a lane per D / 32 values.
+// kernels (mma.sync and wgmma) read. One warp per (row, head), a lane per D / 32 values.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_delta_kernel(Params p) {
   const int b = blockIdx.z, h = blockIdx.y, lane = threadIdx.x % 32;
@@ -359,60 +454,84 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_delta_kernel(Params
   if (lane == 0) p.delta[b * p.lse_b + h * p.lse_h + s.q0 + i] = acc;
 }
 
-// dQ for one query block of one head: loops over the key blocks it sees. Q, dO, K, V tiles;
-// per warp: fp32 S (also the epilogue's scratch), fp32 dP, dS in the storage dtype.
+// Q and dO; K and V twice over (kStep of each tile's rows used).
 template <typename T, int D>
-using DqSmem = Smem<T, D, 4, 0, kBlock>;
+using DqSmem = Tiles<T, D, 6>;
 
+// dQ for one 64-row query block of one head: loops over the kStep-key blocks it sees. Each warp
+// owns 16 rows: S, dP, dS and the dQ accumulator in registers; Q and dO are read from shared
+// memory at each product (in registers, they left ptxas too few).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p) {
   using L = DqSmem<T, D>;
-  constexpr int LD = L::LD, LDP = L::LDP, LDF = L::LDF;
+  constexpr int LD = L::LD;
   const L sm{dynamic_smem()};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T *sQ = sm.tile(0), *sdO = sm.tile(1), *sK = sm.tile(2), *sV = sm.tile(3), *sdS = sm.low(warp);
-  float *sS = sm.scratch(warp), *sdP = sm.second(warp);
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
   const int hk = h / p.group;
   const T* k = rows<const T>(p.k, b, s.k0, hk);
   const T* v = rows<const T>(p.v, b, s.k0, hk);
+  T *sQ = sm.tile(0), *sdO = sm.tile(1);
+  const int n_blocks = (keys_end(p, s, m0, kBlock) + kStep - 1) / kStep;
   load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
   load_tile<T, D>(sdO, rows<const T>(p.dout, b, s.q0, h), p.dout.s, m0, s.len_q, p.vec);
-  const int r = lane / 2, half = lane % 2;
-  const int qi = m0 + warp * 16 + r;
-  const int64_t row = b * p.lse_b + h * p.lse_h + s.q0 + qi;
-  const float lse = qi < s.len_q ? p.lse[row] : INFINITY;
-  const float delta = qi < s.len_q ? p.delta[row] : 0.0f;
-  FragC dq[D / 16];
-#pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
-  const int n_end = keys_end(p, s, m0, kBlock);
-  for (int n0 = 0; n0 < n_end; n0 += kBlock) {
-    __syncthreads();
-    load_tile<T, D>(sK, k, p.k.s, n0, s.len_k, p.vec);
-    load_tile<T, D>(sV, v, p.v.s, n0, s.len_k, p.vec);
-    tile_wait();  // also the Q and dO tiles, on the first pass
-    __syncthreads();
-    warp_gemm<T, D, kBlock, true>(sQ + warp * 16 * LD, LD, sK, LD, sS, LDF);      // S = Q K^T
-    warp_gemm<T, D, kBlock, true>(sdO + warp * 16 * LD, LD, sV, LD, sdP, kBlock);  // dP = dO V^T
-    __syncwarp();
-    for (int j = 0; j < kBlock / 2; ++j) {
-      const int c = column<kBlock / 2>(half, r, j);
-      const bool ok = allowed(p, b, s, qi, n0 + c) && lse != INFINITY;
-      const float pv = ok ? exp2f(sS[r * LDF + c] * p.scale2 - lse) : 0.0f;
-      float dp = sdP[r * kBlock + c];
-      if (p.p_drop > 0.0f) dp = kept(p, b * p.heads + h, qi, n0 + c) ? dp * p.keep_scale : 0.0f;
-      sdS[r * LDP + c] = from_float<T>(pv * (dp - delta));
-    }
-    __syncwarp();
-    warp_gemm_acc<T, kBlock, D>(sdS, LDP, sK, LD, dq);  // dQ += dS K
+  tile_commit();
+  if (n_blocks > 0) {
+    load_tile<T, D, kStep>(sm.tile(2), k, p.k.s, 0, s.len_k, p.vec);
+    load_tile<T, D, kStep>(sm.tile(3), v, p.v.s, 0, s.len_k, p.vec);
   }
-  tile_wait();  // the Q and dO copies, when no key block was visited
-  __syncwarp();
-  store_rows<T, D>(dq, p.scale, sS, LDF, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, 0, s.len_q);
+  tile_commit();
+  tile_wait<1>();  // Q and dO
+
+  const SmemA<T> qa{sQ + warp * 16 * LD, LD}, doa{sdO + warp * 16 * LD, LD};
+
+  const int row0 = m0 + warp * 16 + g;  // this lane's rows: row0 and row0 + 8
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at = b * p.lse_b + h * p.lse_h + s.q0 + row0 + 8 * r;
+    lse[r] = row0 + 8 * r < s.len_q ? p.lse[at] : INFINITY;
+    delta[r] = row0 + 8 * r < s.len_q ? p.delta[at] : 0.0f;
+  }
+  float dq[D / 8][4] = {};
+  for (int it = 0; it < n_blocks; ++it) {
+    const int n0 = it * kStep;
+    const T *sK = sm.tile(2 + 2 * (it % 2)), *sV = sm.tile(3 + 2 * (it % 2));
+    __syncthreads();  // the other buffer, read in the previous iteration, is free
+    if (it + 1 < n_blocks) {
+      load_tile<T, D, kStep>(sm.tile(2 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kStep, s.len_k, p.vec);
+      load_tile<T, D, kStep>(sm.tile(3 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kStep, s.len_k, p.vec);
+      tile_commit();
+      tile_wait<1>();
+    } else {
+      tile_wait<0>();
+    }
+    __syncthreads();
+    float sc[kStep / 8][4] = {}, dp[kStep / 8][4] = {};
+    gemm_bt<T, D, kStep>(sc, qa, sK, LD);   // S = Q K^T
+    gemm_bt<T, D, kStep>(dp, doa, sV, LD);  // dP = dO V^T
+    const bool partial = partial_block<kStep>(p, s, m0, n0);
+#pragma unroll
+    for (int j = 0; j < kStep / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, col = n0 + 8 * j + 2 * t + e % 2;
+        const bool ok = (!partial || allowed(p, b, s, row0 + 8 * r, col)) && lse[r] != INFINITY;
+        const float pv = ok ? exp2f(sc[j][e] * p.scale2 - lse[r]) : 0.0f;
+        float d = dp[j][e];
+        if (p.p_drop > 0.0f) d = kept(p, b * p.heads + h, row0 + 8 * r, col) ? d * p.keep_scale : 0.0f;
+        sc[j][e] = pv * (d - delta[r]);  // dS
+      }
+    uint32_t dsa[kStep / 16][4];
+    to_a<T, kStep>(dsa, sc);
+    gemm_b<T, kStep, D>(dq, dsa, sK, LD);  // dQ += dS K
+  }
+  tile_wait<0>();  // the (empty) copies, when no key block was visited
+  // Through this warp's own rows of the Q tile, which only it read.
+  store_acc<T, D>(dq, p.scale, sQ + warp * 16 * LD, LD, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + warp * 16, s.len_q,
+                  p.vec_out);
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -451,7 +570,7 @@ struct Backward {
   static void run(const Problem& pr, const Params& p, cudaStream_t st) {
     const int hd = pr.cu_q ? 1 : 2;
     launch(attention_bwd_dkdv_kernel<T, D>, dim3(blocks(pr.max_k), pr.k.shape[hd], batch_of(pr)),
-           DkdvSmem<T, D>::kBytes, p, st, kDkdvThreads);
+           DkdvSmem<T, D>::kBytes, p, st);
     launch(attention_bwd_dq_kernel<T, D>, dim3(blocks(pr.max_q), pr.q.shape[hd], batch_of(pr)),
            DqSmem<T, D>::kBytes, p, st);
   }
@@ -474,8 +593,8 @@ void dispatch(const Problem& pr, const Params& p, std::uintptr_t stream) {
   });
 }
 
-// With `wgmma`, the Hopper kernels where they can serve the call, else the WMMA ones; returns
-// which ran ("wgmma", "wmma" or "wmma (wgmma declined: <why>)").
+// With `wgmma`, the Hopper kernels where they can serve the call, else the mma.sync ones; returns
+// which ran ("wgmma", "mma" or "mma (wgmma declined: <why>)").
 template <typename Launcher>
 std::string run_preferring_wgmma(const Problem& pr, const Params& p, bool wgmma, std::uintptr_t stream) {
   constexpr bool kBackward = std::is_same<Launcher, Backward>::value;
@@ -488,7 +607,7 @@ std::string run_preferring_wgmma(const Problem& pr, const Params& p, bool wgmma,
     }
   }
   dispatch<Launcher>(pr, p, stream);
-  return declined.empty() ? "wmma" : "wmma (wgmma declined: " + declined + ")";
+  return declined.empty() ? "mma" : "mma (wgmma declined: " + declined + ")";
 }
 
 }  // namespace
@@ -498,6 +617,7 @@ std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream) {
   p.o = operand(a.o, a.p.cu_q.has_value());
   p.lse = static_cast<float*>(a.lse.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
+  p.vec_out = aligned16(p.o);
   return run_preferring_wgmma<Forward>(a.p, p, a.wgmma, stream);
 }
 
@@ -512,6 +632,7 @@ std::string launch_backward(const BackwardArgs& a, std::uintptr_t stream) {
   p.lse = static_cast<float*>(a.lse.data);
   p.delta = static_cast<float*>(a.delta.data);
   p.vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout);
+  p.vec_out = aligned16(p.dq) && aligned16(p.dk) && aligned16(p.dv);
   dispatch<Delta>(a.p, p, stream);  // for whichever kernels run next
   return run_preferring_wgmma<Backward>(a.p, p, a.wgmma, stream);
 }

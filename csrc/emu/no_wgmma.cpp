@@ -1,5 +1,5 @@
 // The emulated build has no Hopper kernels (wgmma, TMA and mbarriers are sm_90a instructions):
-// attention_hopper.cu is not compiled, and these say so where the WMMA launcher asks.
+// attention_hopper.cu is not compiled, and these say so where the mma.sync launcher asks.
 #include <stdexcept>
 
 #include "emu.h"  // first: the device-code keywords the shared header uses

@@ -48,7 +48,7 @@ def _on_tma(fn):
 
 def _on_wgmma(fn):
     """fn, with backend="cuda" attention on the Hopper (wgmma) kernels (the forward's choice
-    holds for its backward). Raises where they declined the call, so that the WMMA kernels,
+    holds for its backward). Raises where they declined the call, so that the mma.sync kernels,
     which then serve it, are never timed under this name."""
     def wrapped(*args, **kwargs):
         with attention_kernels.using_cuda_kernels("wgmma"):

@@ -69,10 +69,10 @@ def _cuda_why_not(case):
     return None
 
 
-# Both kernels passed the GPU suite on an H100; the CUDA C++ (WMMA) one is far slower
-# (benchmarks/results/2026-11-23-h100), so it would serve only where Triton cannot. Its dK/dV
-# kernel has since been rewritten (two warps per 16 key rows: tested on the CPU emulator, not
-# yet run on a GPU), so it is chosen only by name until the GPU suite passes it again.
+# Triton passed the GPU suite on an H100. The CUDA C++ kernels that passed it there (WMMA, 15-25x
+# slower than Triton: benchmarks/results/2026-11-23-h100) have been replaced by mma.sync ones
+# with P in registers, tested on the CPU emulator and not yet run on a GPU, so `cuda` is chosen
+# only by name until the GPU suite passes them.
 dispatch.register(dispatch.OpBackends(
     "attention", AttentionCase,
     {"torch": lambda case: None, "triton": _triton_why_not, "cuda": _cuda_why_not},

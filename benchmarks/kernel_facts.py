@@ -20,7 +20,8 @@ of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. 
 nvcc (-Xptxas -v) with the build's own flags.
 
 Columns: regs (per thread), spill (bytes stored + loaded to local memory per thread), smem
-(bytes per CTA), and SASS instruction counts: HGMMA (wgmma), UTMALDG (TMA loads), LDG128 /
+(bytes per CTA), and SASS instruction counts: HGMMA (wgmma), HMMA (mma.sync, warp-level tensor
+cores), LDSM (ldmatrix), UTMALDG (TMA loads), LDG128 /
 LDG64 / LDG32 / LDG16 (global loads by width; 16-byte ones are what a bandwidth-bound kernel
 wants), LDGSTS (cp.async), SETMAXNREG (register reallocation between warpgroups).
 These are facts about code, not speed: the GPU decides that.
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_DIMS = (64, 128, 256)  # the attention head dims compiled
 
-SASS_COUNTS = ("HGMMA", "UTMALDG", "LDG128", "LDG64", "LDG32", "LDG16", "LDGSTS", "SETMAXNREG")
+SASS_COUNTS = ("HGMMA", "HMMA", "LDSM", "UTMALDG", "LDG128", "LDG64", "LDG32", "LDG16", "LDGSTS", "SETMAXNREG")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
@@ -47,6 +48,10 @@ def _column(op):
     """The SASS_COUNTS column an opcode counts in, or None."""
     if op.startswith("HGMMA"):
         return "HGMMA"
+    if op.startswith("HMMA"):
+        return "HMMA"
+    if op.startswith("LDSM"):
+        return "LDSM"
     if op.startswith("UTMALDG"):
         return "UTMALDG"
     if op.startswith("LDGSTS"):

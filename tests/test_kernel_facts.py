@@ -39,12 +39,15 @@ SASS = """\
         /*00c0*/                   LDG.E.U8 R12, desc[UR6][R2.64] ;
         /*00d0*/                   STG.E.128 desc[UR6][R2.64], R4 ;
         /*1a4f0*/              @P1 UTMALDG.4D [UR8], [UR4] ;
+        /*1a500*/                   HMMA.16816.F32.BF16 R40, R4, R8, R40 ;
+        /*1a510*/                   LDSM.16.MT88.4 R8, [R3+UR4] ;
+        /*1a520*/                   LDSM.16.M88.4 R12, [R3] ;
 """
 
 
 def test_sass_instruction_counts():
-    assert kf._counts(SASS) == dict(HGMMA=1, UTMALDG=2, LDG128=1, LDG64=1, LDG32=1, LDG16=1,
-                                    LDGSTS=1, SETMAXNREG=1)
+    assert kf._counts(SASS) == dict(HGMMA=1, HMMA=1, LDSM=2, UTMALDG=2, LDG128=1, LDG64=1, LDG32=1,
+                                    LDG16=1, LDGSTS=1, SETMAXNREG=1)
 
 
 def test_integer_arguments_get_tritons_divisibility_only_where_it_would():

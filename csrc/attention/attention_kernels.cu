@@ -35,8 +35,9 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 // Kernels are declared __launch_bounds__(kThreads, 1), which lets ptxas use up to 255 registers a
 // thread: each warp holds a 16-row strip of S (and dP) beside its accumulators, 150-255
-// registers with no spill (benchmarks/kernel_facts.py). Registers and 26-105 KB of shared memory
-// then allow 1-3 CTAs an SM.
+// registers with no spill (benchmarks/kernel_facts.py), so two CTAs fit an SM's registers, and
+// their 20-70 KB of shared memory fits two on an A100 or H100 and one within the 99 KB a block
+// may have on sm_86/sm_89.
 constexpr int kBlock = 64;  // rows of a query or key block (both)
 constexpr int kPad = 8;     // elements of padding per shared-memory row (bank spread)
 
@@ -196,14 +197,18 @@ __device__ __forceinline__ void store_acc(const float (&acc)[N / 8][4], float mu
   __syncwarp();
 }
 
-// kTiles (64 x D) tiles of the storage dtype, pitch D + kPad (ldmatrix's eight 16-byte rows
-// then fall in eight different bank groups).
-template <typename T, int D, int kTiles>
+// Shared-memory tiles of the storage dtype, pitch D + kPad (ldmatrix's eight 16-byte rows then
+// fall in eight different bank groups): kBig tiles of kBlock rows, then kSmall of kSmallRows
+// (the backward's stepped operands: only the rows a step uses take shared memory).
+template <typename T, int D, int kBig, int kSmall = 0, int kSmallRows = kBlock>
 struct Tiles {
   static constexpr int LD = D + kPad;
-  static constexpr int kBytes = kTiles * kBlock * LD * int(sizeof(T));
+  static constexpr int kBytes = (kBig * kBlock + kSmall * kSmallRows) * LD * int(sizeof(T));
   unsigned char* base;
-  __device__ T* tile(int i) const { return reinterpret_cast<T*>(base) + i * kBlock * LD; }
+  // Tile i; i = kBig + kSmall is where the tiles end.
+  __device__ T* tile(int i) const {
+    return reinterpret_cast<T*>(base) + (i < kBig ? i * kBlock : kBig * kBlock + (i - kBig) * kSmallRows) * LD;
+  }
 };
 
 // Does key block [n0, n0 + kKeys) need the mask rules for query rows from m0 on? Not
@@ -215,33 +220,44 @@ __device__ __forceinline__ bool partial_block(const Params& p, const Seq& s, int
   return p.key_mask || n0 + kKeys > s.len_k || (p.causal && n0 + kKeys - 1 > m0 + (s.len_k - s.len_q));
 }
 
-// Q, then K and V twice over: the next key block's copies are in flight while this one's
-// products run.
+// The query block of a forward or dQ CTA. Causal, the last blocks see the most keys: they get
+// the first CTAs, so that the longest ones do not start last and leave the GPU idle at the end.
+__device__ __forceinline__ int query_block(const Params& p) {
+  return p.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+}
+
+// The forward's key block: 64 keys, 32 at head dim 128 (with 64, its S tile beside the 16 x 128
+// O accumulator left ptxas no register to spare: any change spilled).
+template <int D>
+constexpr int kFwdKeys = D > 96 ? 32 : kBlock;
+
+// Q, then K and V twice over (kFwdKeys rows each): the next key block's copies are in flight
+// while this one's products run.
 template <typename T, int D>
-using FwdSmem = Tiles<T, D, 5>;
+using FwdSmem = Tiles<T, D, 1, 4, kFwdKeys<D>>;
 
 // One CTA per (64-row query block, head, batch): each warp owns 16 rows, its Q fragments, S,
 // P and O in registers. The online softmax works in base 2 on rows spread over the lane quads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   using L = FwdSmem<T, D>;
-  constexpr int LD = L::LD;
+  constexpr int LD = L::LD, kKeys = kFwdKeys<D>;
   const L sm{dynamic_smem()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
+  const int b = blockIdx.z, h = blockIdx.y, m0 = query_block(p) * kBlock;
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
   const int hk = h / p.group;
   const T* k = rows<const T>(p.k, b, s.k0, hk);
   const T* v = rows<const T>(p.v, b, s.k0, hk);
   T* sQ = sm.tile(0);
-  const int n_blocks = (keys_end(p, s, m0, kBlock) + kBlock - 1) / kBlock;
+  const int n_blocks = (keys_end(p, s, m0, kBlock) + kKeys - 1) / kKeys;
 
   load_tile<T, D>(sQ, rows<const T>(p.q, b, s.q0, h), p.q.s, m0, s.len_q, p.vec);
   tile_commit();
   if (n_blocks > 0) {
-    load_tile<T, D>(sm.tile(1), k, p.k.s, 0, s.len_k, p.vec);
-    load_tile<T, D>(sm.tile(2), v, p.v.s, 0, s.len_k, p.vec);
+    load_tile<T, D, kKeys>(sm.tile(1), k, p.k.s, 0, s.len_k, p.vec);
+    load_tile<T, D, kKeys>(sm.tile(2), v, p.v.s, 0, s.len_k, p.vec);
   }
   tile_commit();
   tile_wait<1>();  // Q
@@ -254,25 +270,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};  // rows g and g + 8; l: this lane's share
   const int row0 = m0 + warp * 16 + g;
   for (int it = 0; it < n_blocks; ++it) {
-    const int n0 = it * kBlock;
+    const int n0 = it * kKeys;
     const T *sK = sm.tile(1 + 2 * (it % 2)), *sV = sm.tile(2 + 2 * (it % 2));
     __syncthreads();  // the other buffer, read in the previous iteration, is free
     if (it + 1 < n_blocks) {
-      load_tile<T, D>(sm.tile(1 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kBlock, s.len_k, p.vec);
-      load_tile<T, D>(sm.tile(2 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kBlock, s.len_k, p.vec);
+      load_tile<T, D, kKeys>(sm.tile(1 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kKeys, s.len_k, p.vec);
+      load_tile<T, D, kKeys>(sm.tile(2 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kKeys, s.len_k, p.vec);
       tile_commit();
       tile_wait<1>();  // this block's K and V, leaving the next block's in flight
     } else {
       tile_wait<0>();
     }
     __syncthreads();
-    float sc[kBlock / 8][4] = {};
-    gemm_bt<T, D, kBlock>(sc, qa, sK, LD);  // S = Q K^T
+    float sc[kKeys / 8][4] = {};
+    gemm_bt<T, D, kKeys>(sc, qa, sK, LD);  // S = Q K^T
 
-    const bool partial = partial_block(p, s, m0, n0);
+    const bool partial = partial_block<kKeys>(p, s, m0, n0);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < kBlock / 8; ++j)
+    for (int j = 0; j < kKeys / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = n0 + 8 * j + 2 * t + e % 2;
@@ -292,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
       l_i[r] *= alpha[r];
     }
 #pragma unroll
-    for (int j = 0; j < kBlock / 8; ++j)
+    for (int j = 0; j < kKeys / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
@@ -307,9 +323,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
-    uint32_t pa[kBlock / 16][4];
-    to_a<T, kBlock>(pa, sc);
-    gemm_b<T, kBlock, D>(o, pa, sV, LD);  // O += P V
+    uint32_t pa[kKeys / 16][4];
+    to_a<T, kKeys>(pa, sc);
+    gemm_b<T, kKeys, D>(o, pa, sV, LD);  // O += P V
   }
   tile_wait<0>();  // the (empty) copies, when no key block was visited
 #pragma unroll
@@ -342,11 +358,11 @@ constexpr int kStep = 32;
 template <int D>
 constexpr int kDkdvStep = D > 96 ? 16 : kStep;
 
-// K, V; Q and dO twice over (kDkdvStep of each tile's rows used), as the forward's K and V; then
-// the log-sum-exp and delta of the query rows in them.
+// K, V; Q and dO twice over (kDkdvStep rows each), as the forward's K and V; then the
+// log-sum-exp and delta of the query rows in them.
 template <typename T, int D>
-struct DkdvSmem : Tiles<T, D, 6> {
-  static constexpr int kBytes = Tiles<T, D, 6>::kBytes + 2 * 2 * kDkdvStep<D> * 4;
+struct DkdvSmem : Tiles<T, D, 2, 4, kDkdvStep<D>> {
+  static constexpr int kBytes = Tiles<T, D, 2, 4, kDkdvStep<D>>::kBytes + 2 * 2 * kDkdvStep<D> * 4;
   __device__ float* lse(int buf) const { return reinterpret_cast<float*>(this->tile(6)) + buf * kDkdvStep<D>; }
   __device__ float* delta(int buf) const { return lse(2) + buf * kDkdvStep<D>; }
 };
@@ -454,9 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_delta_kernel(Params
   if (lane == 0) p.delta[b * p.lse_b + h * p.lse_h + s.q0 + i] = acc;
 }
 
-// Q and dO; K and V twice over (kStep of each tile's rows used).
+// Q and dO; K and V twice over (kStep rows each).
 template <typename T, int D>
-using DqSmem = Tiles<T, D, 6>;
+using DqSmem = Tiles<T, D, 2, 4, kStep>;
 
 // dQ for one 64-row query block of one head: loops over the kStep-key blocks it sees. Each warp
 // owns 16 rows: S, dP, dS and the dQ accumulator in registers; Q and dO are read from shared
@@ -467,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p)
   constexpr int LD = L::LD;
   const L sm{dynamic_smem()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kBlock;
+  const int b = blockIdx.z, h = blockIdx.y, m0 = query_block(p) * kBlock;
   const Seq s = seq_of(p, b);
   if (m0 >= s.len_q) return;
   const int hk = h / p.group;
@@ -484,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p)
   }
   tile_commit();
   tile_wait<1>();  // Q and dO
-
+  __syncthreads();  // every thread's copies of them: a warp's rows are also its epilogue's stage
   const SmemA<T> qa{sQ + warp * 16 * LD, LD}, doa{sdO + warp * 16 * LD, LD};
 
   const int row0 = m0 + warp * 16 + g;  // this lane's rows: row0 and row0 + 8

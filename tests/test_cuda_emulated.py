@@ -3,17 +3,18 @@ references, with no GPU. Skipped unless fusedlm._C was built for it:
 
     FUSEDLM_CUDA=EMU pip install --no-build-isolation -e .   (CI: the last step of .ci/run)
 
-Every test runs in both of the emulator's scheduling orders (FUSEDLM_EMU_ORDER): a thread that
-reads what another wrote without a barrier between them reads too early in one of the two. (The
-two shape matrices run each case in one order, half the cases in each: every kernel path is in
-both halves, at half the time of CI's sanitized run.) The
-other CPU suites run the emulated kernels as well, wherever they name the 'cuda' backend (layer
+Every test runs in each of the emulator's three modes (MODES below): both scheduling orders
+(FUSEDLM_EMU_ORDER), in which a thread that reads what another wrote without a barrier between
+them reads too early in one of the two, and copies landing at issue (FUSEDLM_EMU_COPIES), in
+which a prefetch with no barrier before it overwrites a tile another warp still reads. (The two
+shape matrices run each case in one mode, a third of the cases in each: every kernel path is in
+each third, at a third of the time in CI's sanitized run.) The other CPU suites run the emulated kernels as well, wherever they name the 'cuda' backend (layer
 norm and the LM-loss row kernel at every shape they test); this file adds what they leave out,
 the attention kernels' cases: every head dim, grouped heads, packed sequences, key masks,
 dropout. The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
 
-Aligned operands take the kernels' 16-byte cp.async tile loads (each copy lands at its
-thread's wait, not before), unaligned views the scalar ones. What the emulator cannot check is
+Aligned operands take the kernels' 16-byte cp.async tile loads, unaligned views the scalar
+ones. What the emulator cannot check is
 in csrc/emu/emu.h: speed, registers, memory ordering finer than its barriers. Accesses outside
 a tensor's memory it reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the
 last test checks that)."""
@@ -27,16 +28,25 @@ from conftest import EMULATED, TOL, check_cuda_drops_as_triton, check_unaligned_
 pytestmark = pytest.mark.skipif(not EMULATED, reason="needs fusedlm._C built for the CPU emulator (FUSEDLM_CUDA=EMU)")
 
 
-@pytest.fixture(params=["forward", "reverse"], autouse=True)
+# The emulator's modes: the two scheduling orders with copies landing at their waits (a read
+# that lacks a barrier or a wait), and copies landing at issue (a prefetch that lacks the
+# barrier before it overwrites a tile another warp still reads).
+MODES = {"forward": ("forward", "at-wait"), "reverse": ("reverse", "at-wait"), "copies-at-issue": ("forward", "at-issue")}
+
+
+@pytest.fixture(params=list(MODES), autouse=True)
 def order(request, monkeypatch):
-    """Both scheduling orders, except for a shape matrix's case (marked `one_order`): one,
-    chosen from its parameters so that half the matrix runs in each."""
-    if request.node.get_closest_marker("one_order") is not None:
+    """Every mode, except for a shape matrix's case (marked `one_mode`): one, chosen from its
+    parameters so that a third of the matrix runs in each."""
+    if request.node.get_closest_marker("one_mode") is not None:
         import zlib
-        chosen = ("forward", "reverse")[zlib.crc32(request.node.callspec.id.split("-", 1)[1].encode()) % 2]
+        case = request.node.callspec.id.replace(request.param + "-", "", 1)  # the id without the mode
+        chosen = list(MODES)[zlib.crc32(case.encode()) % len(MODES)]
         if chosen != request.param:
-            pytest.skip(f"this case runs in the {chosen} order (half of the matrix runs in each)")
-    monkeypatch.setenv("FUSEDLM_EMU_ORDER", request.param)
+            pytest.skip(f"this case runs in the {chosen} mode (a third of the matrix runs in each)")
+    order, copies = MODES[request.param]
+    monkeypatch.setenv("FUSEDLM_EMU_ORDER", order)
+    monkeypatch.setenv("FUSEDLM_EMU_COPIES", copies)
     return request.param
 
 
@@ -58,7 +68,7 @@ def _check(out, grads, q, k, v, do, causal, mask=None):
         assert rel_err(a, r) < max(TOL[dtype], 2 * rel_err(t, r)), name
 
 
-@pytest.mark.one_order
+@pytest.mark.one_mode
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("causal", [False, True])
@@ -137,7 +147,7 @@ def test_emulator_refuses_cuda_tensors_and_says_so():
 
 
 # The emulator itself, on kernels that are wrong on purpose (csrc/emu/selftest.cu): what it
-# says it finds, it finds, in either scheduling order.
+# says it finds, it finds, in every mode.
 
 def test_emulator_finds_a_missing_block_barrier():
     values = [float(i) for i in range(70)]  # three warps, the last one partial
@@ -211,7 +221,7 @@ def test_emulated_half_conversions_match_torch(dtype):
     assert torch.isnan(torch.tensor(nan, dtype=torch.int32).to(torch.int16).view(dtype)).all()
 
 
-@pytest.mark.one_order
+@pytest.mark.one_mode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [4097, 6001, 8192])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])

@@ -66,6 +66,7 @@ struct Block {
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;  // thrown in a fiber: ends the block, rethrown by the scheduler
+  bool copies_at_issue = false;
   std::vector<unsigned char> smem;
 };
 
@@ -174,6 +175,17 @@ void run_block(Block& b) {
   }
 }
 
+// FUSEDLM_EMU_COPIES: when a cp.async copy lands. "at-wait" (the default): at its thread's wait
+// for its group, so a tile read before the wait is stale. "at-issue": at once, so a copy into a
+// buffer that another warp has not finished reading (a prefetch with no barrier before it)
+// overwrites what that warp still reads.
+bool copies_at_issue() {
+  const char* v = std::getenv("FUSEDLM_EMU_COPIES");
+  if (!v || !*v || std::string(v) == "at-wait") return false;
+  if (std::string(v) == "at-issue") return true;
+  throw std::runtime_error(std::string("FUSEDLM_EMU_COPIES must be 'at-wait' or 'at-issue', got '") + v + "'");
+}
+
 bool reverse_order() {
   const char* v = std::getenv("FUSEDLM_EMU_ORDER");
   if (!v || !*v || std::string(v) == "forward") return false;
@@ -227,9 +239,18 @@ uint64_t exchange(uint64_t bits, int src, int line) {
   return bits;
 }
 
+static void land(const Copy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+}
+
 void cp_async(void* dst, const void* src, int bytes) {
   Fiber& f = *g_block->running;
-  f.copies.push_back({dst, src, bytes, f.committed});
+  const Copy c{dst, src, bytes, f.committed};
+  if (g_block->copies_at_issue)
+    land(c);
+  else
+    f.copies.push_back(c);
 }
 
 void cp_async_commit() { ++g_block->running->committed; }
@@ -239,8 +260,7 @@ void cp_async_wait_group(int pending) {
   std::vector<Copy> left;
   for (const Copy& c : f.copies) {
     if (c.group < f.committed - pending) {
-      std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
-      std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+      land(c);
     } else {
       left.push_back(c);
     }
@@ -267,6 +287,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
   }
   const bool reverse = reverse_order();
   Block b;
+  b.copies_at_issue = copies_at_issue();
   b.body = &body;
   b.fibers.resize(static_cast<size_t>(threads));
   b.warps.resize(static_cast<size_t>((threads + 31) / 32));

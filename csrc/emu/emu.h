@@ -9,7 +9,9 @@
 // barrier between them reads it too early in one of the two orders, so the tests run both:
 // a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
 // an error naming the lines they wait at. A cp.async copy lands at its thread's wait for its
-// group, so a tile read before the wait is stale too. ldmatrix and mma.sync follow the PTX
+// group, so a tile read before the wait is stale too; with FUSEDLM_EMU_COPIES=at-issue it lands
+// at once instead, so a prefetch into a buffer another warp still reads (no barrier between)
+// overwrites what that warp reads. ldmatrix and mma.sync follow the PTX
 // fragment layouts lane by lane (csrc/common/warp_mma.cuh); ldmatrix reads each row when the
 // lane that addresses it arrives, so a row written by another lane without a __syncwarp is stale. Dynamic shared memory starts each block filled with
 // NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more

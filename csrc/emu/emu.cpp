@@ -1,4 +1,4 @@
-// The CPU emulator's scheduler and runtime (see emu.h): fibers on ucontext, one block at a time.
+// The CPU emulator's scheduler and runtime (see emu.h): fibers, one block at a time.
 #include "emu.h"
 
 #include <sys/mman.h>
@@ -11,6 +11,62 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+
+// ---- switching between fibers ---------------------------------------------------------------
+// On x86-64, our own switch: it saves what a call must preserve (the callee-saved registers, the
+// stack pointer, the SSE and x87 control words) and nothing else. swapcontext also saves and
+// restores the signal mask, two system calls a switch; with warp collectives (ldmatrix, mma.sync)
+// a barrier each, they took about 40% of the emulated suite's time. Elsewhere (or built with
+// FUSEDLM_EMU_UCONTEXT defined), ucontext.
+#if defined(__x86_64__) && !defined(FUSEDLM_EMU_UCONTEXT)
+#define FUSEDLM_EMU_OWN_SWITCH 1
+extern "C" void fusedlm_emu_switch(void** save_sp, void* load_sp);
+extern "C" void fusedlm_emu_fiber_start();
+asm(R"(
+    .text
+    .globl fusedlm_emu_switch
+    .type fusedlm_emu_switch, @function
+fusedlm_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fusedlm_emu_switch, .-fusedlm_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+#endif
+
+// The address sanitizer must be told when a fiber switch changes stacks (its fiber API).
+#if defined(__SANITIZE_ADDRESS__)
+#define FUSEDLM_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FUSEDLM_EMU_ASAN 1
+#endif
+#endif
+#ifdef FUSEDLM_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace fusedlm::emu {
 namespace {
@@ -33,7 +89,12 @@ struct Copy {
 };
 
 struct Fiber {
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+  void* sp = nullptr;  // its saved stack pointer while it is switched out
+#else
   ucontext_t ctx;
+#endif
+  void* fake_stack = nullptr;  // the address sanitizer's, across its switches
   void* stack = nullptr;
   ThreadState st;
   int warp = 0, lane = 0;
@@ -63,7 +124,15 @@ struct Block {
   int waiting = 0, done = 0;
   size_t cursor = 0;          // position in `order` the scheduler resumes from
   Fiber* running = nullptr;
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+  void* scheduler_sp = nullptr;
+#else
   ucontext_t scheduler;
+#endif
+  // The scheduler's stack, for the address sanitizer's switches back to it.
+  const void* scheduler_bottom = nullptr;
+  size_t scheduler_size = 0;
+  void* scheduler_fake_stack = nullptr;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;  // thrown in a fiber: ends the block, rethrown by the scheduler
   bool copies_at_issue = false;
@@ -117,8 +186,42 @@ void maybe_release(Block& b, int warp) {
   if (b.waiting > 0 && b.waiting + b.done == static_cast<int>(b.fibers.size())) release_block(b);
 }
 
+// From the scheduler into fiber f, until it yields or finishes.
+void enter(Block& b, Fiber& f) {
+#ifdef FUSEDLM_EMU_ASAN
+  __sanitizer_start_switch_fiber(&b.scheduler_fake_stack, f.stack, kStackBytes);
+#endif
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+  fusedlm_emu_switch(&b.scheduler_sp, f.sp);
+#else
+  swapcontext(&b.scheduler, &f.ctx);
+#endif
+#ifdef FUSEDLM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(b.scheduler_fake_stack, nullptr, nullptr);
+#endif
+}
+
+// From the running fiber back to the scheduler; returns when the scheduler enters it again
+// (never, once `finished`).
+void leave(Block& b, Fiber& f, bool finished) {
+#ifdef FUSEDLM_EMU_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, b.scheduler_bottom, b.scheduler_size);
+#endif
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+  fusedlm_emu_switch(&f.sp, b.scheduler_sp);
+#else
+  swapcontext(&f.ctx, &b.scheduler);
+#endif
+#ifdef FUSEDLM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &b.scheduler_bottom, &b.scheduler_size);
+#endif
+}
+
 void fiber_main() {
   Block& b = *g_block;
+#ifdef FUSEDLM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_bottom, &b.scheduler_size);
+#endif
   try {  // an exception cannot leave a fiber: the scheduler rethrows it
     (*b.body)();
   } catch (...) {
@@ -129,14 +232,46 @@ void fiber_main() {
   ++b.done;
   ++b.warps[f.warp].done;
   maybe_release(b, f.warp);
-  // Returning resumes the scheduler (uc_link).
+  leave(b, f, true);
+  std::abort();  // a finished fiber is never entered again
 }
 
 // Back to the scheduler until this fiber may run again.
 void yield_until_released() {
   Block& b = *g_block;
-  Fiber& f = *b.running;
-  swapcontext(&f.ctx, &b.scheduler);
+  leave(b, *b.running, false);
+}
+
+// Fiber f's first entry runs fiber_main on its own stack.
+void prepare(Block& b, Fiber& f) {
+#ifdef FUSEDLM_EMU_ASAN
+  // The stack is reused: what the sanitizer marked in it for the last block's frames is stale.
+  __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+  (void)b;
+  // What fusedlm_emu_switch pops, from the stack's top down: a zero return address for
+  // fusedlm_emu_fiber_start (entered by `ret` as if called: 8 bytes past a 16-byte boundary),
+  // its address, six callee-saved registers, then the control words now in force.
+  void** sp = reinterpret_cast<void**>(static_cast<unsigned char*>(f.stack) + kStackBytes);
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(&fusedlm_emu_fiber_start);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  --sp;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<unsigned char*>(sp) + 4, &fpucw, 2);
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = &b.scheduler;
+  makecontext(&f.ctx, fiber_main, 0);
+#endif
 }
 
 std::string describe_deadlock(const Block& b) {
@@ -169,7 +304,7 @@ void run_block(Block& b) {
                                "): " + describe_deadlock(b));
     }
     b.running = next;
-    swapcontext(&b.scheduler, &next->ctx);
+    enter(b, *next);
     b.running = nullptr;
     if (b.error) std::rethrow_exception(b.error);
   }
@@ -319,11 +454,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
             f.st.block_dim = block;
             f.st.grid_dim = grid;
             f.stack = stack_at(static_cast<size_t>(i));
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack;
-            f.ctx.uc_stack.ss_size = kStackBytes;
-            f.ctx.uc_link = &b.scheduler;
-            makecontext(&f.ctx, fiber_main, 0);
+            f.fake_stack = nullptr;
+            prepare(b, f);
           }
           run_block(b);
         }
@@ -341,6 +473,10 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
 }
 
 }  // namespace fusedlm::emu
+
+#ifdef FUSEDLM_EMU_OWN_SWITCH
+extern "C" void fusedlm_emu_fiber_start() { fusedlm::emu::fiber_main(); }
+#endif
 
 // ---- the runtime API's stand-ins (cuda_runtime_api.h) ---------------------------------------
 

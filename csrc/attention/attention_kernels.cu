@@ -226,6 +226,26 @@ __device__ __forceinline__ int query_block(const Params& p) {
   return p.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
 }
 
+// The top of key-block iteration `it` of the forward and dQ, whose K and V tiles for block i are
+// first + 2 (i % 2) and the one after: once every warp is done with the other pair (read in the
+// previous iteration), block it + 1's copies go there and stay in flight while block it's land
+// and become visible to the CTA.
+template <typename T, int D, int kKeys, typename L>
+__device__ __forceinline__ void key_block_ready(const L& sm, int first, int it, int n_blocks, const T* k, const T* v,
+                                                const Params& p, const Seq& s) {
+  __syncthreads();
+  if (it + 1 < n_blocks) {
+    const int next = first + 2 * ((it + 1) % 2), n1 = (it + 1) * kKeys;
+    load_tile<T, D, kKeys>(sm.tile(next), k, p.k.s, n1, s.len_k, p.vec);
+    load_tile<T, D, kKeys>(sm.tile(next + 1), v, p.v.s, n1, s.len_k, p.vec);
+    tile_commit();
+    tile_wait<1>();
+  } else {
+    tile_wait<0>();
+  }
+  __syncthreads();
+}
+
 // The forward's key block: 64 keys, 32 at head dim 128 (with 64, its S tile beside the 16 x 128
 // O accumulator left ptxas no register to spare: any change spilled).
 template <int D>
@@ -272,16 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   for (int it = 0; it < n_blocks; ++it) {
     const int n0 = it * kKeys;
     const T *sK = sm.tile(1 + 2 * (it % 2)), *sV = sm.tile(2 + 2 * (it % 2));
-    __syncthreads();  // the other buffer, read in the previous iteration, is free
-    if (it + 1 < n_blocks) {
-      load_tile<T, D, kKeys>(sm.tile(1 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kKeys, s.len_k, p.vec);
-      load_tile<T, D, kKeys>(sm.tile(2 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kKeys, s.len_k, p.vec);
-      tile_commit();
-      tile_wait<1>();  // this block's K and V, leaving the next block's in flight
-    } else {
-      tile_wait<0>();
-    }
-    __syncthreads();
+    key_block_ready<T, D, kKeys>(sm, 1, it, n_blocks, k, v, p, s);
     float sc[kKeys / 8][4] = {};
     gemm_bt<T, D, kKeys>(sc, qa, sK, LD);  // S = Q K^T
 
@@ -515,16 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(Params p)
   for (int it = 0; it < n_blocks; ++it) {
     const int n0 = it * kStep;
     const T *sK = sm.tile(2 + 2 * (it % 2)), *sV = sm.tile(3 + 2 * (it % 2));
-    __syncthreads();  // the other buffer, read in the previous iteration, is free
-    if (it + 1 < n_blocks) {
-      load_tile<T, D, kStep>(sm.tile(2 + 2 * ((it + 1) % 2)), k, p.k.s, n0 + kStep, s.len_k, p.vec);
-      load_tile<T, D, kStep>(sm.tile(3 + 2 * ((it + 1) % 2)), v, p.v.s, n0 + kStep, s.len_k, p.vec);
-      tile_commit();
-      tile_wait<1>();
-    } else {
-      tile_wait<0>();
-    }
-    __syncthreads();
+    key_block_ready<T, D, kStep>(sm, 2, it, n_blocks, k, v, p, s);
     float sc[kStep / 8][4] = {}, dp[kStep / 8][4] = {};
     gemm_bt<T, D, kStep>(sc, qa, sK, LD);   // S = Q K^T
     gemm_bt<T, D, kStep>(dp, doa, sV, LD);  // dP = dO V^T

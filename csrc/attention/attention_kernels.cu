@@ -2,9 +2,9 @@
 // fp32 accumulation; ../common/warp_mma.cuh), templated over the storage dtype and the head dim.
 // Runs on sm_80 and later (sm_90a included; the Hopper kernels with wgmma and TMA are
 // attention_hopper.cu, opt-in). One CTA of four warps owns a 64-row block, each warp 16 of its
-// rows, with everything of its rows in registers, FlashAttention-2's arrangement: S = Q K^T
-// accumulates in registers, the online softmax (base 2) runs there, and P becomes the A operand
-// of P V without leaving them. Tiles come in through 16-byte cp.async copies when the operands
+// rows, whose products stay in registers, FlashAttention-2's arrangement: S = Q K^T accumulates
+// in registers, the online softmax (base 2) runs there, and P becomes the A operand of P V
+// without leaving them. Tiles come in through 16-byte cp.async copies when the operands
 // are 16-byte aligned, the next key (or query) block's while this one's products run.
 //
 // Forward: per query block, over the key blocks it sees. Backward: dK/dV per key block (over
@@ -256,8 +256,9 @@ constexpr int kFwdKeys = D > 96 ? 32 : kBlock;
 template <typename T, int D>
 using FwdSmem = Tiles<T, D, 1, 4, kFwdKeys<D>>;
 
-// One CTA per (64-row query block, head, batch): each warp owns 16 rows, its Q fragments, S,
-// P and O in registers. The online softmax works in base 2 on rows spread over the lane quads.
+// One CTA per (64-row query block, head, batch): each warp owns 16 rows, their S, P and O in
+// registers (Q is read from shared memory at each product). The online softmax works in base 2
+// on rows spread over the lane quads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   using L = FwdSmem<T, D>;
@@ -379,9 +380,9 @@ struct DkdvSmem : Tiles<T, D, 2, 4, kDkdvStep<D>> {
 };
 
 // dK, dV for one 64-key block of one key/value head: loops over the query heads of its group and
-// over the kDkdvStep-row query blocks that can see it. Each warp owns 16 keys: S^T and dP^T, P^T and dS^T,
-// and its dK and dV accumulators, all in registers; K and V are read from shared memory at each
-// product (held in registers too, they would not leave ptxas enough at D = 128).
+// over the kDkdvStep-row query blocks that can see it. Each warp owns 16 keys: S^T and dP^T,
+// P^T and dS^T, and its dK and dV accumulators, all in registers; K and V are read from shared
+// memory at each product (held in registers too, they would not leave ptxas enough at D = 128).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(Params p) {
   using L = DkdvSmem<T, D>;

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,9 +354,12 @@ def main(argv=None):
         nvcc = shutil.which("nvcc")
         if nvcc is None:
             print("\nCUDA C++: no nvcc on this machine, not compiled")
-        for arch in args.archs if nvcc else ():
-            arch = arch if arch.startswith("sm_") else f"sm_{arch}"  # "90a" as CMake spells it
-            rows = cuda_facts(arch, nvcc)
+        archs = [a if a.startswith("sm_") else f"sm_{a}" for a in (args.archs if nvcc else ())]  # "90a" as CMake spells it
+        # One nvcc per architecture at once: each compiles on one core, and the unrolled
+        # attention kernels take it 30 s a file (CI has two cores).
+        with ThreadPoolExecutor(max_workers=max(1, min(len(archs), os.cpu_count() or 1))) as pool:
+            per_arch = list(pool.map(lambda arch: cuda_facts(arch, nvcc), archs))
+        for arch, rows in zip(archs, per_arch):
             report["cuda"][arch] = rows
             print(f"\nCUDA C++ kernels ({_nvcc_version(nvcc)}), {arch}:")
             print(_table([dict(r, config="") for r in rows], "kernel"))

@@ -71,9 +71,9 @@ fusedlm_emu_switch:
 namespace fusedlm::emu {
 namespace {
 
-// A fiber's stack: the kernels' locals are small, and the address sanitizer clears a switched-to
-// stack's shadow at every switch, so a smaller stack is a faster sanitized run (256 KB took 1.4x
-// as long as 64 KB). Below it, one inaccessible guard page: an overflow faults, never corrupts.
+// A fiber's stack: the kernels' locals are small, and a sanitized build clears a stack's shadow
+// before each block (prepare), so a smaller stack is a faster sanitized run. Below it, one
+// inaccessible guard page: an overflow faults, never corrupts.
 constexpr size_t kStackBytes = 64 * 1024, kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 constexpr int kDefaultSmem = 48 * 1024;
@@ -105,9 +105,8 @@ struct Fiber {
   long collectives = 0;      // warp collectives so far: picks the bank
 };
 
-// What one lane puts into a warp-collective operation (a shuffle, ldmatrix, mma.sync).
-
-// Two banks, used by turns: a lane cannot put into a bank again before every lane has read it,
+// A warp's slots for its collectives (a shuffle, ldmatrix, mma.sync), kSlotBytes a lane, in two
+// banks used by turns: a lane cannot put into a bank again before every lane has read it,
 // since between the two it passes the barrier of the collective in the other bank, which no
 // lane reaches before reading. So each collective needs one barrier, not two.
 struct Warp {

@@ -11,11 +11,13 @@ shape matrices run each case in one mode, a third of the cases in each: every ke
 each third, at a third of the time in CI's sanitized run.) The other CPU suites run the emulated kernels as well, wherever they name the 'cuda' backend (layer
 norm and the LM-loss row kernel at every shape they test); this file adds what they leave out,
 the attention kernels' cases: every head dim, grouped heads, packed sequences, key masks,
-dropout. The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
+dropout; and the Hopper kernels (wgmma, TMA, mbarriers) on an emulated compute capability 9.0
+device (the `kernels` fixture). The bounds are the GPU suite's: 2x PyTorch's own error in the same precision.
 
 Aligned operands take the kernels' 16-byte cp.async tile loads, unaligned views the scalar
 ones. What the emulator cannot check is
-in csrc/emu/emu.h: speed, registers, memory ordering finer than its barriers. Accesses outside
+in csrc/emu/emu.h: speed, registers, memory ordering finer than its barriers, a misreading of
+PTX's layouts shared by a kernel and the emulator. Accesses outside
 a tensor's memory it reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the
 last test checks that)."""
 import pytest
@@ -50,6 +52,21 @@ def order(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["mma", "wgmma"])
+def kernels(request, monkeypatch):
+    """The attention kernels a test runs: the mma.sync ones on the emulator's default device
+    (compute capability 8.0), or the Hopper ones (wgmma, TMA, mbarriers) on an emulated 9.0
+    device. Checks after the test that those kernels ran, forward and backward."""
+    from fusedlm.ops import attention_kernels
+    if request.param == "wgmma":
+        monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
+    attention_kernels.last_cuda_forward_kernel = attention_kernels.last_cuda_backward_kernel = None
+    with attention_kernels.using_cuda_kernels(request.param):
+        yield request.param
+    assert attention_kernels.last_cuda_forward_kernel == request.param
+    assert attention_kernels.last_cuda_backward_kernel == request.param
+
+
 def _qkv(b, s, h, hk, d, dtype, sk=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()
@@ -82,8 +99,43 @@ def test_attention_emulated(dtype, d, causal, s, sk, h, hk):
     _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal)
 
 
+@pytest.mark.one_mode
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.float16)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_packed_sequences_and_key_masks_emulated(causal):
+@pytest.mark.parametrize("s,sk,h,hk", [(130, 130, 2, 2), (70, 300, 4, 2), (300, 70, 2, 1)])
+@pytest.mark.parametrize("kernels", ["wgmma"], indirect=True)
+def test_attention_wgmma_emulated(kernels, d, dtype, causal, s, sk, h, hk):
+    """The Hopper kernels (attention_hopper.cu) at both head dims they are built for: blocks cut by
+    the sequence ends, more streamed blocks than ring stages in each of the three kernels (300
+    keys: 3 forward blocks of 128, 5 dQ blocks of 64; 4 dK/dV steps over grouped heads), queries
+    fewer and more than keys (causal rows that see no key). The other two pairs of head dim and
+    dtype run in the packed and masked test below."""
+    q, k, v = _qkv(2, s, h, hk, d, dtype, sk)
+    out = fusedlm.attention(q, k, v, causal=causal, backend="cuda")
+    do = torch.randn_like(out)
+    _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal)
+
+
+def test_wgmma_declines_and_says_why_emulated(monkeypatch):
+    """Where the Hopper kernels cannot serve a call the mma.sync ones do, and say why: a device
+    other than compute capability 9.0, a head dim they are not built for, unaligned operands."""
+    from fusedlm.ops import attention_kernels as ak
+    q, k, v = _qkv(1, 40, 2, 2, 64, torch.float16)
+    with ak.using_cuda_kernels("wgmma"):
+        fusedlm.attention(q, k, v, backend="cuda")
+        assert ak.last_cuda_forward_kernel == "mma (wgmma declined: needs a compute capability 9.0 GPU (sm_90a), got 8.0)"
+        monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
+        fusedlm.attention(*_qkv(1, 40, 2, 2, 96, torch.float16), backend="cuda")
+        assert ak.last_cuda_forward_kernel == "mma (wgmma declined: head dim 96 (the wgmma kernels have 64 and 128))"
+        flat = torch.randn(1 * 40 * 2 * 64 + 1).half()[1:].view(1, 40, 2, 64)  # 2-byte aligned
+        fusedlm.attention(flat, k, v, backend="cuda")
+        assert "16-byte aligned" in ak.last_cuda_forward_kernel
+        fusedlm.attention(q, k, v, backend="cuda")
+        assert ak.last_cuda_forward_kernel == "wgmma"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_sequences_and_key_masks_emulated(kernels, causal):
     """attention_varlen on three packed sequences (one shorter than a block, one spanning three)
     against each sequence on its own; a padded batch's key mask against the reference."""
     lens = [5, 140, 64]
@@ -113,7 +165,7 @@ def test_unaligned_views_emulated(dtype):
     check_unaligned_views_match("cuda", "cpu", dtype, seq=100)
 
 
-def test_empty_rows_and_determinism_emulated():
+def test_empty_rows_and_determinism_emulated(kernels):
     """A sequence whose keys are all masked gives zeros and finite gradients; two backward passes
     are bitwise equal (no atomics)."""
     q, k, v = _qkv(2, 80, 2, 2, 64, torch.float16)
@@ -127,8 +179,8 @@ def test_empty_rows_and_determinism_emulated():
     assert all(torch.isfinite(g).all() and torch.equal(a, g) for a, g in zip(first, second))
 
 
-@pytest.mark.parametrize("hk", [4, 2])
-def test_dropout_matches_triton_emulated(hk):
+@pytest.mark.parametrize("kernels,hk", [("mma", 4), ("mma", 2), ("wgmma", 2)], indirect=["kernels"])
+def test_dropout_matches_triton_emulated(kernels, hk):
     """The CUDA kernels draw Triton's dropout stream: with the same seed both backends drop the
     same probabilities, forward and backward (Triton under its interpreter)."""
     if fusedlm.ops.dispatch.why_not("attention", "triton", ("cpu", torch.float16, 64)) is not None:

@@ -18,7 +18,8 @@
 // wide, TMA's 128-byte swizzle; a head dim of 128 is two such slabs side by side.
 //
 // Covers head dims 64 and 128, fp16 and bf16, 16-byte aligned operands; wgmma_unavailable says
-// why it declines anything else, and the mma.sync kernels serve it.
+// why it declines anything else, and the mma.sync kernels serve it. The machinery (mbarriers,
+// TMA, wgmma) is common/hopper.cuh's, which the CPU emulator stands in for (csrc/emu).
 #include <cuda.h>          // CUtensorMap and its enums (types only: no link to the driver)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -33,6 +34,7 @@
 
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
+#include "../common/hopper.cuh"
 #include "../common/launch.cuh"
 #include "attention.h"
 #include "attention_device.cuh"
@@ -87,79 +89,15 @@ struct Map {
   MapOrder order;
 };
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void bar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Arrives once and tells the barrier to expect `bytes` more from the copy engine.
-__device__ __forceinline__ void bar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void bar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ bool bar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Waits for the completion of `bar`'s phase with this parity.
-__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  while (!bar_try_wait(bar, parity)) {
-  }
-}
-
-// No wait lasts more than microseconds in a working kernel; one that lasts kWaitLimitNs means a
-// barrier that will never complete (a wrong phase or transaction count, a copy that faulted).
-// The producer's waits watch for that and trap, so that the host gets a launch error instead of
-// a GPU that hangs; a trap on the consumers' path would make ptxas cap their registers (their
-// setmaxnreg region), and every kernel here would spill.
-constexpr uint64_t kWaitLimitNs = 10'000'000'000ull;
-
-__device__ __forceinline__ void bar_wait_or_trap(uint32_t bar, uint32_t parity) {
-  if (bar_try_wait(bar, parity)) return;
-  const uint64_t t0 = global_ns();
-  while (!bar_try_wait(bar, parity))
-    if (global_ns() - t0 > kWaitLimitNs) __trap();
-}
+#ifdef FUSEDLM_SM90_DEVICE
+using namespace hopper;
 
 // Rows [row, row + box) of columns [col, col + 64) of (head, batch) into shared memory at dst;
 // rows past the tensor's end arrive as zeros. Completes on `bar`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, MapOrder o, int col, int row,
                                          int head, int batch, uint32_t bar) {
   const auto at = [&](int dim) { return o.row == dim ? row : o.head == dim ? head : batch; };
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(at(1)), "r"(at(2)), "r"(at(3)), "r"(bar)
-      : "memory");
-}
-
-// A wgmma shared-memory matrix descriptor, 128-byte swizzle. K-major operands (Q, K): `sbo` is
-// the distance between 8-row groups (1024) and `lbo` is unused. MN-major (V, keys along K):
-// `sbo` is the distance between 8-key groups and `lbo` the distance between 64-column slabs.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+  tma_load_4d(dst, map, col, at(1), at(2), at(3), bar);
 }
 
 // Operands in a (tile_rows x D) tile stored as 64-column slabs (see Ring), 1024-byte aligned:
@@ -174,138 +112,7 @@ __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int tile_rows, int j
   return smem_desc(tile + j * 16 * kRowBytes, tile_rows * kRowBytes, 8 * kRowBytes);
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-
-// Keeps the compiler from moving reads or writes of accumulators across an asynchronous product.
-template <int N>
-__device__ __forceinline__ void reg_fence(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// Brackets a batch of asynchronous products: wgmma_begin before the first (accumulators and A
-// fragments written by ordinary instructions are fenced), wgmma_end after the last (commits and
-// waits, after which the accumulators may be read).
-template <typename... Acc>
-__device__ __forceinline__ void wgmma_begin(Acc&... acc) {
-  (reg_fence(acc), ...);
-  wgmma_fence();
-}
-template <typename... Acc>
-__device__ __forceinline__ void wgmma_end(Acc&... acc) {
-  wgmma_commit();
-  wgmma_wait_all();
-  (reg_fence(acc), ...);
-}
-
-// The wgmma forms used, for N = 64 and 128: SS (A and B descriptors, both K-major) and RS (A in
-// registers, B MN-major); fp32 accumulators d[N / 2]; scale_d = 0 overwrites, 1 accumulates.
-#define FUSEDLM_WGMMA_SS_N64(TY) \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %34, 0; " \
-  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
-  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, " \
-  "%32, %33, p, 1, 1, 0, 0;}\n" \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-  , "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-  , "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
-  , "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-  : "l"(a), "l"(b), "r"(scale_d))
-
-#define FUSEDLM_WGMMA_RS_N64(TY) \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; " \
-  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
-  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, " \
-  "{%32,%33,%34,%35}, %36, p, 1, 1, 1;}\n" \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-  , "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-  , "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
-  , "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
-
-#define FUSEDLM_WGMMA_SS_N128(TY) \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %66, 0; " \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
-  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, " \
-  "%64, %65, p, 1, 1, 0, 0;}\n" \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-  , "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-  , "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
-  , "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-  , "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]) \
-  , "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]) \
-  , "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]) \
-  , "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-  : "l"(a), "l"(b), "r"(scale_d))
-
-#define FUSEDLM_WGMMA_RS_N128(TY) \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %69, 0; " \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
-  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, " \
-  "{%64,%65,%66,%67}, %68, p, 1, 1, 1;}\n" \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-  , "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-  , "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
-  , "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-  , "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]) \
-  , "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]) \
-  , "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]) \
-  , "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
-
-
-template <typename T>
-struct Wgmma;
-
-#define FUSEDLM_WGMMA_FORMS(T, TY)                                                             \
-  template <>                                                                                  \
-  struct Wgmma<T> {                                                                            \
-    template <int N>                                                                           \
-    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) { \
-      if constexpr (N == 64) {                                                                 \
-        FUSEDLM_WGMMA_SS_N64(TY);                                                              \
-      } else {                                                                                 \
-        FUSEDLM_WGMMA_SS_N128(TY);                                                             \
-      }                                                                                        \
-    }                                                                                          \
-    template <int N>                                                                           \
-    static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, \
-                                              int scale_d) {                                   \
-      if constexpr (N == 64) {                                                                 \
-        FUSEDLM_WGMMA_RS_N64(TY);                                                              \
-      } else {                                                                                 \
-        FUSEDLM_WGMMA_RS_N128(TY);                                                             \
-      }                                                                                        \
-    }                                                                                          \
-  };
-FUSEDLM_WGMMA_FORMS(__nv_bfloat16, "bf16")
-FUSEDLM_WGMMA_FORMS(__half, "f16")
-#undef FUSEDLM_WGMMA_FORMS
-
-// Two fp32 values rounded into one register of the storage dtype (lo in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Accumulator layout of a wgmma m64nN, per warpgroup: warp w holds rows 16w..16w+15; lane l
-// holds, for each 8-column chunk c, d[4c], d[4c+1] at row l / 4, columns 8c + 2 (l % 4) + {0, 1},
-// and d[4c+2], d[4c+3] at row l / 4 + 8. So a thread owns two rows (`half` 0 and 1 below), and
-// the four lanes of a quad share them: a row's max or sum takes two shuffles.
-__device__ __forceinline__ int acc_half(int i) { return (i % 4) / 2; }
-__device__ __forceinline__ int acc_col(int i, int lane) { return 8 * (i / 4) + 2 * (lane % 4) + i % 2; }
-// Row of half r of this thread within its warpgroup's 64.
-__device__ __forceinline__ int acc_row(int r, int t) { return (t % 128) / 32 * 16 + (t % 32) / 4 + 8 * r; }
-
+// A row's max or sum over the four lanes of a quad, which hold its accumulator columns.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -315,23 +122,13 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// An (m64 x N) accumulator as the A operand of the next product (K = N): 16 columns, two
-// 8-column chunks, per k-step. The layouts match, so this is only rounding and packing.
-template <typename T, int N>
-__device__ __forceinline__ void a_fragments(const float (&acc)[N / 2], uint32_t (&a)[N / 16][4]) {
-#pragma unroll
-  for (int j = 0; j < N / 16; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) a[j][e] = pack2<T>(acc[8 * j + 2 * e], acc[8 * j + 2 * e + 1]);
-}
-
 // Issues acc = A B^T over the head dim (SS, both K-major): A is rows [r0, r0 + 64) of an
 // a_rows-row tile, B all N rows of an N-row tile.
 template <typename T, int N, int D>
 __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint32_t a, int a_rows, int r0, uint32_t b) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)  // 16 head-dim columns per step
-    Wgmma<T>::template ss<N>(acc, k_major(a, a_rows, r0, kk), k_major(b, N, 0, kk), kk > 0);
+    wgmma_ss<T, N>(acc, k_major(a, a_rows, r0, kk), k_major(b, N, 0, kk), kk > 0);
 }
 
 // Writes an (m64 x D) accumulator, times `mul`, to rows [row0, row0 + 64) of out (pitch
@@ -346,7 +143,7 @@ __device__ __forceinline__ void store_acc(const float (&acc)[D / 2], float mul, 
 #pragma unroll
     for (int c = 0; c < D / 8; ++c)
       *reinterpret_cast<uint32_t*>(out + int64_t(row) * stride + acc_col(4 * c, t % 32)) =
-          pack2<T>(acc[4 * c + 2 * r] * mul, acc[4 * c + 2 * r + 1] * mul);
+          mma::pack<T>(acc[4 * c + 2 * r] * mul, acc[4 * c + 2 * r + 1] * mul);
   }
 }
 
@@ -388,14 +185,14 @@ __device__ __forceinline__ bool split_roles(const Bars& bars) {
       bar_init(bars.full(st), 1);
       bar_init(bars.empty(st), kConsumers);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    fence_barrier_init();
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    regs_dec<kProducerRegs>();
     return true;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  regs_inc<kConsumerRegs>();
   return false;
 }
 
@@ -424,11 +221,10 @@ __device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const M
 }
 
 __device__ __forceinline__ uint32_t aligned_base() {
-  extern __shared__ unsigned char smem_raw[];
-  return (smem_addr(smem_raw) + 1023u) & ~1023u;
+  return (smem_addr(dynamic_smem()) + 1023u) & ~1023u;
 }
 
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+#endif  // FUSEDLM_SM90_DEVICE
 
 // Forward. Per CTA: 128 query rows of one head; each key block: S = Q K^T (SS), the online
 // softmax on the accumulators, O += P V (RS, V MN-major).
@@ -436,7 +232,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_fwd_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
                                const __grid_constant__ Map map_v, const Params p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef FUSEDLM_SM90_DEVICE
   using L = FwdRing<D>;
   constexpr int kRows = 128, kKeys = 128;
   const uint32_t base = aligned_base();
@@ -511,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     a_fragments<T, kKeys>(sc, pa);
     wgmma_begin(o);
 #pragma unroll
-    for (int j = 0; j < kKeys / 16; ++j) Wgmma<T>::template rs<D>(o, pa[j], mn_major(v_tile, kKeys, j), 1);
+    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(o, pa[j], mn_major(v_tile, kKeys, j), 1);
     wgmma_end(o);
     bar_arrive(bars.empty(st));  // this thread is done with the stage
   }
@@ -541,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_dkdv_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
                                     const __grid_constant__ Map map_v, const __grid_constant__ Map map_do,
                                     const Params p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef FUSEDLM_SM90_DEVICE
   using L = DkdvRing<D>;
   constexpr int kKeys = 128, kRows = 64;
   const uint32_t base = aligned_base();
@@ -606,8 +402,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_begin(dv, dk);
 #pragma unroll
     for (int j = 0; j < kRows / 16; ++j) {
-      Wgmma<T>::template rs<D>(dv, pa[j], mn_major(do_tile, kRows, j), 1);
-      Wgmma<T>::template rs<D>(dk, da[j], mn_major(q_tile, kRows, j), 1);
+      wgmma_rs<T, D>(dv, pa[j], mn_major(do_tile, kRows, j), 1);
+      wgmma_rs<T, D>(dk, da[j], mn_major(q_tile, kRows, j), 1);
     }
     wgmma_end(dv, dk);
     bar_arrive(bars.empty(st));
@@ -626,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_dq_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
                                   const __grid_constant__ Map map_v, const __grid_constant__ Map map_do,
                                   const Params p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef FUSEDLM_SM90_DEVICE
   using L = DqRing<D>;
   constexpr int kRows = 128, kKeys = 64;
   const uint32_t base = aligned_base();
@@ -689,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     a_fragments<T, kKeys>(sc, da);
     wgmma_begin(dq);
 #pragma unroll
-    for (int j = 0; j < kKeys / 16; ++j) Wgmma<T>::template rs<D>(dq, da[j], mn_major(k_tile, kKeys, j), 1);
+    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(dq, da[j], mn_major(k_tile, kKeys, j), 1);
     wgmma_end(dq);
     bar_arrive(bars.empty(st));
   }

@@ -1,6 +1,10 @@
 // The CPU emulator's scheduler and runtime (see emu.h): fibers, one block at a time.
 #include "emu.h"
 
+#include "include/cuda.h"
+#include "include/cuda_bf16.h"
+#include "include/cuda_fp16.h"
+
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -77,9 +81,50 @@ namespace {
 constexpr size_t kStackBytes = 64 * 1024, kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 constexpr int kDefaultSmem = 48 * 1024;
-constexpr int kMaxSmem = 166912;  // an A100's opt-in limit per block: the sm_80 code paths run here
+// The opt-in limit of dynamic shared memory per block: an A100's (the sm_80 code paths), or an
+// H100's with FUSEDLM_EMU_ARCH=90.
+constexpr int kMaxSmem80 = 166912, kMaxSmem90 = 232448;
 
-enum class Wait { kRunnable, kBlock, kWarp, kDone };
+enum class Wait { kRunnable, kBlock, kWarp, kMbar, kDone };
+
+// A tensor map as the emulator's cuTensorMapEncodeTiled writes it into the CUtensorMap's bytes.
+struct TensorMap {
+  const unsigned char* base;
+  uint32_t magic;
+  int8_t rank, elem_bytes;
+  int16_t swizzle_bytes;
+  uint64_t dim[5], stride[5];  // stride in bytes; stride[0] is the element's size
+  uint32_t box[5];
+};
+static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "the map fits the driver's 128 bytes");
+constexpr uint32_t kMapMagic = 0x4d61704eu;
+
+// A TMA load in flight: it lands (its box written, its bytes completed on its barrier) at a
+// wait on that barrier, or when every thread of the block waits.
+struct TmaCopy {
+  uint32_t dst, bar;
+  TensorMap map;
+  int coords[5];
+  int line;
+};
+
+struct MBar {
+  uint32_t count = 0, pending = 0;  // arrivals a phase needs, and still needs
+  long long tx = 0;                 // bytes expected and not yet landed
+  uint32_t phase = 0;               // phases completed
+  std::vector<TmaCopy> copies;
+};
+
+// A wgmma product issued by a thread and not yet run: its group's wait runs it.
+struct WgOp {
+  float* d;
+  int n;
+  uint64_t a, b;
+  bool a_in_regs, scale_d, trans_b, bf16;
+  float a_rows[2][16];  // with a_in_regs: this thread's two rows of A (gathered from its quad)
+  long group;           // -1 until committed
+  int line;
+};
 
 struct Copy {
   void* dst;
@@ -103,6 +148,9 @@ struct Fiber {
   std::vector<Copy> copies;  // cp.async copies issued and not yet waited for
   long committed = 0;        // cp.async groups committed so far
   long collectives = 0;      // warp collectives so far: picks the bank
+  uint32_t mbar = 0, parity = 0;  // the mbarrier and phase parity it waits for (Wait::kMbar)
+  std::vector<WgOp> wg_ops;       // wgmma products not yet run
+  long wg_committed = 0;          // wgmma groups committed so far
 };
 
 // A warp's slots for its collectives (a shuffle, ldmatrix, mma.sync), kSlotBytes a lane, in two
@@ -136,6 +184,7 @@ struct Block {
   std::exception_ptr error;  // thrown in a fiber: ends the block, rethrown by the scheduler
   bool copies_at_issue = false;
   std::vector<unsigned char> smem;
+  std::map<uint32_t, MBar> mbars;  // by shared address
 };
 
 Block* g_block = nullptr;
@@ -278,11 +327,16 @@ std::string describe_deadlock(const Block& b) {
   for (const Fiber& f : b.fibers) {
     if (f.wait == Wait::kBlock) ++where["__syncthreads at line " + std::to_string(f.line)];
     if (f.wait == Wait::kWarp) ++where["a warp barrier (__syncwarp or a shuffle) at line " + std::to_string(f.line)];
+    if (f.wait == Wait::kMbar)
+      ++where["an mbarrier wait (shared address " + std::to_string(f.mbar) + ", phase parity " +
+              std::to_string(f.parity) + ") at line " + std::to_string(f.line)];
   }
   std::string s;
   for (const auto& [what, n] : where) s += (s.empty() ? "" : "; ") + std::to_string(n) + " thread(s) wait at " + what;
   return s;
 }
+
+bool land_all_tma(Block& b);
 
 void run_block(Block& b) {
   const size_t n = b.fibers.size();
@@ -296,6 +350,7 @@ void run_block(Block& b) {
         b.cursor = (b.cursor + k) % n;
       }
     }
+    if (!next && land_all_tma(b)) continue;  // every thread waits: the copies in flight land
     if (!next) {
       const ThreadState& s = b.fibers[0].st;
       throw std::runtime_error("fusedlm emulator: deadlock in block (" + std::to_string(s.block_idx.x) + ", " +
@@ -407,6 +462,286 @@ void cp_async_wait_all() {
   cp_async_wait_group(0);
 }
 
+// ---- Hopper: the shared window, mbarriers, TMA, wgmma ----------------------------------------
+
+int arch() {
+  const char* v = std::getenv("FUSEDLM_EMU_ARCH");
+  if (!v || !*v || std::string(v) == "80") return 80;
+  if (std::string(v) == "90") return 90;
+  throw std::runtime_error(std::string("FUSEDLM_EMU_ARCH must be '80' or '90', got '") + v + "'");
+}
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what, int line) {
+  throw std::runtime_error("fusedlm emulator: " + what + " at line " + std::to_string(line));
+}
+
+// The bytes at shared address `addr`, checked to lie in the block's shared memory.
+unsigned char* shared_at(uint32_t addr, size_t bytes, const char* what, int line) {
+  Block& b = *g_block;
+  if (addr < kSharedBase || addr - kSharedBase + bytes > b.smem.size())
+    fail(std::string(what) + " outside the block's shared memory (address " + std::to_string(addr) + ", " +
+             std::to_string(bytes) + " bytes; the window is [" + std::to_string(kSharedBase) + ", " +
+             std::to_string(kSharedBase + b.smem.size()) + "))",
+         line);
+  return b.smem.data() + (addr - kSharedBase);
+}
+
+// The 128-byte swizzle (Swizzle<3,4,3> on byte addresses): the 16-byte chunk within a 128-byte
+// row is XORed with the row's position within its 1024-byte group. TMA writes and wgmma reads
+// apply the same function to the shared address.
+uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+MBar& mbar_at(uint32_t bar, int line) {
+  Block& b = *g_block;
+  if (bar % 8 != 0) fail("an mbarrier at a shared address not 8-byte aligned (" + std::to_string(bar) + ")", line);
+  shared_at(bar, 8, "an mbarrier", line);
+  const auto it = b.mbars.find(bar);
+  if (it == b.mbars.end())
+    fail("an mbarrier used before mbarrier.init (shared address " + std::to_string(bar) + ")", line);
+  return it->second;
+}
+
+// A phase with every arrival and every expected byte completes: the next begins, and the
+// threads waiting for it run again. Returns the position in scheduling order of the first of
+// them, or -1.
+long complete_if_done(uint32_t bar, MBar& m) {
+  if (m.pending != 0 || m.tx != 0) return -1;
+  ++m.phase;
+  m.pending = m.count;
+  Block& b = *g_block;
+  long first = -1;
+  for (size_t k = 0; k < b.order.size(); ++k) {
+    Fiber& f = b.fibers[b.order[k]];
+    if (f.wait == Wait::kMbar && f.mbar == bar && (m.phase & 1u) != f.parity) {
+      f.wait = Wait::kRunnable;
+      if (first < 0) first = long(k);
+    }
+  }
+  return first;
+}
+
+void land_tma(const TmaCopy& c) {
+  Block& b = *g_block;
+  const TensorMap& m = c.map;
+  uint32_t box = 1;
+  for (int i = 0; i < m.rank; ++i) box *= m.box[i];
+  const uint32_t row_bytes = m.box[0] * m.elem_bytes, bytes = box * m.elem_bytes;
+  shared_at(c.dst, bytes, "a TMA copy's destination", c.line);
+  for (const auto& [addr, mb] : b.mbars)
+    if (addr + 8 > c.dst && addr < c.dst + bytes)
+      fail("a TMA copy overwrites the mbarrier at shared address " + std::to_string(addr), c.line);
+  // Box rows (every coordinate but the innermost) one after another, each row_bytes.
+  const uint32_t rows = box / m.box[0];
+  for (uint32_t r = 0; r < rows; ++r) {
+    int64_t at[5] = {0, 0, 0, 0, 0};
+    bool inside = true;
+    uint32_t rest = r;
+    for (int i = 1; i < m.rank; ++i) {
+      at[i] = int64_t(c.coords[i]) + rest % m.box[i];
+      rest /= m.box[i];
+      inside = inside && at[i] >= 0 && uint64_t(at[i]) < m.dim[i];
+    }
+    int64_t offset = 0;
+    for (int i = 1; i < m.rank; ++i) offset += at[i] * int64_t(m.stride[i]);
+    for (uint32_t e = 0; e < m.box[0]; ++e) {
+      const int64_t x = int64_t(c.coords[0]) + e;
+      const uint32_t addr = c.dst + r * row_bytes + e * m.elem_bytes;
+      unsigned char* dst = b.smem.data() + (swizzle128(addr) - kSharedBase);
+      if (inside && x >= 0 && uint64_t(x) < m.dim[0])
+        std::memcpy(dst, m.base + offset + x * m.elem_bytes, m.elem_bytes);
+      else
+        std::memset(dst, 0, m.elem_bytes);  // out of the tensor: zeros (OOB_FILL_NONE)
+    }
+  }
+  MBar& bar = mbar_at(c.bar, c.line);
+  bar.tx -= bytes;  // a box counts its whole size, zero-filled elements included
+  complete_if_done(c.bar, bar);
+}
+
+// Lands every copy in flight on barrier `bar`.
+void land_copies_of(uint32_t bar) {
+  std::vector<TmaCopy> copies;
+  copies.swap(g_block->mbars[bar].copies);
+  for (const TmaCopy& c : copies) land_tma(c);
+}
+
+bool land_all_tma(Block& b) {
+  bool any = false;
+  for (auto& [addr, m] : b.mbars)
+    if (!m.copies.empty()) {
+      land_copies_of(addr);
+      any = true;
+    }
+  return any;
+}
+
+// Element (row, col) of a 16-bit matrix in shared memory under a 128-byte-swizzle descriptor
+// (PTX's canonical layouts, in bytes): K-major, rows along M or N and k along the 128-byte row:
+// start + (row / 8) SBO + (row % 8) 128 + 2 k. MN-major, 64-element slabs along M or N:
+// start + 2 (mn % 64) + (mn / 64) LBO + (k % 8) 128 + (k / 8) SBO.
+struct Desc {
+  uint32_t start, lbo, sbo;
+  bool mn_major, bf16;
+  int line;
+  float at(int mn, int k) const {
+    const uint32_t addr = mn_major ? start + 2 * (mn % 64) + (mn / 64) * lbo + (k % 8) * 128 + (k / 8) * sbo
+                                   : start + (mn / 8) * sbo + (mn % 8) * 128 + 2 * k;
+    const unsigned char* p = shared_at(swizzle128(addr), 2, "a wgmma operand", line);
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+  }
+};
+
+Desc decode(uint64_t desc, bool mn_major, bool bf16, int line) {
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7u) != 0)
+    fail("a wgmma descriptor the emulator does not model (it has the 128-byte swizzle with base offset 0)", line);
+  return {uint32_t(desc & 0x3FFF) << 4, uint32_t((desc >> 16) & 0x3FFF) << 4, uint32_t((desc >> 32) & 0x3FFF) << 4,
+          mn_major, bf16, line};
+}
+
+// Runs one product for the running thread: its accumulators are rows 16 w + l / 4 (+ 8) of the
+// warpgroup's 64, columns 8 c + 2 (l % 4) + {0, 1}.
+void run_wgmma(const WgOp& op) {
+  const Fiber& f = *g_block->running;
+  const int w = f.warp % 4, g = f.lane / 4, t = f.lane % 4;
+  float a[2][16];
+  if (op.a_in_regs) {
+    std::memcpy(a, op.a_rows, sizeof a);
+  } else {
+    const Desc da = decode(op.a, false, op.bf16, op.line);
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) a[h][k] = da.at(16 * w + g + 8 * h, k);
+  }
+  const Desc db = decode(op.b, op.trans_b, op.bf16, op.line);
+  for (int c = 0; c < op.n / 8; ++c)
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * c + 2 * t + e;
+      float bk[16];
+      for (int k = 0; k < 16; ++k) bk[k] = db.at(col, k);
+      for (int h = 0; h < 2; ++h) {
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += a[h][k] * bk[k];  // exact products, summed in k order
+        float& d = op.d[4 * c + 2 * h + e];
+        d = (op.scale_d ? d : 0.0f) + sum;
+      }
+    }
+}
+
+}  // namespace
+
+uint32_t shared_address(const void* p) {
+  Block& b = *g_block;
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < b.smem.data() || q > b.smem.data() + b.smem.size())
+    throw std::runtime_error("fusedlm emulator: a shared address of a pointer outside shared memory");
+  return kSharedBase + static_cast<uint32_t>(q - b.smem.data());
+}
+
+void mbar_init(uint32_t bar, uint32_t count, int line) {
+  Block& b = *g_block;
+  if (bar % 8 != 0) fail("mbarrier.init at a shared address not 8-byte aligned", line);
+  shared_at(bar, 8, "an mbarrier", line);
+  if (count < 1 || count >= (1u << 20)) fail("mbarrier.init with a count outside [1, 2^20)", line);
+  MBar& m = b.mbars[bar];
+  m = MBar{};
+  m.count = m.pending = count;
+}
+
+void mbar_arrive(uint32_t bar, uint32_t expect_bytes, int line) {
+  MBar& m = mbar_at(bar, line);
+  m.tx += expect_bytes;
+  if (m.pending == 0) fail("an mbarrier arrival past its phase's count", line);
+  --m.pending;
+  // What an arrival releases may happen before the arriving thread's next instruction, as on a
+  // GPU: a consumer's "done with this stage" may let the producer refill the stage before the
+  // consumer's products have read it. So the threads a completed phase releases run first,
+  // and a plain arrival lets the other threads run (and arrive) before this one goes on; an
+  // arrival with expected bytes does not (its thread issues those copies next).
+  Block& b = *g_block;
+  const long released = complete_if_done(bar, m);
+  if (released < 0 && expect_bytes > 0) return;
+  b.cursor = released >= 0 ? size_t(released) : (b.cursor + 1) % b.order.size();
+  yield_until_released();
+}
+
+void mbar_wait(uint32_t bar, uint32_t parity, int line) {
+  MBar& m = mbar_at(bar, line);
+  if ((m.phase & 1u) != parity) return;  // the phase with this parity has completed
+  land_copies_of(bar);
+  if ((m.phase & 1u) != parity) return;
+  Fiber& f = *g_block->running;
+  f.wait = Wait::kMbar;
+  f.mbar = bar;
+  f.parity = parity;
+  f.line = line;
+  yield_until_released();
+}
+
+void tma_load(uint32_t dst, const void* map, const int* coords, int rank, uint32_t bar, int line) {
+  TmaCopy c{dst, bar, {}, {}, line};
+  std::memcpy(&c.map, map, sizeof c.map);
+  if (c.map.magic != kMapMagic) fail("a TMA load with a tensor map cuTensorMapEncodeTiled did not make", line);
+  if (c.map.rank != rank) fail("a TMA load whose coordinates do not match its tensor map's rank", line);
+  if (c.map.swizzle_bytes == 128 && dst % 1024 != 0)
+    fail("a 128-byte-swizzled TMA load into shared memory not aligned to 1024 bytes", line);
+  if (dst % 128 != 0) fail("a TMA load into shared memory not aligned to 128 bytes", line);
+  std::copy(coords, coords + rank, c.coords);
+  mbar_at(bar, line);
+  if (g_block->copies_at_issue)
+    land_tma(c);
+  else
+    g_block->mbars[bar].copies.push_back(c);
+}
+
+void wgmma(float* d, int n, uint64_t a, const uint32_t* a_regs, uint64_t b, bool scale_d, bool trans_b, bool bf16,
+           int line) {
+  Block& blk = *g_block;
+  Fiber& f = *blk.running;
+  if (f.st.block_dim.x * f.st.block_dim.y * f.st.block_dim.z % 128 != 0)
+    fail("wgmma in a block that is not whole warpgroups", line);
+  WgOp op{d, n, a, b, a_regs != nullptr, scale_d, trans_b, bf16, {}, -1, line};
+  if (a_regs) {
+    // A's fragments: lane 4g + t holds rows g and g + 8, columns 2t, 2t + 1 (registers 0 and
+    // 1) and 2t + 8, 2t + 9 (registers 2 and 3); the register's low half first.
+    const unsigned char* slots = collective(a_regs, 16, true, line);
+    const int g = f.lane / 4;
+    for (int t = 0; t < 4; ++t)
+      for (int r = 0; r < 4; ++r) {
+        uint32_t v;
+        std::memcpy(&v, slots + (4 * g + t) * kSlotBytes + 4 * r, 4);
+        for (int e = 0; e < 2; ++e) {
+          const uint16_t bits = static_cast<uint16_t>(v >> (16 * e));
+          op.a_rows[r % 2][2 * t + 8 * (r / 2) + e] =
+              bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+        }
+      }
+  }
+  f.wg_ops.push_back(op);
+}
+
+void wgmma_commit() {
+  Fiber& f = *g_block->running;
+  for (WgOp& op : f.wg_ops)
+    if (op.group < 0) op.group = f.wg_committed;
+  ++f.wg_committed;
+}
+
+void wgmma_wait(int pending, int line) {
+  (void)line;
+  Fiber& f = *g_block->running;
+  std::vector<WgOp> left;
+  for (const WgOp& op : f.wg_ops) {
+    if (op.group >= 0 && op.group < f.wg_committed - pending)
+      run_wgmma(op);
+    else
+      left.push_back(op);
+  }
+  f.wg_ops.swap(left);
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   const long long threads = 1LL * block.x * block.y * block.z;
   if (threads < 1 || threads > kMaxThreads || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
@@ -438,6 +773,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
           b.waiting = b.done = 0;
           b.cursor = 0;
           b.error = nullptr;
+          b.mbars.clear();
           for (Warp& w : b.warps) w.waiting = w.done = 0;
           for (long long i = 0; i < threads; ++i) {
             Fiber& f = b.fibers[static_cast<size_t>(i)];
@@ -447,6 +783,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
             f.copies.clear();  // a copy never waited for never lands
             f.committed = 0;
             f.collectives = 0;
+            f.wg_ops.clear();  // a product never waited for never runs
+            f.wg_committed = 0;
             f.st.thread_idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                                static_cast<unsigned>(i / (1LL * block.x * block.y))};
             f.st.block_idx = {x, y, z};
@@ -466,7 +804,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kMaxSmem) return g_last_error = cudaErrorInvalidValue;
+  if (bytes < 0 || bytes > (arch() >= 90 ? kMaxSmem90 : kMaxSmem80)) return g_last_error = cudaErrorInvalidValue;
   g_smem_limit[kernel] = bytes;
   return cudaSuccess;
 }
@@ -496,7 +834,8 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
-// One emulated device, of compute capability 8.0 (the code paths that run are sm_80's).
+// One emulated device, of compute capability 8.0, or 9.0 with FUSEDLM_EMU_ARCH=90 (then the
+// Hopper kernels run as well).
 cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
@@ -507,6 +846,51 @@ cudaError_t cudaGetDevice(int* device) {
 }
 cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? fusedlm::emu::arch() / 10 : 0;
+  return cudaSuccess;
+}
+
+namespace {
+
+// cuTensorMapEncodeTiled's checks (the driver's documented ones for the parameters fusedlm
+// uses), then the map in the emulator's form.
+CUresult encode_tiled(CUtensorMap* out, CUtensorMapDataType type, cuuint32_t rank, void* address,
+                      const cuuint64_t* dim, const cuuint64_t* strides, const cuuint32_t* box,
+                      const cuuint32_t* element_strides, CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                      CUtensorMapL2promotion, CUtensorMapFloatOOBfill) {
+  using fusedlm::emu::TensorMap;
+  if (type != CU_TENSOR_MAP_DATA_TYPE_FLOAT16 && type != CU_TENSOR_MAP_DATA_TYPE_BFLOAT16) return CUDA_ERROR_INVALID_VALUE;
+  if (rank < 1 || rank > 5 || interleave != CU_TENSOR_MAP_INTERLEAVE_NONE) return CUDA_ERROR_INVALID_VALUE;
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+  TensorMap m{};
+  m.magic = fusedlm::emu::kMapMagic;
+  m.base = static_cast<const unsigned char*>(address);
+  m.rank = int8_t(rank);
+  m.elem_bytes = 2;
+  m.swizzle_bytes = swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? 128 : swizzle == CU_TENSOR_MAP_SWIZZLE_64B ? 64
+                    : swizzle == CU_TENSOR_MAP_SWIZZLE_32B ? 32 : 0;
+  for (cuuint32_t i = 0; i < rank; ++i) {
+    if (dim[i] == 0 || dim[i] > (1ull << 32) || box[i] == 0 || box[i] > 256) return CUDA_ERROR_INVALID_VALUE;
+    if (element_strides[i] != 1) return CUDA_ERROR_INVALID_VALUE;  // the emulator models unit steps only
+    if (i > 0 && (strides[i - 1] % 16 != 0 || strides[i - 1] >= (1ull << 40))) return CUDA_ERROR_INVALID_VALUE;
+    m.dim[i] = dim[i];
+    m.stride[i] = i == 0 ? 2 : strides[i - 1];
+    m.box[i] = box[i];
+  }
+  if (box[0] * 2 % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+  // The emulator models the 128-byte swizzle with 128-byte rows (the driver allows narrower).
+  if (m.swizzle_bytes != 128 || box[0] * 2 != 128) return CUDA_ERROR_INVALID_VALUE;
+  std::memset(out, 0, sizeof *out);
+  std::memcpy(out, &m, sizeof m);
+  return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  const bool found = std::string(symbol) == "cuTensorMapEncodeTiled";
+  *fn = found ? reinterpret_cast<void*>(&encode_tiled) : nullptr;
+  *status = found ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }

@@ -1,5 +1,5 @@
-// CUDA's execution model on the CPU: fusedlm's CUDA C++ kernels (all but the sm_90a wgmma ones)
-// run on host memory, so that their logic is checked against the references on a machine with
+// CUDA's execution model on the CPU: fusedlm's CUDA C++ kernels (the sm_90a ones too: see the
+// Hopper section below) run on host memory, so that their logic is checked against the references on a machine with
 // no GPU (FUSEDLM_CUDA=EMU builds the core this way; tests/test_cuda_emulated.py). The build
 // force-includes this header into every .cu file, compiled as C++.
 //
@@ -18,7 +18,7 @@
 // than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
 // emulator to these. Built with FUSEDLM_EMU_SANITIZE=address, accesses outside a tensor's memory
 // are reported too. What it cannot show: speed, registers, memory ordering finer than its
-// barriers, anything of the sm_90a kernels (wgmma, TMA, mbarriers).
+// barriers, a misreading of PTX's layouts that a kernel shares with this emulator.
 #pragma once
 #include <math.h>
 
@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -64,6 +66,27 @@ void cp_async_commit();
 void cp_async_wait_group(int pending);
 void cp_async_wait_all();
 
+// Hopper (sm_90a; csrc/common/hopper.cuh): shared memory as a window of addresses (dynamic
+// shared memory starts at kSharedBase, not at a 1024-byte boundary, as after static shared
+// memory on a GPU); mbarriers (phases, arrival counts, transaction bytes; a wait blocks the
+// thread); TMA loads of a tensor map's box, landing at the first wait on their barrier (or when
+// every thread waits) or, with FUSEDLM_EMU_COPIES=at-issue, at once; wgmma products, run at the
+// thread's wait for their commit group.
+constexpr uint32_t kSharedBase = 128;
+uint32_t shared_address(const void* p);
+void mbar_init(uint32_t bar, uint32_t count, int line);
+void mbar_arrive(uint32_t bar, uint32_t expect_bytes, int line);  // expect_bytes, then one arrival
+void mbar_wait(uint32_t bar, uint32_t parity, int line);
+void tma_load(uint32_t dst, const void* map, const int* coords, int rank, uint32_t bar, int line);
+// d[n / 2] (this thread's accumulators) = A B (+ d): A from the descriptor `a` (K-major) or, with
+// a_regs, this warp's A fragments; B from the descriptor `b`, MN-major with trans_b.
+void wgmma(float* d, int n, uint64_t a, const uint32_t* a_regs, uint64_t b, bool scale_d, bool trans_b, bool bf16,
+           int line);
+void wgmma_commit();
+void wgmma_wait(int pending, int line);
+// The emulated device's compute capability (FUSEDLM_EMU_ARCH: 80, the default, or 90).
+int arch();
+
 // Runs `body` as the kernel of every thread of the grid; throws std::runtime_error for a
 // deadlock, sets the launch error (cudaGetLastError) for a bad configuration.
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
@@ -82,6 +105,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) alignas(n)
 // A block's shared variables: one per kernel instantiation, shared by its threads (the
 // emulator runs one block at a time).
@@ -103,6 +127,10 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32, int line = __bu
   bits = ::fusedlm::emu::exchange(bits, ::fusedlm::emu::lane() ^ lane_mask, line);
   std::memcpy(&v, &bits, sizeof(T));
   return v;
+}
+
+[[noreturn]] inline void __trap(int line = __builtin_LINE()) {
+  throw std::runtime_error("fusedlm emulator: __trap at line " + std::to_string(line));
 }
 
 inline float __expf(float x) { return expf(x); }

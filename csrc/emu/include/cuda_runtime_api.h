@@ -4,6 +4,8 @@
 // can raise come back through cudaGetLastError as on a GPU.
 #pragma once
 
+#define CUDART_VERSION 12080
+
 struct uint3 {
   unsigned x, y, z;
 };
@@ -30,6 +32,17 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMinor = 76,
 };
 
+// The driver's entry points, as the runtime hands them out: the emulator has one,
+// cuTensorMapEncodeTiled (the Hopper kernels' tensor maps).
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2
+};
+enum { cudaEnableDefault = 0 };
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned version, unsigned long long flags,
+                                             cudaDriverEntryPointQueryResult* status);
+
 const char* cudaGetErrorString(cudaError_t err);
 cudaError_t cudaGetLastError();
 cudaError_t cudaGetDeviceCount(int* count);
@@ -41,8 +54,8 @@ namespace fusedlm::emu {
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 }
 
-// Raising a kernel's dynamic shared memory above 48 KB, as on a GPU (up to an A100's 163 KB:
-// the emulator runs the sm_80 code paths).
+// Raising a kernel's dynamic shared memory above 48 KB, as on a GPU (up to an A100's 163 KB, or
+// an H100's 227 KB on the emulated 9.0 device, FUSEDLM_EMU_ARCH=90).
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;

@@ -3,7 +3,8 @@
 Dispatch chooses among the backends (`torch`, `triton`, `cuda`); within `cuda`, a Hopper GPU has
 two sets of CUDA C++ kernels: "mma" (csrc/attention/attention_kernels.cu, the default: the
 kernels that passed the GPU suite) and "wgmma" (csrc/attention/attention_hopper.cu: wgmma + TMA,
-forward and backward, head dims 64 and 128; never run on a GPU yet, so opt-in). The
+forward and backward, head dims 64 and 128; checked on the CPU emulator, never run on a GPU
+yet, so opt-in). The
 environment's FUSEDLM_CUDA_ATTENTION sets the preference at import, `using_cuda_kernels` for a
 block. The preference in force at a call's forward is saved with it, so its backward runs the
 same kernels wherever it runs. Where the wgmma kernels cannot serve a call the mma.sync ones do, and

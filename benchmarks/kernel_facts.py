@@ -5,6 +5,9 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
                                                           # build's architectures: sm_80, sm_90a)
     python benchmarks/kernel_facts.py --only triton --json facts.json
     python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
+    python benchmarks/kernel_facts.py --fail-on-serialized-wgmma
+                                                          # exit 1 if ptxas serialized a
+                                                          # kernel's wgmma (no overlap left)
     python benchmarks/kernel_facts.py --spill-baseline known.json
                                                           # exit 1 on a spill known.json (from
                                                           # --write-spill-baseline) lacks
@@ -20,7 +23,9 @@ of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. 
 nvcc (-Xptxas -v) with the build's own flags.
 
 Columns: regs (per thread), spill (bytes stored + loaded to local memory per thread), smem
-(bytes per CTA), and SASS instruction counts: HGMMA (wgmma), HMMA (mma.sync, warp-level tensor
+(bytes per CTA), serial (1 where ptxas serialized the kernel's wgmma instructions, its
+"Potential Performance Loss" notes C7514/C7515: each product then waits for the one before, so
+no softmax or copy overlaps them), and SASS instruction counts: HGMMA (wgmma), HMMA (mma.sync, warp-level tensor
 cores), LDSM (ldmatrix), UTMALDG (TMA loads), LDG128 /
 LDG64 / LDG32 / LDG16 (global loads by width; 16-byte ones are what a bandwidth-bound kernel
 wants), LDGSTS (cp.async), SETMAXNREG (register reallocation between warpgroups).
@@ -78,6 +83,12 @@ def _counts(sass_text):
 
 
 SPILL_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+SERIAL_LINE = re.compile(r"wgmma\.mma_async instructions are serialized due to .*? (?:in|for) (?:the )?function '(\w+)'")
+
+
+def serialized_wgmma(text):
+    """The mangled names of the kernels whose wgmma ptxas serialized, from ptxas -v."""
+    return set(SERIAL_LINE.findall(text))
 
 
 def _triton_tool(name):
@@ -104,7 +115,7 @@ def sass_counts(cubin: bytes, tool):
 
 
 def ptxas_usage(ptx: str, arch: str):
-    """(registers, spill bytes) of the one kernel in `ptx`, from ptxas -v."""
+    """(registers, spill bytes, wgmma serialized) of the one kernel in `ptx`, from ptxas -v."""
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -113,7 +124,7 @@ def ptxas_usage(ptx: str, arch: str):
     text = out.stdout + out.stderr
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = sum(int(a) + int(b) for a, b in SPILL_LINE.findall(text))
-    return regs, spill
+    return regs, spill, int(bool(serialized_wgmma(text)))
 
 
 # --- Triton -------------------------------------------------------------------------------
@@ -148,8 +159,8 @@ def compile_triton(fn, values, num_warps, num_stages=3):
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
-    regs, spill = ptxas_usage(k.asm["ptx"], "sm_90a")
-    return dict(regs=regs, spill=spill, smem=k.metadata.shared,
+    regs, spill, serial = ptxas_usage(k.asm["ptx"], "sm_90a")
+    return dict(regs=regs, spill=spill, serial=serial, smem=k.metadata.shared,
                 **sass_counts(k.asm["cubin"], _triton_tool("cuobjdump")))
 
 
@@ -247,10 +258,11 @@ def cuda_facts(arch, nvcc):
             if out.returncode:
                 raise RuntimeError(f"nvcc failed on {cu}:\n{(out.stdout + out.stderr)[-3000:]}")
             usage = _parse_ptxas(out.stderr)
+            serial = serialized_wgmma(out.stderr)
             sass = _sass_by_function(obj)
             for mangled, (regs, spill, smem) in usage.items():
                 rows.append(dict(kernel=_demangle(mangled), file=str(cu.relative_to(ROOT)),
-                                 regs=regs, spill=spill, smem=smem,
+                                 regs=regs, spill=spill, serial=int(mangled in serial), smem=smem,
                                  **sass.get(mangled, dict.fromkeys(SASS_COUNTS, 0))))
     return rows
 
@@ -302,7 +314,7 @@ def _demangle(name):
 
 # --- Report -------------------------------------------------------------------------------
 
-COLUMNS = ["regs", "spill", "smem", *SASS_COUNTS]
+COLUMNS = ["regs", "spill", "serial", "smem", *SASS_COUNTS]
 
 
 def _table(rows, first):
@@ -330,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the facts and their provenance here")
     ap.add_argument("--fail-on-spills", action="store_true",
                     help="exit 1 if any kernel listed spills")
+    ap.add_argument("--fail-on-serialized-wgmma", action="store_true",
+                    help="exit 1 if ptxas serialized any kernel's wgmma instructions")
     ap.add_argument("--spill-baseline", metavar="JSON",
                     help="exit 1 if a kernel spills more than this file allows it (a kernel "
                          "not in it: 0 bytes): a change may remove spills, never add them")
@@ -377,13 +391,18 @@ def main(argv=None):
                      "--spill-baseline): the known spills, to be removed, never added to",
              "commit": report["commit"], "triton_version": report.get("triton_version"),
              "spills": {n: spills[n] for n in spilled}}, indent=1) + "\n")
+    serialized = [f"Triton {r['kernel']} {r['config']}" for r in report["triton"] if r["serial"]]
+    serialized += [f"CUDA C++ {arch} {r['kernel']}" for arch, rows in report["cuda"].items() for r in rows
+                   if r["serial"]]
+    print(f"{len(serialized)} kernel configuration(s) with serialized wgmma" +
+          (":\n  " + "\n  ".join(serialized) if serialized else ""))
     worse = []
     if args.spill_baseline:
         allowed = json.loads(Path(args.spill_baseline).read_text())["spills"]
         worse = spills_over(spills, allowed)
         print(f"{len(worse)} spill more than {args.spill_baseline} allows" +
               (":\n  " + "\n  ".join(worse) if worse else ""))
-    return 1 if (args.fail_on_spills and spilled) or worse else 0
+    return 1 if (args.fail_on_spills and spilled) or (args.fail_on_serialized_wgmma and serialized) or worse else 0
 
 
 def _commit():

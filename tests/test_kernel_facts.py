@@ -27,6 +27,21 @@ def test_ptxas_report_per_kernel():
     assert kf._parse_ptxas(PTXAS) == {"_Z1aPf": (128, 1860, 256), "_Z1bPf": (168, 0, 0)}
 
 
+def test_serialized_wgmma_is_read_per_kernel():
+    """ptxas's note that it serialized a kernel's wgmma (the overlap a Hopper kernel is written
+    for is gone) names the kernel; other notes about wgmma do not count."""
+    text = PTXAS + (
+        "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to non wgmma instructions reading accumulator registers of  a wgmma between "
+        "start and end of the pipeline stage in the function '_Z1bPf'\n"
+        "ptxas info    : (C7517) warpgroup.wait is injected in around line 24299 by compiler to "
+        "allow use of registers defined by GMMA in function '_Z1aPf'\n"
+        "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to insufficient register resources for the function '_Z1cPf'\n")
+    assert kf.serialized_wgmma(text) == {"_Z1bPf", "_Z1cPf"}
+    assert kf.serialized_wgmma(PTXAS) == set()
+
+
 SASS = """\
         /*0040*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
         /*0050*/              @!P0 LDG.E.U16 R8, desc[UR6][R2.64+0x2] ;

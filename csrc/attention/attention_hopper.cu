@@ -13,7 +13,8 @@
 //   the probabilities (or dS) straight from registers (an accumulator's layout is the A-fragment
 //   layout of the next product) and V, dO, Q or K read MN-major (the transpose bit), so nothing
 //   is rewritten in shared memory. Each consumer thread arrives on the stage's "empty" barrier
-//   once its products are done.
+//   once its products are done. A block's score products are issued together with the previous
+//   block's right-hand products, and its softmax (or dS) runs while those are in flight.
 // setmaxnreg moves registers from the producer to the consumers. Tiles are 64 columns (128 B)
 // wide, TMA's 128-byte swizzle; a head dim of 128 is two such slabs side by side.
 //
@@ -259,21 +260,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int bh = b * p.heads + h;
   const int diag = m0 + s.len_k - s.len_q;  // the last key the CTA's first row may see (causal)
 
+  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
+  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
-  bars.wait_fixed();
-  for (int n = 0; n < n_blocks; ++n) {
-    const int st = n % kStages, n0 = n * kKeys;
-    const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bars.wait_full(n);
+  uint32_t pa[kKeys / 16][4];  // P of the block whose O += P V is issued next
 
-    float sc[kKeys / 2];
-    wgmma_begin(sc);
-    issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile);
-    wgmma_end(sc);
-
+  // Block n's online softmax, in place: the scores sc become P (zero where dropout drops),
+  // m_i and l_i advance, and alpha is the factor of O so far.
+  const auto softmax = [&](float(&sc)[kKeys / 2], int n, float(&alpha)[2]) {
+    const int n0 = n * kKeys;
     // The per-element mask: past the keys' end, a padding mask, or across the causal diagonal.
     const bool edge = n0 + kKeys > s.len_k || p.key_mask != nullptr || (p.causal && n0 + kKeys - 1 > diag);
     float mx[2] = {m_i[0], m_i[1]};
@@ -284,7 +283,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       sc[i] = x;
       mx[acc_half(i)] = fmaxf(mx[acc_half(i)], x);
     }
-    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
@@ -294,8 +292,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       l_i[r] *= alpha[r];
     }
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[acc_half(i)];
-#pragma unroll
     for (int i = 0; i < kKeys / 2; ++i) {
       const int r = acc_half(i);
       float pr = m_i[r] == -INFINITY ? 0.0f : exp2f(sc[i] - m_i[r]);
@@ -303,13 +299,52 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (p.p_drop > 0.0f) pr = kept(p, bh, qi[r], n0 + acc_col(i, lane)) ? pr * p.keep_scale : 0.0f;
       sc[i] = pr;
     }
-    uint32_t pa[kKeys / 16][4];
-    a_fragments<T, kKeys>(sc, pa);
-    wgmma_begin(o);
+  };
+  // O += P V for block n, V MN-major (uses pa: it must not change until the product is waited).
+  const auto issue_pv = [&](int n) {
 #pragma unroll
-    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(o, pa[j], mn_major(v_tile, kKeys, j), 1);
-    wgmma_end(o);
-    bar_arrive(bars.empty(st));  // this thread is done with the stage
+    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(o, pa[j], mn_major(v_tile(n), kKeys, j), 1);
+    wgmma_commit();
+  };
+
+  // FlashAttention-3's overlap within a warpgroup: block n's S = Q K^T is issued together with
+  // block n - 1's O += P V, and block n's softmax runs while that product is in flight; O is
+  // rescaled, and block n - 1's stage released, once it has landed.
+  // (The first block is peeled off: a loop body with a product in flight on one path only
+  // makes ptxas serialize every wgmma of the kernel.)
+  bars.wait_fixed();
+  if (n_blocks > 0) {
+    bars.wait_full(0);
+    float sc[kKeys / 2], alpha[2];
+    wgmma_begin(sc);
+    issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(0));
+    wgmma_end(sc);
+    softmax(sc, 0, alpha);  // O is still zero: no factor to apply
+    a_fragments<T, kKeys>(sc, pa);
+  }
+  for (int n = 1; n < n_blocks; ++n) {
+    bars.wait_full(n);
+    float sc[kKeys / 2], alpha[2];
+    wgmma_begin(sc, o);
+    issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(n));
+    wgmma_commit();
+    issue_pv(n - 1);
+    wgmma_wait<1>();  // S has landed; P V may still be in flight
+    reg_fence(sc);
+    softmax(sc, n, alpha);
+    wgmma_wait<0>();
+    reg_fence(o);
+    bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with block n - 1's stage
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[acc_half(i)];
+    a_fragments<T, kKeys>(sc, pa);
+  }
+  if (n_blocks > 0) {
+    wgmma_begin(o);
+    issue_pv(n_blocks - 1);
+    wgmma_wait<0>();
+    reg_fence(o);
+    bar_arrive(bars.empty((n_blocks - 1) % kStages));
   }
 
   float inv[2];
@@ -363,18 +398,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dk[D / 2], dv[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
-  bars.wait_fixed();
-  for (int n = 0; n < p.group * n_m; ++n) {
-    const int st = n % kStages, h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
-    const uint32_t q_tile = base + L::kStream0 + st * L::kStreamBytes, do_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bars.wait_full(n);
+  const int n_steps = p.group * n_m;
+  const auto q_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
+  const auto do_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+  uint32_t pa[kRows / 16][4], da[kRows / 16][4];  // P^T and dS^T of the step issued next
 
-    float pt[kRows / 2], dpt[kRows / 2];  // S^T = K Q^T, then P^T; dP^T = V dO^T, then dS^T
-    wgmma_begin(pt, dpt);
-    issue_abt<T, kRows, D>(pt, k_tile, kKeys, 64 * wg, q_tile);
-    issue_abt<T, kRows, D>(dpt, v_tile, kKeys, 64 * wg, do_tile);
-    wgmma_end(pt, dpt);
-
+  // S^T = K Q^T and dP^T = V dO^T for step n.
+  const auto issue_s_dp = [&](float(&pt)[kRows / 2], float(&dpt)[kRows / 2], int n) {
+    issue_abt<T, kRows, D>(pt, k_tile, kKeys, 64 * wg, q_tile(n));
+    issue_abt<T, kRows, D>(dpt, v_tile, kKeys, 64 * wg, do_tile(n));
+    wgmma_commit();
+  };
+  // Step n's P^T (dropped where dropout drops) and dS^T, in place of S^T and dP^T.
+  const auto probabilities = [&](float(&pt)[kRows / 2], float(&dpt)[kRows / 2], int n) {
+    const int h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
     const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || m0 + kRows > s.len_q ||
                       (p.causal && n0 + kKeys - 1 > m0 + s.len_k - s.len_q);
     const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
@@ -396,17 +433,80 @@ __global__ void __launch_bounds__(kThreads, 1)
       pt[i] = pk;
       dpt[i] = pr * (dp - dl);  // dS^T
     }
-    uint32_t pa[kRows / 16][4], da[kRows / 16][4];
-    a_fragments<T, kRows>(pt, pa);
-    a_fragments<T, kRows>(dpt, da);
-    wgmma_begin(dv, dk);
+  };
+  // dV += P^T dO and dK += dS^T Q for step n, dO and Q MN-major (pa, da fixed until waited).
+  const auto issue_dk_dv = [&](int n) {
 #pragma unroll
     for (int j = 0; j < kRows / 16; ++j) {
-      wgmma_rs<T, D>(dv, pa[j], mn_major(do_tile, kRows, j), 1);
-      wgmma_rs<T, D>(dk, da[j], mn_major(q_tile, kRows, j), 1);
+      wgmma_rs<T, D>(dv, pa[j], mn_major(do_tile(n), kRows, j), 1);
+      wgmma_rs<T, D>(dk, da[j], mn_major(q_tile(n), kRows, j), 1);
     }
-    wgmma_end(dv, dk);
-    bar_arrive(bars.empty(st));
+    wgmma_commit();
+  };
+
+  bars.wait_fixed();
+  if constexpr (D > 64) {
+    // One step at a time: at head dim 128, keeping step n - 1's fragments beside step n's
+    // scores and both accumulators needs more than the consumers' 232 registers (ptxas: 192
+    // bytes spilled, and every wgmma serialized).
+    for (int n = 0; n < n_steps; ++n) {
+      bars.wait_full(n);
+      float pt[kRows / 2], dpt[kRows / 2];
+      wgmma_begin(pt, dpt);
+      issue_s_dp(pt, dpt, n);
+      wgmma_wait<0>();
+      reg_fence(pt);
+      reg_fence(dpt);
+      probabilities(pt, dpt, n);
+      a_fragments<T, kRows>(pt, pa);
+      a_fragments<T, kRows>(dpt, da);
+      wgmma_begin(dk, dv);
+      issue_dk_dv(n);
+      wgmma_wait<0>();
+      reg_fence(dk);
+      reg_fence(dv);
+      bar_arrive(bars.empty(n % kStages));  // this thread is done with the stage
+    }
+  } else {
+    // As the forward: step n's S^T and dP^T are issued together with step n - 1's dV and dK
+    // products, and step n's probabilities are computed while those are in flight.
+    if (n_steps > 0) {
+      bars.wait_full(0);
+      float pt[kRows / 2], dpt[kRows / 2];
+      wgmma_begin(pt, dpt);
+      issue_s_dp(pt, dpt, 0);
+      wgmma_wait<0>();
+      reg_fence(pt);
+      reg_fence(dpt);
+      probabilities(pt, dpt, 0);
+      a_fragments<T, kRows>(pt, pa);
+      a_fragments<T, kRows>(dpt, da);
+    }
+    for (int n = 1; n < n_steps; ++n) {
+      bars.wait_full(n);
+      float pt[kRows / 2], dpt[kRows / 2];
+      wgmma_begin(pt, dpt, dk, dv);
+      issue_s_dp(pt, dpt, n);
+      issue_dk_dv(n - 1);
+      wgmma_wait<1>();  // S^T and dP^T have landed; the dK and dV products may still be in flight
+      reg_fence(pt);
+      reg_fence(dpt);
+      probabilities(pt, dpt, n);
+      wgmma_wait<0>();
+      reg_fence(dk);
+      reg_fence(dv);
+      bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with step n - 1's stage
+      a_fragments<T, kRows>(pt, pa);
+      a_fragments<T, kRows>(dpt, da);
+    }
+    if (n_steps > 0) {
+      wgmma_begin(dk, dv);
+      issue_dk_dv(n_steps - 1);
+      wgmma_wait<0>();
+      reg_fence(dk);
+      reg_fence(dv);
+      bar_arrive(bars.empty((n_steps - 1) % kStages));
+    }
   }
   store_acc<T, D>(dk, p.scale, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + 64 * wg, s.len_k, t);
   store_acc<T, D>(dv, 1.0f, rows<T>(p.dv, b, s.k0, hk), p.dv.s, n0 + 64 * wg, s.len_k, t);
@@ -460,18 +560,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dq[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
-  bars.wait_fixed();
-  for (int n = 0; n < n_blocks; ++n) {
-    const int st = n % kStages, n0 = n * kKeys;
-    const uint32_t k_tile = base + L::kStream0 + st * L::kStreamBytes, v_tile = base + L::kStream1 + st * L::kStreamBytes;
-    bars.wait_full(n);
+  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
+  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+  uint32_t da[kKeys / 16][4];  // dS of the block whose dQ += dS K is issued next
 
-    float sc[kKeys / 2], dp[kKeys / 2];  // S = Q K^T, then dS; dP = dO V^T
-    wgmma_begin(sc, dp);
-    issue_abt<T, kKeys, D>(sc, q_tile, kRows, 64 * wg, k_tile);
-    issue_abt<T, kKeys, D>(dp, do_tile, kRows, 64 * wg, v_tile);
-    wgmma_end(sc, dp);
-
+  // S = Q K^T and dP = dO V^T for block n (sc, dp: accumulators, zero-initialized).
+  const auto issue_s_dp = [&](float(&sc)[kKeys / 2], float(&dp)[kKeys / 2], int n) {
+    issue_abt<T, kKeys, D>(sc, q_tile, kRows, 64 * wg, k_tile(n));
+    issue_abt<T, kKeys, D>(dp, do_tile, kRows, 64 * wg, v_tile(n));
+    wgmma_commit();
+  };
+  // Block n's dS = P (dP - delta), in place of the scores.
+  const auto scores_to_ds = [&](float(&sc)[kKeys / 2], const float(&dp)[kKeys / 2], int n) {
+    const int n0 = n * kKeys;
     const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || (p.causal && n0 + kKeys - 1 > diag);
 #pragma unroll
     for (int i = 0; i < kKeys / 2; ++i) {
@@ -479,15 +580,51 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float pr = (!edge || allowed(p, b, s, qi[r], kj)) ? exp2f(sc[i] * p.scale2 - lse[r]) : 0.0f;
       float d = dp[i];
       if (p.p_drop > 0.0f) d = kept(p, bh, qi[r], kj) ? d * p.keep_scale : 0.0f;
-      sc[i] = pr * (d - delta[r]);  // dS
+      sc[i] = pr * (d - delta[r]);
     }
-    uint32_t da[kKeys / 16][4];
-    a_fragments<T, kKeys>(sc, da);
-    wgmma_begin(dq);
+  };
+  // dQ += dS K for block n, K MN-major (uses da: it must not change until the product is waited).
+  const auto issue_dq = [&](int n) {
 #pragma unroll
-    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(dq, da[j], mn_major(k_tile, kKeys, j), 1);
-    wgmma_end(dq);
-    bar_arrive(bars.empty(st));
+    for (int j = 0; j < kKeys / 16; ++j) wgmma_rs<T, D>(dq, da[j], mn_major(k_tile(n), kKeys, j), 1);
+    wgmma_commit();
+  };
+
+  // As the forward: block n's S and dP are issued together with block n - 1's dQ += dS K, and
+  // block n's dS is computed while that product is in flight (the first block peeled off).
+  bars.wait_fixed();
+  if (n_blocks > 0) {
+    bars.wait_full(0);
+    float sc[kKeys / 2], dp[kKeys / 2];
+    wgmma_begin(sc, dp);
+    issue_s_dp(sc, dp, 0);
+    wgmma_wait<0>();
+    reg_fence(sc);
+    reg_fence(dp);
+    scores_to_ds(sc, dp, 0);
+    a_fragments<T, kKeys>(sc, da);
+  }
+  for (int n = 1; n < n_blocks; ++n) {
+    bars.wait_full(n);
+    float sc[kKeys / 2], dp[kKeys / 2];
+    wgmma_begin(sc, dp, dq);
+    issue_s_dp(sc, dp, n);
+    issue_dq(n - 1);
+    wgmma_wait<1>();  // S and dP have landed; dQ's product may still be in flight
+    reg_fence(sc);
+    reg_fence(dp);
+    scores_to_ds(sc, dp, n);
+    wgmma_wait<0>();
+    reg_fence(dq);
+    bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with block n - 1's stage
+    a_fragments<T, kKeys>(sc, da);
+  }
+  if (n_blocks > 0) {
+    wgmma_begin(dq);
+    issue_dq(n_blocks - 1);
+    wgmma_wait<0>();
+    reg_fence(dq);
+    bar_arrive(bars.empty((n_blocks - 1) % kStages));
   }
   store_acc<T, D>(dq, p.scale, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + 64 * wg, s.len_q, t);
 #else

@@ -4,6 +4,7 @@ here. The hand-written tests pin known cases; these look for the next unknown on
 
 CI runs a fixed, small sample (the "ci" profile: derandomized, so a red run is reproducible);
 HYPOTHESIS_PROFILE=deep draws many more, fresh each run."""
+import contextlib
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fusedlm
 from fusedlm import reference
-from conftest import DEVICE, TOL, kernel_backends, rel_err
+from conftest import DEVICE, EMULATED, TOL, kernel_backends, rel_err
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -21,6 +22,31 @@ settings.register_profile("deep", max_examples=300, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ["torch"] + kernel_backends()
+# Attention also draws the Hopper kernels where the core emulates its CUDA kernels: backend
+# "cuda" with the wgmma kernels preferred, on an emulated compute capability 9.0 device.
+ATTENTION_BACKENDS = BACKENDS + (["cuda-wgmma"] if EMULATED else [])
+
+
+@contextlib.contextmanager
+def _attention_backend(name):
+    """The backend= a test passes for `name`; for "cuda-wgmma" the wgmma kernels are chosen (and
+    checked to have run, forward and backward) within the block."""
+    if name != "cuda-wgmma":
+        yield name
+        return
+    from fusedlm.ops import attention_kernels as ak
+    saved = os.environ.get("FUSEDLM_EMU_ARCH")
+    os.environ["FUSEDLM_EMU_ARCH"] = "90"
+    ak.last_cuda_forward_kernel = ak.last_cuda_backward_kernel = None
+    try:
+        with ak.using_cuda_kernels("wgmma"):
+            yield "cuda"
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDLM_EMU_ARCH")
+        else:
+            os.environ["FUSEDLM_EMU_ARCH"] = saved
+    assert (ak.last_cuda_forward_kernel, ak.last_cuda_backward_kernel) == ("wgmma", "wgmma")
 DTYPES = [torch.float32, torch.float16]  # bf16 needs a GPU (the interpreter has none)
 
 
@@ -104,11 +130,17 @@ def _attention_case(draw):
                 layout=draw(st.sampled_from(["bshd", "bhsd"])), seed=draw(st.integers(0, 2 ** 16)))
 
 
-@given(backend=st.sampled_from(BACKENDS), case=_attention_case())
+@given(backend=st.sampled_from(ATTENTION_BACKENDS), case=_attention_case())
 def test_attention(backend, case):
+    with _attention_backend(backend) as run_on:
+        _attention(run_on, case, head_dim=64 if backend == "cuda-wgmma" else None)
+
+
+def _attention(backend, case, head_dim):
     b, sq, sk, h, hk, d = (case[k] for k in ("batch", "sq", "sk", "heads", "kv_heads", "head_dim"))
     if backend == "cuda":  # the CUDA C++ kernels are built for head dims 32, 64, 96 and 128
         d = max(d, 32)
+    d = head_dim or d  # the wgmma kernels: 64 and 128
     dtype, seed = torch.float16, case["seed"]
     q, k, v = (_randn((b, s, n, d), seed + i, dtype) for i, (s, n) in enumerate(((sq, h), (sk, hk), (sk, hk))))
     mask = None
@@ -166,19 +198,26 @@ def test_attention_variants(backend, case):
            summed=(2, 3))
 
 
-@given(backend=st.sampled_from(BACKENDS), lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
+@given(backend=st.sampled_from(ATTENTION_BACKENDS), lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
        lens_k=st.none() | st.lists(st.integers(0, 30), min_size=5, max_size=5),
        spare=st.integers(0, 3), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_attention_varlen(backend, lens, lens_k, spare, causal, seed):
     """`spare` key rows past the last key sequence hold NaN: no query may read them, and their
     gradient is 0."""
     lens_k = lens if lens_k is None else lens_k[:len(lens)]
+    if backend == "cuda-wgmma" and (sum(lens) == 0 or sum(lens_k) == 0):
+        backend = "cuda"  # no backward to launch: nothing of the wgmma kernels to check
+    with _attention_backend(backend) as run_on:
+        _attention_varlen(run_on, lens, lens_k, spare, causal, seed, d=64 if backend == "cuda-wgmma" else 32)
+
+
+def _attention_varlen(backend, lens, lens_k, spare, causal, seed, d):
     cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32,
                                device=DEVICE) for n in (lens, lens_k))
     dtype = torch.float16
-    q = _randn((sum(lens), 2, 32), seed, dtype).requires_grad_()
-    nan = torch.full((spare, 1, 32), float("nan"), dtype=dtype, device=DEVICE)
-    k, v = (torch.cat([_randn((sum(lens_k), 1, 32), seed + i, dtype), nan]).requires_grad_()
+    q = _randn((sum(lens), 2, d), seed, dtype).requires_grad_()
+    nan = torch.full((spare, 1, d), float("nan"), dtype=dtype, device=DEVICE)
+    k, v = (torch.cat([_randn((sum(lens_k), 1, d), seed + i, dtype), nan]).requires_grad_()
             for i in (1, 2))
     out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens_k), causal=causal,
                                    backend=backend)

@@ -225,6 +225,29 @@ __device__ __forceinline__ uint32_t aligned_base() {
   return (smem_addr(dynamic_smem()) + 1023u) & ~1023u;
 }
 
+// Zeroes rows [from, rows) of two streamed (rows x D) tiles. In a pack, a block that runs past its
+// sequence's end holds rows of the next sequence, or of none (anything, NaN included, may be
+// there: the other kernels never read such rows); the masks zero their probabilities, but a
+// product still turns 0 x NaN into NaN. The 256 consumer threads (t) share the stores (a whole
+// 128-byte row is zero under any swizzle), then meet at a named barrier; the fence makes the
+// stores visible to the products' reads.
+template <int D>
+__device__ __forceinline__ void zero_rows_past_end(uint32_t tile0, uint32_t tile1, int rows, int from, int t) {
+  unsigned char* const smem = dynamic_smem();
+  const uint32_t smem0 = smem_addr(smem);
+  const int chunks = (rows - from) * 8;  // 16-byte chunks of one slab's rows past the end
+  for (int c = t; c < 2 * (D / 64) * chunks; c += kConsumers) {
+    const int tile = c / ((D / 64) * chunks), sl = c / chunks % (D / 64), k = c % chunks;
+    const uint32_t at = (tile ? tile1 : tile0) + sl * rows * kRowBytes + from * kRowBytes + k * 16;
+    struct alignas(16) Chunk {
+      uint64_t lo, hi;
+    };
+    *reinterpret_cast<Chunk*>(smem + (at - smem0)) = Chunk{0, 0};
+  }
+  fence_proxy_async();
+  named_barrier_sync(1, kConsumers);
+}
+
 #endif  // FUSEDLM_SM90_DEVICE
 
 // Forward. Per CTA: 128 query rows of one head; each key block: S = Q K^T (SS), the online
@@ -312,9 +335,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   // rescaled, and block n - 1's stage released, once it has landed.
   // (The first block is peeled off: a loop body with a product in flight on one path only
   // makes ptxas serialize every wgmma of the kernel.)
+  // Block n's stage has landed, and rows past a packed sequence's keys are zeros.
+  const auto wait_block = [&](int n) {
+    bars.wait_full(n);
+    if (p.cu_k && (n + 1) * kKeys > s.len_k) zero_rows_past_end<D>(k_tile(n), v_tile(n), kKeys, s.len_k - n * kKeys, t);
+  };
   bars.wait_fixed();
   if (n_blocks > 0) {
-    bars.wait_full(0);
+    wait_block(0);
     float sc[kKeys / 2], alpha[2];
     wgmma_begin(sc);
     issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(0));
@@ -323,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     a_fragments<T, kKeys>(sc, pa);
   }
   for (int n = 1; n < n_blocks; ++n) {
-    bars.wait_full(n);
+    wait_block(n);
     float sc[kKeys / 2], alpha[2];
     wgmma_begin(sc, o);
     issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(n));
@@ -444,13 +472,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
 
+  // Step n's stage has landed, and rows past a packed sequence's queries are zeros.
+  const auto wait_step = [&](int n) {
+    bars.wait_full(n);
+    const int m0 = m_start + (n % n_m) * kRows;
+    if (p.cu_q && m0 + kRows > s.len_q) zero_rows_past_end<D>(q_tile(n), do_tile(n), kRows, s.len_q - m0, t);
+  };
   bars.wait_fixed();
   if constexpr (D > 64) {
     // One step at a time: at head dim 128, keeping step n - 1's fragments beside step n's
     // scores and both accumulators needs more than the consumers' 232 registers (ptxas: 192
     // bytes spilled, and every wgmma serialized).
     for (int n = 0; n < n_steps; ++n) {
-      bars.wait_full(n);
+      wait_step(n);
       float pt[kRows / 2], dpt[kRows / 2];
       wgmma_begin(pt, dpt);
       issue_s_dp(pt, dpt, n);
@@ -471,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // As the forward: step n's S^T and dP^T are issued together with step n - 1's dV and dK
     // products, and step n's probabilities are computed while those are in flight.
     if (n_steps > 0) {
-      bars.wait_full(0);
+      wait_step(0);
       float pt[kRows / 2], dpt[kRows / 2];
       wgmma_begin(pt, dpt);
       issue_s_dp(pt, dpt, 0);
@@ -483,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       a_fragments<T, kRows>(dpt, da);
     }
     for (int n = 1; n < n_steps; ++n) {
-      bars.wait_full(n);
+      wait_step(n);
       float pt[kRows / 2], dpt[kRows / 2];
       wgmma_begin(pt, dpt, dk, dv);
       issue_s_dp(pt, dpt, n);
@@ -592,9 +626,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // As the forward: block n's S and dP are issued together with block n - 1's dQ += dS K, and
   // block n's dS is computed while that product is in flight (the first block peeled off).
+  // Block n's stage has landed, and rows past a packed sequence's keys are zeros.
+  const auto wait_block = [&](int n) {
+    bars.wait_full(n);
+    if (p.cu_k && (n + 1) * kKeys > s.len_k) zero_rows_past_end<D>(k_tile(n), v_tile(n), kKeys, s.len_k - n * kKeys, t);
+  };
   bars.wait_fixed();
   if (n_blocks > 0) {
-    bars.wait_full(0);
+    wait_block(0);
     float sc[kKeys / 2], dp[kKeys / 2];
     wgmma_begin(sc, dp);
     issue_s_dp(sc, dp, 0);
@@ -605,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     a_fragments<T, kKeys>(sc, da);
   }
   for (int n = 1; n < n_blocks; ++n) {
-    bars.wait_full(n);
+    wait_block(n);
     float sc[kKeys / 2], dp[kKeys / 2];
     wgmma_begin(sc, dp, dq);
     issue_s_dp(sc, dp, n);

@@ -135,6 +135,27 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, int c
 #endif
 }
 
+// ---- ordering -----------------------------------------------------------------------------------
+
+// Makes this thread's ordinary shared-memory stores visible to the async proxy (wgmma's and
+// TMA's reads) of the threads that synchronize with it afterwards.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifndef FUSEDLM_EMULATED
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// A barrier for `threads` threads (whole warps) of the block, by id (1..15: __syncthreads has 0),
+// such as the consumer warpgroups without the producer.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads, int line = __builtin_LINE()) {
+#ifdef FUSEDLM_EMULATED
+  emu::named_barrier(id, threads, line);
+#else
+  (void)line;
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+
 // ---- registers --------------------------------------------------------------------------------
 
 // Hands registers back (the producer warpgroup) or takes them (the consumers).

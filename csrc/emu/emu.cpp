@@ -85,7 +85,7 @@ constexpr int kDefaultSmem = 48 * 1024;
 // H100's with FUSEDLM_EMU_ARCH=90.
 constexpr int kMaxSmem80 = 166912, kMaxSmem90 = 232448;
 
-enum class Wait { kRunnable, kBlock, kWarp, kMbar, kDone };
+enum class Wait { kRunnable, kBlock, kWarp, kMbar, kNamed, kDone };
 
 // A tensor map as the emulator's cuTensorMapEncodeTiled writes it into the CUtensorMap's bytes.
 struct TensorMap {
@@ -149,6 +149,7 @@ struct Fiber {
   long committed = 0;        // cp.async groups committed so far
   long collectives = 0;      // warp collectives so far: picks the bank
   uint32_t mbar = 0, parity = 0;  // the mbarrier and phase parity it waits for (Wait::kMbar)
+  int named = 0;                  // the named barrier it waits at (Wait::kNamed)
   std::vector<WgOp> wg_ops;       // wgmma products not yet run
   long wg_committed = 0;          // wgmma groups committed so far
 };
@@ -185,6 +186,7 @@ struct Block {
   bool copies_at_issue = false;
   std::vector<unsigned char> smem;
   std::map<uint32_t, MBar> mbars;  // by shared address
+  std::map<int, std::pair<int, int>> named;  // named barrier id -> (threads it needs, arrived)
 };
 
 Block* g_block = nullptr;
@@ -327,6 +329,8 @@ std::string describe_deadlock(const Block& b) {
   for (const Fiber& f : b.fibers) {
     if (f.wait == Wait::kBlock) ++where["__syncthreads at line " + std::to_string(f.line)];
     if (f.wait == Wait::kWarp) ++where["a warp barrier (__syncwarp or a shuffle) at line " + std::to_string(f.line)];
+    if (f.wait == Wait::kNamed)
+      ++where["named barrier " + std::to_string(f.named) + " at line " + std::to_string(f.line)];
     if (f.wait == Wait::kMbar)
       ++where["an mbarrier wait (shared address " + std::to_string(f.mbar) + ", phase parity " +
               std::to_string(f.parity) + ") at line " + std::to_string(f.line)];
@@ -722,6 +726,28 @@ void wgmma(float* d, int n, uint64_t a, const uint32_t* a_regs, uint64_t b, bool
   f.wg_ops.push_back(op);
 }
 
+void named_barrier(int id, int threads, int line) {
+  Block& b = *g_block;
+  if (id < 1 || id > 15 || threads < 32 || threads % 32 != 0 || threads > static_cast<int>(b.fibers.size()))
+    fail("bar.sync with id " + std::to_string(id) + " and " + std::to_string(threads) +
+             " threads (ids 1..15, whole warps of the block)",
+         line);
+  auto& [needed, arrived] = b.named[id];
+  if (arrived == 0) needed = threads;
+  if (needed != threads) fail("bar.sync " + std::to_string(id) + " with thread counts that differ", line);
+  Fiber& f = *b.running;
+  if (++arrived < needed) {
+    f.wait = Wait::kNamed;
+    f.named = id;
+    f.line = line;
+    yield_until_released();
+    return;
+  }
+  arrived = 0;
+  for (Fiber& o : b.fibers)
+    if (o.wait == Wait::kNamed && o.named == id) o.wait = Wait::kRunnable;
+}
+
 void wgmma_commit() {
   Fiber& f = *g_block->running;
   for (WgOp& op : f.wg_ops)
@@ -774,6 +800,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
           b.cursor = 0;
           b.error = nullptr;
           b.mbars.clear();
+          b.named.clear();
           for (Warp& w : b.warps) w.waiting = w.done = 0;
           for (long long i = 0; i < threads; ++i) {
             Fiber& f = b.fibers[static_cast<size_t>(i)];

@@ -117,6 +117,32 @@ def test_wgmma_varlen_causal_gpu(wgmma):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_wgmma_rows_past_a_pack_are_never_read_gpu(wgmma, d):
+    """TMA loads whole blocks: rows past a sequence's end (the next sequence's, or unused key rows
+    holding NaN here) must be zeroed before the products read them, as the mma.sync kernels
+    read zeros there (the CPU emulator found this before any GPU ran the kernels)."""
+    lens, spare = [5, 140, 64, 300], 9
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+    total = sum(lens)
+    g = torch.Generator(device="cuda").manual_seed(13)
+    nan_tail = lambda n: torch.cat([torch.randn(total, n, d, device="cuda", generator=g),
+                                    torch.full((spare, n, d), float("nan"), device="cuda")])
+    q = torch.randn(total, 4, d, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    k, v = (nan_tail(2).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="cuda")
+    _ran_wgmma()
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    _ran_wgmma(backward=True)
+    assert not dk[total:].any() and not dv[total:].any()
+    real = [t.detach()[:total].double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention_varlen(*real, cu.cpu(), cu.cpu(), causal=True)
+    want = torch.autograd.grad(ref, real, do.double())
+    for got, r in zip((out, dq, dk, dv), (ref, *want)):
+        assert torch.isfinite(got[:total]).all() and rel_err(got[:total], r) < 2 * TOL[torch.bfloat16]
+
+
 def test_wgmma_empty_rows_gpu(wgmma):
     """A sequence whose keys are all masked gives zeros and finite gradients."""
     q, k, v = _qkv(3, 200, 4, 2, 64, torch.float16)

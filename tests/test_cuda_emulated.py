@@ -159,6 +159,28 @@ def test_packed_sequences_and_key_masks_emulated(kernels, causal):
     _check(out, torch.autograd.grad(out, (q, k, v), do), q, k, v, do, causal, mask)
 
 
+def test_rows_past_a_pack_are_never_read_emulated(kernels):
+    """Key rows past the last sequence of a pack hold NaN: no result may see them (the wgmma
+    kernels load whole blocks there and must zero what lies past a sequence's end), and their
+    gradients are zero."""
+    lens, spare, d = [5, 140, 64], 7, 64
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    total = sum(lens)
+    g = torch.Generator().manual_seed(11)
+    nan_tail = lambda n: torch.cat([torch.randn(total, n, d, generator=g), torch.full((spare, n, d), float("nan"))])
+    q = torch.randn(total, 4, d, generator=g).half().requires_grad_()
+    k, v = (nan_tail(2).half().requires_grad_() for _ in range(2))
+    out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="cuda")
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert not dk[total:].any() and not dv[total:].any()
+    real = [t.detach()[:total].double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention_varlen(*real, cu, cu, causal=True)
+    want = torch.autograd.grad(ref, real, do.double())
+    for got, r in zip((out, dq, dk, dv), (ref, *want)):
+        assert torch.isfinite(got[:total]).all() and rel_err(got[:total], r) < 2 * TOL[torch.float16]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_unaligned_views_emulated(dtype):
     """The scalar tile loads (unaligned rows) against the cp.async ones (contiguous copies)."""

@@ -210,6 +210,23 @@ def test_dropout_matches_triton_emulated(kernels, hk):
     check_cuda_drops_as_triton(*_qkv(2, 100, 4, hk, 64, torch.float16))
 
 
+def test_wgmma_triage_script_runs_on_the_emulator(order):
+    """The GPU session's triage of the Hopper kernels (benchmarks/attention_wgmma_smoke.py),
+    rehearsed on the emulator's sm_90 device: its workers run the wgmma kernels and its checks
+    pass them, the one-hot case included, whose dQ is ill-conditioned (bounded by twice SDPA's
+    own error there, not by the fixed 2e-2 it failed on the emulator)."""
+    import pathlib
+    import subprocess
+    import sys
+    if order != "forward":
+        pytest.skip("one mode is enough: the kernels' cases run in every mode above")
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention_wgmma_smoke.py"
+    run = subprocess.run([sys.executable, str(script), "--emulated", "--match", "d64 s128 k=q", "--case-timeout", "300"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "cases: 1 of 1 passed" in run.stdout and "wgmma/wgmma" in run.stdout and "(bounds" in run.stdout
+
+
 def test_emulator_refuses_cuda_tensors_and_says_so():
     assert _core._C.build_info()["emulated"] and not _core._C.build_info()["cuda"]
     why = fusedlm.ops.dispatch.why_not("attention", "cuda", ("cuda", torch.float16, 64))

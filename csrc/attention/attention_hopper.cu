@@ -14,7 +14,8 @@
 //   layout of the next product) and V, dO, Q or K read MN-major (the transpose bit), so nothing
 //   is rewritten in shared memory. Each consumer thread arrives on the stage's "empty" barrier
 //   once its products are done. A block's score products are issued together with the previous
-//   block's right-hand products, and its softmax (or dS) runs while those are in flight.
+//   block's right-hand products, and its softmax (or dS) runs while those are in flight; in the
+//   forward the two consumers also take turns issuing (ping-pong).
 // setmaxnreg moves registers from the producer to the consumers. Tiles are 64 columns (128 B)
 // wide, TMA's 128-byte swizzle; a head dim of 128 is two such slabs side by side.
 //
@@ -330,22 +331,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
 
-  // FlashAttention-3's overlap within a warpgroup: block n's S = Q K^T is issued together with
-  // block n - 1's O += P V, and block n's softmax runs while that product is in flight; O is
-  // rescaled, and block n - 1's stage released, once it has landed.
-  // (The first block is peeled off: a loop body with a product in flight on one path only
-  // makes ptxas serialize every wgmma of the kernel.)
   // Block n's stage has landed, and rows past a packed sequence's keys are zeros.
   const auto wait_block = [&](int n) {
     bars.wait_full(n);
     if (p.cu_k && (n + 1) * kKeys > s.len_k) zero_rows_past_end<D>(k_tile(n), v_tile(n), kKeys, s.len_k - n * kKeys, t);
   };
+  // FlashAttention-3's ping-pong: the two consumers take turns issuing their products, so that
+  // one's softmax runs while the other's products keep the tensor cores busy. Consumer wg's
+  // turn is named barrier kTurn + wg, which the other consumer's arrivals open; consumer 0
+  // goes first. Each consumer has n_blocks + 1 issues (S of block 0; S of block n with P V of
+  // block n - 1; P V of the last block), and consumer 1 skips its last arrival, which no turn
+  // of consumer 0 would take.
+  constexpr int kTurn = 2;  // barrier 1: zero_rows_past_end
+  const auto my_turn = [&] { named_barrier_sync(kTurn + wg, kConsumers); };
+  const auto your_turn = [&](bool last) {
+    if (wg == 0 || !last) named_barrier_arrive(kTurn + 1 - wg, kConsumers);
+  };
+  if (wg == 1 && n_blocks > 0) named_barrier_arrive(kTurn, kConsumers);
+
+  // FlashAttention-3's overlap within a warpgroup: block n's S = Q K^T is issued together with
+  // block n - 1's O += P V, and block n's softmax runs while that product is in flight; O is
+  // rescaled, and block n - 1's stage released, once it has landed.
+  // (The first block is peeled off: a loop body with a product in flight on one path only
+  // makes ptxas serialize every wgmma of the kernel.)
   bars.wait_fixed();
   if (n_blocks > 0) {
     wait_block(0);
     float sc[kKeys / 2], alpha[2];
     wgmma_begin(sc);
+    my_turn();
     issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(0));
+    your_turn(false);
     wgmma_end(sc);
     softmax(sc, 0, alpha);  // O is still zero: no factor to apply
     a_fragments<T, kKeys>(sc, pa);
@@ -354,9 +370,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     wait_block(n);
     float sc[kKeys / 2], alpha[2];
     wgmma_begin(sc, o);
+    my_turn();
     issue_abt<T, kKeys, D>(sc, base, kRows, 64 * wg, k_tile(n));
     wgmma_commit();
     issue_pv(n - 1);
+    your_turn(false);
     wgmma_wait<1>();  // S has landed; P V may still be in flight
     reg_fence(sc);
     softmax(sc, n, alpha);
@@ -369,7 +387,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (n_blocks > 0) {
     wgmma_begin(o);
+    my_turn();
     issue_pv(n_blocks - 1);
+    your_turn(true);
     wgmma_wait<0>();
     reg_fence(o);
     bar_arrive(bars.empty((n_blocks - 1) % kStages));

@@ -156,6 +156,16 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads, int line
 #endif
 }
 
+// Arrives at barrier `id` without waiting (counted toward the `threads` a bar.sync there waits for).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads, int line = __builtin_LINE()) {
+#ifdef FUSEDLM_EMULATED
+  emu::named_barrier_arrive(id, threads, line);
+#else
+  (void)line;
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+
 // ---- registers --------------------------------------------------------------------------------
 
 // Hands registers back (the producer warpgroup) or takes them (the consumers).

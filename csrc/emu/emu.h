@@ -84,8 +84,10 @@ void wgmma(float* d, int n, uint64_t a, const uint32_t* a_regs, uint64_t b, bool
            int line);
 void wgmma_commit();
 void wgmma_wait(int pending, int line);
-// bar.sync id, threads: waits until `threads` threads have arrived at barrier `id`.
+// bar.sync id, threads: waits until `threads` threads have arrived at barrier `id`; bar.arrive:
+// arrives without waiting.
 void named_barrier(int id, int threads, int line);
+void named_barrier_arrive(int id, int threads, int line);
 // The emulated device's compute capability (FUSEDLM_EMU_ARCH: 80, the default, or 90).
 int arch();
 

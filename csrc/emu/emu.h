@@ -1,11 +1,13 @@
 // CUDA's execution model on the CPU: fusedlm's CUDA C++ kernels (the sm_90a ones too: see the
-// Hopper section below) run on host memory, so that their logic is checked against the references on a machine with
-// no GPU (FUSEDLM_CUDA=EMU builds the core this way; tests/test_cuda_emulated.py). The build
-// force-includes this header into every .cu file, compiled as C++.
+// Hopper section below) run on host memory, so that their logic is checked against the
+// references on a machine with no GPU (FUSEDLM_CUDA=EMU builds the core this way;
+// tests/test_cuda_emulated.py). The build force-includes this header into every .cu file,
+// compiled as C++.
 //
 // Each CUDA thread is a fiber with its own stack. A block's fibers run one at a time, each from
-// one barrier (__syncthreads, __syncwarp, a warp shuffle, ldmatrix, mma.sync) to its next, in thread order or in
-// reverse (FUSEDLM_EMU_ORDER=reverse). A thread that reads what another thread wrote without a
+// one barrier (__syncthreads, __syncwarp, a warp shuffle, ldmatrix, mma.sync, a named barrier,
+// an mbarrier's wait or plain arrival) to its next, in thread order or in reverse
+// (FUSEDLM_EMU_ORDER=reverse). A thread that reads what another thread wrote without a
 // barrier between them reads it too early in one of the two orders, so the tests run both:
 // a missing barrier shows up as a wrong result, and barriers that not every thread reaches as
 // an error naming the lines they wait at. A cp.async copy lands at its thread's wait for its

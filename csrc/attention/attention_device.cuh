@@ -51,6 +51,17 @@ __device__ __forceinline__ bool kept(const Params& p, int bh, int i, int j) {
   return philox_uniform(p.seed + static_cast<uint64_t>(bh), offset) >= p.p_drop;
 }
 
+// A row's max or sum over the four lanes of a quad: in the mma.sync and wgmma accumulator
+// layouts alike, a row's columns are spread over a quad.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 struct Seq {
   int64_t q0, k0;  // first row of the sequence in q / k (packed), else 0
   int len_q, len_k;

@@ -114,16 +114,6 @@ __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int tile_rows, int j
   return smem_desc(tile + j * 16 * kRowBytes, tile_rows * kRowBytes, 8 * kRowBytes);
 }
 
-// A row's max or sum over the four lanes of a quad, which hold its accumulator columns.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Issues acc = A B^T over the head dim (SS, both K-major): A is rows [r0, r0 + 64) of an
 // a_rows-row tile, B all N rows of an N-row tile.
 template <typename T, int N, int D>

@@ -311,8 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
     float alpha[2], m_new[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {  // the row's max over its quad
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      mx[r] = quad_max(mx[r]);
       m_new[r] = fmaxf(m_i[r], mx[r]);
       // Nothing allowed yet: keep m at -inf, add zeros (no inf - inf).
       alpha[r] = m_new[r] == -INFINITY ? 1.0f : exp2f(m_i[r] - m_new[r]);
@@ -341,10 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(Params p) {
   }
   tile_wait<0>();  // the (empty) copies, when no key block was visited
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {  // the row's normalizer over its quad
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
-    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
-  }
+  for (int r = 0; r < 2; ++r) l_i[r] = quad_sum(l_i[r]);  // the row's normalizer over its quad
   // A row that saw no key gives zeros. l_i >= 1 (the row max contributes 1): the fast
   // reciprocal is exact enough and calls no slow-path routine.
   const float inv[2] = {l_i[0] > 0.0f ? __fdividef(1.0f, l_i[0]) : 0.0f, l_i[1] > 0.0f ? __fdividef(1.0f, l_i[1]) : 0.0f};

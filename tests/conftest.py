@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -18,6 +19,28 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 # backend. What only a real build does (refusing CPU tensors) is skipped there.
 EMULATED = fusedlm._core.EMULATED
 not_emulated = pytest.mark.skipif(EMULATED, reason="fusedlm._C emulates its CUDA kernels: CPU tensors are its device")
+
+
+@contextlib.contextmanager
+def emulated_cuda_kernels(name):
+    """Within the block, backend="cuda" attention on the emulated core runs the `name` kernels:
+    "mma" on the emulator's default device (compute capability 8.0), "wgmma" (the Hopper
+    kernels) on an emulated 9.0 device. Checks at the block's end that they ran, forward and
+    backward."""
+    from fusedlm.ops import attention_kernels as ak
+    saved = os.environ.get("FUSEDLM_EMU_ARCH")
+    if name == "wgmma":
+        os.environ["FUSEDLM_EMU_ARCH"] = "90"
+    ak.last_cuda_forward_kernel = ak.last_cuda_backward_kernel = None
+    try:
+        with ak.using_cuda_kernels(name):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDLM_EMU_ARCH", None)
+        else:
+            os.environ["FUSEDLM_EMU_ARCH"] = saved
+    assert (ak.last_cuda_forward_kernel, ak.last_cuda_backward_kernel) == (name, name)
 
 
 def kernel_backends():

@@ -25,7 +25,8 @@ import torch
 
 import fusedlm
 from fusedlm import _core, reference
-from conftest import EMULATED, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, rel_err, sdpa
+from conftest import (EMULATED, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, emulated_cuda_kernels,
+                      rel_err, sdpa)
 
 pytestmark = pytest.mark.skipif(not EMULATED, reason="needs fusedlm._C built for the CPU emulator (FUSEDLM_CUDA=EMU)")
 
@@ -56,18 +57,12 @@ def order(request, monkeypatch):
 
 
 @pytest.fixture(params=["mma", "wgmma"])
-def kernels(request, monkeypatch):
+def kernels(request):
     """The attention kernels a test runs: the mma.sync ones on the emulator's default device
     (compute capability 8.0), or the Hopper ones (wgmma, TMA, mbarriers) on an emulated 9.0
     device. Checks after the test that those kernels ran, forward and backward."""
-    from fusedlm.ops import attention_kernels
-    if request.param == "wgmma":
-        monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
-    attention_kernels.last_cuda_forward_kernel = attention_kernels.last_cuda_backward_kernel = None
-    with attention_kernels.using_cuda_kernels(request.param):
+    with emulated_cuda_kernels(request.param):
         yield request.param
-    assert attention_kernels.last_cuda_forward_kernel == request.param
-    assert attention_kernels.last_cuda_backward_kernel == request.param
 
 
 def _qkv(b, s, h, hk, d, dtype, sk=None, seed=0):

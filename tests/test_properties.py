@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fusedlm
 from fusedlm import reference
-from conftest import DEVICE, EMULATED, TOL, kernel_backends, rel_err
+from conftest import DEVICE, EMULATED, TOL, emulated_cuda_kernels, kernel_backends, rel_err
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -34,19 +34,8 @@ def _attention_backend(name):
     if name != "cuda-wgmma":
         yield name
         return
-    from fusedlm.ops import attention_kernels as ak
-    saved = os.environ.get("FUSEDLM_EMU_ARCH")
-    os.environ["FUSEDLM_EMU_ARCH"] = "90"
-    ak.last_cuda_forward_kernel = ak.last_cuda_backward_kernel = None
-    try:
-        with ak.using_cuda_kernels("wgmma"):
-            yield "cuda"
-    finally:
-        if saved is None:
-            os.environ.pop("FUSEDLM_EMU_ARCH")
-        else:
-            os.environ["FUSEDLM_EMU_ARCH"] = saved
-    assert (ak.last_cuda_forward_kernel, ak.last_cuda_backward_kernel) == ("wgmma", "wgmma")
+    with emulated_cuda_kernels("wgmma"):
+        yield "cuda"
 DTYPES = [torch.float32, torch.float16]  # bf16 needs a GPU (the interpreter has none)
 
 

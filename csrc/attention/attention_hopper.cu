@@ -7,7 +7,8 @@
 // A CTA is three warpgroups:
 // - a producer (one thread of warpgroup 0) loads the CTA's fixed tiles once (forward: Q; dK/dV:
 //   K, V; dQ: Q, dO) and streams the others block by block (K, V; Q, dO; K, V) through a
-//   two-stage shared-memory ring with TMA, each stage completing on an mbarrier;
+//   two-stage shared-memory ring with TMA, each stage completing on an mbarrier (in dK/dV, a
+//   second producer warp stages each step's log-sum-exp and delta rows beside the tiles);
 // - two consumers (warpgroups 1 and 2), 64 rows each, run the products on wgmma: those against
 //   the head dim with both operands in shared memory; those against the streamed block with
 //   the probabilities (or dS) straight from registers (an accumulator's layout is the A-fragment
@@ -56,15 +57,20 @@ static_assert(kProducerRegs * 128 + kConsumerRegs * 2 * 128 <= 65536, "register 
 // Shared memory of every kernel here, from a 1024-byte aligned base (the 128-byte swizzle
 // repeats every 1024 bytes, and the wgmma descriptors assume tiles start on that boundary):
 // kFixed tiles of kFixedRows rows loaded once, then a ring of kStages stages, each two tiles of
-// kStreamRows rows, then the mbarriers (fixed, full[kStages], empty[kStages]). A (rows x D) tile
-// is D / 64 column slabs of (rows x 64), each slab's rows 128 bytes apart.
-//   forward: Q fixed; K, V streamed.  dK/dV: K, V fixed; Q, dO streamed.  dQ: Q, dO fixed; K, V.
-template <int D, int kFixed, int kFixedRows, int kStreamRows>
+// kStreamRows rows, then (kStats) each stage's fp32 row statistics (dK/dV: the streamed rows'
+// log-sum-exp and delta, kStreamRows each), then the mbarriers (fixed, full[kStages],
+// empty[kStages]). A (rows x D) tile is D / 64 column slabs of (rows x 64), each slab's rows
+// 128 bytes apart.
+//   forward: Q fixed; K, V streamed.  dK/dV: K, V fixed; Q, dO (and lse, delta) streamed.
+//   dQ: Q, dO fixed; K, V streamed.
+template <int D, int kFixed, int kFixedRows, int kStreamRows, bool kStats = false>
 struct Ring {
   static constexpr int kFixedBytes = kFixedRows * D * 2, kStreamBytes = kStreamRows * D * 2;
   static constexpr int kStream0 = kFixed * kFixedBytes;               // stage s: + s * kStreamBytes
   static constexpr int kStream1 = kStream0 + kStages * kStreamBytes;  // stage s: + s * kStreamBytes
-  static constexpr int kBars = kStream1 + kStages * kStreamBytes;
+  static constexpr int kStatBytes = kStats ? 2 * kStreamRows * 4 : 0;  // lse, then delta
+  static constexpr int kStat = kStream1 + kStages * kStreamBytes;      // stage s: + s * kStatBytes
+  static constexpr int kBars = kStat + kStages * kStatBytes;
   static constexpr int kBytes = kBars + 8 * (1 + 2 * kStages) + 1024;  // + alignment slack
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
@@ -75,7 +81,7 @@ struct Ring {
 template <int D>
 using FwdRing = Ring<D, 1, 128, 128>;
 template <int D>
-using DkdvRing = Ring<D, 2, 128, 64>;
+using DkdvRing = Ring<D, 2, 128, 64, true>;
 template <int D>
 using DqRing = Ring<D, 2, 128, 64>;
 
@@ -169,12 +175,13 @@ struct Bars {
 };
 
 // Thread 0 initializes the barriers; the CTA then splits into the producer warpgroup (true:
-// registers handed back) and the consumers (false: registers taken).
-__device__ __forceinline__ bool split_roles(const Bars& bars) {
+// registers handed back) and the consumers (false: registers taken). A stage is full after
+// full_arrivals arrivals (the copying thread's, and any stager's) and its copies' bytes.
+__device__ __forceinline__ bool split_roles(const Bars& bars, int full_arrivals = 1) {
   if (threadIdx.x == 0) {
     bar_init(bars.fixed, 1);
     for (int st = 0; st < kStages; ++st) {
-      bar_init(bars.full(st), 1);
+      bar_init(bars.full(st), full_arrivals);
       bar_init(bars.empty(st), kConsumers);
     }
     fence_barrier_init();
@@ -216,6 +223,41 @@ __device__ __forceinline__ uint32_t aligned_base() {
   return (smem_addr(dynamic_smem()) + 1023u) & ~1023u;
 }
 
+// A generic pointer to the shared-memory window address `at` (for ordinary loads and stores).
+template <typename T>
+__device__ __forceinline__ T* smem_ptr(uint32_t at) {
+  unsigned char* const smem = dynamic_smem();
+  return reinterpret_cast<T*>(smem + (at - smem_addr(smem)));
+}
+
+// A producer warp's part in the dK/dV kernel: each step's row statistics (the log-sum-exp and
+// delta of the streamed rows [row, row + kStreamRows) of `head`: +inf and 0 past end_row, so
+// that their probabilities are 0) into the stage, beside the copy engine's tiles. The consumers
+// then read them from shared memory, not from global memory on the critical path between a
+// step's scores and its probabilities. The warp's 32 arrivals complete the stage with the copies.
+template <typename L, typename Step>
+__device__ __forceinline__ void stage_row_stats(uint32_t base, const Bars& bars, const float* lse, const float* delta,
+                                                int64_t head_stride, int64_t end_row, int n_steps, Step step) {
+  constexpr int kRows = L::kStatBytes / 8;
+  const int lane = threadIdx.x % 32;
+  for (int n = 0; n < n_steps; ++n) {
+    const int st = n % kStages;
+    if (n >= kStages) bars.wait_empty(n);
+    int64_t row;
+    int head;
+    step(n, row, head);
+    float* const out = smem_ptr<float>(base + L::kStat + st * L::kStatBytes);
+#pragma unroll
+    for (int i = 0; i < kRows / 32; ++i) {
+      const int r = lane + 32 * i;
+      const bool in = row + r < end_row;
+      out[r] = in ? lse[head * head_stride + row + r] : INFINITY;
+      out[kRows + r] = in ? delta[head * head_stride + row + r] : 0.0f;
+    }
+    bar_arrive(bars.full(st));
+  }
+}
+
 // Zeroes rows [from, rows) of two streamed (rows x D) tiles. In a pack, a block that runs past its
 // sequence's end holds rows of the next sequence, or of none (anything, NaN included, may be
 // there: the other kernels never read such rows); the masks zero their probabilities, but a
@@ -224,8 +266,6 @@ __device__ __forceinline__ uint32_t aligned_base() {
 // stores visible to the products' reads.
 template <int D>
 __device__ __forceinline__ void zero_rows_past_end(uint32_t tile0, uint32_t tile1, int rows, int from, int t) {
-  unsigned char* const smem = dynamic_smem();
-  const uint32_t smem0 = smem_addr(smem);
   const int chunks = (rows - from) * 8;  // 16-byte chunks of one slab's rows past the end
   for (int c = t; c < 2 * (D / 64) * chunks; c += kConsumers) {
     const int tile = c / ((D / 64) * chunks), sl = c / chunks % (D / 64), k = c % chunks;
@@ -233,7 +273,7 @@ __device__ __forceinline__ void zero_rows_past_end(uint32_t tile0, uint32_t tile
     struct alignas(16) Chunk {
       uint64_t lo, hi;
     };
-    *reinterpret_cast<Chunk*>(smem + (at - smem0)) = Chunk{0, 0};
+    *smem_ptr<Chunk>(at) = Chunk{0, 0};
   }
   fence_proxy_async();
   named_barrier_sync(1, kConsumers);
@@ -422,12 +462,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_m = m_start < s.len_q ? (s.len_q - m_start + kRows - 1) / kRows : 0;
   const int batch = p.cu_q ? 0 : b;
 
-  if (split_roles(bars)) {
-    produce<D, L>(base, bars, map_k, &map_v, s.k0 + n0, hk, map_q, map_do, batch, p.group * n_m,
-                  [&](int n, int64_t& row, int& head) {
-                    row = s.q0 + m_start + int64_t(n % n_m) * kRows;
-                    head = hk * p.group + n / n_m;
-                  });
+  const auto step = [&](int n, int64_t& row, int& head) {  // step n: (query head, 64-row block)
+    row = s.q0 + m_start + int64_t(n % n_m) * kRows;
+    head = hk * p.group + n / n_m;
+  };
+  constexpr int kStager = 1;  // the producer warp that stages lse and delta (warp 0 copies)
+  if (split_roles(bars, 1 + 32)) {
+    if (threadIdx.x / 32 == kStager)
+      stage_row_stats<L>(base, bars, p.lse + b * p.lse_b, p.delta + b * p.lse_b, p.lse_h, s.q0 + s.len_q,
+                         p.group * n_m, step);
+    else
+      produce<D, L>(base, bars, map_k, &map_v, s.k0 + n0, hk, map_q, map_do, batch, p.group * n_m, step);
     return;
   }
   const int t = threadIdx.x - 128, wg = t / 128, lane = t % 32;
@@ -452,15 +497,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
     const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || m0 + kRows > s.len_q ||
                       (p.causal && n0 + kKeys - 1 > m0 + s.len_k - s.len_q);
-    const float* lse = p.lse + b * p.lse_b + h * p.lse_h + s.q0;
-    const float* delta = p.delta + b * p.lse_b + h * p.lse_h + s.q0;
+    const float* const lse = smem_ptr<const float>(base + L::kStat + (n % kStages) * L::kStatBytes);
+    const float* const delta = lse + kRows;  // both staged by stage_row_stats
     const int bh = b * p.heads + h;
 #pragma unroll
     for (int i = 0; i < kRows / 2; ++i) {
       const int qj = m0 + acc_col(i, lane), r = acc_half(i);
-      const bool in = qj < s.len_q;
-      // A query that saw no key has lse = +inf: its probabilities are 0.
-      const float l = in ? lse[qj] : INFINITY, dl = in ? delta[qj] : 0.0f;
+      // A query that saw no key, or past the end, has lse = +inf: its probabilities are 0.
+      const float l = lse[acc_col(i, lane)], dl = delta[acc_col(i, lane)];
       const float pr = (!edge || allowed(p, b, s, qj, kj[r])) ? exp2f(pt[i] * p.scale2 - l) : 0.0f;
       float dp = dpt[i], pk = pr;
       if (p.p_drop > 0.0f) {

@@ -7,8 +7,9 @@
 // A CTA is three warpgroups:
 // - a producer (one thread of warpgroup 0) loads the CTA's fixed tiles once (forward: Q; dK/dV:
 //   K, V; dQ: Q, dO) and streams the others block by block (K, V; Q, dO; K, V) through a
-//   two-stage shared-memory ring with TMA, each stage completing on an mbarrier (in dK/dV, a
-//   second producer warp stages each step's log-sum-exp and delta rows beside the tiles);
+//   shared-memory ring of three stages (head dim 64) or two (128) with TMA, each stage
+//   completing on an mbarrier (in dK/dV, a second producer warp stages each step's log-sum-exp
+//   and delta rows beside the tiles);
 // - two consumers (warpgroups 1 and 2), 64 rows each, run the products on wgmma: those against
 //   the head dim with both operands in shared memory; those against the streamed block with
 //   the probabilities (or dS) straight from registers (an accumulator's layout is the A-fragment
@@ -47,7 +48,6 @@ namespace {
 
 using namespace detail;
 
-constexpr int kStages = 2;      // streamed blocks in flight
 constexpr int kThreads = 384;   // a producer warpgroup and two consumer warpgroups
 constexpr int kConsumers = 256;
 constexpr int kRowBytes = 128;  // a tile row: 64 two-byte elements, one 128-byte swizzle span
@@ -56,15 +56,17 @@ static_assert(kProducerRegs * 128 + kConsumerRegs * 2 * 128 <= 65536, "register 
 
 // Shared memory of every kernel here, from a 1024-byte aligned base (the 128-byte swizzle
 // repeats every 1024 bytes, and the wgmma descriptors assume tiles start on that boundary):
-// kFixed tiles of kFixedRows rows loaded once, then a ring of kStages stages, each two tiles of
+// kFixed tiles of kFixedRows rows loaded once, then a ring of kStages stages (streamed blocks in
+// flight), each two tiles of
 // kStreamRows rows, then (kStats) each stage's fp32 row statistics (dK/dV: the streamed rows'
 // log-sum-exp and delta, kStreamRows each), then the mbarriers (fixed, full[kStages],
 // empty[kStages]). A (rows x D) tile is D / 64 column slabs of (rows x 64), each slab's rows
 // 128 bytes apart.
 //   forward: Q fixed; K, V streamed.  dK/dV: K, V fixed; Q, dO (and lse, delta) streamed.
 //   dQ: Q, dO fixed; K, V streamed.
-template <int D, int kFixed, int kFixedRows, int kStreamRows, bool kStats = false>
+template <int D, int kFixed, int kFixedRows, int kStreamRows, int kStages_, bool kStats = false>
 struct Ring {
+  static constexpr int kStages = kStages_;
   static constexpr int kFixedBytes = kFixedRows * D * 2, kStreamBytes = kStreamRows * D * 2;
   static constexpr int kStream0 = kFixed * kFixedBytes;               // stage s: + s * kStreamBytes
   static constexpr int kStream1 = kStream0 + kStages * kStreamBytes;  // stage s: + s * kStreamBytes
@@ -78,12 +80,18 @@ struct Ring {
 // Block shapes: the forward and dQ give each consumer 64 query rows (128 per CTA) against
 // blocks of 128 keys (forward) or 64 (dQ: S and dP both live in registers); dK/dV gives each
 // consumer 64 key rows (128 per CTA) against blocks of 64 queries.
+// Stages: a block's copy is issued when the stage kStages - 1 blocks back is released, so it has
+// about kStages - 1 blocks' products to land. At head dim 64 a block's products take half as
+// long as at 128 (about 1000 cycles a CTA at the forward's 128 x 128), less than a copy from
+// DRAM may take: three stages there, two at 128 (where a third would leave the forward no room).
 template <int D>
-using FwdRing = Ring<D, 1, 128, 128>;
+constexpr int kStagesFor = D == 64 ? 3 : 2;
 template <int D>
-using DkdvRing = Ring<D, 2, 128, 64, true>;
+using FwdRing = Ring<D, 1, 128, 128, kStagesFor<D>>;
 template <int D>
-using DqRing = Ring<D, 2, 128, 64>;
+using DkdvRing = Ring<D, 2, 128, 64, kStagesFor<D>, true>;
+template <int D>
+using DqRing = Ring<D, 2, 128, 64, kStagesFor<D>>;
 
 // Where the row, head and batch coordinates go among a tensor map's dims 1..3 (dim 0 is the
 // head dim); the host orders the dims by stride.
@@ -157,6 +165,7 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const Map& m, int tile_ro
 // The barriers of a Ring: `fixed` completes once; stage st's `full` when its tiles have landed
 // (the producer waits for `empty` before refilling it), `empty` when all consumers are done.
 // Streamed step n uses stage n % kStages, whose barriers complete a phase once per use.
+template <int kStages>
 struct Bars {
   uint32_t fixed;
   __device__ uint32_t full(int st) const { return fixed + 8 + 8 * st; }
@@ -166,6 +175,8 @@ struct Bars {
   __device__ void wait_full(int n) const { bar_wait(full(n % kStages), (n / kStages) & 1); }
   // The producer, before loading step n >= kStages: the consumers are done with step n - kStages.
   __device__ void wait_empty(int n) const { bar_wait_or_trap(empty(n % kStages), (n / kStages - 1) & 1); }
+  // Consumers: this thread is done with step n's stage.
+  __device__ void release(int n, int line = __builtin_LINE()) const { bar_arrive(empty(n % kStages), line); }
   // The producer, after its last load: the fixed tiles have landed and the consumers are done
   // with every step, so that its watch covers every barrier of the CTA.
   __device__ void drain(int n_steps) const {
@@ -177,7 +188,8 @@ struct Bars {
 // Thread 0 initializes the barriers; the CTA then splits into the producer warpgroup (true:
 // registers handed back) and the consumers (false: registers taken). A stage is full after
 // full_arrivals arrivals (the copying thread's, and any stager's) and its copies' bytes.
-__device__ __forceinline__ bool split_roles(const Bars& bars, int full_arrivals = 1) {
+template <int kStages>
+__device__ __forceinline__ bool split_roles(const Bars<kStages>& bars, int full_arrivals = 1) {
   if (threadIdx.x == 0) {
     bar_init(bars.fixed, 1);
     for (int st = 0; st < kStages; ++st) {
@@ -198,7 +210,7 @@ __device__ __forceinline__ bool split_roles(const Bars& bars, int full_arrivals 
 // Producer: the fixed tiles once, then n_steps stages of two streamed tiles; step(n, row, head)
 // says which rows and head step n reads.
 template <int D, typename L, typename Step>
-__device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const Map& f0, const Map* f1, int64_t f_row,
+__device__ __forceinline__ void produce(uint32_t base, const Bars<L::kStages>& bars, const Map& f0, const Map* f1, int64_t f_row,
                                         int f_head, const Map& s0, const Map& s1, int batch, int n_steps, Step step) {
   if (threadIdx.x != 0) return;
   constexpr int kFixed = L::kStream0 / L::kFixedBytes;
@@ -207,8 +219,8 @@ __device__ __forceinline__ void produce(uint32_t base, const Bars& bars, const M
   if (f1) tma_tile<D>(base + L::kFixedBytes, *f1, L::kFixedBytes / (D * 2), f_row, f_head, batch, bars.fixed);
   constexpr int kRows = L::kStreamBytes / (D * 2);
   for (int n = 0; n < n_steps; ++n) {
-    const int st = n % kStages;
-    if (n >= kStages) bars.wait_empty(n);
+    const int st = n % L::kStages;
+    if (n >= L::kStages) bars.wait_empty(n);
     bar_expect(bars.full(st), 2 * L::kStreamBytes);
     int64_t row;
     int head;
@@ -236,13 +248,13 @@ __device__ __forceinline__ T* smem_ptr(uint32_t at) {
 // then read them from shared memory, not from global memory on the critical path between a
 // step's scores and its probabilities. The warp's 32 arrivals complete the stage with the copies.
 template <typename L, typename Step>
-__device__ __forceinline__ void stage_row_stats(uint32_t base, const Bars& bars, const float* lse, const float* delta,
+__device__ __forceinline__ void stage_row_stats(uint32_t base, const Bars<L::kStages>& bars, const float* lse, const float* delta,
                                                 int64_t head_stride, int64_t end_row, int n_steps, Step step) {
   constexpr int kRows = L::kStatBytes / 8;
   const int lane = threadIdx.x % 32;
   for (int n = 0; n < n_steps; ++n) {
-    const int st = n % kStages;
-    if (n >= kStages) bars.wait_empty(n);
+    const int st = n % L::kStages;
+    if (n >= L::kStages) bars.wait_empty(n);
     int64_t row;
     int head;
     step(n, row, head);
@@ -291,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = FwdRing<D>;
   constexpr int kRows = 128, kKeys = 128;
   const uint32_t base = aligned_base();
-  const Bars bars{base + L::kBars};
+  const Bars<L::kStages> bars{base + L::kBars};
   const int b = blockIdx.z, h = blockIdx.y;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;  // longest (causal) blocks first
   const Seq s = seq_of(p, b);
@@ -314,8 +326,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int bh = b * p.heads + h;
   const int diag = m0 + s.len_k - s.len_q;  // the last key the CTA's first row may see (causal)
 
-  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
-  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % L::kStages) * L::kStreamBytes; };
+  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % L::kStages) * L::kStreamBytes; };
 
   float o[D / 2];
 #pragma unroll
@@ -410,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     softmax(sc, n, alpha);
     wgmma_wait<0>();
     reg_fence(o);
-    bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with block n - 1's stage
+    bars.release(n - 1);  // this thread is done with block n - 1's stage
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] *= alpha[acc_half(i)];
     a_fragments<T, kKeys>(sc, pa);
@@ -422,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     your_turn(true);
     wgmma_wait<0>();
     reg_fence(o);
-    bar_arrive(bars.empty((n_blocks - 1) % kStages));
+    bars.release(n_blocks - 1);
   }
 
   float inv[2];
@@ -454,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = DkdvRing<D>;
   constexpr int kKeys = 128, kRows = 64;
   const uint32_t base = aligned_base();
-  const Bars bars{base + L::kBars};
+  const Bars<L::kStages> bars{base + L::kBars};
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kKeys;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
@@ -482,8 +494,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
   const int n_steps = p.group * n_m;
-  const auto q_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
-  const auto do_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+  const auto q_tile = [&](int n) { return base + L::kStream0 + (n % L::kStages) * L::kStreamBytes; };
+  const auto do_tile = [&](int n) { return base + L::kStream1 + (n % L::kStages) * L::kStreamBytes; };
   uint32_t pa[kRows / 16][4], da[kRows / 16][4];  // P^T and dS^T of the step issued next
 
   // S^T = K Q^T and dP^T = V dO^T for step n.
@@ -497,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int h = hk * p.group + n / n_m, m0 = m_start + (n % n_m) * kRows;
     const bool edge = p.key_mask != nullptr || n0 + kKeys > s.len_k || m0 + kRows > s.len_q ||
                       (p.causal && n0 + kKeys - 1 > m0 + s.len_k - s.len_q);
-    const float* const lse = smem_ptr<const float>(base + L::kStat + (n % kStages) * L::kStatBytes);
+    const float* const lse = smem_ptr<const float>(base + L::kStat + (n % L::kStages) * L::kStatBytes);
     const float* const delta = lse + kRows;  // both staged by stage_row_stats
     const int bh = b * p.heads + h;
 #pragma unroll
@@ -553,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       reg_fence(dk);
       reg_fence(dv);
-      bar_arrive(bars.empty(n % kStages));  // this thread is done with the stage
+      bars.release(n);  // this thread is done with the stage
     }
   } else {
     // As the forward: step n's S^T and dP^T are issued together with step n - 1's dV and dK
@@ -583,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       reg_fence(dk);
       reg_fence(dv);
-      bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with step n - 1's stage
+      bars.release(n - 1);  // this thread is done with step n - 1's stage
       a_fragments<T, kRows>(pt, pa);
       a_fragments<T, kRows>(dpt, da);
     }
@@ -593,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       reg_fence(dk);
       reg_fence(dv);
-      bar_arrive(bars.empty((n_steps - 1) % kStages));
+      bars.release(n_steps - 1);
     }
   }
   store_acc<T, D>(dk, p.scale, rows<T>(p.dk, b, s.k0, hk), p.dk.s, n0 + 64 * wg, s.len_k, t);
@@ -614,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = DqRing<D>;
   constexpr int kRows = 128, kKeys = 64;
   const uint32_t base = aligned_base();
-  const Bars bars{base + L::kBars};
+  const Bars<L::kStages> bars{base + L::kBars};
   const int b = blockIdx.z, h = blockIdx.y;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kRows;
   const Seq s = seq_of(p, b);
@@ -648,8 +660,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dq[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
-  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % kStages) * L::kStreamBytes; };
-  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % kStages) * L::kStreamBytes; };
+  const auto k_tile = [&](int n) { return base + L::kStream0 + (n % L::kStages) * L::kStreamBytes; };
+  const auto v_tile = [&](int n) { return base + L::kStream1 + (n % L::kStages) * L::kStreamBytes; };
   uint32_t da[kKeys / 16][4];  // dS of the block whose dQ += dS K is issued next
 
   // S = Q K^T and dP = dO V^T for block n (sc, dp: accumulators, zero-initialized).
@@ -709,7 +721,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     scores_to_ds(sc, dp, n);
     wgmma_wait<0>();
     reg_fence(dq);
-    bar_arrive(bars.empty((n - 1) % kStages));  // this thread is done with block n - 1's stage
+    bars.release(n - 1);  // this thread is done with block n - 1's stage
     a_fragments<T, kKeys>(sc, da);
   }
   if (n_blocks > 0) {
@@ -717,7 +729,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_dq(n_blocks - 1);
     wgmma_wait<0>();
     reg_fence(dq);
-    bar_arrive(bars.empty((n_blocks - 1) % kStages));
+    bars.release(n_blocks - 1);
   }
   store_acc<T, D>(dq, p.scale, rows<T>(p.dq, b, s.q0, h), p.dq.s, m0 + 64 * wg, s.len_q, t);
 #else

@@ -107,6 +107,12 @@ run_step() {
     # alone (and the full-logits base), every default case.
     tune-lm_loss) cmd=($BENCH lm_loss --impl "fusedlm[triton]" "fusedlm[cuda]"
                        --tune "$W/measured_dispatch.json" $(files lm_loss-tune)) ;;
+    # Attention's entries (per dtype, head dim, causal and sequence length; fwd+bwd), with
+    # which CUDA C++ kernel family is faster where both run (tune-attention is the Triton
+    # kernels' autotuning sweep, another thing).
+    tune-attention-dispatch) cmd=($BENCH attention --impl "fusedlm[triton]" "fusedlm[cuda]"
+                                  $( [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = 9.0 ] && echo "fusedlm[cuda-wgmma]")
+                                  --tune "$W/measured_dispatch.json" $(files attention-tune)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss ${LOSS_ARGS:-} $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
     bench-host) cmd=($BENCH host $(files host)) ;;

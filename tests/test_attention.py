@@ -856,12 +856,12 @@ def test_cuda_kernel_choice_at_the_forward_holds_for_its_backward(monkeypatch, p
     monkeypatch.setattr(_core, "stream_of", lambda t: 0)
     monkeypatch.setattr(attention_kernels, "cuda_kernels", "mma")
     q = torch.randn(1, 4, 2, 64, requires_grad=True)
-    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, None, "cuda")
+    args = (q, q, q, None, None, None, 4, 4, False, 0.125, 0.0, 0, False, -1, -1, 0.0, None)
 
-    def forward():
+    def forward():  # the kernels named at the call, as ops.attention names them
         if path == "eager":
-            return _fused(*args)[0]
-        return torch.ops.fusedlm.attn_fwd(*args[:11], torch.tensor(0), *args[12:-1],
+            return _fused(*args, attention_kernels.kernel_for("cuda"))[0]
+        return torch.ops.fusedlm.attn_fwd(*args[:11], torch.tensor(0), *args[12:],
                                           attention_kernels.kernel_for("cuda"))[0]
 
     with attention_kernels.using_cuda_kernels("wgmma"):

@@ -182,7 +182,7 @@ def test_bench_out_holds_what_was_measured_before_a_cut(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine with no GPU")
-@pytest.mark.parametrize("op", ["layer_norm", "lm_loss"])
+@pytest.mark.parametrize("op", ["layer_norm", "lm_loss", "attention"])
 def test_tune_without_a_gpu_is_a_usage_error(op, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", op, "--tune", str(tmp_path / "t.json")])

@@ -83,10 +83,14 @@ def test_each_op_records_its_own_typed_case():
     q = torch.randn(1, 4, 2, 16)
     fusedlm.attention(q, q, q, dropout_p=0.1)
     case = fusedlm.explain("attention").case
-    assert case == ("cpu", torch.float32, 16, False, False, False) and case.head_dim == 16
-    # (dropout is no limit of any backend: not in the case)
-    fusedlm.attention(q, q, q, window_size=(2, 0), softcap=5.0)
-    assert fusedlm.explain("attention").case[3:] == (True, True, False)
+    assert case == ("cpu", torch.float32, 16, False, False, False, False, 4) and case.head_dim == 16
+    # (dropout is no limit of any backend: not in the case; causal and the keys are the
+    # measured table's bucket)
+    fusedlm.attention(q, q, q, window_size=(2, 0), softcap=5.0, causal=True)
+    assert fusedlm.explain("attention").case[3:] == (True, True, False, True, 4)
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32)
+    fusedlm.attention_varlen(q[0], q[0], q[0], cu, cu, 3, 3)
+    assert fusedlm.explain("attention").case.seq_k == 3  # max_seqlen_k
     fusedlm.attention(q, q, q, alibi_slopes=torch.ones(2))
     assert fusedlm.explain("attention").case.alibi
     fusedlm.lm_loss(torch.randn(4, 8), torch.randn(11, 8), torch.tensor([1, -100, 3, 4]))
@@ -260,3 +264,75 @@ def test_tune_entries_from_an_lm_loss_run(tmp_path, monkeypatch):
 def _loss_case(*values):
     from fusedlm.ops.lm_loss import LossCase
     return LossCase(*values)
+
+
+def test_tune_entries_from_an_attention_run(tmp_path, monkeypatch):
+    """`fusedlm bench attention --tune`: per dtype, head dim, causal and sequence length,
+    fusedlm's backends by forward + backward time, "cuda" standing for the faster of its kernel
+    families, which the entry names; dispatch then orders by them and kernel_for follows the
+    named family, once the wgmma kernels are GPU-verified, unless a family is asked for by name."""
+    from fusedlm.bench.attention import tune_entries
+    from fusedlm.bench.tune import write_table
+    from fusedlm.ops import attention_kernels, dispatch
+    from fusedlm.ops.attention import AttentionCase
+    runs = {(64, False, 512): {"triton": 0.50, "cuda": 0.40, "cuda-wgmma": 0.45},  # mma fastest
+            (64, False, 4096): {"triton": 2.0, "cuda": 2.6, "cuda-wgmma": 1.7},   # wgmma fastest
+            (128, True, 4096): {"triton": 3.0, "cuda": 3.5}}                       # no wgmma timed
+    results = [dict(op="attention", direction="fwd+bwd", dtype="bfloat16", seq=s, head_dim=d,
+                    causal=c, impl=f"fusedlm[{b}]", ms=ms)
+               for (d, c, s), per in runs.items() for b, ms in per.items()]
+    results += [  # none of these enters the table
+        dict(op="attention", direction="fwd", dtype="bfloat16", seq=512, head_dim=64, causal=False,
+             impl="fusedlm[triton]", ms=0.01),                               # forward only
+        dict(op="attention", direction="fwd+bwd", dtype="bfloat16", seq=512, head_dim=64,
+             causal=False, impl="sdpa[cudnn]", ms=0.01),                     # a peer
+        dict(op="attention", direction="fwd+bwd", dtype="bfloat16", seq=512, head_dim=64,
+             causal=False, impl="fusedlm[triton-tma]", ms=0.01),             # a variant
+        dict(op="attention", case="bert-padded", direction="fwd+bwd", dtype="bfloat16", seq=512,
+             head_dim=64, causal=False, impl="fusedlm[triton] packed", ms=0.01)]
+    entries = tune_entries(results, "sm_90", "test")
+    group = lambda d, c: {"dtype": "bfloat16", "head_dim": d, "causal": c}  # noqa: E731
+    assert [(e["case"], e["order"], e.get("cuda_kernels")) for e in entries] == [
+        ({**group(64, False), "seq_k": [1, 512]}, ["cuda", "triton"], "mma"),
+        ({**group(64, False), "seq_k": [513, 4096]}, ["cuda", "triton"], "wgmma"),
+        ({**group(128, True), "seq_k": [1, 4096]}, ["triton", "cuda"], "mma")]
+    assert entries[1]["ms"] == {"cuda": 1.7, "triton": 2.0}
+    path = str(tmp_path / "t.json")
+    table = write_table(path, entries)
+    assert len(dispatch.check_table(table, path)) == 3
+
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, path)
+    monkeypatch.setattr(dispatch, "_arch", lambda: "sm_90")
+    monkeypatch.setattr(attention_kernels, "cuda_kernels", None)
+    dispatch.clear_cache()
+    case = lambda d, c, s: ("cuda", torch.bfloat16, d, False, False, False, c, s)  # noqa: E731
+    try:
+        assert dispatch._measured_order("attention", AttentionCase(*case(64, False, 2048)))[0] == ("cuda", "triton")
+        assert "(cuda: the wgmma kernels)" in dispatch._measured_order("attention", AttentionCase(*case(64, False, 2048)))[1]
+        assert dispatch._measured_order("attention", AttentionCase(*case(64, True, 2048))) == (None, None)
+        assert dispatch._measured_order("attention", AttentionCase(*case(64, False, 0))) == (None, None)  # unknown
+        assert dispatch.measured_cuda_kernels("attention", case(64, False, 2048)) == "wgmma"
+        assert dispatch.measured_cuda_kernels("attention", case(64, False, 512)) == "mma"
+        assert dispatch.measured_cuda_kernels("attention", ("cpu",) + case(64, False, 2048)[1:]) is None
+        # Not yet GPU-verified: the table's wgmma is not taken.
+        monkeypatch.setattr(attention_kernels, "WGMMA_GPU_VERIFIED", False)
+        assert attention_kernels.kernel_for("cuda", case(64, False, 2048)) == "cuda-mma"
+        monkeypatch.setattr(attention_kernels, "WGMMA_GPU_VERIFIED", True)
+        assert attention_kernels.kernel_for("cuda", case(64, False, 2048)) == "cuda-wgmma"
+        assert attention_kernels.kernel_for("cuda", case(64, False, 512)) == "cuda-mma"
+        assert attention_kernels.kernel_for("cuda", case(128, True, 2048)) == "cuda-mma"
+        assert attention_kernels.kernel_for("triton", case(64, False, 2048)) == "triton"
+        with attention_kernels.using_cuda_kernels("mma"):  # by name: stronger than the table
+            assert attention_kernels.kernel_for("cuda", case(64, False, 2048)) == "cuda-mma"
+        with attention_kernels.using_cuda_kernels("wgmma"):
+            assert attention_kernels.kernel_for("cuda", case(64, False, 512)) == "cuda-wgmma"
+    finally:
+        monkeypatch.delenv(dispatch.TABLE_ENV_VAR)
+        dispatch.clear_cache()
+
+
+def test_a_measured_table_names_known_cuda_kernels(tmp_path):
+    from fusedlm.ops import dispatch
+    entry = dict(arch="sm_90", op="attention", case={}, order=["cuda"], cuda_kernels="hopper")
+    with pytest.raises(ValueError, match=r"cuda_kernels must be one of \('mma', 'wgmma'\), got 'hopper'"):
+        dispatch.check_table({"entries": [entry]}, "t.json")

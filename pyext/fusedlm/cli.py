@@ -141,7 +141,8 @@ def _bench_op(op, args, on_result):
 # Ops whose benchmark can write measured-dispatch entries: op -> (its entries maker, the size
 # field of its case, what that size is).
 _TUNABLE = {"layer_norm": (ln_bench.tune_entries, "columns", "columns"),
-            "lm_loss": (loss_bench.tune_entries, "vocab", "vocabulary")}
+            "lm_loss": (loss_bench.tune_entries, "vocab", "vocabulary"),
+            "attention": (attn_bench.tune_entries, "seq_k", "sequence length")}
 
 
 def _tune(op, path, results, env):
@@ -157,8 +158,10 @@ def _tune(op, path, results, env):
     print(f"\nmeasured dispatch ({len(entries)} entries) written to {path}:")
     for e in entries:
         c = e["case"]
-        print(f"  {e['arch']} {op} {c['dtype']} {what} {c[field][0]}-{c[field][1]}: "
-              + " < ".join(f"{b} ({e['ms'][b]:.4g} ms)" for b in e["order"]))
+        group = " ".join(str(v) if k == "dtype" else f"{k} {v}" for k, v in c.items() if k != field)
+        kernels = f" (cuda: {e['cuda_kernels']})" if "cuda_kernels" in e else ""
+        print(f"  {e['arch']} {op} {group} {what} {c[field][0]}-{c[field][1]}: "
+              + " < ".join(f"{b} ({e['ms'][b]:.4g} ms)" for b in e["order"]) + kernels)
 
 
 def cmd_bench(args):
@@ -377,6 +380,8 @@ def _parser():
     b.add_argument("--impl", nargs="+", metavar="NAME",
                    help="time only these implementations (e.g. sdpa[cudnn] fusedlm[triton]; "
                         "default: every one available)")
+    _tune_arg(b, "head dim, causal and sequence length (forward + backward; with "
+                 "fusedlm[cuda-wgmma] in --impl, also which CUDA C++ kernels)")
     _outputs(b)
     b = ops.add_parser("model", help="training step of BERT / GPT-2: HF vs patched vs fusedlm")
     b.add_argument("--case", nargs="+", choices=sorted(model_bench.CASES),

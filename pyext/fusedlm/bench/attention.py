@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from ..ops import attention, attention_varlen, dispatch, unpad
 from ..ops import attention_kernels
+from . import tune
 from .harness import chosen, collect, time_ms
+from .tune import fusedlm_backend
 
 WGMMA = "fusedlm[cuda-wgmma]"
 TRITON_TMA = "fusedlm[triton-tma]"
@@ -237,3 +239,29 @@ def run_padded_bert(batch=32, seq=512, heads=12, head_dim=64, padding=0.5, dtype
                 f"{r['tflops_real']:8.2f} TFLOP/s (real tokens)  x{r['speedup_vs_best_sdpa']}")
         collect(results, rows, on_result)
     return results
+
+
+def tune_entries(results, arch, source):
+    """Measured-dispatch entries (see `tune`) from this benchmark's results: per dtype, head dim
+    and causal, and per measured sequence length (the case's keys, `seq_k`), fusedlm's backends
+    in order of their forward + backward time (forward-only runs make none). The CUDA C++
+    backend stands for the faster of its two kernel families, fusedlm[cuda] (mma.sync) and
+    fusedlm[cuda-wgmma] (Hopper), and the entry names that family (`cuda_kernels`). The padded
+    BERT case and the variants (fusedlm[triton-tma]) are left out."""
+    families = {"cuda": "mma", "cuda-wgmma": "wgmma"}
+    per = {}  # (group, seq) -> implementation -> ms
+    for r in results:
+        impl = fusedlm_backend(r.get("impl", ""))
+        if (r.get("op") != "attention" or "case" in r or r.get("direction") != "fwd+bwd"
+                or "ms" not in r or impl not in set(dispatch.BACKENDS) | set(families)):
+            continue
+        group = (("dtype", r["dtype"]), ("head_dim", r["head_dim"]), ("causal", r["causal"]))
+        per.setdefault((group, r["seq"]), {})[impl] = r["ms"]
+    timings, kernels = {}, {}
+    for key, times in per.items():
+        timings[key] = {b: ms for b, ms in times.items() if b not in families}
+        cuda = {families[name]: ms for name, ms in times.items() if name in families}
+        if cuda:
+            kernels[key] = min(cuda, key=cuda.get)
+            timings[key]["cuda"] = cuda[kernels[key]]
+    return tune.entries("attention", "seq_k", timings, arch, source, kernels)

@@ -115,12 +115,12 @@ def tune_entries(results, arch, source):
     """Measured-dispatch entries (see `tune`) from this benchmark's results: per dtype and
     measured width, fusedlm's backends in order of forward + backward time (a backend timed in
     one direction only is left out of that width's order)."""
-    times = {}  # (dtype, n) -> backend -> {direction: ms}
+    times = {}  # ((("dtype", dtype),), n) -> backend -> {direction: ms}
     for r in results:
         backend = fusedlm_backend(r.get("impl", ""))
         if r.get("op") != "layer_norm" or backend is None or "ms" not in r:
             continue
-        times.setdefault((r["dtype"], r["n"]), {}).setdefault(backend, {})[r["direction"]] = r["ms"]
+        times.setdefault(((("dtype", r["dtype"]),), r["n"]), {}).setdefault(backend, {})[r["direction"]] = r["ms"]
     timings = {key: {b: t["fwd"] + t["bwd"] for b, t in per.items() if {"fwd", "bwd"} <= set(t)}
                for key, per in times.items()}
     return tune.entries("layer_norm", "columns", timings, arch, source)

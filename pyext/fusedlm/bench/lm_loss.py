@@ -194,12 +194,12 @@ def tune_entries(results, arch, source):
     """Measured-dispatch entries (see `tune`) from this benchmark's results: per dtype and
     measured vocabulary, fusedlm's backends in order of their forward + backward time summed
     over the cases of that vocabulary (a backend missing from one of them is left out)."""
-    timings, cases = {}, {}  # (dtype, vocab) -> backend -> ms; (dtype, vocab) -> cases
+    timings, cases = {}, {}  # (group, vocab) -> backend -> ms; (group, vocab) -> cases
     for r in results:
         backend = fusedlm_backend(r.get("impl", ""))
         if r.get("op") != "lm_loss" or backend is None or "ms" not in r:
             continue
-        key = (r["dtype"], r["vocab"])
+        key = ((("dtype", r["dtype"]),), r["vocab"])
         cases.setdefault(key, set()).add(r["case"])
         timings.setdefault(key, {}).setdefault(backend, {})[r["case"]] = r["ms"]
     summed = {key: {b: sum(ms.values()) for b, ms in per.items() if set(ms) == cases[key]}

@@ -1,9 +1,11 @@
 """Measured dispatch tables from benchmark timings (`fusedlm bench <op> --tune FILE`).
 
-Each op's benchmark sums its own timings per (dtype, size) and backend (`timings`); `entries`
-turns them into table entries (see fusedlm.ops.dispatch): per dtype, fusedlm's backends in order
-of measured time, one entry per measured size, covering the sizes above the previous measured
-one up to it (from 1 for the first); sizes past the largest measured keep the fixed order.
+Each op's benchmark sums its own timings per (group, size) and backend (`timings`): the group
+is the case fields an entry holds fixed (the dtype; for attention also the head dim and causal),
+the size the one it buckets. `entries` turns them into table entries (see fusedlm.ops.dispatch):
+per group, fusedlm's backends in order of measured time, one entry per measured size, covering
+the sizes above the previous measured one up to it (from 1 for the first); sizes past the
+largest measured keep the fixed order.
 """
 import json
 import os
@@ -19,18 +21,22 @@ def fusedlm_backend(impl):
     return None
 
 
-def entries(op, size_field, timings, arch, source):
-    """timings: {(dtype, size): {backend: ms}} -> the entries of `op` for GPU `arch`, the size
-    bucketed under the case field `size_field`."""
+def entries(op, size_field, timings, arch, source, cuda_kernels=None):
+    """timings: {(group, size): {backend: ms}} -> the entries of `op` for GPU `arch`, the size
+    bucketed under the case field `size_field`; a group is a tuple of (case field, value) pairs.
+    cuda_kernels: {(group, size): kernel family} for the entries that name one."""
     out = []
-    for dtype in sorted({d for d, _ in timings}):
+    for group in sorted({g for g, _ in timings}):
         lo = 1
-        for size in sorted(s for d, s in timings if d == dtype):
-            per = timings[(dtype, size)]
+        for size in sorted(s for g, s in timings if g == group):
+            per = timings[(group, size)]
             if per:
                 order = sorted(per, key=per.get)
-                out.append(dict(arch=arch, op=op, case={"dtype": dtype, size_field: [lo, size]},
-                                order=order, ms={b: round(per[b], 5) for b in order}, source=source))
+                e = dict(arch=arch, op=op, case={**dict(group), size_field: [lo, size]},
+                         order=order, ms={b: round(per[b], 5) for b in order}, source=source)
+                if (cuda_kernels or {}).get((group, size)) is not None:
+                    e["cuda_kernels"] = cuda_kernels[(group, size)]
+                out.append(e)
             lo = size + 1
     return out
 

@@ -37,6 +37,10 @@ class AttentionCase(NamedTuple):
     window: bool = False  # a sliding window (window_size other than (-1, -1))
     softcap: bool = False  # logit softcapping
     alibi: bool = False    # ALiBi slopes
+    # The measured table's bucket (no backend's limit): causal or not, and the keys a sequence
+    # has (max_seqlen_k when packed; 0 where unknown, a symbolic size under torch.compile).
+    causal: bool = False
+    seq_k: int = 0
 
 
 def _triton_why_not(case):
@@ -225,8 +229,7 @@ def _natural_lse(lse2):
 
 def _fused(*args):
     """The kernels' forward (with autograd when a gradient is wanted); the last argument is the
-    dispatch backend, which the launchers get as the kernels it stands for."""
-    args = (*args[:-1], attention_kernels.kernel_for(args[-1]))
+    kernels to launch (attention_kernels.KERNELS: what kernel_for makes of the dispatch choice)."""
     if torch.compiler.is_compiling():
         seed = args[11] if isinstance(args[11], Tensor) else torch.tensor(args[11])
         return torch.ops.fusedlm.attn_fwd(*args[:11], seed, *args[12:])
@@ -374,9 +377,10 @@ def _check_qkv(q, k, v, packed):
         raise ValueError(f"q must have a head_dim > 0, got shape {tuple(q.shape)}")
 
 
-def _case(q, window, softcap, alibi):
+def _case(q, window, softcap, alibi, causal, seq_k):
     """AttentionCase's values (a plain tuple: see dispatch.select)."""
-    return (q.device.type, q.dtype, q.shape[-1], window != (-1, -1), softcap > 0, alibi is not None)
+    return (q.device.type, q.dtype, q.shape[-1], window != (-1, -1), softcap > 0, alibi is not None,
+            bool(causal), seq_k if type(seq_k) is int else 0)
 
 
 def _check_window(window_size):
@@ -509,7 +513,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, batch * heads)
-    chosen = dispatch.select("attention", _case(q, window, softcap, alibi), backend)
+    case = _case(q, window, softcap, alibi, causal, seq_k)
+    chosen = dispatch.select("attention", case, backend)
     if chosen == "torch":
         out, lse = _torch_dense(q, k, v, attention_mask, causal, scale, float(dropout_p), seed,
                                 window, softcap, alibi)
@@ -518,7 +523,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         key_mask = None if attention_mask is None else _key_mask_for(chosen, attention_mask)
         o, lse2 = _fused(*map(unit_stride, (q, k, v)), key_mask, None, None, seq_q, seq_k,
                          causal, scale, float(dropout_p), seed, bool(deterministic), *window,
-                         softcap, alibi, chosen)
+                         softcap, alibi, attention_kernels.kernel_for(chosen, case))
         out, lse = o, (_natural_lse(lse2) if return_lse else None)  # kernel launches: only when asked
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -598,7 +603,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
     alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
-    chosen = dispatch.select("attention", _case(q, window, softcap, alibi), backend)
+    case = _case(q, window, softcap, alibi, causal, max_seqlen_k)
+    chosen = dispatch.select("attention", case, backend)
     if chosen == "torch":
         out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, causal, scale, float(dropout_p), seed, window,
@@ -608,7 +614,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         cu_k = cu_seqlens_k.to(torch.int32).contiguous()
         out, lse2 = _fused(*map(unit_stride, (q, k, v)), None, cu_q, cu_k, max_seqlen_q,
                            max_seqlen_k, causal, scale, float(dropout_p), seed, bool(deterministic),
-                           *window, softcap, alibi, chosen)
+                           *window, softcap, alibi, attention_kernels.kernel_for(chosen, case))
         lse = _natural_lse(lse2) if return_lse else None
     return (out, lse) if return_lse else out
 

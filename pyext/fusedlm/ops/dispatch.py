@@ -10,8 +10,10 @@ Three ways to choose, strongest first:
     has passed for it). On a GPU, a measured table (`measured_dispatch.json` beside this file,
     or the file FUSEDLM_DISPATCH_TABLE names) may put another order first for a GPU
     architecture, op and case bucket: written by `fusedlm bench layer_norm --tune FILE` (per
-    dtype and width) and `fusedlm bench lm_loss --tune FILE` (per dtype and vocabulary) from
-    timings on that GPU; the fixed order is the fallback for every case it does not cover.
+    dtype and width), `fusedlm bench lm_loss --tune FILE` (per dtype and vocabulary) and
+    `fusedlm bench attention --tune FILE` (per dtype, head dim, causal and sequence length;
+    an entry there may also name the CUDA C++ kernel family, `cuda_kernels`) from timings on
+    that GPU; the fixed order is the fallback for every case it does not cover.
 
 A case is each op's own NamedTuple (`NormCase`, `LossCase`, `AttentionCase`, defined beside
 the op): the facts its backends' limits depend on, starting with the device type; callers pass
@@ -28,6 +30,9 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FUSEDLM_BACKEND"
 TABLE_ENV_VAR = "FUSEDLM_DISPATCH_TABLE"
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_dispatch.json")
+# An entry's optional choice within the "cuda" backend: attention's kernel families
+# (ops/attention_kernels.py), by measured speed.
+CUDA_KERNEL_FAMILIES = ("mma", "wgmma")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ def check_table(table: dict, where: str) -> List[dict]:
         if not e["order"] or any(b not in BACKENDS for b in e["order"]):
             raise ValueError(f"{where}: entry {i}'s order must name backends of {BACKENDS}, "
                              f"got {e['order']!r}")
+        if e.get("cuda_kernels", "mma") not in CUDA_KERNEL_FAMILIES:
+            raise ValueError(f"{where}: entry {i}'s cuda_kernels must be one of "
+                             f"{CUDA_KERNEL_FAMILIES}, got {e['cuda_kernels']!r}")
     return entries
 
 
@@ -147,20 +155,26 @@ def _arch() -> str:
     return f"sm_{major}{minor}"
 
 
-def _measured_order(op_name, case):
-    """(order, description) of the first table entry for this GPU, op and case, or (None, None)."""
+def _measured_entry(op_name, case):
+    """The first table entry for this GPU, op and case, or None."""
     entries = [e for e in table_entries() if e["op"] == op_name]
     if not entries:
-        return None, None
+        return None
     arch = _arch()
-    for e in entries:
-        if e["arch"] == arch and _matches(e["case"], case):
-            times = ", ".join(f"{b} {ms:.4g} ms" for b, ms in e.get("ms", {}).items())
-            bucket = ", ".join(f"{k} {v[0]}-{v[1]}" if isinstance(v, list) else f"{k} {v}"
-                               for k, v in e["case"].items())
-            return tuple(e["order"]), (f"{arch}, {bucket}" + (f": {times}" if times else "")
-                                       + (f" ({e['source']})" if e.get("source") else ""))
-    return None, None
+    return next((e for e in entries if e["arch"] == arch and _matches(e["case"], case)), None)
+
+
+def _measured_order(op_name, case):
+    """(order, description) of the first table entry for this GPU, op and case, or (None, None)."""
+    e = _measured_entry(op_name, case)
+    if e is None:
+        return None, None
+    times = ", ".join(f"{b} {ms:.4g} ms" for b, ms in e.get("ms", {}).items())
+    bucket = ", ".join(f"{k} {v[0]}-{v[1]}" if isinstance(v, list) else f"{k} {v}"
+                       for k, v in e["case"].items())
+    kernels = f" (cuda: the {e['cuda_kernels']} kernels)" if "cuda_kernels" in e else ""
+    return tuple(e["order"]), (f"{e['arch']}, {bucket}" + (f": {times}" if times else "") + kernels
+                               + (f" ({e['source']})" if e.get("source") else ""))
 
 
 def _auto(op: OpBackends, case, skipped):
@@ -230,6 +244,23 @@ def _decide(op, case, backend, env):
                     tuple(s for s in skipped if s[0] != chosen), case, measured)
 
 
+_KERNELS: Dict[tuple, Optional[str]] = {}
+
+
+@_constant_under_compile
+def measured_cuda_kernels(op_name: str, case: tuple) -> Optional[str]:
+    """The CUDA C++ kernel family ("mma", "wgmma") that the measured table's entry for this
+    GPU, op and case names (its `cuda_kernels`), or None (no entry, no such field, not a CUDA
+    case). `case` as for `select`; cached per case."""
+    key = (op_name, case)
+    if key not in _KERNELS:
+        op = _OPS[op_name]
+        typed = op.case_type(*case)
+        e = _measured_entry(op_name, typed) if typed.device_type == "cuda" else None
+        _KERNELS[key] = None if e is None else e.get("cuda_kernels")
+    return _KERNELS[key]
+
+
 def explain(op_name: Optional[str] = None):
     """The last dispatch decision of `op_name` (or of every op, as a dict)."""
     if op_name is None:
@@ -245,4 +276,5 @@ def clear_cache():
     for op in _OPS.values():
         op._cache.clear()
     _LAST.clear()
+    _KERNELS.clear()
     _TABLE = None

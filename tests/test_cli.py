@@ -94,10 +94,11 @@ def test_bench_model_times_every_eager_row_before_any_compile(monkeypatch):
 
         def train(self):
             pass
-    fakes = {"hf eager (sdpa)": False, "hf torch.compile": True, "fusedlm model": False,
-             "fusedlm model, compiled": True}
+    fakes = {"hf eager (sdpa)": (False, "padded"), "hf torch.compile": (True, "padded"),
+             "fusedlm model": (False, "padded"), "fusedlm model, compiled": (True, "padded"),
+             "fusedlm model, packed, compiled": (True, "packed")}
     monkeypatch.setattr(model_bench, "_impls", lambda family, overrides, device, compiled: (
-        {n: (Fake(n, c), "padded") for n, c in fakes.items()}, 100))
+        {n: (Fake(n, c), layout) for n, (c, layout) in fakes.items()}, 100))
     monkeypatch.setattr(model_bench, "_batch", lambda family, b, s, v, padding, device: ({}, b * s))
     monkeypatch.setattr(model_bench, "_packed", lambda kw, seq: {})
     order = []
@@ -107,8 +108,12 @@ def test_bench_model_times_every_eager_row_before_any_compile(monkeypatch):
     rows = model_bench.run(cases=("bert-tiny", "gpt2-tiny"), paddings=(0.0, 0.5), device="cpu",
                            compiled=True, log=lambda *a: None)
     phases = ["compiled" if "compile" in r["impl"] else "eager" for r in rows]
-    assert phases == ["eager"] * 8 + ["compiled"] * 8
-    assert [(r["case"], r["padding"]) for r in rows[8::2]] == [
+    assert phases == ["eager"] * 8 + ["compiled"] * 12
+    # Of the compiled rows, what the targets compare first, for every case; the padded
+    # fusedlm compile after them.
+    assert [r["impl"] for r in rows[8:]] == ["hf torch.compile", "fusedlm model, packed, compiled"] * 4 \
+        + ["fusedlm model, compiled"] * 4
+    assert [(r["case"], r["padding"]) for r in rows[8:16:2]] == [
         ("bert-tiny", 0.0), ("bert-tiny", 0.5), ("gpt2-tiny", 0.0), ("gpt2-tiny", 0.5)]
     assert all(r["speedup_vs_hf_eager"] == 1.0 for r in rows)
 

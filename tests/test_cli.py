@@ -19,6 +19,28 @@ def test_bench_lm_loss_writes_json(tmp_path, capsys):
     assert "TFLOP/s" in capsys.readouterr().out
 
 
+def test_bench_lm_loss_chunk_sweep(tmp_path, monkeypatch):
+    """--chunk-rows times the backend dispatch picks at each chunk size, beside what --impl
+    names, and hands each size to the op; none of those rows enters a measured table."""
+    from fusedlm.bench import lm_loss as loss_bench
+    from fusedlm.bench.tune import fusedlm_backend
+    seen = []
+    real = loss_bench.lm_loss
+
+    def recording(*args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return real(*args, chunk_size=chunk_size, **kwargs)
+    monkeypatch.setattr(loss_bench, "lm_loss", recording)
+    out = tmp_path / "lm_loss.json"
+    assert main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--impl", "fusedlm[torch]",
+                 "--chunk-rows", "3", "16", "--out", str(out)]) == 0
+    impls = [r["impl"] for r in json.loads(out.read_text())["results"]]
+    assert impls == ["hf full logits", "fusedlm[torch]", "fusedlm[torch], chunk 3",
+                     "fusedlm[torch], chunk 16"]
+    assert {3, 16, None} == set(seen)
+    assert fusedlm_backend("fusedlm[torch], chunk 3") is None
+
+
 def test_info_lists_every_op():
     assert main(["info"]) == 0
 

@@ -57,11 +57,10 @@ static_assert(kProducerRegs * 128 + kConsumerRegs * 2 * 128 <= 65536, "register 
 // Shared memory of every kernel here, from a 1024-byte aligned base (the 128-byte swizzle
 // repeats every 1024 bytes, and the wgmma descriptors assume tiles start on that boundary):
 // kFixed tiles of kFixedRows rows loaded once, then a ring of kStages stages (streamed blocks in
-// flight), each two tiles of
-// kStreamRows rows, then (kStats) each stage's fp32 row statistics (dK/dV: the streamed rows'
-// log-sum-exp and delta, kStreamRows each), then the mbarriers (fixed, full[kStages],
-// empty[kStages]). A (rows x D) tile is D / 64 column slabs of (rows x 64), each slab's rows
-// 128 bytes apart.
+// flight), each two tiles of kStreamRows rows, then (kStats) each stage's fp32 row statistics
+// (dK/dV: the streamed rows' log-sum-exp and delta, kStreamRows each), then the mbarriers
+// (fixed, full[kStages], empty[kStages]). A (rows x D) tile is D / 64 column slabs of
+// (rows x 64), each slab's rows 128 bytes apart.
 //   forward: Q fixed; K, V streamed.  dK/dV: K, V fixed; Q, dO (and lse, delta) streamed.
 //   dQ: Q, dO fixed; K, V streamed.
 template <int D, int kFixed, int kFixedRows, int kStreamRows, int kStages_, bool kStats = false>

@@ -135,7 +135,7 @@ def _bench_op(op, args, on_result):
         return attn_bench.run_padded_bert(dtype=dtype, peers=args.impl, on_result=on_result,
                                           **({} if gpu else dict(batch=2, seq=64, heads=2)))
     return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], peers=args.impl,
-                          on_result=on_result)
+                          chunk_rows=args.chunk_rows, on_result=on_result)
 
 
 # Ops whose benchmark can write measured-dispatch entries: op -> (its entries maker, the size
@@ -401,6 +401,9 @@ def _parser():
     b.add_argument("--impl", nargs="+", metavar="NAME",
                    help="time only these implementations (e.g. fusedlm[triton] fusedlm[cuda]) and "
                         "the full-logits path, the speed-ups' base (default: every one available)")
+    b.add_argument("--chunk-rows", nargs="+", type=_positive(int), default=[], metavar="N",
+                   help="also time fusedlm (the backend dispatch picks) projecting N labelled rows "
+                        "at a time (default chunks: a logits buffer of about 256 MiB)")
     _tune_arg(b, "vocabulary")
     _outputs(b)
     b = ops.add_parser("all", help="every op, then the model step, each on its defaults")

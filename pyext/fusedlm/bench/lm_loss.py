@@ -16,6 +16,10 @@ time includes finding the labelled rows: exactly (one host sync), and, as
 "fusedlm[...], capacity", up to a fixed capacity with no host sync (a compiled step's path).
 "fusedlm[...], fp32 accum" sums the weight's gradient over the chunks in fp32
 (`accum_dtype=torch.float32`, what an fp32 master weight under autocast gets).
+"fusedlm[...], chunk N" (`chunk_rows`) projects N labelled rows at a time instead of the default
+(a logits buffer of about 256 MiB): chunks whose logits fit the GPU's L2 cache keep the row
+kernel's passes and the backward GEMMs' reads of them out of DRAM, at the cost of smaller GEMMs
+and more launches; the sweep measures which wins.
 """
 from typing import NamedTuple
 
@@ -146,9 +150,10 @@ def _peak_extra_bytes(run, device):
 
 
 def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=None,
-        peers=None, extra=None, log=print, on_result=None):
+        peers=None, extra=None, chunk_rows=(), log=print, on_result=None):
     """extra: more implementations, name -> fn(hidden, weight, bias, labels) -> the mean loss
-    over labelled rows, timed beside the peers."""
+    over labelled rows, timed beside the peers. chunk_rows: also time the backend dispatch picks
+    at these chunk sizes (rows per chunk), whatever `peers` names."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for case in cases:
@@ -157,6 +162,10 @@ def run(cases=("bert-mlm", "gpt2", "large-vocab"), dtype=torch.bfloat16, device=
         if peers is not None:
             impls = chosen(impls, peers, base="hf full logits")
         impls.update({k: (lambda h, w, b, y, idx, fn=fn: fn(h, w, b, y)) for k, fn in (extra or {}).items()})
+        be = dispatch.select("lm_loss", (device, dtype, vocab))
+        for c in chunk_rows:
+            impls[f"fusedlm[{be}], chunk {c}"] = lambda h, w, b, y, idx, be=be, c=c: lm_loss(
+                h, w, y, b, backend=be, chunk_size=c)
         h, w, b, y = _inputs(tokens, hidden, vocab, labelled, dtype, device, bias)
         idx = (y != -100).nonzero().squeeze(1)
         n = idx.numel()

@@ -3,10 +3,15 @@ kernels ran and how far each case's output and gradients are from the float64 re
 cases built to point at the part that is wrong when one is (the backward's products reuse the
 forward's operand forms: a case wrong in both points at the shared part):
 
+- first, the primitives alone (fusedlm.ops.attention_kernels.probe_wgmma, one 64-row tile at head
+  dims 64 and 128, both dtypes): where TMA's 128-byte swizzle puts a tile in shared memory, Q K^T
+  from K-major descriptors, P V from A fragments and an MN-major V, each against its own
+  reference; the CPU emulator was written from the same documents as the kernels, so this is
+  where a shared misreading shows;
 - q = 0 makes every probability equal, so the output is the mean of V's rows: only the P V
   product (V's tensor map, the MN-major descriptor, P's register fragments) is tested;
 - k = q with one-hot rows makes S diagonal-dominant: the Q K^T product and the softmax;
-- one key block against several: the two-stage ring and its barrier phases;
+- one key block against several: the ring of stages and its barrier phases;
 - head dims 64 and 128 (one 64-column slab or two), causal, a padding mask, packed sequences.
 
 Each case runs in a worker process, forward then backward, with CUDA_LAUNCH_BLOCKING=1 so that
@@ -126,7 +131,7 @@ def _cases():
         x[0, torch.arange(s), :, torch.arange(s) % d] = 8.0
         return x
 
-    cases = []
+    cases = [(f"probe d{d} {dtype}", ("probe", d, dtype)) for d in (64, 128) for dtype in ("bfloat16", "float16")]
     for d in (64, 128):
         for s in (128, 512):
             cases += [
@@ -156,12 +161,30 @@ def _cases():
     return cases
 
 
+def _run_probe(name, d, dtype):
+    """The primitives' probe: exact swizzle placement, and both wgmma forms within fp32
+    accumulation of float64 (errors relative to the reference's largest magnitude)."""
+    import torch
+    from fusedlm.ops import attention_kernels
+    if BACKEND == "torch":
+        print(f"{name:<34} (no probe on the torch backend)", flush=True)
+        return True
+    e = attention_kernels.probe_wgmma(d, getattr(torch, dtype), DEVICE)
+    ok = e["tma_swizzle"] == 0.0 and e["wgmma_ss"] < 1e-4 and e["wgmma_rs"] < 1e-4
+    print(f"{name:<34} TMA swizzle {'exact' if e['tma_swizzle'] == 0.0 else 'WRONG (max |diff| %.2e)' % e['tma_swizzle']}"
+          f"  wgmma SS (Q K^T) {e['wgmma_ss']:.2e}  RS (P V, V MN-major) {e['wgmma_rs']:.2e}"
+          + ("" if ok else "  <- the first wrong one is what the kernels misread"), flush=True)
+    return ok
+
+
 def _run_case(i, name, build):
     import torch
     import fusedlm
     from fusedlm import reference
     from fusedlm.ops import attention_kernels
 
+    if isinstance(build, tuple):
+        return _run_probe(name, *build[1:])
     g = torch.Generator(device=DEVICE).manual_seed(1000 + i)
     q, k, v, kw = build(lambda *s: torch.randn(*s, device=DEVICE, generator=g).to(torch.bfloat16))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

@@ -45,6 +45,21 @@ def wgmma(monkeypatch):
     return None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wgmma_primitives_read_the_hardware_as_assumed_gpu(head_dim, dtype):
+    """The kernels' primitives one at a time (attention_kernels.probe_wgmma), before any kernel:
+    TMA's 128-byte swizzle places q's tile exactly where the kernels' descriptors (and the CPU
+    emulator) expect it; q k^T from K-major operands and p v from A fragments and MN-major v
+    match float64 within fp32 accumulation. A failure here names the misread primitive."""
+    why = _unavailable()
+    if why is not None:
+        pytest.skip(why)
+    errors = attention_kernels.probe_wgmma(head_dim, dtype)
+    assert errors["tma_swizzle"] == 0.0, errors
+    assert errors["wgmma_ss"] < 1e-4 and errors["wgmma_rs"] < 1e-4, errors
+
+
 def _ran_wgmma(backward=False):
     assert attention_kernels.last_cuda_forward_kernel == "wgmma", attention_kernels.last_cuda_forward_kernel
     if backward:

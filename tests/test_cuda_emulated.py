@@ -25,6 +25,7 @@ import torch
 
 import fusedlm
 from fusedlm import _core, reference
+from fusedlm.ops import attention_kernels
 from conftest import (EMULATED, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, emulated_cuda_kernels,
                       rel_err, sdpa)
 
@@ -222,6 +223,11 @@ def test_wgmma_triage_script_runs_on_the_emulator(order):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "cases: 1 of 1 passed" in run.stdout and "wgmma/wgmma" in run.stdout and "(bounds" in run.stdout
+    # Its first cases, the primitives' probe, in their workers too.
+    run = subprocess.run([sys.executable, str(script), "--emulated", "--match", "probe"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "cases: 4 of 4 passed" in run.stdout and run.stdout.count("TMA swizzle exact") == 4
 
 
 def test_emulator_refuses_cuda_tensors_and_says_so():
@@ -232,6 +238,33 @@ def test_emulator_refuses_cuda_tensors_and_says_so():
     q, k, v = _qkv(1, 8, 1, 1, 64, torch.float16)
     fusedlm.attention(q, k, v)
     assert fusedlm.explain("attention").backend == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wgmma_probe_emulated(head_dim, dtype, monkeypatch, order):
+    """The Hopper primitives' probe (what a GPU's first run checks against the hardware) holds on
+    the emulator: the swizzle placement its Python side derives from PTX's documentation, and
+    both wgmma forms against float64."""
+    monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
+    errors = attention_kernels.probe_wgmma(head_dim, dtype)
+    assert errors["tma_swizzle"] == 0.0 and errors["wgmma_ss"] < 1e-5 and errors["wgmma_rs"] < 1e-5, errors
+
+
+def test_wgmma_probe_refusals(monkeypatch):
+    q = torch.zeros(64, 1, 64, dtype=torch.bfloat16)
+    s, o = torch.empty(64, 64), torch.empty(64, 64)
+    d = _core.dl
+    with pytest.raises(ValueError, match=r"needs a compute capability 9.0 GPU \(sm_90a\), got 8.0"):
+        _core._C.attention_wgmma_probe(d(q), d(q), d(q), d(q.clone()), d(s), d(o), 0)  # the default device
+    monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
+    with pytest.raises(ValueError, match=r"q must be a contiguous \(64, 1, D\) tensor with D 64 or 128, got \(64, 1, 96\)"):
+        w = torch.zeros(64, 1, 96, dtype=torch.bfloat16)
+        _core._C.attention_wgmma_probe(d(w), d(w), d(w), d(w.clone()), d(s), d(torch.empty(64, 96)), 0)
+    with pytest.raises(ValueError, match=r"o must be a contiguous \(64, 64\) float32 tensor, got \(64, 128\)"):
+        _core._C.attention_wgmma_probe(d(q), d(q), d(q), d(q.clone()), d(s), d(torch.empty(64, 128)), 0)
+    with pytest.raises(ValueError, match="k must have q.s shape .* and dtype bfloat16, got .* float16"):
+        _core._C.attention_wgmma_probe(d(q), d(q.half()), d(q), d(q.clone()), d(s), d(o), 0)
 
 
 # The emulator itself, on kernels that are wrong on purpose (csrc/emu/selftest.cu): what it

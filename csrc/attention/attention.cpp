@@ -141,11 +141,45 @@ std::string backward(const BackwardArgs& a, std::uintptr_t stream) {
   return launch_backward(a, stream);
 }
 
+void wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
+                 const TensorView& s, const TensorView& o, std::uintptr_t stream) {
+  const int64_t d = q.ndim == 3 ? q.shape[2] : 0;
+  const auto contiguous = [](const TensorView& t) {
+    int64_t step = 1;
+    for (int i = t.ndim - 1; i >= 0; --i) {
+      if (t.shape[i] > 1 && t.stride[i] != step) return false;
+      step *= t.shape[i];
+    }
+    return true;
+  };
+  if (q.ndim != 3 || q.shape[0] != 64 || q.shape[1] != 1 || (d != 64 && d != 128) || !contiguous(q))
+    throw ArgError("q must be a contiguous (64, 1, D) tensor with D 64 or 128, got " + shape_of(q));
+  if (q.dtype != DType::kFloat16 && q.dtype != DType::kBFloat16)
+    throw DTypeError(std::string("q must be float16 or bfloat16, got ") + dtype_name(q.dtype));
+  for (const TensorView* t : {&k, &v, &raw}) {
+    check_like(*t, q);
+    if (!contiguous(*t)) throw ArgError(std::string(t->name) + " must be contiguous");
+  }
+  for (const auto& [t, cols] : {std::pair<const TensorView*, int64_t>{&s, 64}, {&o, d}}) {
+    check_dtype(*t, DType::kFloat32);
+    if (t->ndim != 2 || t->shape[0] != 64 || t->shape[1] != cols || !contiguous(*t))
+      throw ArgError(std::string(t->name) + " must be a contiguous (64, " + std::to_string(cols) +
+                     ") float32 tensor, got " + shape_of(*t));
+  }
+  for (const TensorView* t : {&k, &v, &raw, &s, &o}) check_same_device(*t, q);
+  if (!built_with_cuda()) throw_built_without_cuda();
+  launch_wgmma_probe(q, k, v, raw, s, o, stream);
+}
+
 #ifndef FUSEDLM_WITH_CUDA
 std::string launch_forward(const ForwardArgs&, std::uintptr_t) {
   throw_built_without_cuda();
 }
 std::string launch_backward(const BackwardArgs&, std::uintptr_t) {
+  throw_built_without_cuda();
+}
+void launch_wgmma_probe(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
+                        const TensorView&, const TensorView&, std::uintptr_t) {
   throw_built_without_cuda();
 }
 #endif

@@ -736,6 +736,53 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// The primitives above, one at a time, on one 64-row tile each (see wgmma_probe in attention.h):
+// one warpgroup, its thread 0 issuing the copies; raw gets Q's tile as it landed, s = Q K^T
+// (issue_abt: SS, K-major), o = P V with P = s in T (a_fragments) and V MN-major (RS).
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 1)
+    attention_probe_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
+                                 const __grid_constant__ Map map_v, T* raw, float* s, float* o) {
+#ifdef FUSEDLM_SM90_DEVICE
+  constexpr int kTile = 64 * D * 2;
+  const uint32_t base = aligned_base(), bar = base + 3 * kTile;
+  const int t = threadIdx.x, lane = t % 32;
+  if (t == 0) {
+    bar_init(bar, 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (t == 0) {
+    bar_expect(bar, 3 * kTile);
+    tma_tile<D>(base, map_q, 64, 0, 0, 0, bar);
+    tma_tile<D>(base + kTile, map_k, 64, 0, 0, 0, bar);
+    tma_tile<D>(base + 2 * kTile, map_v, 64, 0, 0, 0, bar);
+  }
+  bar_wait(bar, 0);
+  const T* tile = smem_ptr<const T>(base);
+  for (int i = t; i < 64 * D; i += 128) raw[i] = tile[i];
+  float sc[32];
+  wgmma_begin(sc);
+  issue_abt<T, 64, D>(sc, base, 64, 0, base + kTile);
+  wgmma_end(sc);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[acc_row(acc_half(i), t) * 64 + acc_col(i, lane)] = sc[i];
+  uint32_t pa[4][4];
+  a_fragments<T, 64>(sc, pa);
+  float acc[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.0f;
+  wgmma_begin(acc);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wgmma_rs<T, D>(acc, pa[j], mn_major(base + 2 * kTile, 64, j), 1);
+  wgmma_end(acc);
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[acc_row(acc_half(i), t) * D + acc_col(i, lane)] = acc[i];
+#else
+  __trap();
+#endif
+}
+
 // ---- host side ----------------------------------------------------------------------------
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
@@ -859,6 +906,21 @@ void run_backward(const Problem& pr, const Params& p, cudaStream_t stream) {
   }
 }
 
+// Why device `device_id` cannot run sm_90a code ("" when it can).
+std::string sm90a_unavailable(int device_id) {
+#ifndef FUSEDLM_HAS_SM90A
+  (void)device_id;
+  return "this build has no sm_90a code (FUSEDLM_CUDA_ARCHS lacks 90a)";
+#else
+  int major = 0, minor = 0;
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_id), "cudaDeviceGetAttribute");
+  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_id), "cudaDeviceGetAttribute");
+  if (major != 9 || minor != 0)
+    return "needs a compute capability 9.0 GPU (sm_90a), got " + std::to_string(major) + "." + std::to_string(minor);
+  return "";
+#endif
+}
+
 template <bool kBackward>
 void dispatch_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
   DeviceGuard guard(pr.q.device_id);
@@ -876,17 +938,13 @@ void dispatch_wgmma(const Problem& pr, const Params& p, std::uintptr_t stream) {
 namespace detail {
 
 std::string wgmma_unavailable(const Problem& pr, const Params& p, bool backward) {
+  const std::string why = sm90a_unavailable(pr.q.device_id);
 #ifndef FUSEDLM_HAS_SM90A
-  (void)pr;
   (void)p;
   (void)backward;
-  return "this build has no sm_90a code (FUSEDLM_CUDA_ARCHS lacks 90a)";
+  return why;
 #else
-  int major = 0, minor = 0;
-  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, pr.q.device_id), "cudaDeviceGetAttribute");
-  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, pr.q.device_id), "cudaDeviceGetAttribute");
-  if (major != 9 || minor != 0)
-    return "needs a compute capability 9.0 GPU (sm_90a), got " + std::to_string(major) + "." + std::to_string(minor);
+  if (!why.empty()) return why;
   const int64_t d = pr.q.shape[pr.q.ndim - 1];
   if (d != 64 && d != 128) return "head dim " + std::to_string(d) + " (the wgmma kernels have 64 and 128)";
   const bool varlen = pr.cu_q.has_value();
@@ -908,4 +966,32 @@ void launch_backward_wgmma(const Problem& pr, const Params& p, std::uintptr_t st
 }
 
 }  // namespace detail
+
+void launch_wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
+                        const TensorView& s, const TensorView& o, std::uintptr_t stream) {
+  const std::string why = sm90a_unavailable(q.device_id);
+  if (!why.empty()) throw ArgError("the wgmma probe " + why);
+  DeviceGuard guard(q.device_id);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const bool bf16 = q.dtype == DType::kBFloat16;
+  const Extents one_tile{64, 1, 1};
+  with_half_type(q.dtype, "the wgmma probe", [&](auto t) {
+    using T = decltype(t);
+    const auto run = [&](auto head_dim) {
+      constexpr int D = decltype(head_dim)::value;
+      constexpr int kBytes = 3 * 64 * D * 2 + 8 + 1024;  // three tiles, a barrier, alignment slack
+      const Map mq = tensor_map(operand(q, true), one_tile, D, bf16, 64),
+                mk = tensor_map(operand(k, true), one_tile, D, bf16, 64),
+                mv = tensor_map(operand(v, true), one_tile, D, bf16, 64);
+      const auto kernel = attention_probe_wgmma_kernel<T, D>;
+      allow_smem(kernel, kBytes, "cudaFuncSetAttribute (wgmma probe)");
+      launch_kernel(kernel, dim3(1), 128, kBytes, st, "wgmma probe launch", mq, mk, mv, static_cast<T*>(raw.data),
+                    static_cast<float*>(s.data), static_cast<float*>(o.data));
+    };
+    if (q.shape[2] == 64)
+      run(std::integral_constant<int, 64>{});
+    else
+      run(std::integral_constant<int, 128>{});
+  });
+}
 }  // namespace fusedlm::attention

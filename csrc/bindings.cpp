@@ -196,17 +196,18 @@ PYBIND11_MODULE(_C, m) {
       "wgmma, the Hopper kernels run where they can. Returns the kernels that ran.");
   m.def(
       "attention_wgmma_probe",
-      [](py::handle q, py::handle k, py::handle v, py::handle raw, py::handle s, py::handle o,
-         std::uintptr_t stream) {
+      [](py::handle q, py::handle k, py::handle v, py::handle raw, py::handle s, py::handle s_wide,
+         py::handle o, std::uintptr_t stream) {
         const auto tq = tensor(q, "q"), tk = tensor(k, "k"), tv = tensor(v, "v"), traw = tensor(raw, "raw"),
-                   ts = tensor(s, "s"), to = tensor(o, "o");
+                   ts = tensor(s, "s"), tsw = tensor(s_wide, "s_wide"), to = tensor(o, "o");
         py::gil_scoped_release release;
-        fusedlm::attention::wgmma_probe(tq, tk, tv, traw, ts, to, stream);
+        fusedlm::attention::wgmma_probe(tq, tk, tv, traw, ts, tsw, to, stream);
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("raw"), py::arg("s"), py::arg("o"),
-      py::arg("stream"),
-      "The Hopper kernels' primitives on one 64-row tile each (attention.h: wgmma_probe): raw "
-      "gets q's tile as TMA left it in shared memory, s = q k^T (SS wgmma), o = round(s) v (RS).");
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("raw"), py::arg("s"), py::arg("s_wide"),
+      py::arg("o"), py::arg("stream"),
+      "The Hopper kernels' primitives, one at a time (attention.h: wgmma_probe): raw gets q's "
+      "tile as TMA left it in shared memory, s = q k[:64]^T and s_wide = q k^T (SS wgmma, N 64 "
+      "and 128), o = round(s) v (RS, v MN-major).");
   m.def(
       "philox_uniform",
       [](uint64_t seed, const std::vector<uint32_t>& offsets) {

@@ -57,7 +57,7 @@ def test_wgmma_primitives_read_the_hardware_as_assumed_gpu(head_dim, dtype):
         pytest.skip(why)
     errors = attention_kernels.probe_wgmma(head_dim, dtype)
     assert errors["tma_swizzle"] == 0.0, errors
-    assert errors["wgmma_ss"] < 1e-4 and errors["wgmma_rs"] < 1e-4, errors
+    assert max(errors["wgmma_ss"], errors["wgmma_ss_n128"], errors["wgmma_rs"]) < 1e-4, errors
 
 
 def _ran_wgmma(backward=False):

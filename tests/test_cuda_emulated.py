@@ -245,26 +245,29 @@ def test_emulator_refuses_cuda_tensors_and_says_so():
 def test_wgmma_probe_emulated(head_dim, dtype, monkeypatch, order):
     """The Hopper primitives' probe (what a GPU's first run checks against the hardware) holds on
     the emulator: the swizzle placement its Python side derives from PTX's documentation, and
-    both wgmma forms against float64."""
+    every wgmma form the kernels use against float64."""
     monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
     errors = attention_kernels.probe_wgmma(head_dim, dtype)
-    assert errors["tma_swizzle"] == 0.0 and errors["wgmma_ss"] < 1e-5 and errors["wgmma_rs"] < 1e-5, errors
+    assert errors.pop("tma_swizzle") == 0.0 and set(errors) == {"wgmma_ss", "wgmma_ss_n128", "wgmma_rs"}
+    assert max(errors.values()) < 1e-5, errors
 
 
 def test_wgmma_probe_refusals(monkeypatch):
-    q = torch.zeros(64, 1, 64, dtype=torch.bfloat16)
-    s, o = torch.empty(64, 64), torch.empty(64, 64)
+    q, k = torch.zeros(64, 1, 64, dtype=torch.bfloat16), torch.zeros(128, 1, 64, dtype=torch.bfloat16)
+    s, sw, o = torch.empty(64, 64), torch.empty(64, 128), torch.empty(64, 64)
     d = _core.dl
     with pytest.raises(ValueError, match=r"needs a compute capability 9.0 GPU \(sm_90a\), got 8.0"):
-        _core._C.attention_wgmma_probe(d(q), d(q), d(q), d(q.clone()), d(s), d(o), 0)  # the default device
+        _core._C.attention_wgmma_probe(d(q), d(k), d(q), d(q.clone()), d(s), d(sw), d(o), 0)  # the default device
     monkeypatch.setenv("FUSEDLM_EMU_ARCH", "90")
+    w = torch.zeros(64, 1, 96, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"q must be a contiguous \(64, 1, D\) tensor with D 64 or 128, got \(64, 1, 96\)"):
-        w = torch.zeros(64, 1, 96, dtype=torch.bfloat16)
-        _core._C.attention_wgmma_probe(d(w), d(w), d(w), d(w.clone()), d(s), d(torch.empty(64, 96)), 0)
+        _core._C.attention_wgmma_probe(d(w), d(w), d(w), d(w.clone()), d(s), d(sw), d(torch.empty(64, 96)), 0)
+    with pytest.raises(ValueError, match=r"k must be a contiguous \(128, 1, 64\) tensor of q's dtype, got \(64, 1, 64\)"):
+        _core._C.attention_wgmma_probe(d(q), d(q.clone()), d(q), d(q.clone()), d(s), d(sw), d(o), 0)
     with pytest.raises(ValueError, match=r"o must be a contiguous \(64, 64\) float32 tensor, got \(64, 128\)"):
-        _core._C.attention_wgmma_probe(d(q), d(q), d(q), d(q.clone()), d(s), d(torch.empty(64, 128)), 0)
-    with pytest.raises(ValueError, match="k must have q.s shape .* and dtype bfloat16, got .* float16"):
-        _core._C.attention_wgmma_probe(d(q), d(q.half()), d(q), d(q.clone()), d(s), d(o), 0)
+        _core._C.attention_wgmma_probe(d(q), d(k), d(q), d(q.clone()), d(s), d(sw), d(torch.empty(64, 128)), 0)
+    with pytest.raises(ValueError, match="v must have q's shape .* and dtype bfloat16, got .* float16"):
+        _core._C.attention_wgmma_probe(d(q), d(k), d(q.half()), d(q.clone()), d(s), d(sw), d(o), 0)
 
 
 # The emulator itself, on kernels that are wrong on purpose (csrc/emu/selftest.cu): what it

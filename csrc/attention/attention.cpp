@@ -142,7 +142,7 @@ std::string backward(const BackwardArgs& a, std::uintptr_t stream) {
 }
 
 void wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
-                 const TensorView& s, const TensorView& o, std::uintptr_t stream) {
+                 const TensorView& s, const TensorView& s_wide, const TensorView& o, std::uintptr_t stream) {
   const int64_t d = q.ndim == 3 ? q.shape[2] : 0;
   const auto contiguous = [](const TensorView& t) {
     int64_t step = 1;
@@ -156,19 +156,22 @@ void wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, 
     throw ArgError("q must be a contiguous (64, 1, D) tensor with D 64 or 128, got " + shape_of(q));
   if (q.dtype != DType::kFloat16 && q.dtype != DType::kBFloat16)
     throw DTypeError(std::string("q must be float16 or bfloat16, got ") + dtype_name(q.dtype));
-  for (const TensorView* t : {&k, &v, &raw}) {
+  if (k.ndim != 3 || k.shape[0] != 128 || k.shape[1] != 1 || k.shape[2] != d || k.dtype != q.dtype || !contiguous(k))
+    throw ArgError("k must be a contiguous (128, 1, " + std::to_string(d) + ") tensor of q's dtype, got " +
+                   shape_of(k) + " " + dtype_name(k.dtype));
+  for (const TensorView* t : {&v, &raw}) {
     check_like(*t, q);
     if (!contiguous(*t)) throw ArgError(std::string(t->name) + " must be contiguous");
   }
-  for (const auto& [t, cols] : {std::pair<const TensorView*, int64_t>{&s, 64}, {&o, d}}) {
+  for (const auto& [t, cols] : {std::pair<const TensorView*, int64_t>{&s, 64}, {&s_wide, 128}, {&o, d}}) {
     check_dtype(*t, DType::kFloat32);
     if (t->ndim != 2 || t->shape[0] != 64 || t->shape[1] != cols || !contiguous(*t))
       throw ArgError(std::string(t->name) + " must be a contiguous (64, " + std::to_string(cols) +
                      ") float32 tensor, got " + shape_of(*t));
   }
-  for (const TensorView* t : {&k, &v, &raw, &s, &o}) check_same_device(*t, q);
+  for (const TensorView* t : {&k, &v, &raw, &s, &s_wide, &o}) check_same_device(*t, q);
   if (!built_with_cuda()) throw_built_without_cuda();
-  launch_wgmma_probe(q, k, v, raw, s, o, stream);
+  launch_wgmma_probe(q, k, v, raw, s, s_wide, o, stream);
 }
 
 #ifndef FUSEDLM_WITH_CUDA
@@ -179,7 +182,7 @@ std::string launch_backward(const BackwardArgs&, std::uintptr_t) {
   throw_built_without_cuda();
 }
 void launch_wgmma_probe(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
-                        const TensorView&, const TensorView&, std::uintptr_t) {
+                        const TensorView&, const TensorView&, const TensorView&, std::uintptr_t) {
   throw_built_without_cuda();
 }
 #endif

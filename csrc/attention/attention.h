@@ -51,22 +51,23 @@ struct BackwardArgs {
 std::string forward(const ForwardArgs& a, std::uintptr_t stream);
 std::string backward(const BackwardArgs& a, std::uintptr_t stream);
 
-// The Hopper primitives the wgmma kernels are built on, one at a time, on one 64-row tile each:
-// a GPU's first check that the hardware reads them as the kernels (and the CPU emulator, written
-// from the same documents) assume. q, k, v: (64, 1, D) contiguous fp16 or bf16, D 64 or 128.
-// raw (like q): q's tile as the copy engine (TMA, 128-byte swizzle) left it in shared memory,
-// element for element; s (64, 64) fp32: q k^T from wgmma with both operands in shared memory
-// (K-major descriptors); o (64, D) fp32: p v, p being s rounded to q's dtype and taken from the
-// accumulators as A fragments, v read MN-major (the transpose bit). Throws where the build has
-// no sm_90a code or the GPU is not compute capability 9.0.
+// The Hopper primitives the wgmma kernels are built on, one at a time: a GPU's first check that
+// the hardware reads them as the kernels (and the CPU emulator, written from the same documents)
+// assume. q, v: (64, 1, D), k: (128, 1, D), contiguous fp16 or bf16, D 64 or 128. raw (like q):
+// q's tile as the copy engine (TMA, 128-byte swizzle) left it in shared memory, element for
+// element; s (64, 64) fp32: q k[:64]^T and s_wide (64, 128) fp32: q k^T, from wgmma with both
+// operands in shared memory (K-major descriptors; N = 64 as in the backward, 128 as in the
+// forward); o (64, D) fp32: p v, p being s rounded to q's dtype and taken from the accumulators
+// as A fragments, v read MN-major (the transpose bit). Throws where the build has no sm_90a code
+// or the GPU is not compute capability 9.0.
 void wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
-                 const TensorView& s, const TensorView& o, std::uintptr_t stream);
+                 const TensorView& s, const TensorView& s_wide, const TensorView& o, std::uintptr_t stream);
 
 // Launchers (attention_kernels.cu, attention_hopper.cu); arguments are already validated.
 std::string launch_forward(const ForwardArgs& a, std::uintptr_t stream);
 std::string launch_backward(const BackwardArgs& a, std::uintptr_t stream);
 // attention_hopper.cu: throws where the build has no sm_90a code or the GPU is not 9.0.
 void launch_wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
-                        const TensorView& s, const TensorView& o, std::uintptr_t stream);
+                        const TensorView& s, const TensorView& s_wide, const TensorView& o, std::uintptr_t stream);
 
 }  // namespace fusedlm::attention

@@ -736,16 +736,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The primitives above, one at a time, on one 64-row tile each (see wgmma_probe in attention.h):
-// one warpgroup, its thread 0 issuing the copies; raw gets Q's tile as it landed, s = Q K^T
-// (issue_abt: SS, K-major), o = P V with P = s in T (a_fragments) and V MN-major (RS).
+// The primitives above, one at a time (see wgmma_probe in attention.h): one warpgroup, its
+// thread 0 issuing the copies; raw gets Q's tile as it landed, s = Q K^T over K's first 64 rows
+// and s_wide over all 128 (issue_abt: SS, K-major, N = 64 as in the backward and 128 as in the
+// forward), o = P V with P = s in T (a_fragments) and V's first 64 rows MN-major (RS).
 template <typename T, int D>
 __global__ void __launch_bounds__(128, 1)
     attention_probe_wgmma_kernel(const __grid_constant__ Map map_q, const __grid_constant__ Map map_k,
-                                 const __grid_constant__ Map map_v, T* raw, float* s, float* o) {
+                                 const __grid_constant__ Map map_k_wide, const __grid_constant__ Map map_v, T* raw,
+                                 float* s, float* s_wide, float* o) {
 #ifdef FUSEDLM_SM90_DEVICE
-  constexpr int kTile = 64 * D * 2;
-  const uint32_t base = aligned_base(), bar = base + 3 * kTile;
+  constexpr int kTile = 64 * D * 2;  // Q, K's first 64 rows, V's; then K's 128 rows
+  const uint32_t base = aligned_base(), bar = base + 5 * kTile;
   const int t = threadIdx.x, lane = t % 32;
   if (t == 0) {
     bar_init(bar, 1);
@@ -753,10 +755,11 @@ __global__ void __launch_bounds__(128, 1)
   }
   __syncthreads();
   if (t == 0) {
-    bar_expect(bar, 3 * kTile);
+    bar_expect(bar, 5 * kTile);
     tma_tile<D>(base, map_q, 64, 0, 0, 0, bar);
     tma_tile<D>(base + kTile, map_k, 64, 0, 0, 0, bar);
     tma_tile<D>(base + 2 * kTile, map_v, 64, 0, 0, 0, bar);
+    tma_tile<D>(base + 3 * kTile, map_k_wide, 128, 0, 0, 0, bar);
   }
   bar_wait(bar, 0);
   const T* tile = smem_ptr<const T>(base);
@@ -767,6 +770,14 @@ __global__ void __launch_bounds__(128, 1)
   wgmma_end(sc);
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[acc_row(acc_half(i), t) * 64 + acc_col(i, lane)] = sc[i];
+  {
+    float wide[64];
+    wgmma_begin(wide);
+    issue_abt<T, 128, D>(wide, base, 64, 0, base + 3 * kTile);
+    wgmma_end(wide);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s_wide[acc_row(acc_half(i), t) * 128 + acc_col(i, lane)] = wide[i];
+  }
   uint32_t pa[4][4];
   a_fragments<T, 64>(sc, pa);
   float acc[D / 2];
@@ -968,25 +979,27 @@ void launch_backward_wgmma(const Problem& pr, const Params& p, std::uintptr_t st
 }  // namespace detail
 
 void launch_wgmma_probe(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& raw,
-                        const TensorView& s, const TensorView& o, std::uintptr_t stream) {
+                        const TensorView& s, const TensorView& s_wide, const TensorView& o, std::uintptr_t stream) {
   const std::string why = sm90a_unavailable(q.device_id);
   if (!why.empty()) throw ArgError("the wgmma probe " + why);
   DeviceGuard guard(q.device_id);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool bf16 = q.dtype == DType::kBFloat16;
-  const Extents one_tile{64, 1, 1};
+  const Extents one_tile{64, 1, 1}, two_tiles{128, 1, 1};
   with_half_type(q.dtype, "the wgmma probe", [&](auto t) {
     using T = decltype(t);
     const auto run = [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
-      constexpr int kBytes = 3 * 64 * D * 2 + 8 + 1024;  // three tiles, a barrier, alignment slack
+      constexpr int kBytes = 5 * 64 * D * 2 + 8 + 1024;  // five 64-row tiles, a barrier, alignment slack
       const Map mq = tensor_map(operand(q, true), one_tile, D, bf16, 64),
-                mk = tensor_map(operand(k, true), one_tile, D, bf16, 64),
+                mk = tensor_map(operand(k, true), two_tiles, D, bf16, 64),
+                mk_wide = tensor_map(operand(k, true), two_tiles, D, bf16, 128),
                 mv = tensor_map(operand(v, true), one_tile, D, bf16, 64);
       const auto kernel = attention_probe_wgmma_kernel<T, D>;
       allow_smem(kernel, kBytes, "cudaFuncSetAttribute (wgmma probe)");
-      launch_kernel(kernel, dim3(1), 128, kBytes, st, "wgmma probe launch", mq, mk, mv, static_cast<T*>(raw.data),
-                    static_cast<float*>(s.data), static_cast<float*>(o.data));
+      launch_kernel(kernel, dim3(1), 128, kBytes, st, "wgmma probe launch", mq, mk, mk_wide, mv,
+                    static_cast<T*>(raw.data), static_cast<float*>(s.data), static_cast<float*>(s_wide.data),
+                    static_cast<float*>(o.data));
     };
     if (q.shape[2] == 64)
       run(std::integral_constant<int, 64>{});

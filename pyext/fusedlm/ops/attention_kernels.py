@@ -70,35 +70,36 @@ def kernel_for(backend: str, case: Optional[tuple] = None) -> str:
 
 
 def probe_wgmma(head_dim: int = 64, dtype=None, device=None) -> dict:
-    """The Hopper kernels' primitives, one at a time, on one 64-row tile (fusedlm._C's
-    attention_wgmma_probe; csrc/attention/attention.h says what it runs): a GPU's first check that
-    the hardware reads them as the kernels, and the CPU emulator written from the same documents,
-    assume. Returns, per primitive, the largest error against the reference (0 where exact):
-    "tma_swizzle" (q's tile in shared memory against the 128-byte swizzle's placement: 16-byte
-    chunk c of row r lands at chunk c ^ (r % 8)), "wgmma_ss" (q k^T, both operands K-major in
-    shared memory), "wgmma_rs" (p v: p = q k^T rounded, from the accumulators as A fragments,
-    v read MN-major), each relative to the reference's largest magnitude. An error of order 1
-    names the primitive that is misread; the others' verdicts still hold when an earlier one
-    fails (each is checked against what the previous one actually produced)."""
+    """The Hopper kernels' primitives, one at a time (fusedlm._C's attention_wgmma_probe;
+    csrc/attention/attention.h says what it runs): a GPU's first check that the hardware reads
+    them as the kernels, and the CPU emulator written from the same documents, assume. Returns,
+    per primitive, the largest error against its reference: "tma_swizzle" (q's 64-row tile in
+    shared memory against the 128-byte swizzle's placement: 16-byte chunk c of row r lands at
+    chunk c ^ (r % 8); 0 when exact), "wgmma_ss" (q k^T over 64 keys, both operands K-major in
+    shared memory, N = 64 as in the backward), "wgmma_ss_n128" (the same over 128 keys, as in
+    the forward), "wgmma_rs" (p v: p = q k^T rounded, from the accumulators as A fragments, v
+    read MN-major), the last three relative to the reference's largest magnitude. An error of
+    order 1 names the primitive that is misread; each is checked against what the previous one
+    actually produced, so the others' verdicts hold when one fails."""
     import torch
     from .. import _core
     dtype = dtype or torch.bfloat16
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(64, 1, head_dim, generator=g).to(dtype).to(device) for _ in range(3))
+    q, k, v = (torch.randn(rows, 1, head_dim, generator=g).to(dtype).to(device) for rows in (64, 128, 64))
     raw = torch.empty_like(q)
-    s = torch.empty(64, 64, device=device)
+    s, s_wide = torch.empty(64, 64, device=device), torch.empty(64, 128, device=device)
     o = torch.empty(64, head_dim, device=device)
     d = _core.dl
-    _core._C.attention_wgmma_probe(d(q), d(k), d(v), d(raw), d(s), d(o), _core.stream_of(q))
+    _core._C.attention_wgmma_probe(d(q), d(k), d(v), d(raw), d(s), d(s_wide), d(o), _core.stream_of(q))
     # Where each element of q should be in shared memory: slab sl (64 columns), row r, 16-byte
     # chunk p holds q[r, 64 sl + 8 (p ^ (r % 8)) + e].
     sl, r, p, e = torch.meshgrid(*(torch.arange(n) for n in (head_dim // 64, 64, 8, 8)), indexing="ij")
     placed = q[:, 0].cpu()[r, 64 * sl + 8 * (p ^ (r % 8)) + e].reshape(-1)
     swizzle = float((raw.cpu().reshape(-1).double() - placed.double()).abs().max())
-    ref_s = q[:, 0].cpu().double() @ k[:, 0].cpu().double().T
-    ref_o = s.cpu().to(dtype).double() @ v[:, 0].cpu().double()
+    q64, k64, v64 = (t[:, 0].cpu().double() for t in (q, k, v))
 
     def rel(got, ref):
         return float((got.cpu().double() - ref).abs().max() / ref.abs().max())
-    return {"tma_swizzle": swizzle, "wgmma_ss": rel(s, ref_s), "wgmma_rs": rel(o, ref_o)}
+    return {"tma_swizzle": swizzle, "wgmma_ss": rel(s, q64 @ k64[:64].T), "wgmma_ss_n128": rel(s_wide, q64 @ k64.T),
+            "wgmma_rs": rel(o, s.cpu().to(dtype).double() @ v64)}

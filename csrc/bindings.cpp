@@ -68,6 +68,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_selftest_reverse", &fusedlm::emu::selftest_reverse, py::arg("values"), py::arg("barrier"),
         py::arg("extra_smem") = 0,
         "The values reversed through shared memory, with or without the barrier between.");
+  m.def("emu_selftest_static_shared", &fusedlm::emu::selftest_static_shared, py::arg("blocks"),
+        py::arg("write"), "What each block reads of a static shared array before writing it.");
   m.def("emu_selftest_mma", &fusedlm::emu::selftest_mma, py::arg("a"), py::arg("b"), py::arg("bf16"),
         py::arg("trans"), py::arg("barrier"),
         "A B (16 x 16 each, row-major) through shared memory, ldmatrix and mma.sync.");

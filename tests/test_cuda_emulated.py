@@ -20,6 +20,8 @@ in csrc/emu/emu.h: speed, registers, memory ordering finer than its barriers, a 
 PTX's layouts shared by a kernel and the emulator. Accesses outside
 a tensor's memory it reports when built with FUSEDLM_EMU_SANITIZE=address (CI's build; the
 last test checks that)."""
+import math
+
 import pytest
 import torch
 
@@ -278,6 +280,14 @@ def test_emulator_finds_a_missing_block_barrier():
     assert _core._C.emu_selftest_reverse(values, True) == values[::-1]
     raced = torch.tensor(_core._C.emu_selftest_reverse(values, False))
     assert torch.isnan(raced).any()  # read before written: the NaNs shared memory starts with
+
+
+def test_emulator_fills_static_shared_memory_before_each_block():
+    """A static __shared__ array read before any write in its block reads NaNs, as dynamic shared
+    memory does: never the zeros it starts the process with, nor what an earlier block or launch
+    left (each block writes into it after reading)."""
+    assert all(math.isnan(x) for x in _core._C.emu_selftest_static_shared(3, True))
+    assert all(math.isnan(x) for x in _core._C.emu_selftest_static_shared(2, False))
 
 
 @pytest.mark.parametrize("bf16", [False, True])

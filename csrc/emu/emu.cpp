@@ -778,6 +778,18 @@ void wgmma_wait(int pending, int line) {
   f.wg_ops.swap(left);
 }
 
+// The kernels' static __shared__ arrays: emu.h puts them in this section, whose bounds the linker
+// marks (weak: a core with none of them has no such section).
+extern "C" unsigned char __start_fusedlm_emu_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_fusedlm_emu_shared[] __attribute__((weak));
+
+// Fills them with NaN bytes before a block, as its dynamic shared memory, so that a read before
+// any write in the block shows (instead of what the previous block left). Byte by byte and not
+// sanitized: the address sanitizer may put redzones between the section's variables.
+__attribute__((no_sanitize_address)) void poison_static_shared() {
+  for (volatile unsigned char* p = __start_fusedlm_emu_shared; p < __stop_fusedlm_emu_shared; ++p) *p = 0xff;
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   const long long threads = 1LL * block.x * block.y * block.z;
   if (threads < 1 || threads > kMaxThreads || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
@@ -806,6 +818,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           b.smem.assign(smem, 0xff);  // NaN in fp32, fp16 and bf16: reading before writing shows
+          poison_static_shared();
           b.waiting = b.done = 0;
           b.cursor = 0;
           b.error = nullptr;

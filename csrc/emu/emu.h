@@ -15,8 +15,8 @@
 // at once instead, so a prefetch into a buffer another warp still reads (no barrier between)
 // overwrites what that warp reads. ldmatrix and mma.sync follow the PTX
 // fragment layouts lane by lane (csrc/common/warp_mma.cuh); ldmatrix reads each row when the
-// lane that addresses it arrives, so a row written by another lane without a __syncwarp is stale. Dynamic shared memory starts each block filled with
-// NaNs (static __shared__ arrays keep what the previous block left); a launch that asks for more
+// lane that addresses it arrives, so a row written by another lane without a __syncwarp is stale. Shared memory starts each block filled with
+// NaNs, dynamic and static __shared__ arrays alike; a launch that asks for more
 // than its kernel's dynamic shared memory limit fails as on a GPU. selftest.cu holds the
 // emulator to these. Built with FUSEDLM_EMU_SANITIZE=address, accesses outside a tensor's memory
 // are reported too. What it cannot show: speed, registers, memory ordering finer than its
@@ -114,8 +114,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&
 #define __grid_constant__
 #define __align__(n) alignas(n)
 // A block's shared variables: one per kernel instantiation, shared by its threads (the
-// emulator runs one block at a time).
-#define __shared__ static
+// emulator runs one block at a time), all in one linker section, which the emulator fills with
+// NaNs before each block (emu.cpp: poison_static_shared): a read before any write shows.
+#define __shared__ __attribute__((section("fusedlm_emu_shared"))) static
 
 #define threadIdx (::fusedlm::emu::current().thread_idx)
 #define blockIdx (::fusedlm::emu::current().block_idx)

@@ -50,6 +50,18 @@ __global__ void mma_kernel(const float* a, const float* b, float* d, bool trans,
     for (int e = 0; e < 4; ++e) d[(g + 8 * (e / 2)) * 16 + 8 * j + 2 * t + e % 2] = acc[j][e];
 }
 
+// Writes its static shared array's values to out, then (with `write`) leaves n + block in it:
+// with static shared memory filled anew before each block, a block that did not write reads
+// NaNs, never what an earlier block (or launch) left.
+__global__ void static_shared_kernel(float* out, int n, bool write) {
+  __shared__ float cell[8];
+  const int i = threadIdx.x;
+  __syncthreads();
+  if (i < n) out[blockIdx.x * n + i] = cell[i];
+  __syncthreads();
+  if (write && i < n) cell[i] = static_cast<float>(n + blockIdx.x);
+}
+
 // Thread i copies in[i + 1]: the last thread reads one past the end.
 __global__ void shift_kernel(const float* in, float* out, int n) {
   const int i = threadIdx.x;
@@ -72,6 +84,13 @@ __global__ void divergent_kernel() {
 }
 
 }  // namespace
+
+std::vector<float> selftest_static_shared(int blocks, bool write) {
+  constexpr int n = 8;
+  std::vector<float> out(static_cast<size_t>(blocks) * n);
+  launch_kernel(static_shared_kernel, blocks, n, 0, nullptr, "selftest static shared launch", out.data(), n, write);
+  return out;
+}
 
 std::vector<float> selftest_reverse(const std::vector<float>& in, bool barrier, size_t extra_smem) {
   const int n = static_cast<int>(in.size());

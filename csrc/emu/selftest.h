@@ -9,6 +9,10 @@ namespace fusedlm::emu {
 // `in` reversed through shared memory by one block of in.size() threads, with or without the
 // __syncthreads between writing and reading; the launch asks for `extra_smem` bytes more.
 std::vector<float> selftest_reverse(const std::vector<float>& in, bool barrier, size_t extra_smem = 0);
+// What `blocks` blocks of 8 threads read from a static __shared__ array of 8 floats before
+// writing it, each then (with `write`) leaving values in it: NaNs everywhere, since every block
+// starts with its static shared memory filled anew.
+std::vector<float> selftest_static_shared(int blocks, bool write);
 // A B of two 16 x 16 matrices (row-major) in fp16 or bf16, through shared memory, ldmatrix (B
 // transposed by it or not) and mma.sync, with or without the __syncwarp between the lanes'
 // stores and the ldmatrix reading them.

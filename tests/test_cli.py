@@ -12,8 +12,13 @@ def test_bench_lm_loss_writes_json(tmp_path, capsys):
     out = tmp_path / "lm_loss.json"
     assert main(["bench", "lm_loss", "--case", "tiny", "--dtype", "fp32", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
-    impls = {r["impl"] for r in payload["results"]}
+    order = [r["impl"] for r in payload["results"]]
+    impls = set(order)
     assert {"hf full logits", "fusedlm[torch]", "fusedlm[torch], capacity", "fusedlm[torch], fp32 accum"} <= impls
+    # Timed in the order a cut-short GPU run should keep them: the base, the peers (and on a GPU
+    # fusedlm's kernels), then fusedlm's variants, its reference backend last.
+    assert order[:2] == ["hf full logits", "torch.compile(ref)"] and order[-1] == "fusedlm[torch]"
+    assert order.index("fusedlm[torch], capacity") > order.index("torch.compile(ref)")
     assert all(r["labelled"] > 0 and r["ms"] > 0 for r in payload["results"])
     assert payload["environment"]["git_commit"]
     assert "TFLOP/s" in capsys.readouterr().out

@@ -255,6 +255,10 @@ def test_wgmma_probe_emulated(head_dim, dtype, monkeypatch, order):
 
 
 def test_wgmma_probe_refusals(monkeypatch):
+    with pytest.raises(ValueError, match="head_dim must be 64 or 128 .*got 96"):
+        attention_kernels.probe_wgmma(96)
+    with pytest.raises(TypeError, match="dtype must be torch.float16 or torch.bfloat16, got torch.float32"):
+        attention_kernels.probe_wgmma(64, torch.float32)
     q, k = torch.zeros(64, 1, 64, dtype=torch.bfloat16), torch.zeros(128, 1, 64, dtype=torch.bfloat16)
     s, sw, o = torch.empty(64, 64), torch.empty(64, 128), torch.empty(64, 64)
     d = _core.dl

@@ -84,6 +84,10 @@ def probe_wgmma(head_dim: int = 64, dtype=None, device=None) -> dict:
     import torch
     from .. import _core
     dtype = dtype or torch.bfloat16
+    if head_dim not in (64, 128) or isinstance(head_dim, bool):
+        raise ValueError(f"head_dim must be 64 or 128 (the wgmma kernels' head dims), got {head_dim!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(rows, 1, head_dim, generator=g).to(dtype).to(device) for rows in (64, 128, 64))

@@ -152,6 +152,13 @@ __device__ __forceinline__ void store_acc(const float (&acc)[D / 2], float mul, 
   }
 }
 
+// Writes an (m64 x N) accumulator as it is, fp32, to the row-major (64 x N) array out.
+template <int N>
+__device__ __forceinline__ void store_acc_f32(const float (&acc)[N / 2], float* out, int t) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) out[acc_row(acc_half(i), t) * N + acc_col(i, t % 32)] = acc[i];
+}
+
 // A (tile_rows x D) tile: rows [row, row + tile_rows) of (head, batch), one TMA copy per slab.
 template <int D>
 __device__ __forceinline__ void tma_tile(uint32_t dst, const Map& m, int tile_rows, int64_t row, int head, int batch,
@@ -748,7 +755,7 @@ __global__ void __launch_bounds__(128, 1)
 #ifdef FUSEDLM_SM90_DEVICE
   constexpr int kTile = 64 * D * 2;  // Q, K's first 64 rows, V's; then K's 128 rows
   const uint32_t base = aligned_base(), bar = base + 5 * kTile;
-  const int t = threadIdx.x, lane = t % 32;
+  const int t = threadIdx.x;
   if (t == 0) {
     bar_init(bar, 1);
     fence_barrier_init();
@@ -768,15 +775,13 @@ __global__ void __launch_bounds__(128, 1)
   wgmma_begin(sc);
   issue_abt<T, 64, D>(sc, base, 64, 0, base + kTile);
   wgmma_end(sc);
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[acc_row(acc_half(i), t) * 64 + acc_col(i, lane)] = sc[i];
+  store_acc_f32<64>(sc, s, t);
   {
     float wide[64];
     wgmma_begin(wide);
     issue_abt<T, 128, D>(wide, base, 64, 0, base + 3 * kTile);
     wgmma_end(wide);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) s_wide[acc_row(acc_half(i), t) * 128 + acc_col(i, lane)] = wide[i];
+    store_acc_f32<128>(wide, s_wide, t);
   }
   uint32_t pa[4][4];
   a_fragments<T, 64>(sc, pa);
@@ -787,8 +792,7 @@ __global__ void __launch_bounds__(128, 1)
 #pragma unroll
   for (int j = 0; j < 4; ++j) wgmma_rs<T, D>(acc, pa[j], mn_major(base + 2 * kTile, 64, j), 1);
   wgmma_end(acc);
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[acc_row(acc_half(i), t) * D + acc_col(i, lane)] = acc[i];
+  store_acc_f32<D>(acc, o, t);
 #else
   __trap();
 #endif

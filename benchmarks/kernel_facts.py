@@ -16,7 +16,8 @@ Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Tri
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
 candidate the window + softcap + ALiBi and grouped-query variants; the three kernels' opt-in
-TMA path at every one) and at the configurations fusedlm's launchers pick for the shapes of
+TMA path at every one, and dropout at every candidate of the dropout classes) and at the
+configurations fusedlm's launchers pick for the shapes of
 BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
 argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
 of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
@@ -208,6 +209,7 @@ def triton_cases():
         for d in HEAD_DIMS:
             block_d = max(next_power_of_2(d), 16)
             pinned = A._pinned_config(name, A._blocks(d)[1], None)  # reproducible runs'
+            with_dropout = A.configs(name, block_d, dropout=True)
             for i, cfg in enumerate([*A.configs(name, block_d), pinned]):
                 values = {p.name: "*bf16" for p in fn.params if p.name.isupper()
                           and not p.is_constexpr}
@@ -228,6 +230,11 @@ def triton_cases():
                 variants = [("", values)]
                 # The opt-in TMA path (FUSEDLM_TRITON_TMA) of each kernel (dK/dV's: one head).
                 variants.append((" tma", dict(values, TMA=True)))
+                if cfg in with_dropout:
+                    # Dropout (BERT trains with it) at every candidate of its classes; the first
+                    # has BLOCK_M != BLOCK_N, whose transposed keep-mask once failed to compile on
+                    # a GPU only. (Not the pinned config: reproducible runs trade speed away.)
+                    variants.append((" dropout", dict(values, DROPOUT=True, p_drop=0.1)))
                 if i == 0:  # every flash-attn extra at once: the most registers they take
                     variants.append((" window+softcap+alibi", dict(values, WINDOW=True,
                                                                    SOFTCAP=True, HAS_ALIBI=True,

@@ -194,10 +194,14 @@ def _capped_grad(s, cap):
 
 @triton.jit
 def _keep(seed, offs_m, offs_n, seq_k, p_drop, TRANSPOSED: tl.constexpr):
-    """Dropout's keep-mask, (queries x keys), or (keys x queries) if TRANSPOSED: the same draws."""
+    """Dropout's keep-mask, (queries x keys), or (keys x queries) if TRANSPOSED: the same draws.
+    (One return: Triton also compiles the code after an early one, whose shape differs when
+    BLOCK_M != BLOCK_N; the interpreter does not.)"""
     if TRANSPOSED:
-        return tl.rand(seed, offs_m[None, :] * seq_k + offs_n[:, None]) >= p_drop
-    return tl.rand(seed, offs_m[:, None] * seq_k + offs_n[None, :]) >= p_drop
+        draw = offs_m[None, :] * seq_k + offs_n[:, None]
+    else:
+        draw = offs_m[:, None] * seq_k + offs_n[None, :]
+    return tl.rand(seed, draw) >= p_drop
 
 
 @triton.jit
@@ -697,17 +701,29 @@ CANDIDATES = {
            128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
            256: ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2))},
 }
+# Candidates that spill once dropout's Philox draws take their registers (kernel_facts.py on
+# Triton 3.6 or 3.9): left out of the dropout classes.
+SPILL_WITH_DROPOUT = {
+    "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3)), 128: ((128, 128, 8, 3), (128, 32, 4, 4)),
+            256: ((64, 32, 4, 2),)},
+    "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+             128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))},
+    "dq": {256: ((64, 32, 8, 2),)},
+}
 # One triton.Config per distinct candidate: the autotuner holds them all and keeps, per call,
-# those of the call's BLOCK_D (_candidates_of).
+# those of the call's BLOCK_D and dropout (_candidates_of).
 _CONFIG = {shape: triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]}, num_warps=shape[2],
                                 num_stages=shape[3])
            for by_dim in CANDIDATES.values() for shapes in by_dim.values() for shape in shapes}
 
 
-def configs(name, block_d):
-    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq") at BLOCK_D block_d."""
+def configs(name, block_d, dropout=False):
+    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq") at BLOCK_D block_d,
+    with dropout or without."""
     dims = CANDIDATES[name]
-    return [_CONFIG[shape] for shape in dims[min(d for d in dims if d >= block_d)]]
+    dim = min(d for d in dims if d >= block_d)
+    spill = SPILL_WITH_DROPOUT.get(name, {}).get(dim, ()) if dropout else ()
+    return [_CONFIG[shape] for shape in dims[dim] if shape not in spill]
 
 
 def _all_configs(name):
@@ -715,8 +731,9 @@ def _all_configs(name):
 
 
 def _candidates_of(name):
-    """The autotuner's early_config_prune: the candidates of the call's BLOCK_D."""
-    return lambda all_configs, named_args, **kwargs: configs(name, kwargs["BLOCK_D"])
+    """The autotuner's early_config_prune: the candidates of the call's BLOCK_D and dropout."""
+    return lambda all_configs, named_args, **kwargs: configs(name, kwargs["BLOCK_D"],
+                                                             kwargs["DROPOUT"])
 
 
 def _tuner(name, kernel, key):

@@ -968,6 +968,27 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+def test_autotuning_candidates_per_class():
+    """Every kernel has candidates at every head dim, with dropout and without; the dropout
+    classes leave out the blocks that spill with dropout (kernel_facts.py compiles the rest in
+    CI); the autotuner's prune follows the call's class."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    for name in ("fwd", "dkdv", "dq"):
+        for block_d in (16, 32, 64, 128, 256):
+            assert kern.configs(name, block_d) and kern.configs(name, block_d, True), (name, block_d)
+    for name, by_dim in kern.SPILL_WITH_DROPOUT.items():
+        for dim, spilling in by_dim.items():
+            kept = kern.configs(name, dim, True)
+            assert not {shape(c) for c in kept} & set(spilling), (name, dim)
+            assert len(kept) == len(kern.configs(name, dim)) - len(set(spilling)), (name, dim)
+    prune = kern._candidates_of("dkdv")
+    assert prune([], {}, BLOCK_D=64, DROPOUT=True) == kern.configs("dkdv", 64, True)
+    assert prune([], {}, BLOCK_D=64, DROPOUT=False) == kern.configs("dkdv", 64)
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask, grouped heads", "head dim 24",
                                   "packed"])
 def test_tma_path(case, monkeypatch):

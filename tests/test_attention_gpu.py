@@ -125,13 +125,21 @@ def test_unaligned_views_gpu(backend):
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
 def test_dropout_gpu(backend):
+    """Forward and backward, autotuned (so every candidate of the dropout class compiles: dK/dV's
+    transposed keep-mask once failed to at BLOCK_M != BLOCK_N, on a GPU only), against the
+    float64 reference given the same keep-mask."""
     from fusedlm.ops.attention import dropout_mask
     q, k, v = _qkv(2, 257, 4, 4, 64, torch.bfloat16)
     out = fusedlm.attention(q, k, v, dropout_p=0.1, seed=11, backend=backend)
     keep = dropout_mask(2, 4, 257, 257, 0.1, 11)
-    ref, _ = reference.attention(*(t.detach().double() for t in (q, k, v)), dropout_p=0.1, dropout_keep=keep)
+    f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention(*f64, dropout_p=0.1, dropout_keep=keep)
     assert rel_err(out, ref) < 2 * TOL[torch.bfloat16]
     assert abs(keep.float().mean().item() - 0.9) < 0.01
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    for i, (a, r) in enumerate(zip(got, torch.autograd.grad(ref, f64, do.double()))):
+        assert rel_err(a, r) < 2 * TOL[torch.bfloat16], "dq dk dv".split()[i]
 
 
 @pytest.mark.skipif(set(BACKENDS) != {"triton", "cuda"}, reason="needs both kernels")

@@ -16,8 +16,8 @@ Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Tri
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
 candidate the window + softcap + ALiBi and grouped-query variants; the three kernels' opt-in
-TMA path at every one, and dropout at every candidate of the dropout classes) and at the
-configurations fusedlm's launchers pick for the shapes of
+TMA path at every one, and dropout at every candidate of the dropout classes; dK/dV with dQ's
+atomic shares, ATOMIC_DQ, as a fourth kernel) and at the configurations fusedlm's launchers pick for the shapes of
 BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
 argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
 of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
@@ -205,28 +205,33 @@ def triton_cases():
     # (batch, seq, heads, D) strides at 12 heads; at the first candidate, also the Gemma-2 /
     # Mistral variant (window + softcap, with ALiBi too) and grouped-query heads (4 query heads a
     # key head).
-    for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+    # dkdv_dq: dK/dV with dQ's atomic shares (FUSEDLM_TRITON_ATOMIC_DQ), at the head dims it serves.
+    for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq),
+                     ("dkdv_dq", A._attn_bwd_dkdv)):
         for d in HEAD_DIMS:
             block_d = max(next_power_of_2(d), 16)
-            pinned = A._pinned_config(name, A._blocks(d)[1], None)  # reproducible runs'
+            if not A.configs(name, block_d):
+                continue
+            # Reproducible runs' pinned config (dkdv_dq has none: deterministic runs skip it).
+            pinned = [] if name == "dkdv_dq" else [A._pinned_config(name, A._blocks(d)[1], None)]
             with_dropout = A.configs(name, block_d, dropout=True)
-            for i, cfg in enumerate([*A.configs(name, block_d), pinned]):
+            for i, cfg in enumerate([*A.configs(name, block_d), *pinned]):
                 values = {p.name: "*bf16" for p in fn.params if p.name.isupper()
                           and not p.is_constexpr}
-                values.update(LSE="*fp32", DELTA="*fp32", KMASK="*i8", CU_Q="*i32",
-                              CU_K="*i32", ALIBI="*fp32")
+                values.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", KMASK="*i8",
+                              CU_Q="*i32", CU_K="*i32", ALIBI="*fp32")
                 values.update(s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
                               n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
                               p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0,
                               seq_bucket=2048, HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=False,
                               CAUSAL=True, HAS_KMASK=False, DROPOUT=False, WINDOW=False,
                               SOFTCAP=False, HAS_ALIBI=False, GROUPED=False, TMA=False,
-                              **cfg.kwargs)
+                              ATOMIC_DQ=name == "dkdv_dq", **cfg.kwargs)
                 for p in fn.params:  # (batch, seq, heads, D) strides: s_?b, s_?s, s_?h
                     if p.name.startswith("s_") and p.name not in values:
                         values[p.name] = {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[p.name[-1]]
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
-                         f"w{cfg.num_warps} s{cfg.num_stages}{' pinned' if cfg is pinned else ''}")
+                         f"w{cfg.num_warps} s{cfg.num_stages}{' pinned' if cfg in pinned else ''}")
                 variants = [("", values)]
                 # The opt-in TMA path (FUSEDLM_TRITON_TMA) of each kernel (dK/dV's: one head).
                 variants.append((" tma", dict(values, TMA=True)))
@@ -239,7 +244,7 @@ def triton_cases():
                     variants.append((" window+softcap+alibi", dict(values, WINDOW=True,
                                                                    SOFTCAP=True, HAS_ALIBI=True,
                                                                    win_left=4095, cap=72.1)))
-                    if name == "dkdv":
+                    if name.startswith("dkdv"):
                         variants.append((" gqa", dict(values, group=4, GROUPED=True)))
                 for suffix, v in variants:
                     cases.append((f"attention {name}", label + suffix, fn, v, cfg.num_warps,

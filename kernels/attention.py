@@ -7,7 +7,7 @@ softmax_scale * log2(e) so exp2 serves), and stores the output and the log-sum-e
 (log2 domain; +inf for a query that sees no key, so that its probabilities recompute as 0 and
 its output is 0, never NaN).
 
-Backward, deterministic by construction (no atomics): `_attn_bwd_dkdv` owns a block of keys of
+Backward, deterministic by construction (no atomics) by default: `_attn_bwd_dkdv` owns a block of keys of
 one key head and loops over every query head of its group and every query block, accumulating
 dK and dV in registers; `_attn_bwd_dq` owns a block of queries and loops over the keys. Both
 recompute P = exp2(S - lse) from the saved log-sum-exp: no sequence x sequence matrix is stored.
@@ -23,6 +23,11 @@ on its padding keys (its padding queries are still computed: their outputs are d
 batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when a Philox draw
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
 backward regenerates the same draws.
+
+FUSEDLM_TRITON_ATOMIC_DQ=1 (opt-in until timed on a GPU) takes FlashAttention-2's backward
+instead at head dims up to 64: dK/dV also adds dQ's shares into an fp32 accumulator with
+atomics, 5 matrix products a block pair instead of 7, not bitwise reproducible (see ATOMIC_DQ
+below).
 
 On Hopper, FUSEDLM_TRITON_TMA=1 (opt-in until it has run on a GPU) moves the three kernels'
 tiles through tensor descriptors (TMA) and warp-specializes the forward's key loop; see TMA
@@ -383,16 +388,20 @@ def _attn_fwd(
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m, offs_n, offs_m0,
-                offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
-                slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ON_EDGE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
-                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, s_dqs, start_m,
+                offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
+                win_left, win_right, cap, slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK, dV of one key block updated with the query block at start_m, in the transposed form
     (keys x queries): P^T comes out of the mma as the next mma's operand, with no transpose in
     between. Query rows past the sequence load as zeros with lse = +inf, so their P is 0; keys
     past it or under the padding mask only touch their own rows of dK, dV, which the caller
-    drops. q_ptr, do_ptr: the query head's rows, or (TMA) tensor descriptors over them."""
+    drops. q_ptr, do_ptr: the query head's rows, or (TMA) tensor descriptors over them.
+    ATOMIC_DQ: also this block pair's share of dQ, dS K, added in fp32 to the query rows at
+    dq_ptr (FlashAttention-2's backward: 5 matrix products a block pair, not 7); key_ok (keys
+    in the sequence and under the mask) then zeroes the other keys' P, which would reach dQ."""
     offs_m = start_m + offs_m0
     q = _load_block(q_ptr, start_m, offs_m, s_qs, q_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
     lse = tl.load(l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
@@ -401,6 +410,8 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
     if HAS_ALIBI:
         s_t = capped_t - _alibi_penalty(slope, offs_m[None, :], offs_n[:, None], q_len, k_len)
     p_t = tl.exp2(s_t - lse[None, :])
+    if ATOMIC_DQ:  # (a key row past the sequence scores 0: its P may even be inf)
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
     if ON_EDGE and CAUSAL:
         p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (k_len - q_len), p_t, 0.0)
     if WINDOW:
@@ -419,38 +430,47 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
     if SOFTCAP:  # tanh's derivative at the capped score, before ALiBi's bias
         ds_t = ds_t * _capped_grad(capped_t, cap)
     dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k)
+        tl.atomic_add(dq_ptr + offs_m[:, None] * s_dqs + offs_d[None, :], dq,
+                      mask=_tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo, hi, offs_n, offs_m0,
-                 offs_d, q_len, k_len, scale_log2, seed, p_drop, seq_k, win_left, win_right, cap,
-                 slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 TMA: tl.constexpr):
-    """dK, dV of one key block over one query head's query blocks [lo, hi)."""
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, s_dqs, lo, hi,
+                 offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
+                 win_left, win_right, cap, slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr,
+                 DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK, dV (and with ATOMIC_DQ, dQ's shares) of one key block over one query head's query
+    blocks [lo, hi)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, start_m,
-                             offs_n, offs_m0, offs_d, q_len, k_len, scale_log2, seed, p_drop,
-                             seq_k, win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D, ON_EDGE,
-                             CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, TMA)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos,
+                             s_dqs, start_m, offs_n, offs_m0, offs_d, key_ok, q_len, k_len,
+                             scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
+                             HEAD_DIM, BLOCK_D, ON_EDGE, CAUSAL, DROPOUT, WINDOW, SOFTCAP,
+                             HAS_ALIBI, TMA, ATOMIC_DQ)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KMASK, CU_Q, CU_K, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KMASK, CU_Q, CU_K, ALIBI,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
-    s_dkb, s_dks, s_dkh, s_lb, s_lh, s_mb, s_ab,
+    s_dkb, s_dks, s_dkh, s_accb, s_accs, s_acch, s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    GROUPED: tl.constexpr, TMA: tl.constexpr,
+    GROUPED: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    """dK, dV of a block of BLOCK_N keys of one key head; with ATOMIC_DQ also every query row's
+    dQ, summed in fp32 at DQ_ACC (zeroed by _attn_bwd_delta) in the order the programs reach
+    it, so that the last bits of dQ vary from run to run."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     n_kv_heads = n_heads // group
@@ -480,9 +500,10 @@ def _attn_bwd_dkdv(
             lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
             full = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
             full = tl.minimum(full, q_len)
+        key_ok = offs_n < k_len
         if HAS_KMASK:
-            attended = _key_mask(KMASK + b * s_mb, offs_n, k_len)[:, None]
-            hi = tl.where(tl.max(attended.to(tl.int32)) > 0, hi, 0)
+            key_ok = _key_mask(KMASK + b * s_mb, offs_n, k_len)
+            hi = tl.where(tl.max(key_ok.to(tl.int32)) > 0, hi, 0)
         if GROUPED:
             # Every query head of the group, in one loop over (head, query block) pairs, every
             # block taking the causal test: a loop over heads around the query loops costs
@@ -496,11 +517,12 @@ def _attn_bwd_dkdv(
                     dk, dv, k, v, _head(Q, b, q0, h, s_qb, s_qs, s_qh),
                     _head(DO, b, q0, h, s_dob, s_dos, s_doh),
                     LSE + b.to(tl.int64) * s_lb + h * s_lh + q0,
-                    DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0, s_qs, s_dos, start_m, offs_n,
-                    offs_m0, offs_d, q_len, k_len, scale_log2, seed + b * n_heads + h, p_drop,
-                    seq_k, win_left, win_right, cap,
+                    DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0,
+                    _head(DQ_ACC, b, q0, h, s_accb, s_accs, s_acch), s_qs, s_dos, s_accs,
+                    start_m, offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2,
+                    seed + b * n_heads + h, p_drop, seq_k, win_left, win_right, cap,
                     _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI), HEAD_DIM, BLOCK_D,
-                    True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, False)
+                    True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, False, ATOMIC_DQ)
         else:  # one query head: the diagonal blocks take the causal test, the others none
             h = hk
             q_ptr = _head(Q, b, q0, h, s_qb, s_qs, s_qh)
@@ -510,31 +532,32 @@ def _attn_bwd_dkdv(
                 do_ptr = _rows_descriptor(do_ptr, q_len, s_dos, HEAD_DIM, BLOCK_M, BLOCK_D)
             l_ptr = LSE + b.to(tl.int64) * s_lb + h * s_lh + q0
             d_ptr = DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0
+            dq_ptr = _head(DQ_ACC, b, q0, h, s_accb, s_accs, s_acch)
             seed_h = seed + b * n_heads + h
             slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
             if WINDOW:  # every block of the window's range takes the edge tests
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos, lo,
-                                      hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, True,
-                                      SOFTCAP, HAS_ALIBI, TMA)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs,
+                                      s_dos, s_accs, lo, hi, offs_n, offs_m0, offs_d, key_ok,
+                                      q_len, k_len, scale_log2, seed_h, p_drop, seq_k, win_left,
+                                      win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                                      CAUSAL, DROPOUT, True, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
             else:
                 if CAUSAL:
-                    dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
-                                          lo, tl.minimum(full, hi), offs_n, offs_m0, offs_d,
-                                          q_len, k_len, scale_log2, seed_h, p_drop, seq_k,
-                                          win_left, win_right, cap, slope, HEAD_DIM, BLOCK_D,
-                                          BLOCK_M, True, CAUSAL, DROPOUT, False, SOFTCAP,
-                                          HAS_ALIBI, TMA)
-                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, s_qs, s_dos,
-                                      full, hi, offs_n, offs_m0, offs_d, q_len, k_len, scale_log2,
-                                      seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, False,
-                                      SOFTCAP, HAS_ALIBI, TMA)
+                    dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr,
+                                          s_qs, s_dos, s_accs, lo, tl.minimum(full, hi), offs_n,
+                                          offs_m0, offs_d, key_ok, q_len, k_len, scale_log2,
+                                          seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
+                                          HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
+                                          False, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs,
+                                      s_dos, s_accs, full, hi, offs_n, offs_m0, offs_d, key_ok,
+                                      q_len, k_len, scale_log2, seed_h, p_drop, seq_k, win_left,
+                                      win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                                      CAUSAL, DROPOUT, False, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
         out_mask = _tile_mask(offs_n, k_len, offs_d, HEAD_DIM, BLOCK_D)
         if HAS_KMASK:  # a masked key gets no gradient (its rows above are meaningless)
-            dk = tl.where(attended, dk, 0.0)
-            dv = tl.where(attended, dv, 0.0)
+            dk = tl.where(key_ok[:, None], dk, 0.0)
+            dv = tl.where(key_ok[:, None], dv, 0.0)
         dk_off = (b.to(tl.int64) * s_dkb + k0.to(tl.int64) * s_dks + hk * s_dkh
                   + offs_n[:, None] * s_dks + offs_d[None, :])
         tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -635,6 +658,36 @@ def _attn_bwd_dq(
         tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def _attn_bwd_delta(
+    O, DO, DELTA, DQ_ACC, CU_Q, CU_K,
+    s_ob, s_os, s_oh, s_dob, s_dos, s_doh, s_accb, s_accs, s_acch, s_lb, s_lh,
+    seq_q, seq_k, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The atomic-dQ backward's first pass (the dQ kernel's preamble otherwise): delta =
+    rowsum(dO * O) of BLOCK_M query rows of one head, fp32, for dK/dV, and the same rows of the
+    dQ accumulator zeroed (no memset launch of its own)."""
+    pid_m = tl.program_id(0)
+    bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, 1,
+                                                        IS_VARLEN)
+    if pid_m * BLOCK_M < q_len:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        o = _load_rows(_head(O, b, q0, h, s_ob, s_os, s_oh), offs_m,
+                       s_os, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        do = _load_rows(_head(DO, b, q0, h, s_dob, s_dos, s_doh), offs_m,
+                        s_dos, q_len, offs_d, HEAD_DIM, BLOCK_D)
+        l_off = b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m
+        tl.store(DELTA + l_off, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+                 mask=offs_m < q_len)
+        acc = _head(DQ_ACC, b, q0, h, s_accb, s_accs, s_acch)
+        tl.store(acc + offs_m[:, None] * s_accs + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                 mask=_tile_mask(offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D))
+
+
 @triton.jit
 def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -697,6 +750,12 @@ CANDIDATES = {
              128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2),
                    (16, 64, 4, 3)),
              256: ((16, 32, 4, 2),)},
+    # dK/dV with dQ's atomic shares (ATOMIC_DQ; FUSEDLM_TRITON_ATOMIC_DQ): dK/dV's blocks, less
+    # those that spill with the extra product (64 x 64 at 3 stages on Triton 3.6, with TMA or a
+    # window) or serialize its wgmma (32 x 128 with a window or grouped heads). None past head
+    # dim 64, which keep the dQ kernel: at 128 every block tried spills or serializes
+    # (benchmarks/results/kernel-facts/README.md).
+    "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2))},
     "dq": {64: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)),
            128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
            256: ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2))},
@@ -708,6 +767,7 @@ SPILL_WITH_DROPOUT = {
             256: ((64, 32, 4, 2),)},
     "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
              128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))},
+    "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2))},
     "dq": {256: ((64, 32, 8, 2),)},
 }
 # One triton.Config per distinct candidate: the autotuner holds them all and keeps, per call,
@@ -718,10 +778,13 @@ _CONFIG = {shape: triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]}, num_
 
 
 def configs(name, block_d, dropout=False):
-    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq") at BLOCK_D block_d,
-    with dropout or without."""
+    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq", "dkdv_dq") at BLOCK_D
+    block_d, with dropout or without; empty where it has none (dkdv_dq past head dim 64)."""
     dims = CANDIDATES[name]
-    dim = min(d for d in dims if d >= block_d)
+    fits = [d for d in dims if d >= block_d]
+    if not fits:
+        return []
+    dim = min(fits)
     spill = SPILL_WITH_DROPOUT.get(name, {}).get(dim, ()) if dropout else ()
     return [_CONFIG[shape] for shape in dims[dim] if shape not in spill]
 
@@ -736,10 +799,10 @@ def _candidates_of(name):
                                                              kwargs["DROPOUT"])
 
 
-def _tuner(name, kernel, key):
+def _tuner(name, kernel, key, **options):
     return triton.autotune(_all_configs(name), key=key,
                            prune_configs_by={"early_config_prune": _candidates_of(name)},
-                           **_CACHE_RESULTS)(kernel)
+                           **_CACHE_RESULTS, **options)(kernel)
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -766,6 +829,9 @@ class Tuning:
 TUNING = Tuning({} if _INTERPRETED else {
     "fwd": _tuner("fwd", _attn_fwd, [*_TUNE_KEY, "TMA"]),
     "dkdv": _tuner("dkdv", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED", "TMA"]),
+    # Each timed run adds into the accumulator: zeroed before each, and before the chosen one.
+    "dkdv_dq": _tuner("dkdv_dq", _attn_bwd_dkdv, [*_TUNE_KEY, "GROUPED", "TMA"],
+                      reset_to_zero=["DQ_ACC"]),
     "dq": _tuner("dq", _attn_bwd_dq, [*_TUNE_KEY, "TMA"]),
 })
 
@@ -777,7 +843,7 @@ def _pinned_config(name, block, blocks):
     # Stages chosen to compile without spills on Triton 3.6 and 3.9 (kernel_facts.py): at head
     # dim 128, 3.9 spilled dQ at one stage and dK/dV at two.
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4,
-                         num_stages=1 if name == "dkdv" else 2)
+                         num_stages=1 if name.startswith("dkdv") else 2)
 
 
 def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, blocks=None,
@@ -791,7 +857,7 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, b
     block_d, block = _blocks(head_dim)
     flags = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
     args = (*args, bucket)
-    along = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+    along = "BLOCK_N" if name.startswith("dkdv") else "BLOCK_M"  # dkdv, dkdv_dq: key blocks
     if pinned or blocks is not None or name not in tuning.tuners:
         config = _pinned_config(name, block, blocks)
     else:
@@ -818,6 +884,16 @@ def _launch(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, b
 # default path (benchmarks/results/README.md); what it compiles to:
 # benchmarks/results/kernel-facts/.
 TMA = os.environ.get("FUSEDLM_TRITON_TMA", "0") == "1"
+
+# FlashAttention-2's backward: the dK/dV kernel also adds each block pair's dS K into an fp32 dQ
+# accumulator with atomics (5 matrix products a block pair instead of 7, no dQ kernel); a pass
+# before it computes delta and zeroes the accumulator, a scale-and-cast after it writes dQ. The
+# order of the additions varies, so dQ's last bits vary from run to run: never taken with
+# deterministic=True (pinned), nor where it has no spill-free blocks (head dims over 64). Opt-in,
+# FUSEDLM_TRITON_ATOMIC_DQ=1, until a GPU run has timed it against the dQ kernel
+# (`fusedlm bench attention --impl "fusedlm[triton-atomic-dq]"`).
+ATOMIC_DQ = os.environ.get("FUSEDLM_TRITON_ATOMIC_DQ", "0") == "1"
+DELTA_BLOCK_M = 64  # rows a program of _attn_bwd_delta (bandwidth-bound: not tuned)
 
 
 def _tma_ok(*tensors):
@@ -931,7 +1007,8 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
              blocks=None):
     """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
     rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
-    dO). dq has q's shape; dk and dv k's shape and the same strides as each other (kv heads)."""
+    dO; with ATOMIC_DQ the delta pass leaves it). dq has q's shape; dk and dv k's shape and the
+    same strides as each other (kv heads)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)
@@ -951,19 +1028,35 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
                *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
     n_kv_heads = k.shape[-2]
     bucket = _seq_bucket(seq_q, seq_k)
-    # dQ first: it leaves delta for dK/dV.
     tma = _use_tma(q, k, v)
     # dK/dV reads Q and dO through descriptors with one query head a key head (a grouped
     # program walks several heads' rows).
     tma_dkdv = tma and group == 1 and _tma_ok(do)
+    dkdv_flags = dict(flags, GROUPED=group > 1, TMA=tma_dkdv)
+    block_d = _blocks(head_dim)[0]
+    if ATOMIC_DQ and not pinned and configs("dkdv_dq", block_d, dropout_p > 0.0):
+        import torch
+        acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed by the delta pass
+        acc_strides = _strides(acc, varlen)
+        _attn_bwd_delta[(cdiv(seq_q, DELTA_BLOCK_M), batch * n_heads)](
+            o, do, delta, acc, masks[1], masks[2], *_strides(o, varlen), *_strides(do, varlen),
+            *acc_strides, s_lb, s_lh, seq_q, seq_k, n_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=DELTA_BLOCK_M, IS_VARLEN=varlen)
+        _launch("dkdv_dq", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
+                (q, k, v, do, lse, delta, dk, dv, acc, *masks, *strides, *_strides(dk, varlen),
+                 *acc_strides, s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
+                dict(dkdv_flags, ATOMIC_DQ=True), blocks)
+        torch.mul(acc, scale, out=dq)
+        return
+    # dQ first: it leaves delta for dK/dV.
     _launch("dq", _attn_bwd_dq, seq_q, batch * n_heads, pinned, head_dim, bucket,
             (q, k, v, do, lse, delta, dq, o, *masks, *strides, *_strides(dq, varlen),
              *_strides(o, varlen), s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
             dict(flags, TMA=tma), blocks)
     _launch("dkdv", _attn_bwd_dkdv, seq_k, batch * n_kv_heads, pinned, head_dim, bucket,
-            (q, k, v, do, lse, delta, dk, dv, *masks, *strides, *_strides(dk, varlen),
-             s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
-            dict(flags, GROUPED=group > 1, TMA=tma_dkdv), blocks)
+            (q, k, v, do, lse, delta, dk, dv, dummy, *masks, *strides, *_strides(dk, varlen),
+             0, 0, 0, s_lb, s_lh, s_mb, _alibi_stride(alibi), *scalars),
+            dict(dkdv_flags, ATOMIC_DQ=False), blocks)
 
 
 def dropout_mask(out, seed, dropout_p):

@@ -129,9 +129,20 @@ TOL = fusedlm.reference.TOLERANCE
 def tma_launches(monkeypatch):
     """Turns the Triton attention kernels' opt-in TMA path on (FUSEDLM_TRITON_TMA) for a test;
     returns the list that collects (kernel, took the path) for each launch of the three kernels."""
+    return _attention_launches(monkeypatch, "TMA")
+
+
+def atomic_dq_launches(monkeypatch):
+    """Turns the Triton attention kernels' opt-in atomic-dQ backward on (FUSEDLM_TRITON_ATOMIC_DQ)
+    for a test; returns the list that collects (kernel name, TMA flag) for each launch of the
+    autotuned kernels ("dkdv_dq" where it was taken)."""
+    return _attention_launches(monkeypatch, "ATOMIC_DQ")
+
+
+def _attention_launches(monkeypatch, switch):
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
-    monkeypatch.setattr(kern, "TMA", True)
+    monkeypatch.setattr(kern, switch, True)
     seen, launch = [], kern._launch
 
     def spy(name, kernel, rows, grid_y, pinned, head_dim, bucket, args, flags, *rest, **kw):

@@ -8,7 +8,8 @@ from fusedlm import reference
 from fusedlm.ops import dispatch
 from fusedlm.ops import attention_kernels
 from fusedlm.ops.attention import _fused, dropout_mask
-from conftest import DEVICE, EMULATED, HAS_GPU, TOL, not_emulated, rel_err, tma_launches
+from conftest import (DEVICE, EMULATED, HAS_GPU, TOL, atomic_dq_launches, not_emulated, rel_err,
+                      tma_launches)
 
 HALF = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 BACKENDS = ["torch"] + [b for b in ("triton",)
@@ -967,17 +968,70 @@ def test_launcher_runs_the_autotuner_once_per_class(monkeypatch):
     assert log == [("tuner", (4, 6), False)] * 2 and forgetful.chosen == {}
 
 
+ATOMIC_DQ_CASES = {
+    # keys past the sequence (scores 0, so P may be anything there: it must not reach dQ), and
+    # queries that see no key
+    "causal sq<sk": lambda: run_dense("triton", torch.float16, 2, 37, 45, 2, 2, 32, causal=True),
+    "causal sq>sk": lambda: run_dense("triton", torch.float16, 2, 53, 37, 2, 2, 32, causal=True),
+    "head dim 24, one key": lambda: run_dense("triton", torch.float16, 1, 70, 1, 2, 2, 24,
+                                              causal=True),
+    "padding mask, an empty row": lambda: test_padding_mask_with_an_empty_row("triton", False),
+    "grouped heads": lambda: test_grouped_query_heads("triton", 6, 3),
+    "packed, an empty sequence": lambda: test_varlen_matches_the_padded_reference(
+        "triton", True, [5, 0, 33, 17, 1]),
+    "packed cross-attention": lambda: test_varlen_cross_attention_with_unequal_lengths("triton",
+                                                                                       True),
+    "dropout, grouped heads": lambda: test_dropout_matches_reference_given_the_keep_mask("triton",
+                                                                                         1),
+    "softcap, window, alibi, mask": lambda: test_softcap_forward_and_backward("triton", True,
+                                                                              (5, 0), True),
+    "block edges, mask": lambda: test_kernels_at_block_edges((16, 32), True),
+    "hugging face layout": lambda: test_hugging_face_layout_with_unequal_lengths("triton", 5, 3),
+}
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("case", list(ATOMIC_DQ_CASES))
+def test_atomic_dq_backward(case, monkeypatch):
+    """FlashAttention-2's backward (FUSEDLM_TRITON_ATOMIC_DQ: dK/dV adds dQ's shares into an fp32
+    accumulator, a delta pass before it), run by the interpreter through the default path's own
+    tests: forward and gradients against float64. What it must keep out of dQ, which the dK/dV
+    kernel alone could leave in rows it drops: keys past a sequence, keys under the padding
+    mask, dropped probabilities, the other packed sequences."""
+    launched = atomic_dq_launches(monkeypatch)
+    ATOMIC_DQ_CASES[case]()
+    names = {name for name, _ in launched}
+    assert names == {"fwd", "dkdv_dq"}, launched  # no dQ kernel, no plain dK/dV
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+def test_atomic_dq_backward_is_never_taken_where_it_must_not_be(monkeypatch):
+    """deterministic=True keeps the dQ kernel (the atomics' order varies from run to run), and so
+    does a head dim over 64 (no block of dK/dV with dQ's product compiles without spills or
+    serialized wgmma there)."""
+    launched = atomic_dq_launches(monkeypatch)
+    for d, deterministic, p in ((32, True, 0.0), (96, False, 0.0), (128, False, 0.1)):
+        q, k, v = make(1, 20, 20, 2, 2, d, torch.float16)
+        out = fusedlm.attention(q, k, v, deterministic=deterministic, dropout_p=p,
+                                backend="triton")
+        out.sum().backward()
+        assert {name for name, _ in launched} == {"fwd", "dq", "dkdv"}, (d, launched)
+        launched.clear()
+
+
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 def test_autotuning_candidates_per_class():
-    """Every kernel has candidates at every head dim, with dropout and without; the dropout
-    classes leave out the blocks that spill with dropout (kernel_facts.py compiles the rest in
-    CI); the autotuner's prune follows the call's class."""
+    """Every kernel has candidates at every head dim, with dropout and without (dK/dV with dQ's
+    shares: where it serves); the dropout classes leave out the blocks that spill with dropout
+    (kernel_facts.py compiles the rest in CI); the autotuner's prune follows the call's class."""
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
     shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     for name in ("fwd", "dkdv", "dq"):
         for block_d in (16, 32, 64, 128, 256):
             assert kern.configs(name, block_d) and kern.configs(name, block_d, True), (name, block_d)
+    assert kern.configs("dkdv_dq", 32) and kern.configs("dkdv_dq", 64, True)
+    assert kern.configs("dkdv_dq", 128) == []
     for name, by_dim in kern.SPILL_WITH_DROPOUT.items():
         for dim, spilling in by_dim.items():
             kept = kern.configs(name, dim, True)

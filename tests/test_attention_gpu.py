@@ -8,7 +8,8 @@ import torch
 import fusedlm
 from fusedlm import reference
 from fusedlm.ops import dispatch
-from conftest import HAS_GPU, TOL, check_cuda_drops_as_triton, check_unaligned_views_match, rel_err, sdpa, tma_launches
+from conftest import (HAS_GPU, TOL, atomic_dq_launches, check_cuda_drops_as_triton,
+                      check_unaligned_views_match, rel_err, sdpa, tma_launches)
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ([b for b in ("triton", "cuda")
@@ -163,16 +164,20 @@ def _run_pinned(kern, pin, q, k, v, do, *, causal, key_mask=None, cu=None, max_l
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
-@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq", "dkdv_dq"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_every_autotuning_candidate_gpu(name, d):
+def test_every_autotuning_candidate_gpu(name, d, monkeypatch):
     """The autotuner may choose any candidate on some GPU, shape or run, and the other tests see
     only the ones it chose here: each candidate, pinned, on odd lengths (causal bottom-right with
     Sq != Sk and a padding mask; a packed batch) against the float64 reference. Candidates that do
-    not fit this GPU's shared memory are skipped, as the autotuner skips them."""
+    not fit this GPU's shared memory are skipped, as the autotuner skips them. dkdv_dq: dK/dV
+    with dQ's atomic shares (FUSEDLM_TRITON_ATOMIC_DQ)."""
     import triton
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
+    monkeypatch.setattr(kern, "ATOMIC_DQ", name == "dkdv_dq")
+    if not kern.configs(name, d):
+        pytest.skip(f"{name} serves no head dim {d}")
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(5)
     lens = [1, 77, 300, 129]
@@ -273,3 +278,59 @@ def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
               torch.autograd.grad(theirs, (q, k, v), do))
     assert {name for name, _ in seen} == {"fwd", "dq", "dkdv"}, seen
     assert all(t == (name != "dkdv" or kv_heads == 4) for name, t in seen), seen
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
+@pytest.mark.parametrize("d", [32, 64])  # the head dims it serves
+@pytest.mark.parametrize("case", ["causal sq<sk, grouped heads", "padding mask", "packed",
+                                  "dropout"])
+def test_atomic_dq_backward_gpu(d, case, monkeypatch):
+    """FlashAttention-2's backward (FUSEDLM_TRITON_ATOMIC_DQ: dK/dV adds dQ's shares with fp32
+    atomics), autotuned: the autotuner times each candidate on the same accumulator, which it
+    must zero before each run and before the chosen one (reset_to_zero), or dQ comes out a
+    multiple of itself. Gradients against float64 with 2x SDPA's error (dropout: 2x the
+    tolerance, SDPA cannot draw our mask); a second backward differs from the first only in
+    dQ's last bits (the order of the atomic additions)."""
+    from fusedlm.ops.attention import dropout_mask
+    seen = atomic_dq_launches(monkeypatch)
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(4)
+    causal, mask, cu, drop = case.startswith("causal"), None, None, case == "dropout"
+    if case == "packed":
+        lens = [1, 77, 300, 129]
+        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+        q, k, v = (t[0].detach().requires_grad_() for t in _qkv(1, sum(lens), 4, 2, d, dtype))
+        out = fusedlm.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                       backend="triton")
+    else:
+        sq, sk = (300, 700) if causal else (512, 512)
+        q, k, v = _qkv(2, sq, 4, 2 if causal else 4, d, dtype, sk)
+        if case == "padding mask":
+            mask = torch.arange(512, device="cuda")[None, :] < torch.tensor([[200], [512]], device="cuda")
+        out = fusedlm.attention(q, k, v, causal=causal, attention_mask=mask,
+                                dropout_p=0.1 if drop else 0.0, seed=7, backend="triton")
+    do = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), do)
+    f64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    if cu is not None:
+        ref = torch.cat([reference.attention(*(t[None, a:b] for t in f64), causal=True)[0][0]
+                         for a, b in zip(cu.tolist(), cu.tolist()[1:])])
+        theirs = torch.cat([sdpa(*(t[None, a:b] for t in (q, k, v)), True)[0]
+                            for a, b in zip(cu.tolist(), cu.tolist()[1:])])
+    elif drop:
+        keep = dropout_mask(2, 4, 512, 512, 0.1, 7)
+        ref, _ = reference.attention(*f64, dropout_p=0.1, dropout_keep=keep)
+        theirs = None
+    else:
+        ref, _ = reference.attention(*f64, causal=causal, key_mask=mask)
+        theirs = sdpa(q, k, v, causal, mask)
+    want = torch.autograd.grad(ref, f64, do.double())
+    their_grads = (torch.autograd.grad(theirs, (q, k, v), do) if theirs is not None
+                   else (None,) * 3)
+    for i, (a, r, t) in enumerate(zip(grads, want, their_grads)):
+        bound = 2 * TOL[dtype] if t is None else max(TOL[dtype], 2 * rel_err(t, r))
+        assert rel_err(a, r) < bound, ("dq dk dv".split()[i], rel_err(a, r))
+    assert torch.equal(grads[1], again[1]) and torch.equal(grads[2], again[2])  # dK, dV: no atomics
+    assert rel_err(again[0], grads[0]) < 1e-2  # dQ: the same sums in another order
+    assert {name for name, _ in seen} == {"fwd", "dkdv_dq"}, seen

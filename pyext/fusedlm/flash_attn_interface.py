@@ -10,7 +10,8 @@ Same argument names, order, defaults and return conventions as flash-attn 2 for 
 fusedlm has, sliding windows (window_size), softcapping (softcap) and ALiBi (alibi_slopes)
 included. Features it does not have (paged KV, KV-cache decoding) raise a ValueError
 naming the argument instead of computing something else. fusedlm's kernels use no
-atomics; `deterministic=True` also pins their block sizes (see fusedlm.attention). A query
+atomics unless FUSEDLM_TRITON_ATOMIC_DQ=1 asks for them, and `deterministic=True` never does
+and also pins their block sizes (see fusedlm.attention). A query
 that sees no key (causal with seqlen_q > seqlen_k) has softmax_lse -inf, the log-sum-exp of
 nothing, where flash-attn writes +inf.
 

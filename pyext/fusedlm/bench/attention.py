@@ -6,11 +6,12 @@ at each sequence length (B = 16384 / S), bf16, head dim 64 and 128, causal and n
 case is a padded batch (32 x 512, a random half of each sequence's tail is padding):
 fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
 
-`fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU) and
+`fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU),
 `fusedlm[triton-tma]` (the Triton kernels' opt-in Hopper path: TMA copies in the forward and dQ,
-the forward's key loop warp-specialized; FUSEDLM_TRITON_TMA) are timed only when named in
-`peers` (`--impl`): neither has run on a GPU yet, and a default run must not stake its time on
-them.
+the forward's key loop warp-specialized; FUSEDLM_TRITON_TMA) and `fusedlm[triton-atomic-dq]`
+(the Triton backward with dQ added by atomics from the dK/dV kernel, FlashAttention-2's;
+FUSEDLM_TRITON_ATOMIC_DQ) are timed only when named in `peers` (`--impl`): none has run on a GPU
+yet, and a default run must not stake its time on them.
 """
 import contextlib
 
@@ -25,26 +26,28 @@ from .tune import fusedlm_backend
 
 WGMMA = "fusedlm[cuda-wgmma]"
 TRITON_TMA = "fusedlm[triton-tma]"
-OPT_IN = {WGMMA, TRITON_TMA}  # timed only when asked for by name
+TRITON_ATOMIC_DQ = "fusedlm[triton-atomic-dq]"
+OPT_IN = {WGMMA, TRITON_TMA, TRITON_ATOMIC_DQ}  # timed only when asked for by name
 
 
-def _on_tma(fn):
-    """fn, timed with the Triton attention kernels on their opt-in Hopper path (the forward and
-    dQ; dK/dV as usual): `_time` runs the whole step, backward included, under its `context`."""
+def _on_switch(fn, switch):
+    """fn, timed with the Triton attention kernels' opt-in `switch` ("TMA", "ATOMIC_DQ") on:
+    `_time` runs the whole step, backward included, under its `context`."""
     from ..ops import _triton
     kern = _triton.kernels("attention")
 
     @contextlib.contextmanager
-    def tma():
-        before, kern.TMA = kern.TMA, True
+    def switched():
+        before = getattr(kern, switch)
+        setattr(kern, switch, True)
         try:
             yield
         finally:
-            kern.TMA = before
+            setattr(kern, switch, before)
 
     def wrapped(*args, **kwargs):
         return fn(*args, **kwargs)
-    wrapped.context = tma
+    wrapped.context = switched
     return wrapped
 
 
@@ -116,15 +119,17 @@ def _peers(device_type):
                 peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
         if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
             peers[WGMMA] = _on_wgmma(peers["fusedlm[cuda]"])
-        if "fusedlm[triton]" in peers and torch.cuda.get_device_capability()[0] >= 9:
-            peers[TRITON_TMA] = _on_tma(peers["fusedlm[triton]"])
+        if "fusedlm[triton]" in peers:
+            peers[TRITON_ATOMIC_DQ] = _on_switch(peers["fusedlm[triton]"], "ATOMIC_DQ")
+            if torch.cuda.get_device_capability()[0] >= 9:
+                peers[TRITON_TMA] = _on_switch(peers["fusedlm[triton]"], "TMA")
     else:
         peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
     return peers
 
 
 def _time(fn, args, direction, device):
-    with getattr(fn, "context", contextlib.nullcontext)():  # e.g. _on_tma's
+    with getattr(fn, "context", contextlib.nullcontext)():  # e.g. _on_switch's
         if direction == "fwd":
             return time_ms(lambda: fn(*args), device)
         leaves = [t.detach().requires_grad_() for t in args[:3]]

@@ -484,9 +484,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     kernel (seeded: see the module docstring). softmax_scale defaults to D ** -0.5.
     `return_lse`: also return the log-sum-exp (batch, heads, seq_q), natural log, float32
     (-inf for a query that sees no key).
-    The kernels use no atomics, so a process reproduces its results exactly; on a GPU their
-    block sizes are autotuned, and `deterministic=True` pins them instead, so that results are
-    bitwise equal across processes too (at some cost in speed).
+    The kernels use no atomics by default, so a process reproduces its results exactly; on a
+    GPU their block sizes are autotuned, and `deterministic=True` pins them instead, so that
+    results are bitwise equal across processes too (at some cost in speed). The opt-in
+    FUSEDLM_TRITON_ATOMIC_DQ=1 backward adds dQ with atomics (dQ's last bits then vary from run
+    to run); `deterministic=True` never takes it.
     """
     if layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")

@@ -5,6 +5,10 @@ registers, spill bytes, shared memory and the instructions that decide speed on 
                                                           # build's architectures: sm_80, sm_90a)
     python benchmarks/kernel_facts.py --only triton --json facts.json
     python benchmarks/kernel_facts.py --fail-on-spills    # exit 1 if a kernel listed spills
+    python benchmarks/kernel_facts.py --only triton --every-flag
+                                                          # each kernel's boolean flags flipped
+                                                          # one at a time: exit 1 if one fails
+                                                          # to compile
     python benchmarks/kernel_facts.py --fail-on-serialized-wgmma
                                                           # exit 1 if ptxas serialized a
                                                           # kernel's wgmma (no overlap left)
@@ -249,7 +253,73 @@ def triton_cases():
                 for suffix, v in variants:
                     cases.append((f"attention {name}", label + suffix, fn, v, cfg.num_warps,
                                   cfg.num_stages))
+    # The atomic-dQ backward's first pass (delta, and the dQ accumulator zeroed): one program per
+    # DELTA_BLOCK_M rows of a head, as the launcher gives it.
+    for d in HEAD_DIMS:
+        values = dict(_ptrs(("O", "DO"), "bf16"), DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32",
+                      CU_K="*i32", s_lb=12 * 2048, s_lh=2048, seq_q=2048, seq_k=2048, n_heads=12,
+                      HEAD_DIM=d, BLOCK_D=d, BLOCK_M=A.DELTA_BLOCK_M, IS_VARLEN=False)
+        values.update({f"s_{t}{x}": {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[x]
+                       for t in ("o", "do", "acc") for x in "bsh"})
+        cases.append(("attention delta", f"d{d} M{A.DELTA_BLOCK_M}", A._attn_bwd_delta, values, 4, 1))
     return cases
+
+
+# Scalars that give a flag's code something to do when --every-flag turns it on.
+_FLAG_SCALARS = {"DROPOUT": {"p_drop": 0.1}, "WINDOW": {"win_left": 100}, "SOFTCAP": {"cap": 30.0},
+                 "GROUPED": {"group": 4}, "SMOOTH": {"smoothing": 0.1}}
+
+
+_CASES = []  # what _compile_all's worker processes compile, inherited through fork
+
+
+def _compile_case(i):
+    """(facts, None) or (None, what the compile error says) for _CASES[i]."""
+    kernel, label, fn, values, warps, stages = _CASES[i]
+    try:
+        return compile_triton(fn, values, warps, stages), None
+    except Exception as e:  # noqa: BLE001 (a compile error is a finding, reported by the caller)
+        return None, _first_error_line(e)
+
+
+def _compile_all(cases):
+    """_compile_case over `cases`, one process per core (each compile is one Python thread and a
+    ptxas run: CI's two cores take twice the cases a second)."""
+    import multiprocessing
+    _CASES[:] = cases
+    jobs = min(len(cases), os.cpu_count() or 1)
+    if jobs <= 1:
+        return [_compile_case(i) for i in range(len(cases))]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_case, range(len(cases)), chunksize=1)
+
+
+def _first_error_line(exc):
+    """What a Triton compile error says is wrong: its innermost cause (each level above it
+    quotes the source around the call it failed in)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [line for line in lines if re.match(r"\w+(Error|Exception)\b", line)]
+    return (said[-1] if said else f"{type(exc).__name__}: {(lines or [''])[-1]}")[:300]
+
+
+def flag_cases():
+    """--every-flag: each kernel's first listed case per class (its first word: the head dim or
+    dtype) with each boolean constexpr flipped alone. Triton's compiler, unlike the interpreter
+    that CI runs the kernels in, compiles the code after a constexpr branch's early return, and
+    a flag whose code only the GPU machine compiles fails there first (dK/dV's transposed
+    dropout mask did, at BLOCK_M != BLOCK_N)."""
+    seen = set()
+    for kernel, label, fn, values, warps, stages in triton_cases():
+        if (kernel, label.split()[0]) in seen:
+            continue
+        seen.add((kernel, label.split()[0]))
+        for p in fn.params:
+            on = values[p.name]
+            if p.is_constexpr and isinstance(on, bool):
+                flipped = dict(values, **{p.name: not on}, **({} if on else _FLAG_SCALARS.get(p.name, {})))
+                yield kernel, f"{label} {p.name}={not on}", fn, flipped, warps, stages
 
 
 # --- CUDA C++ -----------------------------------------------------------------------------
@@ -332,7 +402,7 @@ COLUMNS = ["regs", "spill", "serial", "smem", *SASS_COUNTS]
 def _table(rows, first):
     head = [first, "config", *COLUMNS]
     lines = [[str(r.get(h, "")) for h in head] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
@@ -351,6 +421,9 @@ def main(argv=None):
                          "FUSEDLM_CUDA_ARCHS)")
     ap.add_argument("--match", default="", help="Triton: only the cases whose 'kernel config' "
                     "contains this text")
+    ap.add_argument("--every-flag", action="store_true",
+                    help="Triton: instead of the listed cases, each kernel's first one with each "
+                         "boolean constexpr flipped alone; exit 1 if any fails to compile")
     ap.add_argument("--json", help="write the facts and their provenance here")
     ap.add_argument("--fail-on-spills", action="store_true",
                     help="exit 1 if any kernel listed spills")
@@ -366,16 +439,24 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
     report = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "commit": _commit(), "triton": [], "cuda": {}}
+    failed = []  # --every-flag: the variants that do not compile
     if args.only in (None, "triton"):
         import triton
         report["triton_version"] = triton.__version__
-        for kernel, label, fn, values, warps, stages in triton_cases():
-            if args.match not in f"{kernel} {label}":
-                continue
-            row = dict(kernel=kernel, config=label, **compile_triton(fn, values, warps, stages))
-            report["triton"].append(row)
+        cases = [c for c in (flag_cases() if args.every_flag else triton_cases())
+                 if args.match in f"{c[0]} {c[1]}"]
+        for (kernel, label, *_), (row, error) in zip(cases, _compile_all(cases)):
+            if error is not None:
+                if not args.every_flag:
+                    raise RuntimeError(f"Triton {kernel} {label}: {error}")
+                failed.append(f"Triton {kernel} {label}: {error}")
+            else:
+                report["triton"].append(dict(kernel=kernel, config=label, **row))
         print(f"Triton {triton.__version__} kernels, sm_90a:")
         print(_table(report["triton"], "kernel"))
+        if args.every_flag:
+            print(f"\n{len(failed)} kernel variant(s) fail to compile" +
+                  (":\n  " + "\n  ".join(failed) if failed else ""))
     if args.only in (None, "cuda"):
         nvcc = shutil.which("nvcc")
         if nvcc is None:
@@ -414,7 +495,7 @@ def main(argv=None):
         worse = spills_over(spills, allowed)
         print(f"{len(worse)} spill more than {args.spill_baseline} allows" +
               (":\n  " + "\n  ".join(worse) if worse else ""))
-    return 1 if (args.fail_on_spills and spilled) or (args.fail_on_serialized_wgmma and serialized) or worse else 0
+    return 1 if (args.fail_on_spills and spilled) or (args.fail_on_serialized_wgmma and serialized) or worse or failed else 0
 
 
 def _commit():

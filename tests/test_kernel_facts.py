@@ -109,3 +109,58 @@ def test_spill_baseline_lets_spills_go_never_come():
     assert kf.spills_over({"Triton attention dkdv d64": 541, "CUDA C++ sm_80 y": 8}, allowed) == [
         "Triton attention dkdv d64: 541 bytes (allowed 540)", "CUDA C++ sm_80 y: 8 bytes (allowed 0)"]
 
+
+
+_FLAG_PROBE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("kernel_facts", sys.argv[1])
+kf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kf)
+firsts, out = {}, []
+for kernel, label, fn, values, *_ in kf.triton_cases():
+    firsts.setdefault((kernel, label.split()[0]), values)
+for kernel, label, fn, values, *_ in kf.flag_cases():
+    base = firsts[(kernel, label.split()[0])]
+    out.append([kernel, label, sorted(k for k in values if values[k] != base[k]),
+                {k: str(v) for k, v in values.items() if isinstance(v, bool)}])
+print(json.dumps(out))
+"""
+
+
+def test_every_flag_flips_each_boolean_constexpr_alone():
+    """--every-flag: per kernel and class, each boolean constexpr flipped once, nothing else
+    changed but the scalars that give the flag work; every attention kernel's flags included.
+    (Listed in a process of its own: the kernels must be Triton's compiled JIT functions, and this
+    suite runs the interpreter.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _FLAG_PROBE, kf.__file__], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cases = json.loads(run.stdout)
+    labels = {(kernel, label) for kernel, label, *_ in cases}
+    assert len(labels) == len(cases)
+    assert ("attention dkdv", "d64 M32 N128 w8 s3 DROPOUT=True") in labels
+    for kernel, label, changed, flags in cases:
+        flag, on = label.rsplit(" ", 1)[1].split("=")
+        assert flag in changed and flags[flag] == on, (kernel, label)
+        assert set(changed) - {flag} <= set(kf._FLAG_SCALARS.get(flag, {})), (kernel, label)
+    dkdv = {label.rsplit(" ", 1)[1] for kernel, label, *_ in cases
+            if kernel == "attention dkdv" and label.startswith("d64")}
+    assert dkdv == {f"{f}=True" for f in ("IS_VARLEN", "HAS_KMASK", "DROPOUT", "WINDOW", "SOFTCAP",
+                                          "HAS_ALIBI", "GROUPED", "TMA", "ATOMIC_DQ")} | {"CAUSAL=False"}
+
+
+def test_a_compile_error_is_reported_by_its_innermost_cause():
+    try:
+        try:
+            raise ValueError("inner")
+        except ValueError as e:
+            raise RuntimeError('at 1:0:\ndef f():\n^\nTypeError("Return type mismatch")') from e
+    except RuntimeError as outer:
+        assert kf._first_error_line(outer) == "ValueError: inner"
+    quoted = RuntimeError('at 1:0:\ndef f():\n^\nTypeError("Return type mismatch")')
+    assert kf._first_error_line(quoted) == 'TypeError("Return type mismatch")'

@@ -20,8 +20,9 @@ Triton kernels are compiled ahead of time for a `GPUTarget("cuda", 90, 32)` (Tri
 ptxas, cuobjdump and nvdisasm), at every autotuning candidate of the attention kernels at head
 dims 64, 128 and 256 (with the pinned configuration of reproducible runs, and at the first
 candidate the window + softcap + ALiBi and grouped-query variants; the three kernels' opt-in
-TMA path at every one, and dropout at every candidate of the dropout classes; dK/dV with dQ's
-atomic shares, ATOMIC_DQ, as a fourth kernel) and at the configurations fusedlm's launchers pick for the shapes of
+TMA path at every one, and the classes the models train in at every candidate they keep:
+causal with dropout, packed with and without dropout, a padding mask with dropout; dK/dV with
+dQ's atomic shares, ATOMIC_DQ, as a fourth kernel) and at the configurations fusedlm's launchers pick for the shapes of
 BERT-base and GPT-2 (the launchers' own block-size rules are called, not copied). An integer
 argument gets Triton's divisible-by-16 specialization exactly when its value here is a multiple
 of 16, as at run time, so a vocabulary of 50257 shows the loads it really gets. The CUDA C++ sources are compiled with
@@ -218,7 +219,19 @@ def triton_cases():
                 continue
             # Reproducible runs' pinned config (dkdv_dq has none: deterministic runs skip it).
             pinned = [] if name == "dkdv_dq" else [A._pinned_config(name, A._blocks(d)[1], None)]
-            with_dropout = A.configs(name, block_d, dropout=True)
+            # The classes the models train in, each at every candidate it keeps (their spills
+            # are what kernels/attention.SPILLS_IN_CLASS leaves out): causal with dropout (GPT-2),
+            # packed (fusedlm's BERT, without and with dropout), a padding mask with dropout
+            # (Hugging Face's BERT patched). Not the pinned configuration of reproducible runs,
+            # which trades speed away.
+            classes = (
+                (" dropout", dict(DROPOUT=True, p_drop=0.1)),
+                (" packed", dict(IS_VARLEN=True, CAUSAL=False)),
+                (" packed+dropout", dict(IS_VARLEN=True, CAUSAL=False, DROPOUT=True, p_drop=0.1)),
+                (" mask+dropout", dict(HAS_KMASK=True, CAUSAL=False, DROPOUT=True, p_drop=0.1)))
+            kept = {suffix: A.configs(name, block_d, **{f: v for f, v in flags.items()
+                                                      if f.isupper() and v is True})
+                    for suffix, flags in classes}
             for i, cfg in enumerate([*A.configs(name, block_d), *pinned]):
                 values = {p.name: "*bf16" for p in fn.params if p.name.isupper()
                           and not p.is_constexpr}
@@ -239,11 +252,8 @@ def triton_cases():
                 variants = [("", values)]
                 # The opt-in TMA path (FUSEDLM_TRITON_TMA) of each kernel (dK/dV's: one head).
                 variants.append((" tma", dict(values, TMA=True)))
-                if cfg in with_dropout:
-                    # Dropout (BERT trains with it) at every candidate of its classes; the first
-                    # has BLOCK_M != BLOCK_N, whose transposed keep-mask once failed to compile on
-                    # a GPU only. (Not the pinned config: reproducible runs trade speed away.)
-                    variants.append((" dropout", dict(values, DROPOUT=True, p_drop=0.1)))
+                variants += [(suffix, dict(values, **flags)) for suffix, flags in classes
+                             if cfg in kept[suffix]]
                 if i == 0:  # every flash-attn extra at once: the most registers they take
                     variants.append((" window+softcap+alibi", dict(values, WINDOW=True,
                                                                    SOFTCAP=True, HAS_ALIBI=True,

@@ -760,33 +760,52 @@ CANDIDATES = {
            128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
            256: ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2))},
 }
-# Candidates that spill once dropout's Philox draws take their registers (kernel_facts.py on
-# Triton 3.6 or 3.9): left out of the dropout classes.
-SPILL_WITH_DROPOUT = {
-    "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3)), 128: ((128, 128, 8, 3), (128, 32, 4, 4)),
-            256: ((64, 32, 4, 2),)},
-    "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
-             128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))},
-    "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2))},
-    "dq": {256: ((64, 32, 8, 2),)},
-}
+# Candidates that spill (or serialize their wgmma) in a class of calls, compiled by
+# kernel_facts.py on Triton 3.6 or 3.9: the flags that make the class (all of them on), and per
+# kernel and head-dim class the blocks it leaves out. Dropout's Philox draws take registers;
+# packed sequences (IS_VARLEN, fusedlm's BERT and packed batches) and a padding mask with dropout
+# (Hugging Face's BERT patched) change the loops' bounds and loads.
+SPILLS_IN_CLASS = (
+    (("DROPOUT",), {
+        "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3)), 128: ((128, 128, 8, 3), (128, 32, 4, 4)),
+                256: ((64, 32, 4, 2),)},
+        "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+                 128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))},
+        "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2))},
+        "dq": {256: ((64, 32, 8, 2),)}}),
+    (("IS_VARLEN",), {
+        "fwd": {256: ((128, 32, 8, 3),)},
+        "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3)), 128: ((64, 64, 8, 3),)},
+        "dkdv_dq": {64: ((32, 64, 4, 2),)},
+        "dq": {128: ((128, 64, 8, 3),)}}),
+    (("HAS_KMASK", "DROPOUT"), {
+        "fwd": {128: ((128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3))},
+        "dkdv_dq": {64: ((32, 64, 4, 2),)},
+        "dq": {64: ((128, 64, 8, 3), (64, 64, 4, 3)), 128: ((128, 64, 8, 3), (64, 64, 4, 3))}}),
+)
 # One triton.Config per distinct candidate: the autotuner holds them all and keeps, per call,
-# those of the call's BLOCK_D and dropout (_candidates_of).
+# those of the call's BLOCK_D and class (_candidates_of).
 _CONFIG = {shape: triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]}, num_warps=shape[2],
                                 num_stages=shape[3])
            for by_dim in CANDIDATES.values() for shapes in by_dim.values() for shape in shapes}
 
 
-def configs(name, block_d, dropout=False):
-    """The autotuning candidates of kernel `name` ("fwd", "dkdv", "dq", "dkdv_dq") at BLOCK_D
-    block_d, with dropout or without; empty where it has none (dkdv_dq past head dim 64)."""
+def configs(name, block_d, **flags):
+    """The spill-free autotuning candidates of kernel `name` ("fwd", "dkdv", "dq", "dkdv_dq") at
+    BLOCK_D block_d for calls with these kernel flags (DROPOUT=True, IS_VARLEN=True, ...; the
+    others off): CANDIDATES less the blocks of every SPILLS_IN_CLASS class the flags make. Empty
+    where none is left (dkdv_dq past head dim 64, or packed with dropout)."""
     dims = CANDIDATES[name]
     fits = [d for d in dims if d >= block_d]
     if not fits:
         return []
     dim = min(fits)
-    spill = SPILL_WITH_DROPOUT.get(name, {}).get(dim, ()) if dropout else ()
+    spill = {shape for needs, by_kernel in SPILLS_IN_CLASS if all(flags.get(f) for f in needs)
+             for shape in by_kernel.get(name, {}).get(dim, ())}
     return [_CONFIG[shape] for shape in dims[dim] if shape not in spill]
+
+
+_CLASS_FLAGS = sorted({f for needs, _ in SPILLS_IN_CLASS for f in needs})
 
 
 def _all_configs(name):
@@ -794,9 +813,13 @@ def _all_configs(name):
 
 
 def _candidates_of(name):
-    """The autotuner's early_config_prune: the candidates of the call's BLOCK_D and dropout."""
-    return lambda all_configs, named_args, **kwargs: configs(name, kwargs["BLOCK_D"],
-                                                             kwargs["DROPOUT"])
+    """The autotuner's early_config_prune: the candidates of the call's BLOCK_D and class; a
+    class that spills at every candidate (the forward at head dim 256, packed with dropout) keeps
+    them all."""
+    def prune(all_configs, named_args, **kwargs):
+        flags = {f: kwargs[f] for f in _CLASS_FLAGS}
+        return configs(name, kwargs["BLOCK_D"], **flags) or configs(name, kwargs["BLOCK_D"])
+    return prune
 
 
 def _tuner(name, kernel, key, **options):
@@ -889,7 +912,8 @@ TMA = os.environ.get("FUSEDLM_TRITON_TMA", "0") == "1"
 # accumulator with atomics (5 matrix products a block pair instead of 7, no dQ kernel); a pass
 # before it computes delta and zeroes the accumulator, a scale-and-cast after it writes dQ. The
 # order of the additions varies, so dQ's last bits vary from run to run: never taken with
-# deterministic=True (pinned), nor where it has no spill-free blocks (head dims over 64). Opt-in,
+# deterministic=True (pinned), nor where it has no spill-free blocks (head dims over 64; packed
+# or padding-masked batches with dropout). Opt-in,
 # FUSEDLM_TRITON_ATOMIC_DQ=1, until a GPU run has timed it against the dQ kernel
 # (`fusedlm bench attention --impl "fusedlm[triton-atomic-dq]"`).
 ATOMIC_DQ = os.environ.get("FUSEDLM_TRITON_ATOMIC_DQ", "0") == "1"
@@ -1034,7 +1058,8 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     tma_dkdv = tma and group == 1 and _tma_ok(do)
     dkdv_flags = dict(flags, GROUPED=group > 1, TMA=tma_dkdv)
     block_d = _blocks(head_dim)[0]
-    if ATOMIC_DQ and not pinned and configs("dkdv_dq", block_d, dropout_p > 0.0):
+    if ATOMIC_DQ and not pinned and configs("dkdv_dq", block_d, DROPOUT=dropout_p > 0.0,
+                                            IS_VARLEN=varlen, HAS_KMASK=key_mask is not None):
         import torch
         acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed by the delta pass
         acc_strides = _strides(acc, varlen)

@@ -1021,25 +1021,37 @@ def test_atomic_dq_backward_is_never_taken_where_it_must_not_be(monkeypatch):
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 def test_autotuning_candidates_per_class():
-    """Every kernel has candidates at every head dim, with dropout and without (dK/dV with dQ's
-    shares: where it serves); the dropout classes leave out the blocks that spill with dropout
-    (kernel_facts.py compiles the rest in CI); the autotuner's prune follows the call's class."""
+    """The autotuner's prune gives every kernel candidates at every head dim in every class the
+    models train in; a class leaves out the blocks SPILLS_IN_CLASS lists for it (kernel_facts.py
+    compiles the rest of each class in CI), and keeps them all where it would leave none; the
+    list names only real candidates. dK/dV with dQ's shares serves head dims up to 64, and no
+    class where nothing is left (the launcher then keeps the dQ kernel)."""
     from fusedlm.ops import _triton
     kern = _triton.kernels("attention")
     shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    classes = [{}, {"DROPOUT": True}, {"IS_VARLEN": True}, {"IS_VARLEN": True, "DROPOUT": True},
+               {"HAS_KMASK": True, "DROPOUT": True}]
     for name in ("fwd", "dkdv", "dq"):
+        prune = kern._candidates_of(name)
         for block_d in (16, 32, 64, 128, 256):
-            assert kern.configs(name, block_d) and kern.configs(name, block_d, True), (name, block_d)
-    assert kern.configs("dkdv_dq", 32) and kern.configs("dkdv_dq", 64, True)
+            for flags in classes:
+                call = dict({f: False for f in ("DROPOUT", "IS_VARLEN", "HAS_KMASK")}, **flags)
+                chosen = prune([], {}, BLOCK_D=block_d, **call)
+                assert chosen, (name, block_d, flags)
+                assert chosen == (kern.configs(name, block_d, **flags)
+                                  or kern.configs(name, block_d)), (name, block_d, flags)
+    assert kern.configs("fwd", 256, IS_VARLEN=True, DROPOUT=True) == []  # every block spills:
+    assert len(kern._candidates_of("fwd")([], {}, BLOCK_D=256, IS_VARLEN=True, DROPOUT=True,
+                                          HAS_KMASK=False)) == 2  # the prune keeps them all
+    for needs, by_kernel in kern.SPILLS_IN_CLASS:
+        for name, by_dim in by_kernel.items():
+            for dim, spilling in by_dim.items():
+                assert set(spilling) <= set(kern.CANDIDATES[name][dim]), (needs, name, dim)
+                kept = {shape(c) for c in kern.configs(name, dim, **{f: True for f in needs})}
+                assert not kept & set(spilling), (needs, name, dim)
+    assert kern.configs("dkdv_dq", 32) and kern.configs("dkdv_dq", 64, DROPOUT=True)
     assert kern.configs("dkdv_dq", 128) == []
-    for name, by_dim in kern.SPILL_WITH_DROPOUT.items():
-        for dim, spilling in by_dim.items():
-            kept = kern.configs(name, dim, True)
-            assert not {shape(c) for c in kept} & set(spilling), (name, dim)
-            assert len(kept) == len(kern.configs(name, dim)) - len(set(spilling)), (name, dim)
-    prune = kern._candidates_of("dkdv")
-    assert prune([], {}, BLOCK_D=64, DROPOUT=True) == kern.configs("dkdv", 64, True)
-    assert prune([], {}, BLOCK_D=64, DROPOUT=False) == kern.configs("dkdv", 64)
+    assert kern.configs("dkdv_dq", 64, IS_VARLEN=True, DROPOUT=True) == []
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")

@@ -164,7 +164,8 @@ def _run_pinned(kern, pin, q, k, v, do, *, causal, key_mask=None, cu=None, max_l
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
-@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq", "dkdv_dq"])
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq",
+                                  pytest.param("dkdv_dq", marks=pytest.mark.opt_in)])
 @pytest.mark.parametrize("d", [64, 128])
 def test_every_autotuning_candidate_gpu(name, d, monkeypatch):
     """The autotuner may choose any candidate on some GPU, shape or run, and the other tests see
@@ -229,6 +230,7 @@ def test_every_autotuning_candidate_gpu(name, d, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["causal sq<sk", "padding mask", "packed"])
 @pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.opt_in
 def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
     """The opt-in Hopper path of the Triton kernels (FUSEDLM_TRITON_TMA: TMA copies through
     tensor descriptors made on the device; the forward's key loop warp-specialized), autotuned,
@@ -284,6 +286,7 @@ def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
 @pytest.mark.parametrize("d", [32, 64])  # the head dims it serves
 @pytest.mark.parametrize("case", ["causal sq<sk, grouped heads", "padding mask", "packed",
                                   "dropout"])
+@pytest.mark.opt_in
 def test_atomic_dq_backward_gpu(d, case, monkeypatch):
     """FlashAttention-2's backward (FUSEDLM_TRITON_ATOMIC_DQ: dK/dV adds dQ's shares with fp32
     atomics), autotuned: the autotuner times each candidate on the same accumulator, which it

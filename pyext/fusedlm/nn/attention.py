@@ -35,7 +35,6 @@ class SelfAttention(torch.nn.Module):
 
     def _split(self, qkv):
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        lead = qkv.shape[:-1]
         q, k, v = qkv.split((h * d, hk * d, hk * d), dim=-1)
         return q.unflatten(-1, (h, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
 

@@ -1005,6 +1005,26 @@ def test_atomic_dq_backward(case, monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("case", ["causal sq<sk", "packed, an empty sequence", "head dim 24"])
+def test_atomic_dq_backward_on_the_tma_path(case, monkeypatch):
+    """Both opt-ins at once: dK/dV reads Q and dO through tensor descriptors, whose blocks past a
+    sequence read as zeros, and adds dQ's shares with masked atomics. (A TMA reduce-add through
+    a descriptor over the accumulator, FlashAttention-3's way, is not used: Triton's interpreter
+    has no descriptor reduce, so no CPU test could check it.)"""
+    launched = atomic_dq_launches(monkeypatch)
+    tma_launches(monkeypatch)
+    if case == "causal sq<sk":
+        run_dense("triton", torch.float16, 2, 37, 45, 2, 2, 32, causal=True)
+    elif case == "head dim 24":
+        run_dense("triton", torch.float16, 2, 37, 37, 2, 2, 24)
+    else:
+        test_varlen_matches_the_padded_reference("triton", True, [5, 0, 33, 17, 1])
+    grouped = case.startswith("packed")  # 4 query heads on 2 key heads: dK/dV keeps its loads
+    assert ("dkdv_dq", not grouped) in launched, launched
+    assert {n for n, _ in launched} == {"fwd", "dkdv_dq"}, launched
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 def test_atomic_dq_backward_is_never_taken_where_it_must_not_be(monkeypatch):
     """deterministic=True keeps the dQ kernel (the atomics' order varies from run to run), and so
     does a head dim over 64 (no block of dK/dV with dQ's product compiles without spills or

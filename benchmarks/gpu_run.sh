@@ -115,9 +115,10 @@ run_step() {
     tune-lm_loss) cmd=($BENCH lm_loss --impl "fusedlm[triton]" "fusedlm[cuda]"
                        --tune "$W/measured_dispatch.json" $(files lm_loss-tune)) ;;
     # Attention's entries (per dtype, head dim, causal and sequence length; fwd+bwd), with
-    # which CUDA C++ kernel family is faster where both run (tune-attention is the Triton
-    # kernels' autotuning sweep, another thing).
+    # which CUDA C++ kernel family and which Triton backward (dQ kernel or atomic dQ) is faster
+    # where both run (tune-attention is the Triton kernels' autotuning sweep, another thing).
     tune-attention-dispatch) cmd=($BENCH attention --impl "fusedlm[triton]" "fusedlm[cuda]"
+                                  "fusedlm[triton-atomic-dq]"
                                   $( [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = 9.0 ] && echo "fusedlm[cuda-wgmma]")
                                   --tune "$W/measured_dispatch.json" $(files attention-tune)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss ${LOSS_ARGS:-} $(files lm_loss)) ;;

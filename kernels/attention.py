@@ -1028,11 +1028,12 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
              causal, scale, dropout_p, seed, window=None, softcap=0.0, alibi=None, pinned=False,
-             blocks=None):
+             blocks=None, atomic_dq=False):
     """o: the forward's output; delta: fp32 scratch laid out as lse, where the dQ launch leaves
     rowsum(do * o) for the dK/dV launch after it (no launch of its own, no pass of its own over
     dO; with ATOMIC_DQ the delta pass leaves it). dq has q's shape; dk and dv k's shape and the
-    same strides as each other (kv heads)."""
+    same strides as each other (kv heads). atomic_dq: take the atomic-dQ backward where it
+    serves (as ATOMIC_DQ does everywhere; never when pinned)."""
     varlen = cu_q is not None
     batch, seq_q, seq_k, n_heads, head_dim, group, s_lb, s_lh, s_mb = _common(
         q, k, lse, key_mask, cu_q, varlen, max_q, max_k)
@@ -1058,8 +1059,9 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     tma_dkdv = tma and group == 1 and _tma_ok(do)
     dkdv_flags = dict(flags, GROUPED=group > 1, TMA=tma_dkdv)
     block_d = _blocks(head_dim)[0]
-    if ATOMIC_DQ and not pinned and configs("dkdv_dq", block_d, DROPOUT=dropout_p > 0.0,
-                                            IS_VARLEN=varlen, HAS_KMASK=key_mask is not None):
+    serves = configs("dkdv_dq", block_d, DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
+                     HAS_KMASK=key_mask is not None)
+    if (ATOMIC_DQ or atomic_dq) and not pinned and serves:
         import torch
         acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed by the delta pass
         acc_strides = _strides(acc, varlen)

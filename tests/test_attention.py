@@ -1025,6 +1025,30 @@ def test_atomic_dq_backward_on_the_tma_path(case, monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
+def test_a_measured_atomic_dq_choice_reaches_the_launcher(monkeypatch):
+    """kernel_for's "triton-atomic-dq" (the measured table's `triton_kernels`, once GPU-verified)
+    takes the atomic-dQ backward with FUSEDLM_TRITON_ATOMIC_DQ off, saved with the forward for
+    its backward; the results match float64. deterministic=True still keeps the dQ kernel."""
+    from fusedlm.ops import _triton
+    kern = _triton.kernels("attention")
+    monkeypatch.setattr(kern, "ATOMIC_DQ", False)
+    monkeypatch.setattr(attention_kernels, "kernel_for",
+                        lambda backend, case=None: "triton-atomic-dq" if backend == "triton" else backend)
+    seen, launch = [], kern._launch
+
+    def spy(name, *args, **kwargs):
+        seen.append(name)
+        return launch(name, *args, **kwargs)
+    monkeypatch.setattr(kern, "_launch", spy)
+    run_dense("triton", torch.float16, 2, 37, 45, 2, 2, 32, causal=True)
+    assert set(seen) == {"fwd", "dkdv_dq"}, seen
+    seen.clear()
+    q, k, v = make(1, 20, 20, 2, 2, 32, torch.float16)
+    fusedlm.attention(q, k, v, deterministic=True, backend="triton").sum().backward()
+    assert set(seen) == {"fwd", "dq", "dkdv"}, seen
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton kernels")
 def test_atomic_dq_backward_is_never_taken_where_it_must_not_be(monkeypatch):
     """deterministic=True keeps the dQ kernel (the atomics' order varies from run to run), and so
     does a head dim over 64 (no block of dK/dV with dQ's product compiles without spills or

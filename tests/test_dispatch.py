@@ -311,9 +311,10 @@ def test_tune_entries_from_an_attention_run(tmp_path, monkeypatch):
         assert "(cuda: the wgmma kernels)" in dispatch._measured_order("attention", AttentionCase(*case(64, False, 2048)))[1]
         assert dispatch._measured_order("attention", AttentionCase(*case(64, True, 2048))) == (None, None)
         assert dispatch._measured_order("attention", AttentionCase(*case(64, False, 0))) == (None, None)  # unknown
-        assert dispatch.measured_cuda_kernels("attention", case(64, False, 2048)) == "wgmma"
-        assert dispatch.measured_cuda_kernels("attention", case(64, False, 512)) == "mma"
-        assert dispatch.measured_cuda_kernels("attention", ("cpu",) + case(64, False, 2048)[1:]) is None
+        assert dispatch.measured_kernels("attention", case(64, False, 2048), "cuda_kernels") == "wgmma"
+        assert dispatch.measured_kernels("attention", case(64, False, 512), "cuda_kernels") == "mma"
+        assert dispatch.measured_kernels("attention", ("cpu",) + case(64, False, 2048)[1:],
+                                         "cuda_kernels") is None
         # Not yet GPU-verified: the table's wgmma is not taken.
         monkeypatch.setattr(attention_kernels, "WGMMA_GPU_VERIFIED", False)
         assert attention_kernels.kernel_for("cuda", case(64, False, 2048)) == "cuda-mma"
@@ -336,3 +337,43 @@ def test_a_measured_table_names_known_cuda_kernels(tmp_path):
     entry = dict(arch="sm_90", op="attention", case={}, order=["cuda"], cuda_kernels="hopper")
     with pytest.raises(ValueError, match=r"cuda_kernels must be one of \('mma', 'wgmma'\), got 'hopper'"):
         dispatch.check_table({"entries": [entry]}, "t.json")
+    entry = dict(arch="sm_90", op="attention", case={}, order=["triton"], triton_kernels="atomic")
+    with pytest.raises(ValueError, match=r"triton_kernels must be one of \('dq', 'atomic-dq'\), got 'atomic'"):
+        dispatch.check_table({"entries": [entry]}, "t.json")
+    with pytest.raises(ValueError, match="field must be one of"):
+        dispatch.measured_kernels("attention", ("cuda",), "kernels")
+
+
+def test_attention_tuning_chooses_the_triton_backward_by_measurement(tmp_path, monkeypatch):
+    """With fusedlm[triton-atomic-dq] timed beside fusedlm[triton], the Triton backend's time is
+    the faster one's and the entry names it (`triton_kernels`); kernel_for then launches the
+    atomic-dQ backward for that case, once it is GPU-verified, and the launcher takes it there
+    (on the interpreter here), never with deterministic=True."""
+    from fusedlm.bench.attention import tune_entries
+    from fusedlm.bench.tune import write_table
+    from fusedlm.ops import attention_kernels, dispatch
+    runs = {(64, False, 512): {"triton": 0.50, "triton-atomic-dq": 0.40, "cuda": 0.45},
+            (64, False, 4096): {"triton": 2.0, "triton-atomic-dq": 2.2},
+            (128, True, 4096): {"triton": 3.0}}                # atomic dQ not timed: not named
+    results = [dict(op="attention", direction="fwd+bwd", dtype="bfloat16", seq=s, head_dim=d,
+                    causal=c, impl=f"fusedlm[{b}]", ms=ms)
+               for (d, c, s), per in runs.items() for b, ms in per.items()]
+    entries = tune_entries(results, "sm_90", "test")
+    assert [(e["order"], e["ms"].get("triton"), e.get("triton_kernels")) for e in entries] == [
+        (["triton", "cuda"], 0.4, "atomic-dq"), (["triton"], 2.0, "dq"), (["triton"], 3.0, None)]
+    path = str(tmp_path / "t.json")
+    write_table(path, entries)
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, path)
+    monkeypatch.setattr(dispatch, "_arch", lambda: "sm_90")
+    dispatch.clear_cache()
+    case = lambda d, c, s: ("cuda", torch.bfloat16, d, False, False, False, c, s)  # noqa: E731
+    try:
+        monkeypatch.setattr(attention_kernels, "ATOMIC_DQ_GPU_VERIFIED", False)
+        assert attention_kernels.kernel_for("triton", case(64, False, 512)) == "triton"
+        monkeypatch.setattr(attention_kernels, "ATOMIC_DQ_GPU_VERIFIED", True)
+        assert attention_kernels.kernel_for("triton", case(64, False, 512)) == "triton-atomic-dq"
+        assert attention_kernels.kernel_for("triton", case(64, False, 4096)) == "triton"
+        assert attention_kernels.kernel_for("triton", case(128, True, 2048)) == "triton"
+    finally:
+        monkeypatch.delenv(dispatch.TABLE_ENV_VAR)
+        dispatch.clear_cache()

@@ -159,7 +159,8 @@ def _tune(op, path, results, env):
     for e in entries:
         c = e["case"]
         group = " ".join(str(v) if k == "dtype" else f"{k} {v}" for k, v in c.items() if k != field)
-        kernels = f" (cuda: {e['cuda_kernels']})" if "cuda_kernels" in e else ""
+        kernels = "".join(f" ({name.split('_')[0]}: {e[name]})"
+                          for name in ("cuda_kernels", "triton_kernels") if name in e)
         print(f"  {e['arch']} {op} {group} {what} {c[field][0]}-{c[field][1]}: "
               + " < ".join(f"{b} ({e['ms'][b]:.4g} ms)" for b in e["order"]) + kernels)
 

@@ -251,9 +251,15 @@ def tune_entries(results, arch, source):
     and causal, and per measured sequence length (the case's keys, `seq_k`), fusedlm's backends
     in order of their forward + backward time (forward-only runs make none). The CUDA C++
     backend stands for the faster of its two kernel families, fusedlm[cuda] (mma.sync) and
-    fusedlm[cuda-wgmma] (Hopper), and the entry names that family (`cuda_kernels`). The padded
-    BERT case and the variants (fusedlm[triton-tma]) are left out."""
-    families = {"cuda": "mma", "cuda-wgmma": "wgmma"}
+    fusedlm[cuda-wgmma] (Hopper), and the entry names that family (`cuda_kernels`); the Triton
+    backend, where fusedlm[triton-atomic-dq] was timed too, for the faster of it and
+    fusedlm[triton], named likewise (`triton_kernels`: "atomic-dq" or "dq"). The padded BERT
+    case and the other variants (fusedlm[triton-tma]) are left out."""
+    # implementation -> (backend, kernels field, family)
+    families = {"cuda": ("cuda", "cuda_kernels", "mma"),
+                "cuda-wgmma": ("cuda", "cuda_kernels", "wgmma"),
+                "triton": ("triton", "triton_kernels", "dq"),
+                "triton-atomic-dq": ("triton", "triton_kernels", "atomic-dq")}
     per = {}  # (group, seq) -> implementation -> ms
     for r in results:
         impl = fusedlm_backend(r.get("impl", ""))
@@ -265,8 +271,15 @@ def tune_entries(results, arch, source):
     timings, kernels = {}, {}
     for key, times in per.items():
         timings[key] = {b: ms for b, ms in times.items() if b not in families}
-        cuda = {families[name]: ms for name, ms in times.items() if name in families}
-        if cuda:
-            kernels[key] = min(cuda, key=cuda.get)
-            timings[key]["cuda"] = cuda[kernels[key]]
+        for backend in ("cuda", "triton"):
+            field = next(f for b, f, _ in families.values() if b == backend)
+            timed = {fam: times[impl] for impl, (b, _, fam) in families.items()
+                     if b == backend and impl in times}
+            if not timed:
+                continue
+            best = min(timed, key=timed.get)
+            timings[key][backend] = timed[best]
+            # The Triton backward's choice is named only where both were timed.
+            if backend == "cuda" or len(timed) > 1:
+                kernels.setdefault(key, {})[field] = best
     return tune.entries("attention", "seq_k", timings, arch, source, kernels)

@@ -21,10 +21,11 @@ def fusedlm_backend(impl):
     return None
 
 
-def entries(op, size_field, timings, arch, source, cuda_kernels=None):
+def entries(op, size_field, timings, arch, source, kernels=None):
     """timings: {(group, size): {backend: ms}} -> the entries of `op` for GPU `arch`, the size
     bucketed under the case field `size_field`; a group is a tuple of (case field, value) pairs.
-    cuda_kernels: {(group, size): kernel family} for the entries that name one."""
+    kernels: {(group, size): {field: kernel family}} for the entries that name one
+    (dispatch.KERNEL_FIELDS: cuda_kernels, triton_kernels)."""
     out = []
     for group in sorted({g for g, _ in timings}):
         lo = 1
@@ -34,8 +35,7 @@ def entries(op, size_field, timings, arch, source, cuda_kernels=None):
                 order = sorted(per, key=per.get)
                 e = dict(arch=arch, op=op, case={**dict(group), size_field: [lo, size]},
                          order=order, ms={b: round(per[b], 5) for b in order}, source=source)
-                if (cuda_kernels or {}).get((group, size)) is not None:
-                    e["cuda_kernels"] = cuda_kernels[(group, size)]
+                e.update((kernels or {}).get((group, size), {}))
                 out.append(e)
             lo = size + 1
     return out

@@ -99,7 +99,7 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
     """-> (out, base-2 log-sum-exp of the scaled scores) from the Triton or CUDA C++ kernel."""
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_q is not None), dtype=torch.float32, device=q.device)
-    if kernel != "triton":
+    if not kernel.startswith("triton"):
         d = _core.dl
         attention_kernels.last_cuda_forward_kernel = _core._C.attn_fwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
@@ -125,7 +125,7 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
     # Scratch for delta = rowsum(dO * O), laid out like lse: each backend's backward fills it
     # before the kernels that read it (Triton: its dQ kernel; CUDA C++: a pass of its own).
     delta = torch.empty_like(lse)
-    if kernel != "triton":
+    if not kernel.startswith("triton"):
         d = _core.dl
         attention_kernels.last_cuda_backward_kernel = _core._C.attn_bwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
@@ -136,7 +136,7 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
                     key_mask=key_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
                     causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
                     window=_window(window_left, window_right), softcap=softcap, alibi=alibi,
-                    pinned=pinned)
+                    pinned=pinned, atomic_dq=kernel == "triton-atomic-dq")
     return dq, dk, dv
 
 

@@ -12,6 +12,13 @@ GPU-verified (WGMMA_GPU_VERIFIED); else "mma". The kernels chosen at a call's fo
 with it, so its backward runs the same ones wherever it runs. Where the wgmma kernels cannot
 serve a call the mma.sync ones do, and `last_cuda_forward_kernel` / `last_cuda_backward_kernel`
 say which ran and why.
+
+Within `triton`, the backward's dQ comes from its own kernel ("triton", the default) or from the
+dK/dV kernel's fp32 atomics ("triton-atomic-dq": FlashAttention-2's backward, 5 matrix products
+a block pair instead of 7, dQ's last bits varying from run to run, head dims up to 64). The
+measured table's `triton_kernels` picks the atomic one for a case once it is GPU-verified
+(ATOMIC_DQ_GPU_VERIFIED); FUSEDLM_TRITON_ATOMIC_DQ=1 asks for it everywhere it serves
+(kernels/attention.py). `deterministic=True` never takes it.
 """
 import contextlib
 import os
@@ -25,11 +32,13 @@ cuda_kernels: Optional[str] = os.environ.get("FUSEDLM_CUDA_ATTENTION") or None
 # The measured table may choose the wgmma kernels only once they have passed the GPU suite
 # (tests/test_attention_hopper_gpu.py): until then only by name.
 WGMMA_GPU_VERIFIED = False
+# Likewise for the Triton backward's atomic dQ (tests/test_attention_gpu.py, marker opt_in).
+ATOMIC_DQ_GPU_VERIFIED = False
 last_cuda_forward_kernel: Optional[str] = None
 last_cuda_backward_kernel: Optional[str] = None
 
 # What the launchers in ops/attention.py take: the kernel family, not the dispatch backend.
-KERNELS = ("triton", "cuda-mma", "cuda-wgmma")
+KERNELS = ("triton", "triton-atomic-dq", "cuda-mma", "cuda-wgmma")
 
 
 @contextlib.contextmanager
@@ -59,12 +68,17 @@ def wgmma_requested() -> bool:
 def kernel_for(backend: str, case: Optional[tuple] = None) -> str:
     """The kernels a call that dispatch sent to `backend` ("triton" or "cuda") launches; `case`:
     the call's dispatch case (AttentionCase's values), for the measured table's choice."""
+    if backend == "triton":
+        if (case is not None and ATOMIC_DQ_GPU_VERIFIED
+                and dispatch.measured_kernels("attention", case, "triton_kernels") == "atomic-dq"):
+            return "triton-atomic-dq"
+        return "triton"
     if backend != "cuda":
         return backend
     if wgmma_requested():
         return "cuda-wgmma"
     if (cuda_kernels is None and case is not None and WGMMA_GPU_VERIFIED
-            and dispatch.measured_cuda_kernels("attention", case) == "wgmma"):
+            and dispatch.measured_kernels("attention", case, "cuda_kernels") == "wgmma"):
         return "cuda-wgmma"
     return "cuda-mma"
 

@@ -12,8 +12,9 @@ Three ways to choose, strongest first:
     architecture, op and case bucket: written by `fusedlm bench layer_norm --tune FILE` (per
     dtype and width), `fusedlm bench lm_loss --tune FILE` (per dtype and vocabulary) and
     `fusedlm bench attention --tune FILE` (per dtype, head dim, causal and sequence length;
-    an entry there may also name the CUDA C++ kernel family, `cuda_kernels`) from timings on
-    that GPU; the fixed order is the fallback for every case it does not cover.
+    an entry there may also name the CUDA C++ kernel family, `cuda_kernels`, and the Triton
+    backward's, `triton_kernels`) from timings on that GPU; the fixed order is the fallback for
+    every case it does not cover.
 
 A case is each op's own NamedTuple (`NormCase`, `LossCase`, `AttentionCase`, defined beside
 the op): the facts its backends' limits depend on, starting with the device type; callers pass
@@ -30,9 +31,12 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FUSEDLM_BACKEND"
 TABLE_ENV_VAR = "FUSEDLM_DISPATCH_TABLE"
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_dispatch.json")
-# An entry's optional choice within the "cuda" backend: attention's kernel families
-# (ops/attention_kernels.py), by measured speed.
+# An entry's optional choices within a backend, by measured speed: attention's CUDA C++ kernel
+# families and the Triton backward's dQ (its own kernel, or atomics from dK/dV); see
+# ops/attention_kernels.py.
 CUDA_KERNEL_FAMILIES = ("mma", "wgmma")
+TRITON_KERNEL_FAMILIES = ("dq", "atomic-dq")
+KERNEL_FIELDS = {"cuda_kernels": CUDA_KERNEL_FAMILIES, "triton_kernels": TRITON_KERNEL_FAMILIES}
 
 
 @dataclass(frozen=True)
@@ -125,9 +129,10 @@ def check_table(table: dict, where: str) -> List[dict]:
         if not e["order"] or any(b not in BACKENDS for b in e["order"]):
             raise ValueError(f"{where}: entry {i}'s order must name backends of {BACKENDS}, "
                              f"got {e['order']!r}")
-        if e.get("cuda_kernels", "mma") not in CUDA_KERNEL_FAMILIES:
-            raise ValueError(f"{where}: entry {i}'s cuda_kernels must be one of "
-                             f"{CUDA_KERNEL_FAMILIES}, got {e['cuda_kernels']!r}")
+        for name, families in KERNEL_FIELDS.items():
+            if e.get(name, families[0]) not in families:
+                raise ValueError(f"{where}: entry {i}'s {name} must be one of {families}, "
+                                 f"got {e[name]!r}")
     return entries
 
 
@@ -172,7 +177,8 @@ def _measured_order(op_name, case):
     times = ", ".join(f"{b} {ms:.4g} ms" for b, ms in e.get("ms", {}).items())
     bucket = ", ".join(f"{k} {v[0]}-{v[1]}" if isinstance(v, list) else f"{k} {v}"
                        for k, v in e["case"].items())
-    kernels = f" (cuda: the {e['cuda_kernels']} kernels)" if "cuda_kernels" in e else ""
+    kernels = "".join(f" ({name.split('_')[0]}: the {e[name]} kernels)"
+                      for name in KERNEL_FIELDS if name in e)
     return tuple(e["order"]), (f"{e['arch']}, {bucket}" + (f": {times}" if times else "") + kernels
                                + (f" ({e['source']})" if e.get("source") else ""))
 
@@ -248,16 +254,18 @@ _KERNELS: Dict[tuple, Optional[str]] = {}
 
 
 @_constant_under_compile
-def measured_cuda_kernels(op_name: str, case: tuple) -> Optional[str]:
-    """The CUDA C++ kernel family ("mma", "wgmma") that the measured table's entry for this
-    GPU, op and case names (its `cuda_kernels`), or None (no entry, no such field, not a CUDA
-    case). `case` as for `select`; cached per case."""
-    key = (op_name, case)
+def measured_kernels(op_name: str, case: tuple, field: str) -> Optional[str]:
+    """The kernel family that the measured table's entry for this GPU, op and case names in
+    `field` ("cuda_kernels": "mma" or "wgmma"; "triton_kernels": "dq" or "atomic-dq"), or None
+    (no entry, no such field, not a CUDA case). `case` as for `select`; cached per case."""
+    if field not in KERNEL_FIELDS:
+        raise ValueError(f"field must be one of {tuple(KERNEL_FIELDS)}, got {field!r}")
+    key = (op_name, case, field)
     if key not in _KERNELS:
         op = _OPS[op_name]
         typed = op.case_type(*case)
         e = _measured_entry(op_name, typed) if typed.device_type == "cuda" else None
-        _KERNELS[key] = None if e is None else e.get("cuda_kernels")
+        _KERNELS[key] = None if e is None else e.get(field)
     return _KERNELS[key]
 
 

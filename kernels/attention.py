@@ -1059,9 +1059,9 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     tma_dkdv = tma and group == 1 and _tma_ok(do)
     dkdv_flags = dict(flags, GROUPED=group > 1, TMA=tma_dkdv)
     block_d = _blocks(head_dim)[0]
-    serves = configs("dkdv_dq", block_d, DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
-                     HAS_KMASK=key_mask is not None)
-    if (ATOMIC_DQ or atomic_dq) and not pinned and serves:
+    if (ATOMIC_DQ or atomic_dq) and not pinned and configs(
+            "dkdv_dq", block_d, DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
+            HAS_KMASK=key_mask is not None):  # (asked first: the default path pays nothing)
         import torch
         acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed by the delta pass
         acc_strides = _strides(acc, varlen)

@@ -25,7 +25,7 @@ batch gives each sequence's rows through cu_seqlens, so no work is spent on padd
 backward regenerates the same draws.
 
 FUSEDLM_TRITON_ATOMIC_DQ=1 (opt-in until timed on a GPU) takes FlashAttention-2's backward
-instead at head dims up to 64: dK/dV also adds dQ's shares into an fp32 accumulator with
+instead at head dims up to 128: dK/dV also adds dQ's shares into an fp32 accumulator with
 atomics, 5 matrix products a block pair instead of 7, not bitwise reproducible (see ATOMIC_DQ
 below).
 
@@ -754,11 +754,12 @@ CANDIDATES = {
     # those that spill with the extra product (64 x 64 at 3 stages on Triton 3.6, with TMA or a
     # window) or serialize its wgmma (32 x 128 with a window or grouped heads), plus 64 x 64 on
     # 8 warps and 64 x 32, the one block that neither spills nor serializes in any class the
-    # models train in (its products with 32 keys run on mma.sync). None past head dim 64, which
-    # keep the dQ kernel: at 128 every block tried spills or serializes
-    # (benchmarks/results/kernel-facts/README.md).
+    # models train in (its products with 32 keys run on mma.sync). At head dim 128 the one block
+    # of 13 tried that does neither in any class, 64 x 32 on 8 warps (mostly mma.sync too); none
+    # past 128, which keep the dQ kernel (benchmarks/results/kernel-facts/README.md).
     "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
-                     (64, 32, 4, 2))},
+                     (64, 32, 4, 2)),
+                128: ((64, 32, 8, 2),)},
     "dq": {64: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)),
            128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
            256: ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2))},
@@ -799,7 +800,7 @@ def configs(name, block_d, **flags):
     """The spill-free autotuning candidates of kernel `name` ("fwd", "dkdv", "dq", "dkdv_dq") at
     BLOCK_D block_d for calls with these kernel flags (DROPOUT=True, IS_VARLEN=True, ...; the
     others off): CANDIDATES less the blocks of every SPILLS_IN_CLASS class the flags make. Empty
-    where none is left (dkdv_dq past head dim 64)."""
+    where none is left (dkdv_dq past head dim 128)."""
     dims = CANDIDATES[name]
     fits = [d for d in dims if d >= block_d]
     if not fits:
@@ -917,7 +918,7 @@ TMA = os.environ.get("FUSEDLM_TRITON_TMA", "0") == "1"
 # accumulator with atomics (5 matrix products a block pair instead of 7, no dQ kernel); a pass
 # before it computes delta and zeroes the accumulator, a scale-and-cast after it writes dQ. The
 # order of the additions varies, so dQ's last bits vary from run to run: never taken with
-# deterministic=True (pinned), nor where it has no spill-free blocks (head dims over 64). Opt-in,
+# deterministic=True (pinned), nor where it has no spill-free blocks (head dims over 128). Opt-in,
 # FUSEDLM_TRITON_ATOMIC_DQ=1, until a GPU run has timed it against the dQ kernel
 # (`fusedlm bench attention --impl "fusedlm[triton-atomic-dq]"`).
 ATOMIC_DQ = os.environ.get("FUSEDLM_TRITON_ATOMIC_DQ", "0") == "1"

@@ -283,7 +283,7 @@ def test_tma_path_gpu(d, case, kv_heads, monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
-@pytest.mark.parametrize("d", [32, 64])  # the head dims it serves
+@pytest.mark.parametrize("d", [32, 64, 128])  # head dims it serves
 @pytest.mark.parametrize("case", ["causal sq<sk, grouped heads", "padding mask", "packed",
                                   "dropout"])
 @pytest.mark.opt_in

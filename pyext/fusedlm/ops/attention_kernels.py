@@ -15,7 +15,7 @@ say which ran and why.
 
 Within `triton`, the backward's dQ comes from its own kernel ("triton", the default) or from the
 dK/dV kernel's fp32 atomics ("triton-atomic-dq": FlashAttention-2's backward, 5 matrix products
-a block pair instead of 7, dQ's last bits varying from run to run, head dims up to 64). The
+a block pair instead of 7, dQ's last bits varying from run to run, head dims up to 128). The
 measured table's `triton_kernels` picks the atomic one for a case once it is GPU-verified
 (ATOMIC_DQ_GPU_VERIFIED); FUSEDLM_TRITON_ATOMIC_DQ=1 asks for it everywhere it serves
 (kernels/attention.py). `deterministic=True` never takes it.

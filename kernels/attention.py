@@ -755,7 +755,7 @@ CANDIDATES = {
     # window) or serialize its wgmma (32 x 128 with a window or grouped heads), plus 64 x 64 on
     # 8 warps and 64 x 32, the one block that neither spills nor serializes in any class the
     # models train in (its products with 32 keys run on mma.sync). At head dim 128 the one block
-    # of 13 tried that does neither in any class, 64 x 32 on 8 warps (mostly mma.sync too); none
+    # of 14 tried that does neither in any class, 64 x 32 on 8 warps (mostly mma.sync too); none
     # past 128, which keep the dQ kernel (benchmarks/results/kernel-facts/README.md).
     "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
                      (64, 32, 4, 2)),

@@ -174,6 +174,12 @@ def _ptrs(names, dtype):
     return {n: f"*{dtype}" for n in names}
 
 
+def _bshd_stride(name, d):
+    """An attention stride argument (s_<tensor><b|s|h>) for contiguous (batch 2048, seq, 12 heads,
+    head dim d) tensors."""
+    return {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[name[-1]]
+
+
 def triton_cases():
     """(kernel, config label, fn, values, num_warps, num_stages) for every case listed."""
     from fusedlm.kernels import attention as A, layer_norm as L, lm_loss as C
@@ -246,7 +252,7 @@ def triton_cases():
                               ATOMIC_DQ=name == "dkdv_dq", **cfg.kwargs)
                 for p in fn.params:  # (batch, seq, heads, D) strides: s_?b, s_?s, s_?h
                     if p.name.startswith("s_") and p.name not in values:
-                        values[p.name] = {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[p.name[-1]]
+                        values[p.name] = _bshd_stride(p.name, d)
                 label = (f"d{d} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} "
                          f"w{cfg.num_warps} s{cfg.num_stages}{' pinned' if cfg in pinned else ''}")
                 variants = [("", values)]
@@ -269,8 +275,7 @@ def triton_cases():
         values = dict(_ptrs(("O", "DO"), "bf16"), DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32",
                       CU_K="*i32", s_lb=12 * 2048, s_lh=2048, seq_q=2048, seq_k=2048, n_heads=12,
                       HEAD_DIM=d, BLOCK_D=d, BLOCK_M=A.DELTA_BLOCK_M, IS_VARLEN=False)
-        values.update({f"s_{t}{x}": {"b": 2048 * 12 * d, "s": 12 * d, "h": d}[x]
-                       for t in ("o", "do", "acc") for x in "bsh"})
+        values.update({f"s_{t}{x}": _bshd_stride(x, d) for t in ("o", "do", "acc") for x in "bsh"})
         cases.append(("attention delta", f"d{d} M{A.DELTA_BLOCK_M}", A._attn_bwd_delta, values, 4, 1))
     return cases
 

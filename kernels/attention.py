@@ -811,9 +811,6 @@ def configs(name, block_d, **flags):
     return [_CONFIG[shape] for shape in dims[dim] if shape not in spill]
 
 
-_CLASS_FLAGS = sorted({f for needs, _ in SPILLS_IN_CLASS for f in needs})
-
-
 def _all_configs(name):
     return list(dict.fromkeys(c for block_d in CANDIDATES[name] for c in configs(name, block_d)))
 
@@ -822,9 +819,8 @@ def _candidates_of(name):
     """The autotuner's early_config_prune: the candidates of the call's BLOCK_D and class; a
     class that spills at every candidate (the forward at head dim 256, packed with dropout) keeps
     them all."""
-    def prune(all_configs, named_args, **kwargs):
-        flags = {f: kwargs[f] for f in _CLASS_FLAGS}
-        return configs(name, kwargs["BLOCK_D"], **flags) or configs(name, kwargs["BLOCK_D"])
+    def prune(all_configs, named_args, **kwargs):  # kwargs: the call's constexprs
+        return configs(name, kwargs["BLOCK_D"], **kwargs) or configs(name, kwargs["BLOCK_D"])
     return prune
 
 
@@ -1064,9 +1060,8 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
     tma_dkdv = tma and group == 1 and _tma_ok(do)
     dkdv_flags = dict(flags, GROUPED=group > 1, TMA=tma_dkdv)
     block_d = _blocks(head_dim)[0]
-    if (ATOMIC_DQ or atomic_dq) and not pinned and configs(
-            "dkdv_dq", block_d, DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
-            HAS_KMASK=key_mask is not None):  # (asked first: the default path pays nothing)
+    # (Asked first: the default path pays nothing for the class check.)
+    if (ATOMIC_DQ or atomic_dq) and not pinned and configs("dkdv_dq", block_d, **flags):
         import torch
         acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed by the delta pass
         acc_strides = _strides(acc, varlen)

@@ -1136,3 +1136,79 @@ def test_tma_path(case, monkeypatch):
     assert {name for name, _ in launched} == {"fwd", "dq", "dkdv"}, launched
     grouped = case == "padding mask, grouped heads"  # dK/dV keeps its loads there
     assert all(tma != (grouped and name == "dkdv") for name, tma in launched), launched
+
+
+def _fused_qkv(b, s, h, d, dtype, packed):
+    """A (rows, 3, heads, D) fused QKV tensor, (b * s, ...) packed or (b, s, ...) dense."""
+    g = torch.Generator().manual_seed(3)
+    lead = (b * s,) if packed else (b, s)
+    return torch.randn(*lead, 3, h, d, generator=g).to(DEVICE, dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + (["cuda"] if EMULATED else []))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_qkv_gradient_is_the_three_gradients_in_qkvs_layout(backend, packed, causal):
+    """split_qkv's views give what three separate tensors give, forward and backward (the
+    gradient laid out as qkv, whichever way it was assembled), against float64."""
+    b, s, h, d = 2, 19, 2, 32
+    qkv = _fused_qkv(b, s, h, d, torch.float16, packed)
+    q, k, v = fusedlm.ops.split_qkv(qkv)
+    assert q.data_ptr() == qkv.data_ptr() and k.stride() == qkv[..., 1, :, :].stride()  # views
+    cu = torch.tensor([0, 7, b * s], dtype=torch.int32, device=DEVICE)
+    if packed:
+        out = fusedlm.attention_varlen(q, k, v, cu, cu, b * s - 7, b * s - 7, causal=causal,
+                                       backend=backend)
+    else:
+        out = fusedlm.attention(q, k, v, causal=causal, backend=backend)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    (dqkv,) = torch.autograd.grad(out, qkv, do.half())
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    ref_qkv = qkv.detach().double().requires_grad_()
+    qs, ks, vs = ref_qkv.unbind(-3)
+    if packed:
+        ref = torch.cat([reference.attention(*(t[None, lo:hi] for t in (qs, ks, vs)), causal=causal)[0][0]
+                         for lo, hi in ((0, 7), (7, b * s))])
+    else:
+        ref = reference.attention(qs, ks, vs, causal=causal)[0]
+    (want,) = torch.autograd.grad(ref, ref_qkv, do)
+    compare(out, ref, [dqkv], [want], torch.float16)
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("packed", [False, True])
+def test_split_qkv_backward_copies_nothing(packed):
+    """The attention kernels write dq, dk and dv into one buffer and split_qkv's backward hands
+    it on: no stack (a read and a write of every gradient element) after the two kernels; the
+    buffer's values are exactly the separate gradients'."""
+    from fusedlm.bench import host
+    b, s, h, d = 2, 24, 2, 64
+    qkv = _fused_qkv(b, s, h, d, torch.float16, packed)
+    cu = torch.tensor([0, 24, 48], dtype=torch.int32, device=DEVICE)
+
+    def call(q, k, v):
+        if packed:
+            return fusedlm.attention_varlen(q, k, v, cu, cu, s, s, backend="triton",
+                                            check_offsets=False)
+        return fusedlm.attention(q, k, v, backend="triton")
+    do = torch.ones(qkv.shape[:-3] + qkv.shape[-2:], dtype=torch.float16, device=DEVICE)
+    with host.launches_stubbed():
+        counts = host.count_launches(
+            lambda: torch.autograd.grad(call(*fusedlm.ops.split_qkv(qkv)), qkv, do))
+    assert counts == (0, 2, 0)
+    (dqkv,) = torch.autograd.grad(call(*fusedlm.ops.split_qkv(qkv)), qkv, do)
+    sep = [t.detach().clone().requires_grad_() for t in qkv.unbind(-3)]
+    want = torch.autograd.grad(call(*sep), sep, do)
+    assert all(torch.equal(got, w) for got, w in zip(dqkv.unbind(-3), want))
+
+
+def test_split_qkv_stacks_gradients_it_cannot_pass_on():
+    """Gradients not laid out as one buffer (one of them unused, or from another op) are
+    stacked; a tensor that is not (..., 3, heads, D) is refused by name."""
+    qkv = torch.randn(5, 3, 2, 4, requires_grad=True)
+    q, k, v = fusedlm.ops.split_qkv(qkv)
+    (g,) = torch.autograd.grad((q * 2).sum() + v.sum(), qkv)
+    assert torch.equal(g[:, 0], torch.full_like(q, 2.0)) and torch.equal(g[:, 1], torch.zeros_like(k))
+    assert torch.equal(g[:, 2], torch.ones_like(v))
+    with pytest.raises(ValueError, match="qkv must be a tensor of shape"):
+        fusedlm.ops.split_qkv(torch.randn(5, 2, 2, 4))

@@ -30,7 +30,8 @@ import torch
 
 from . import reference
 from .ops import dispatch
-from .ops.attention import _seed, attention, attention_varlen, dropout_mask, padded_rows
+from .ops.attention import (_seed, attention, attention_varlen, dropout_mask, padded_rows,
+                             split_qkv)
 
 
 def _get_block_size_n(device, head_dim, is_dropout, is_causal):
@@ -89,8 +90,9 @@ def _signed_blocks(p, keep):
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False):
-    """qkv (batch, seqlen, 3, nheads, headdim), taken by strides."""
-    q, k, v = qkv.unbind(2)
+    """qkv (batch, seqlen, 3, nheads, headdim), taken by strides; its gradient comes back as one
+    tensor written by the kernels, not three copied into one (split_qkv)."""
+    q, k, v = split_qkv(qkv)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -143,8 +145,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      softmax_scale=None, causal=False, window_size=(-1, -1),
                                      softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
-    """qkv (total, 3, nheads, headdim), taken by strides; one cu_seqlens for queries and keys."""
-    q, k, v = qkv.unbind(1)
+    """qkv (total, 3, nheads, headdim), taken by strides; one cu_seqlens for queries and keys;
+    its gradient comes back as one tensor, as flash_attn_qkvpacked_func's."""
+    q, k, v = split_qkv(qkv)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)

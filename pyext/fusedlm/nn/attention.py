@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import attention, attention_varlen
+from ..ops import attention, attention_varlen, split_qkv
 
 
 class SelfAttention(torch.nn.Module):
@@ -35,6 +35,8 @@ class SelfAttention(torch.nn.Module):
 
     def _split(self, qkv):
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if hk == h:  # the gradient then comes back as one tensor, uncopied (split_qkv)
+            return split_qkv(qkv.unflatten(-1, (3, h, d)))
         q, k, v = qkv.split((h * d, hk * d, hk * d), dim=-1)
         return q.unflatten(-1, (h, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
 

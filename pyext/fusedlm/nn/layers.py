@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import attention_varlen, pad, unpad
+from ..ops import attention_varlen, pad, split_qkv, unpad
 from .activations import activation
 from .layer_norm import LayerNorm
 
@@ -62,7 +62,14 @@ class EncoderSelfAttention(torch.nn.Module):
         self.dropout_p = attention_dropout
 
     def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
-        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in (self.query, self.key, self.value))
+        # One GEMM for the three projections (Hugging Face's three parameters, concatenated:
+        # a copy of the small weights), whose input gradient is then one GEMM too, not three
+        # summed by two adds; split_qkv has the attention kernels write dq, dk and dv into one
+        # buffer that this GEMM's backward reads as it is.
+        projs = (self.query, self.key, self.value)
+        qkv = torch.nn.functional.linear(x, torch.cat([p.weight for p in projs]),
+                                         torch.cat([p.bias for p in projs]))
+        q, k, v = split_qkv(qkv.unflatten(-1, (3, self.heads, -1)))
         o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
                              max_seqlen, dropout_p=self.dropout_p if self.training else 0.0,
                              check_offsets=check_offsets)
@@ -156,7 +163,7 @@ class DecoderAttention(torch.nn.Module):
         self.resid_dropout = torch.nn.Dropout(dropout)
 
     def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
-        q, k, v = (t.unflatten(-1, (self.n_head, -1)) for t in self.c_attn(x).chunk(3, dim=-1))
+        q, k, v = split_qkv(self.c_attn(x).unflatten(-1, (3, self.n_head, -1)))
         o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
                              max_seqlen, causal=True,
                              dropout_p=self.attn_pdrop if self.training else 0.0,

@@ -5,7 +5,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..ops import attention
+from ..ops import attention, split_qkv
 from ._swap import rebind, swap_modules
 
 
@@ -35,8 +35,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
         x = query if self.batch_first else query.transpose(0, 1)       # (batch, seq, embed)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(
-            -1, (3, self.num_heads, self.head_dim)).unbind(2)
+        q, k, v = split_qkv(F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(
+            -1, (3, self.num_heads, self.head_dim)))
         keep = None
         if key_padding_mask is not None:  # torch: True / -inf = ignore; fusedlm: nonzero = attend
             # (a float mask here holds only 0 and -inf: see _fused_ok)

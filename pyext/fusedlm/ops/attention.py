@@ -112,16 +112,45 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
     return o, lse
 
 
+def _contiguous_strides(shape):
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    return tuple(strides)
+
+
+def _qkv_slices(q, k, v):
+    """Are q, k and v the three consecutive slices of one contiguous (..., rows, 3, heads, D)
+    tensor along its dim -3 (a fused QKV projection's output, split by `split_qkv`)?"""
+    whole = _contiguous_strides(q.shape[:-2] + (3,) + q.shape[-2:])
+    step = whole[-3]  # heads * D
+    return (q.dim() >= 3 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+            and q.stride() == k.stride() == v.stride() == whole[:-3] + whole[-2:]
+            and k.storage_offset() - q.storage_offset() == step
+            and v.storage_offset() - k.storage_offset() == step
+            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            == v.untyped_storage().data_ptr())
+
+
 def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-              dropout_p, seed, pinned, window_left, window_right, softcap, alibi, kernel):
+              dropout_p, seed, pinned, window_left, window_right, softcap, alibi, kernel,
+              packed_grads=False):
+    """packed_grads (eager only: a custom op's outputs may not alias): when q, k and v are
+    slices of one fused QKV tensor, dq, dk and dv are written as the same slices of one buffer,
+    which split_qkv's backward then passes on whole, with no copy (both backends' kernels take
+    their outputs' strides)."""
     do = unit_stride(do)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Packed key rows after the last key sequence are written by no kernel: their gradient is
     # 0. There are none when the queries' offsets, which end at the last row, serve the keys.
     every_key_row = cu_k is None or (cu_k is cu_q and k.shape[0] == q.shape[0])
-    grad_kv = torch.empty if every_key_row else torch.zeros
-    dk = grad_kv(k.shape, dtype=k.dtype, device=k.device)
-    dv = grad_kv(v.shape, dtype=v.dtype, device=v.device)
+    if packed_grads and every_key_row and _qkv_slices(q, k, v):
+        dq, dk, dv = torch.empty(q.shape[:-2] + (3,) + q.shape[-2:], dtype=q.dtype,
+                                 device=q.device).unbind(-3)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        grad_kv = torch.empty if every_key_row else torch.zeros
+        dk = grad_kv(k.shape, dtype=k.dtype, device=k.device)
+        dv = grad_kv(v.shape, dtype=v.dtype, device=v.device)
     # Scratch for delta = rowsum(dO * O), laid out like lse: each backend's backward fills it
     # before the kernels that read it (Triton: its dQ kernel; CUDA C++: a pass of its own).
     delta = torch.empty_like(lse)
@@ -160,7 +189,7 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         *saved, alibi = ctx.saved_tensors
         # Gradients for q, k, v; none for key_mask, cu_q, cu_k, alibi and the settings.
-        return _backward(do, *saved, *ctx.meta[:-1], alibi, ctx.meta[-1]) + (None,) * 5
+        return _backward(do, *saved, *ctx.meta[:-1], alibi, ctx.meta[-1], True) + (None,) * 5
 
 
 # torch.compile path: the same launchers behind custom ops with fake kernels and autograd. The
@@ -236,6 +265,39 @@ def _fused(*args):
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])):
         return _forward(*args)  # inference: the kernel alone (autograd's apply costs ~35 us)
     return _AttentionFunction.apply(*args[:6], args[16], (*args[6:16], args[17]))
+
+
+class _SplitQKV(torch.autograd.Function):
+    """q, k, v = qkv.unbind(-3), whose backward hands on, uncopied, the one buffer the attention
+    kernels wrote dq, dk and dv into (`_backward`'s packed_grads); else it stacks them."""
+
+    @staticmethod
+    def forward(ctx, qkv):
+        ctx.shape, ctx.dtype, ctx.device = qkv.shape, qkv.dtype, qkv.device
+        return qkv.unbind(-3)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        grads = (dq, dk, dv)
+        if all(g is not None for g in grads) and _qkv_slices(*grads):
+            # The buffer itself: contiguous in qkv's shape, starting at dq.
+            return dq.as_strided(ctx.shape, _contiguous_strides(ctx.shape), dq.storage_offset())
+        return torch.stack([g if g is not None else torch.zeros(ctx.shape[:-3] + ctx.shape[-2:],
+                                                                dtype=ctx.dtype, device=ctx.device)
+                            for g in grads], dim=-3)
+
+
+def split_qkv(qkv: Tensor):
+    """(q, k, v) from a fused QKV projection's output viewed as (..., rows, 3, heads, D): the
+    views qkv.unbind(-3), for attention / attention_varlen. In eager mode their gradients come
+    back as one buffer in qkv's layout, written so by the attention kernels, not three tensors
+    that autograd would copy into one (a read and a write of every gradient element)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() < 4 or qkv.shape[-3] != 3:
+        raise ValueError("qkv must be a tensor of shape (..., rows, 3, heads, head_dim), got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qkv.requires_grad):
+        return qkv.unbind(-3)
+    return _SplitQKV.apply(qkv)
 
 
 # ---------------------------------------------------------------------------------------------

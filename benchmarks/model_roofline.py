@@ -17,7 +17,9 @@ Each kernel then takes max(FLOPs / matmul rate, bytes / copy rate), as if it ran
 rates the machine reaches; the step is their sum. That is a lower bound on the GPU's time:
 not modelled are kernels below their roofline (attention kernels reach 50-80% of the matmul
 rate; small GEMMs less), the gaps between kernels (a few microseconds each: the kernel count is
-printed), L2 hits and host time (`fusedlm bench host`).
+printed), L2 hits and host time (`fusedlm bench host`). Beside the time, the bytes the forward
+saves for the backward (activation memory: with the weights, their gradients and the optimizer's
+state, what a training step's peak memory is made of).
 
 Every model runs in bf16 (weights and activations): `fusedlm bench model` runs bf16 autocast
 with fp32 weights instead, under which Hugging Face's models also cast each weight every step
@@ -65,6 +67,7 @@ class Ledger:
 
     def __init__(self):
         self.kernels = []
+        self.saved_bytes = 0
 
     def add(self, name, flops, nbytes):
         self.kernels.append((name, int(flops), int(nbytes)))
@@ -317,11 +320,24 @@ def _models(case):
 
 
 def step_ledger(model, kw):
-    """The kernels of one training step of `model` on the batch `kw`."""
+    """The kernels of one training step of `model` on the batch `kw`, and the bytes the forward
+    keeps for the backward (`saved_bytes`: every storage autograd saved, the parameters' not
+    counted): the activation memory, most of a training step's peak beside the weights."""
     ledger = Ledger()
     model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
     with _as_on_a_gpu(ledger), _AsGpuAten(ledger), _Recorder(ledger):
-        model(**kw).loss.backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**kw).loss
+        loss.backward()
+    ledger.saved_bytes = sum(saved.values())
     return ledger
 
 
@@ -339,7 +355,8 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), tflops=H200["tfl
             log(f"\n{case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding; "
                 f"bound at {tflops:g} TFLOP/s and {tbps:g} TB/s")
             log(f"  {'implementation':<26} {'kernels':>7} {'TFLOP':>7} {'GB':>7} {'bound ms':>9}"
-                f"  {'gemm':>6} {'attn':>6} {'norm':>6} {'loss':>6} {'other':>6}  x HF")
+                f"  {'gemm':>6} {'attn':>6} {'norm':>6} {'loss':>6} {'other':>6}  x HF"
+                f"  {'saved GB':>8}")
             base = None
             for name, (model, layout) in models.items():
                 ledger = step_ledger(model, batches[layout])
@@ -349,10 +366,11 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), tflops=H200["tfl
                 split = "".join(f" {cats.get(c, [0, 0, 0, 0.0])[3]:6.2f}"
                                 for c in ("gemm", "attention", "norm", "loss", "other"))
                 log(f"  {name:<26} {n:7d} {flops / 1e12:7.2f} {nbytes / 1e9:7.2f} {ms:9.2f} "
-                    f"{split}  x{base / ms:.2f}")
+                    f"{split}  x{base / ms:.2f}  {ledger.saved_bytes / 1e9:8.2f}")
                 results.append(dict(case=case, padding=padding, impl=name, kernels=n,
                                     tflop=round(flops / 1e12, 3), gb=round(nbytes / 1e9, 3),
                                     bound_ms=round(ms, 3), speedup_vs_hf_eager=round(base / ms, 3),
+                                    saved_gb=round(ledger.saved_bytes / 1e9, 3),
                                     by_category={c: dict(kernels=v[0], tflop=round(v[1] / 1e12, 3),
                                                          gb=round(v[2] / 1e9, 3), ms=round(v[3], 3))
                                                  for c, v in cats.items()}))

@@ -185,18 +185,22 @@ def triton_cases():
     from fusedlm.kernels import attention as A, layer_norm as L, lm_loss as C
     from fusedlm.kernels._host import next_power_of_2
     cases = []
-    # Layer norm at BERT-base (768), GPT-2 XL-ish (1600) and 4096 wide, bf16, with a residual.
-    for n in (768, 1600, 4096):
+    # Layer norm at BERT-base (768), GPT-2 XL-ish (1600) and 4096 wide, bf16, with a residual;
+    # at 768 also with dropout, as BERT's "dropout, add & norm" runs it.
+    for n, dropout in ((768, False), (768, True), (1600, False), (4096, False)):
         block = L._block_n(n)
+        label = f"bf16 N={n}" + (" dropout" if dropout else "")
         fwd = dict(_ptrs("X RES W B Y Z".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
-                   stride_x=n, stride_res=n, stride_y=n, stride_z=n, N=n, eps=1e-5, IS_RMS=False,
-                   HAS_RES=True, HAS_W=True, HAS_B=True, STORE_Z=True, BLOCK_N=block)
-        cases.append(("layer_norm fwd", f"bf16 N={n}", L._norm_fwd_kernel, fwd, L._num_warps(block), 1))
-        bwd = dict(_ptrs("DY Z W DZ_EXTRA DZ".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
+                   stride_x=n, stride_res=n, stride_y=n, stride_z=n, N=n, eps=1e-5, seed=1,
+                   p_drop=0.1, drop_scale=1 / 0.9, IS_RMS=False, HAS_RES=True, HAS_W=True,
+                   HAS_B=True, STORE_Z=True, DROPOUT=dropout, BLOCK_N=block)
+        cases.append(("layer_norm fwd", label, L._norm_fwd_kernel, fwd, L._num_warps(block), 1))
+        bwd = dict(_ptrs("DY Z W DZ_EXTRA DZ DX".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
                    DW_PART="*fp32", DB_PART="*fp32", stride_dy=n, stride_z=n, stride_extra=n,
-                   stride_dz=n, n_rows=16384, N=n, rows_per_program=64, IS_RMS=False, HAS_W=True,
-                   HAS_B=True, HAS_DZ_EXTRA=True, NEED_DW=True, BLOCK_N=block)
-        cases.append(("layer_norm bwd", f"bf16 N={n}", L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
+                   stride_dz=n, stride_dx=n, n_rows=16384, N=n, rows_per_program=64, seed=1,
+                   p_drop=0.1, drop_scale=1 / 0.9, IS_RMS=False, HAS_W=True, HAS_B=True,
+                   HAS_DZ_EXTRA=True, NEED_DW=True, STORE_DZ=True, DROPOUT=dropout, BLOCK_N=block)
+        cases.append(("layer_norm bwd", label, L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
     # The LM loss row kernel at BERT's, GPT-2's (raw, and padded to 50304 by the model) and
     # Llama 3's vocabularies, with the row pitch the driver gives the logits buffer on a GPU.
     import importlib

@@ -2,9 +2,13 @@
 
 Forward:  z = x + residual (rounded to x's dtype, as the unfused `x + residual` would be)
           y = (z - mean) * rstd * w + b          (RMSNorm: y = z * rstd * w, no mean)
+With DROPOUT, x is dropped out first (z = dropout(x) + residual, each kept element scaled by
+1 / (1 - p)): the keep-mask is Philox's draw at the element's flat index (row * N + column)
+from the call's seed, drawn again by the backward, never stored.
 Statistics are fp32 and the row is held in registers, so a row is read once and written once.
 
-Backward: one program owns a contiguous block of rows; it writes dz for each row and keeps the
+Backward: one program owns a contiguous block of rows; it writes dz for each row (with
+DROPOUT also dx = dz * keep / (1 - p), x's gradient, dz staying the residual's) and keeps the
 row-sums of dy * xhat (dweight) and dy (dbias) in fp32 registers, which it stores as one row of
 a (programs, N) partial buffer. A second kernel sums that buffer column by column in a fixed
 order, so dweight and dbias are deterministic for a given grid.
@@ -19,17 +23,27 @@ MAX_COLUMNS = 65536
 
 
 @triton.jit
+def _kept(seed, p_drop, row, cols, N):
+    """The dropout keep-mask of a row's columns: Philox at the flat index row * N + column
+    (row: an int64 scalar, so that the index does not wrap past 2**31 elements)."""
+    return tl.rand(seed, row * N + cols) >= p_drop
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, RES, W, B, Y, Z, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_z,
-    N, eps,
+    N, eps, seed, p_drop, drop_scale,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    STORE_Z: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_Z: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if DROPOUT:  # rounded to x's dtype, as dropout's output is
+        kept = _kept(seed, p_drop, row, cols, N)
+        z = tl.where(kept, z.to(tl.float32) * drop_scale, 0.0).to(X.dtype.element_ty)
     if HAS_RES:
         z = z + tl.load(RES + row * stride_res + cols, mask=mask, other=0.0)
     if STORE_Z:
@@ -65,11 +79,12 @@ def _norm_fwd_kernel(
 # does not compile a variant per value class (divisible by 16, equal to 1) mid-run.
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _norm_bwd_kernel(
-    DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DW_PART, DB_PART,
-    stride_dy, stride_z, stride_extra, stride_dz,
-    n_rows, N, rows_per_program,
+    DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DX, DW_PART, DB_PART,
+    stride_dy, stride_z, stride_extra, stride_dz, stride_dx,
+    n_rows, N, rows_per_program, seed, p_drop, drop_scale,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_DZ_EXTRA: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DZ_EXTRA: tl.constexpr, NEED_DW: tl.constexpr, STORE_DZ: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -84,6 +99,8 @@ def _norm_bwd_kernel(
     first = pid.to(tl.int64) * rows_per_program
     dy_ptr, z_ptr = DY + first * stride_dy, Z + first * stride_z
     dz_ptr, extra_ptr = DZ + first * stride_dz, DZ_EXTRA + first * stride_extra
+    dx_ptr = DX + first * stride_dx
+    row64 = first  # the row as an int64, for the dropout mask's flat index
     for row in range(row_start, row_end):
         dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -109,7 +126,13 @@ def _norm_bwd_kernel(
         if HAS_DZ_EXTRA:
             dz += tl.load(extra_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             extra_ptr += stride_extra
-        tl.store(dz_ptr + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+        if STORE_DZ:
+            tl.store(dz_ptr + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+        if DROPOUT:
+            dx = tl.where(_kept(seed, p_drop, row64, cols, N), dz * drop_scale, 0.0)
+            tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx_ptr += stride_dx
+            row64 += 1
         dy_ptr += stride_dy
         z_ptr += stride_z
         dz_ptr += stride_dz
@@ -139,9 +162,10 @@ def _num_warps(block_n):
     return min(max(block_n // 256, 1), 32)
 
 
-def forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms):
+def forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms, dropout_p=0.0, seed=0):
     """x, residual, y, z: (rows, N) with unit column stride; mean, rstd: (rows,) fp32.
-    residual, weight, bias, z, mean may be None (z: the sum is not stored; mean: RMSNorm)."""
+    residual, weight, bias, z, mean may be None (z: the sum is not stored; mean: RMSNorm).
+    dropout_p > 0 drops x out first, its keep-mask drawn from `seed`."""
     rows, n = x.shape
     if rows == 0:
         return
@@ -152,30 +176,40 @@ def forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms):
         y, z if z is not None else y, mean if mean is not None else rstd, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         y.stride(0), z.stride(0) if z is not None else 0,
-        n, eps,
+        n, eps, seed, dropout_p, _drop_scale(dropout_p),
         IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, STORE_Z=z is not None, BLOCK_N=block_n,
+        HAS_B=bias is not None, STORE_Z=z is not None, DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
         num_warps=_num_warps(block_n),
     )
 
 
-def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight, dbias, is_rms):
+def _drop_scale(dropout_p):
+    return 1.0 / (1.0 - dropout_p)
+
+
+def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight, dbias, is_rms,
+             dx=None, dropout_p=0.0, seed=0):
     """dy, z, dz_extra, dz: (rows, N); dw_part/db_part: (programs, N) fp32 scratch, one row per
-    program (None when that gradient is not wanted); dweight/dbias: (N,) outputs or None."""
+    program (None when that gradient is not wanted); dweight/dbias: (N,) outputs or None.
+    With dropout_p > 0, dx (rows, N) gets x's gradient (the forward's seed redraws its mask), and
+    dz (the residual's) may be None when there is no residual."""
     rows, n = dy.shape
     parts = dw_part if dw_part is not None else db_part
     n_programs = parts.shape[0] if parts is not None else min(rows, 1024)
     if rows > 0:
         rows_per_program = cdiv(rows, n_programs)
         block_n = _block_n(n)
+        out = dz if dz is not None else dx
         _norm_bwd_kernel[(n_programs,)](
             dy, z, weight if weight is not None else dy, mean if mean is not None else rstd, rstd,
-            dz_extra if dz_extra is not None else dy, dz,
-            dw_part if dw_part is not None else dz, db_part if db_part is not None else dz,
+            dz_extra if dz_extra is not None else dy, out, dx if dx is not None else out,
+            dw_part if dw_part is not None else out, db_part if db_part is not None else out,
             dy.stride(0), z.stride(0), dz_extra.stride(0) if dz_extra is not None else 0,
-            dz.stride(0), rows, n, rows_per_program,
+            out.stride(0), dx.stride(0) if dx is not None else 0,
+            rows, n, rows_per_program, seed, dropout_p, _drop_scale(dropout_p),
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=db_part is not None,
-            HAS_DZ_EXTRA=dz_extra is not None, NEED_DW=dw_part is not None, BLOCK_N=block_n,
+            HAS_DZ_EXTRA=dz_extra is not None, NEED_DW=dw_part is not None,
+            STORE_DZ=dz is not None, DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
             num_warps=_num_warps(block_n),
         )
     for part, out in ((dw_part, dweight), (db_part, dbias)):

@@ -45,8 +45,36 @@ def test_custom_ops_pass_opcheck(backend, rms):
     r = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     w = torch.randn(40, device=DEVICE, requires_grad=True)
     b = None if rms else torch.randn(40, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend))
-    torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend))
+    seed = torch.tensor(5)
+    torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend, 0.0, seed))
+    torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend, 0.0, seed))
+    if backend != "cuda":  # the CUDA C++ kernel has no dropout
+        torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend, 0.2, seed))
+        torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, True, backend, 0.2, seed))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_dropout_add_norm_fullgraph_compile(backend):
+    """BERT's "dropout, add & norm" compiles whole and gives eager's result and gradients for
+    the same seed (its keep-mask redrawn in the backward from the seed either way)."""
+    torch.manual_seed(0)
+    x, r = (torch.randn(7, 48, device=DEVICE, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(48, device=DEVICE, requires_grad=True) for _ in range(2))
+
+    def step(x, r, w, b):
+        y, z = fusedlm.layer_norm(x, w, b, residual=r, dropout_p=0.25, seed=11,
+                                  return_residual=True, backend=backend)
+        return (y * y).sum() + z.sum()
+    eager = step(x, r, w, b)
+    g_eager = torch.autograd.grad(eager, (x, r, w, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, r, w, b)
+    g_comp = torch.autograd.grad(out, (x, r, w, b))
+    assert rel_err(out, eager) < 1e-6
+    for a, c in zip(g_comp, g_eager):
+        assert rel_err(a, c) < 1e-6
+    assert (g_eager[0] == 0).any() and not torch.equal(g_eager[0], g_eager[1])  # x's is dropped
 
 
 class MLMHeadLoss(torch.nn.Module):

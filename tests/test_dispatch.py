@@ -79,7 +79,9 @@ def test_bf16_under_interpreter_is_refused_not_wrong():
 def test_each_op_records_its_own_typed_case():
     fusedlm.layer_norm(torch.randn(3, 8), torch.ones(8))
     case = fusedlm.explain("layer_norm").case
-    assert case == ("cpu", torch.float32, 8, torch.float32) and case.columns == 8
+    assert case == ("cpu", torch.float32, 8, torch.float32, False) and case.columns == 8
+    fusedlm.layer_norm(torch.randn(3, 8), torch.ones(8), dropout_p=0.1)  # a limit of one backend
+    assert fusedlm.explain("layer_norm").case.dropout
     q = torch.randn(1, 4, 2, 16)
     fusedlm.attention(q, q, q, dropout_p=0.1)
     case = fusedlm.explain("attention").case

@@ -346,3 +346,96 @@ def test_core_rejects_a_non_capsule():
     args["x"] = torch.randn(4, 16)
     with pytest.raises(TypeError, match="x must be an unconsumed DLPack capsule"):
         _core._C.norm_fwd(**args, eps=1e-5, rms=False, stream=0)
+
+
+# ---- dropout, add & norm ----------------------------------------------------------------------
+
+DROPOUT_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the CUDA C++ kernel has no dropout
+
+
+def _kept(backend, rows, n, dtype, p, seed, rms=False):
+    """The keep-mask a call with this seed draws, read back through return_residual: ones
+    dropped out (plus a zero residual) are 1 / (1 - p) where kept, 0 where dropped."""
+    ones = torch.ones(rows, n, dtype=dtype, device=DEVICE)
+    norm = fusedlm.rms_norm if rms else fusedlm.layer_norm
+    with torch.no_grad():
+        _, z = norm(ones, residual=torch.zeros_like(ones), dropout_p=p, seed=seed,
+                    return_residual=True, backend=backend)
+    assert set(z.unique().tolist()) <= {0.0, float(torch.tensor(1 / (1 - p), dtype=dtype))}
+    return z != 0
+
+
+@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_dropout_add_norm_matches_reference_given_the_keep_mask(backend, dtype, residual, rms):
+    check_dropout_add_norm(backend, dtype, residual, rms, 37, 767)
+
+
+def check_dropout_add_norm(backend, dtype, residual, rms, rows, n):
+    """norm(dropout(x) + residual) against float64 given the call's own keep-mask, forward and
+    backward: x's gradient is the sum's dropped out as x was, the residual's the sum's (also
+    the GPU suite's check, at model sizes)."""
+    p, seed, eps = 0.3, 1234, 1e-5
+    keep = _kept(backend, rows, n, dtype, p, seed, rms)
+    x, w, b, r, dy, dz = make(rows, n, dtype, residual=residual)
+    norm = fusedlm.rms_norm if rms else fusedlm.layer_norm
+    params = (w,) if rms else (w, b)
+    y, z = norm(x, *params, eps, residual=r, dropout_p=p, seed=seed, return_residual=True,
+                backend=backend)
+    xs, ws, bs, rs = map(f64, (x, w, b, r))
+    dropped = xs * keep / (1 - p)
+    dropped = dropped + (dropped.to(dtype).double() - dropped).detach()  # rounded, as stored
+    zin = dropped if rs is None else reference.rounded_sum(dropped, rs, dtype)
+    ref = reference.rms_norm(zin, ws, eps)[0] if rms else reference.layer_norm(zin, ws, bs, eps)[0]
+    assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+    assert rel_err(z, zin) < TOL[dtype]
+    inputs = [x, *params, r]
+    got = grads([y, z], [dy, dz], inputs)
+    want = grads([ref, zin], [dy.double(), dz.double()], [xs, ws, *([] if rms else [bs]), rs])
+    for name, g_, w_ in zip(["x", "w", *([] if rms else ["b"]), "r"], got, want):
+        if g_ is None:
+            continue
+        assert g_.shape == w_.shape and g_.dtype == dtype, name
+        assert rel_err(g_, w_) < TOL[dtype] * (1 if name in "xr" else 2), (name, rel_err(g_, w_))
+    assert torch.all(got[0][~keep] == 0)  # a dropped element passes no gradient to x
+
+
+@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+def test_dropout_keep_rate_seed_and_zero(backend):
+    """About 1 - p of the elements are kept; a seed gives its mask again and another seed
+    another mask; dropout_p=0 is the plain call, bit for bit."""
+    keep = _kept(backend, 64, 1000, torch.float32, 0.25, 7)
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(keep, _kept(backend, 64, 1000, torch.float32, 0.25, 7))
+    assert not torch.equal(keep, _kept(backend, 64, 1000, torch.float32, 0.25, 8))
+    x, w, b, r, _, _ = make(9, 100, torch.float32, residual=True)
+    plain = fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
+    assert torch.equal(fusedlm.layer_norm(x, w, b, residual=r, dropout_p=0.0, backend=backend), plain)
+    torch.manual_seed(3)  # seed=None draws from torch's generator: reproducible
+    a = fusedlm.layer_norm(x, w, b, residual=r, dropout_p=0.5, backend=backend)
+    torch.manual_seed(3)
+    assert torch.equal(fusedlm.layer_norm(x, w, b, residual=r, dropout_p=0.5, backend=backend), a)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dropout_p=1.0), "dropout_p must be a float in \\[0, 1\\)"),
+    (dict(dropout_p=-0.1), "dropout_p must be a float in \\[0, 1\\)"),
+    (dict(dropout_p="0.1"), "dropout_p must be a float"),
+    (dict(dropout_p=0.1, seed=-1), "seed must be an int in \\[0, 2\\*\\*31\\)"),
+    (dict(dropout_p=0.1, seed=1.5), "seed must be an int"),
+])
+def test_dropout_bad_arguments_are_named(bad, match):
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        fusedlm.layer_norm(x, **bad)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled core's CUDA C++ kernels")
+def test_cuda_backend_refuses_dropout_by_name():
+    """The CUDA C++ layer norm has no dropout: asked for it, it says so; dispatch passes it by."""
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="has no dropout"):
+        fusedlm.layer_norm(x, dropout_p=0.1, backend="cuda")
+    assert fusedlm.layer_norm(x, dropout_p=0.0, backend="cuda").shape == x.shape

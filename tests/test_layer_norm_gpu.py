@@ -125,3 +125,13 @@ def test_inductor_fullgraph_gpu():
     out = torch.compile(ln, fullgraph=True)(x)
     assert rel_err(out, eager) < 1e-6
     out.sum().backward()
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_dropout_add_norm_gpu(dtype, residual):
+    """The fused dropout (BERT's dropout, add & norm) at one BERT-base batch's rows, compiled
+    for the GPU: forward and backward against float64 given the kernel's own keep-mask."""
+    from test_layer_norm import check_dropout_add_norm
+    check_dropout_add_norm("triton", dtype, residual, False, 16384, 768)

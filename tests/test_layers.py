@@ -98,3 +98,47 @@ def test_layer_bad_input():
     with pytest.raises(ValueError, match="not both"):
         layer(torch.randn(5, H), torch.ones(1, 5), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
               max_seqlen=5)
+
+
+def _drawn_seed():
+    """The next dropout seed fusedlm draws from torch's default generator (ops dropout_seed)."""
+    return int(torch.randint(0, 2 ** 31 - 2, ()))
+
+
+def test_encoder_dropout_runs_in_the_norms_kernels():
+    """BERT's "dense -> dropout -> add & norm" in training is the norm's fused dropout with the
+    module's p and a seed drawn from torch's generator; in eval, no dropout at all."""
+    torch.manual_seed(0)
+    out = fusedlm.nn.layers.ResidualOutput(64, H, dropout=0.25, eps=1e-12).to(DEVICE)
+    h, r = torch.randn(13, 64, device=DEVICE), torch.randn(13, H, device=DEVICE)
+    torch.manual_seed(7)
+    y = out(h, r)
+    torch.manual_seed(7)
+    ln = out.LayerNorm
+    want = fusedlm.layer_norm(out.dense(h), ln.weight, ln.bias, ln.eps, residual=r,
+                              dropout_p=0.25, seed=_drawn_seed())
+    assert torch.equal(y, want)
+    out.eval()
+    assert torch.equal(out(h, r), fusedlm.layer_norm(out.dense(h), ln.weight, ln.bias, ln.eps,
+                                                     residual=r))
+
+
+def test_decoder_residual_dropouts_run_in_the_next_norms_kernels():
+    """GPT-2's block in training: the attention output's dropout runs in ln_2's kernels, the
+    MLP output's in the next block's ln_1 (or, for a lone layer, torch's dropout), each with the
+    layer's p: the same numbers as the block written out with those calls."""
+    torch.manual_seed(0)
+    layer = fusedlm.nn.DecoderLayer(H, HEADS, 64, dropout=0.2, attention_dropout=0.0).to(DEVICE)
+    x = torch.randn(2, 9, H, device=DEVICE)
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    rows = x.reshape(-1, H)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32, device=DEVICE)
+    a = layer.attn(layer.ln_1(rows), cu, 9, dropout_output=False)
+    n2 = layer.ln_2
+    y, residual = fusedlm.layer_norm(a, n2.weight, n2.bias, n2.eps, residual=rows, dropout_p=0.2,
+                                     seed=_drawn_seed(), return_residual=True)
+    want = F.dropout(layer.mlp(y, dropout_output=False), 0.2) + residual
+    assert torch.equal(got, want.view(x.shape))
+    assert layer.mlp_dropout_p == 0.2 and layer.eval().mlp_dropout_p == 0.0

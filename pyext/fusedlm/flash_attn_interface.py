@@ -30,8 +30,8 @@ import torch
 
 from . import reference
 from .ops import dispatch
-from .ops.attention import (_seed, attention, attention_varlen, dropout_mask, padded_rows,
-                             split_qkv)
+from .ops._tensors import dropout_seed
+from .ops.attention import attention, attention_varlen, dropout_mask, padded_rows, split_qkv
 
 
 def _get_block_size_n(device, head_dim, is_dropout, is_causal):
@@ -70,7 +70,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def _probs_seed(return_attn_probs, dropout_p, streams):
     """The dropout seed S_dmask must reproduce, drawn here and handed to the kernel; None when
     no S_dmask is asked for (the kernel then draws its own)."""
-    return _seed(dropout_p, None, streams) if return_attn_probs and dropout_p > 0 else None
+    return dropout_seed(dropout_p, None, streams) if return_attn_probs and dropout_p > 0 else None
 
 
 def _returned(out, lse, return_attn_probs, s_dmask):

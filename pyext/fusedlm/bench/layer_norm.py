@@ -96,11 +96,12 @@ def dispatch_overhead(device=None, log=print):
     x = torch.randn(8, 768, device=device)
     w, b = torch.randn(768, device=device), torch.randn(768, device=device)
     backend = dispatch.select("layer_norm", (device, x.dtype, 768, x.dtype))
-    op = torch.ops.fusedlm.norm_fwd
+    op, seed = torch.ops.fusedlm.norm_fwd, torch.tensor(0)
     calls = {
         "torch F.layer_norm": lambda: torch.nn.functional.layer_norm(x, (768,), w, b),
         f"fusedlm eager path [{backend}]": lambda: layer_norm(x, w, b),
-        f"fusedlm custom op [{backend}]": lambda: op(x, None, w, b, 1e-5, False, False, backend),
+        f"fusedlm custom op [{backend}]": lambda: op(x, None, w, b, 1e-5, False, False, backend, 0.0,
+                                                         seed),
     }
     out = []
     for name, fn in calls.items():

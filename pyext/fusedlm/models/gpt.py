@@ -46,7 +46,7 @@ class GPTConfig(FromHF):
 
 class GPTBlock(DecoderLayer):
     """Pre-LN block (fusedlm.nn.DecoderLayer) built from a GPTConfig. forward(delta, residual,
-    packed): see DecoderLayer.forward_fused."""
+    packed, delta_dropout_p): see DecoderLayer.forward_fused."""
 
     def __init__(self, c: GPTConfig):
         if c.n_embd % c.n_head:
@@ -55,11 +55,12 @@ class GPTBlock(DecoderLayer):
                          attention_dropout=c.attn_pdrop, activation=c.activation_function,
                          eps=c.layer_norm_epsilon)
 
-    def forward(self, delta, residual, packed: Packed):
+    def forward(self, delta, residual, packed: Packed, delta_dropout_p=0.0):
         # The offsets were checked once for the whole stack (check_packed_batch), or made by
         # unpad / unpad_static.
         return self.forward_fused(delta, residual, packed.cu_seqlens, packed.max_seqlen,
-                                  packed.cu_seqlens_k, check_offsets=False)
+                                  packed.cu_seqlens_k, check_offsets=False,
+                                  delta_dropout_p=delta_dropout_p)
 
 
 class GPTModel(torch.nn.Module):
@@ -99,10 +100,12 @@ class GPTModel(torch.nn.Module):
         return self._blocks(ids, packed.take(position_ids), packed)
 
     def _blocks(self, ids, pos, packed):
-        residual, delta = self.drop(self.wte(ids) + self.wpe(pos)), None
-        for block in self.h:
-            delta, residual = block(delta, residual, packed)
-        y, _ = self.ln_f(delta, residual=residual) if delta is not None else (self.ln_f(residual), None)
+        residual, delta, p = self.drop(self.wte(ids) + self.wpe(pos)), None, 0.0
+        for block in self.h:  # each block's MLP output is dropped out in the next norm's kernels
+            delta, residual = block(delta, residual, packed, p)
+            p = block.mlp_dropout_p
+        y, _ = (self.ln_f(delta, residual=residual, dropout_p=p) if delta is not None
+                else (self.ln_f(residual), None))
         return packed.with_hidden(y)
 
 

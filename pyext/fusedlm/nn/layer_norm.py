@@ -14,7 +14,7 @@ from ..ops import layer_norm, rms_norm
 from ._swap import rebind, swap_modules
 
 
-def _fused_forward(module, x, residual, op, *params):
+def _fused_forward(module, x, residual, op, *params, dropout_p=0.0):
     """Flatten a multi-dim normalized_shape into one last dim, run `op`, restore the shape."""
     k = len(module.normalized_shape)
     if tuple(x.shape[-k:]) != tuple(module.normalized_shape):
@@ -26,7 +26,7 @@ def _fused_forward(module, x, residual, op, *params):
         return t if t is None or k == 1 else t.reshape(*t.shape[:t.dim() - k], n)
 
     out = op(flat(x), *map(flat, params), module.eps, residual=flat(residual),
-             return_residual=residual is not None, backend=module.backend)
+             dropout_p=dropout_p, return_residual=residual is not None, backend=module.backend)
     if k == 1:  # op kept x's shape (and returns no views, which FSDP2 would warn about)
         return out
     if residual is None:
@@ -37,9 +37,10 @@ def _fused_forward(module, x, residual, op, *params):
 class LayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm with a fused forward and backward.
 
-    `forward(x, residual=None)`: with `residual`, normalizes `x + residual` in one kernel and
-    returns (y, x + residual), the pre-LN block's new residual stream. `backend` pins a
-    backend for this module (None: dispatch decides per call).
+    `forward(x, residual=None, dropout_p=0.0)`: with `residual`, normalizes `x + residual` in
+    one kernel and returns (y, x + residual), the pre-LN block's new residual stream;
+    `dropout_p` > 0 drops x out first, in the same kernel (`fusedlm.layer_norm`: pass 0 when
+    not training). `backend` pins a backend for this module (None: dispatch decides per call).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
@@ -47,8 +48,9 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = backend
 
-    def forward(self, x, residual=None):
-        return _fused_forward(self, x, residual, layer_norm, self.weight, self.bias)
+    def forward(self, x, residual=None, dropout_p=0.0):
+        return _fused_forward(self, x, residual, layer_norm, self.weight, self.bias,
+                              dropout_p=dropout_p)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -59,8 +61,8 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.backend = backend
 
-    def forward(self, x, residual=None):
-        return _fused_forward(self, x, residual, rms_norm, self.weight)
+    def forward(self, x, residual=None, dropout_p=0.0):
+        return _fused_forward(self, x, residual, rms_norm, self.weight, dropout_p=dropout_p)
 
 
 @dataclass

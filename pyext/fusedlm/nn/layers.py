@@ -77,8 +77,9 @@ class EncoderSelfAttention(torch.nn.Module):
 
 
 class ResidualOutput(torch.nn.Module):
-    """dense -> dropout -> LayerNorm(. + residual), the residual add fused into the norm
-    (Hugging Face's BertSelfOutput and BertOutput)."""
+    """dense -> dropout -> LayerNorm(. + residual), the dropout and the residual add fused into
+    the norm's kernels (Hugging Face's BertSelfOutput and BertOutput; `dropout` holds p, as
+    their nn.Dropout does)."""
 
     def __init__(self, in_features, hidden_size, dropout, eps):
         super().__init__()
@@ -87,7 +88,8 @@ class ResidualOutput(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout)
 
     def forward(self, h, residual):
-        y, _ = self.LayerNorm(self.dropout(self.dense(h)), residual=residual)
+        p = self.dropout.p if self.training else 0.0
+        y, _ = self.LayerNorm(self.dense(h), residual=residual, dropout_p=p)
         return y
 
 
@@ -162,13 +164,17 @@ class DecoderAttention(torch.nn.Module):
         self.attn_pdrop = attention_dropout
         self.resid_dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True):
+    def forward(self, x, cu_seqlens, max_seqlen, cu_seqlens_k=None, check_offsets=True,
+                dropout_output=True):
+        """dropout_output=False: the output before resid_dropout (which the next norm's kernel
+        then applies: DecoderLayer.forward_fused)."""
         q, k, v = split_qkv(self.c_attn(x).unflatten(-1, (3, self.n_head, -1)))
         o = attention_varlen(q, k, v, cu_seqlens, _keys(cu_seqlens, cu_seqlens_k), max_seqlen,
                              max_seqlen, causal=True,
                              dropout_p=self.attn_pdrop if self.training else 0.0,
                              check_offsets=check_offsets)
-        return self.resid_dropout(self.c_proj(o.flatten(-2)))
+        out = self.c_proj(o.flatten(-2))
+        return self.resid_dropout(out) if dropout_output else out
 
 
 class DecoderMLP(torch.nn.Module):
@@ -180,8 +186,10 @@ class DecoderMLP(torch.nn.Module):
         self.activation_function = act
         self.dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(activation(self.activation_function)(self.c_fc(x))))
+    def forward(self, x, dropout_output=True):
+        """dropout_output=False: the output before its dropout (see DecoderAttention)."""
+        out = self.c_proj(activation(self.activation_function)(self.c_fc(x)))
+        return self.dropout(out) if dropout_output else out
 
 
 class DecoderLayer(torch.nn.Module):
@@ -189,8 +197,8 @@ class DecoderLayer(torch.nn.Module):
 
     DecoderLayer(hidden_size, num_heads, intermediate_size=4 * hidden_size, dropout=0.1,
     attention_dropout=0.1, activation="gelu_new", eps=1e-5). See the module docstring for
-    forward; `forward_fused` is the form a stack uses to fuse each residual add into the next
-    LayerNorm.
+    forward; `forward_fused` is the form a stack uses to fuse each residual dropout and add
+    into the next LayerNorm.
     """
 
     def __init__(self, hidden_size, num_heads, intermediate_size: Optional[int] = None, *,
@@ -201,20 +209,29 @@ class DecoderLayer(torch.nn.Module):
         self.ln_2 = LayerNorm(hidden_size, eps=eps)
         self.mlp = DecoderMLP(hidden_size, intermediate_size or 4 * hidden_size, dropout, activation)
 
+    @property
+    def mlp_dropout_p(self):
+        """The dropout probability of this layer's MLP output, which forward_fused returns
+        undropped (0 when not training)."""
+        return self.mlp.dropout.p if self.training else 0.0
+
     def forward_fused(self, delta, residual, cu_seqlens, max_seqlen, cu_seqlens_k=None,
-                      check_offsets=True):
-        """`delta` is the previous layer's MLP output (None for the first layer), added to the
-        residual stream inside ln_1; returns this layer's MLP output and the residual stream it
-        has not yet been added to. cu_seqlens_k: as in EncoderLayer.forward_packed."""
+                      check_offsets=True, delta_dropout_p=0.0):
+        """`delta` is the previous layer's MLP output before its dropout (None for the first
+        layer), dropped out with `delta_dropout_p` (that layer's `mlp_dropout_p`) and added to
+        the residual stream inside ln_1's kernels; returns this layer's MLP output, before its
+        dropout, and the residual stream it has not yet been added to. The attention output's
+        dropout runs in ln_2's kernels likewise. cu_seqlens_k: as in EncoderLayer.forward_packed."""
         if delta is None:
             y = self.ln_1(residual)
         else:
-            y, residual = self.ln_1(delta, residual=residual)
-        y, residual = self.ln_2(self.attn(y, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets),
-                                residual=residual)
-        return self.mlp(y), residual
+            y, residual = self.ln_1(delta, residual=residual, dropout_p=delta_dropout_p)
+        a = self.attn(y, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets, dropout_output=False)
+        p = self.attn.resid_dropout.p if self.training else 0.0
+        y, residual = self.ln_2(a, residual=residual, dropout_p=p)
+        return self.mlp(y, dropout_output=False), residual
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
         rows, cu, max_len, restore, check = _packed(x, attention_mask, cu_seqlens, max_seqlen)
         delta, residual = self.forward_fused(None, rows, cu, max_len, check_offsets=check)
-        return restore(delta + residual)
+        return restore(torch.nn.functional.dropout(delta, self.mlp_dropout_p) + residual)

@@ -85,3 +85,24 @@ def first_derivative_only(op):
                          for g in grads)
         return wrapper
     return wrap
+
+
+def check_dropout(dropout_p, seed):
+    """The dropout arguments every op takes: a probability in [0, 1), and a seed or None."""
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not 0 <= seed < 2 ** 31):
+        raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
+
+
+def dropout_seed(dropout_p, seed, n_streams=1):
+    """The dropout seed, an int. One drawn under torch.compile stays a CPU int64 tensor (an int
+    would break the graph): a custom op reads it when it runs, and attention's torch backend,
+    traced, draws its mask from torch's default generator instead."""
+    if dropout_p == 0:
+        return 0
+    if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
+        drawn = torch.randint(0, 2 ** 31 - 1 - n_streams, ())
+        return drawn if torch.compiler.is_compiling() else int(drawn)
+    return min(seed, 2 ** 31 - 1 - n_streams)

@@ -23,7 +23,8 @@ from .. import reference
 from .. import _core
 from . import _triton, attention_kernels, dispatch
 from .padding import pad, unpad  # noqa: F401 (unpad: the public API's, via ops)
-from ._tensors import autocast_inputs, first_derivative_only, require, unit_stride
+from ._tensors import (autocast_inputs, check_dropout, dropout_seed, first_derivative_only,
+                       require, unit_stride)
 
 _HALF = (torch.float16, torch.bfloat16)
 LN2 = 0.6931471805599453
@@ -304,7 +305,7 @@ def split_qkv(qkv: Tensor):
 # torch backend: the reference, differentiable through autograd.
 
 def _torch_dropout_keep(shape, dropout_p, seed, device):
-    if isinstance(seed, Tensor):  # compiled (see _seed): a graph holds no Generator
+    if isinstance(seed, Tensor):  # compiled (see dropout_seed): a graph holds no Generator
         return torch.rand(shape, device=device) >= dropout_p
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=g, device=device) >= dropout_p
@@ -489,23 +490,9 @@ def _check_alibi(alibi_slopes, batch, heads, device):
 
 
 def _check_options(dropout_p, softmax_scale, seed):
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_dropout(dropout_p, seed)
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2 ** 31):
-        raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
-
-
-def _seed(dropout_p, seed, n_streams):
-    """The dropout seed, an int; one drawn under torch.compile stays a CPU int64 tensor, and the
-    torch backend then draws its mask from torch's default generator."""
-    if dropout_p == 0:
-        return 0
-    if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
-        drawn = torch.randint(0, 2 ** 31 - 1 - n_streams, ())
-        return drawn if torch.compiler.is_compiling() else int(drawn)
-    return min(seed, 2 ** 31 - 1 - n_streams)
 
 
 def _key_mask_for(backend, attention_mask):
@@ -576,7 +563,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                             f"{attention_mask.dtype}; additive float masks are not accepted")
     q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
-    seed = _seed(dropout_p, seed, batch * heads)
+    seed = dropout_seed(dropout_p, seed, batch * heads)
     case = _case(q, window, softcap, alibi, causal, seq_k)
     chosen = dispatch.select("attention", case, backend)
     if chosen == "torch":
@@ -665,7 +652,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
-    seed = _seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    seed = dropout_seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
     alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     case = _case(q, window, softcap, alibi, causal, max_seqlen_k)
     chosen = dispatch.select("attention", case, backend)
@@ -690,7 +677,7 @@ def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda", bac
     cu_seqlens=(cu_q, cu_k), for a packed call with max_seqlen seq_q, seq_k: sequence i's draws
     at [i, :, :len_q, :len_k]. The CUDA C++ kernels have no dropout: dispatch sends dropout to
     Triton."""
-    seed = _seed(dropout_p, seed, batch * heads)
+    seed = dropout_seed(dropout_p, seed, batch * heads)
     if backend == "torch":
         if cu_seqlens is not None:
             return _torch_varlen_keep(*cu_seqlens, heads, seq_q, seq_k, dropout_p, seed, device)

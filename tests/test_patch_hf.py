@@ -234,7 +234,7 @@ def test_unpatch_restores_exactly_and_patches_do_not_leak():
     fusedlm.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert model.config._attn_implementation == impl
-    assert "forward" not in model.__dict__
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no fused forward left
     assert model(**kw).logits is not None
     with pytest.raises(ValueError, match="not patched"):
         fusedlm.unpatch(model)
@@ -580,3 +580,32 @@ def test_transformers_versions_outside_the_range_are_refused_by_name(version, ok
         with pytest.raises(RuntimeError, match=rf"transformers >= 4.56 and < 6.0, found {version}"):
             check_transformers_version(version)
     check_transformers_version(transformers.__version__)  # the installed one is in the range
+
+
+def test_bert_dropout_add_norm_runs_in_the_norms_kernels():
+    """Patched, BertSelfOutput and BertOutput run "dense, dropout, add & norm" as the norm's
+    fused dropout, with the module's p and a seed from torch's generator; a class whose forward
+    computes anything else is left alone (recognized by its code)."""
+    from fusedlm.integrations import hf
+    torch.manual_seed(0)
+    model = _models()["BertForMaskedLM"]().to(DEVICE)
+    report = str(fusedlm.patch(model))
+    assert "BertSelfOutput: " in report and "BertOutput: " in report
+    out = model.bert.encoder.layer[0].attention.output
+    h, r = (torch.randn(5, out.dense.in_features, device=DEVICE) for _ in range(2))
+    model.train()
+    torch.manual_seed(4)
+    got = out(h, r)
+    torch.manual_seed(4)
+    ln = out.LayerNorm
+    seed = int(torch.randint(0, 2 ** 31 - 2, ()))
+    want = fusedlm.layer_norm(out.dense(h), ln.weight, ln.bias, ln.eps, residual=r,
+                              dropout_p=out.dropout.p, seed=seed)
+    assert out.dropout.p > 0 and torch.equal(got, want)
+
+    class Other(torch.nn.Module):
+        def forward(self, hidden_states, input_tensor):
+            hidden_states = self.dense(hidden_states)
+            hidden_states = self.LayerNorm(hidden_states + input_tensor)  # no dropout
+            return hidden_states
+    assert hf._is_dropout_add_norm(type(out)) and not hf._is_dropout_add_norm(Other)

@@ -6,7 +6,10 @@ What `patch(model)` does, each step recorded in the report it returns:
     padded batch would silently attend to its padding), with a mask function that hands the
     2-D padding mask through without reading it; then sets the model's attention
     implementation to it;
-  * every torch.nn.LayerNorm becomes fusedlm.nn.LayerNorm, sharing the same Parameters;
+  * every torch.nn.LayerNorm becomes fusedlm.nn.LayerNorm, sharing the same Parameters; and a
+    module whose forward is BERT's "dense, dropout, add & norm" (BertSelfOutput, BertOutput and
+    their copies in RoBERTa, ELECTRA, ...: recognized by that forward's code) runs its dropout
+    and residual add inside the norm's kernels;
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
     materializing the logits: the returned output has logits=None. Without labels the
@@ -307,6 +310,50 @@ def _fused_rms_norm(child):
 # ---------------------------------------------------------------------------------------------
 # Loss forwards: base model -> labelled rows -> head transform -> fused loss.
 
+# BERT's "dense -> dropout -> add & norm" (BertSelfOutput.forward, BertOutput.forward and the
+# copies other models make of them), statement by statement as ast.unparse writes it.
+_DROPOUT_ADD_NORM = ("hidden_states = self.dense(hidden_states)",
+                     "hidden_states = self.dropout(hidden_states)",
+                     "hidden_states = self.LayerNorm(hidden_states + input_tensor)",
+                     "return hidden_states")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_dropout_add_norm(cls) -> bool:
+    """Is cls.forward(hidden_states, input_tensor) exactly BERT's dense, dropout, add & norm? Read
+    from its code, so that a class that computes anything else is left alone."""
+    import ast
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fn = tree.body[0] if tree.body else None
+    return (isinstance(fn, ast.FunctionDef)
+            and [a.arg for a in fn.args.args] == ["self", "hidden_states", "input_tensor"]
+            and tuple(ast.unparse(stmt) for stmt in fn.body) == _DROPOUT_ADD_NORM)
+
+
+def _dropout_add_norm_forward(self, hidden_states, input_tensor):
+    """LayerNorm(dropout(dense(hidden_states)) + input_tensor), the dropout and the add in the
+    norm's kernels (fusedlm.layer_norm's dropout_p)."""
+    p = self.dropout.p if self.training else 0.0
+    return self.LayerNorm(self.dense(hidden_states), input_tensor, dropout_p=p)[0]
+
+
+def _fuse_dropout_add_norm(model):
+    """The modules whose forward is BERT's dense, dropout, add & norm, over a fusedlm
+    LayerNorm, given the fused forward (an instance attribute: unpatch deletes it)."""
+    from ..nn.layer_norm import LayerNorm
+    fused = []
+    for m in model.modules():
+        if (_is_dropout_add_norm(type(m)) and isinstance(getattr(m, "LayerNorm", None), LayerNorm)
+                and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)):
+            m.forward = types.MethodType(_dropout_add_norm_forward, m)
+            fused.append(m)
+    return fused
+
+
 def _base_outputs(model, kwargs):
     base = getattr(model, model.base_model_prefix)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -432,7 +479,7 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
         raise ValueError("model is already patched by fusedlm; call fusedlm.unpatch(model) first")
     name = type(model).__name__
     report = PatchReport(name)
-    state = {"attn": None, "norms": [], "forward": False, "hooks": []}
+    state = {"attn": None, "norms": [], "forward": False, "hooks": [], "fused": []}
 
     why_not_attention = _unsupported_attention_config(model.config, model) if attention else None
     if why_not_attention is not None:
@@ -469,6 +516,11 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
         for cls in sorted(rms_classes, key=lambda c: c.__name__):
             n = sum(type(old) is cls for _, _, old in originals)
             report.patched.append(f"{cls.__name__}: {n} module(s) -> fusedlm.nn.RMSNorm")
+        state["fused"] = _fuse_dropout_add_norm(model)
+        for cls in sorted({type(m).__name__ for m in state["fused"]}):
+            n = sum(type(m).__name__ == cls for m in state["fused"])
+            report.patched.append(f"{cls}: {n} module(s): dropout and residual add in the "
+                                  "LayerNorm's kernels")
         others = {type(m).__name__ for m in model.modules()
                   if "norm" in type(m).__name__.lower() and type(m).__module__.startswith("transformers")}
         for other in sorted(others):
@@ -494,6 +546,8 @@ def unpatch(model):
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("model is not patched by fusedlm")
+    for m in state["fused"]:
+        del m.forward
     for parent, child_name, child in state["norms"]:
         setattr(parent, child_name, child)
     if state["attn"] is not None:

@@ -82,17 +82,28 @@ def _sdpa(q, k, v, do, causal, mask):
 @given(backend=st.sampled_from(BACKENDS), dtype=st.sampled_from(DTYPES),
        rows=st.integers(0, 9), n=st.integers(1, 300), rms=st.booleans(),
        affine=st.booleans(), residual=st.booleans(), strided=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
-def test_norms(backend, dtype, rows, n, rms, affine, residual, strided, seed):
+       dropout=st.sampled_from([0.0, 0.0, 0.3]), seed=st.integers(0, 2 ** 16))
+def test_norms(backend, dtype, rows, n, rms, affine, residual, strided, dropout, seed):
+    if backend == "cuda":  # the CUDA C++ kernel has no dropout
+        dropout = 0.0
     x = _maybe_strided(_randn((rows, n), seed, dtype, 2.0) + 0.5, strided).requires_grad_()
     w = (_randn((n,), seed + 1, dtype, 0.5) + 1).requires_grad_() if affine else None
     b = _randn((n,), seed + 2, dtype).requires_grad_() if affine and not rms else None
     r = _randn((rows, n), seed + 3, dtype).requires_grad_() if residual else None
     dy = _randn((rows, n), seed + 4, dtype)
     fn = fusedlm.rms_norm if rms else fusedlm.layer_norm
-    y = fn(x, w, 1e-5, residual=r, backend=backend) if rms else fn(x, w, b, 1e-5, residual=r, backend=backend)
+    kw = dict(residual=r, dropout_p=dropout, seed=seed, backend=backend)
+    y = fn(x, w, 1e-5, **kw) if rms else fn(x, w, b, 1e-5, **kw)
     xs, ws, bs, rs = (None if t is None else t.detach().double().requires_grad_() for t in (x, w, b, r))
-    z = xs if rs is None else reference.rounded_sum(xs, rs, dtype)
+    if dropout:  # the call's own keep-mask: ones dropped out are 1 / (1 - p) where kept
+        with torch.no_grad():
+            ones = torch.ones(rows, n, dtype=dtype, device=DEVICE)
+            _, kept = fn(ones, return_residual=True, **dict(kw, residual=torch.zeros_like(ones)))
+        xs_in = xs * (kept != 0) / (1 - dropout)
+        xs_in = xs_in + (xs_in.to(dtype).double() - xs_in).detach()  # rounded, as stored
+    else:
+        xs_in = xs
+    z = xs_in if rs is None else reference.rounded_sum(xs_in, rs, dtype)
     ref = reference.rms_norm(z, ws, 1e-5)[0] if rms else reference.layer_norm(z, ws, bs, 1e-5)[0]
     assert y.shape == x.shape and y.dtype == dtype
     if n <= 2 or rows == 0:

@@ -186,20 +186,23 @@ def triton_cases():
     from fusedlm.kernels._host import next_power_of_2
     cases = []
     # Layer norm at BERT-base (768), GPT-2 XL-ish (1600) and 4096 wide, bf16, with a residual;
-    # at 768 also with dropout, as BERT's "dropout, add & norm" runs it.
-    for n, dropout in ((768, False), (768, True), (1600, False), (4096, False)):
+    # at 768 also with dropout, as BERT's "dropout, add & norm" runs it, eagerly (the seed by
+    # value) and compiled (read from a device tensor).
+    for n, dropout, seed_ptr in ((768, False, False), (768, True, False), (768, True, True),
+                                 (1600, False, False), (4096, False, False)):
         block = L._block_n(n)
-        label = f"bf16 N={n}" + (" dropout" if dropout else "")
-        fwd = dict(_ptrs("X RES W B Y Z".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
+        label = f"bf16 N={n}" + (" dropout" if dropout else "") + (" compiled" if seed_ptr else "")
+        fwd = dict(_ptrs("X RES W B Y Z".split(), "bf16"), MEAN="*fp32", RSTD="*fp32", SEED="*i64",
                    stride_x=n, stride_res=n, stride_y=n, stride_z=n, N=n, eps=1e-5, seed=1,
                    p_drop=0.1, drop_scale=1 / 0.9, IS_RMS=False, HAS_RES=True, HAS_W=True,
-                   HAS_B=True, STORE_Z=True, DROPOUT=dropout, BLOCK_N=block)
+                   HAS_B=True, STORE_Z=True, DROPOUT=dropout, SEED_PTR=seed_ptr, BLOCK_N=block)
         cases.append(("layer_norm fwd", label, L._norm_fwd_kernel, fwd, L._num_warps(block), 1))
         bwd = dict(_ptrs("DY Z W DZ_EXTRA DZ DX".split(), "bf16"), MEAN="*fp32", RSTD="*fp32",
-                   DW_PART="*fp32", DB_PART="*fp32", stride_dy=n, stride_z=n, stride_extra=n,
+                   DW_PART="*fp32", DB_PART="*fp32", SEED="*i64", stride_dy=n, stride_z=n, stride_extra=n,
                    stride_dz=n, stride_dx=n, n_rows=16384, N=n, rows_per_program=64, seed=1,
                    p_drop=0.1, drop_scale=1 / 0.9, IS_RMS=False, HAS_W=True, HAS_B=True,
-                   HAS_DZ_EXTRA=True, NEED_DW=True, STORE_DZ=True, DROPOUT=dropout, BLOCK_N=block)
+                   HAS_DZ_EXTRA=True, NEED_DW=True, STORE_DZ=True, DROPOUT=dropout,
+                   SEED_PTR=seed_ptr, BLOCK_N=block)
         cases.append(("layer_norm bwd", label, L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
     # The LM loss row kernel at BERT's, GPT-2's (raw, and padded to 50304 by the model) and
     # Llama 3's vocabularies, with the row pitch the driver gives the logits buffer on a GPU.
@@ -246,14 +249,14 @@ def triton_cases():
                 values = {p.name: "*bf16" for p in fn.params if p.name.isupper()
                           and not p.is_constexpr}
                 values.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", KMASK="*i8",
-                              CU_Q="*i32", CU_K="*i32", ALIBI="*fp32")
+                              CU_Q="*i32", CU_K="*i32", ALIBI="*fp32", SEED="*i64")
                 values.update(s_lb=12 * 2048, s_lh=2048, s_mb=2048, seq_q=2048, seq_k=2048,
                               n_heads=12, group=1, scale_log2=0.18, sm_scale=0.125, seed=0,
                               p_drop=0.0, win_left=0, win_right=0, cap=0.0, s_ab=0,
                               seq_bucket=2048, HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=False,
                               CAUSAL=True, HAS_KMASK=False, DROPOUT=False, WINDOW=False,
                               SOFTCAP=False, HAS_ALIBI=False, GROUPED=False, TMA=False,
-                              ATOMIC_DQ=name == "dkdv_dq", **cfg.kwargs)
+                              ATOMIC_DQ=name == "dkdv_dq", SEED_PTR=False, **cfg.kwargs)
                 for p in fn.params:  # (batch, seq, heads, D) strides: s_?b, s_?s, s_?h
                     if p.name.startswith("s_") and p.name not in values:
                         values[p.name] = _bshd_stride(p.name, d)

@@ -22,7 +22,8 @@ key of the row and dK/dV skip key blocks it hides entirely, so a right-padded ba
 on its padding keys (its padding queries are still computed: their outputs are defined); a packed
 batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when a Philox draw
 (seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
-backward regenerates the same draws.
+backward regenerates the same draws. The seed comes by value, or (SEED_PTR, under torch.compile)
+from a one-element tensor on the device, which the kernels read (_dropout.seed_of).
 
 FUSEDLM_TRITON_ATOMIC_DQ=1 (opt-in until timed on a GPU) takes FlashAttention-2's backward
 instead at head dims up to 128: dK/dV also adds dQ's shares into an fp32 accumulator with
@@ -39,6 +40,7 @@ import os
 import triton
 import triton.language as tl
 
+from ._dropout import seed_args, seed_of
 from ._host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -318,16 +320,17 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_fwd(
-    Q, K, V, O, LSE, KMASK, CU_Q, CU_K, ALIBI,
+    Q, K, V, O, LSE, KMASK, CU_Q, CU_K, ALIBI, SEED,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, seed, p_drop, win_left, win_right, cap, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SEED_PTR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    seed = seed_of(seed, SEED, SEED_PTR)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
                                                         IS_VARLEN)
     if pid_m * BLOCK_M < q_len:
@@ -458,7 +461,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos,
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KMASK, CU_Q, CU_K, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KMASK, CU_Q, CU_K, ALIBI, SEED,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dkb, s_dks, s_dkh, s_accb, s_accs, s_acch, s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
@@ -467,11 +470,13 @@ def _attn_bwd_dkdv(
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     GROUPED: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SEED_PTR: tl.constexpr,
 ):
     """dK, dV of a block of BLOCK_N keys of one key head; with ATOMIC_DQ also every query row's
     dQ, summed in fp32 at DQ_ACC (zeroed by _attn_bwd_delta) in the order the programs reach
     it, so that the last bits of dQ vary from run to run."""
     pid_n = tl.program_id(0)
+    seed = seed_of(seed, SEED, SEED_PTR)
     bhk = tl.program_id(1)
     n_kv_heads = n_heads // group
     b = bhk // n_kv_heads
@@ -598,7 +603,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
 
 @triton.jit(do_not_specialize=_PER_CALL)
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DQ, O, KMASK, CU_Q, CU_K, ALIBI, SEED,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dos, s_doh,
     s_dqb, s_dqs, s_dqh, s_ob, s_os, s_oh, s_lb, s_lh, s_mb, s_ab,
     seq_q, seq_k, n_heads, group, scale_log2, sm_scale, seed, p_drop, win_left, win_right, cap,
@@ -606,9 +611,10 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
     DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SEED_PTR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    seed = seed_of(seed, SEED, SEED_PTR)
     bh, b, h, hk, q0, q_len, k0, k_len = _query_program(CU_Q, CU_K, seq_q, seq_k, n_heads, group,
                                                         IS_VARLEN)
     if pid_m * BLOCK_M < q_len:
@@ -1013,9 +1019,10 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
     if batch == 0 or seq_q == 0:
         return
     dummy = lse
+    seed_t, seed, seed_ptr = seed_args(seed, dummy)
     args = (q, k, v, o, lse, key_mask if key_mask is not None else dummy,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
-            alibi if alibi is not None else dummy,
+            alibi if alibi is not None else dummy, seed_t,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
             s_lb, s_lh, s_mb, _alibi_stride(alibi), seq_q, seq_k, n_heads, group, scale * LOG2E, seed, dropout_p,
             *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)
@@ -1024,7 +1031,7 @@ def forward(q, k, v, o, lse, *, key_mask, cu_q, cu_k, max_q, max_k, causal, scal
                  HAS_ALIBI=alibi is not None)
     tma = _use_tma(q, k, v, o)
     _launch("fwd", _attn_fwd, seq_q, batch * n_heads, pinned, head_dim, _seq_bucket(seq_q, seq_k),
-            args, dict(flags, TMA=tma), blocks)
+            args, dict(flags, TMA=tma, SEED_PTR=seed_ptr), blocks)
 
 
 def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, max_q, max_k,
@@ -1044,11 +1051,12 @@ def backward(q, k, v, o, do, lse, delta, dq, dk, dv, *, key_mask, cu_q, cu_k, ma
         dv.zero_()
         return
     dummy = lse
+    seed_t, seed, seed_ptr = seed_args(seed, dummy)
     flags = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_KMASK=key_mask is not None,
                  DROPOUT=dropout_p > 0.0, WINDOW=window is not None, SOFTCAP=softcap > 0.0,
-                 HAS_ALIBI=alibi is not None)
+                 HAS_ALIBI=alibi is not None, SEED_PTR=seed_ptr)
     masks = (key_mask if key_mask is not None else dummy, cu_q if varlen else dummy,
-             cu_k if varlen else dummy, alibi if alibi is not None else dummy)
+             cu_k if varlen else dummy, alibi if alibi is not None else dummy, seed_t)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
     scalars = (seq_q, seq_k, n_heads, group, scale * LOG2E, scale, seed, dropout_p,
                *_window_bounds(window, causal, seq_q, seq_k), softcap * LOG2E)

@@ -4,7 +4,9 @@ Forward:  z = x + residual (rounded to x's dtype, as the unfused `x + residual` 
           y = (z - mean) * rstd * w + b          (RMSNorm: y = z * rstd * w, no mean)
 With DROPOUT, x is dropped out first (z = dropout(x) + residual, each kept element scaled by
 1 / (1 - p)): the keep-mask is Philox's draw at the element's flat index (row * N + column)
-from the call's seed, drawn again by the backward, never stored.
+from the call's seed, drawn again by the backward, never stored. The seed is a scalar argument,
+or (SEED_PTR, under torch.compile) read from a one-element device tensor, so that a compiled
+step draws it on the device and a CUDA graph replays a new draw each step.
 Statistics are fp32 and the row is held in registers, so a row is read once and written once.
 
 Backward: one program owns a contiguous block of rows; it writes dz for each row (with
@@ -16,6 +18,7 @@ order, so dweight and dbias are deterministic for a given grid.
 import triton
 import triton.language as tl
 
+from ._dropout import seed_args, seed_of
 from ._host import cdiv, next_power_of_2
 
 # A row lives in registers: past this many columns the kernels would spill heavily.
@@ -29,20 +32,21 @@ def _kept(seed, p_drop, row, cols, N):
     return tl.rand(seed, row * N + cols) >= p_drop
 
 
-@triton.jit
+# The seed changes at every call: not specialized on (a variant per value class mid-run).
+@triton.jit(do_not_specialize=["seed"])
 def _norm_fwd_kernel(
-    X, RES, W, B, Y, Z, MEAN, RSTD,
+    X, RES, W, B, Y, Z, MEAN, RSTD, SEED,
     stride_x, stride_res, stride_y, stride_z,
     N, eps, seed, p_drop, drop_scale,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    STORE_Z: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_Z: tl.constexpr, DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if DROPOUT:  # rounded to x's dtype, as dropout's output is
-        kept = _kept(seed, p_drop, row, cols, N)
+        kept = _kept(seed_of(seed, SEED, SEED_PTR), p_drop, row, cols, N)
         z = tl.where(kept, z.to(tl.float32) * drop_scale, 0.0).to(X.dtype.element_ty)
     if HAS_RES:
         z = z + tl.load(RES + row * stride_res + cols, mask=mask, other=0.0)
@@ -77,14 +81,14 @@ def _norm_fwd_kernel(
 
 # The row count of a packed batch changes from call to call: not specialized on, so that Triton
 # does not compile a variant per value class (divisible by 16, equal to 1) mid-run.
-@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program", "seed"])
 def _norm_bwd_kernel(
-    DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DX, DW_PART, DB_PART,
+    DY, Z, W, MEAN, RSTD, DZ_EXTRA, DZ, DX, DW_PART, DB_PART, SEED,
     stride_dy, stride_z, stride_extra, stride_dz, stride_dx,
     n_rows, N, rows_per_program, seed, p_drop, drop_scale,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_DZ_EXTRA: tl.constexpr, NEED_DW: tl.constexpr, STORE_DZ: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -101,6 +105,8 @@ def _norm_bwd_kernel(
     dz_ptr, extra_ptr = DZ + first * stride_dz, DZ_EXTRA + first * stride_extra
     dx_ptr = DX + first * stride_dx
     row64 = first  # the row as an int64, for the dropout mask's flat index
+    if DROPOUT:
+        seed = seed_of(seed, SEED, SEED_PTR)
     for row in range(row_start, row_end):
         dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -165,21 +171,23 @@ def _num_warps(block_n):
 def forward(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms, dropout_p=0.0, seed=0):
     """x, residual, y, z: (rows, N) with unit column stride; mean, rstd: (rows,) fp32.
     residual, weight, bias, z, mean may be None (z: the sum is not stored; mean: RMSNorm).
-    dropout_p > 0 drops x out first, its keep-mask drawn from `seed`."""
+    dropout_p > 0 drops x out first, its keep-mask drawn from `seed`: an int, or a one-element
+    integer tensor on x's device, read by the kernel."""
     rows, n = x.shape
     if rows == 0:
         return
     block_n = _block_n(n)
+    seed_t, seed_i, seed_ptr = seed_args(seed, rstd)
     _norm_fwd_kernel[(rows,)](
         x, residual if residual is not None else x,
         weight if weight is not None else x, bias if bias is not None else x,
-        y, z if z is not None else y, mean if mean is not None else rstd, rstd,
+        y, z if z is not None else y, mean if mean is not None else rstd, rstd, seed_t,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         y.stride(0), z.stride(0) if z is not None else 0,
-        n, eps, seed, dropout_p, _drop_scale(dropout_p),
+        n, eps, seed_i, dropout_p, _drop_scale(dropout_p),
         IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, STORE_Z=z is not None, DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-        num_warps=_num_warps(block_n),
+        HAS_B=bias is not None, STORE_Z=z is not None, DROPOUT=dropout_p > 0.0,
+        SEED_PTR=seed_ptr, BLOCK_N=block_n, num_warps=_num_warps(block_n),
     )
 
 
@@ -187,12 +195,14 @@ def _drop_scale(dropout_p):
     return 1.0 / (1.0 - dropout_p)
 
 
+
+
 def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight, dbias, is_rms,
              dx=None, dropout_p=0.0, seed=0):
     """dy, z, dz_extra, dz: (rows, N); dw_part/db_part: (programs, N) fp32 scratch, one row per
     program (None when that gradient is not wanted); dweight/dbias: (N,) outputs or None.
-    With dropout_p > 0, dx (rows, N) gets x's gradient (the forward's seed redraws its mask), and
-    dz (the residual's) may be None when there is no residual."""
+    With dropout_p > 0, dx (rows, N) gets x's gradient (the forward's seed, int or tensor, redraws
+    its mask), and dz (the residual's) may be None when there is no residual."""
     rows, n = dy.shape
     parts = dw_part if dw_part is not None else db_part
     n_programs = parts.shape[0] if parts is not None else min(rows, 1024)
@@ -200,17 +210,18 @@ def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight,
         rows_per_program = cdiv(rows, n_programs)
         block_n = _block_n(n)
         out = dz if dz is not None else dx
+        seed_t, seed_i, seed_ptr = seed_args(seed, rstd)
         _norm_bwd_kernel[(n_programs,)](
             dy, z, weight if weight is not None else dy, mean if mean is not None else rstd, rstd,
             dz_extra if dz_extra is not None else dy, out, dx if dx is not None else out,
             dw_part if dw_part is not None else out, db_part if db_part is not None else out,
-            dy.stride(0), z.stride(0), dz_extra.stride(0) if dz_extra is not None else 0,
+            seed_t, dy.stride(0), z.stride(0), dz_extra.stride(0) if dz_extra is not None else 0,
             out.stride(0), dx.stride(0) if dx is not None else 0,
-            rows, n, rows_per_program, seed, dropout_p, _drop_scale(dropout_p),
+            rows, n, rows_per_program, seed_i, dropout_p, _drop_scale(dropout_p),
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=db_part is not None,
             HAS_DZ_EXTRA=dz_extra is not None, NEED_DW=dw_part is not None,
-            STORE_DZ=dz is not None, DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-            num_warps=_num_warps(block_n),
+            STORE_DZ=dz is not None, DROPOUT=dropout_p > 0.0,
+            SEED_PTR=seed_ptr, BLOCK_N=block_n, num_warps=_num_warps(block_n),
         )
     for part, out in ((dw_part, dweight), (db_part, dbias)):
         if part is not None:

@@ -235,3 +235,40 @@ def test_first_call_in_a_fresh_process_can_be_compiled(backend, tmp_path):
     run = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "first call compiled: ok" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_attention_dropout_compiled_equals_eager_for_a_seed(backend):
+    """A compiled call hands the Triton kernels its seed as a device tensor, which they read
+    (the eager call passes the int): the same seed gives the same output and gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 19, 2, 32, generator=g).to(DEVICE, torch.float16).requires_grad_()
+               for _ in range(3))
+
+    def f(q, k, v):
+        return fusedlm.attention(q, k, v, causal=True, dropout_p=0.3, seed=77,
+                                 backend=backend).float().square().sum()
+    eager = f(q, k, v)
+    g_eager = torch.autograd.grad(eager, (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    g_comp = torch.autograd.grad(out, (q, k, v))
+    if backend == "torch":  # traced, its mask comes from torch's generator: only the shapes agree
+        assert out.shape == eager.shape and all(a.shape == b.shape for a, b in zip(g_comp, g_eager))
+        return
+    assert rel_err(out, eager) < 1e-6
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_a_compiled_seed_is_drawn_on_the_datas_device(monkeypatch):
+    """Under torch.compile the dropout seed is drawn as a tensor on the data's device (the kernels
+    read it there: no host value in the graph, a fresh draw at each CUDA-graph replay); eagerly
+    it is an int; a given seed is kept as it is."""
+    from fusedlm.ops._tensors import dropout_seed
+    assert isinstance(dropout_seed(0.1, None, 4, torch.device("meta")), int)
+    assert dropout_seed(0.0, None) == 0 and dropout_seed(0.1, 123) == 123
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    drawn = dropout_seed(0.1, None, 4, torch.device("meta"))
+    assert isinstance(drawn, torch.Tensor) and drawn.device.type == "meta" and drawn.dim() == 0

@@ -151,7 +151,8 @@ def test_every_flag_flips_each_boolean_constexpr_alone():
     dkdv = {label.rsplit(" ", 1)[1] for kernel, label, *_ in cases
             if kernel == "attention dkdv" and label.startswith("d64")}
     assert dkdv == {f"{f}=True" for f in ("IS_VARLEN", "HAS_KMASK", "DROPOUT", "WINDOW", "SOFTCAP",
-                                          "HAS_ALIBI", "GROUPED", "TMA", "ATOMIC_DQ")} | {"CAUSAL=False"}
+                                          "HAS_ALIBI", "GROUPED", "TMA", "ATOMIC_DQ",
+                                          "SEED_PTR")} | {"CAUSAL=False"}
 
 
 def test_a_compile_error_is_reported_by_its_innermost_cause():

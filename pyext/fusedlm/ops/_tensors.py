@@ -96,13 +96,16 @@ def check_dropout(dropout_p, seed):
         raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
 
 
-def dropout_seed(dropout_p, seed, n_streams=1):
-    """The dropout seed, an int. One drawn under torch.compile stays a CPU int64 tensor (an int
-    would break the graph): a custom op reads it when it runs, and attention's torch backend,
-    traced, draws its mask from torch's default generator instead."""
+def dropout_seed(dropout_p, seed, n_streams=1, device=None):
+    """The dropout seed, an int. Under torch.compile one is drawn as a one-element int64 tensor
+    on `device` instead (an int would break the graph): the Triton kernels read it on the device,
+    so a compiled step holds no host value and a CUDA graph replays a new draw each step; the
+    CUDA C++ kernels, which take it by value, read it on the host; attention's torch backend,
+    traced, draws its mask from torch's generator instead."""
     if dropout_p == 0:
         return 0
-    if seed is None:  # from torch's default generator: torch.manual_seed reproduces a run
-        drawn = torch.randint(0, 2 ** 31 - 1 - n_streams, ())
-        return drawn if torch.compiler.is_compiling() else int(drawn)
+    if seed is None:  # from torch's generator: torch.manual_seed reproduces a run
+        if torch.compiler.is_compiling():
+            return torch.randint(0, 2 ** 31 - 1 - n_streams, (), device=device)
+        return int(torch.randint(0, 2 ** 31 - 1 - n_streams, ()))
     return min(seed, 2 ** 31 - 1 - n_streams)

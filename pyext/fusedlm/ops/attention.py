@@ -104,7 +104,7 @@ def _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout
         d = _core.dl
         attention_kernels.last_cuda_forward_kernel = _core._C.attn_fwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
-            dropout_p, seed, d(o), d(lse), _core.stream_of(q), kernel == "cuda-wgmma")
+            dropout_p, int(seed), d(o), d(lse), _core.stream_of(q), kernel == "cuda-wgmma")
     else:
         _triton.run("attention", "forward", q, k, v, o, lse, key_mask=key_mask, cu_q=cu_q,
                     cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal, scale=scale,
@@ -159,7 +159,7 @@ def _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, s
         d = _core.dl
         attention_kernels.last_cuda_backward_kernel = _core._C.attn_bwd(
             d(q), d(k), d(v), d(key_mask), d(cu_q), d(cu_k), max_q, max_k, causal, scale,
-            dropout_p, seed, d(o), d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
+            dropout_p, int(seed), d(o), d(do), d(lse), d(delta), d(dq), d(dk), d(dv),
             _core.stream_of(q), kernel == "cuda-wgmma")
     else:
         _triton.run("attention", "backward", q, k, v, o, do, lse, delta, dq, dk, dv,
@@ -194,9 +194,9 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 # torch.compile path: the same launchers behind custom ops with fake kernels and autograd. The
-# dropout seed is a CPU int64 tensor there: a seed drawn from torch's generator stays a tensor in
-# the graph (turning it into an int would break the graph) and is read when the op runs, on the
-# host (no wait for the GPU).
+# dropout seed is a one-element tensor on q's device there (dropout_seed): the Triton kernels read
+# it themselves, so that nothing in a compiled step is read back to the host and a CUDA graph
+# replays a new draw each step; the CUDA C++ kernels take it by value (read on the host).
 
 @torch.library.custom_op("fusedlm::attn_fwd", mutates_args=())
 def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
@@ -205,7 +205,7 @@ def attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 pinned: bool, window_left: int, window_right: int, softcap: float,
                 alibi: Optional[Tensor], kernel: str) -> Tuple[Tensor, Tensor]:
     return _forward(q, k, v, key_mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-                    int(seed), pinned, window_left, window_right, softcap, alibi, kernel)
+                    seed, pinned, window_left, window_right, softcap, alibi, kernel)
 
 
 @attn_fwd_op.register_fake
@@ -222,7 +222,7 @@ def attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
                 softcap: float, alibi: Optional[Tensor],
                 kernel: str) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(do, q, k, v, o, lse, key_mask, cu_q, cu_k, max_q, max_k, causal, scale,
-                     dropout_p, int(seed), pinned, window_left, window_right, softcap, alibi,
+                     dropout_p, seed, pinned, window_left, window_right, softcap, alibi,
                      kernel)
 
 
@@ -261,7 +261,7 @@ def _fused(*args):
     """The kernels' forward (with autograd when a gradient is wanted); the last argument is the
     kernels to launch (attention_kernels.KERNELS: what kernel_for makes of the dispatch choice)."""
     if torch.compiler.is_compiling():
-        seed = args[11] if isinstance(args[11], Tensor) else torch.tensor(args[11])
+        seed = args[11] if isinstance(args[11], Tensor) else torch.tensor(args[11], device=args[0].device)
         return torch.ops.fusedlm.attn_fwd(*args[:11], seed, *args[12:])
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])):
         return _forward(*args)  # inference: the kernel alone (autograd's apply costs ~35 us)
@@ -305,7 +305,8 @@ def split_qkv(qkv: Tensor):
 # torch backend: the reference, differentiable through autograd.
 
 def _torch_dropout_keep(shape, dropout_p, seed, device):
-    if isinstance(seed, Tensor):  # compiled (see dropout_seed): a graph holds no Generator
+    # Compiled (see dropout_seed), even with a given seed: a graph holds no Generator.
+    if isinstance(seed, Tensor) or torch.compiler.is_compiling():
         return torch.rand(shape, device=device) >= dropout_p
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=g, device=device) >= dropout_p
@@ -374,10 +375,10 @@ def padded_rows(t, cu, seq):
 def _torch_varlen_keep(cu_q, cu_k, heads, max_q, max_k, dropout_p, seed, device):
     """The torch backend's keep-mask for packed sequences, (batch, heads, max_q, max_k): sequence
     i draws (heads, len_q, len_k) from seed + i, as the one-call-per-sequence path does, so both
-    paths (and flash_attn_interface's S_dmask) see the same pattern. Under torch.compile the seed
-    is a tensor and one dense draw from the default generator serves (nothing is read back)."""
+    paths (and flash_attn_interface's S_dmask) see the same pattern. Under torch.compile one
+    dense draw from the default generator serves (nothing is read back)."""
     batch = cu_q.numel() - 1
-    if isinstance(seed, Tensor):
+    if isinstance(seed, Tensor) or torch.compiler.is_compiling():
         return _torch_dropout_keep((batch, heads, max_q, max_k), dropout_p, seed, device)
     keep = torch.zeros((batch, heads, max_q, max_k), dtype=torch.bool, device=device)
     for i, (lq, lk) in enumerate(zip(cu_q.diff().tolist(), cu_k.diff().tolist())):
@@ -563,7 +564,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                             f"{attention_mask.dtype}; additive float masks are not accepted")
     q, k, v = autocast_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
-    seed = dropout_seed(dropout_p, seed, batch * heads)
+    seed = dropout_seed(dropout_p, seed, batch * heads, q.device)
     case = _case(q, window, softcap, alibi, causal, seq_k)
     chosen = dispatch.select("attention", case, backend)
     if chosen == "torch":
@@ -652,7 +653,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     q, k, v = autocast_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
-    seed = dropout_seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1])
+    seed = dropout_seed(dropout_p, seed, (cu_seqlens_q.numel() - 1) * q.shape[1], q.device)
     alibi = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     case = _case(q, window, softcap, alibi, causal, max_seqlen_k)
     chosen = dispatch.select("attention", case, backend)
@@ -677,7 +678,7 @@ def dropout_mask(batch, heads, seq_q, seq_k, dropout_p, seed, device="cuda", bac
     cu_seqlens=(cu_q, cu_k), for a packed call with max_seqlen seq_q, seq_k: sequence i's draws
     at [i, :, :len_q, :len_k]. The CUDA C++ kernels have no dropout: dispatch sends dropout to
     Triton."""
-    seed = dropout_seed(dropout_p, seed, batch * heads)
+    seed = dropout_seed(dropout_p, seed, batch * heads)  # eager: an int
     if backend == "torch":
         if cu_seqlens is not None:
             return _torch_varlen_keep(*cu_seqlens, heads, seq_q, seq_k, dropout_p, seed, device)

@@ -99,8 +99,9 @@ def _aten_serves(x_dtype, device_type, param_dtype, is_rms):
 
 def _torch_keep(shape, dropout_p, seed, device):
     """The torch backend's keep-mask, drawn from `seed` (again by the backward): its own draws,
-    not the Triton kernels' (as attention's torch backend)."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    not the Triton kernels' (as attention's torch backend). A tensor seed (torch.compile's) is
+    read on the host: the Triton kernels read it on the device instead."""
+    g = torch.Generator(device=device).manual_seed(int(seed))
     return torch.rand(shape, generator=g, device=device) >= dropout_p
 
 
@@ -237,15 +238,15 @@ class _NormFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile path: custom ops with fake kernels and autograd. The dropout seed is a CPU int64
-# tensor there (see dropout_seed), read when the op runs.
+# torch.compile path: custom ops with fake kernels and autograd. The dropout seed is a one-element
+# tensor on the data's device there (see dropout_seed), which the Triton kernels read themselves.
 
 @torch.library.custom_op("fusedlm::norm_fwd", mutates_args=())
 def norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], eps: float, is_rms: bool, store_z: bool,
                 backend: str, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     y, z, mean, rstd = _forward(backend, x, residual, weight, bias, eps, is_rms, store_z,
-                                dropout_p, int(seed))
+                                dropout_p, seed)
     empty = rstd.new_empty(0)
     return y, (z if z is not None else x.new_empty(0)), (mean if mean is not None else empty), rstd
 
@@ -266,7 +267,7 @@ def norm_bwd_op(dy: Tensor, z: Tensor, weight: Optional[Tensor], mean: Tensor, r
     """-> (dz, dx, dw, db), a (0,) tensor for each not computed (dx: without dropout, where it
     is dz; an op's outputs may not alias)."""
     dz, dx, dw, db = _backward(backend, dy, z, weight, None if is_rms else mean, rstd, dz_extra,
-                               is_rms, need_dw, need_db, param_dtype, dropout_p, int(seed),
+                               is_rms, need_dw, need_db, param_dtype, dropout_p, seed,
                                need_dz)
     empty = lambda dtype: dy.new_empty(0, dtype=dtype)  # noqa: E731 (one each: no aliases)
     return (dz if dz is not None else empty(dy.dtype), dx if dropout_p > 0 else empty(dy.dtype),
@@ -364,9 +365,9 @@ def _norm(op_name, x, weight, bias, eps, residual, return_residual, backend, is_
     # The backward reads what was normalized: with a residual or dropout, that is not x, so it
     # is stored whenever a gradient may come.
     store_z = (residual is not None or dropout_p > 0) and (return_residual or needs_grad)
-    seed = dropout_seed(dropout_p, seed)
+    seed = dropout_seed(dropout_p, seed, device=x.device)
     if torch.compiler.is_compiling():
-        seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed)
+        seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, device=x.device)
         y, z, _, _ = torch.ops.fusedlm.norm_fwd(x2, r2, weight, bias, float(eps), is_rms, store_z,
                                                 chosen, dropout_p, seed_t)
     elif not needs_grad:  # inference: the kernels alone (autograd's apply costs ~35 us a call)

@@ -195,8 +195,6 @@ def _drop_scale(dropout_p):
     return 1.0 / (1.0 - dropout_p)
 
 
-
-
 def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight, dbias, is_rms,
              dx=None, dropout_p=0.0, seed=0):
     """dy, z, dz_extra, dz: (rows, N); dw_part/db_part: (programs, N) fp32 scratch, one row per

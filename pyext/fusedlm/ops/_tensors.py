@@ -96,6 +96,13 @@ def check_dropout(dropout_p, seed):
         raise ValueError(f"seed must be an int in [0, 2**31) or None, got {seed!r}")
 
 
+def seeded_keep(shape, dropout_p, seed, device):
+    """A keep-mask (each element kept with probability 1 - dropout_p) drawn from an int seed by
+    a generator of its own: the torch backends' masks, drawn again alike by their backward."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=g, device=device) >= dropout_p
+
+
 def dropout_seed(dropout_p, seed, n_streams=1, device=None):
     """The dropout seed, an int. Under torch.compile one is drawn as a one-element int64 tensor
     on `device` instead (an int would break the graph): the Triton kernels read it on the device,

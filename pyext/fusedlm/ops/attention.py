@@ -24,7 +24,7 @@ from .. import _core
 from . import _triton, attention_kernels, dispatch
 from .padding import pad, unpad  # noqa: F401 (unpad: the public API's, via ops)
 from ._tensors import (autocast_inputs, check_dropout, dropout_seed, first_derivative_only,
-                       require, unit_stride)
+                       require, seeded_keep, unit_stride)
 
 _HALF = (torch.float16, torch.bfloat16)
 LN2 = 0.6931471805599453
@@ -308,8 +308,7 @@ def _torch_dropout_keep(shape, dropout_p, seed, device):
     # Compiled (see dropout_seed), even with a given seed: a graph holds no Generator.
     if isinstance(seed, Tensor) or torch.compiler.is_compiling():
         return torch.rand(shape, device=device) >= dropout_p
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=g, device=device) >= dropout_p
+    return seeded_keep(shape, dropout_p, seed, device)
 
 
 def _torch_dense(q, k, v, key_mask, causal, scale, dropout_p, seed, window=(-1, -1), softcap=0.0,

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _core, reference
 from . import _triton, dispatch
 from ._tensors import (check_dropout, dropout_seed, dtype_differs, first_derivative_only,
-                       unit_stride)
+                       seeded_keep, unit_stride)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,18 +97,17 @@ def _aten_serves(x_dtype, device_type, param_dtype, is_rms):
             and (device_type == "cuda" or x_dtype in (torch.float32, torch.float64)))
 
 
-def _torch_keep(shape, dropout_p, seed, device):
-    """The torch backend's keep-mask, drawn from `seed` (again by the backward): its own draws,
-    not the Triton kernels' (as attention's torch backend). A tensor seed (torch.compile's) is
-    read on the host: the Triton kernels read it on the device instead."""
-    g = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(shape, generator=g, device=device) >= dropout_p
+def _torch_dropout(t, dropout_p, seed):
+    """t dropped out as the torch backend does it, forward (x) and backward (dz) alike: its own
+    keep-mask drawn from `seed`, not the Triton kernels' (as attention's torch backend). A tensor
+    seed (torch.compile's) is read on the host: the Triton kernels read it on the device."""
+    keep = seeded_keep(t.shape, dropout_p, int(seed), t.device)
+    return torch.where(keep, t * (1.0 / (1.0 - dropout_p)), 0.0).to(t.dtype)
 
 
 def _forward(backend, x, residual, weight, bias, eps, is_rms, store_z, dropout_p=0.0, seed=0):
     if backend == "torch" and dropout_p > 0:
-        keep = _torch_keep(x.shape, dropout_p, seed, x.device)
-        x = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0).to(x.dtype)
+        x = _torch_dropout(x, dropout_p, seed)
     if backend == "torch":
         pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
         if not _aten_serves(x.dtype, x.device.type, pdtype, is_rms):
@@ -141,8 +140,7 @@ def _backward(backend, dy, z, weight, mean, rstd, dz_extra, is_rms, need_dw, nee
                                      need_db, param_dtype)
         if dropout_p == 0:
             return dz, dz, dw, db
-        keep = _torch_keep(dz.shape, dropout_p, seed, dz.device)
-        return dz, torch.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0).to(dz.dtype), dw, db
+        return dz, _torch_dropout(dz, dropout_p, seed), dw, db
     rows, n = dy.shape
     dropout = dropout_p > 0
     dz = torch.empty((rows, n), dtype=dy.dtype, device=dy.device) if need_dz or not dropout else None

@@ -204,6 +204,15 @@ def triton_cases():
                    HAS_DZ_EXTRA=True, NEED_DW=True, STORE_DZ=True, DROPOUT=dropout,
                    SEED_PTR=seed_ptr, BLOCK_N=block)
         cases.append(("layer_norm bwd", label, L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
+    # The MLP's activation backward (A recomputed, dpre, b1's partial sums) at BERT-base's
+    # intermediate width, bf16, for each activation.
+    from fusedlm.kernels import mlp as M
+    for act in M.ACTIVATIONS:
+        values = dict(_ptrs("PRE DA A DPRE".split(), "bf16"), DB_PART="*fp32", stride_pre=3072,
+                      stride_da=3072, stride_a=3072, stride_dpre=3072, n_rows=16384, N=3072,
+                      rows_per_program=256, ACT=M.ACTIVATIONS.index(act), STORE_A=True,
+                      HAS_DB=True, BLOCK_M=M.BLOCK_M, BLOCK_N=M.BLOCK_N)
+        cases.append(("mlp act_bwd", f"bf16 N=3072 {act}", M._act_bwd_kernel, values, 4, 3))
     # The LM loss row kernel at BERT's, GPT-2's (raw, and padded to 50304 by the model) and
     # Llama 3's vocabularies, with the row pitch the driver gives the logits buffer on a GPU.
     import importlib

@@ -267,6 +267,13 @@ def _ce_rows(logits, labels, loss, lse, hit, **kw):
     return 0, passes * _nbytes([logits]) + _nbytes([labels, loss, lse, hit])
 
 
+def _mlp_activation_backward(pre, da, a, dpre, part, db, activation):
+    # Reads pre and dA; writes A again (W2's gradient reads it) and dpre over dA; the partial
+    # column sums (b1's gradient) are a few rows.
+    small = [t for t in (part, db) if t is not None]
+    return 0, _nbytes([pre, da]) + _nbytes([t for t in (a, dpre) if t is not None]) + _nbytes(small)
+
+
 def _all_tensors(*args, **kw):
     return 0, _nbytes(_tensors((args, kw)))
 
@@ -275,6 +282,7 @@ _LAUNCH_COSTS = {
     ("attention", "forward"): _attention_fwd,
     ("attention", "backward"): _attention_bwd,
     ("lm_loss", "ce_rows"): _ce_rows,
+    ("mlp", "activation_backward"): _mlp_activation_backward,
     # Layer norm (forward, backward), the dropout mask: each tensor read or written once.
 }
 

@@ -121,22 +121,25 @@ def test_host_cost_table_covers_every_op_with_launches_stubbed():
     got = {(r["op"], r["direction"], r["impl"]) for r in rows}
     has_hf = importlib.util.find_spec("transformers") is not None
     for op, theirs in (("layer_norm", "torch"), ("attention", "torch"), ("lm_loss", "torch"),
-                       ("bert_step", "Hugging Face (sdpa)" if has_hf else None)):
+                       ("mlp", "torch"), ("bert_step", "Hugging Face (sdpa)" if has_hf else None)):
         for direction in ("fwd", "fwd+bwd"):
             assert theirs is None or (op, direction, theirs) in got
             for be in backends:
                 assert (op, direction, f"fusedlm[{be}], launches stubbed") in got
     assert all(r["host_us"] > 0 for r in rows)
-    assert all(r["triton_calls"] >= 1 for r in rows if r["impl"].startswith("fusedlm[triton]"))
+    # (The MLP's forward is torch's GEMMs and activation: its Triton kernel is in the backward.)
+    assert all(r["triton_calls"] >= 1 for r in rows if r["impl"].startswith("fusedlm[triton]")
+               and (r["op"], r["direction"]) != ("mlp", "fwd"))
     assert all(r["triton_calls"] == 0 and r["launches"] >= 1 for r in rows
                if not r["impl"].startswith("fusedlm"))
-    # The demo's training step (2 layers): at most today's launches and reads (aten ops 139,
-    # Triton calls 17; reads 5 here, 4 on a GPU, where `require` checks on the device), against
-    # Hugging Face's 144 and 1. A change that adds any must say why here.
+    # The demo's training step (2 layers): at most today's launches and reads (aten ops 119,
+    # Triton calls 19; reads 5 here, 4 on a GPU, where `require` checks on the device), against
+    # Hugging Face's 144 and 1. A change that adds any must say why here: the MLP's backward
+    # (one Triton call a layer) took 17 -> 19 calls and 123 -> 119 aten launches.
     step = {r["impl"]: r for r in rows if r["op"] == "bert_step" and r["direction"] == "fwd+bwd"}
     for be in backends:
         ours = step[f"fusedlm[{be}], launches stubbed"]
-        assert ours["launches"] <= 139 and ours["triton_calls"] <= 17 and ours["syncs"] <= 5, ours
+        assert ours["launches"] <= 119 and ours["triton_calls"] <= 19 and ours["syncs"] <= 5, ours
 
 
 def test_launch_and_sync_counts():

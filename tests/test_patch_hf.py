@@ -234,7 +234,8 @@ def test_unpatch_restores_exactly_and_patches_do_not_leak():
     fusedlm.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert model.config._attn_implementation == impl
-    assert not any("forward" in m.__dict__ for m in model.modules())  # no fused forward left
+    assert not any(k in m.__dict__ for m in model.modules()  # no fused forward left
+                   for k in ("forward", "feed_forward_chunk", "_fusedlm_mlp_activation"))
     assert model(**kw).logits is not None
     with pytest.raises(ValueError, match="not patched"):
         fusedlm.unpatch(model)
@@ -610,3 +611,65 @@ def test_bert_dropout_add_norm_runs_in_the_norms_kernels():
             hidden_states = self.LayerNorm(hidden_states + input_tensor)  # no dropout
             return hidden_states
     assert hf._is_dropout_add_norm(type(out)) and not hf._is_dropout_add_norm(Other)
+
+
+def _wide_saved(model, kw, width):
+    """Distinct activations `width` wide (the MLPs' intermediate width) that a training forward
+    keeps for its backward (the parameters it keeps not counted)."""
+    seen = set()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-1] == width and t.untyped_storage().data_ptr() not in params:
+            seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**kw)
+    return len(seen), out
+
+
+@pytest.mark.parametrize("name,cls,width", [("BertForMaskedLM", "BertLayer", 64),
+                                            ("RobertaForMaskedLM", "RobertaLayer", 64),
+                                            ("GPT2LMHeadModel", "GPT2MLP", 128)])
+def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width):
+    """BERT's feed-forward and GPT-2's MLP run as fusedlm.ops.mlp: one intermediate-wide tensor a
+    layer kept for the backward (the activation's input) where the original keeps two or more,
+    with the original's loss (test_patched_model_matches_the_original checks every gradient)."""
+    torch.manual_seed(0)
+    ref = _models()[name]().to(DEVICE).train()
+    model = copy.deepcopy(ref)
+    report = fusedlm.patch(model)
+    assert f"{cls}: 2 module(s): the MLP as fusedlm.ops.mlp" in str(report)
+    kw, _ = _inputs(name)
+    torch.manual_seed(1)
+    n_ref, want = _wide_saved(ref, kw, width)
+    torch.manual_seed(1)
+    n_got, got = _wide_saved(model, kw, width)
+    assert n_got == 2 and n_ref >= 4, (n_got, n_ref)
+    if name == "GPT2LMHeadModel":  # dropout draws differ between the two: compare without it
+        return
+    ref.eval(), model.eval()
+    assert rel_err(model(**kw).loss, ref(**kw).loss) < 1e-5
+
+
+def test_mlps_the_op_cannot_run_are_left_as_they_are():
+    """An activation fusedlm.ops.mlp does not have (SiLU), a feed-forward computing something
+    else, or mlp=False: the MLP runs its own code."""
+    from fusedlm.integrations import hf
+    torch.manual_seed(0)
+    silu = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, hidden_act="silu"))
+    assert "the MLP" not in str(fusedlm.patch(silu))
+    assert not any("feed_forward_chunk" in m.__dict__ for m in silu.modules())
+    plain = _models()["BertForMaskedLM"]()
+    report = fusedlm.patch(plain, mlp=False)
+    assert ("MLP", "mlp=False") in report.left_alone and "the MLP" not in str(report)
+
+    class Other(torch.nn.Module):
+        def feed_forward_chunk(self, attention_output):
+            intermediate_output = self.intermediate(attention_output)
+            layer_output = self.output(intermediate_output, intermediate_output)  # no residual
+            return layer_output
+    layer = plain.bert.encoder.layer[0]
+    args = ("self", "attention_output")
+    assert hf._code_is(type(layer), "feed_forward_chunk", args, hf._FEED_FORWARD_CHUNK)
+    assert not hf._code_is(Other, "feed_forward_chunk", args, hf._FEED_FORWARD_CHUNK)

@@ -187,6 +187,11 @@ def _cases(device):
         y = torch.randint(0, 64, (16,), device=device)
         return h, w, y
 
+    def mlp_inputs():
+        x = torch.randn(8, 64, device=device, dtype=half, requires_grad=True)
+        return (x, *(torch.randn(*shape, device=device, dtype=half, requires_grad=True)
+                     for shape in ((256, 64), (256,), (64, 256), (64,))))
+
     step_inputs, step_ours, step_theirs = _bert_step(device)
     return {
         "layer_norm": (ln_inputs,
@@ -200,6 +205,9 @@ def _cases(device):
         "lm_loss": (loss_inputs,
                     lambda h, w, y, be: fusedlm.lm_loss(h, w, y, backend=be),
                     lambda h, w, y: F.cross_entropy(h @ w.t(), y), "torch"),
+        "mlp": (mlp_inputs,
+                lambda x, w1, b1, w2, b2, be: fusedlm.ops.mlp(x, w1, b1, w2, b2, backend=be),
+                lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), "torch"),
         # A whole training step, forward only or with its backward: what the demo runs.
         "bert_step": (step_inputs, lambda be: step_ours(be), step_theirs, "Hugging Face (sdpa)"),
     }
@@ -233,8 +241,12 @@ def run(backends=("triton",), device=None, rep=200, log=print, on_result=None):
     for op, (inputs, ours, theirs, their_label) in _cases(device).items():
         args = inputs()
         dtype = args[0].dtype if args else torch.float16
-        case = (device, dtype, 64) if op in ("attention", "bert_step") else (
-            (device, dtype, 768, args[1].dtype) if op == "layer_norm" else (device, dtype, 64))  # V 64
+        if op == "layer_norm":
+            case = (device, dtype, 768, args[1].dtype)
+        elif op == "mlp":
+            case = (device, dtype)
+        else:  # attention and bert_step: head dim 64; lm_loss: V 64
+            case = (device, dtype, 64)
         rows = {}
         for backward in (False, True):
             direction = "fwd+bwd" if backward else "fwd"

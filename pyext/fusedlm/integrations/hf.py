@@ -10,6 +10,9 @@ What `patch(model)` does, each step recorded in the report it returns:
     module whose forward is BERT's "dense, dropout, add & norm" (BertSelfOutput, BertOutput and
     their copies in RoBERTa, ELECTRA, ...: recognized by that forward's code) runs its dropout
     and residual add inside the norm's kernels;
+  * the MLPs whose code is BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate
+    and BertOutput, and their copies) or GPT-2's (GPT2MLP) run as fusedlm.ops.mlp, which keeps
+    the activation's input and not its output for the backward (GELU, its tanh form, ReLU);
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
     materializing the logits: the returned output has logits=None. Without labels the
@@ -30,10 +33,11 @@ import torch
 
 from ..nn.lm_head import labelled_rows
 from ..nn._swap import swap_modules
-from ..nn.layer_norm import RMSNorm, replace_norms
+from ..nn.layer_norm import LayerNorm, RMSNorm, replace_norms
 from ..ops import attention as fused_attention
 from ..ops import attention_varlen
 from ..ops import lm_loss
+from ..ops import mlp as fused_mlp
 
 ATTN_NAME = "fusedlm"
 _STATE = "_fusedlm_patch"
@@ -319,19 +323,23 @@ _DROPOUT_ADD_NORM = ("hidden_states = self.dense(hidden_states)",
 
 
 @functools.lru_cache(maxsize=None)
-def _is_dropout_add_norm(cls) -> bool:
-    """Is cls.forward(hidden_states, input_tensor) exactly BERT's dense, dropout, add & norm? Read
-    from its code, so that a class that computes anything else is left alone."""
+def _code_is(cls, method, args, statements) -> bool:
+    """Is cls.<method>(*args) exactly these statements (as ast.unparse writes them)? Read from
+    its code, so that a class that computes anything else is left alone."""
     import ast
     import textwrap
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(cls, method))))
+    except (AttributeError, OSError, TypeError, SyntaxError):
         return False
     fn = tree.body[0] if tree.body else None
-    return (isinstance(fn, ast.FunctionDef)
-            and [a.arg for a in fn.args.args] == ["self", "hidden_states", "input_tensor"]
-            and tuple(ast.unparse(stmt) for stmt in fn.body) == _DROPOUT_ADD_NORM)
+    return (isinstance(fn, ast.FunctionDef) and tuple(a.arg for a in fn.args.args) == args
+            and tuple(ast.unparse(stmt) for stmt in fn.body) == statements)
+
+
+def _is_dropout_add_norm(cls) -> bool:
+    """Is cls.forward(hidden_states, input_tensor) exactly BERT's dense, dropout, add & norm?"""
+    return _code_is(cls, "forward", ("self", "hidden_states", "input_tensor"), _DROPOUT_ADD_NORM)
 
 
 def _dropout_add_norm_forward(self, hidden_states, input_tensor):
@@ -344,13 +352,91 @@ def _dropout_add_norm_forward(self, hidden_states, input_tensor):
 def _fuse_dropout_add_norm(model):
     """The modules whose forward is BERT's dense, dropout, add & norm, over a fusedlm
     LayerNorm, given the fused forward (an instance attribute: unpatch deletes it)."""
-    from ..nn.layer_norm import LayerNorm
     fused = []
     for m in model.modules():
         if (_is_dropout_add_norm(type(m)) and isinstance(getattr(m, "LayerNorm", None), LayerNorm)
                 and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)):
             m.forward = types.MethodType(_dropout_add_norm_forward, m)
             fused.append(m)
+    return fused
+
+
+# BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate.forward and a
+# dropout-add-norm output) and GPT-2's MLP (GPT2MLP.forward), as ast.unparse writes them.
+_FEED_FORWARD_CHUNK = ("intermediate_output = self.intermediate(attention_output)",
+                       "layer_output = self.output(intermediate_output, attention_output)",
+                       "return layer_output")
+_INTERMEDIATE = ("hidden_states = self.dense(hidden_states)",
+                 "hidden_states = self.intermediate_act_fn(hidden_states)",
+                 "return hidden_states")
+_GPT2_MLP = ("hidden_states = self.c_fc(hidden_states)", "hidden_states = self.act(hidden_states)",
+             "hidden_states = self.c_proj(hidden_states)",
+             "hidden_states = self.dropout(hidden_states)", "return hidden_states")
+
+
+def _mlp_activation(fn):
+    """fusedlm.ops.mlp's name for a transformers activation module, or None."""
+    from transformers import activations as A
+    if type(fn) is torch.nn.ReLU:
+        return "relu"
+    if type(fn) is A.GELUActivation:  # F.gelu, or the same erf formula in Python
+        return "gelu"
+    if type(fn) in (A.NewGELUActivation, getattr(A, "GELUTanh", None),
+                    getattr(A, "PytorchGELUTanh", None)):
+        return "gelu_tanh"
+    return None
+
+
+def _is_conv1d(m):
+    """transformers' Conv1D: y = x @ weight + bias, weight (in, out)."""
+    return (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and isinstance(getattr(m, "bias", None), torch.Tensor))
+
+
+# The activation's name, on each fused module (unpatch deletes it): an instance attribute, not
+# an argument, since transformers counts a chunked feed-forward's parameters.
+_MLP_ACTIVATION = "_fusedlm_mlp_activation"
+
+
+def _bert_feed_forward(self, attention_output):
+    up, out = self.intermediate.dense, self.output
+    y = fused_mlp(attention_output, up.weight, up.bias, out.dense.weight, out.dense.bias,
+                  getattr(self, _MLP_ACTIVATION))
+    if isinstance(out.LayerNorm, LayerNorm):  # dropout and residual add in the norm's kernels
+        p = out.dropout.p if out.training else 0.0
+        return out.LayerNorm(y, attention_output, dropout_p=p)[0]
+    return out.LayerNorm(out.dropout(y) + attention_output)
+
+
+def _gpt2_mlp_forward(self, hidden_states):
+    fc, proj = self.c_fc, self.c_proj
+    return self.dropout(fused_mlp(hidden_states, fc.weight.t(), fc.bias, proj.weight.t(), proj.bias,
+                                  getattr(self, _MLP_ACTIVATION)))
+
+
+def _fuse_mlps(model):
+    """[(module, method name)] given fusedlm.ops.mlp: the layers whose feed-forward is BERT's
+    and the MLPs that are GPT-2's (by their code), with an activation the op knows."""
+    fused = []
+    for m in model.modules():
+        inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+        if (_code_is(type(m), "feed_forward_chunk", ("self", "attention_output"), _FEED_FORWARD_CHUNK)
+                and _code_is(type(inter), "forward", ("self", "hidden_states"), _INTERMEDIATE)
+                and _is_dropout_add_norm(type(out))
+                and isinstance(getattr(inter, "dense", None), torch.nn.Linear)
+                and isinstance(getattr(out, "dense", None), torch.nn.Linear)
+                and _mlp_activation(getattr(inter, "intermediate_act_fn", None)) is not None):
+            setattr(m, _MLP_ACTIVATION, _mlp_activation(inter.intermediate_act_fn))
+            m.feed_forward_chunk = types.MethodType(_bert_feed_forward, m)
+            fused.append((m, "feed_forward_chunk"))
+        elif (_code_is(type(m), "forward", ("self", "hidden_states"), _GPT2_MLP)
+              and _is_conv1d(getattr(m, "c_fc", None)) and _is_conv1d(getattr(m, "c_proj", None))
+              and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)
+              and _mlp_activation(getattr(m, "act", None)) is not None):
+            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act))
+            m.forward = types.MethodType(_gpt2_mlp_forward, m)
+            fused.append((m, "forward"))
     return fused
 
 
@@ -469,7 +555,7 @@ _LOSS_FORWARDS = {
 
 # ---------------------------------------------------------------------------------------------
 
-def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
+def patch(model, *, attention=True, layer_norm=True, mlp=True, loss=True) -> PatchReport:
     """Patch a transformers model in place (see the module docstring); returns the report.
     Patching a patched model is an error: unpatch first."""
     transformers, _, _ = _transformers()
@@ -479,7 +565,7 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
         raise ValueError("model is already patched by fusedlm; call fusedlm.unpatch(model) first")
     name = type(model).__name__
     report = PatchReport(name)
-    state = {"attn": None, "norms": [], "forward": False, "hooks": [], "fused": []}
+    state = {"attn": None, "norms": [], "forward": False, "hooks": [], "fused": [], "mlps": []}
 
     why_not_attention = _unsupported_attention_config(model.config, model) if attention else None
     if why_not_attention is not None:
@@ -529,6 +615,15 @@ def patch(model, *, attention=True, layer_norm=True, loss=True) -> PatchReport:
     else:
         report.left_alone.append(("LayerNorm", "layer_norm=False"))
 
+    if mlp:
+        state["mlps"] = _fuse_mlps(model)
+        for cls in sorted({type(m).__name__ for m, _ in state["mlps"]}):
+            n = sum(type(m).__name__ == cls for m, _ in state["mlps"])
+            report.patched.append(f"{cls}: {n} module(s): the MLP as fusedlm.ops.mlp (its "
+                                  "activation recomputed in the backward, not stored)")
+    else:
+        report.left_alone.append(("MLP", "mlp=False"))
+
     if loss and name in _LOSS_FORWARDS:
         model._fusedlm_original_forward = model.forward
         model.forward = types.MethodType(_LOSS_FORWARDS[name], model)
@@ -548,6 +643,9 @@ def unpatch(model):
         raise ValueError("model is not patched by fusedlm")
     for m in state["fused"]:
         del m.forward
+    for m, method in state["mlps"]:
+        delattr(m, method)
+        delattr(m, _MLP_ACTIVATION)
     for parent, child_name, child in state["norms"]:
         setattr(parent, child_name, child)
     if state["attn"] is not None:

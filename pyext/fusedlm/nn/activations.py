@@ -9,6 +9,11 @@ ACTIVATIONS = {
 }
 
 
+# The same activations by the name fusedlm.ops.mlp knows them (its backward recomputes them).
+MLP_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                   "relu": "relu"}
+
+
 def activation(name):
     if name not in ACTIVATIONS:
         raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {name!r}")

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..ops import attention_varlen, pad, split_qkv, unpad
-from .activations import activation
+from ..ops import attention_varlen, mlp, pad, split_qkv, unpad
+from .activations import MLP_ACTIVATIONS, activation
 from .layer_norm import LayerNorm
 
 
@@ -88,9 +88,12 @@ class ResidualOutput(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout)
 
     def forward(self, h, residual):
+        return self.add_norm(self.dense(h), residual)
+
+    def add_norm(self, y, residual):
+        """The dense layer's output `y` dropped out, added to `residual` and normalized."""
         p = self.dropout.p if self.training else 0.0
-        y, _ = self.LayerNorm(self.dense(h), residual=residual, dropout_p=p)
-        return y
+        return self.LayerNorm(y, residual=residual, dropout_p=p)[0]
 
 
 class EncoderAttention(torch.nn.Module):
@@ -133,7 +136,12 @@ class EncoderLayer(torch.nn.Module):
         """On packed rows; cu_seqlens_k: the keys' own offsets where they differ from the
         queries' (fusedlm.ops.unpad_static's padding rows have no keys), else None."""
         h = self.attention(x, cu_seqlens, max_seqlen, cu_seqlens_k, check_offsets)
-        return self.output(self.intermediate(h), h)
+        # intermediate.dense -> act -> output.dense as one op, which keeps the activation's
+        # input alone for the backward (see fusedlm.ops.mlp).
+        up, down = self.intermediate.dense, self.output.dense
+        y = mlp(h, up.weight, up.bias, down.weight, down.bias,
+                MLP_ACTIVATIONS[self.intermediate.hidden_act])
+        return self.output.add_norm(y, h)
 
     def forward(self, x, attention_mask=None, *, cu_seqlens=None, max_seqlen=None):
         rows, cu, max_len, restore, check = _packed(x, attention_mask, cu_seqlens, max_seqlen)
@@ -188,7 +196,9 @@ class DecoderMLP(torch.nn.Module):
 
     def forward(self, x, dropout_output=True):
         """dropout_output=False: the output before its dropout (see DecoderAttention)."""
-        out = self.c_proj(activation(self.activation_function)(self.c_fc(x)))
+        # c_fc -> act -> c_proj as one op (see EncoderLayer); Conv1D's weights are (in, out).
+        out = mlp(x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(),
+                  self.c_proj.bias, MLP_ACTIVATIONS[self.activation_function])
         return self.dropout(out) if dropout_output else out
 
 

@@ -4,6 +4,7 @@ import torch
 from .layer_norm import norm_forward, norm_backward, layer_norm, rms_norm, rounded_sum
 from .attention import allowed_mask, attention, attention_probabilities, attention_varlen
 from .lm_loss import lm_loss, ce_rows, shift_labels
+from .mlp import mlp
 
 # How far an implementation may be from these references run in float64, by the relative norm
 # error ||out - ref|| / ||ref|| of an output or gradient, per dtype: a small multiple of its
@@ -12,4 +13,4 @@ from .lm_loss import lm_loss, ce_rows, shift_labels
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 __all__ = ["TOLERANCE", "allowed_mask", "attention", "attention_probabilities", "attention_varlen", "norm_forward", "norm_backward", "layer_norm", "rms_norm", "rounded_sum",
-           "lm_loss", "ce_rows", "shift_labels"]
+           "lm_loss", "ce_rows", "shift_labels", "mlp"]

@@ -1,0 +1,174 @@
+"""A transformer MLP, y = act(x @ W1^T + b1) @ W2^T + b2, that keeps the activation's input and
+not its output for the backward: one (rows, intermediate) tensor a layer instead of two (at
+BERT-base's 16384 tokens, 100 MB of bf16 a layer; 1.2 GB a step).
+
+The backward needs A = act(pre) again for W2's gradient (dy^T A). Its Triton backend writes A,
+dpre = dA * act'(pre) and b1's gradient in one pass over pre and dA (kernels/mlp.py), where the
+unfused backward reads dA and pre for act' and dpre again for the bias sum: no pass more than
+an MLP that stores A. The torch backend recomputes A with torch's activation (one pass more).
+The two GEMMs a way are torch's (cuBLAS) in every backend.
+
+Flow of a call: validate -> dispatch.select -> with gradients in eager mode, _MLPFunction;
+without gradients, or while torch.compile traces, the plain composition (the compiler's own
+partitioner makes the same trade: it recomputes a pointwise op rather than save its output,
+and fuses the activation with what is around it).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _core
+from ..reference.mlp import ACTIVATIONS, activation_backward, mlp as reference_mlp
+from ..reference.mlp import activation as act
+from . import _triton, dispatch
+from ._tensors import autocast_inputs, dtype_differs, first_derivative_only
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class MLPCase(NamedTuple):
+    """The dispatch case of mlp."""
+    device_type: str
+    dtype: torch.dtype
+
+
+def _triton_why_not(case):
+    why = _triton.device_problem("mlp", case.device_type)
+    if why is not None:
+        return why
+    if case.device_type == "cpu" and case.dtype == torch.bfloat16:
+        return "bfloat16 is not supported by the Triton interpreter (numpy has no bfloat16)"
+    if case.dtype not in _FLOATS:
+        return f"the Triton kernel takes float32, float16 or bfloat16, got {case.dtype}"
+    return None
+
+
+# The Triton kernel has not run on a GPU yet: until the GPU suite passes for it (tests/
+# test_mlp_gpu.py), a GPU call takes the torch backend.
+dispatch.register(dispatch.OpBackends(
+    "mlp", MLPCase, {"torch": lambda case: None, "triton": _triton_why_not},
+    cuda_order=("triton", "torch"), gpu_verified=("torch",)))
+
+
+def _num_partials(rows, n, device):
+    sms = _core.sm_count(device) if device.type == "cuda" else 1
+    return _triton.kernels("mlp").partial_rows(rows, n, sms)
+
+
+def _activation_backward(backend, pre, da, activation, need_a, need_db):
+    """-> (A or None, dpre, db or None) for pre, da (rows, F); dpre is written over da."""
+    if backend == "torch":
+        a, dpre = activation_backward(pre, da, activation)
+        db = dpre.sum(0) if need_db else None
+        return (a if need_a else None), dpre, db
+    rows, n = pre.shape
+    a = torch.empty_like(pre) if need_a else None
+    db = torch.empty(n, dtype=pre.dtype, device=pre.device) if need_db else None
+    part = (torch.empty((_num_partials(rows, n, pre.device), n), dtype=torch.float32,
+                        device=pre.device) if need_db else None)
+    _triton.run("mlp", "activation_backward", pre, da, a, da, part, db, activation)
+    return a, da, db
+
+
+def _weight_grad(grad_out, inp, weight):
+    """grad_out^T @ inp, W's gradient, in W's own layout: a transposed weight (GPT-2's Conv1D
+    passes its (in, out) parameter transposed) gets the transposed product's transpose, so
+    that its parameter's gradient comes out contiguous, not copied into shape by autograd."""
+    if weight.stride(0) == 1 and weight.stride(1) != 1:
+        return torch.mm(inp.t(), grad_out).t()
+    return torch.mm(grad_out.t(), inp)
+
+
+class _MLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2, settings):
+        activation, backend = settings
+        pre = F.linear(x, weight1, bias1)
+        y = F.linear(act(pre, activation), weight2, bias2)
+        ctx.save_for_backward(x, weight1, weight2, pre)
+        ctx.meta = (activation, backend, bias1 is not None, bias2 is not None)
+        return y
+
+    @staticmethod
+    @first_derivative_only("mlp")
+    def backward(ctx, dy):
+        x, weight1, weight2, pre = ctx.saved_tensors
+        activation, backend, has_b1, has_b2 = ctx.meta
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        rows = pre.numel() // pre.shape[-1]
+        dy = dy.reshape(rows, dy.shape[-1])
+        pre = pre.view(rows, pre.shape[-1])
+        x2 = x.reshape(rows, x.shape[-1])
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_x or need_w1 or need_b1:
+            a, dpre, db1 = _activation_backward(backend, pre, torch.mm(dy, weight2), activation,
+                                                need_w2, has_b1 and need_b1)
+            if need_w1:
+                dw1 = _weight_grad(dpre, x2, weight1)
+            if need_x:
+                dx = torch.mm(dpre, weight1).view(x.shape)
+        else:
+            a = act(pre, activation) if need_w2 else None
+        if need_w2:
+            dw2 = _weight_grad(dy, a, weight2)
+        if has_b2 and need_b2:
+            db2 = dy.sum(0)
+        return dx, dw1, db1, dw2, db2, None
+
+
+def _validate(x, weight1, bias1, weight2, bias2, activation):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dim() == 0:
+        raise TypeError(f"x must be a floating-point tensor with a feature dimension, got "
+                        f"dtype {x.dtype} and shape {tuple(x.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    for name, w in (("weight1", weight1), ("weight2", weight2)):
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (out_features, in_features), got "
+                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    hidden, inter = x.shape[-1], weight1.shape[0]
+    if weight1.shape[1] != hidden:
+        raise ValueError(f"weight1 must have shape (intermediate, {hidden}) to match x's last "
+                         f"dimension, got {tuple(weight1.shape)}")
+    if weight2.shape[1] != inter:
+        raise ValueError(f"weight2 must have shape (out_features, {inter}) to take weight1's "
+                         f"{inter} outputs, got {tuple(weight2.shape)}")
+    for name, b, n in (("bias1", bias1, inter), ("bias2", bias2, weight2.shape[0])):
+        if b is not None and (not isinstance(b, Tensor) or b.shape != (n,)):
+            raise ValueError(f"{name} must be None or a tensor of shape ({n},), got "
+                             f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+    for name, t in (("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if dtype_differs(t, x):
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype} (mixed dtypes "
+                            "are cast under autocast only)")
+
+
+def mlp(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+        bias2: Optional[Tensor] = None, activation: str = "gelu", *,
+        backend: Optional[str] = None) -> Tensor:
+    """act(x @ weight1^T + bias1) @ weight2^T + bias2: a transformer MLP whose backward recomputes
+    the activation instead of storing its output.
+
+    Weights as in torch.nn.Linear, (out_features, in_features); a transposed view is fine (GPT-2's
+    Conv1D weights, `.t()`). `activation`: "gelu" (exact, BERT's), "gelu_tanh" (GPT-2's
+    gelu_new) or "relu". Under autocast the GEMMs run in its dtype, as nn.Linear's would.
+    `backend` forces 'torch' or 'triton' for the backward's activation step (raising if it
+    cannot serve the call); None lets dispatch choose (see `fusedlm.explain`).
+    """
+    _validate(x, weight1, bias1, weight2, bias2, activation)
+    x, weight1, bias1, weight2, bias2 = autocast_inputs(x, weight1, bias1, weight2, bias2)
+    chosen = dispatch.select("mlp", (x.device.type, x.dtype), backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight1, bias1, weight2, bias2))
+    if not needs_grad or torch.compiler.is_compiling():
+        return reference_mlp(x, weight1, bias1, weight2, bias2, activation)
+    return _MLPFunction.apply(x, weight1, bias1, weight2, bias2, (activation, chosen))

@@ -1,0 +1,202 @@
+"""fusedlm.ops.mlp against the float64 reference, forward and backward; what it keeps for the
+backward; its errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm import reference
+from fusedlm.reference.mlp import ACTIVATIONS
+from conftest import DEVICE, HAS_GPU, rel_err
+
+BACKENDS = ["torch"] + (["triton"] if fusedlm.ops.dispatch.why_not(
+    "mlp", "triton", (DEVICE, torch.float32)) is None else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+# (rows, hidden, intermediate): one row; rows and columns off every tile size (16 x 256); more
+# than one column tile and several row programs.
+SHAPES = [(1, 8, 16), (37, 24, 70), (300, 40, 520)]
+
+
+def make(rows, hidden, inter, dtype, *, bias1=True, bias2=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+    x = rnd(rows, hidden)
+    w1, w2 = rnd(inter, hidden, scale=hidden ** -0.5), rnd(hidden, inter, scale=inter ** -0.5)
+    b1 = rnd(inter, scale=0.5) if bias1 else None
+    b2 = rnd(hidden, scale=0.5) if bias2 else None
+    dy = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    return [x, w1, b1, w2, b2], dy
+
+
+def outputs_and_grads(fn, inputs, dy):
+    y = fn(*inputs)
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(y, live, dy))
+    return [y] + [next(got) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def check(backend, dtype, rows, hidden, inter, activation, **kw):
+    """Output and every gradient within twice the error of torch's own composition in `dtype`
+    (F.linear, the activation, F.linear), both measured against float64."""
+    inputs, dy = make(rows, hidden, inter, dtype, **kw)
+    ours = outputs_and_grads(lambda *t: fusedlm.ops.mlp(*t, activation, backend=backend), inputs, dy)
+    torchs = outputs_and_grads(lambda *t: reference.mlp(*t, activation), inputs, dy)
+    exact = outputs_and_grads(lambda *t: reference.mlp(*t, activation), [f64(t) for t in inputs],
+                              dy.double())
+    assert ours[0].dtype == dtype and ours[0].shape == (rows, hidden)
+    names = ["y", "x", "weight1", "bias1", "weight2", "bias2"]
+    for name, o, t, e in zip(names, ours, torchs, exact):
+        if e is None:
+            assert o is None, name
+            continue
+        err, torch_err = rel_err(o, e), rel_err(t, e)
+        assert err <= 2 * torch_err + 1e-6, (name, err, torch_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, dtype, activation, shape):
+    check(backend, dtype, *shape, activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias1,bias2", [(False, True), (True, False), (False, False)])
+def test_without_biases(backend, bias1, bias2):
+    check(backend, torch.float32, 37, 24, 70, "gelu", bias1=bias1, bias2=bias2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (4,), (0, 3), (1, 2, 4)],
+                         ids=lambda w: "+".join(("x", "w1", "b1", "w2", "b2")[i] for i in w))
+def test_some_inputs_need_grad(backend, wanted):
+    """Each gradient path alone (a frozen layer, an input without gradient) gives the same
+    gradients as all of them, and None where none was asked."""
+    inputs, dy = make(37, 24, 70, torch.float32)
+    full = outputs_and_grads(lambda *t: fusedlm.ops.mlp(*t, backend=backend), inputs, dy)
+    some = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    part = outputs_and_grads(lambda *t: fusedlm.ops.mlp(*t, backend=backend), some, dy)
+    for i in range(5):
+        if i in wanted:
+            assert torch.allclose(part[1 + i], full[1 + i], rtol=1e-5, atol=1e-6), i
+        else:
+            assert part[1 + i] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_the_activation_input_only(backend):
+    """The (rows, intermediate) tensors kept for the backward: one (the activation's input),
+    where the plain composition keeps two (its input and output)."""
+    def wide_saved(fn):
+        inputs, dy = make(64, 16, 48, torch.float32)
+        wide = []
+
+        def pack(t):
+            if t.shape == (64, 48):
+                wide.append(t.data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(*inputs)
+        y.backward(dy)
+        return len(set(wide))
+    assert wide_saved(lambda *t: reference.mlp(*t, "gelu")) == 2
+    assert wide_saved(lambda *t: fusedlm.ops.mlp(*t, backend=backend)) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_weights_get_contiguous_gradients(backend):
+    """GPT-2's Conv1D stores (in, out) and passes the transpose: the parameters' gradients come
+    out in their own layout, equal to the plain composition's."""
+    inputs, dy = make(37, 24, 70, torch.float32)
+    x, w1, b1, w2, b2 = inputs
+    c_fc, c_proj = w1.detach().t().contiguous().requires_grad_(), w2.detach().t().contiguous().requires_grad_()
+    grads = []
+    for fn in (lambda: fusedlm.ops.mlp(x, c_fc.t(), b1, c_proj.t(), b2, "gelu_tanh", backend=backend),
+               lambda: reference.mlp(x, c_fc.t(), b1, c_proj.t(), b2, "gelu_tanh")):
+        g = torch.autograd.grad(fn(), (c_fc, c_proj), dy)
+        assert all(t.is_contiguous() for t in g)
+        grads.append(g)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_and_empty_inputs(backend):
+    inputs, dy = make(2 * 5, 24, 70, torch.float32)
+    x = inputs[0].detach().view(2, 5, 24).requires_grad_()
+    y = fusedlm.ops.mlp(x, *inputs[1:], backend=backend)
+    assert y.shape == (2, 5, 24)
+    (dx,) = torch.autograd.grad(y, x, dy.view(2, 5, 24))
+    ref = outputs_and_grads(lambda *t: reference.mlp(*t, "gelu"), [inputs[0]] + inputs[1:], dy)
+    assert torch.allclose(dx.view(10, 24), ref[1], rtol=1e-5, atol=1e-6)
+    empty = inputs[0].detach()[:0].requires_grad_()
+    y = fusedlm.ops.mlp(empty, *inputs[1:], backend=backend)
+    g = torch.autograd.grad(y, [empty] + inputs[1:], y.new_zeros(0, 24))
+    assert g[0].shape == (0, 24) and all(bool((t == 0).all()) for t in g[1:])
+
+
+def test_autocast_casts_as_linear_does():
+    """Under autocast the GEMMs and the activation run in its dtype and the fp32 parameters get
+    fp32 gradients, as torch's composition gives."""
+    inputs, dy = make(37, 24, 70, torch.float32)
+    results = []
+    for fn in (lambda *t: fusedlm.ops.mlp(*t), lambda *t: reference.mlp(*t, "gelu")):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = fn(*inputs)
+        results.append([y] + list(torch.autograd.grad(y, inputs, dy.to(torch.bfloat16))))
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
+        assert rel_err(ours, theirs) < 1e-2
+
+
+def test_second_derivative_is_refused():
+    inputs, dy = make(8, 8, 16, torch.float64)
+    y = fusedlm.ops.mlp(*inputs)
+    (dx,) = torch.autograd.grad(y, inputs[0], dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="fusedlm.mlp has no second derivative"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile(backend):
+    """torch.compile traces the plain composition (its partitioner recomputes the activation
+    itself): no graph break, eager's results."""
+    inputs, dy = make(37, 24, 70, torch.float32)
+    fn = lambda *t: fusedlm.ops.mlp(*t, backend=backend)  # noqa: E731
+    eager = outputs_and_grads(fn, inputs, dy)
+    compiled = outputs_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs, dy)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_keeps_unverified_triton_off_the_gpu_default():
+    inputs, _ = make(8, 8, 16, torch.float32)
+    fusedlm.ops.mlp(*inputs)
+    decision = fusedlm.explain("mlp")
+    assert decision.backend == "torch"
+    if DEVICE == "cuda":
+        assert any(b == "triton" for b, _ in decision.skipped)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(activation="swish"), ValueError, "activation must be one of gelu, gelu_tanh, relu"),
+    (dict(weight1=torch.zeros(16, 9)), ValueError, r"weight1 must have shape \(intermediate, 8\)"),
+    (dict(weight1=torch.zeros(16)), ValueError, "weight1 must be a 2-D tensor"),
+    (dict(weight2=torch.zeros(8, 15)), ValueError, r"weight2 must have shape \(out_features, 16\)"),
+    (dict(bias1=torch.zeros(15)), ValueError, r"bias1 must be None or a tensor of shape \(16,\)"),
+    (dict(bias2=torch.zeros(9)), ValueError, r"bias2 must be None or a tensor of shape \(8,\)"),
+    (dict(weight2=torch.zeros(8, 16, dtype=torch.float64)), TypeError, "weight2 must have x's dtype"),
+    (dict(x=torch.zeros(4, 8, dtype=torch.int64)), TypeError, "x must be a floating-point tensor"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_input_names_the_argument(change, error, match):
+    args = dict(x=torch.zeros(4, 8), weight1=torch.zeros(16, 8), bias1=torch.zeros(16),
+                weight2=torch.zeros(8, 16), bias2=torch.zeros(8), activation="gelu")
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fusedlm.ops.mlp(**args)

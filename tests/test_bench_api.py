@@ -156,3 +156,13 @@ def test_launch_and_sync_counts():
         from fusedlm.ops import _triton
         assert host.count_launches(lambda: _triton.run("attention", "forward")) == (0, 1, 0)
     assert host.count_launches(lambda: None) == (0, 0, 0)  # nothing left counting after
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "lm_loss", "attention", "mlp"])
+def test_fusedlm_check_passes_each_op_and_fails_it_perturbed(op):
+    """`fusedlm check`'s per-op check: the op itself passes; its output off by 0.1% does not."""
+    from fusedlm.bench.correctness import CHECKS
+    from fusedlm.cli import _CHECKS, _fusedlm_impl
+    fn, extra = _fusedlm_impl(op, "torch"), _CHECKS[op][2]
+    assert CHECKS[op](fn, "cpu", torch.float32, **extra)[0]
+    assert not CHECKS[op](lambda *a: fn(*a) * 1.001, "cpu", torch.float32, **extra)[0]

@@ -60,6 +60,8 @@ def _fusedlm_impl(op, backend):
         return lambda x, w, b, r: fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
     if op == "lm_loss":
         return lambda h, w, b, y: fusedlm.lm_loss(h, w, y, b, z_loss=0.0, chunk_size=7, backend=backend)
+    if op == "mlp":
+        return lambda x, w1, b1, w2, b2: fusedlm.ops.mlp(x, w1, b1, w2, b2, backend=backend)
     # deterministic=True pins the kernels' block sizes: autotuning every candidate for a 37-token
     # check would spend most of a first GPU run compiling (the issue's "no minutes lost").
     return lambda q, k, v, causal: fusedlm.attention(q, k, v, causal=causal, backend=backend,
@@ -72,6 +74,7 @@ _CHECKS = {
                    dict(residual=True)),
     "lm_loss": ("lm_loss(hidden, weight, labels, bias), V=4099, 3 chunks", lambda d, t: (d, t, 4099), {}),
     "attention": ("attention(q, k, v), 2 x 37 x 4 x 64, causal and not", lambda d, t: (d, t, 64), {}),
+    "mlp": ("ops.mlp(x, w1, b1, w2, b2), GELU, 37 x 48 -> 200", lambda d, t: (d, t), {}),
 }
 
 

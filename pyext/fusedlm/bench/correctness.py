@@ -83,4 +83,21 @@ def check_attention(fn, device, dtype, batch=2, seq=37, heads=4, head_dim=64):
     return passed, worst
 
 
-CHECKS = {"layer_norm": check_layer_norm, "lm_loss": check_lm_loss, "attention": check_attention}
+def check_mlp(fn, device, dtype, rows=37, hidden=48, inter=200):
+    """fn(x, weight1, bias1, weight2, bias2) -> gelu(x @ weight1.T + bias1) @ weight2.T + bias2."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
+    x, dy = rnd(rows, hidden), rnd(rows, hidden)
+    params = _leaves(rnd(inter, hidden, scale=hidden ** -0.5), rnd(inter, scale=0.5),
+                     rnd(hidden, inter, scale=inter ** -0.5), rnd(hidden, scale=0.5))
+    x = _leaves(x)[0]
+    y = fn(x, *params)
+    got = (y,) + torch.autograd.grad(y, [x, *params], dy)
+    exact = _leaves(*(t.double() for t in (x, *params)))
+    ref = reference.mlp(*exact, "gelu")
+    want = (ref,) + torch.autograd.grad(ref, exact, dy.double())
+    return _compare(got, want, dtype, summed=(2, 3, 4, 5))  # the parameters'
+
+
+CHECKS = {"layer_norm": check_layer_norm, "lm_loss": check_lm_loss, "attention": check_attention,
+          "mlp": check_mlp}

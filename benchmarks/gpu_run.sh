@@ -123,6 +123,7 @@ run_step() {
                                   --tune "$W/measured_dispatch.json" $(files attention-tune)) ;;
     bench-lm_loss) cmd=($BENCH lm_loss ${LOSS_ARGS:-} $(files lm_loss)) ;;
     bench-model) cmd=($BENCH model ${MODEL_ARGS:-} $(files model)) ;;
+    bench-mlp) cmd=($BENCH mlp ${MLP_ARGS:-} $(files mlp)) ;;
     bench-host) cmd=($BENCH host $(files host)) ;;
     ncu-attention) cmd=(ncu --kernel-name regex:attention_ --launch-count 3 --section SpeedOfLight
                         --section Occupancy --section LaunchStats --section WarpStateStats

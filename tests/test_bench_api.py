@@ -166,3 +166,14 @@ def test_fusedlm_check_passes_each_op_and_fails_it_perturbed(op):
     fn, extra = _fusedlm_impl(op, "torch"), _CHECKS[op][2]
     assert CHECKS[op](fn, "cpu", torch.float32, **extra)[0]
     assert not CHECKS[op](lambda *a: fn(*a) * 1.001, "cpu", torch.float32, **extra)[0]
+
+
+def test_mlp_bench_times_every_implementation_and_counts_what_each_saves():
+    from fusedlm.bench import mlp as mlp_bench
+    rows = mlp_bench.run(cases=("tiny",), dtype=torch.float32, device="cpu", log=lambda *a: None)
+    got = {r["impl"]: r for r in rows}
+    assert {"torch", "torch.compile", "fusedlm[torch]", "fusedlm, compiled"} <= set(got)
+    assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
+    # tiny: 256 rows x 256 fp32 = 0.25 MiB a tensor; GELU's input and output, or its input alone.
+    assert got["torch"]["saved_mib"] == got["torch.compile"]["saved_mib"] == 0.5
+    assert all(r["saved_mib"] == 0.25 for name, r in got.items() if name.startswith("fusedlm"))

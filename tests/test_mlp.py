@@ -88,22 +88,26 @@ def test_some_inputs_need_grad(backend, wanted):
             assert part[1 + i] is None
 
 
+def wide_saved(fn):
+    """How many (rows, intermediate) tensors a forward of fn keeps for its backward (after
+    which the backward runs, so that a compiled fn's backward is traced too)."""
+    inputs, dy = make(64, 16, 48, torch.float32)
+    wide = []
+
+    def pack(t):
+        if t.shape == (64, 48):
+            wide.append(t.data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*inputs)
+    y.backward(dy)
+    return len(set(wide))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keeps_the_activation_input_only(backend):
     """The (rows, intermediate) tensors kept for the backward: one (the activation's input),
     where the plain composition keeps two (its input and output)."""
-    def wide_saved(fn):
-        inputs, dy = make(64, 16, 48, torch.float32)
-        wide = []
-
-        def pack(t):
-            if t.shape == (64, 48):
-                wide.append(t.data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fn(*inputs)
-        y.backward(dy)
-        return len(set(wide))
     assert wide_saved(lambda *t: reference.mlp(*t, "gelu")) == 2
     assert wide_saved(lambda *t: fusedlm.ops.mlp(*t, backend=backend)) == 1
 
@@ -162,16 +166,18 @@ def test_second_derivative_is_refused():
         dx.sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fullgraph_compile(backend):
-    """torch.compile traces the plain composition (its partitioner recomputes the activation
-    itself): no graph break, eager's results."""
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fullgraph_compile_keeps_the_activation_input_only(activation):
+    """Compiled, the op is the composition with the activation and the second GEMM
+    checkpointed: no graph break, eager's results, and one (rows, intermediate) tensor kept
+    (the partitioner alone keeps a GELU's input and output both)."""
     inputs, dy = make(37, 24, 70, torch.float32)
-    fn = lambda *t: fusedlm.ops.mlp(*t, backend=backend)  # noqa: E731
+    fn = lambda *t: fusedlm.ops.mlp(*t, activation)  # noqa: E731
     eager = outputs_and_grads(fn, inputs, dy)
-    compiled = outputs_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs, dy)
-    for a, b in zip(eager, compiled):
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(eager, outputs_and_grads(compiled, inputs, dy)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert wide_saved(torch.compile(fn, fullgraph=True, backend="aot_eager")) == 1
 
 
 def test_dispatch_keeps_unverified_triton_off_the_gpu_default():

@@ -10,6 +10,8 @@
                              Face eager, compiled, patched by fusedlm, fusedlm's own model
   fusedlm bench lm_loss      the fused LM loss against Hugging Face's full-logits path,
                              torch.compile, Liger-Kernel and Cut Cross-Entropy
+  fusedlm bench mlp          the MLP (activation recomputed in the backward) against torch's
+                             composition, eager and compiled: time and saved activations
   fusedlm bench all          every op above, then the model step
                              (each bench: a table; --out JSON, --csv, --plot PNG)
   fusedlm pretrain           pretrain a small BERT (masked LM + next sentence) on a generated
@@ -33,6 +35,7 @@ import fusedlm  # noqa: E402
 from fusedlm.bench import environment, plot, table, write_csv, write_json  # noqa: E402
 from fusedlm.bench.correctness import CHECKS, TOLERANCE  # noqa: E402
 from fusedlm.bench import attention as attn_bench  # noqa: E402
+from fusedlm.bench import mlp as mlp_bench  # noqa: E402
 from fusedlm.bench import layer_norm as ln_bench  # noqa: E402
 from fusedlm.bench import lm_loss as loss_bench  # noqa: E402
 from fusedlm.bench import model as model_bench  # noqa: E402
@@ -128,6 +131,9 @@ def _bench_op(op, args, on_result):
     if op == "layer_norm":
         return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
                             widths=args.widths, directions=args.direction, on_result=on_result)
+    if op == "mlp":
+        return mlp_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], peers=args.impl,
+                             on_result=on_result)
     if op == "model":
         return model_bench.run(cases=args.case, paddings=args.padding,
                                compiled=True if args.compiled else None, on_result=on_result)
@@ -172,7 +178,7 @@ def cmd_bench(args):
     env = environment()
     _print_env(env)
     payload = {"environment": env, "results": []}
-    ops = (("layer_norm", "attention", "lm_loss", "model", "host") if args.op == "all"
+    ops = (("layer_norm", "attention", "lm_loss", "mlp", "model", "host") if args.op == "all"
            else (args.op,))
 
     def measured(rec):
@@ -409,6 +415,13 @@ def _parser():
                    help="also time fusedlm (the backend dispatch picks) projecting N labelled rows "
                         "at a time (default chunks: a logits buffer of about 256 MiB)")
     _tune_arg(b, "vocabulary")
+    _outputs(b)
+    b = ops.add_parser("mlp", help="MLP step (fwd+bwd): time and saved activations vs torch")
+    b.add_argument("--case", nargs="+", choices=sorted(mlp_bench.CASES),
+                   default=["bert-base", "gpt2-small"] if gpu else ["tiny"])
+    b.add_argument("--dtype", nargs=1, default=["bf16" if gpu else "fp32"], choices=sorted(_DTYPES))
+    b.add_argument("--impl", nargs="+", metavar="NAME",
+                   help="time only these implementations and torch eager, the speed-ups' base")
     _outputs(b)
     b = ops.add_parser("all", help="every op, then the model step, each on its defaults")
     _outputs(b)

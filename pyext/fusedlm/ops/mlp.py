@@ -9,15 +9,17 @@ an MLP that stores A. The torch backend recomputes A with torch's activation (on
 The two GEMMs a way are torch's (cuBLAS) in every backend.
 
 Flow of a call: validate -> dispatch.select -> with gradients in eager mode, _MLPFunction;
-without gradients, or while torch.compile traces, the plain composition (the compiler's own
-partitioner makes the same trade: it recomputes a pointwise op rather than save its output,
-and fuses the activation with what is around it).
+without gradients, the plain composition; while torch.compile traces, the plain composition
+with the activation and the second GEMM checkpointed. Left to itself the compiler's partitioner
+keeps a GELU's input and its output (it does not recompute erf or tanh); checkpointed, it keeps
+the input and Inductor recomputes the activation inside the backward's own fused kernel.
 """
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .. import _core
 from ..reference.mlp import ACTIVATIONS, activation_backward, mlp as reference_mlp
@@ -118,6 +120,11 @@ class _MLPFunction(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, None
 
 
+def _down(pre, weight2, bias2, activation):
+    """The part the compiled path checkpoints: activation, then the second GEMM."""
+    return F.linear(act(pre, activation), weight2, bias2)
+
+
 def _validate(x, weight1, bias1, weight2, bias2, activation):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -169,6 +176,9 @@ def mlp(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
     chosen = dispatch.select("mlp", (x.device.type, x.dtype), backend)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight1, bias1, weight2, bias2))
-    if not needs_grad or torch.compiler.is_compiling():
+    if not needs_grad:
         return reference_mlp(x, weight1, bias1, weight2, bias2, activation)
+    if torch.compiler.is_compiling():
+        return checkpoint(_down, F.linear(x, weight1, bias1), weight2, bias2, activation,
+                          use_reentrant=False)
     return _MLPFunction.apply(x, weight1, bias1, weight2, bias2, (activation, chosen))

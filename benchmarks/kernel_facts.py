@@ -205,14 +205,16 @@ def triton_cases():
                    SEED_PTR=seed_ptr, BLOCK_N=block)
         cases.append(("layer_norm bwd", label, L._norm_bwd_kernel, bwd, L._num_warps(block), 1))
     # The MLP's activation backward (A recomputed, dpre, b1's partial sums) at BERT-base's
-    # intermediate width, bf16, for each activation.
+    # intermediate width, bf16, for each activation; gated (SwiGLU) at Llama-3 8B's.
     from fusedlm.kernels import mlp as M
-    for act in M.ACTIVATIONS:
-        values = dict(_ptrs("PRE DA A DPRE".split(), "bf16"), DB_PART="*fp32", stride_pre=3072,
-                      stride_da=3072, stride_a=3072, stride_dpre=3072, n_rows=16384, N=3072,
-                      rows_per_program=256, ACT=M.ACTIVATIONS.index(act), STORE_A=True,
-                      HAS_DB=True, BLOCK_M=M.BLOCK_M, BLOCK_N=M.BLOCK_N)
-        cases.append(("mlp act_bwd", f"bf16 N=3072 {act}", M._act_bwd_kernel, values, 4, 3))
+    for act, gated, n in [(a, False, 3072) for a in M.ACTIVATIONS] + [("silu", True, 14336)]:
+        values = dict(_ptrs("PRE UP DA A DPRE DUP".split(), "bf16"), DB_PART="*fp32",
+                      DBU_PART="*fp32", stride_pre=n, stride_up=n, stride_da=n, stride_a=n,
+                      stride_dpre=n, stride_dup=n, n_rows=16384, N=n, rows_per_program=256,
+                      ACT=M.ACTIVATIONS.index(act), GATED=gated, STORE_A=True, HAS_DB=not gated,
+                      HAS_DBU=False, BLOCK_M=M.BLOCK_M, BLOCK_N=M.BLOCK_N)
+        label = f"bf16 N={n} {act}" + (" gated" if gated else "")
+        cases.append(("mlp act_bwd", label, M._act_bwd_kernel, values, 4, 3))
     # The LM loss row kernel at BERT's, GPT-2's (raw, and padded to 50304 by the model) and
     # Llama 3's vocabularies, with the row pitch the driver gives the logits buffer on a GPU.
     import importlib

@@ -267,11 +267,14 @@ def _ce_rows(logits, labels, loss, lse, hit, **kw):
     return 0, passes * _nbytes([logits]) + _nbytes([labels, loss, lse, hit])
 
 
-def _mlp_activation_backward(pre, da, a, dpre, part, db, activation):
-    # Reads pre and dA; writes A again (W2's gradient reads it) and dpre over dA; the partial
-    # column sums (b1's gradient) are a few rows.
-    small = [t for t in (part, db) if t is not None]
-    return 0, _nbytes([pre, da]) + _nbytes([t for t in (a, dpre) if t is not None]) + _nbytes(small)
+def _mlp_activation_backward(pre, da, a, dpre, part, db, activation, up=None, dup=None,
+                             part_up=None, db_up=None):
+    # Reads pre and dA (and up, gated); writes A again (W2's gradient reads it), dpre over dA
+    # (and dup); the partial column sums (the biases' gradients) are a few rows.
+    read = [t for t in (pre, da, up) if t is not None]
+    written = [t for t in (a, dpre, dup) if t is not None]
+    small = [t for t in (part, db, part_up, db_up) if t is not None]
+    return 0, _nbytes(read) + _nbytes(written) + _nbytes(small)
 
 
 def _all_tensors(*args, **kw):

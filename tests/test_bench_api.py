@@ -170,10 +170,15 @@ def test_fusedlm_check_passes_each_op_and_fails_it_perturbed(op):
 
 def test_mlp_bench_times_every_implementation_and_counts_what_each_saves():
     from fusedlm.bench import mlp as mlp_bench
-    rows = mlp_bench.run(cases=("tiny",), dtype=torch.float32, device="cpu", log=lambda *a: None)
-    got = {r["impl"]: r for r in rows}
-    assert {"torch", "torch.compile", "fusedlm[torch]", "fusedlm, compiled"} <= set(got)
+    rows = mlp_bench.run(cases=("tiny", "tiny-gated"), dtype=torch.float32, device="cpu",
+                         log=lambda *a: None)
     assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
-    # tiny: 256 rows x 256 fp32 = 0.25 MiB a tensor; GELU's input and output, or its input alone.
-    assert got["torch"]["saved_mib"] == got["torch.compile"]["saved_mib"] == 0.5
-    assert all(r["saved_mib"] == 0.25 for name, r in got.items() if name.startswith("fusedlm"))
+    # 256 rows x 256 fp32 = 0.25 MiB a tensor. Plain: GELU's input and output, or its input
+    # alone. Gated (SwiGLU): the gate, SiLU's output, the up projection and the product (the
+    # compiler keeps three of them), or the gate and the up projection alone.
+    for case, torch_mib, compiled_mib, ours_mib in (("tiny", 0.5, 0.5, 0.25),
+                                                    ("tiny-gated", 1.0, 0.75, 0.5)):
+        got = {r["impl"]: r["saved_mib"] for r in rows if r["case"] == case}
+        assert {"torch", "torch.compile", "fusedlm[torch]", "fusedlm, compiled"} <= set(got)
+        assert (got["torch"], got["torch.compile"]) == (torch_mib, compiled_mib), got
+        assert all(mib == ours_mib for name, mib in got.items() if name.startswith("fusedlm")), got

@@ -21,6 +21,15 @@ def test_mlp_gpu(dtype, activation, shape):
     check("triton", dtype, *shape, activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_gated_mlp_gpu(dtype, activation, bias):
+    """Llama's SwiGLU (no biases) and a GeGLU, a Llama-style layer's widths at 4096 rows."""
+    check("triton", dtype, 4096, 1024, 2816, activation, gated=True, bias1=bias, bias2=bias,
+          gate_bias=bias)
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_mlp_bias_gradient_is_deterministic():
     inputs, dy = make(4096, 768, 3072, torch.bfloat16)

@@ -628,13 +628,16 @@ def _wide_saved(model, kw, width):
     return len(seen), out
 
 
-@pytest.mark.parametrize("name,cls,width", [("BertForMaskedLM", "BertLayer", 64),
-                                            ("RobertaForMaskedLM", "RobertaLayer", 64),
-                                            ("GPT2LMHeadModel", "GPT2MLP", 128)])
-def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width):
-    """BERT's feed-forward and GPT-2's MLP run as fusedlm.ops.mlp: one intermediate-wide tensor a
-    layer kept for the backward (the activation's input) where the original keeps two or more,
-    with the original's loss (test_patched_model_matches_the_original checks every gradient)."""
+@pytest.mark.parametrize("name,cls,width,kept", [("BertForMaskedLM", "BertLayer", 64, 1),
+                                                 ("RobertaForMaskedLM", "RobertaLayer", 64, 1),
+                                                 ("GPT2LMHeadModel", "GPT2MLP", 128, 1),
+                                                 ("LlamaForCausalLM", "LlamaMLP", 64, 2),
+                                                 ("Qwen2ForCausalLM", "Qwen2MLP", 64, 2)])
+def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width, kept):
+    """BERT's feed-forward, GPT-2's MLP and Llama's gated MLP run as fusedlm.ops.mlp: a layer
+    keeps the activation's input for the backward (and the up projection, gated) where the
+    original keeps the activation's output (and the product) too, with the original's loss
+    (test_patched_model_matches_the_original checks every gradient)."""
     torch.manual_seed(0)
     ref = _models()[name]().to(DEVICE).train()
     model = copy.deepcopy(ref)
@@ -645,7 +648,7 @@ def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width
     n_ref, want = _wide_saved(ref, kw, width)
     torch.manual_seed(1)
     n_got, got = _wide_saved(model, kw, width)
-    assert n_got == 2 and n_ref >= 4, (n_got, n_ref)
+    assert n_got == 2 * kept and n_ref >= 4 * kept, (n_got, n_ref)
     if name == "GPT2LMHeadModel":  # dropout draws differ between the two: compare without it
         return
     ref.eval(), model.eval()
@@ -653,13 +656,13 @@ def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width
 
 
 def test_mlps_the_op_cannot_run_are_left_as_they_are():
-    """An activation fusedlm.ops.mlp does not have (SiLU), a feed-forward computing something
-    else, or mlp=False: the MLP runs its own code."""
+    """An activation fusedlm.ops.mlp does not have (quick GELU), a feed-forward computing
+    something else, or mlp=False: the MLP runs its own code."""
     from fusedlm.integrations import hf
     torch.manual_seed(0)
-    silu = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, hidden_act="silu"))
-    assert "the MLP" not in str(fusedlm.patch(silu))
-    assert not any("feed_forward_chunk" in m.__dict__ for m in silu.modules())
+    other = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, hidden_act="quick_gelu"))
+    assert "the MLP" not in str(fusedlm.patch(other))
+    assert not any("feed_forward_chunk" in m.__dict__ for m in other.modules())
     plain = _models()["BertForMaskedLM"]()
     report = fusedlm.patch(plain, mlp=False)
     assert ("MLP", "mlp=False") in report.left_alone and "the MLP" not in str(report)

@@ -315,35 +315,39 @@ MLP_BACKENDS = ["torch"] + (["triton"] if fusedlm.ops.dispatch.why_not(
 
 @given(backend=st.sampled_from(MLP_BACKENDS), dtype=st.sampled_from(DTYPES),
        rows=st.integers(0, 70), hidden=st.integers(1, 40), inter=st.integers(1, 300),
-       activation=st.sampled_from(("gelu", "gelu_tanh", "relu")),
-       biases=st.sampled_from([(True, True), (True, False), (False, True), (False, False)]),
+       activation=st.sampled_from(("gelu", "gelu_tanh", "relu", "silu")),
+       biases=st.tuples(st.booleans(), st.booleans(), st.booleans()), gated=st.booleans(),
        transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_mlp(backend, dtype, rows, hidden, inter, activation, biases, transposed, seed):
-    """fusedlm.ops.mlp against float64, output and every gradient (see _check: the gradients
-    summed over rows are the weights' and biases'); weights as nn.Linear stores them or
-    transposed views (GPT-2's Conv1D). test_mlp.py holds its fixed cases to twice torch's own
-    error alone, a bound a random single-element sum that cancels can miss by luck."""
+def test_mlp(backend, dtype, rows, hidden, inter, activation, biases, gated, transposed, seed):
+    """fusedlm.ops.mlp, plain or gated, against float64, output and every gradient (see _check:
+    the gradients summed over rows are the weights' and biases'); weights as nn.Linear stores
+    them or transposed views (GPT-2's Conv1D). test_mlp.py holds its fixed cases to twice
+    torch's own error alone, a bound a random single-element sum that cancels can miss by luck."""
     def weight(out, inp, s):
         w = _randn((inp, out) if transposed else (out, inp), s, dtype, inp ** -0.5)
-        return (w.t() if transposed else w), w
+        return w
 
-    (w1, p1), (w2, p2) = weight(inter, hidden, seed + 1), weight(hidden, inter, seed + 2)
-    leaves = [_randn((rows, hidden), seed, dtype), p1,
-              _randn((inter,), seed + 3, dtype, 0.5) if biases[0] else None, p2,
-              _randn((hidden,), seed + 4, dtype, 0.5) if biases[1] else None]
+    bias = lambda n, s, on: _randn((n,), s, dtype, 0.5) if on else None  # noqa: E731
+    # The op's order: x, weight1, bias1, weight2, bias2, gate_weight, gate_bias.
+    leaves = [_randn((rows, hidden), seed, dtype), weight(inter, hidden, seed + 1),
+              bias(inter, seed + 3, biases[0]), weight(hidden, inter, seed + 2),
+              bias(hidden, seed + 4, biases[1]), weight(inter, hidden, seed + 6) if gated else None,
+              bias(inter, seed + 7, gated and biases[2])]
     dy = _randn((rows, hidden), seed + 5, dtype)
+    as_linear = (lambda w: None if w is None else w.t()) if transposed else (lambda w: w)
 
     def run(fn, ts):
         ts = [None if t is None else t.detach().requires_grad_() for t in ts]
-        x, a1, b1, a2, b2 = ts
-        y = fn(x, a1.t() if transposed else a1, b1, a2.t() if transposed else a2, b2)
+        x, w1, b1, w2, b2, wg, bg = ts
+        y = fn(x, as_linear(w1), b1, as_linear(w2), b2, as_linear(wg), bg)
         live = [t for t in ts if t is not None]
         return [y, *torch.autograd.grad(y, live, dy.to(y.dtype))]
 
-    ours = run(lambda *a: fusedlm.ops.mlp(*a, activation, backend=backend), leaves)
-    torchs = run(lambda *a: reference.mlp(*a, activation), leaves)
-    exact = run(lambda *a: reference.mlp(*a, activation),
-                [None if t is None else t.double() for t in leaves])
+    ours = run(lambda x, w1, b1, w2, b2, wg, bg: fusedlm.ops.mlp(
+        x, w1, b1, w2, b2, activation, gate_weight=wg, gate_bias=bg, backend=backend), leaves)
+    plain = lambda *a: reference.mlp(*a[:5], activation, *a[5:])  # noqa: E731
+    torchs = run(plain, leaves)
+    exact = run(plain, [None if t is None else t.double() for t in leaves])
     assert all(o.dtype == dtype and o.shape == e.shape for o, e in zip(ours, exact))
     # After y and x, the parameters' gradients: sums over rows.
     _check(ours, exact, dtype, summed=range(2, len(ours)), theirs=torchs)

@@ -11,8 +11,9 @@ What `patch(model)` does, each step recorded in the report it returns:
     their copies in RoBERTa, ELECTRA, ...: recognized by that forward's code) runs its dropout
     and residual add inside the norm's kernels;
   * the MLPs whose code is BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate
-    and BertOutput, and their copies) or GPT-2's (GPT2MLP) run as fusedlm.ops.mlp, which keeps
-    the activation's input and not its output for the backward (GELU, its tanh form, ReLU);
+    and BertOutput, and their copies), GPT-2's (GPT2MLP) or Llama's gated one (LlamaMLP, and
+    Mistral's, Qwen2's, Qwen3's: the same code) run as fusedlm.ops.mlp, which keeps the
+    activation's input and not its output for the backward (GELU, its tanh form, ReLU, SiLU);
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
     materializing the logits: the returned output has logits=None. Without labels the
@@ -372,6 +373,8 @@ _INTERMEDIATE = ("hidden_states = self.dense(hidden_states)",
 _GPT2_MLP = ("hidden_states = self.c_fc(hidden_states)", "hidden_states = self.act(hidden_states)",
              "hidden_states = self.c_proj(hidden_states)",
              "hidden_states = self.dropout(hidden_states)", "return hidden_states")
+_GATED_MLP = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+              "return down_proj")
 
 
 def _mlp_activation(fn):
@@ -379,6 +382,8 @@ def _mlp_activation(fn):
     from transformers import activations as A
     if type(fn) is torch.nn.ReLU:
         return "relu"
+    if type(fn) in (torch.nn.SiLU, getattr(A, "SiLUActivation", None)):
+        return "silu"
     if type(fn) is A.GELUActivation:  # F.gelu, or the same erf formula in Python
         return "gelu"
     if type(fn) in (A.NewGELUActivation, getattr(A, "GELUTanh", None),
@@ -415,9 +420,17 @@ def _gpt2_mlp_forward(self, hidden_states):
                                   getattr(self, _MLP_ACTIVATION)))
 
 
+def _gated_mlp_forward(self, x):
+    up = self.up_proj
+    return fused_mlp(x, up.weight, up.bias, self.down_proj.weight, self.down_proj.bias,
+                     getattr(self, _MLP_ACTIVATION), gate_weight=self.gate_proj.weight,
+                     gate_bias=self.gate_proj.bias)
+
+
 def _fuse_mlps(model):
     """[(module, method name)] given fusedlm.ops.mlp: the layers whose feed-forward is BERT's
-    and the MLPs that are GPT-2's (by their code), with an activation the op knows."""
+    and the MLPs that are GPT-2's or Llama's (by their code), with an activation the op
+    knows."""
     fused = []
     for m in model.modules():
         inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
@@ -436,6 +449,13 @@ def _fuse_mlps(model):
               and _mlp_activation(getattr(m, "act", None)) is not None):
             setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act))
             m.forward = types.MethodType(_gpt2_mlp_forward, m)
+            fused.append((m, "forward"))
+        elif (_code_is(type(m), "forward", ("self", "x"), _GATED_MLP)
+              and all(isinstance(getattr(m, n, None), torch.nn.Linear)
+                      for n in ("gate_proj", "up_proj", "down_proj"))
+              and _mlp_activation(getattr(m, "act_fn", None)) is not None):
+            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act_fn))
+            m.forward = types.MethodType(_gated_mlp_forward, m)
             fused.append((m, "forward"))
     return fused
 

@@ -59,19 +59,26 @@ def _num_partials(rows, n, device):
     return _triton.kernels("mlp").partial_rows(rows, n, sms)
 
 
-def _activation_backward(backend, pre, da, activation, need_a, need_db):
-    """-> (A or None, dpre, db or None) for pre, da (rows, F); dpre is written over da."""
+def _activation_backward(backend, pre, da, activation, need_a, need_db, up=None, need_dbu=False):
+    """-> (A or None, dpre, db or None, dup, dbu or None) for pre, da (rows, F): A = act(pre),
+    times up when gated (dup and dbu are then up's gradients, else None). dpre is written over
+    da by the Triton kernel."""
     if backend == "torch":
-        a, dpre = activation_backward(pre, da, activation)
+        a, dpre, dup = activation_backward(pre, da, activation, up)
         db = dpre.sum(0) if need_db else None
-        return (a if need_a else None), dpre, db
+        dbu = dup.sum(0) if need_dbu else None
+        return (a if need_a else None), dpre, db, dup, dbu
     rows, n = pre.shape
+    empty_n = lambda need: torch.empty(n, dtype=pre.dtype, device=pre.device) if need else None  # noqa: E731
+    programs = _num_partials(rows, n, pre.device) if need_db or need_dbu else 0
+    part = lambda need: (torch.empty((programs, n), dtype=torch.float32, device=pre.device)  # noqa: E731
+                         if need else None)
     a = torch.empty_like(pre) if need_a else None
-    db = torch.empty(n, dtype=pre.dtype, device=pre.device) if need_db else None
-    part = (torch.empty((_num_partials(rows, n, pre.device), n), dtype=torch.float32,
-                        device=pre.device) if need_db else None)
-    _triton.run("mlp", "activation_backward", pre, da, a, da, part, db, activation)
-    return a, da, db
+    dup = torch.empty_like(pre) if up is not None else None
+    db, dbu = empty_n(need_db), empty_n(need_dbu)
+    _triton.run("mlp", "activation_backward", pre, da, a, da, part(need_db), db, activation,
+                up, dup, part(need_dbu), dbu)
+    return a, da, db, dup, dbu
 
 
 def _weight_grad(grad_out, inp, weight):
@@ -83,49 +90,77 @@ def _weight_grad(grad_out, inp, weight):
     return torch.mm(grad_out.t(), inp)
 
 
+def _hidden(x, weight1, bias1, gate_weight, gate_bias):
+    """(pre, up): the activation's input, and the gated MLP's linear branch (None ungated)."""
+    if gate_weight is None:
+        return F.linear(x, weight1, bias1), None
+    return F.linear(x, gate_weight, gate_bias), F.linear(x, weight1, bias1)
+
+
 class _MLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight1, bias1, weight2, bias2, settings):
+    def forward(ctx, x, weight1, bias1, weight2, bias2, gate_weight, gate_bias, settings):
         activation, backend = settings
-        pre = F.linear(x, weight1, bias1)
-        y = F.linear(act(pre, activation), weight2, bias2)
-        ctx.save_for_backward(x, weight1, weight2, pre)
-        ctx.meta = (activation, backend, bias1 is not None, bias2 is not None)
+        pre, up = _hidden(x, weight1, bias1, gate_weight, gate_bias)
+        y = _down(pre, up, weight2, bias2, activation)
+        ctx.save_for_backward(x, weight1, weight2, gate_weight, pre, up)
+        ctx.meta = (activation, backend, bias1 is not None, bias2 is not None,
+                    gate_bias is not None)
         return y
 
     @staticmethod
     @first_derivative_only("mlp")
     def backward(ctx, dy):
-        x, weight1, weight2, pre = ctx.saved_tensors
-        activation, backend, has_b1, has_b2 = ctx.meta
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        x, weight1, weight2, gate_weight, pre, up = ctx.saved_tensors
+        activation, backend, has_b1, has_b2, has_bg = ctx.meta
+        need_x, need_w1, need_b1, need_w2, need_b2, need_wg, need_bg, _ = ctx.needs_input_grad
+        gated = gate_weight is not None
         rows = pre.numel() // pre.shape[-1]
         dy = dy.reshape(rows, dy.shape[-1])
         pre = pre.view(rows, pre.shape[-1])
+        up = up.view(rows, up.shape[-1]) if gated else None
         x2 = x.reshape(rows, x.shape[-1])
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_x or need_w1 or need_b1:
-            a, dpre, db1 = _activation_backward(backend, pre, torch.mm(dy, weight2), activation,
-                                                need_w2, has_b1 and need_b1)
-            if need_w1:
-                dw1 = _weight_grad(dpre, x2, weight1)
+        # The activation's input comes from the gate's projection when gated, else from W1's.
+        pre_w, need_pre_w, need_pre_b = ((gate_weight, need_wg, has_bg and need_bg) if gated
+                                         else (weight1, need_w1, has_b1 and need_b1))
+        dx = dw1 = db1 = dw2 = db2 = dwg = dbg = None
+        if need_x or need_w1 or need_b1 or need_wg or need_bg:
+            a, dpre, dpre_b, dup, db1_gated = _activation_backward(
+                backend, pre, torch.mm(dy, weight2), activation, need_w2, need_pre_b, up,
+                gated and has_b1 and need_b1)
+            dpre_w = _weight_grad(dpre, x2, pre_w) if need_pre_w else None
             if need_x:
-                dx = torch.mm(dpre, weight1).view(x.shape)
+                dx = torch.mm(dpre, pre_w)
+                if gated:
+                    dx = dx.addmm_(dup, weight1)  # the up branch's share, in the same GEMM
+                dx = dx.view(x.shape)
+            if gated:
+                dwg, dbg = dpre_w, dpre_b
+                db1 = db1_gated
+                dw1 = _weight_grad(dup, x2, weight1) if need_w1 else None
+            else:
+                dw1, db1 = dpre_w, dpre_b
         else:
-            a = act(pre, activation) if need_w2 else None
+            a = _activated(pre, up, activation) if need_w2 else None
         if need_w2:
             dw2 = _weight_grad(dy, a, weight2)
         if has_b2 and need_b2:
             db2 = dy.sum(0)
-        return dx, dw1, db1, dw2, db2, None
+        return dx, dw1, db1, dw2, db2, dwg, dbg, None
 
 
-def _down(pre, weight2, bias2, activation):
-    """The part the compiled path checkpoints: activation, then the second GEMM."""
-    return F.linear(act(pre, activation), weight2, bias2)
+def _activated(pre, up, activation):
+    """The second GEMM's input: act(pre), times up when gated."""
+    a = act(pre, activation)
+    return a if up is None else a * up
 
 
-def _validate(x, weight1, bias1, weight2, bias2, activation):
+def _down(pre, up, weight2, bias2, activation):
+    """The activation, then the second GEMM: what the compiled path checkpoints."""
+    return F.linear(_activated(pre, up, activation), weight2, bias2)
+
+
+def _validate(x, weight1, bias1, weight2, bias2, activation, gate_weight, gate_bias):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point() or x.dim() == 0:
@@ -134,22 +169,29 @@ def _validate(x, weight1, bias1, weight2, bias2, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
                          f"got {activation!r}")
-    for name, w in (("weight1", weight1), ("weight2", weight2)):
-        if not isinstance(w, Tensor) or w.dim() != 2:
+    for name, w in (("weight1", weight1), ("weight2", weight2), ("gate_weight", gate_weight)):
+        if (w is not None or name != "gate_weight") and (not isinstance(w, Tensor) or w.dim() != 2):
             raise ValueError(f"{name} must be a 2-D tensor (out_features, in_features), got "
                              f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
     hidden, inter = x.shape[-1], weight1.shape[0]
     if weight1.shape[1] != hidden:
         raise ValueError(f"weight1 must have shape (intermediate, {hidden}) to match x's last "
                          f"dimension, got {tuple(weight1.shape)}")
+    if gate_weight is not None and gate_weight.shape != weight1.shape:
+        raise ValueError(f"gate_weight must have weight1's shape {tuple(weight1.shape)}, got "
+                         f"{tuple(gate_weight.shape)}")
+    if gate_bias is not None and gate_weight is None:
+        raise ValueError("gate_bias needs gate_weight (a gated MLP's gate projection)")
     if weight2.shape[1] != inter:
         raise ValueError(f"weight2 must have shape (out_features, {inter}) to take weight1's "
                          f"{inter} outputs, got {tuple(weight2.shape)}")
-    for name, b, n in (("bias1", bias1, inter), ("bias2", bias2, weight2.shape[0])):
+    for name, b, n in (("bias1", bias1, inter), ("bias2", bias2, weight2.shape[0]),
+                       ("gate_bias", gate_bias, inter)):
         if b is not None and (not isinstance(b, Tensor) or b.shape != (n,)):
             raise ValueError(f"{name} must be None or a tensor of shape ({n},), got "
                              f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
-    for name, t in (("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2)):
+    for name, t in (("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2),
+                    ("gate_weight", gate_weight), ("gate_bias", gate_bias)):
         if t is None:
             continue
         if t.device != x.device:
@@ -161,24 +203,30 @@ def _validate(x, weight1, bias1, weight2, bias2, activation):
 
 def mlp(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
         bias2: Optional[Tensor] = None, activation: str = "gelu", *,
+        gate_weight: Optional[Tensor] = None, gate_bias: Optional[Tensor] = None,
         backend: Optional[str] = None) -> Tensor:
     """act(x @ weight1^T + bias1) @ weight2^T + bias2: a transformer MLP whose backward recomputes
-    the activation instead of storing its output.
+    the activation instead of storing its output. With `gate_weight` (and `gate_bias`), gated:
+    (act(x @ gate_weight^T + gate_bias) * (x @ weight1^T + bias1)) @ weight2^T + bias2, Llama's
+    SwiGLU with activation="silu" (gate_proj, up_proj, down_proj = gate_weight, weight1,
+    weight2), GeGLU with "gelu"; its backward recomputes act and the product.
 
     Weights as in torch.nn.Linear, (out_features, in_features); a transposed view is fine (GPT-2's
     Conv1D weights, `.t()`). `activation`: "gelu" (exact, BERT's), "gelu_tanh" (GPT-2's
-    gelu_new) or "relu". Under autocast the GEMMs run in its dtype, as nn.Linear's would.
-    `backend` forces 'torch' or 'triton' for the backward's activation step (raising if it
-    cannot serve the call); None lets dispatch choose (see `fusedlm.explain`).
+    gelu_new), "relu" or "silu". Under autocast the GEMMs run in its dtype, as nn.Linear's
+    would. `backend` forces 'torch' or 'triton' for the backward's activation step (raising if
+    it cannot serve the call); None lets dispatch choose (see `fusedlm.explain`).
     """
-    _validate(x, weight1, bias1, weight2, bias2, activation)
-    x, weight1, bias1, weight2, bias2 = autocast_inputs(x, weight1, bias1, weight2, bias2)
+    _validate(x, weight1, bias1, weight2, bias2, activation, gate_weight, gate_bias)
+    x, weight1, bias1, weight2, bias2, gate_weight, gate_bias = autocast_inputs(
+        x, weight1, bias1, weight2, bias2, gate_weight, gate_bias)
     chosen = dispatch.select("mlp", (x.device.type, x.dtype), backend)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight1, bias1, weight2, bias2))
+    tensors = (x, weight1, bias1, weight2, bias2, gate_weight, gate_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not needs_grad:
-        return reference_mlp(x, weight1, bias1, weight2, bias2, activation)
+        return reference_mlp(x, weight1, bias1, weight2, bias2, activation, gate_weight, gate_bias)
     if torch.compiler.is_compiling():
-        return checkpoint(_down, F.linear(x, weight1, bias1), weight2, bias2, activation,
-                          use_reentrant=False)
-    return _MLPFunction.apply(x, weight1, bias1, weight2, bias2, (activation, chosen))
+        pre, up = _hidden(x, weight1, bias1, gate_weight, gate_bias)
+        return checkpoint(_down, pre, up, weight2, bias2, activation, use_reentrant=False)
+    return _MLPFunction.apply(x, weight1, bias1, weight2, bias2, gate_weight, gate_bias,
+                              (activation, chosen))

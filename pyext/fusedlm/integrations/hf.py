@@ -12,8 +12,9 @@ What `patch(model)` does, each step recorded in the report it returns:
     and residual add inside the norm's kernels;
   * the MLPs whose code is BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate
     and BertOutput, and their copies), GPT-2's (GPT2MLP) or Llama's gated one (LlamaMLP, and
-    Mistral's, Qwen2's, Qwen3's: the same code) run as fusedlm.ops.mlp, which keeps the
-    activation's input and not its output for the backward (GELU, its tanh form, ReLU, SiLU);
+    Mistral's, Qwen2's, Qwen3's: the same code) or ModernBERT's GeGLU (ModernBertMLP, without
+    its dropout) run as fusedlm.ops.mlp, which keeps the activation's input and not its output
+    for the backward (GELU, its tanh form, ReLU, SiLU);
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
     materializing the logits: the returned output has logits=None. Without labels the
@@ -375,6 +376,8 @@ _GPT2_MLP = ("hidden_states = self.c_fc(hidden_states)", "hidden_states = self.a
              "hidden_states = self.dropout(hidden_states)", "return hidden_states")
 _GATED_MLP = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
               "return down_proj")
+_GLU_MLP = ("input, gate = self.Wi(hidden_states).chunk(2, dim=-1)",  # ModernBertMLP
+            "return self.Wo(self.drop(self.act(input) * gate))")
 
 
 def _mlp_activation(fn):
@@ -427,6 +430,16 @@ def _gated_mlp_forward(self, x):
                      gate_bias=self.gate_proj.bias)
 
 
+def _glu_mlp_forward(self, hidden_states):
+    """ModernBERT's MLP: Wi's first half activated, times its second half, then Wo."""
+    if self.training and self.drop.p > 0:  # a dropout between the product and Wo: its own code
+        return type(self).forward(self, hidden_states)
+    n, w, b = self.Wo.in_features, self.Wi.weight, self.Wi.bias
+    half = lambda t, i: None if t is None else t[i * n:(i + 1) * n]  # noqa: E731
+    return fused_mlp(hidden_states, half(w, 1), half(b, 1), self.Wo.weight, self.Wo.bias,
+                     getattr(self, _MLP_ACTIVATION), gate_weight=half(w, 0), gate_bias=half(b, 0))
+
+
 def _fuse_mlps(model):
     """[(module, method name)] given fusedlm.ops.mlp: the layers whose feed-forward is BERT's
     and the MLPs that are GPT-2's or Llama's (by their code), with an activation the op
@@ -456,6 +469,14 @@ def _fuse_mlps(model):
               and _mlp_activation(getattr(m, "act_fn", None)) is not None):
             setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act_fn))
             m.forward = types.MethodType(_gated_mlp_forward, m)
+            fused.append((m, "forward"))
+        elif (_code_is(type(m), "forward", ("self", "hidden_states"), _GLU_MLP)
+              and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("Wi", "Wo"))
+              and m.Wi.out_features == 2 * m.Wo.in_features
+              and isinstance(getattr(m, "drop", None), torch.nn.Dropout)
+              and _mlp_activation(getattr(m, "act", None)) is not None):
+            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act))
+            m.forward = types.MethodType(_glu_mlp_forward, m)
             fused.append((m, "forward"))
     return fused
 

@@ -1,6 +1,8 @@
 """A transformer MLP, y = act(x @ W1^T + b1) @ W2^T + b2, that keeps the activation's input and
 not its output for the backward: one (rows, intermediate) tensor a layer instead of two (at
-BERT-base's 16384 tokens, 100 MB of bf16 a layer; 1.2 GB a step).
+BERT-base's 16384 tokens, 100 MB of bf16 a layer; 1.2 GB a step). Gated (Llama's SwiGLU,
+GeGLU), y = (act(x @ Wg^T + bg) * (x @ W1^T + b1)) @ W2^T + b2 keeps the gate's pre-activation
+and the up projection, not act's output or the product: two tensors a layer instead of four.
 
 The backward needs A = act(pre) again for W2's gradient (dy^T A). Its Triton backend writes A,
 dpre = dA * act'(pre) and b1's gradient in one pass over pre and dA (kernels/mlp.py), where the

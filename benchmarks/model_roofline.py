@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from fusedlm.bench.harness import SavedBytes
 from fusedlm.bench.host import _NO_LAUNCH
 from fusedlm.bench.model import CASES, _batch, _hf_models, _packed
 
@@ -336,19 +337,11 @@ def step_ledger(model, kw):
     counted): the activation memory, most of a training step's peak beside the weights."""
     ledger = Ledger()
     model.zero_grad(set_to_none=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
     with _as_on_a_gpu(ledger), _AsGpuAten(ledger), _Recorder(ledger):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(model.parameters()) as saved:
             loss = model(**kw).loss
         loss.backward()
-    ledger.saved_bytes = sum(saved.values())
+    ledger.saved_bytes = saved.bytes
     return ledger
 
 

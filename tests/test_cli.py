@@ -89,6 +89,10 @@ def test_bench_model_writes_json(tmp_path):
     assert {r["impl"] for r in results} == {"hf eager (sdpa)", "hf patched by fusedlm",
                                             "fusedlm model", "fusedlm model, packed"}
     assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.5 and r["host_ms"] > 0 for r in results)
+    # The activation memory each eager step keeps, counted here too: at half padding fusedlm's
+    # model (no padding rows, the MLM head on labelled rows only) keeps less than Hugging Face.
+    saved = {r["impl"]: r["saved_mib"] for r in results}
+    assert all(v > 0 for v in saved.values()) and saved["fusedlm model"] < saved["hf eager (sdpa)"]
     # Compiled variants (a GPU's default; timing them here would cost minutes of compiling).
     from fusedlm.bench import model as model_bench
     impls, _ = model_bench._impls("gpt2", model_bench.CASES["gpt2-tiny"][3], "cpu", compiled=True)
@@ -132,6 +136,7 @@ def test_bench_model_times_every_eager_row_before_any_compile(monkeypatch):
     monkeypatch.setattr(model_bench, "_step", lambda model, kw, device: lambda: order.append(model.name))
     monkeypatch.setattr(model_bench, "time_ms", lambda step, device, **k: step() or 2.0)
     monkeypatch.setattr(model_bench, "host_ms", lambda step: 0.1)
+    monkeypatch.setattr(model_bench, "saved_mib", lambda model, kw, device: 1.0)
     rows = model_bench.run(cases=("bert-tiny", "gpt2-tiny"), paddings=(0.0, 0.5), device="cpu",
                            compiled=True, log=lambda *a: None)
     phases = ["compiled" if "compile" in r["impl"] else "eager" for r in rows]

@@ -73,6 +73,39 @@ def time_ms(fn, device_type, warmup=25, rep=100):
     return statistics.median(samples)
 
 
+class SavedBytes:
+    """Counts the bytes autograd keeps for the backward within the block: every distinct
+    storage a saved tensor lives in, those of `exclude` (parameters, inputs) not counted. The
+    activation memory of a step, machine-independent (the same count on a CPU as on a GPU).
+
+        with SavedBytes(model.parameters()) as saved:
+            loss = model(**batch).loss
+        saved.bytes
+    """
+
+    def __init__(self, exclude=()):
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._exclude:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def bytes(self):
+        return sum(self._storages.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
 def chosen(available, names, base=None):
     """`available` (name -> implementation) cut to `names` (None: all of them) and the `base`
     every speed-up is measured against; a name not available here is a ValueError (a typo

@@ -12,7 +12,7 @@ import torch
 from ..ops import dispatch
 from ..ops.mlp import mlp
 from ..reference.mlp import mlp as reference_mlp
-from .harness import chosen, collect, time_ms
+from .harness import SavedBytes, chosen, collect, time_ms
 
 # name -> (rows, hidden, intermediate, activation, gated)
 CASES = {
@@ -42,22 +42,6 @@ def _impls(device, activation):
     return impls
 
 
-def saved_bytes(fn, leaves):
-    """Bytes of the distinct tensors a forward, fn(), saves for its backward, the `leaves`
-    (parameters and input) not counted."""
-    own = {t.untyped_storage().data_ptr() for t in leaves}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def run(cases=("bert-base", "gpt2-small"), dtype=torch.bfloat16, device=None, peers=None,
         log=print, on_result=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +66,8 @@ def run(cases=("bert-base", "gpt2-small"), dtype=torch.bfloat16, device=None, pe
             try:
                 step = lambda fn=fn: torch.autograd.grad(fn(*args), leaves, dy)  # noqa: E731
                 ms = time_ms(step, device)
-                saved = saved_bytes(lambda: fn(*args), leaves)
+                with SavedBytes(leaves) as saved:
+                    fn(*args)
             except Exception as e:  # an implementation that fails a case is reported, not fatal
                 log(f"  {case} {name}: failed ({type(e).__name__}: {e})")
                 continue
@@ -90,7 +75,7 @@ def run(cases=("bert-base", "gpt2-small"), dtype=torch.bfloat16, device=None, pe
             rec = dict(op="mlp", case=case, dtype=str(dtype).split(".")[-1], rows=rows,
                        hidden=hidden, intermediate=inter, activation=activation, gated=gated,
                        impl=name,
-                       ms=round(ms, 4), saved_mib=round(saved / 2 ** 20, 2),
+                       ms=round(ms, 4), saved_mib=round(saved.bytes / 2 ** 20, 2),
                        speedup_vs_torch=round(base / ms, 3) if base else None)
             collect(results, [rec], on_result)
             log(f"  {case:<11} {rec['dtype']:>8} {name:<16} {ms:9.3f} ms  x{rec['speedup_vs_torch']}"

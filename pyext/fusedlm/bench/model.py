@@ -6,7 +6,10 @@ weights: eager on the padded batch, compiled on it, and on the same samples pack
 mode="reduce-overhead"). Padded batches (a `padding` fraction of each batch is padding) show
 what skipping padding is worth. Reported: ms per step (GPU time on a GPU), host ms per step
 (what Python takes to issue it, no synchronization: a step whose host time reaches its GPU
-time is host-bound), real tokens per second, peak memory, speed-up over Hugging Face eager.
+time is host-bound), real tokens per second, peak memory (on a GPU), `saved_mib` (the
+activation memory one eager step's forward keeps for its backward, counted on any machine; off a
+GPU it is what that machine's backends keep: fp32 attention there runs fusedlm's reference,
+which keeps the probabilities), speed-up over Hugging Face eager.
 bf16 autocast on a GPU, fp32 on a CPU. The compiled variants run on a GPU, or when asked
 (`compiled=True`); fusedlm's compiled BERT sets `mlm_capacity` (MLM_CAPACITY), so its head
 computes a fifth of the tokens, not all of them, with no host sync.
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from .harness import collect, time_ms
+from .harness import SavedBytes, collect, time_ms
 
 CASES = {
     # name: (family, batch, seq, model config overrides)
@@ -163,17 +166,29 @@ def host_ms(step, rep=20):
     return statistics.median(samples)
 
 
-def _step(model, kw, device):
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else contextlib.nullcontext())
+def _autocast(device):
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+            else contextlib.nullcontext())
 
+
+def _step(model, kw, device):
     def run():
         torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (else a no-op)
         model.zero_grad(set_to_none=True)
-        with autocast:
+        with _autocast(device):
             loss = model(**kw).loss
         loss.backward()
     return run
+
+
+def saved_mib(model, kw, device):
+    """MiB one training step's forward keeps for its backward, the parameters not counted
+    (harness.SavedBytes): the activation memory, the same count on a CPU as on a GPU."""
+    model.zero_grad(set_to_none=True)
+    with _autocast(device), SavedBytes(model.parameters()) as saved:
+        loss = model(**kw).loss
+    loss.backward()
+    return saved.bytes / 2 ** 20
 
 
 def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, compiled=None,
@@ -212,6 +227,8 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, com
                 try:
                     ms = time_ms(step, device, warmup=3, rep=30)
                     host = host_ms(step)
+                    # Eager rows only: a compiled step (CUDA graphs on a GPU) is not traced again.
+                    saved = None if _compiled(model) else saved_mib(model, batches[layout], device)
                     peak = None
                     if device == "cuda":
                         torch.cuda.synchronize()
@@ -228,9 +245,11 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), device=None, com
                            real_tokens=tokens, impl=name, ms=round(ms, 3), host_ms=round(host, 3),
                            tokens_per_s=round(tokens / ms * 1e3),
                            peak_mib=None if peak is None else round(peak, 1),
+                           saved_mib=None if saved is None else round(saved, 1),
                            speedup_vs_hf_eager=round(hf / ms, 3) if hf else None)
                 collect(results, [rec], on_result)
-                mem = "" if peak is None else f" {peak:9.1f} MiB"
+                mem = ("" if peak is None else f" {peak:9.1f} MiB") + (
+                    "" if saved is None else f" (saved {saved:.1f} MiB)")
                 log(f"    {name:<44} {ms:9.2f} ms (host {host:8.2f}) {rec['tokens_per_s']:>10} "
                     f"tok/s{mem}  x{rec['speedup_vs_hf_eager']}")
     return results

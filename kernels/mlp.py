@@ -95,7 +95,7 @@ def _act_bwd_kernel(
 def partial_rows(rows, n, sm_count):
     """Programs along the rows (the partial-sum buffer's height): about four programs an SM
     over the whole grid, each with whole tiles of rows."""
-    along_columns = cdiv(n, BLOCK_N)
+    along_columns = max(cdiv(n, BLOCK_N), 1)
     return max(1, min(cdiv(rows, BLOCK_M), cdiv(4 * sm_count, along_columns)))
 
 
@@ -106,6 +106,8 @@ def activation_backward(pre, da, a, dpre, db_part, dbias, activation, up=None, d
     high) and dbias (N,) the bias's gradient, or both None. Gated: up and dup (rows, N) too (A
     is then act(pre) * up), and dbu_part, dbias_up for up's bias like db_part, dbias."""
     rows, n = pre.shape
+    if n == 0:  # every output is empty
+        return
     parts_of = db_part if db_part is not None else dbu_part
     # Without partial sums, no reason for long programs: four tiles each.
     programs = parts_of.shape[0] if parts_of is not None else max(cdiv(rows, 4 * BLOCK_M), 1)

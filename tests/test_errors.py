@@ -14,6 +14,9 @@ def _second_derivative_cases(backend):
     h = torch.randn(5, 8, generator=g).requires_grad_()
     w, labels = torch.randn(11, 8, generator=g), torch.randint(0, 11, (5,), generator=g)
     yield "lm_loss", h, lambda: fusedlm.lm_loss(h, w, labels, backend=backend)
+    x2 = torch.randn(4, 8, generator=g).requires_grad_()
+    w1, w2 = torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g)
+    yield "mlp", x2, lambda: fusedlm.ops.mlp(x2, w1, None, w2, backend=backend)
     if backend != "torch":  # the torch backend's attention is plain autograd: twice is fine
         q = torch.randn(1, 6, 2, 32, generator=g).half().requires_grad_()  # a head dim every kernel has
         yield "attention", q, lambda: fusedlm.attention(q, q, q, backend=backend).float()
@@ -35,6 +38,11 @@ def test_meta_tensors():
     h, w = torch.randn(4, 8, device="meta"), torch.randn(10, 8, device="meta")
     with pytest.raises(ValueError, match="hidden is a meta tensor"):
         fusedlm.lm_loss(h, w, torch.zeros(4, dtype=torch.long, device="meta"))
+    # The MLP on meta tensors: torch's GEMMs and activation give shapes, forward and backward.
+    x = torch.randn(4, 8, device="meta", requires_grad=True)
+    w1, w2 = torch.randn(16, 8, device="meta"), torch.randn(8, 16, device="meta")
+    fusedlm.ops.mlp(x, w1, None, w2).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
 def test_empty_feature_dimensions_name_the_argument():

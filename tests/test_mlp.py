@@ -26,10 +26,11 @@ def make(rows, hidden, inter, dtype, *, bias1=True, bias2=True, gated=False, gat
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
     x = rnd(rows, hidden)
-    w1, w2 = rnd(inter, hidden, scale=hidden ** -0.5), rnd(hidden, inter, scale=inter ** -0.5)
+    w1 = rnd(inter, hidden, scale=max(hidden, 1) ** -0.5)
+    w2 = rnd(hidden, inter, scale=max(inter, 1) ** -0.5)
     b1 = rnd(inter, scale=0.5) if bias1 else None
     b2 = rnd(hidden, scale=0.5) if bias2 else None
-    wg = rnd(inter, hidden, scale=hidden ** -0.5) if gated else None
+    wg = rnd(inter, hidden, scale=max(hidden, 1) ** -0.5) if gated else None
     bg = rnd(inter, scale=0.5) if gated and gate_bias else None
     dy = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
     return [x, w1, b1, w2, b2, wg, bg], dy
@@ -175,6 +176,19 @@ def test_batched_and_empty_inputs(backend):
     y = ours("silu", backend)(empty, *inputs[1:])
     g = torch.autograd.grad(y, [empty] + inputs[1:], y.new_zeros(0, 24))
     assert g[0].shape == (0, 24) and all(bool((t == 0).all()) for t in g[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,hidden,inter", [(5, 0, 16), (5, 8, 0), (0, 8, 0), (0, 0, 0)])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_empty_widths(backend, rows, hidden, inter, gated):
+    """A width of 0 is an empty sum, not an error: torch's composition's results (zeros, and
+    the biases passed through)."""
+    inputs, _ = make(rows, hidden, inter, torch.float32, gated=gated)
+    dy = torch.randn(rows, hidden, device=DEVICE)
+    for a, b in zip(outputs_and_grads(ours("silu", backend), inputs, dy),
+                    outputs_and_grads(theirs("silu"), inputs, dy)):
+        assert (a is None and b is None) or (a.shape == b.shape and torch.allclose(a, b))
 
 
 def test_autocast_casts_as_linear_does():

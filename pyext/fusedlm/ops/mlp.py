@@ -16,6 +16,7 @@ with the activation and the second GEMM checkpointed. Left to itself the compile
 keeps a GELU's input and its output (it does not recompute erf or tanh); checkpointed, it keeps
 the input and Inductor recomputes the activation inside the backward's own fused kernel.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -117,7 +118,7 @@ class _MLPFunction(torch.autograd.Function):
         activation, backend, has_b1, has_b2, has_bg = ctx.meta
         need_x, need_w1, need_b1, need_w2, need_b2, need_wg, need_bg, _ = ctx.needs_input_grad
         gated = gate_weight is not None
-        rows = pre.numel() // pre.shape[-1]
+        rows = math.prod(pre.shape[:-1])  # (an intermediate width of 0 is allowed)
         dy = dy.reshape(rows, dy.shape[-1])
         pre = pre.view(rows, pre.shape[-1])
         up = up.view(rows, up.shape[-1]) if gated else None

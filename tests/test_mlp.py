@@ -152,7 +152,7 @@ def test_transposed_weights_get_contiguous_gradients(backend):
     out in their own layout, equal to the plain composition's."""
     inputs, dy = make(37, 24, 70, torch.float32)
     x, w1, b1, w2, b2 = inputs[:5]
-    c_fc, c_proj = w1.detach().t().contiguous().requires_grad_(), w2.detach().t().contiguous().requires_grad_()
+    c_fc, c_proj = (w.detach().t().contiguous().requires_grad_() for w in (w1, w2))
     grads = []
     for fn in (lambda: fusedlm.ops.mlp(x, c_fc.t(), b1, c_proj.t(), b2, "gelu_tanh", backend=backend),
                lambda: reference.mlp(x, c_fc.t(), b1, c_proj.t(), b2, "gelu_tanh")):

@@ -32,7 +32,9 @@ def _impls(device, activation):
     def ours(be):
         return lambda x, w1, b1, w2, b2, wg, bg: mlp(x, w1, b1, w2, b2, activation, gate_weight=wg,
                                                      gate_bias=bg, backend=be)
-    theirs = lambda x, w1, b1, w2, b2, wg, bg: reference_mlp(x, w1, b1, w2, b2, activation, wg, bg)  # noqa: E731
+
+    def theirs(x, w1, b1, w2, b2, wg, bg):
+        return reference_mlp(x, w1, b1, w2, b2, activation, wg, bg)
     impls = {"torch": theirs, "torch.compile": torch.compile(theirs, dynamic=False)}
     for be in ("torch", "triton"):
         if dispatch.why_not("mlp", be, (device, torch.float32)) is None:

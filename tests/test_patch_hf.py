@@ -630,6 +630,7 @@ def _wide_saved(model, kw, width):
 
 @pytest.mark.parametrize("name,cls,width,kept", [("BertForMaskedLM", "BertLayer", 64, 1),
                                                  ("RobertaForMaskedLM", "RobertaLayer", 64, 1),
+                                                 ("DistilBertForMaskedLM", "FFN", 64, 1),
                                                  ("GPT2LMHeadModel", "GPT2MLP", 128, 1),
                                                  ("LlamaForCausalLM", "LlamaMLP", 64, 2),
                                                  ("Qwen2ForCausalLM", "Qwen2MLP", 64, 2),
@@ -643,7 +644,7 @@ def test_mlps_run_as_the_fused_op_keeping_one_activation_tensor(name, cls, width
     ref = _models()[name]().to(DEVICE).train()
     model = copy.deepcopy(ref)
     report = fusedlm.patch(model)
-    layers = ref.config.num_hidden_layers
+    layers = getattr(ref.config, "num_hidden_layers", None) or ref.config.n_layers
     assert f"{cls}: {layers} module(s): the MLP as fusedlm.ops.mlp" in str(report)
     kw, _ = _inputs(name)
     torch.manual_seed(1)

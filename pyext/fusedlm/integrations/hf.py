@@ -11,7 +11,8 @@ What `patch(model)` does, each step recorded in the report it returns:
     their copies in RoBERTa, ELECTRA, ...: recognized by that forward's code) runs its dropout
     and residual add inside the norm's kernels;
   * the MLPs whose code is BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate
-    and BertOutput, and their copies), GPT-2's (GPT2MLP) or Llama's gated one (LlamaMLP, and
+    and BertOutput, and their copies), DistilBERT's (FFN.ff_chunk), GPT-2's (GPT2MLP) or
+    Llama's gated one (LlamaMLP, and
     Mistral's, Qwen2's, Qwen3's: the same code) or ModernBERT's GeGLU (ModernBertMLP, without
     its dropout) run as fusedlm.ops.mlp, which keeps the activation's input and not its output
     for the backward (GELU, its tanh form, ReLU, SiLU);
@@ -378,6 +379,8 @@ _GATED_MLP = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.
               "return down_proj")
 _GLU_MLP = ("input, gate = self.Wi(hidden_states).chunk(2, dim=-1)",  # ModernBertMLP
             "return self.Wo(self.drop(self.act(input) * gate))")
+_FF_CHUNK = ("x = self.lin1(input)", "x = self.activation(x)", "x = self.lin2(x)",  # DistilBERT's FFN
+             "x = self.dropout(x)", "return x")
 
 
 def _mlp_activation(fn):
@@ -430,6 +433,11 @@ def _gated_mlp_forward(self, x):
                      gate_bias=self.gate_proj.bias)
 
 
+def _distilbert_ff_chunk(self, input):  # (one parameter: transformers counts a chunk function's)
+    return self.dropout(fused_mlp(input, self.lin1.weight, self.lin1.bias, self.lin2.weight,
+                                  self.lin2.bias, getattr(self, _MLP_ACTIVATION)))
+
+
 def _glu_mlp_forward(self, hidden_states):
     """ModernBERT's MLP: Wi's first half activated, times its second half, then Wo."""
     if self.training and self.drop.p > 0:  # a dropout between the product and Wo: its own code
@@ -470,6 +478,13 @@ def _fuse_mlps(model):
             setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act_fn))
             m.forward = types.MethodType(_gated_mlp_forward, m)
             fused.append((m, "forward"))
+        elif (_code_is(type(m), "ff_chunk", ("self", "input"), _FF_CHUNK)
+              and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("lin1", "lin2"))
+              and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)
+              and _mlp_activation(getattr(m, "activation", None)) is not None):
+            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.activation))
+            m.ff_chunk = types.MethodType(_distilbert_ff_chunk, m)
+            fused.append((m, "ff_chunk"))
         elif (_code_is(type(m), "forward", ("self", "hidden_states"), _GLU_MLP)
               and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("Wi", "Wo"))
               and m.Wi.out_features == 2 * m.Wo.in_features

@@ -13,21 +13,24 @@ from test_mlp import check, make
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+# bf16 (what the models train in) with every activation; fp16 and fp32 with BERT's: each
+# (dtype, activation) is a compile, and the scoreboard's GPU suite has two minutes in all.
+@pytest.mark.parametrize("dtype,activation", [(torch.bfloat16, a) for a in ACTIVATIONS]
+                         + [(torch.float16, "gelu"), (torch.float32, "gelu")],
+                         ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", [(4096, 768, 3072), (1000, 1024, 4097), (3, 64, 256)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_mlp_gpu(dtype, activation, shape):
     check("triton", dtype, *shape, activation)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_gated_mlp_gpu(dtype, activation, bias):
-    """Llama's SwiGLU (no biases) and a GeGLU, a Llama-style layer's widths at 4096 rows."""
-    check("triton", dtype, 4096, 1024, 2816, activation, gated=True, bias1=bias, bias2=bias,
-          gate_bias=bias)
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("gelu_tanh", True)],
+                         ids=["swiglu", "geglu-bias"])
+def test_gated_mlp_gpu(activation, bias):
+    """Llama's SwiGLU (no biases) and a GeGLU with biases, bf16, a Llama-style layer's widths at
+    4096 rows."""
+    check("triton", torch.bfloat16, 4096, 1024, 2816, activation, gated=True, bias1=bias,
+          bias2=bias, gate_bias=bias)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

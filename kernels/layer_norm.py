@@ -223,6 +223,13 @@ def backward(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dweight,
         )
     for part, out in ((dw_part, dweight), (db_part, dbias)):
         if part is not None:
-            block_c = 64
-            _column_sum_kernel[(cdiv(n, block_c),)](
-                part, out, part.shape[0], n, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+            column_sum(part, out, part.shape[0])
+
+
+def column_sum(part, out, n_parts):
+    """out (N,) = the sum of part's first n_parts rows (a (programs, N) fp32 buffer of partial
+    sums), in a fixed order, rounded once to out's dtype."""
+    n = part.shape[1]
+    block_c = 64
+    _column_sum_kernel[(cdiv(n, block_c),)](part, out, n_parts, n, BLOCK_P=32, BLOCK_C=block_c,
+                                             num_warps=4)

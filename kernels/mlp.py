@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv
-from .layer_norm import _column_sum_kernel
+from .layer_norm import column_sum
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # ACT's values, in order
 BLOCK_M = 16  # rows per tile (a program loops over its rows_per_program in tiles)
@@ -130,6 +130,4 @@ def activation_backward(pre, da, a, dpre, db_part, dbias, activation, up=None, d
         parts = grid[0]
     for part, out in ((db_part, dbias), (dbu_part, dbias_up)):
         if part is not None:
-            block_c = 64
-            _column_sum_kernel[(cdiv(n, block_c),)](
-                part, out, parts, n, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+            column_sum(part, out, parts)

@@ -76,8 +76,7 @@ def run(cases=("bert-base", "gpt2-small"), dtype=torch.bfloat16, device=None, pe
             base = ms if name == "torch" else base
             rec = dict(op="mlp", case=case, dtype=str(dtype).split(".")[-1], rows=rows,
                        hidden=hidden, intermediate=inter, activation=activation, gated=gated,
-                       impl=name,
-                       ms=round(ms, 4), saved_mib=round(saved.bytes / 2 ** 20, 2),
+                       impl=name, ms=round(ms, 4), saved_mib=round(saved.bytes / 2 ** 20, 2),
                        speedup_vs_torch=round(base / ms, 3) if base else None)
             collect(results, [rec], on_result)
             log(f"  {case:<11} {rec['dtype']:>8} {name:<16} {ms:9.3f} ms  x{rec['speedup_vs_torch']}"

@@ -11,11 +11,11 @@ What `patch(model)` does, each step recorded in the report it returns:
     their copies in RoBERTa, ELECTRA, ...: recognized by that forward's code) runs its dropout
     and residual add inside the norm's kernels;
   * the MLPs whose code is BERT's feed-forward (BertLayer.feed_forward_chunk over BertIntermediate
-    and BertOutput, and their copies), DistilBERT's (FFN.ff_chunk), GPT-2's (GPT2MLP) or
-    Llama's gated one (LlamaMLP, and
-    Mistral's, Qwen2's, Qwen3's: the same code) or ModernBERT's GeGLU (ModernBertMLP, without
-    its dropout) run as fusedlm.ops.mlp, which keeps the activation's input and not its output
-    for the backward (GELU, its tanh form, ReLU, SiLU);
+    and BertOutput, and their copies), DistilBERT's (FFN.ff_chunk), GPT-2's (GPT2MLP), Llama's
+    gated one (LlamaMLP, and Mistral's, Qwen2's, Qwen3's, Gemma 2's: the same code) or
+    ModernBERT's GeGLU (ModernBertMLP, without its dropout) run as fusedlm.ops.mlp, which keeps
+    the activation's input and not its output for the backward (GELU, its tanh form, ReLU,
+    SiLU);
   * for the masked-LM and causal-LM classes, `forward` with labels computes the loss with
     fusedlm.lm_loss on the labelled rows (the MLM head's transform included), never
     materializing the logits: the returned output has logits=None. Without labels the
@@ -448,51 +448,61 @@ def _glu_mlp_forward(self, hidden_states):
                      getattr(self, _MLP_ACTIVATION), gate_weight=half(w, 0), gate_bias=half(b, 0))
 
 
+def _linears(m, *names):
+    return all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in names)
+
+
+def _bert_activation(m):
+    """The activation of a BERT layer's feed-forward whose parts are BERT's, else None."""
+    inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+    if (_code_is(type(inter), "forward", ("self", "hidden_states"), _INTERMEDIATE)
+            and _is_dropout_add_norm(type(out)) and _linears(inter, "dense") and _linears(out, "dense")):
+        return getattr(inter, "intermediate_act_fn", None)
+    return None
+
+
+def _has_dropout(m, name):
+    return isinstance(getattr(m, name, None), torch.nn.Dropout)
+
+
+# The MLPs fusedlm.ops.mlp runs, by the method whose code they have: (method, its parameters,
+# its statements, the module's activation where its parts are what that code expects (else
+# None), the fused method).
+_MLPS = (
+    ("feed_forward_chunk", ("self", "attention_output"), _FEED_FORWARD_CHUNK, _bert_activation,
+     _bert_feed_forward),
+    ("forward", ("self", "hidden_states"), _GPT2_MLP,
+     lambda m: (getattr(m, "act", None) if _is_conv1d(getattr(m, "c_fc", None))
+                and _is_conv1d(getattr(m, "c_proj", None)) and _has_dropout(m, "dropout") else None),
+     _gpt2_mlp_forward),
+    ("forward", ("self", "x"), _GATED_MLP,
+     lambda m: getattr(m, "act_fn", None) if _linears(m, "gate_proj", "up_proj", "down_proj") else None,
+     _gated_mlp_forward),
+    ("ff_chunk", ("self", "input"), _FF_CHUNK,
+     lambda m: (getattr(m, "activation", None) if _linears(m, "lin1", "lin2")
+                and _has_dropout(m, "dropout") else None),
+     _distilbert_ff_chunk),
+    ("forward", ("self", "hidden_states"), _GLU_MLP,
+     lambda m: (getattr(m, "act", None) if _linears(m, "Wi", "Wo")
+                and m.Wi.out_features == 2 * m.Wo.in_features and _has_dropout(m, "drop") else None),
+     _glu_mlp_forward),
+)
+
+
 def _fuse_mlps(model):
-    """[(module, method name)] given fusedlm.ops.mlp: the layers whose feed-forward is BERT's
-    and the MLPs that are GPT-2's or Llama's (by their code), with an activation the op
-    knows."""
+    """[(module, method name)] given fusedlm.ops.mlp: the modules whose MLP code is one of
+    _MLPS, with an activation the op knows."""
     fused = []
     for m in model.modules():
-        inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
-        if (_code_is(type(m), "feed_forward_chunk", ("self", "attention_output"), _FEED_FORWARD_CHUNK)
-                and _code_is(type(inter), "forward", ("self", "hidden_states"), _INTERMEDIATE)
-                and _is_dropout_add_norm(type(out))
-                and isinstance(getattr(inter, "dense", None), torch.nn.Linear)
-                and isinstance(getattr(out, "dense", None), torch.nn.Linear)
-                and _mlp_activation(getattr(inter, "intermediate_act_fn", None)) is not None):
-            setattr(m, _MLP_ACTIVATION, _mlp_activation(inter.intermediate_act_fn))
-            m.feed_forward_chunk = types.MethodType(_bert_feed_forward, m)
-            fused.append((m, "feed_forward_chunk"))
-        elif (_code_is(type(m), "forward", ("self", "hidden_states"), _GPT2_MLP)
-              and _is_conv1d(getattr(m, "c_fc", None)) and _is_conv1d(getattr(m, "c_proj", None))
-              and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)
-              and _mlp_activation(getattr(m, "act", None)) is not None):
-            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act))
-            m.forward = types.MethodType(_gpt2_mlp_forward, m)
-            fused.append((m, "forward"))
-        elif (_code_is(type(m), "forward", ("self", "x"), _GATED_MLP)
-              and all(isinstance(getattr(m, n, None), torch.nn.Linear)
-                      for n in ("gate_proj", "up_proj", "down_proj"))
-              and _mlp_activation(getattr(m, "act_fn", None)) is not None):
-            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act_fn))
-            m.forward = types.MethodType(_gated_mlp_forward, m)
-            fused.append((m, "forward"))
-        elif (_code_is(type(m), "ff_chunk", ("self", "input"), _FF_CHUNK)
-              and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("lin1", "lin2"))
-              and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)
-              and _mlp_activation(getattr(m, "activation", None)) is not None):
-            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.activation))
-            m.ff_chunk = types.MethodType(_distilbert_ff_chunk, m)
-            fused.append((m, "ff_chunk"))
-        elif (_code_is(type(m), "forward", ("self", "hidden_states"), _GLU_MLP)
-              and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("Wi", "Wo"))
-              and m.Wi.out_features == 2 * m.Wo.in_features
-              and isinstance(getattr(m, "drop", None), torch.nn.Dropout)
-              and _mlp_activation(getattr(m, "act", None)) is not None):
-            setattr(m, _MLP_ACTIVATION, _mlp_activation(m.act))
-            m.forward = types.MethodType(_glu_mlp_forward, m)
-            fused.append((m, "forward"))
+        for method, params, code, activation_of, fused_method in _MLPS:
+            if not _code_is(type(m), method, params, code):
+                continue
+            activation = _mlp_activation(activation_of(m))
+            if activation is not None:
+                setattr(m, _MLP_ACTIVATION, activation)
+                setattr(m, method, types.MethodType(fused_method, m))
+                fused.append((m, method))
+            break
     return fused
 
 

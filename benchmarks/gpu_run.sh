@@ -106,6 +106,13 @@ run_step() {
     some-tests) cmd=("${PYTEST[@]}" --tb=short $(for t in $SOME_TESTS; do echo "$SRC/$t"; done)) ;;
     bench-attention) cmd=($BENCH attention ${ATTN_ARGS:-} $(files attention)) ;;
     bench-layer_norm) cmd=($BENCH layer_norm --rows ${LN_ROWS:-16384 65536} $(files layer_norm)) ;;
+    # What dropout's Philox draws cost (four elements a draw since 2026-12-01): BERT's dropout,
+    # add & norm at BERT-base's rows, and attention at BERT-base's shape, with dropout 0.1.
+    bench-ln-dropout) cmd=($BENCH layer_norm --rows 16384 --widths 768 1024 --dtype bf16
+                           --dropout 0.1 $(files layer_norm-dropout)) ;;
+    bench-attention-dropout) cmd=($BENCH attention --seq 512 2048 --head-dim 64 --dropout 0.1
+                                  --impl "sdpa[flash]" "sdpa[cudnn]" "fusedlm[triton]" "fusedlm[cuda]"
+                                  $(files attention-dropout)) ;;
     # The measured dispatch table for this GPU (commit $OUT's measured_dispatch.json as
     # pyext/fusedlm/ops/measured_dispatch.json once the GPU suite has passed on these kernels).
     tune-layer_norm) cmd=($BENCH layer_norm --dtype bf16 fp16 fp32 --rows 16384

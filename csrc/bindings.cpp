@@ -102,38 +102,46 @@ PYBIND11_MODULE(_C, m) {
       "norm_fwd",
       [](py::handle x, py::handle residual, py::handle weight, py::handle bias, py::handle y,
          py::handle z, py::handle mean, py::handle rstd, float eps, bool rms,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, double dropout_p, uint64_t seed, py::handle seed_tensor) {
         fusedlm::layer_norm::ForwardArgs a{
             tensor(x, "x"), optional_tensor(residual, "residual"),
             optional_tensor(weight, "weight"), optional_tensor(bias, "bias"), tensor(y, "y"),
             optional_tensor(z, "z"), optional_tensor(mean, "mean"), tensor(rstd, "rstd"), eps,
-            rms};
+            rms, {dropout_p, seed, optional_tensor(seed_tensor, "seed_tensor")}};
         py::gil_scoped_release release;
         fusedlm::layer_norm::forward(a, stream);
       },
       py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("y"),
       py::arg("z"), py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("rms"),
-      py::arg("stream"),
-      "Layer norm / RMSNorm forward over rows of x (+ residual); outputs are preallocated.");
+      py::arg("stream"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+      py::arg("seed_tensor") = py::none(),
+      "Layer norm / RMSNorm forward over rows of dropout(x) (+ residual); outputs are "
+      "preallocated. The dropout seed by value, or in seed_tensor (one int64 on the device).");
 
   m.def(
       "norm_bwd",
       [](py::handle dy, py::handle z, py::handle weight, py::handle mean, py::handle rstd,
          py::handle dz_extra, py::handle dz, py::handle dw_part, py::handle db_part,
-         py::handle dweight, py::handle dbias, bool rms, std::uintptr_t stream) {
+         py::handle dweight, py::handle dbias, bool rms, std::uintptr_t stream, py::handle dx,
+         double dropout_p, uint64_t seed, py::handle seed_tensor) {
         fusedlm::layer_norm::BackwardArgs a{
             tensor(dy, "dy"), tensor(z, "z"), optional_tensor(weight, "weight"),
             optional_tensor(mean, "mean"), tensor(rstd, "rstd"),
-            optional_tensor(dz_extra, "dz_extra"), tensor(dz, "dz"),
-            optional_tensor(dw_part, "dw_part"), optional_tensor(db_part, "db_part"),
-            optional_tensor(dweight, "dweight"), optional_tensor(dbias, "dbias"), rms};
+            optional_tensor(dz_extra, "dz_extra"), optional_tensor(dz, "dz"),
+            optional_tensor(dx, "dx"), optional_tensor(dw_part, "dw_part"),
+            optional_tensor(db_part, "db_part"), optional_tensor(dweight, "dweight"),
+            optional_tensor(dbias, "dbias"), rms,
+            {dropout_p, seed, optional_tensor(seed_tensor, "seed_tensor")}};
         py::gil_scoped_release release;
         fusedlm::layer_norm::backward(a, stream);
       },
       py::arg("dy"), py::arg("z"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
       py::arg("dz_extra"), py::arg("dz"), py::arg("dw_part"), py::arg("db_part"),
       py::arg("dweight"), py::arg("dbias"), py::arg("rms"), py::arg("stream"),
-      "Layer norm / RMSNorm backward: dz, and dweight/dbias through per-block partials.");
+      py::arg("dx") = py::none(), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+      py::arg("seed_tensor") = py::none(),
+      "Layer norm / RMSNorm backward: dz (the sum's gradient), with dropout dx (x's), and "
+      "dweight/dbias through per-block partials.");
 
   m.def(
       "lm_ce_rows",
@@ -211,12 +219,20 @@ PYBIND11_MODULE(_C, m) {
       "tile as TMA left it in shared memory, s = q k[:64]^T and s_wide = q k^T (SS wgmma, N 64 "
       "and 128), o = round(s) v (RS, v MN-major).");
   m.def(
-      "philox_uniform",
-      [](uint64_t seed, const std::vector<uint32_t>& offsets) {
-        std::vector<float> out(offsets.size());
-        for (size_t i = 0; i < offsets.size(); ++i) out[i] = fusedlm::philox_uniform(seed, offsets[i]);
+      "dropout_keep",
+      [](uint64_t seed, uint64_t rows, uint64_t cols, float p_drop, bool counter32) {
+        std::vector<bool> out(rows * cols);
+        const uint32_t least = fusedlm::dropout_least(p_drop);
+        for (uint64_t r = 0; r < rows; ++r)
+          for (uint64_t c = 0; c < cols; ++c) {
+            uint64_t counter = fusedlm::dropout_counter(r, cols, c);
+            if (counter32) counter = static_cast<uint32_t>(counter);
+            out[r * cols + c] = fusedlm::dropout_keep(seed, counter, static_cast<uint32_t>(c), least);
+          }
         return out;
       },
-      py::arg("seed"), py::arg("offsets"),
-      "The CUDA attention's dropout draws (Triton's tl.rand), computed on the host: for tests.");
+      py::arg("seed"), py::arg("rows"), py::arg("cols"), py::arg("p_drop"), py::arg("counter32"),
+      "The dropout keep-mask of a (rows, cols) stream as the CUDA C++ kernels draw it "
+      "(common/philox.h), computed on the host: for tests. counter32: the attention kernels' "
+      "32-bit counter.");
 }

@@ -20,9 +20,9 @@ right, every block in the window's range then taking the edge path's tests; the 
 (batch, Sk) marks keys to attend with nonzero; the forward and dQ stop after the last attended
 key of the row and dK/dV skip key blocks it hides entirely, so a right-padded batch spends no work
 on its padding keys (its padding queries are still computed: their outputs are defined); a packed
-batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when a Philox draw
-(seed + batch * heads + head, offset query * Sk + key) is >= p, and scales it by 1/(1 - p); the
-backward regenerates the same draws. The seed comes by value, or (SEED_PTR, under torch.compile)
+batch gives each sequence's rows through cu_seqlens, so no work is spent on padding at all. Dropout keeps a probability when its Philox word
+(stream seed + batch * heads + head; four keys a draw, see `_keep` and csrc/common/philox.h) is
+at least p * 2^32, and scales it by 1/(1 - p); the backward regenerates the same draws. The seed comes by value, or (SEED_PTR, under torch.compile)
 from a one-element tensor on the device, which the kernels read (_dropout.seed_of).
 
 FUSEDLM_TRITON_ATOMIC_DQ=1 (opt-in until timed on a GPU) takes FlashAttention-2's backward
@@ -200,15 +200,31 @@ def _capped_grad(s, cap):
 
 
 @triton.jit
-def _keep(seed, offs_m, offs_n, seq_k, p_drop, TRANSPOSED: tl.constexpr):
-    """Dropout's keep-mask, (queries x keys), or (keys x queries) if TRANSPOSED: the same draws.
-    (One return: Triton also compiles the code after an early one, whose shape differs when
-    BLOCK_M != BLOCK_N; the interpreter does not.)"""
+def _keep(seed, offs_m, start_n, seq_k, p_drop, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Dropout's keep-mask, (queries x keys BLOCK_N from start_n, a multiple of 4), or (keys x
+    queries) if TRANSPOSED: the same draws. One Philox draw gives four 32-bit words: key j of
+    query i takes word j % 4 of the draw at counter i * ceil(seq_k / 4) + j // 4, kept when the
+    word is at least p * 2^32 (an integer compare: dropped with probability p to within 2^-32).
+    (queries x keys): a draw per four keys, a quarter of the draws of one per probability.
+    (keys x queries), dK/dV's: a draw per probability, its word picked. Joining the four words
+    along the keys there needs a permute, whose layout change made ptxas serialize the dK/dV
+    kernel's wgmma on Triton 3.9 (benchmarks/kernel_facts.py). (One return: Triton also
+    compiles the code after an early one, whose shape differs when BLOCK_M != BLOCK_N; the
+    interpreter does not.)"""
+    per_row = (seq_k + 3) // 4
+    least = (tl.cast(p_drop, tl.float32) * 4294967296.0).to(tl.uint32)  # p as fp32, as compiled
     if TRANSPOSED:
-        draw = offs_m[None, :] * seq_k + offs_n[:, None]
+        keys = start_n + tl.arange(0, BLOCK_N)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs_m[None, :] * per_row + (keys // 4)[:, None])
+        word = (keys % 4)[:, None]
+        keep = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3))) >= least
     else:
-        draw = offs_m[:, None] * seq_k + offs_n[None, :]
-    return tl.rand(seed, draw) >= p_drop
+        groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs_m[:, None] * per_row + groups[None, :])
+        # [..., g, a, b]: word 2a + b of group g
+        words = tl.join(tl.join(r0 >= least, r2 >= least), tl.join(r1 >= least, r3 >= least))
+        keep = tl.reshape(words, (offs_m.shape[0], BLOCK_N))
+    return keep
 
 
 @triton.jit
@@ -310,8 +326,8 @@ def _fwd_blocks(acc, m_i, l_i, q, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, offs
         p = tl.exp2(s - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
-            p = tl.where(keep, p / (1.0 - p_drop), 0.0)
+            keep = _keep(seed, offs_m, start_n, seq_k, p_drop, BLOCK_N, False)
+            p = tl.where(keep, p * (1.0 / (1.0 - p_drop)), 0.0)
         v = _load_block(v_ptr, start_n, kn, s_vs, k_len, offs_d, HEAD_DIM, BLOCK_D, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
@@ -392,7 +408,7 @@ def _attn_fwd(
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, s_dqs, start_m,
-                offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
+                start_n, offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
                 win_left, win_right, cap, slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -424,9 +440,10 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, 
     delta = tl.load(d_ptr + offs_m, mask=offs_m < q_len, other=0.0)
     dp_t = tl.dot(v, tl.trans(do))
     if DROPOUT:
-        keep = _keep(seed, offs_m, offs_n, seq_k, p_drop, True)
-        dv = tl.dot(tl.where(keep, p_t / (1.0 - p_drop), 0.0).to(do.dtype), do, dv)
-        dp_t = tl.where(keep, dp_t / (1.0 - p_drop), 0.0)
+        keep = _keep(seed, offs_m, start_n, seq_k, p_drop, offs_n.shape[0], True)
+        keep_scale = 1.0 / (1.0 - p_drop)  # a product per probability, not a division
+        dv = tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, dv)
+        dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
     else:
         dv = tl.dot(p_t.to(do.dtype), do, dv)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -442,7 +459,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos, s_dqs, lo, hi,
-                 offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
+                 start_n, offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2, seed, p_drop, seq_k,
                  win_left, win_right, cap, slope, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, ON_EDGE: tl.constexpr, CAUSAL: tl.constexpr,
                  DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -452,7 +469,7 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos,
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs, s_dos,
-                             s_dqs, start_m, offs_n, offs_m0, offs_d, key_ok, q_len, k_len,
+                             s_dqs, start_m, start_n, offs_n, offs_m0, offs_d, key_ok, q_len, k_len,
                              scale_log2, seed, p_drop, seq_k, win_left, win_right, cap, slope,
                              HEAD_DIM, BLOCK_D, ON_EDGE, CAUSAL, DROPOUT, WINDOW, SOFTCAP,
                              HAS_ALIBI, TMA, ATOMIC_DQ)
@@ -483,7 +500,8 @@ def _attn_bwd_dkdv(
     hk = bhk % n_kv_heads
     q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
     if pid_n * BLOCK_N < k_len:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         k = _load_rows(_head(K, b, k0, hk, s_kb, s_ks, s_kh), offs_n,
@@ -524,7 +542,7 @@ def _attn_bwd_dkdv(
                     LSE + b.to(tl.int64) * s_lb + h * s_lh + q0,
                     DELTA + b.to(tl.int64) * s_lb + h * s_lh + q0,
                     _head(DQ_ACC, b, q0, h, s_accb, s_accs, s_acch), s_qs, s_dos, s_accs,
-                    start_m, offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2,
+                    start_m, start_n, offs_n, offs_m0, offs_d, key_ok, q_len, k_len, scale_log2,
                     seed + b * n_heads + h, p_drop, seq_k, win_left, win_right, cap,
                     _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI), HEAD_DIM, BLOCK_D,
                     True, CAUSAL, DROPOUT, WINDOW, SOFTCAP, HAS_ALIBI, False, ATOMIC_DQ)
@@ -542,20 +560,20 @@ def _attn_bwd_dkdv(
             slope = _alibi_slope(ALIBI, b, h, s_ab, scale_log2, HAS_ALIBI)
             if WINDOW:  # every block of the window's range takes the edge tests
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs,
-                                      s_dos, s_accs, lo, hi, offs_n, offs_m0, offs_d, key_ok,
+                                      s_dos, s_accs, lo, hi, start_n, offs_n, offs_m0, offs_d, key_ok,
                                       q_len, k_len, scale_log2, seed_h, p_drop, seq_k, win_left,
                                       win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_M, True,
                                       CAUSAL, DROPOUT, True, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
             else:
                 if CAUSAL:
                     dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr,
-                                          s_qs, s_dos, s_accs, lo, tl.minimum(full, hi), offs_n,
+                                          s_qs, s_dos, s_accs, lo, tl.minimum(full, hi), start_n, offs_n,
                                           offs_m0, offs_d, key_ok, q_len, k_len, scale_log2,
                                           seed_h, p_drop, seq_k, win_left, win_right, cap, slope,
                                           HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT,
                                           False, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
                 dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, l_ptr, d_ptr, dq_ptr, s_qs,
-                                      s_dos, s_accs, full, hi, offs_n, offs_m0, offs_d, key_ok,
+                                      s_dos, s_accs, full, hi, start_n, offs_n, offs_m0, offs_d, key_ok,
                                       q_len, k_len, scale_log2, seed_h, p_drop, seq_k, win_left,
                                       win_right, cap, slope, HEAD_DIM, BLOCK_D, BLOCK_M, False,
                                       CAUSAL, DROPOUT, False, SOFTCAP, HAS_ALIBI, TMA, ATOMIC_DQ)
@@ -589,8 +607,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_ks, s_vs, lo, hi, offs_m, 
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _keep(seed, offs_m, kn, seq_k, p_drop, False)
-            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+            keep = _keep(seed, offs_m, start_n, seq_k, p_drop, BLOCK_N, False)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - p_drop)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # tanh's derivative at the capped score, before ALiBi's bias
             capped = s
@@ -702,7 +720,7 @@ def _dropout_mask_kernel(OUT, seed, p_drop, seq_q, seq_k,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seq_k, BLOCK_N):
         kn = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed + bh, offs_m, kn, seq_k, p_drop, False)
+        keep = _keep(seed + bh, offs_m, start_n, seq_k, p_drop, BLOCK_N, False)
         tl.store(OUT + bh.to(tl.int64) * seq_q * seq_k + offs_m[:, None] * seq_k + kn[None, :],
                  keep.to(tl.int8), mask=(offs_m[:, None] < seq_q) & (kn[None, :] < seq_k))
 
@@ -782,7 +800,10 @@ SPILLS_IN_CLASS = (
         "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
                  128: ((32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))},
         "dkdv_dq": {64: ((64, 128, 8, 3), (64, 64, 4, 2))},
-        "dq": {256: ((64, 32, 8, 2),)}}),
+        # dQ joins four Philox words into the (queries x keys) tile (_keep): 24-80 bytes of
+        # spill at these on Triton 3.6, 8-16 at (128, 32, 8, 2) on 3.9 (2026-12-01).
+        "dq": {64: ((128, 32, 4, 3),), 128: ((128, 64, 8, 3), (64, 64, 4, 3)),
+               256: ((64, 32, 8, 2), (128, 32, 8, 2))}}),
     (("IS_VARLEN",), {
         "fwd": {256: ((128, 32, 8, 3),)},
         "dkdv": {64: ((64, 64, 4, 3), (64, 128, 8, 3)), 128: ((64, 64, 8, 3),)},

@@ -3,8 +3,8 @@
 Forward:  z = x + residual (rounded to x's dtype, as the unfused `x + residual` would be)
           y = (z - mean) * rstd * w + b          (RMSNorm: y = z * rstd * w, no mean)
 With DROPOUT, x is dropped out first (z = dropout(x) + residual, each kept element scaled by
-1 / (1 - p)): the keep-mask is Philox's draw at the element's flat index (row * N + column)
-from the call's seed, drawn again by the backward, never stored. The seed is a scalar argument,
+1 / (1 - p)): the keep-mask comes from Philox draws at the call's seed, four columns a draw
+(`_kept`), drawn again by the backward, never stored. The seed is a scalar argument,
 or (SEED_PTR, under torch.compile) read from a one-element device tensor, so that a compiled
 step draws it on the device and a CUDA graph replays a new draw each step.
 Statistics are fp32 and the row is held in registers, so a row is read once and written once.
@@ -26,10 +26,18 @@ MAX_COLUMNS = 65536
 
 
 @triton.jit
-def _kept(seed, p_drop, row, cols, N):
-    """The dropout keep-mask of a row's columns: Philox at the flat index row * N + column
-    (row: an int64 scalar, so that the index does not wrap past 2**31 elements)."""
-    return tl.rand(seed, row * N + cols) >= p_drop
+def _kept(seed, p_drop, row, N, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of a row's BLOCK_N columns. One Philox draw gives four 32-bit words:
+    column c of the row takes word c % 4 of the draw at counter row * ceil(N / 4) + c // 4
+    (row: an int64 scalar, so that the counter does not wrap), kept when the word is at least
+    p * 2^32 (dropped with probability p to within 2^-32): a quarter of the draws of one per
+    element, which made a dropout call issue-bound on the draws."""
+    counter = row * ((N + 3) // 4) + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    least = (tl.cast(p_drop, tl.float32) * 4294967296.0).to(tl.uint32)  # p as fp32, as compiled
+    # [g, a, b]: word 2a + b of group g
+    words = tl.join(tl.join(r0 >= least, r2 >= least), tl.join(r1 >= least, r3 >= least))
+    return tl.reshape(words, (BLOCK_N,))
 
 
 # The seed changes at every call: not specialized on (a variant per value class mid-run).
@@ -46,7 +54,7 @@ def _norm_fwd_kernel(
     mask = cols < N
     z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if DROPOUT:  # rounded to x's dtype, as dropout's output is
-        kept = _kept(seed_of(seed, SEED, SEED_PTR), p_drop, row, cols, N)
+        kept = _kept(seed_of(seed, SEED, SEED_PTR), p_drop, row, N, BLOCK_N)
         z = tl.where(kept, z.to(tl.float32) * drop_scale, 0.0).to(X.dtype.element_ty)
     if HAS_RES:
         z = z + tl.load(RES + row * stride_res + cols, mask=mask, other=0.0)
@@ -104,7 +112,7 @@ def _norm_bwd_kernel(
     dy_ptr, z_ptr = DY + first * stride_dy, Z + first * stride_z
     dz_ptr, extra_ptr = DZ + first * stride_dz, DZ_EXTRA + first * stride_extra
     dx_ptr = DX + first * stride_dx
-    row64 = first  # the row as an int64, for the dropout mask's flat index
+    row64 = first  # the row as an int64, for the dropout mask's counters
     if DROPOUT:
         seed = seed_of(seed, SEED, SEED_PTR)
     for row in range(row_start, row_end):
@@ -135,7 +143,7 @@ def _norm_bwd_kernel(
         if STORE_DZ:
             tl.store(dz_ptr + cols, dz.to(DZ.dtype.element_ty), mask=mask)
         if DROPOUT:
-            dx = tl.where(_kept(seed, p_drop, row64, cols, N), dz * drop_scale, 0.0)
+            dx = tl.where(_kept(seed, p_drop, row64, N, BLOCK_N), dz * drop_scale, 0.0)
             tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dx_ptr += stride_dx
             row64 += 1

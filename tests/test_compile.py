@@ -48,12 +48,11 @@ def test_custom_ops_pass_opcheck(backend, rms):
     seed = torch.tensor(5)
     torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend, 0.0, seed))
     torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, False, backend, 0.0, seed))
-    if backend != "cuda":  # the CUDA C++ kernel has no dropout
-        torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend, 0.2, seed))
-        torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, True, backend, 0.2, seed))
+    torch.library.opcheck(norm_fwd_op, (x, r, w, b, 1e-5, rms, True, backend, 0.2, seed))
+    torch.library.opcheck(norm_fwd_op, (x, None, w, b, 1e-5, rms, True, backend, 0.2, seed))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_add_norm_fullgraph_compile(backend):
     """BERT's "dropout, add & norm" compiles whole and gives eager's result and gradients for
     the same seed (its keep-mask redrawn in the backward from the seed either way)."""

@@ -181,6 +181,28 @@ def test_measured_table_orders_the_backends_it_covers(tmp_path, monkeypatch):
         dispatch.clear_cache()
 
 
+def test_a_feature_not_yet_run_on_a_gpu_is_never_chosen_automatically(tmp_path, monkeypatch):
+    """A verified backend's newer feature (the CUDA C++ norm's dropout) is left out of automatic
+    dispatch for the cases that use it, even where a measured table puts the backend first;
+    other cases, and a caller who names the backend, still get it."""
+    from fusedlm.ops import dispatch
+    op = _fake_op()
+    op.unverified_cases["cuda"] = lambda case: "the fake kernel's wide rows" if case.columns > 1024 else None
+    entries = [dict(arch="sm_90", op="fake_norm", case=dict(dtype="bfloat16"), order=["cuda"])]
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, _table(tmp_path, entries))
+    monkeypatch.setattr(dispatch, "_arch", lambda: "sm_90")
+    dispatch.clear_cache()
+    try:
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 768)) == "cuda"
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 4096)) == "triton"
+        assert ("the fake kernel's wide rows has not run on a GPU yet, so it is never chosen "
+                "automatically; pass backend='cuda'") in str(dispatch.explain("fake_norm"))
+        assert dispatch.select("fake_norm", ("cuda", torch.bfloat16, 4096), "cuda") == "cuda"
+    finally:
+        dispatch._OPS.pop("fake_norm")
+        dispatch.clear_cache()
+
+
 def test_a_bad_measured_table_is_named(tmp_path, monkeypatch):
     from fusedlm.ops import dispatch
     monkeypatch.setenv(dispatch.TABLE_ENV_VAR, _table(tmp_path, [dict(arch="sm_90", op="layer_norm",
@@ -213,13 +235,18 @@ def test_tune_entries_from_a_layer_norm_run(tmp_path):
                         impl="fusedlm[cuda]", ms=0.2))  # one direction only: no entry
     results.append(dict(op="layer_norm", direction="fwd", dtype="bfloat16", rows=16384, n=768,
                         impl="torch", ms=0.03))  # not a fusedlm backend: not in the order
+    # A --dropout run (BERT's dropout, add & norm) makes entries of its own, for dropout cases.
+    results += [dict(op="layer_norm", direction=d, dtype="bfloat16", rows=16384, n=768,
+                     impl=f"fusedlm[{b}]", ms=ms, dropout_p=0.1)
+                for b, ms in (("triton", 0.2), ("cuda", 0.1)) for d in ("fwd", "bwd")]
     entries = tune_entries(results, "sm_90", "test")
-    assert [(e["case"]["columns"], e["order"]) for e in entries] == [
-        ([1, 768], ["cuda", "triton"]), ([769, 4096], ["triton", "cuda"])]
+    assert [(e["case"]["dropout"], e["case"]["columns"], e["order"]) for e in entries] == [
+        (False, [1, 768], ["cuda", "triton"]), (False, [769, 4096], ["triton", "cuda"]),
+        (True, [1, 768], ["cuda", "triton"])]
     path = str(tmp_path / "t.json")
     write_table(path, entries)
     table = write_table(path, entries[:1])  # the same bucket again replaces, not repeats
-    assert len(dispatch.check_table(table, path)) == 2
+    assert len(dispatch.check_table(table, path)) == 3
 
 
 def test_tune_entries_from_an_lm_loss_run(tmp_path, monkeypatch):

@@ -333,11 +333,41 @@ def _fwd_args(**override):
     (dict(x=torch.ones(4, 16, dtype=torch.int32)), TypeError, "x must be float32, float16 or bfloat16"),
     (dict(x=torch.randn(16, 4).t()), ValueError, "x must have unit stride"),
     (dict(mean=None), ValueError, "mean is required"),
+    (dict(dropout_p=1.0), ValueError, r"dropout p must be in \[0, 1\)"),
+    (dict(z=torch.empty(4, 16)), ValueError, "z .* only written with a residual or dropout"),
+    (dict(dropout_p=0.1, seed_tensor=torch.tensor([1, 2])), ValueError,
+     "seed_tensor must hold one element"),
+    (dict(dropout_p=0.1, seed_tensor=torch.tensor(1, dtype=torch.int32)), TypeError,
+     "seed_tensor must be int64"),
     pytest.param({}, ValueError, "x must be a CUDA tensor", marks=not_emulated),
 ])
 def test_core_forward_validation(override, error, match):
     with pytest.raises(error, match=match):
         _core._C.norm_fwd(**_fwd_args(**override), eps=1e-5, rms=False, stream=0)
+
+
+def _bwd_args(**override):
+    dy = torch.randn(4, 16)
+    args = dict(dy=dy, z=torch.randn(4, 16), weight=torch.randn(16), mean=torch.zeros(4),
+                rstd=torch.ones(4), dz_extra=None, dz=torch.empty(4, 16), dw_part=None,
+                db_part=None, dweight=None, dbias=None)
+    args.update(override)
+    return {k: _core.dl(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@needs_core
+@pytest.mark.parametrize("override, match", [
+    (dict(dz=None), r"dz \(the input's gradient\) is required"),
+    (dict(dx=torch.empty(4, 16)), "dx is written with dropout only"),
+    (dict(dropout_p=0.1, dz=None), r"dx \(x's gradient\) is required with dropout"),
+    (dict(dropout_p=0.1, dx=torch.empty(3, 16)), r"dx must have shape \(4, 16\)"),
+    (dict(dropout_p=-0.5, dx=torch.empty(4, 16)), r"dropout p must be in \[0, 1\)"),
+])
+def test_core_backward_validation(override, match):
+    """The backward's outputs follow the dropout: dz (the sum's gradient) without it, dx (x's)
+    with it, where dz is optional (no residual needs it)."""
+    with pytest.raises(ValueError, match=match):
+        _core._C.norm_bwd(**_bwd_args(**override), rms=False, stream=0)
 
 
 @needs_core
@@ -350,7 +380,7 @@ def test_core_rejects_a_non_capsule():
 
 # ---- dropout, add & norm ----------------------------------------------------------------------
 
-DROPOUT_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the CUDA C++ kernel has no dropout
+DROPOUT_BACKENDS = BACKENDS
 
 
 def _kept(backend, rows, n, dtype, p, seed, rms=False):
@@ -432,10 +462,33 @@ def test_dropout_bad_arguments_are_named(bad, match):
         fusedlm.layer_norm(x, **bad)
 
 
+@pytest.mark.skipif(_core._C is None or not hasattr(_core._C, "dropout_keep"), reason="fusedlm._C is not built")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("rows, n, dtype", [(37, 767, torch.float32), (5, 1024, torch.float32),
+                                            (5, 1024, torch.float16), (3, 6, torch.float32)], ids=str)
+def test_kernels_drop_the_mask_common_philox_defines(backend, rows, n, dtype):
+    """The Triton and CUDA C++ kernels keep exactly the elements of common/philox.h's mask (run
+    here on the host): four columns a Philox draw, a row's counters from row * ceil(n / 4), so
+    both backends drop the same elements for a seed. n = 767 and 6 are not multiples of 4 (a
+    row's last draw has unused words) and take the CUDA C++ kernel's one-draw-an-element path;
+    1024 its four-columns-a-draw one (one group a vector in float32, two in float16)."""
+    p, seed = 0.3, 1234
+    got = _kept(backend, rows, n, dtype, p, seed).cpu()
+    want = torch.tensor(_core._C.dropout_keep(seed, rows, n, p, False)).view(rows, n)
+    assert torch.equal(got, want)
+
+
+
+
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled core's CUDA C++ kernels")
-def test_cuda_backend_refuses_dropout_by_name():
-    """The CUDA C++ layer norm has no dropout: asked for it, it says so; dispatch passes it by."""
-    x = torch.randn(4, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="has no dropout"):
+def test_cuda_dropout_refuses_wide_unvectorized_float32_rows_by_name():
+    """The CUDA C++ kernels' one exception to dropout (their float32 backward at 4097-8192
+    columns read one value at a time spilled with it, so it is compiled out): asked for, the
+    call says so; a multiple of 4 columns takes the vectorized path and runs."""
+    x = torch.randn(2, 4099, device=DEVICE)
+    with pytest.raises(ValueError, match="only as 16-byte vectors"):
         fusedlm.layer_norm(x, dropout_p=0.1, backend="cuda")
-    assert fusedlm.layer_norm(x, dropout_p=0.0, backend="cuda").shape == x.shape
+    assert fusedlm.layer_norm(x, backend="cuda").shape == x.shape  # no dropout: served
+    y, z = fusedlm.layer_norm(torch.ones(2, 4100, device=DEVICE), dropout_p=0.5, seed=3,
+                              return_residual=True, backend="cuda")
+    assert torch.equal(z.cpu(), torch.tensor(_core._C.dropout_keep(3, 2, 4100, 0.5, False)).view(2, 4100) * 2.0)

@@ -45,10 +45,23 @@ struct Params {
   bool vec_out;          // every output (o; dq, dk, dv) 16-byte aligned: 16-byte stores
 };
 
-// Is dropout's draw for probability (i, j) of stream bh a keep? (Only called with p_drop > 0.)
+// Is dropout's draw for probability (i, j) of stream bh a keep (common/philox.h: the counter
+// wraps at 32 bits, as the Triton kernels' int32 index arithmetic)? Only called with p_drop > 0.
 __device__ __forceinline__ bool kept(const Params& p, int bh, int i, int j) {
-  const uint32_t offset = static_cast<uint32_t>(i) * static_cast<uint32_t>(p.seq_k) + static_cast<uint32_t>(j);
-  return philox_uniform(p.seed + static_cast<uint64_t>(bh), offset) >= p.p_drop;
+  const uint32_t counter = static_cast<uint32_t>(dropout_counter(i, p.seq_k, j));
+  return dropout_keep(p.seed + static_cast<uint64_t>(bh), counter, j, dropout_least(p.p_drop));
+}
+
+// kept() for keys j and j + 1 (j even, so both in one draw's group): one Philox draw for both,
+// as the accumulator layouts hold such pairs in one thread.
+__device__ __forceinline__ void kept2(const Params& p, int bh, int i, int j, bool (&keep)[2]) {
+  const uint32_t counter = static_cast<uint32_t>(dropout_counter(i, p.seq_k, j));
+  uint32_t w[4];
+  philox4x32(p.seed + static_cast<uint64_t>(bh), counter, w);
+  const uint32_t least = dropout_least(p.p_drop);
+  const bool high = (j & 2) != 0;  // words 2 and 3, else 0 and 1
+  keep[0] = (high ? w[2] : w[0]) >= least;
+  keep[1] = (high ? w[3] : w[1]) >= least;
 }
 
 // A row's max or sum over the four lanes of a quad: in the mma.sync and wgmma accumulator

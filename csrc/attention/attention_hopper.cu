@@ -364,12 +364,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       l_i[r] *= alpha[r];
     }
 #pragma unroll
-    for (int i = 0; i < kKeys / 2; ++i) {
+    for (int i = 0; i < kKeys / 2; i += 2) {  // (i, i + 1): keys c, c + 1 of one row, c even
       const int r = acc_half(i);
-      float pr = m_i[r] == -INFINITY ? 0.0f : exp2f(sc[i] - m_i[r]);
-      l_i[r] += pr;  // the normalizer sums every probability, dropped or not
-      if (p.p_drop > 0.0f) pr = kept(p, bh, qi[r], n0 + acc_col(i, lane)) ? pr * p.keep_scale : 0.0f;
-      sc[i] = pr;
+      bool keep[2] = {true, true};
+      if (p.p_drop > 0.0f) kept2(p, bh, qi[r], n0 + acc_col(i, lane), keep);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float pr = m_i[r] == -INFINITY ? 0.0f : exp2f(sc[i + e] - m_i[r]);
+        l_i[r] += pr;  // the normalizer sums every probability, dropped or not
+        if (p.p_drop > 0.0f) pr = keep[e] ? pr * p.keep_scale : 0.0f;
+        sc[i + e] = pr;
+      }
     }
   };
   // O += P V for block n, V MN-major (uses pa: it must not change until the product is waited).

@@ -69,6 +69,26 @@ int pick_vec(const TensorView& x, std::initializer_list<const TensorView*> rows)
 
 const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
 
+// The kernels' dropout leaves out float32 rows of 4097-8192 columns read one value at a time
+// (not 16-byte vectors): that backward spilled with it (layer_norm_kernels.cu: drops).
+void check_dropout_fits(const Dropout& d, const TensorView& x, int vec) {
+  if (d.p > 0.0 && x.dtype == DType::kFloat32 && vec == 1 && x.shape[1] > kMaxColumns / 2)
+    throw ArgError("the CUDA C++ kernel's dropout takes float32 rows of more than " +
+                   std::to_string(kMaxColumns / 2) + " columns only as 16-byte vectors (a " +
+                   "multiple of 4 columns, rows 16-byte aligned); got " +
+                   std::to_string(x.shape[1]) + " columns");
+}
+
+void check_dropout(const Dropout& d) {
+  if (!(d.p >= 0.0 && d.p < 1.0))
+    throw ArgError("dropout p must be in [0, 1), got " + std::to_string(d.p));
+  if (!d.seed_tensor) return;
+  const TensorView& s = *d.seed_tensor;
+  check_dtype(s, DType::kInt64);
+  if (!(s.ndim == 0 || (s.ndim == 1 && s.shape[0] == 1)))
+    throw ArgError(std::string(s.name) + " must hold one element, got shape " + str(s));
+}
+
 void require_cuda() {
   if (!built_with_cuda())
     throw_built_without_cuda();
@@ -82,14 +102,18 @@ void forward(const ForwardArgs& a, std::uintptr_t stream) {
   check_params(a.weight, a.bias, a.x);
   check_like(a.y, a.x);
   check_like(a.z, a.x);
-  if (a.z && !a.residual) throw ArgError("z (the stored sum) is only written when residual is given");
+  check_dropout(a.dropout);
+  if (a.z && !a.residual && a.dropout.p == 0.0)
+    throw ArgError("z (the stored sum) is only written with a residual or dropout (else it is x)");
   check_stats(a.mean, a.rstd, a.rms, a.x);
   if (!(a.eps >= 0.0f)) throw ArgError("eps must be a non-negative float");
   check_devices(a.x, {&a.x, ptr(a.residual), ptr(a.weight), ptr(a.bias), &a.y, ptr(a.z),
-                      ptr(a.mean), &a.rstd});
+                      ptr(a.mean), &a.rstd, ptr(a.dropout.seed_tensor)});
   require_cuda();
+  const int vec = pick_vec(a.x, {&a.x, ptr(a.residual), &a.y, ptr(a.z)});
+  check_dropout_fits(a.dropout, a.x, vec);
   if (a.x.shape[0] == 0) return;
-  launch_forward(a, pick_vec(a.x, {&a.x, ptr(a.residual), &a.y, ptr(a.z)}), stream);
+  launch_forward(a, vec, stream);
 }
 
 void backward(const BackwardArgs& a, std::uintptr_t stream) {
@@ -97,6 +121,13 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
   check_like(a.z, a.dy);
   check_like(a.dz_extra, a.dy);
   check_like(a.dz, a.dy);
+  check_like(a.dx, a.dy);
+  check_dropout(a.dropout);
+  if (a.dropout.p > 0.0 ? !a.dx : !a.dz)
+    throw ArgError(a.dropout.p > 0.0 ? "dx (x's gradient) is required with dropout"
+                                      : "dz (the input's gradient) is required");
+  if (a.dx && a.dropout.p == 0.0)
+    throw ArgError("dx is written with dropout only (without, x's gradient is dz)");
   check_params(a.weight, std::nullopt, a.dy);
   check_stats(a.mean, a.rstd, a.rms, a.dy);
   if (a.dweight && (!a.weight || !a.dw_part))
@@ -118,11 +149,14 @@ void backward(const BackwardArgs& a, std::uintptr_t stream) {
     check_vector(**out, a.dy.shape[1]);
     check_float_dtype(**out);
   }
-  check_devices(a.dy, {&a.dy, &a.z, ptr(a.weight), ptr(a.mean), &a.rstd, ptr(a.dz_extra), &a.dz,
-                       ptr(a.dw_part), ptr(a.db_part), ptr(a.dweight), ptr(a.dbias)});
+  check_devices(a.dy, {&a.dy, &a.z, ptr(a.weight), ptr(a.mean), &a.rstd, ptr(a.dz_extra),
+                       ptr(a.dz), ptr(a.dx), ptr(a.dw_part), ptr(a.db_part), ptr(a.dweight),
+                       ptr(a.dbias), ptr(a.dropout.seed_tensor)});
   require_cuda();
+  const int vec = pick_vec(a.dy, {&a.dy, &a.z, ptr(a.dz_extra), ptr(a.dz), ptr(a.dx)});
+  check_dropout_fits(a.dropout, a.dy, vec);
   if (a.dy.shape[0] == 0) return;
-  launch_backward(a, pick_vec(a.dy, {&a.dy, &a.z, ptr(a.dz_extra), &a.dz}), stream);
+  launch_backward(a, vec, stream);
 }
 
 #ifndef FUSEDLM_WITH_CUDA

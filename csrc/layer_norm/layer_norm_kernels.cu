@@ -16,6 +16,7 @@
 #include "../common/cuda_runtime.h"
 #include "../common/dtype_dispatch.h"
 #include "../common/launch.cuh"
+#include "../common/philox.h"
 #include "layer_norm.h"
 
 namespace fusedlm::layer_norm {
@@ -87,6 +88,77 @@ __device__ __forceinline__ float row_sum(const float (&v)[kIters][kVec], int64_t
   return acc[0];
 }
 
+// Dropout as the kernels take it: the seed by value or (under torch.compile) by pointer.
+struct DropParams {
+  bool on;         // p > 0 (p as double: an fp32 p of 0 still takes the dropout path)
+  float p, scale;  // scale = 1 / (1 - p)
+  uint64_t seed;
+  const int64_t* seed_ptr;
+};
+
+// The seed: by value, or the low 32 bits of *seed_ptr as a signed int (as the Triton kernels
+// read it).
+__device__ __forceinline__ uint64_t seed_of(const DropParams& d) {
+  return d.seed_ptr ? static_cast<uint64_t>(static_cast<int64_t>(static_cast<int32_t>(*d.seed_ptr)))
+                    : d.seed;
+}
+
+// v (kVec values of row `row` from column c) dropped out in place: a kept value scaled by
+// 1 / (1 - p) and rounded to T (`kRound`: the forward's x, as the unfused dropout's output is)
+// or not (the backward's gradient, rounded when stored). Rows of 16-byte vectors (kVec a
+// multiple of 4, c then too) take a Philox draw per four columns, here. Unaligned rows (kVec 1)
+// take one an element, drawn beforehand in a rolled loop (`keep_bits`): inlined into the
+// unrolled iterations, 16 interleaved draws made the float backward spill 60-80 bytes at sm_80
+// (nvcc -Xptxas -v); bit `it` of `bits` is then iteration it's keep.
+template <typename T, int kVec, bool kRound>
+__device__ __forceinline__ void drop(const DropParams& d, uint64_t seed, int64_t row, int64_t n,
+                                     int64_t c, uint32_t bits, int it, float (&v)[kVec]) {
+  auto apply = [&](float x, bool keep) {
+    const float kept = x * d.scale;
+    return keep ? (kRound ? to_float(from_float<T>(kept)) : kept) : 0.0f;
+  };
+  if constexpr (kVec % 4 == 0) {
+    const uint32_t least = dropout_least(d.p);
+#pragma unroll
+    for (int g = 0; g < kVec / 4; ++g) {
+      uint32_t w[4];
+      philox4x32(seed, dropout_counter(row, n, c + 4 * g), w);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[4 * g + k] = apply(v[4 * g + k], w[k] >= least);
+    }
+  } else {
+    static_assert(kVec == 1, "vectors are 16 bytes (a multiple of 4 elements) or 1 element");
+    v[0] = apply(v[0], (bits >> it) & 1u);
+  }
+}
+
+// Does this instantiation have dropout? Not float32 rows of single values at 16 a thread (4097
+// to 8192 columns, not 16-byte aligned): its backward held 128 registers before dropout and
+// spilled 8-16 bytes with it at sm_80 (nvcc -Xptxas -v), so the host refuses that case
+// (layer_norm.cpp: dropout_fits) and the code is left out.
+template <typename T, int kVec, int kIters>
+constexpr bool drops() {
+  return !(sizeof(T) == 4 && kVec == 1 && kIters * kVec == kMaxValues);
+}
+
+// The keeps of a thread's kIters single columns of row `row` (kVec 1), one bit an iteration.
+template <int kVec, int kIters>
+__device__ __forceinline__ uint32_t keep_bits(const DropParams& d, uint64_t seed, int64_t row,
+                                              int64_t n) {
+  static_assert(kIters <= 32, "one bit an iteration");
+  uint32_t bits = 0;
+  if constexpr (kVec == 1) {
+    const uint32_t least = dropout_least(d.p);
+#pragma unroll 1
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t c = static_cast<int64_t>(it) * blockDim.x + threadIdx.x;
+      if (c < n && dropout_keep(seed, dropout_counter(row, n, c), static_cast<uint32_t>(c), least))
+        bits |= 1u << it;
+    }
+  }
+  return bits;
+}
+
 struct FwdParams {
   const void *x, *res, *w, *b;
   void *y, *z;
@@ -94,6 +166,7 @@ struct FwdParams {
   int64_t n, sx, sres, sy, sz;
   float eps;
   bool params_fp32;
+  DropParams drop;
 };
 
 // kRms (RMSNorm: no mean, one block reduction fewer a row) is a template parameter, as Triton's
@@ -105,19 +178,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(FwdParams p) {
   const T* res = p.res ? static_cast<const T*>(p.res) + row * p.sres : nullptr;
   float v[kIters][kVec];
   float sum[1] = {0.0f};
+  const bool dropout = drops<T, kVec, kIters>() && p.drop.on;
+  const uint64_t seed = dropout ? seed_of(p.drop) : 0;
+  const uint32_t bits = dropout ? keep_bits<kVec, kIters>(p.drop, seed, row, p.n) : 0u;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t c = (static_cast<int64_t>(it) * blockDim.x + threadIdx.x) * kVec;
     if (c < p.n) {  // kVec > 1 only when n % kVec == 0: the whole vector is in range
       load<T, kVec>(x + c, v[it]);
+      if (dropout) drop<T, kVec, true>(p.drop, seed, row, p.n, c, bits, it, v[it]);
       if (res) {
         float r[kVec];
         load<T, kVec>(res + c, r);
         // Round the sum to T, as the unfused `x + residual` would, before normalizing it.
 #pragma unroll
         for (int j = 0; j < kVec; ++j) v[it][j] = to_float(from_float<T>(v[it][j] + r[j]));
-        if (p.z) store<T, kVec>(static_cast<T*>(p.z) + row * p.sz + c, v[it]);
       }
+      if (p.z) store<T, kVec>(static_cast<T*>(p.z) + row * p.sz + c, v[it]);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) sum[0] += v[it][j];
     } else {
@@ -183,10 +260,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(FwdParams p) {
 struct BwdParams {
   const void *dy, *z, *w, *dz_extra;
   const float *mean, *rstd;
-  void* dz;
+  void *dz, *dx;  // dz: the sum's gradient (or null); dx: x's, with dropout only
   float *dw_part, *db_part;
-  int64_t rows, n, sdy, sz, sextra, sdz, rows_per_block;
+  int64_t rows, n, sdy, sz, sextra, sdz, sdx, rows_per_block;
   bool params_fp32;
+  DropParams drop;
 };
 
 // A thread's share of one row in the backward: its gradient g, xhat and wdy = w * g, per value
@@ -235,7 +313,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_kernel(BwdParams p) {
   }
   const int64_t first = blockIdx.x * p.rows_per_block;
   const int64_t last = min(first + p.rows_per_block, p.rows);
+  const bool dropout = drops<T, kVec, kIters>() && p.drop.on;
+  const uint64_t seed = dropout ? seed_of(p.drop) : 0;
   for (int64_t row = first; row < last; ++row) {
+    // Drawn before the row's values are held (kVec 1: the keeps as bits, see drop).
+    const uint32_t bits = dropout ? keep_bits<kVec, kIters>(p.drop, seed, row, p.n) : 0u;
     const T* dy = static_cast<const T*>(p.dy) + row * p.sdy;
     const T* z = static_cast<const T*>(p.z) + row * p.sz;
     const float rstd = p.rstd[row], mean = kRms ? 0.0f : p.mean[row];
@@ -276,7 +358,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_kernel(BwdParams p) {
         out[j] = (wdy[k][j] - (xhat[k][j] * c1 + c2)) * rstd;
         if (p.dz_extra) out[j] += extra[j];
       }
-      store<T, kVec>(static_cast<T*>(p.dz) + row * p.sdz + c, out);
+      if (p.dz) store<T, kVec>(static_cast<T*>(p.dz) + row * p.sdz + c, out);
+      if (dropout) {  // x's gradient: the sum's, dropped out as x was
+        drop<T, kVec, false>(p.drop, seed, row, p.n, c, bits, it, out);
+        store<T, kVec>(static_cast<T*>(p.dx) + row * p.sdx + c, out);
+      }
     }
   }
 #pragma unroll
@@ -384,6 +470,11 @@ void column_sum(const float* part, int64_t parts, int64_t n, const TensorView& o
 
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+DropParams drop_params(const Dropout& d) {
+  return {d.p > 0.0, static_cast<float>(d.p), static_cast<float>(1.0 / (1.0 - d.p)), d.seed,
+          d.seed_tensor ? static_cast<const int64_t*>(d.seed_tensor->data) : nullptr};
+}
+
 }  // namespace
 
 void launch_forward(const ForwardArgs& a, int vec, std::uintptr_t stream) {
@@ -396,7 +487,8 @@ void launch_forward(const ForwardArgs& a, int vec, std::uintptr_t stream) {
               a.x.shape[1], a.x.stride[0], a.residual ? a.residual->stride[0] : 0,
               a.y.stride[0], a.z ? a.z->stride[0] : 0, a.eps,
               (a.weight && a.weight->dtype == DType::kFloat32) ||
-                  (a.bias && a.bias->dtype == DType::kFloat32)};
+                  (a.bias && a.bias->dtype == DType::kFloat32),
+              drop_params(a.dropout)};
   const Shape s = pick_shape(p.n, vec);
   by_kind(a.x.dtype, a.rms, vec, s.iters,
            FwdLaunch{p, static_cast<unsigned>(a.x.shape[0]), s.threads, as_stream(stream)});
@@ -410,12 +502,14 @@ void launch_backward(const BackwardArgs& a, int vec, std::uintptr_t stream) {
   BwdParams p{a.dy.data, a.z.data, a.weight ? a.weight->data : nullptr,
               a.dz_extra ? a.dz_extra->data : nullptr,
               a.mean ? static_cast<const float*>(a.mean->data) : nullptr,
-              static_cast<const float*>(a.rstd.data), a.dz.data,
+              static_cast<const float*>(a.rstd.data), a.dz ? a.dz->data : nullptr,
+              a.dx ? a.dx->data : nullptr,
               a.dweight ? static_cast<float*>(a.dw_part->data) : nullptr,
               a.dbias ? static_cast<float*>(a.db_part->data) : nullptr,
               rows, n, a.dy.stride[0], a.z.stride[0], a.dz_extra ? a.dz_extra->stride[0] : 0,
-              a.dz.stride[0], (rows + programs - 1) / programs,
-              a.weight && a.weight->dtype == DType::kFloat32};
+              a.dz ? a.dz->stride[0] : 0, a.dx ? a.dx->stride[0] : 0,
+              (rows + programs - 1) / programs, a.weight && a.weight->dtype == DType::kFloat32,
+              drop_params(a.dropout)};
   const Shape s = pick_shape(n, vec);
   cudaStream_t st = as_stream(stream);
   by_kind(a.dy.dtype, a.rms, vec, s.iters,

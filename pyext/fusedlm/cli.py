@@ -130,7 +130,8 @@ def _bench_op(op, args, on_result):
         return host_bench.run(backends=args.backend, on_result=on_result)
     if op == "layer_norm":
         return ln_bench.run(dtypes=[_DTYPES[d] for d in args.dtype], rows=args.rows,
-                            widths=args.widths, directions=args.direction, on_result=on_result)
+                            widths=args.widths, directions=args.direction,
+                            dropout_p=args.dropout, on_result=on_result)
     if op == "mlp":
         return mlp_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], peers=args.impl,
                              on_result=on_result)
@@ -140,7 +141,7 @@ def _bench_op(op, args, on_result):
     if op == "attention":
         dtype = _DTYPES[args.dtype[0]]
         attn_bench.run(seqlens=args.seq, head_dims=args.head_dim, tokens=args.tokens, dtype=dtype,
-                       peers=args.impl, on_result=on_result)
+                       peers=args.impl, dropout_p=args.dropout, on_result=on_result)
         return attn_bench.run_padded_bert(dtype=dtype, peers=args.impl, on_result=on_result,
                                           **({} if gpu else dict(batch=2, seq=64, heads=2)))
     return loss_bench.run(cases=args.case, dtype=_DTYPES[args.dtype[0]], peers=args.impl,
@@ -379,6 +380,9 @@ def _parser():
     b.add_argument("--rows", nargs="+", type=_positive(int), default=[16384] if gpu else [2048])
     b.add_argument("--widths", nargs="+", type=_positive(int), default=list(ln_bench.WIDTHS))
     b.add_argument("--direction", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    b.add_argument("--dropout", type=_fraction, default=0.0, metavar="P",
+                   help="time BERT's dropout, add & norm with this dropout probability (0.1 in "
+                        "BERT) instead of the plain norm; default 0")
     _tune_arg(b, "width")
     _outputs(b)
     b = ops.add_parser("attention", help="attention fwd and fwd+bwd TFLOP/s vs SDPA backends")
@@ -390,6 +394,9 @@ def _parser():
     b.add_argument("--impl", nargs="+", metavar="NAME",
                    help="time only these implementations (e.g. sdpa[cudnn] fusedlm[triton]; "
                         "default: every one available)")
+    b.add_argument("--dropout", type=_fraction, default=0.0, metavar="P",
+                   help="attention dropout probability for every implementation that has it "
+                        "(training's: 0.1 in BERT and GPT-2); default 0")
     _tune_arg(b, "head dim, causal and sequence length (forward + backward; with "
                  "fusedlm[cuda-wgmma] in --impl, also which CUDA C++ kernels)")
     _outputs(b)

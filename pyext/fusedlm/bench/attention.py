@@ -6,6 +6,11 @@ at each sequence length (B = 16384 / S), bf16, head dim 64 and 128, causal and n
 case is a padded batch (32 x 512, a random half of each sequence's tail is padding):
 fusedlm's packed path against padded SDPA with the mask, TFLOP/s counted on the real tokens.
 
+With `dropout_p` (`--dropout`), every implementation that has dropout runs with it (training's
+attention: BERT's and GPT-2's 0.1); flex_attention has none and is left out. A dropout kernel
+draws a Philox word per probability (fusedlm: four from a draw; FlashAttention-2: sixteen
+8-bit ones): the case that shows what the draws cost.
+
 `fusedlm[cuda-wgmma]` (the CUDA C++ kernels' Hopper path, on an sm_90 GPU),
 `fusedlm[triton-tma]` (the Triton kernels' opt-in Hopper path: TMA copies in the forward and dQ,
 the forward's key loop warp-specialized; FUSEDLM_TRITON_TMA) and `fusedlm[triton-atomic-dq]`
@@ -76,13 +81,14 @@ def _sdpa_backends():
 
 
 def _peers(device_type):
-    """name -> fn(q, k, v, causal) on (B, S, H, D) tensors."""
+    """name -> fn(q, k, v, causal, dropout_p=0.0) on (B, S, H, D) tensors."""
     peers = {}
     for name, (ctx, backend) in _sdpa_backends().items():
-        def sdpa(q, k, v, causal, ctx=ctx, backend=backend):
+        def sdpa(q, k, v, causal, dropout_p=0.0, ctx=ctx, backend=backend):
             with ctx(backend):
                 return F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                    dropout_p=dropout_p).transpose(1, 2)
         peers[name] = sdpa
     if device_type == "cuda":
         try:
@@ -96,7 +102,9 @@ def _peers(device_type):
             flex = torch.compile(flex_attention, dynamic=False)
             masks = {}  # (Sq, Sk) -> causal block mask, built once (outside the timed calls)
 
-            def flex_fn(q, k, v, causal):
+            def flex_fn(q, k, v, causal, dropout_p=0.0):
+                if dropout_p:
+                    raise NotImplementedError("flex_attention has no dropout")
                 mask = None
                 if causal:
                     shape = (q.shape[1], k.shape[1])
@@ -111,12 +119,14 @@ def _peers(device_type):
             pass
         try:
             from flash_attn import flash_attn_func
-            peers["flash-attn"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+            peers["flash-attn"] = lambda q, k, v, causal, dropout_p=0.0: flash_attn_func(
+                q, k, v, dropout_p=dropout_p, causal=causal)
         except ImportError:
             pass
         for be in ("triton", "cuda"):
             if dispatch.why_not("attention", be, ("cuda", torch.bfloat16, 64)) is None:
-                peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, be=be: attention(q, k, v, causal=causal, backend=be)
+                peers[f"fusedlm[{be}]"] = lambda q, k, v, causal, dropout_p=0.0, be=be: attention(
+                    q, k, v, causal=causal, dropout_p=dropout_p, backend=be)
         if "fusedlm[cuda]" in peers and torch.cuda.get_device_capability() == (9, 0):
             peers[WGMMA] = _on_wgmma(peers["fusedlm[cuda]"])
         if "fusedlm[triton]" in peers:
@@ -124,28 +134,30 @@ def _peers(device_type):
             if torch.cuda.get_device_capability()[0] >= 9:
                 peers[TRITON_TMA] = _on_switch(peers["fusedlm[triton]"], "TMA")
     else:
-        peers["fusedlm[torch]"] = lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="torch")
+        peers["fusedlm[torch]"] = lambda q, k, v, causal, dropout_p=0.0: attention(
+            q, k, v, causal=causal, dropout_p=dropout_p, backend="torch")
     return peers
 
 
-def _time(fn, args, direction, device):
+def _time(fn, args, direction, device, dropout_p=0.0):
+    kw = dict(dropout_p=dropout_p) if dropout_p else {}  # (extra implementations may lack it)
     with getattr(fn, "context", contextlib.nullcontext)():  # e.g. _on_switch's
         if direction == "fwd":
-            return time_ms(lambda: fn(*args), device)
+            return time_ms(lambda: fn(*args, **kw), device)
         leaves = [t.detach().requires_grad_() for t in args[:3]]
         do = torch.randn_like(args[0])
 
         def step():
-            out = fn(*leaves, *args[3:])
+            out = fn(*leaves, *args[3:], **kw)
             torch.autograd.grad(out, leaves, do)
         return time_ms(step, device)
 
 
 def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384,
         dtype=torch.bfloat16, causal=(False, True), directions=("fwd", "fwd+bwd"), device=None,
-        peers=None, extra=None, log=print, on_result=None):
+        peers=None, extra=None, dropout_p=0.0, log=print, on_result=None):
     """extra: more implementations, name -> fn(q, k, v, causal) on (batch, seq, heads, D)
-    tensors, timed beside the peers."""
+    tensors (and dropout_p=, when dropout_p > 0), timed beside the peers."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impls = _peers(device)
     if peers is not None:
@@ -166,7 +178,7 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
                     rows = []
                     for name, fn in peers.items():
                         try:
-                            ms = _time(fn, (q, k, v, c), direction, device)
+                            ms = _time(fn, (q, k, v, c), direction, device, dropout_p)
                         except Exception as e:  # a backend that cannot run this case
                             first = str(e).splitlines()[0][:100] if str(e) else ""
                             log(f"    {name:<18} d={d} s={s} causal={c} {direction}: n/a "
@@ -175,11 +187,13 @@ def run(seqlens=(512, 1024, 2048, 4096, 8192), head_dims=(64, 128), tokens=16384
                         rows.append(dict(op="attention", direction=direction,
                                          dtype=str(dtype).split(".")[-1], batch=b, seq=s,
                                          heads=heads, head_dim=d, causal=c, impl=name,
-                                         ms=round(ms, 4), tflops=round(work / ms / 1e9, 2)))
+                                         ms=round(ms, 4), tflops=round(work / ms / 1e9, 2),
+                                         **({"dropout_p": dropout_p} if dropout_p else {})))
                     sdpa = [r["ms"] for r in rows if r["impl"].startswith("sdpa")]
                     for r in rows:
                         r["speedup_vs_best_sdpa"] = round(min(sdpa) / r["ms"], 3) if sdpa else None
-                        log(f"  {direction:<8} d={d:<4} s={s:<5} causal={c!s:<5} {r['impl']:<18} "
+                        log(f"  {direction:<8} d={d:<4} s={s:<5} causal={c!s:<5} "
+                            f"{'dropout ' + str(dropout_p) + ' ' if dropout_p else ''}{r['impl']:<18} "
                             f"{r['ms']:9.3f} ms {r['tflops']:8.2f} TFLOP/s  "
                             f"x{r['speedup_vs_best_sdpa']} vs best SDPA")
                     collect(results, rows, on_result)
@@ -254,7 +268,8 @@ def tune_entries(results, arch, source):
     fusedlm[cuda-wgmma] (Hopper), and the entry names that family (`cuda_kernels`); the Triton
     backend, where fusedlm[triton-atomic-dq] was timed too, for the faster of it and
     fusedlm[triton], named likewise (`triton_kernels`: "atomic-dq" or "dq"). The padded BERT
-    case and the other variants (fusedlm[triton-tma]) are left out."""
+    case, dropout runs (their draws cost what a case without dropout does not) and the other
+    variants (fusedlm[triton-tma]) are left out."""
     # implementation -> (backend, kernels field, family)
     families = {"cuda": ("cuda", "cuda_kernels", "mma"),
                 "cuda-wgmma": ("cuda", "cuda_kernels", "wgmma"),
@@ -264,6 +279,7 @@ def tune_entries(results, arch, source):
     for r in results:
         impl = fusedlm_backend(r.get("impl", ""))
         if (r.get("op") != "attention" or "case" in r or r.get("direction") != "fwd+bwd"
+                or r.get("dropout_p")
                 or "ms" not in r or impl not in set(dispatch.BACKENDS) | set(families)):
             continue
         group = (("dtype", r["dtype"]), ("head_dim", r["head_dim"]), ("causal", r["causal"]))

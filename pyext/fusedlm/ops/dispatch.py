@@ -67,6 +67,9 @@ class OpBackends:
     cuda_order: Tuple[str, ...]
     # Backends verified on a GPU for this op. Others are never chosen automatically.
     gpu_verified: Tuple[str, ...]
+    # Per verified backend, case -> None or the part of it that has not run on a GPU yet (a
+    # feature added since the GPU suite passed): such cases are not chosen automatically either.
+    unverified_cases: Dict[str, Callable[[tuple], Optional[str]]] = field(default_factory=dict)
     _cache: Dict[tuple, Decision] = field(default_factory=dict)
 
     def why_not(self, backend, case):
@@ -196,6 +199,9 @@ def _auto(op: OpBackends, case, skipped):
                 why = "off a CUDA device, automatic dispatch runs the reference"
             elif b not in op.gpu_verified:
                 why = f"not yet verified on a GPU, so never chosen automatically; pass backend='{b}'"
+            elif b in op.unverified_cases and op.unverified_cases[b](case) is not None:
+                why = (f"{op.unverified_cases[b](case)} has not run on a GPU yet, so it is never "
+                       f"chosen automatically; pass backend='{b}'")
         if why is None:
             return b, measured
         skipped.append((b, why))

@@ -13,9 +13,16 @@ The step runs on the CPU as it would on the GPU, with the work taken out:
 - fusedlm's Triton launches are not run either: each is recorded with the FLOPs and bytes of
   what it computes (`_LAUNCH_COSTS`), and dispatch picks Triton for every op, as on a GPU, and
   the LM loss's GEMMs see the vocabulary padded as a GPU's do.
-Each kernel then takes max(FLOPs / matmul rate, bytes / copy rate), as if it ran alone at the
-rates the machine reaches; the step is their sum. That is a lower bound on the GPU's time:
-not modelled are kernels below their roofline (attention kernels reach 50-80% of the matmul
+Each kernel then takes max(FLOPs / matmul rate, bytes / copy rate, dropout draws / draw rate),
+as if it ran alone at the rates the machine reaches; the step is their sum. The third term is
+dropout's Philox draws (csrc/common/philox.h), which make a dropout kernel issue-bound, not
+memory- or matmul-bound: a Philox-4x32-10 draw is 60 integer instructions in the kernels' SASS
+(Triton 3.6, sm_90a), 40 of them IMAD, which Hopper issues at 16 lanes a clock per SM
+sub-partition (half the FP32 rate): `DRAW_RATE`. A fusedlm draw serves four elements, except in
+the attention's dK/dV kernel, one (`--elements-per-draw 1` models the kernels before any
+did: one draw an element); torch's dropout
+kernel's also four, its flash attention's sixteen (FlashAttention-2's 8-bit thresholds). The
+sum is a lower bound on the GPU's time: not modelled are kernels below their roofline (attention kernels reach 50-80% of the matmul
 rate; small GEMMs less), the gaps between kernels (a few microseconds each: the kernel count is
 printed), L2 hits and host time (`fusedlm bench host`). Beside the time, the bytes the forward
 saves for the backward (activation memory: with the weights, their gradients and the optimizer's
@@ -44,6 +51,13 @@ from fusedlm.bench.host import _NO_LAUNCH
 from fusedlm.bench.model import CASES, _batch, _hf_models, _packed
 
 H200 = dict(tflops=790.0, tbps=4.3)  # the lent H200's measured rates (device/H200.md)
+# Philox draws a second on an H200: 132 SMs x 4 sub-partitions x 16 IMAD lanes x 1.98 GHz over
+# 40 IMAD a draw (its 20 LOP3 issue on another pipe beside them). An estimate from instruction
+# counts, not a measurement.
+DRAW_RATE = 132 * 4 * 16 * 1.98e9 / 40
+ELEMENTS_PER_DRAW = 4  # fusedlm's masks: four elements a draw (csrc/common/philox.h)
+TORCH_DROPOUT_PER_DRAW = 4  # torch's dropout kernel: curand's Philox, four floats a draw
+FLASH_PER_DRAW = 16  # FlashAttention-2 (torch's flash SDPA): four 8-bit thresholds a word
 # Floating-point tensors at least this large are not computed (their values do not matter here).
 _SKIP_ELEMENTS = 1 << 16
 
@@ -64,29 +78,29 @@ def category(name):
 
 
 class Ledger:
-    """Kernels of one step: [(name, FLOPs, bytes)], in order."""
+    """Kernels of one step: [(name, FLOPs, bytes, dropout draws)], in order."""
 
     def __init__(self):
         self.kernels = []
         self.saved_bytes = 0
 
-    def add(self, name, flops, nbytes):
-        self.kernels.append((name, int(flops), int(nbytes)))
+    def add(self, name, flops, nbytes, draws=0):
+        self.kernels.append((name, int(flops), int(nbytes), int(draws)))
 
-    def by_category(self, tflops, tbps):
+    def by_category(self, tflops, tbps, draw_rate=DRAW_RATE):
         """category -> (kernels, FLOPs, bytes, bound ms)."""
         out = defaultdict(lambda: [0, 0, 0, 0.0])
-        for name, flops, nbytes in self.kernels:
+        for name, flops, nbytes, draws in self.kernels:
             row = out[category(name)]
             row[0] += 1
             row[1] += flops
             row[2] += nbytes
-            row[3] += kernel_ms(flops, nbytes, tflops, tbps)
+            row[3] += kernel_ms(flops, nbytes, tflops, tbps, draws, draw_rate)
         return dict(out)
 
 
-def kernel_ms(flops, nbytes, tflops, tbps):
-    return max(flops / (tflops * 1e12), nbytes / (tbps * 1e12)) * 1e3
+def kernel_ms(flops, nbytes, tflops, tbps, draws=0, draw_rate=DRAW_RATE):
+    return max(flops / (tflops * 1e12), nbytes / (tbps * 1e12), draws / draw_rate) * 1e3
 
 
 def _tensors(tree):
@@ -145,12 +159,16 @@ class _SdpaKernel(torch.autograd.Function):
     a GPU runs: flash, memory-efficient or cuDNN attention), recorded, nothing computed."""
 
     @staticmethod
-    def forward(ctx, ledger, q, k, v, mask, causal):
+    def forward(ctx, ledger, q, k, v, mask, causal, dropout_p):
         ctx.ledger, ctx.mask, ctx.causal = ledger, mask, causal
+        # (batch, heads, seq, D): its probabilities, each drawn for once a pass with dropout
+        pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] // (2 if causal else 1)
+        ctx.draws = -(-pairs // FLASH_PER_DRAW) if dropout_p else 0
         ctx.save_for_backward(q, k, v)
         o = q.new_empty(q.shape[:-1] + v.shape[-1:])
         extra = [] if mask is None else [mask]
-        ledger.add("sdpa attention", _sdpa_flops(q, k, False, causal), _nbytes([q, k, v, o] + extra))
+        ledger.add("sdpa attention", _sdpa_flops(q, k, False, causal), _nbytes([q, k, v, o] + extra),
+                   ctx.draws)
         return o
 
     @staticmethod
@@ -159,8 +177,8 @@ class _SdpaKernel(torch.autograd.Function):
         grads = [torch.empty_like(t) for t in (q, k, v)]
         extra = [] if ctx.mask is None else [ctx.mask]
         ctx.ledger.add("sdpa attention backward", _sdpa_flops(q, k, True, ctx.causal),
-                       _nbytes([q, k, v, do, do] + grads + extra))  # do twice: dO and O
-        return None, *grads, None, None
+                       _nbytes([q, k, v, do, do] + grads + extra), ctx.draws)  # do twice: dO and O
+        return None, *grads, None, None, None
 
 
 class _AsGpuAten(TorchFunctionMode):
@@ -184,7 +202,8 @@ class _AsGpuAten(TorchFunctionMode):
             q, k, v = args[:3]
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
             causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
-            return _SdpaKernel.apply(self.ledger, q, k, v, mask, bool(causal))
+            dropout_p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            return _SdpaKernel.apply(self.ledger, q, k, v, mask, bool(causal), dropout_p)
         return func(*args, **kwargs)
 
 
@@ -203,8 +222,9 @@ class _Recorder(TorchDispatchMode):
         out = self._shape_only(func, args, kwargs) if _skippable(args, kwargs) else None
         if out is None:
             out = func(*args, **kwargs)
+        draws = -(-args[0].numel() // TORCH_DROPOUT_PER_DRAW) if name == "native_dropout" else 0
         self.ledger.add(name, _aten_flops(func, args, kwargs, out),
-                        _nbytes(_tensors((args, kwargs)) + _tensors(out)))
+                        _nbytes(_tensors((args, kwargs)) + _tensors(out)), draws)
         return out
 
     @staticmethod
@@ -249,17 +269,28 @@ def _pairs(q, k, kw):
     return total * heads
 
 
+def _draws(elements, dropout_p):
+    """Philox draws of a dropout mask over `elements` (none without dropout)."""
+    return -(-elements // ELEMENTS_PER_DRAW) if dropout_p else 0
+
+
 def _attention_fwd(q, k, v, o, lse, **kw):
-    return 4 * q.shape[-1] * _pairs(q, k, kw), _nbytes([q, k, v, o, lse])
+    pairs = _pairs(q, k, kw)
+    return 4 * q.shape[-1] * pairs, _nbytes([q, k, v, o, lse]), _draws(pairs, kw.get("dropout_p"))
 
 
 def _attention_bwd(q, k, v, o, do, lse, delta, dq, dk, dv, **kw):
     # The dK/dV kernel runs S, dP, dV and dK; the dQ kernel S, dP and dQ again (7 products),
     # unless dQ is accumulated by the dK/dV kernel (5). Each reads its fixed tiles once and
     # streams the others: Q, dO, lse, delta and K, V twice in all.
+    # Both kernels redraw the mask: dQ's (queries x keys) a draw per four keys, dK/dV's (keys x
+    # queries) a draw per probability (kernels/attention._keep); atomic dQ, dK/dV's alone.
     products = 5 if kw.get("atomic_dq") else 7
-    return (2 * products * q.shape[-1] * _pairs(q, k, kw),
-            2 * _nbytes([q, k, v, do, lse, delta]) + _nbytes([dq, dk, dv]))
+    pairs = _pairs(q, k, kw)
+    dkdv_draws = pairs if kw.get("dropout_p") else 0
+    return (2 * products * q.shape[-1] * pairs,
+            2 * _nbytes([q, k, v, do, lse, delta]) + _nbytes([dq, dk, dv]),
+            dkdv_draws + (0 if kw.get("atomic_dq") else _draws(pairs, kw.get("dropout_p"))))
 
 
 def _ce_rows(logits, labels, loss, lse, hit, **kw):
@@ -282,12 +313,25 @@ def _all_tensors(*args, **kw):
     return 0, _nbytes(_tensors((args, kw)))
 
 
+def _norm_fwd(x, residual, weight, bias, y, z, mean, rstd, eps, is_rms, dropout_p=0.0, seed=0):
+    return (0, _nbytes([t for t in (x, residual, weight, bias, y, z, mean, rstd) if t is not None]),
+            _draws(x.numel(), dropout_p))
+
+
+def _norm_bwd(dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dw, db, is_rms, dx=None,
+              dropout_p=0.0, seed=0):
+    tensors = (dy, z, weight, mean, rstd, dz_extra, dz, dw_part, db_part, dw, db, dx)
+    return 0, _nbytes([t for t in tensors if t is not None]), _draws(dy.numel(), dropout_p)
+
+
 _LAUNCH_COSTS = {
     ("attention", "forward"): _attention_fwd,
     ("attention", "backward"): _attention_bwd,
     ("lm_loss", "ce_rows"): _ce_rows,
     ("mlp", "activation_backward"): _mlp_activation_backward,
-    # Layer norm (forward, backward), the dropout mask: each tensor read or written once.
+    ("layer_norm", "forward"): _norm_fwd,
+    ("layer_norm", "backward"): _norm_bwd,
+    # The rest (the dropout mask for tests, ...): each tensor read or written once.
 }
 
 
@@ -301,8 +345,8 @@ def _as_on_a_gpu(ledger):
     saved = _triton.run, dispatch.select, loss_mod._gemm_align
 
     def launch(name, launcher, *args, **kwargs):
-        flops, nbytes = _LAUNCH_COSTS.get((name, launcher), _all_tensors)(*args, **kwargs)
-        ledger.add(f"triton {name}.{launcher}", flops, nbytes)
+        ledger.add(f"triton {name}.{launcher}",
+                   *_LAUNCH_COSTS.get((name, launcher), _all_tensors)(*args, **kwargs))
 
     def select(op_name, case, backend=None):
         return "triton"
@@ -357,7 +401,8 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), tflops=H200["tfl
             if any(layout == "packed" for _, layout in models.values()):
                 batches["packed"] = _packed(kw, seq)
             log(f"\n{case}: batch {batch} x seq {seq}, {1 - tokens / (batch * seq):.0%} padding; "
-                f"bound at {tflops:g} TFLOP/s and {tbps:g} TB/s")
+                f"bound at {tflops:g} TFLOP/s, {tbps:g} TB/s and {DRAW_RATE / 1e9:.0f}G dropout draws/s "
+                f"({ELEMENTS_PER_DRAW} elements a draw)")
             log(f"  {'implementation':<26} {'kernels':>7} {'TFLOP':>7} {'GB':>7} {'bound ms':>9}"
                 f"  {'gemm':>6} {'attn':>6} {'norm':>6} {'loss':>6} {'other':>6}  x HF"
                 f"  {'saved GB':>8}")
@@ -382,19 +427,26 @@ def run(cases=("bert-base", "gpt2-small"), paddings=(0.0, 0.5), tflops=H200["tfl
 
 
 def main(argv=None):
+    global ELEMENTS_PER_DRAW
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case", nargs="+", default=["bert-base", "gpt2-small"], choices=sorted(CASES))
     p.add_argument("--padding", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--tflops", type=float, default=H200["tflops"], help="matmul rate, TFLOP/s")
     p.add_argument("--tbps", type=float, default=H200["tbps"], help="copy rate, TB/s")
+    p.add_argument("--elements-per-draw", type=int, default=ELEMENTS_PER_DRAW,
+                   help="elements of a fusedlm dropout mask a Philox draw serves (1: the kernels "
+                        "before four did)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    ELEMENTS_PER_DRAW = a.elements_per_draw
     torch.manual_seed(0)
     results = run(a.case, a.padding, a.tflops, a.tbps)
     if a.json:
         import json
         with open(a.json, "w") as f:
-            json.dump(dict(tflops=a.tflops, tbps=a.tbps, command=" ".join(sys.argv), results=results),
+            json.dump(dict(tflops=a.tflops, tbps=a.tbps, draw_rate=DRAW_RATE,
+                           elements_per_draw=a.elements_per_draw, command=" ".join(sys.argv),
+                           results=results),
                       f, indent=1)
 
 

@@ -1,6 +1,7 @@
 """benchmarks/model_roofline.py records the kernels of a training step as a GPU would run them:
 the GEMMs' FLOPs, fusedlm's attention launches over the real (query, key) pairs only, torch's
-attention and dropout as one fused kernel each, and nothing large computed on the CPU."""
+attention and dropout as one fused kernel each, every dropout mask's Philox draws, and nothing
+large computed on the CPU."""
 import importlib.util
 from pathlib import Path
 
@@ -25,14 +26,16 @@ class _Linear(torch.nn.Module):
 def test_a_linear_step_is_three_gemms_and_a_fused_dropout_left_uncomputed():
     m, x = _Linear(), torch.randn(300, 512, requires_grad=True)
     ledger = mr.step_ledger(m, dict(x=x))
-    gemm = sum(f for name, f, _ in ledger.kernels if mr.category(name) == "gemm")
+    gemm = sum(f for name, f, _, _ in ledger.kernels if mr.category(name) == "gemm")
     assert gemm == 3 * 2 * 300 * 512 * 256  # forward, d_input, d_weight
-    names = [name for name, _, _ in ledger.kernels]
+    names = [name for name, _, _, _ in ledger.kernels]
     assert names.count("native_dropout") == 1 and names.count("native_dropout_backward") == 1
     assert "bernoulli_" not in names  # not the CPU's decomposition
     # The forward GEMM reads x, the weight and the bias and writes its output, fp32.
     assert ledger.kernels[0] == ("addmm", 2 * 300 * 512 * 256,
-                                 4 * (300 * 512 + 256 * 512 + 256 + 300 * 256))
+                                 4 * (300 * 512 + 256 * 512 + 256 + 300 * 256), 0)
+    # torch's dropout kernel: one Philox draw (curand's) for four elements.
+    assert [d for n, _, _, d in ledger.kernels if n == "native_dropout"] == [300 * 256 // 4]
 
 
 def test_sdpa_is_one_kernel_each_way_causal_pairs_halved():
@@ -44,7 +47,7 @@ def test_sdpa_is_one_kernel_each_way_causal_pairs_halved():
             return type("Out", (), {"loss": o.sum()})
     full = mr.step_ledger(Attn(), dict(q=q, causal=False)).kernels
     causal = mr.step_ledger(Attn(), dict(q=q, causal=True)).kernels
-    pick = lambda ks, n: [f for name, f, _ in ks if name == n]
+    pick = lambda ks, n: [f for name, f, _, _ in ks if name == n]
     assert pick(full, "sdpa attention") == [4 * 2 * 4 * 64 * 64 * 32]
     assert pick(full, "sdpa attention backward") == [10 * 2 * 4 * 64 * 64 * 32]
     assert pick(causal, "sdpa attention") == [4 * 2 * 4 * (64 * 65 // 2) * 32]
@@ -65,15 +68,26 @@ def test_fusedlm_attention_counts_each_packed_sequences_pairs(padding):
     for name, batch_kw, seqs in (("fusedlm model", kw, lens),
                                  ("fusedlm model, packed", packed, in_pack)):
         ledger = mr.step_ledger(models[name][0], batch_kw)
-        fwd = [f for n, f, _ in ledger.kernels if n == "triton attention.forward"]
-        assert fwd == [4 * d * heads * sum(n * n for n in seqs)] * config.num_hidden_layers, name
+        fwd = [(f, r) for n, f, _, r in ledger.kernels if n == "triton attention.forward"]
+        pairs = heads * sum(n * n for n in seqs)
+        # Training with attention dropout: a Philox draw for four probabilities, forward and in
+        # the dQ kernel; one a probability in the dK/dV kernel (its transposed tile).
+        assert fwd == [(4 * d * pairs, -(-pairs // 4))] * config.num_hidden_layers, name
+        bwd = [r for n, _, _, r in ledger.kernels if n == "triton attention.backward"]
+        assert bwd == [-(-pairs // 4) + pairs] * config.num_hidden_layers, name  # dQ's, dK/dV's
+        # The norms drop out their sublayer's output (BERT's dropout, add & norm) both ways.
+        norm = [(n, r) for n, _, _, r in ledger.kernels if n.startswith("triton layer_norm")]
+        rows = sum(seqs)
+        assert ("triton layer_norm.forward", rows * config.hidden_size // 4) in norm, name
     # Hugging Face's attention computes the padding too: every (query, key) pair of the batch.
     hf = mr.step_ledger(*[models["hf eager (sdpa)"][0], kw]).kernels
-    fwd = [f for n, f, _ in hf if n == "sdpa attention"]
-    assert fwd == [4 * d * heads * batch * seq * seq] * config.num_hidden_layers
+    fwd = [(f, r) for n, f, _, r in hf if n == "sdpa attention"]
+    pairs = heads * batch * seq * seq  # drawn for as FlashAttention-2 does: 16 a draw
+    assert fwd == [(4 * d * pairs, -(-pairs // 16))] * config.num_hidden_layers
 
 
-def test_the_bound_is_the_slower_of_math_and_memory():
+def test_the_bound_is_the_slowest_of_math_memory_and_dropout_draws():
     assert mr.kernel_ms(790e12, 0, 790, 4.3) == pytest.approx(1e3)
     assert mr.kernel_ms(1, 4.3e12, 790, 4.3) == pytest.approx(1e3)
+    assert mr.kernel_ms(1, 1, 790, 4.3, draws=mr.DRAW_RATE) == pytest.approx(1e3)
     assert mr.category("addmm_") == "gemm" and mr.category("triton layer_norm.backward") == "norm"

@@ -135,7 +135,7 @@ __device__ __forceinline__ void drop(const DropParams& d, uint64_t seed, int64_t
 // Does this instantiation have dropout? Not float32 rows of single values at 16 a thread (4097
 // to 8192 columns, not 16-byte aligned): its backward held 128 registers before dropout and
 // spilled 8-16 bytes with it at sm_80 (nvcc -Xptxas -v), so the host refuses that case
-// (layer_norm.cpp: dropout_fits) and the code is left out.
+// (layer_norm.cpp: check_dropout_fits) and the code is left out.
 template <typename T, int kVec, int kIters>
 constexpr bool drops() {
   return !(sizeof(T) == 4 && kVec == 1 && kIters * kVec == kMaxValues);

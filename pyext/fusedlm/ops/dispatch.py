@@ -199,9 +199,9 @@ def _auto(op: OpBackends, case, skipped):
                 why = "off a CUDA device, automatic dispatch runs the reference"
             elif b not in op.gpu_verified:
                 why = f"not yet verified on a GPU, so never chosen automatically; pass backend='{b}'"
-            elif b in op.unverified_cases and op.unverified_cases[b](case) is not None:
-                why = (f"{op.unverified_cases[b](case)} has not run on a GPU yet, so it is never "
-                       f"chosen automatically; pass backend='{b}'")
+            elif (part := op.unverified_cases.get(b, lambda case: None)(case)) is not None:
+                why = (f"{part} has not run on a GPU yet, so it is never chosen automatically; "
+                       f"pass backend='{b}'")
         if why is None:
             return b, measured
         skipped.append((b, why))
